@@ -1,0 +1,18 @@
+//! Palisade's node agent as a library: the pure policy pipeline (manifests -> store -> compiled
+//! map entries, with a model of the datapath for explain and tests) and the edges that touch the
+//! kernel (loading and attaching the programs, writing the maps, finding pod interfaces).
+
+// Pure logic: no kernel, no I/O beyond reading manifest files.
+pub mod compile;
+pub mod datapath_model;
+pub mod manifest;
+pub mod model;
+pub mod reference;
+pub mod selector;
+pub mod state;
+
+// Edges: BPF and the host.
+pub mod interfaces;
+pub mod loader;
+pub mod maps;
+pub mod run;

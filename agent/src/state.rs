@@ -1,0 +1,126 @@
+//! The compiled form of the cluster's policy for this node: exactly the entries the BPF maps
+//! should hold. `compile` produces it from the store; `maps` diffs it against what is loaded and
+//! writes only the difference; `datapath_model` evaluates packets against it the way the eBPF
+//! programs do.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use palisade_common::{CidrKey, EndpointInfo, PeerAddr, PolicyKey, PolicyValue};
+use serde::Serialize;
+
+/// A pod, by namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for PodRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    pub const BOTH: [Direction; 2] = [Direction::Ingress, Direction::Egress];
+
+    /// The `DIR_*` value used in map keys.
+    pub fn as_u8(self) -> u8 {
+        match self {
+            Direction::Ingress => palisade_common::DIR_INGRESS,
+            Direction::Egress => palisade_common::DIR_EGRESS,
+        }
+    }
+
+    pub fn from_u8(v: u8) -> Direction {
+        if v == palisade_common::DIR_INGRESS {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        })
+    }
+}
+
+/// Where a rule id came from: `spec.<direction>[index]` of one NetworkPolicy.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct RuleRef {
+    pub namespace: String,
+    pub policy: String,
+    pub direction: Direction,
+    pub index: usize,
+}
+
+impl fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{} {}[{}]",
+            self.namespace, self.policy, self.direction, self.index
+        )
+    }
+}
+
+/// An LPM entry of CIDRS: `key.addr` is masked to `prefix_len` address bits
+/// (0..=32 for IPv4, 0..=128 for IPv6); the trie prefix is `CIDR_KEY_FIXED_BITS + prefix_len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CidrEntry {
+    pub key: CidrKey,
+    pub prefix_len: u32,
+}
+
+/// An LPM entry of POLICY: `key` is masked to `prefix_len` bits of the whole key, one of
+/// `POLICY_KEY_ANY_PROTO_BITS` (any protocol), `POLICY_KEY_ANY_PORT_BITS` (one protocol,
+/// any port), up to `POLICY_KEY_FULL_BITS` (one port; in between: an aligned port block).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyEntry {
+    pub key: PolicyKey,
+    pub prefix_len: u32,
+}
+
+/// A local endpoint as the compiler saw it: which pod, which host interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EndpointMeta {
+    pub pod: PodRef,
+    pub ifindex: u32,
+    /// Policies selecting the pod, per direction (namespace/name).
+    pub ingress_policies: Vec<String>,
+    pub egress_policies: Vec<String>,
+}
+
+/// Everything the BPF maps should contain, plus what is needed to explain it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    /// ENDPOINTS, keyed by host-side ifindex. `revision` is left 0 by the compiler; the map
+    /// writer sets it.
+    pub endpoints: BTreeMap<u32, EndpointInfo>,
+    /// IDENTITIES: pod addresses (every pod in the cluster, not only local ones) and this node's
+    /// own addresses (`IDENTITY_HOST`).
+    pub identities: BTreeMap<PeerAddr, u32>,
+    /// CIDRS: flattened ipBlock prefixes -> CIDR class id (or `CIDR_CLASS_NONE`).
+    pub cidrs: BTreeMap<CidrEntry, u32>,
+    /// POLICY: allow entries.
+    pub policy: BTreeMap<PolicyEntry, PolicyValue>,
+    /// Rule ids used in `policy`, decoded.
+    pub rules: BTreeMap<u32, RuleRef>,
+    /// Endpoint id -> what it is.
+    pub endpoint_meta: BTreeMap<u32, EndpointMeta>,
+    /// Identity id -> the pods that carry it (for naming peers in verdicts).
+    pub identity_pods: BTreeMap<u32, Vec<PodRef>>,
+}

@@ -1,0 +1,471 @@
+//! The real eBPF programs, run by the kernel on crafted packets (BPF_PROG_TEST_RUN), with map
+//! contents written through the agent's own map writer. Needs root; under CI=true a missing
+//! privilege is a failure, not a skip.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{TestRun, TestRunOptions},
+};
+use palisade::{
+    loader::{Datapath, FROM_POD, TO_POD},
+    maps::MapWriter,
+    state::{CidrEntry, DesiredState, PolicyEntry},
+};
+use palisade_common::*;
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+/// BPF_PROG_TEST_RUN puts the skb on `lo`.
+const IFINDEX: u32 = 1;
+const EP: u32 = 7;
+const PEER_IDENTITY: u32 = 300;
+const OTHER_IDENTITY: u32 = 301;
+
+const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
+const PEER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 11);
+const OTHER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 12);
+const EXTERNAL: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
+const NODE: Ipv4Addr = Ipv4Addr::new(10, 243, 0, 1);
+const POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x10);
+const PEER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x11);
+
+fn require_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("this test needs root (BPF_PROG_TEST_RUN); CI=true forbids skipping");
+    }
+    eprintln!("skipping: needs root");
+    false
+}
+
+fn object() -> Vec<u8> {
+    let path = env!("PALISADE_EBPF_OBJ");
+    std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}; run `cargo xtask build`"))
+}
+
+struct Rig {
+    dp: Datapath,
+    writer: MapWriter,
+    counters: PerCpuArray<MapData, u64>,
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
+}
+
+fn peer_addr(ip: IpAddr) -> PeerAddr {
+    match ip {
+        IpAddr::V4(a) => PeerAddr::v4(a.octets()),
+        IpAddr::V6(a) => PeerAddr::v6(a.octets()),
+    }
+}
+
+fn policy_entry(peer: u32, dir: u8, proto: u8, port: u16, prefix_len: u32) -> PolicyEntry {
+    // Mask the port to the prefix, as the compiler does.
+    let port_bits = prefix_len.saturating_sub(POLICY_KEY_ANY_PORT_BITS);
+    let mask: u16 = if port_bits == 0 { 0 } else { u16::MAX << (16 - port_bits) };
+    PolicyEntry {
+        key: PolicyKey {
+            endpoint: EP,
+            peer,
+            dir,
+            proto: if prefix_len <= POLICY_KEY_ANY_PROTO_BITS { 0 } else { proto },
+            port_be: (port & mask).to_be(),
+        },
+        prefix_len,
+    }
+}
+
+/// An endpoint on `lo`, isolated both ways, with a few allow entries:
+/// - ingress from PEER_IDENTITY on TCP 80 (rule 1);
+/// - ingress from PEER_IDENTITY on UDP, any port (rule 2);
+/// - ingress from OTHER_IDENTITY on TCP 8000-8007 (an aligned block, rule 3);
+/// - ingress from PEER6 (IPv6 peer identity) on TCP 443 (rule 4);
+/// - egress to 192.0.2.0/24 except 192.0.2.128/25, any protocol (rule 5).
+fn standard_state() -> DesiredState {
+    let mut s = DesiredState::default();
+    s.endpoints.insert(
+        IFINDEX,
+        EndpointInfo {
+            id: EP,
+            flags: EP_ISOLATED_INGRESS | EP_ISOLATED_EGRESS,
+            revision: 0,
+            _pad: 0,
+        },
+    );
+    s.identities.insert(peer_addr(PEER.into()), PEER_IDENTITY);
+    s.identities.insert(peer_addr(OTHER.into()), OTHER_IDENTITY);
+    s.identities.insert(peer_addr(PEER6.into()), PEER_IDENTITY);
+    s.identities.insert(peer_addr(NODE.into()), IDENTITY_HOST);
+    let allow = |s: &mut DesiredState, e: PolicyEntry, rule: u32| {
+        s.policy.insert(e, PolicyValue { rule, flags: 0 });
+    };
+    allow(&mut s, policy_entry(PEER_IDENTITY, DIR_INGRESS, PROTO_TCP, 80, POLICY_KEY_FULL_BITS), 1);
+    allow(&mut s, policy_entry(PEER_IDENTITY, DIR_INGRESS, PROTO_UDP, 0, POLICY_KEY_ANY_PORT_BITS), 2);
+    allow(&mut s, policy_entry(OTHER_IDENTITY, DIR_INGRESS, PROTO_TCP, 8000, POLICY_KEY_FULL_BITS - 3), 3);
+    allow(&mut s, policy_entry(PEER_IDENTITY, DIR_INGRESS, PROTO_TCP, 443, POLICY_KEY_FULL_BITS), 4);
+    let class = CIDR_CLASS_BIT | 1;
+    let cidr = |addr: [u8; 4], len: u32| CidrEntry {
+        key: CidrKey {
+            endpoint: EP,
+            dir: DIR_EGRESS,
+            family: AF_INET,
+            _pad: [0; 2],
+            addr: PeerAddr::v4(addr).addr,
+        },
+        prefix_len: len,
+    };
+    s.cidrs.insert(cidr([192, 0, 2, 0], 24), class);
+    s.cidrs.insert(cidr([192, 0, 2, 128], 25), CIDR_CLASS_NONE);
+    allow(&mut s, policy_entry(class, DIR_EGRESS, 0, 0, POLICY_KEY_ANY_PROTO_BITS), 5);
+    s
+}
+
+impl Rig {
+    fn new(state: &DesiredState) -> Rig {
+        let mut dp = Datapath::load(&object(), None).expect("load datapath");
+        let mut writer = MapWriter::new(&mut dp).expect("map writer");
+        let stats = writer.apply(state);
+        assert_eq!(stats.failed, 0);
+        let counters = PerCpuArray::try_from(dp.take_map(map_names::COUNTERS).unwrap()).unwrap();
+        let conntrack = HashMap::try_from(dp.take_map(map_names::CONNTRACK).unwrap()).unwrap();
+        Rig {
+            dp,
+            writer,
+            counters,
+            conntrack,
+        }
+    }
+
+    fn run(&self, prog: &str, pkt: &[u8]) -> u32 {
+        let mut out = vec![0u8; pkt.len() + 256];
+        self.dp
+            .program(prog)
+            .test_run(TestRunOptions {
+                data_in: Some(pkt),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("test run of {prog}: {e}"))
+            .return_value
+    }
+
+    /// Verdict for traffic to the pod (its ingress).
+    fn to_pod(&self, pkt: &[u8]) -> u32 {
+        self.run(TO_POD, pkt)
+    }
+
+    /// Verdict for traffic from the pod (its egress).
+    fn from_pod(&self, pkt: &[u8]) -> u32 {
+        self.run(FROM_POD, pkt)
+    }
+
+    fn counter(&self, c: Counter) -> u64 {
+        self.counters
+            .get(&(c as u32), 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+}
+
+// ---- packet builders -------------------------------------------------------------------------
+
+fn eth(ethertype: u16) -> Vec<u8> {
+    let mut p = vec![0u8; 12];
+    p.extend_from_slice(&ethertype.to_be_bytes());
+    p
+}
+
+fn l4(proto: u8, sport: u16, dport: u16, tcp_flags: u8) -> Vec<u8> {
+    match proto {
+        PROTO_TCP => {
+            let mut t = vec![0u8; 20];
+            t[0..2].copy_from_slice(&sport.to_be_bytes());
+            t[2..4].copy_from_slice(&dport.to_be_bytes());
+            t[12] = 0x50;
+            t[13] = tcp_flags;
+            t
+        }
+        PROTO_UDP => {
+            let mut u = vec![0u8; 8];
+            u[0..2].copy_from_slice(&sport.to_be_bytes());
+            u[2..4].copy_from_slice(&dport.to_be_bytes());
+            u[4..6].copy_from_slice(&8u16.to_be_bytes());
+            u
+        }
+        PROTO_SCTP => {
+            let mut s = vec![0u8; 12];
+            s[0..2].copy_from_slice(&sport.to_be_bytes());
+            s[2..4].copy_from_slice(&dport.to_be_bytes());
+            s
+        }
+        _ => vec![0u8; 8],
+    }
+}
+
+fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
+    let mut p = eth(0x0800);
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    p.extend(ip);
+    p.extend_from_slice(payload);
+    p
+}
+
+fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut p = eth(0x86dd);
+    let mut ip = vec![0u8; 40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+    ip[6] = next;
+    ip[7] = 64;
+    ip[8..24].copy_from_slice(&src.octets());
+    ip[24..40].copy_from_slice(&dst.octets());
+    p.extend(ip);
+    p.extend_from_slice(payload);
+    p
+}
+
+fn tcp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    ipv4(src, dst, PROTO_TCP, &l4(PROTO_TCP, sport, dport, flags))
+}
+
+const SYN: u8 = 0x02;
+const SYN_ACK: u8 = 0x12;
+const ACK: u8 = 0x10;
+
+// ---- tests -------------------------------------------------------------------------------------
+
+#[test]
+fn isolated_pod_denies_by_default_and_allows_one_peer() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(&standard_state());
+    assert_eq!(rig.to_pod(&tcp4(PEER, POD, 40000, 80, SYN)), TC_ACT_OK, "allowed peer, port 80");
+    assert_eq!(rig.to_pod(&tcp4(PEER, POD, 40001, 81, SYN)), TC_ACT_SHOT, "allowed peer, other port");
+    assert_eq!(rig.to_pod(&tcp4(OTHER, POD, 40002, 80, SYN)), TC_ACT_SHOT, "other peer");
+    assert_eq!(rig.to_pod(&tcp4(EXTERNAL, POD, 40003, 80, SYN)), TC_ACT_SHOT, "unknown address");
+    assert_eq!(
+        rig.to_pod(&ipv4(PEER, POD, PROTO_SCTP, &l4(PROTO_SCTP, 5000, 80, 0))),
+        TC_ACT_SHOT,
+        "SCTP is not TCP"
+    );
+    assert!(rig.counter(Counter::Dropped) >= 4);
+    assert!(rig.counter(Counter::NewAllowed) >= 1);
+}
+
+#[test]
+fn node_traffic_is_never_restricted() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(&standard_state());
+    assert_eq!(rig.to_pod(&tcp4(NODE, POD, 40000, 9999, SYN)), TC_ACT_OK, "kubelet probe");
+    assert_eq!(rig.from_pod(&tcp4(POD, NODE, 40000, 6443, SYN)), TC_ACT_OK, "pod to node");
+}
+
+#[test]
+fn wildcard_port_and_port_range() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(&standard_state());
+    for port in [1u16, 53, 65535] {
+        let pkt = ipv4(PEER, POD, PROTO_UDP, &l4(PROTO_UDP, 1000, port, 0));
+        assert_eq!(rig.to_pod(&pkt), TC_ACT_OK, "UDP any port: {port}");
+    }
+    for (port, want) in [(7999, TC_ACT_SHOT), (8000, TC_ACT_OK), (8007, TC_ACT_OK), (8008, TC_ACT_SHOT)] {
+        assert_eq!(rig.to_pod(&tcp4(OTHER, POD, 41000 + port % 100, port, SYN)), want, "range 8000-8007: {port}");
+    }
+}
+
+#[test]
+fn replies_pass_by_conntrack_and_nothing_else_does() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(&standard_state());
+    // The pod is isolated for egress with no rule to PEER: only replies may leave.
+    assert_eq!(rig.from_pod(&tcp4(POD, PEER, 80, 40000, SYN_ACK)), TC_ACT_SHOT, "no flow yet");
+    assert_eq!(rig.to_pod(&tcp4(PEER, POD, 40000, 80, SYN)), TC_ACT_OK);
+    assert_eq!(rig.from_pod(&tcp4(POD, PEER, 80, 40000, SYN_ACK)), TC_ACT_OK, "reply");
+    assert_eq!(rig.to_pod(&tcp4(PEER, POD, 40000, 80, ACK)), TC_ACT_OK, "established");
+    assert_eq!(rig.from_pod(&tcp4(POD, PEER, 80, 40001, SYN_ACK)), TC_ACT_SHOT, "other flow");
+    assert_eq!(rig.from_pod(&tcp4(POD, PEER, 81, 40000, SYN_ACK)), TC_ACT_SHOT, "other port");
+    assert!(rig.counter(Counter::CtHit) >= 2);
+    // An ICMP error about the allowed flow passes as related; a forged one does not.
+    let mut quoted = tcp4(POD, PEER, 80, 40000, SYN_ACK)[14..14 + 28].to_vec();
+    let mut icmp = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
+    icmp.append(&mut quoted);
+    assert_eq!(rig.to_pod(&ipv4(PEER, POD, PROTO_ICMP, &icmp)), TC_ACT_OK, "related ICMP error");
+    let mut forged = tcp4(POD, OTHER, 80, 40000, SYN_ACK)[14..14 + 28].to_vec();
+    let mut icmp = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
+    icmp.append(&mut forged);
+    assert_eq!(rig.to_pod(&ipv4(OTHER, POD, PROTO_ICMP, &icmp)), TC_ACT_SHOT, "unrelated ICMP error");
+    // The flow is in the conntrack table under the endpoint, in its original direction.
+    let key = CtKey {
+        endpoint: EP,
+        src: PeerAddr::v4(PEER.octets()).addr,
+        dst: PeerAddr::v4(POD.octets()).addr,
+        sport: 40000,
+        dport: 80,
+        proto: PROTO_TCP,
+        dir: DIR_INGRESS,
+        family: AF_INET,
+        _pad: 0,
+    };
+    let entry = rig.conntrack.get(&key, 0).expect("conntrack entry");
+    assert_eq!(entry.rule, 1);
+    assert!(entry.packets >= 3);
+}
+
+#[test]
+fn revoked_allow_stops_established_flow() {
+    if !require_root() {
+        return;
+    }
+    let state = standard_state();
+    let mut rig = Rig::new(&state);
+    assert_eq!(rig.to_pod(&tcp4(PEER, POD, 40000, 80, SYN)), TC_ACT_OK);
+    assert_eq!(rig.to_pod(&tcp4(PEER, POD, 40000, 80, ACK)), TC_ACT_OK);
+    // Remove the rule: the established flow is re-checked and stops.
+    let mut revoked = state.clone();
+    revoked
+        .policy
+        .remove(&policy_entry(PEER_IDENTITY, DIR_INGRESS, PROTO_TCP, 80, POLICY_KEY_FULL_BITS));
+    let stats = rig.writer.apply(&revoked);
+    assert_eq!(stats.removed, 1);
+    assert_eq!(rig.to_pod(&tcp4(PEER, POD, 40000, 80, ACK)), TC_ACT_SHOT, "revoked");
+    assert_eq!(rig.from_pod(&tcp4(POD, PEER, 80, 40000, ACK)), TC_ACT_SHOT, "its replies too");
+    // A change that keeps the flow allowed does not break it.
+    let udp = ipv4(PEER, POD, PROTO_UDP, &l4(PROTO_UDP, 1000, 53, 0));
+    assert_eq!(rig.to_pod(&udp), TC_ACT_OK);
+    rig.writer.apply(&state);
+    assert_eq!(rig.to_pod(&udp), TC_ACT_OK, "still allowed after an unrelated change");
+}
+
+#[test]
+fn ipblock_with_except_on_egress() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(&standard_state());
+    let to = |a: [u8; 4]| tcp4(POD, Ipv4Addr::from(a), 40000, 443, SYN);
+    assert_eq!(rig.from_pod(&to([192, 0, 2, 1])), TC_ACT_OK, "inside cidr");
+    assert_eq!(rig.from_pod(&to([192, 0, 2, 127])), TC_ACT_OK, "edge of the hole");
+    assert_eq!(rig.from_pod(&to([192, 0, 2, 128])), TC_ACT_SHOT, "inside except");
+    assert_eq!(rig.from_pod(&to([192, 0, 3, 1])), TC_ACT_SHOT, "outside cidr");
+    let ping = ipv4(POD, Ipv4Addr::new(192, 0, 2, 9), PROTO_ICMP, &[8, 0, 0, 0, 0, 7, 0, 1]);
+    assert_eq!(rig.from_pod(&ping), TC_ACT_OK, "any protocol");
+}
+
+#[test]
+fn ipv6_with_extension_headers() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(&standard_state());
+    let mut chain = vec![60u8, 0, 1, 4, 0, 0, 0, 0]; // hop-by-hop -> destination options
+    chain.extend([6u8, 0, 1, 4, 0, 0, 0, 0]); // destination options -> TCP
+    chain.extend(l4(PROTO_TCP, 50000, 443, SYN));
+    assert_eq!(rig.to_pod(&ipv6(PEER6, POD6, 0, &chain)), TC_ACT_OK, "through two ext headers");
+    let direct = l4(PROTO_TCP, 50001, 444, SYN);
+    assert_eq!(rig.to_pod(&ipv6(PEER6, POD6, PROTO_TCP, &direct)), TC_ACT_SHOT, "other port");
+    let stranger = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x99);
+    assert_eq!(rig.to_pod(&ipv6(stranger, POD6, PROTO_TCP, &l4(PROTO_TCP, 1, 443, SYN))), TC_ACT_SHOT);
+    // Neighbour discovery always passes.
+    let ns = [135u8, 0, 0, 0, 0, 0, 0, 0];
+    assert_eq!(rig.to_pod(&ipv6(stranger, POD6, PROTO_ICMPV6, &ns)), TC_ACT_OK, "neighbour solicitation");
+    // IPv4-mapped source addresses are refused.
+    let mapped: Ipv6Addr = "::ffff:10.244.0.11".parse().unwrap();
+    assert_eq!(rig.to_pod(&ipv6(mapped, POD6, PROTO_TCP, &l4(PROTO_TCP, 1, 443, SYN))), TC_ACT_SHOT);
+}
+
+#[test]
+fn truncated_and_lying_packets_are_dropped() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(&standard_state());
+    let good = tcp4(PEER, POD, 40000, 80, SYN);
+    assert_eq!(rig.to_pod(&good), TC_ACT_OK);
+    // L4 cut short (a test run needs the full L3 header).
+    assert_eq!(rig.to_pod(&good[..14 + 20 + 3]), TC_ACT_SHOT, "3 bytes of TCP");
+    // IPv4 total length larger than the packet.
+    let mut lying = tcp4(PEER, POD, 40001, 80, SYN);
+    lying[16..18].copy_from_slice(&200u16.to_be_bytes());
+    assert_eq!(rig.to_pod(&lying), TC_ACT_SHOT, "tot_len beyond the packet");
+    // IHL pointing past the end.
+    let mut ihl = tcp4(PEER, POD, 40002, 80, SYN);
+    ihl[14] = 0x4f;
+    assert_eq!(rig.to_pod(&ihl), TC_ACT_SHOT, "ihl 60 bytes");
+    // An extension-header chain longer than the datapath walks.
+    let mut chain = Vec::new();
+    for _ in 0..9 {
+        chain.extend([60u8, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    chain.extend(l4(PROTO_TCP, 1, 443, SYN));
+    assert_eq!(rig.to_pod(&ipv6(PEER6, POD6, 60, &chain)), TC_ACT_SHOT, "10 ext headers");
+    assert!(rig.counter(Counter::Malformed) >= 4);
+    // ARP passes.
+    let mut arp = eth(0x0806);
+    arp.extend([0u8; 28]);
+    assert_eq!(rig.to_pod(&arp), TC_ACT_OK, "ARP");
+}
+
+#[test]
+fn fragments_follow_their_first_fragment() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(&standard_state());
+    let frag = |id: u16, offset_flags: u16, payload: &[u8]| {
+        let mut p = ipv4(PEER, POD, PROTO_UDP, payload);
+        p[18..20].copy_from_slice(&id.to_be_bytes());
+        p[20..22].copy_from_slice(&offset_flags.to_be_bytes());
+        p
+    };
+    // UDP from PEER is allowed on any port: first fragment (MF), then a later one.
+    let mut first = l4(PROTO_UDP, 1000, 53, 0);
+    first.extend([0u8; 16]);
+    assert_eq!(rig.to_pod(&frag(77, 0x2000, &first)), TC_ACT_OK, "first fragment");
+    assert_eq!(rig.to_pod(&frag(77, 3, &[0u8; 16])), TC_ACT_OK, "later fragment of an allowed datagram");
+    // A later fragment whose first fragment was never seen, from a peer allowed only on TCP 80.
+    let mut orphan = ipv4(OTHER, POD, PROTO_TCP, &[0u8; 16]);
+    orphan[20..22].copy_from_slice(&3u16.to_be_bytes());
+    assert_eq!(rig.to_pod(&orphan), TC_ACT_SHOT, "orphan fragment");
+}
+
+#[test]
+fn unisolated_endpoint_allows_and_pending_endpoint_drops() {
+    if !require_root() {
+        return;
+    }
+    let mut state = standard_state();
+    state.endpoints.get_mut(&IFINDEX).unwrap().flags = 0;
+    let mut rig = Rig::new(&state);
+    assert_eq!(rig.to_pod(&tcp4(EXTERNAL, POD, 1, 9, SYN)), TC_ACT_OK);
+    assert_eq!(rig.from_pod(&tcp4(POD, EXTERNAL, 1, 9, SYN)), TC_ACT_OK);
+    state.endpoints.get_mut(&IFINDEX).unwrap().flags = EP_PENDING;
+    rig.writer.apply(&state);
+    assert_eq!(rig.to_pod(&tcp4(PEER, POD, 2, 80, SYN)), TC_ACT_SHOT, "pending fails closed");
+}
+
+#[test]
+fn verifier_accepts_both_programs() {
+    if !require_root() {
+        return;
+    }
+    let dp = Datapath::load(&object(), None).expect("load");
+    for p in dp.program_stats() {
+        let n = p.verified_instructions.expect("kernel reports verified instructions");
+        eprintln!("{}: {} instructions processed by the verifier", p.name, n);
+        assert!(n > 100, "{} looks empty ({n})", p.name);
+    }
+}

@@ -1,0 +1,396 @@
+//! Map keys and values shared by the eBPF datapath and the agent.
+//!
+//! Every type here is `#[repr(C)]`, has no implicit padding (padding is spelled out as
+//! `_pad` fields that are always zero, because the kernel hashes and compares raw bytes) and is
+//! used unchanged on both sides. The `user` feature implements `aya::Pod` for them.
+#![no_std]
+
+/// Traffic towards the pod (the pod's ingress). Attached at the host-side veth's TC egress.
+pub const DIR_INGRESS: u8 = 0;
+/// Traffic from the pod (the pod's egress). Attached at the host-side veth's TC ingress.
+pub const DIR_EGRESS: u8 = 1;
+
+pub const AF_INET: u8 = 4;
+pub const AF_INET6: u8 = 6;
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_SCTP: u8 = 132;
+
+// ---------------------------------------------------------------------------------------------
+// ENDPOINTS: HashMap<u32 (host-side ifindex), EndpointInfo>
+// ---------------------------------------------------------------------------------------------
+
+/// The pod is isolated for ingress: traffic to it needs an allow entry.
+pub const EP_ISOLATED_INGRESS: u32 = 1 << 0;
+/// The pod is isolated for egress: traffic from it needs an allow entry.
+pub const EP_ISOLATED_EGRESS: u32 = 1 << 1;
+/// The endpoint's policy is not compiled yet: drop everything (fail closed).
+pub const EP_PENDING: u32 = 1 << 2;
+/// Denials are recorded as "would drop" and the packet passes (node-wide or per-endpoint audit).
+pub const EP_AUDIT: u32 = 1 << 3;
+
+#[inline(always)]
+pub const fn isolated_flag(dir: u8) -> u32 {
+    if dir == DIR_INGRESS {
+        EP_ISOLATED_INGRESS
+    } else {
+        EP_ISOLATED_EGRESS
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointInfo {
+    /// Endpoint id used in POLICY and CIDRS keys; stable for the life of the pod.
+    pub id: u32,
+    /// `EP_*` flags.
+    pub flags: u32,
+    /// Bumped whenever the endpoint's compiled policy changes. Conntrack entries created under
+    /// an older revision are re-checked against the current policy on their next packet, so a
+    /// revoked allow takes effect on established flows too.
+    pub revision: u32,
+    pub _pad: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// IDENTITIES: HashMap<PeerAddr, u32 identity>   (exact pod and node addresses)
+// ---------------------------------------------------------------------------------------------
+
+/// No identity: the address is not a known pod or node address.
+pub const IDENTITY_NONE: u32 = 0;
+/// An address of this node. Traffic between a pod and its own node is never restricted.
+pub const IDENTITY_HOST: u32 = 1;
+/// First identity the agent allocates for pods; ids below are reserved.
+pub const IDENTITY_FIRST_POD: u32 = 256;
+/// CIDR class ids (values of CIDRS) live above this bit, so they never collide with identities
+/// in POLICY keys.
+pub const CIDR_CLASS_BIT: u32 = 1 << 31;
+/// CIDR class "nothing allowed": an `except` hole, stored so that it shadows shorter prefixes.
+pub const CIDR_CLASS_NONE: u32 = CIDR_CLASS_BIT;
+
+/// An IPv4 or IPv6 address. IPv4 occupies `addr[0..4]`, the rest is zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerAddr {
+    /// `AF_INET` or `AF_INET6` (4 or 6, not the socket constants).
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+impl PeerAddr {
+    pub const fn v4(a: [u8; 4]) -> Self {
+        PeerAddr {
+            family: AF_INET,
+            _pad: [0; 3],
+            addr: [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        }
+    }
+    pub const fn v6(addr: [u8; 16]) -> Self {
+        PeerAddr {
+            family: AF_INET6,
+            _pad: [0; 3],
+            addr,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CIDRS: LpmTrie<CidrKey, u32 class>   (ipBlock prefixes, per endpoint and direction)
+// ---------------------------------------------------------------------------------------------
+
+/// Bits of a `CidrKey` that are always matched exactly (endpoint, dir, family, padding).
+pub const CIDR_KEY_FIXED_BITS: u32 = 64;
+
+/// LPM key: the fixed 64 bits select the endpoint, direction and address family; the address
+/// bits follow, so the prefix length is `64 + cidr length`. The agent flattens every ipBlock of
+/// an endpoint's policies (cidr and except holes) into disjoint-or-nested prefixes whose value
+/// is the class of rules that cover exactly that prefix, so one longest-prefix match answers
+/// "which ipBlock rules contain this address", excepts included.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CidrKey {
+    pub endpoint: u32,
+    pub dir: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+    pub addr: [u8; 16],
+}
+
+// ---------------------------------------------------------------------------------------------
+// POLICY: LpmTrie<PolicyKey, PolicyValue>
+// ---------------------------------------------------------------------------------------------
+
+/// Bits of a `PolicyKey` before the protocol: endpoint, peer, dir, padding.
+pub const POLICY_KEY_ANY_PROTO_BITS: u32 = 72;
+/// Prefix length that matches one protocol, any port.
+pub const POLICY_KEY_ANY_PORT_BITS: u32 = 80;
+/// Prefix length of a full key (one protocol, one port).
+pub const POLICY_KEY_FULL_BITS: u32 = 96;
+
+/// LPM key for allow entries. Protocol and port come last so that "any protocol", "any port
+/// of a protocol" and aligned port ranges are prefixes of the full key: a range `[a, b]` is
+/// stored as the few power-of-two blocks that cover it. The port is big-endian so that its
+/// high bits come first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub endpoint: u32,
+    /// A pod identity (>= IDENTITY_FIRST_POD) or a CIDR class (CIDR_CLASS_BIT set).
+    pub peer: u32,
+    pub dir: u8,
+    pub proto: u8,
+    /// Destination port, network byte order.
+    pub port_be: u16,
+}
+
+/// The allow entry is audited only: a policy in audit mode records instead of enforcing.
+pub const POLICY_FLAG_AUDIT: u32 = 1 << 0;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyValue {
+    /// Rule id (the agent maps it back to namespace/name and rule index); never 0.
+    pub rule: u32,
+    pub flags: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// CONNTRACK: LruHashMap<CtKey, CtEntry>
+// ---------------------------------------------------------------------------------------------
+
+/// A flow as first seen by one endpoint in one direction (the "original" direction).
+/// Replies are found by swapping the tuple and flipping the direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub endpoint: u32,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// A TCP FIN or RST was seen: the entry expires quickly.
+pub const CT_FLAG_CLOSING: u32 = 1 << 0;
+/// The flow was let through by audit mode only.
+pub const CT_FLAG_AUDIT: u32 = 1 << 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Rule that allowed the flow (0: the endpoint was not isolated, or node traffic).
+    pub rule: u32,
+    /// Endpoint revision the verdict was taken under.
+    pub revision: u32,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Idle timeouts, nanoseconds.
+pub const CT_TIMEOUT_TCP_NS: u64 = 3600 * 1_000_000_000;
+pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
+pub const CT_TIMEOUT_OTHER_NS: u64 = 60 * 1_000_000_000;
+/// `last_seen_ns` is refreshed at most this often, to keep writes off the fast path.
+pub const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+// ---------------------------------------------------------------------------------------------
+// FRAGMENTS: LruHashMap<FragKey, FragPorts>
+// ---------------------------------------------------------------------------------------------
+
+/// Identifies the fragments of one datagram. Non-first fragments carry no L4 header; their
+/// ports are taken from the first fragment, recorded here when it was parsed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragPorts {
+    pub sport: u16,
+    pub dport: u16,
+    /// The datagram's upper-layer protocol, found after the extension headers of the first
+    /// fragment (the key's `proto` is the Fragment header's next header).
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+// ---------------------------------------------------------------------------------------------
+// EVENTS: RingBuf of Event;  COUNTERS: PerCpuArray<u64> indexed by Counter
+// ---------------------------------------------------------------------------------------------
+
+pub const VERDICT_ALLOW: u8 = 1;
+pub const VERDICT_DROP: u8 = 2;
+/// Would have been dropped; passed because of audit mode.
+pub const VERDICT_AUDIT: u8 = 3;
+
+/// Why a verdict was taken.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// An allow entry matched (`Event::rule` names it).
+    PolicyAllow = 1,
+    /// The endpoint is not isolated in this direction.
+    NotIsolated = 2,
+    /// Traffic between the pod and its own node.
+    Host = 3,
+    /// Isolated and no allow entry matched.
+    NoRuleMatched = 4,
+    /// The packet could not be parsed safely (truncated or inconsistent headers).
+    Malformed = 5,
+    /// The endpoint's policy is not compiled yet.
+    Pending = 6,
+    /// A later fragment whose first fragment was not seen.
+    Fragment = 7,
+    /// A non-IP frame other than ARP to or from an isolated endpoint.
+    NonIp = 8,
+    /// The pod's traffic to itself.
+    SelfTraffic = 9,
+}
+
+impl Reason {
+    pub const fn from_u8(v: u8) -> Option<Reason> {
+        Some(match v {
+            1 => Reason::PolicyAllow,
+            2 => Reason::NotIsolated,
+            3 => Reason::Host,
+            4 => Reason::NoRuleMatched,
+            5 => Reason::Malformed,
+            6 => Reason::Pending,
+            7 => Reason::Fragment,
+            8 => Reason::NonIp,
+            9 => Reason::SelfTraffic,
+            _ => return None,
+        })
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub ts_ns: u64,
+    pub endpoint: u32,
+    pub rule: u32,
+    pub ifindex: u32,
+    pub len: u32,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub family: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Per-CPU counters (index into COUNTERS).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    CtHit = 0,
+    NewAllowed = 1,
+    Dropped = 2,
+    Malformed = 3,
+    Audited = 4,
+    EventsSent = 5,
+    EventsSuppressed = 6,
+    EventsLost = 7,
+    CtInsertFailed = 8,
+    Revalidated = 9,
+}
+pub const COUNTER_SLOTS: u32 = 16;
+
+/// Events allowed per endpoint per second (token bucket refill rate), and the burst size.
+pub const EVENT_RATE_PER_SEC: u64 = 100;
+pub const EVENT_BURST: u64 = 200;
+
+/// Per-endpoint datapath-owned state (EP_STATE: HashMap<u32 endpoint id, EndpointState>),
+/// kept apart from ENDPOINTS so the agent never overwrites it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointState {
+    pub tokens: u64,
+    pub last_refill_ns: u64,
+    pub suppressed: u64,
+}
+
+/// Map names, as the eBPF object defines them and the agent pins them.
+pub mod map_names {
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const IDENTITIES: &str = "IDENTITIES";
+    pub const CIDRS: &str = "CIDRS";
+    pub const POLICY: &str = "POLICY";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const FRAGMENTS: &str = "FRAGMENTS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const EP_STATE: &str = "EP_STATE";
+}
+
+/// Map capacities, shared so the agent can report fill levels.
+pub mod capacity {
+    pub const ENDPOINTS: u32 = 4096;
+    pub const IDENTITIES: u32 = 131_072;
+    pub const CIDRS: u32 = 262_144;
+    pub const POLICY: u32 = 524_288;
+    pub const CONNTRACK: u32 = 262_144;
+    pub const FRAGMENTS: u32 = 8192;
+    pub const EVENTS_BYTES: u32 = 1 << 20;
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for PeerAddr {}
+    unsafe impl aya::Pod for CidrKey {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragPorts {}
+    unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for EndpointState {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<EndpointInfo>(), 16);
+        assert_eq!(size_of::<PeerAddr>(), 20);
+        assert_eq!(size_of::<CidrKey>(), 24);
+        assert_eq!(size_of::<PolicyKey>(), 12);
+        assert_eq!(size_of::<PolicyValue>(), 8);
+        assert_eq!(size_of::<CtKey>(), 44);
+        assert_eq!(size_of::<CtEntry>(), 48);
+        assert_eq!(size_of::<FragKey>(), 40);
+        assert_eq!(size_of::<Event>(), 72);
+        assert_eq!(CIDR_KEY_FIXED_BITS as usize, 8 * 8);
+        assert_eq!(POLICY_KEY_FULL_BITS as usize, 8 * size_of::<PolicyKey>());
+    }
+}

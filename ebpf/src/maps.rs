@@ -1,0 +1,48 @@
+//! Every map of the datapath. Keys and values come from `palisade_common`; ARCHITECTURE.md
+//! documents each one.
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+};
+use palisade_common::{
+    COUNTER_SLOTS, CidrKey, CtEntry, CtKey, EndpointInfo, EndpointState, FragKey, FragPorts,
+    PeerAddr, PolicyKey, PolicyValue, capacity,
+};
+
+/// Host-side ifindex -> endpoint. Written by the agent only.
+#[map]
+pub static ENDPOINTS: HashMap<u32, EndpointInfo> =
+    HashMap::with_max_entries(capacity::ENDPOINTS, 0);
+
+/// Exact pod and node addresses -> identity.
+#[map]
+pub static IDENTITIES: HashMap<PeerAddr, u32> =
+    HashMap::with_max_entries(capacity::IDENTITIES, 0);
+
+/// (endpoint, direction, ipBlock prefix) -> CIDR class.
+#[map]
+pub static CIDRS: LpmTrie<CidrKey, u32> = LpmTrie::with_max_entries(capacity::CIDRS, 0);
+
+/// (endpoint, peer, direction, protocol, port prefix) -> allowing rule.
+#[map]
+pub static POLICY: LpmTrie<PolicyKey, PolicyValue> =
+    LpmTrie::with_max_entries(capacity::POLICY, 0);
+
+#[map]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> =
+    LruHashMap::with_max_entries(capacity::CONNTRACK, 0);
+
+#[map]
+pub static FRAGMENTS: LruHashMap<FragKey, FragPorts> =
+    LruHashMap::with_max_entries(capacity::FRAGMENTS, 0);
+
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// Endpoint id -> datapath-owned state (event rate limiter). Written by the datapath only.
+#[map]
+pub static EP_STATE: HashMap<u32, EndpointState> =
+    HashMap::with_max_entries(capacity::ENDPOINTS, 0);

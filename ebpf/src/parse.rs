@@ -1,0 +1,475 @@
+//! Packet parsing: Ethernet, IPv4, IPv6 with a bounded extension-header walk, and the first
+//! bytes of TCP, UDP, SCTP, ICMP and ICMPv6 (including the packet embedded in ICMP errors).
+//!
+//! Headers are read with `bpf_skb_load_bytes` (one call per header, not per field), which works
+//! on non-linear skbs too. Every length field is checked against what the packet really holds:
+//! a header that claims more than the packet has is `Malformed`, never guessed.
+use aya_ebpf::programs::TcContext;
+use palisade_common::{
+    AF_INET, AF_INET6, FragKey, FragPorts, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
+    PROTO_UDP,
+};
+
+use crate::maps::FRAGMENTS;
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_ARP: u16 = 0x0806;
+
+/// IPv6 extension headers walked before giving up (and dropping as malformed).
+const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+/// A plain packet: the tuple is the packet's own.
+pub const KIND_NORMAL: u8 = 0;
+/// An ICMP error: the tuple is the embedded packet's, swapped, so that it reads as a packet of
+/// the flow the error is about, travelling in the error's direction.
+pub const KIND_ICMP_ERROR: u8 = 1;
+/// Neighbour discovery and MLD: link-local control traffic that always passes, like ARP.
+pub const KIND_NEIGHBOR: u8 = 2;
+/// A later fragment whose first fragment was not seen: its ports are unknown (0).
+pub const KIND_UNKNOWN_FRAGMENT: u8 = 3;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+pub struct Packet {
+    pub family: u8,
+    /// Protocol of the tuple (for an ICMP error: of the embedded packet).
+    pub proto: u8,
+    pub kind: u8,
+    pub tcp_flags: u8,
+    pub sport: u16,
+    pub dport: u16,
+    /// Addresses of the tuple; IPv4 in the first 4 bytes.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// The packet's own addresses and protocol (differ from the tuple only for ICMP errors).
+    pub outer_src: [u8; 16],
+    pub outer_dst: [u8; 16],
+    pub outer_proto: u8,
+}
+
+pub enum Frame {
+    /// IPv4 or IPv6: the packet was filled in.
+    Ip,
+    Arp,
+    /// Any other EtherType (VLAN tags included): not evaluated, passes only where the endpoint
+    /// is not isolated.
+    OtherL2,
+}
+
+pub struct Malformed;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv4Hdr {
+    version_ihl: u8,
+    tos: u8,
+    tot_len: u16,
+    id: u16,
+    frag_off: u16,
+    ttl: u8,
+    proto: u8,
+    check: u16,
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Hdr {
+    vtc_flow: u32,
+    payload_len: u16,
+    next_header: u8,
+    hop_limit: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6FragHdr {
+    next_header: u8,
+    reserved: u8,
+    offset_flags: u16,
+    id: u32,
+}
+
+/// The first 14 bytes of TCP (through the flags); UDP and SCTP need only the ports.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TcpHead {
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    data_offset: u8,
+    flags: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ports {
+    sport: u16,
+    dport: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IcmpHead {
+    ty: u8,
+    code: u8,
+    check: u16,
+    id: u16,
+    seq: u16,
+}
+
+#[inline(always)]
+fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Malformed> {
+    ctx.load::<T>(off).map_err(|_| Malformed)
+}
+
+#[inline(always)]
+fn v4_addr(a: [u8; 4]) -> [u8; 16] {
+    [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+}
+
+/// Minimum L4 header a port-carrying protocol must have in full.
+#[inline(always)]
+fn l4_min_len(proto: u8) -> usize {
+    match proto {
+        PROTO_TCP => 20,
+        PROTO_UDP => 8,
+        PROTO_SCTP => 12,
+        _ => 0,
+    }
+}
+
+#[inline(always)]
+fn has_ports(proto: u8) -> bool {
+    proto == PROTO_TCP || proto == PROTO_UDP || proto == PROTO_SCTP
+}
+
+/// Parses the frame into `p` (which the caller provides so that it is built in place, keeping
+/// the stack small).
+#[inline(never)]
+pub fn parse(ctx: &TcContext, p: &mut Packet) -> Result<Frame, Malformed> {
+    let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
+    match ethertype {
+        ETH_P_IP => parse_ipv4(ctx, p).map(|_| Frame::Ip),
+        ETH_P_IPV6 => parse_ipv6(ctx, p).map(|_| Frame::Ip),
+        ETH_P_ARP => Ok(Frame::Arp),
+        _ => Ok(Frame::OtherL2),
+    }
+}
+
+#[inline(always)]
+pub const fn empty_packet(family: u8) -> Packet {
+    Packet {
+        family,
+        proto: 0,
+        kind: KIND_NORMAL,
+        tcp_flags: 0,
+        sport: 0,
+        dport: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        outer_src: [0; 16],
+        outer_dst: [0; 16],
+        outer_proto: 0,
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &TcContext, p: &mut Packet) -> Result<(), Malformed> {
+    let ip: Ipv4Hdr = load(ctx, ETH_HLEN)?;
+    let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
+    let tot_len = u16::from_be(ip.tot_len) as usize;
+    if ip.version_ihl >> 4 != 4 || ihl < 20 || tot_len < ihl || ETH_HLEN + tot_len > ctx.len() as usize
+    {
+        return Err(Malformed);
+    }
+    p.family = AF_INET;
+    p.src = v4_addr(ip.src);
+    p.dst = v4_addr(ip.dst);
+    p.proto = ip.proto;
+    let l4 = ETH_HLEN + ihl;
+    let end = ETH_HLEN + tot_len;
+
+    let frag_off = u16::from_be(ip.frag_off);
+    let more_fragments = frag_off & 0x2000 != 0;
+    let offset = frag_off & 0x1fff;
+    if offset != 0 {
+        later_fragment(p, u16::from_be(ip.id) as u32, ip.proto);
+        finish(p);
+        return Ok(());
+    }
+    parse_l4(ctx, p, l4, end)?;
+    if more_fragments {
+        first_fragment(p, u16::from_be(ip.id) as u32, ip.proto);
+    }
+    finish(p);
+    Ok(())
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &TcContext, p: &mut Packet) -> Result<(), Malformed> {
+    let ip: Ipv6Hdr = load(ctx, ETH_HLEN)?;
+    let payload_len = u16::from_be(ip.payload_len) as usize;
+    // payload_len 0 would mean a jumbogram: not on a pod veth.
+    if u32::from_be(ip.vtc_flow) >> 28 != 6
+        || payload_len == 0
+        || ETH_HLEN + 40 + payload_len > ctx.len() as usize
+    {
+        return Err(Malformed);
+    }
+    p.family = AF_INET6;
+    p.src = ip.src;
+    p.dst = ip.dst;
+    // IPv4-mapped addresses never appear on the wire; a pod using them would impersonate an
+    // IPv4 peer in tables that are keyed by address.
+    if is_v4_mapped(&p.src) || is_v4_mapped(&p.dst) {
+        return Err(Malformed);
+    }
+    let end = ETH_HLEN + 40 + payload_len;
+    let mut next = ip.next_header;
+    let mut off = ETH_HLEN + 40;
+    let mut fragment: Option<(u32, u8, bool)> = None;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            // hop-by-hop, routing, destination options: length in 8-byte units, not counting
+            // the first 8.
+            0 | 43 | 60 => {
+                let h: [u8; 2] = load(ctx, off)?;
+                next = h[0];
+                off += (h[1] as usize + 1) * 8;
+            }
+            // authentication header: length in 4-byte units, not counting the first 2.
+            51 => {
+                let h: [u8; 2] = load(ctx, off)?;
+                next = h[0];
+                off += (h[1] as usize + 2) * 4;
+            }
+            44 => {
+                let h: Ipv6FragHdr = load(ctx, off)?;
+                let later = u16::from_be(h.offset_flags) & 0xfff8 != 0;
+                let more = u16::from_be(h.offset_flags) & 1 != 0;
+                next = h.next_header;
+                off += 8;
+                if later {
+                    // What follows is payload, not headers.
+                    later_fragment(p, u32::from_be(h.id), h.next_header);
+                    finish(p);
+                    return Ok(());
+                }
+                if more {
+                    fragment = Some((u32::from_be(h.id), h.next_header, true));
+                }
+            }
+            _ => break,
+        }
+        if off > end {
+            return Err(Malformed);
+        }
+    }
+    if matches!(next, 0 | 43 | 60 | 51 | 44) {
+        // Longer chain than we walk: refuse rather than guess.
+        return Err(Malformed);
+    }
+    p.proto = next;
+    parse_l4(ctx, p, off, end)?;
+    if let Some((id, frag_next, _)) = fragment {
+        first_fragment(p, id, frag_next);
+    }
+    finish(p);
+    Ok(())
+}
+
+#[inline(always)]
+fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    a[0] == 0
+        && a[1] == 0
+        && a[2] == 0
+        && a[3] == 0
+        && a[4] == 0
+        && a[5] == 0
+        && a[6] == 0
+        && a[7] == 0
+        && a[8] == 0
+        && a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
+}
+
+/// Reads ports (or ICMP id / embedded packet) at `l4`; `end` is where the IP payload ends.
+#[inline(always)]
+fn parse_l4(ctx: &TcContext, p: &mut Packet, l4: usize, end: usize) -> Result<(), Malformed> {
+    let proto = p.proto;
+    if has_ports(proto) {
+        if l4 + l4_min_len(proto) > end {
+            return Err(Malformed);
+        }
+        if proto == PROTO_TCP {
+            let t: TcpHead = load(ctx, l4)?;
+            p.sport = u16::from_be(t.sport);
+            p.dport = u16::from_be(t.dport);
+            p.tcp_flags = t.flags;
+        } else {
+            let ports: Ports = load(ctx, l4)?;
+            p.sport = u16::from_be(ports.sport);
+            p.dport = u16::from_be(ports.dport);
+        }
+        return Ok(());
+    }
+    if proto == PROTO_ICMP && p.family == AF_INET {
+        return parse_icmp(ctx, p, l4, end, false);
+    }
+    if proto == PROTO_ICMPV6 && p.family == AF_INET6 {
+        return parse_icmp(ctx, p, l4, end, true);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn parse_icmp(
+    ctx: &TcContext,
+    p: &mut Packet,
+    l4: usize,
+    end: usize,
+    v6: bool,
+) -> Result<(), Malformed> {
+    if l4 + 8 > end {
+        return Err(Malformed);
+    }
+    let h: IcmpHead = load(ctx, l4)?;
+    let (echo, error, neighbor) = if v6 {
+        (
+            h.ty == 128 || h.ty == 129,
+            h.ty >= 1 && h.ty <= 4,
+            (h.ty >= 130 && h.ty <= 137) || h.ty == 143,
+        )
+    } else {
+        (
+            h.ty == 8 || h.ty == 0,
+            h.ty == 3 || h.ty == 4 || h.ty == 5 || h.ty == 11 || h.ty == 12,
+            false,
+        )
+    };
+    if echo {
+        // Request and reply carry the same identifier: using it as both ports makes the reply's
+        // swapped tuple equal to the request's.
+        let id = u16::from_be(h.id);
+        p.sport = id;
+        p.dport = id;
+    } else if neighbor {
+        p.kind = KIND_NEIGHBOR;
+    } else if error {
+        parse_embedded(ctx, p, l4 + 8, end, v6)?;
+    }
+    Ok(())
+}
+
+/// The packet inside an ICMP error: the header of a packet of the flow the error is about.
+#[inline(always)]
+fn parse_embedded(
+    ctx: &TcContext,
+    p: &mut Packet,
+    inner: usize,
+    end: usize,
+    v6: bool,
+) -> Result<(), Malformed> {
+    let (isrc, idst, iproto, il4) = if v6 {
+        let ip: Ipv6Hdr = load(ctx, inner)?;
+        if u32::from_be(ip.vtc_flow) >> 28 != 6 {
+            return Err(Malformed);
+        }
+        (ip.src, ip.dst, ip.next_header, inner + 40)
+    } else {
+        let ip: Ipv4Hdr = load(ctx, inner)?;
+        let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
+        if ip.version_ihl >> 4 != 4 || ihl < 20 {
+            return Err(Malformed);
+        }
+        (v4_addr(ip.src), v4_addr(ip.dst), ip.proto, inner + ihl)
+    };
+    let mut isport = 0u16;
+    let mut idport = 0u16;
+    if has_ports(iproto) {
+        // Errors quote at least 8 bytes of the offending L4 header: the ports are there.
+        if il4 + 4 > end {
+            return Err(Malformed);
+        }
+        let ports: Ports = load(ctx, il4)?;
+        isport = u16::from_be(ports.sport);
+        idport = u16::from_be(ports.dport);
+    } else if (iproto == PROTO_ICMP && !v6) || (iproto == PROTO_ICMPV6 && v6) {
+        if il4 + 8 > end {
+            return Err(Malformed);
+        }
+        let h: IcmpHead = load(ctx, il4)?;
+        isport = u16::from_be(h.id);
+        idport = isport;
+    }
+    p.outer_src = p.src;
+    p.outer_dst = p.dst;
+    p.outer_proto = p.proto;
+    p.src = idst;
+    p.dst = isrc;
+    p.sport = idport;
+    p.dport = isport;
+    p.proto = iproto;
+    p.kind = KIND_ICMP_ERROR;
+    Ok(())
+}
+
+/// Ensures the `outer_*` fields describe the packet itself for non-error packets.
+#[inline(always)]
+fn finish(p: &mut Packet) {
+    if p.kind != KIND_ICMP_ERROR {
+        p.outer_src = p.src;
+        p.outer_dst = p.dst;
+        p.outer_proto = p.proto;
+    }
+}
+
+#[inline(always)]
+fn frag_key(p: &Packet, id: u32, proto: u8) -> FragKey {
+    FragKey {
+        src: p.src,
+        dst: p.dst,
+        id,
+        proto,
+        family: p.family,
+        _pad: [0; 2],
+    }
+}
+
+/// Records the ports of a first fragment for the fragments that follow.
+#[inline(always)]
+fn first_fragment(p: &Packet, id: u32, key_proto: u8) {
+    let ports = FragPorts {
+        sport: p.sport,
+        dport: p.dport,
+        proto: p.proto,
+        _pad: [0; 3],
+    };
+    let _ = FRAGMENTS.insert(&frag_key(p, id, key_proto), &ports, 0);
+}
+
+/// A non-first fragment carries no L4 header: take its ports from the first fragment if it was
+/// seen; otherwise the ports stay 0, which no port-specific rule allows.
+#[inline(always)]
+fn later_fragment(p: &mut Packet, id: u32, key_proto: u8) {
+    p.proto = key_proto;
+    match unsafe { FRAGMENTS.get(&frag_key(p, id, key_proto)) } {
+        Some(ports) => {
+            p.sport = ports.sport;
+            p.dport = ports.dport;
+            p.proto = ports.proto;
+        }
+        None => p.kind = KIND_UNKNOWN_FRAGMENT,
+    }
+}

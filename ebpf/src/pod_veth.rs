@@ -1,0 +1,185 @@
+//! The attach point: the host side of a pod's veth.
+//!
+//! `to_pod` runs on the veth's TC egress (packets the node sends into the pod: the pod's
+//! ingress); `from_pod` on its TC ingress (packets the pod sends: the pod's egress).
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use palisade_common::{
+    CT_FLAG_AUDIT, Counter, DIR_EGRESS, DIR_INGRESS, EP_AUDIT, EP_PENDING, EndpointInfo, Reason,
+    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP, isolated_flag,
+};
+
+use crate::{
+    conntrack::{self, Lookup},
+    events::{count, emit, now_ns},
+    maps::ENDPOINTS,
+    parse::{self, Frame, KIND_ICMP_ERROR, KIND_NEIGHBOR, KIND_UNKNOWN_FRAGMENT, Packet},
+    policy,
+};
+
+#[classifier]
+pub fn to_pod(ctx: TcContext) -> i32 {
+    match handle(&ctx, DIR_INGRESS) {
+        Ok(action) | Err(action) => action,
+    }
+}
+
+#[classifier]
+pub fn from_pod(ctx: TcContext) -> i32 {
+    match handle(&ctx, DIR_EGRESS) {
+        Ok(action) | Err(action) => action,
+    }
+}
+
+/// The peer of the endpoint for a packet in `dir`: the source of traffic to the pod, the
+/// destination of traffic from it.
+#[inline(always)]
+fn peer(dir: u8, src: &[u8; 16], dst: &[u8; 16]) -> [u8; 16] {
+    if dir == DIR_INGRESS { *src } else { *dst }
+}
+
+struct Ctx {
+    ep: EndpointInfo,
+    ifindex: u32,
+    dir: u8,
+    len: u32,
+    now: u64,
+}
+
+#[inline(always)]
+fn drop_packet(c: &Ctx, pkt: Option<&Packet>, reason: Reason) -> Result<i32, i32> {
+    if c.ep.flags & EP_AUDIT != 0 && reason != Reason::Malformed {
+        count(Counter::Audited);
+        emit(c.ep.id, c.ifindex, c.dir, c.len, pkt, VERDICT_AUDIT, reason, 0, c.now);
+        return Ok(TC_ACT_OK as i32);
+    }
+    count(Counter::Dropped);
+    emit(c.ep.id, c.ifindex, c.dir, c.len, pkt, VERDICT_DROP, reason, 0, c.now);
+    Err(TC_ACT_SHOT as i32)
+}
+
+#[inline(always)]
+fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // Interfaces that are not pod endpoints are not ours to filter.
+    let ep = match unsafe { ENDPOINTS.get(&ifindex) } {
+        Some(ep) => *ep,
+        None => return Ok(TC_ACT_OK as i32),
+    };
+    let c = Ctx {
+        ep,
+        ifindex,
+        dir,
+        len: ctx.len(),
+        now: now_ns(),
+    };
+    if ep.flags & EP_PENDING != 0 {
+        count(Counter::Dropped);
+        emit(ep.id, ifindex, dir, c.len, None, VERDICT_DROP, Reason::Pending, 0, c.now);
+        return Err(TC_ACT_SHOT as i32);
+    }
+    let mut pkt = parse::empty_packet(0);
+    match parse::parse(ctx, &mut pkt) {
+        Ok(Frame::Ip) => {}
+        Ok(Frame::Arp) => return Ok(TC_ACT_OK as i32),
+        Ok(Frame::OtherL2) => {
+            if ep.flags & isolated_flag(dir) == 0 {
+                return Ok(TC_ACT_OK as i32);
+            }
+            return drop_packet(&c, None, Reason::NonIp);
+        }
+        Err(_) => {
+            count(Counter::Malformed);
+            return drop_packet(&c, None, Reason::Malformed);
+        }
+    }
+    if pkt.kind == KIND_NEIGHBOR {
+        return Ok(TC_ACT_OK as i32);
+    }
+
+    match conntrack::lookup(ep.id, dir, &pkt, c.now) {
+        Lookup::Hit(entry, key) => {
+            if unsafe { (*entry).revision } == ep.revision {
+                count(Counter::CtHit);
+                conntrack::touch(entry, &pkt, c.len, c.now);
+                return Ok(TC_ACT_OK as i32);
+            }
+            // Policy changed since the flow was allowed: check the flow's original direction
+            // against the current policy.
+            count(Counter::Revalidated);
+            let v = policy::evaluate(
+                &ep,
+                key.dir,
+                key.family,
+                &peer(key.dir, &key.src, &key.dst),
+                key.proto,
+                key.dport,
+            );
+            if v.allowed {
+                unsafe {
+                    (*entry).revision = ep.revision;
+                    (*entry).rule = v.rule;
+                }
+                conntrack::touch(entry, &pkt, c.len, c.now);
+                return Ok(TC_ACT_OK as i32);
+            }
+            conntrack::remove(&key);
+            return drop_packet(&c, Some(&pkt), v.reason);
+        }
+        Lookup::Miss => {}
+    }
+
+    if pkt.kind == KIND_ICMP_ERROR {
+        // Not about any tracked flow: judge it as the ICMP packet it is.
+        let v = policy::evaluate(
+            &ep,
+            dir,
+            pkt.family,
+            &peer(dir, &pkt.outer_src, &pkt.outer_dst),
+            pkt.outer_proto,
+            0,
+        );
+        if v.allowed {
+            return Ok(TC_ACT_OK as i32);
+        }
+        return drop_packet(&c, Some(&pkt), v.reason);
+    }
+
+    // The pod's traffic to itself (through a service hairpin) is never restricted.
+    if pkt.src == pkt.dst {
+        return Ok(TC_ACT_OK as i32);
+    }
+
+    let v = policy::evaluate(
+        &ep,
+        dir,
+        pkt.family,
+        &peer(dir, &pkt.src, &pkt.dst),
+        pkt.proto,
+        pkt.dport,
+    );
+    if !v.allowed {
+        let reason = if pkt.kind == KIND_UNKNOWN_FRAGMENT {
+            Reason::Fragment
+        } else {
+            v.reason
+        };
+        if ep.flags & EP_AUDIT != 0 {
+            let key = conntrack::forward_key(ep.id, dir, &pkt);
+            conntrack::create(&key, 0, ep.revision, CT_FLAG_AUDIT, c.len, c.now);
+        }
+        return drop_packet(&c, Some(&pkt), reason);
+    }
+    if v.reason != Reason::Host {
+        let key = conntrack::forward_key(ep.id, dir, &pkt);
+        if !conntrack::create(&key, v.rule, ep.revision, 0, c.len, c.now) {
+            count(Counter::CtInsertFailed);
+        }
+    }
+    count(Counter::NewAllowed);
+    emit(ep.id, ifindex, dir, c.len, Some(&pkt), VERDICT_ALLOW, v.reason, v.rule, c.now);
+    Ok(TC_ACT_OK as i32)
+}

@@ -1,0 +1,111 @@
+//! Policy lookup for a new flow: at most one IDENTITIES lookup, one CIDRS lookup and two
+//! POLICY lookups, whatever the number of policies.
+//!
+//! Precedence, in order:
+//! 1. an endpoint not isolated in this direction allows everything;
+//! 2. the node's own addresses (IDENTITY_HOST) are always allowed;
+//! 3. an allow entry for the peer's pod identity;
+//! 4. an allow entry for the CIDR class of the longest ipBlock prefix containing the peer
+//!    (pod addresses included: ipBlock matches every address inside it);
+//! 5. otherwise the flow is not allowed.
+//!
+//! NetworkPolicy has no deny rules, so any match allows and the order of 3 and 4 only decides
+//! which rule is reported.
+use aya_ebpf::maps::lpm_trie::Key;
+use palisade_common::{
+    AF_INET, CIDR_CLASS_NONE, CIDR_KEY_FIXED_BITS, CidrKey, EndpointInfo, IDENTITY_HOST,
+    IDENTITY_NONE, POLICY_KEY_FULL_BITS, PeerAddr, PolicyKey, Reason, isolated_flag,
+};
+
+use crate::maps::{CIDRS, IDENTITIES, POLICY};
+
+pub struct Verdict {
+    pub allowed: bool,
+    pub reason: Reason,
+    /// The allowing rule, 0 when none.
+    pub rule: u32,
+}
+
+#[inline(always)]
+fn allow(reason: Reason, rule: u32) -> Verdict {
+    Verdict {
+        allowed: true,
+        reason,
+        rule,
+    }
+}
+
+#[inline(always)]
+pub fn evaluate(
+    ep: &EndpointInfo,
+    dir: u8,
+    family: u8,
+    peer: &[u8; 16],
+    proto: u8,
+    port: u16,
+) -> Verdict {
+    if ep.flags & isolated_flag(dir) == 0 {
+        return allow(Reason::NotIsolated, 0);
+    }
+    let addr = PeerAddr {
+        family,
+        _pad: [0; 3],
+        addr: *peer,
+    };
+    let identity = unsafe { IDENTITIES.get(&addr) }
+        .copied()
+        .unwrap_or(IDENTITY_NONE);
+    if identity == IDENTITY_HOST {
+        return allow(Reason::Host, 0);
+    }
+    let port_be = port.to_be();
+    if identity != IDENTITY_NONE {
+        let key = Key::new(
+            POLICY_KEY_FULL_BITS,
+            PolicyKey {
+                endpoint: ep.id,
+                peer: identity,
+                dir,
+                proto,
+                port_be,
+            },
+        );
+        if let Some(v) = POLICY.get(&key) {
+            return allow(Reason::PolicyAllow, v.rule);
+        }
+    }
+    let addr_bits = if family == AF_INET { 32 } else { 128 };
+    let cidr_key = Key::new(
+        CIDR_KEY_FIXED_BITS + addr_bits,
+        CidrKey {
+            endpoint: ep.id,
+            dir,
+            family,
+            _pad: [0; 2],
+            addr: *peer,
+        },
+    );
+    if let Some(class) = CIDRS.get(&cidr_key) {
+        let class = *class;
+        if class != CIDR_CLASS_NONE {
+            let key = Key::new(
+                POLICY_KEY_FULL_BITS,
+                PolicyKey {
+                    endpoint: ep.id,
+                    peer: class,
+                    dir,
+                    proto,
+                    port_be,
+                },
+            );
+            if let Some(v) = POLICY.get(&key) {
+                return allow(Reason::PolicyAllow, v.rule);
+            }
+        }
+    }
+    Verdict {
+        allowed: false,
+        reason: Reason::NoRuleMatched,
+        rule: 0,
+    }
+}

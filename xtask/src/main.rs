@@ -1,0 +1,51 @@
+//! `cargo xtask <command>`: builds the eBPF object and the agent, runs the demo, the tests and
+//! the conformance suite. See README.md.
+mod build;
+mod run;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Palisade's build and test driver")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install bpf-linker if needed, build the eBPF object, then the agent.
+    Build {
+        /// Build the agent in release mode.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test: unit, BPF program test runs, netns tests, conformance (IPv4 and IPv6).
+    Test {
+        /// Skip the conformance suite.
+        #[arg(long)]
+        no_conformance: bool,
+    },
+    /// Create a demo node of netns pods, run the standalone agent with manifests/examples,
+    /// send allowed and denied traffic and show what happened.
+    Demo,
+    /// Run the upstream NetworkPolicy e2e cases on the netns rig.
+    Conformance {
+        /// Extra arguments for the runner (--cases DIR, --filter NAME, --ipv6).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// fmt --check and clippy -D warnings on the workspace.
+    Lint,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Build { release } => build::build_all(release).map(|_| ()),
+        Command::Test { no_conformance } => run::test(!no_conformance),
+        Command::Demo => run::demo(),
+        Command::Conformance { args } => run::conformance(&args),
+        Command::Lint => run::lint(),
+    }
+}

@@ -1,0 +1,1 @@
+pub fn test(_c: bool) -> anyhow::Result<()> { todo!() } pub fn demo() -> anyhow::Result<()> { todo!() } pub fn conformance(_a: &[String]) -> anyhow::Result<()> { todo!() } pub fn lint() -> anyhow::Result<()> { todo!() }
