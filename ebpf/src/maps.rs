@@ -9,6 +9,8 @@ use palisade_common::{
     PeerAddr, PolicyKey, PolicyValue, capacity,
 };
 
+use crate::parse::Packet;
+
 /// Host-side ifindex -> endpoint. Written by the agent only.
 #[map]
 pub static ENDPOINTS: HashMap<u32, EndpointInfo> =
@@ -27,6 +29,11 @@ pub static CIDRS: LpmTrie<CidrKey, u32> = LpmTrie::with_max_entries(capacity::CI
 #[map]
 pub static POLICY: LpmTrie<PolicyKey, PolicyValue> =
     LpmTrie::with_max_entries(capacity::POLICY, 0);
+
+/// Scratch space for the packet being judged (one per CPU): keeps the parsed packet off the
+/// 512-byte BPF stack.
+#[map]
+pub static SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry> =

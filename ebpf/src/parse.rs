@@ -4,7 +4,7 @@
 //! Headers are read with `bpf_skb_load_bytes` (one call per header, not per field), which works
 //! on non-linear skbs too. Every length field is checked against what the packet really holds:
 //! a header that claims more than the packet has is `Malformed`, never guessed.
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{cty::c_void, helpers::bpf_skb_load_bytes, programs::TcContext};
 use palisade_common::{
     AF_INET, AF_INET6, FragKey, FragPorts, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
     PROTO_UDP,
@@ -50,6 +50,9 @@ pub struct Packet {
     pub outer_src: [u8; 16],
     pub outer_dst: [u8; 16],
     pub outer_proto: u8,
+    /// Where headers are read to: part of the per-CPU scratch value, so that loading a
+    /// 40-byte IPv6 header costs no stack.
+    buf: [u8; 40],
 }
 
 pub enum Frame {
@@ -76,17 +79,6 @@ struct Ipv4Hdr {
     check: u16,
     src: [u8; 4],
     dst: [u8; 4],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Ipv6Hdr {
-    vtc_flow: u32,
-    payload_len: u16,
-    next_header: u8,
-    hop_limit: u8,
-    src: [u8; 16],
-    dst: [u8; 16],
 }
 
 #[repr(C)]
@@ -127,9 +119,48 @@ struct IcmpHead {
     seq: u16,
 }
 
+/// Copies `len` packet bytes at `off` into the packet's scratch buffer.
 #[inline(always)]
-fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Malformed> {
-    ctx.load::<T>(off).map_err(|_| Malformed)
+fn load_raw(ctx: &TcContext, p: &mut Packet, off: usize, len: u32) -> Result<(), Malformed> {
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            off as u32,
+            p.buf.as_mut_ptr() as *mut c_void,
+            len,
+        )
+    };
+    if ret != 0 {
+        return Err(Malformed);
+    }
+    Ok(())
+}
+
+/// Reads a small header `T` at `off`.
+#[inline(always)]
+fn load<T: Copy>(ctx: &TcContext, p: &mut Packet, off: usize) -> Result<T, Malformed> {
+    const { assert!(core::mem::size_of::<T>() <= 20) };
+    load_raw(ctx, p, off, core::mem::size_of::<T>() as u32)?;
+    // SAFETY: the buffer holds size_of::<T>() initialised bytes; T is plain data.
+    Ok(unsafe { core::ptr::read_unaligned(p.buf.as_ptr() as *const T) })
+}
+
+/// Loads an IPv6 fixed header at `off` into the scratch buffer; returns (payload length,
+/// next header) after checking the version. The addresses stay in `p.buf[8..40]`.
+#[inline(always)]
+fn load_ipv6(ctx: &TcContext, p: &mut Packet, off: usize) -> Result<(usize, u8), Malformed> {
+    load_raw(ctx, p, off, 40)?;
+    if p.buf[0] >> 4 != 6 {
+        return Err(Malformed);
+    }
+    Ok((u16::from_be_bytes([p.buf[4], p.buf[5]]) as usize, p.buf[6]))
+}
+
+#[inline(always)]
+fn buf_addr(p: &Packet, at: usize) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&p.buf[at..at + 16]);
+    a
 }
 
 #[inline(always)]
@@ -157,7 +188,7 @@ fn has_ports(proto: u8) -> bool {
 /// the stack small).
 #[inline(never)]
 pub fn parse(ctx: &TcContext, p: &mut Packet) -> Result<Frame, Malformed> {
-    let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
+    let ethertype = u16::from_be(load::<u16>(ctx, p, 12)?);
     match ethertype {
         ETH_P_IP => parse_ipv4(ctx, p).map(|_| Frame::Ip),
         ETH_P_IPV6 => parse_ipv6(ctx, p).map(|_| Frame::Ip),
@@ -180,12 +211,13 @@ pub const fn empty_packet(family: u8) -> Packet {
         outer_src: [0; 16],
         outer_dst: [0; 16],
         outer_proto: 0,
+        buf: [0; 40],
     }
 }
 
 #[inline(always)]
 fn parse_ipv4(ctx: &TcContext, p: &mut Packet) -> Result<(), Malformed> {
-    let ip: Ipv4Hdr = load(ctx, ETH_HLEN)?;
+    let ip: Ipv4Hdr = load(ctx, p, ETH_HLEN)?;
     let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
     let tot_len = u16::from_be(ip.tot_len) as usize;
     if ip.version_ihl >> 4 != 4 || ihl < 20 || tot_len < ihl || ETH_HLEN + tot_len > ctx.len() as usize
@@ -217,25 +249,21 @@ fn parse_ipv4(ctx: &TcContext, p: &mut Packet) -> Result<(), Malformed> {
 
 #[inline(always)]
 fn parse_ipv6(ctx: &TcContext, p: &mut Packet) -> Result<(), Malformed> {
-    let ip: Ipv6Hdr = load(ctx, ETH_HLEN)?;
-    let payload_len = u16::from_be(ip.payload_len) as usize;
+    let (payload_len, first_next) = load_ipv6(ctx, p, ETH_HLEN)?;
     // payload_len 0 would mean a jumbogram: not on a pod veth.
-    if u32::from_be(ip.vtc_flow) >> 28 != 6
-        || payload_len == 0
-        || ETH_HLEN + 40 + payload_len > ctx.len() as usize
-    {
+    if payload_len == 0 || ETH_HLEN + 40 + payload_len > ctx.len() as usize {
         return Err(Malformed);
     }
     p.family = AF_INET6;
-    p.src = ip.src;
-    p.dst = ip.dst;
+    p.src = buf_addr(p, 8);
+    p.dst = buf_addr(p, 24);
     // IPv4-mapped addresses never appear on the wire; a pod using them would impersonate an
     // IPv4 peer in tables that are keyed by address.
     if is_v4_mapped(&p.src) || is_v4_mapped(&p.dst) {
         return Err(Malformed);
     }
     let end = ETH_HLEN + 40 + payload_len;
-    let mut next = ip.next_header;
+    let mut next = first_next;
     let mut off = ETH_HLEN + 40;
     let mut fragment: Option<(u32, u8, bool)> = None;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
@@ -243,18 +271,18 @@ fn parse_ipv6(ctx: &TcContext, p: &mut Packet) -> Result<(), Malformed> {
             // hop-by-hop, routing, destination options: length in 8-byte units, not counting
             // the first 8.
             0 | 43 | 60 => {
-                let h: [u8; 2] = load(ctx, off)?;
+                let h: [u8; 2] = load(ctx, p, off)?;
                 next = h[0];
                 off += (h[1] as usize + 1) * 8;
             }
             // authentication header: length in 4-byte units, not counting the first 2.
             51 => {
-                let h: [u8; 2] = load(ctx, off)?;
+                let h: [u8; 2] = load(ctx, p, off)?;
                 next = h[0];
                 off += (h[1] as usize + 2) * 4;
             }
             44 => {
-                let h: Ipv6FragHdr = load(ctx, off)?;
+                let h: Ipv6FragHdr = load(ctx, p, off)?;
                 let later = u16::from_be(h.offset_flags) & 0xfff8 != 0;
                 let more = u16::from_be(h.offset_flags) & 1 != 0;
                 next = h.next_header;
@@ -313,12 +341,12 @@ fn parse_l4(ctx: &TcContext, p: &mut Packet, l4: usize, end: usize) -> Result<()
             return Err(Malformed);
         }
         if proto == PROTO_TCP {
-            let t: TcpHead = load(ctx, l4)?;
+            let t: TcpHead = load(ctx, p, l4)?;
             p.sport = u16::from_be(t.sport);
             p.dport = u16::from_be(t.dport);
             p.tcp_flags = t.flags;
         } else {
-            let ports: Ports = load(ctx, l4)?;
+            let ports: Ports = load(ctx, p, l4)?;
             p.sport = u16::from_be(ports.sport);
             p.dport = u16::from_be(ports.dport);
         }
@@ -344,7 +372,7 @@ fn parse_icmp(
     if l4 + 8 > end {
         return Err(Malformed);
     }
-    let h: IcmpHead = load(ctx, l4)?;
+    let h: IcmpHead = load(ctx, p, l4)?;
     let (echo, error, neighbor) = if v6 {
         (
             h.ty == 128 || h.ty == 129,
@@ -382,13 +410,10 @@ fn parse_embedded(
     v6: bool,
 ) -> Result<(), Malformed> {
     let (isrc, idst, iproto, il4) = if v6 {
-        let ip: Ipv6Hdr = load(ctx, inner)?;
-        if u32::from_be(ip.vtc_flow) >> 28 != 6 {
-            return Err(Malformed);
-        }
-        (ip.src, ip.dst, ip.next_header, inner + 40)
+        let (_, next) = load_ipv6(ctx, p, inner)?;
+        (buf_addr(p, 8), buf_addr(p, 24), next, inner + 40)
     } else {
-        let ip: Ipv4Hdr = load(ctx, inner)?;
+        let ip: Ipv4Hdr = load(ctx, p, inner)?;
         let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
         if ip.version_ihl >> 4 != 4 || ihl < 20 {
             return Err(Malformed);
@@ -402,14 +427,14 @@ fn parse_embedded(
         if il4 + 4 > end {
             return Err(Malformed);
         }
-        let ports: Ports = load(ctx, il4)?;
+        let ports: Ports = load(ctx, p, il4)?;
         isport = u16::from_be(ports.sport);
         idport = u16::from_be(ports.dport);
     } else if (iproto == PROTO_ICMP && !v6) || (iproto == PROTO_ICMPV6 && v6) {
         if il4 + 8 > end {
             return Err(Malformed);
         }
-        let h: IcmpHead = load(ctx, il4)?;
+        let h: IcmpHead = load(ctx, p, il4)?;
         isport = u16::from_be(h.id);
         idport = isport;
     }

@@ -15,7 +15,7 @@ use palisade_common::{
 use crate::{
     conntrack::{self, Lookup},
     events::{count, emit, now_ns},
-    maps::ENDPOINTS,
+    maps::{ENDPOINTS, SCRATCH},
     parse::{self, Frame, KIND_ICMP_ERROR, KIND_NEIGHBOR, KIND_UNKNOWN_FRAGMENT, Packet},
     policy,
 };
@@ -81,8 +81,13 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         emit(ep.id, ifindex, dir, c.len, None, VERDICT_DROP, Reason::Pending, 0, c.now);
         return Err(TC_ACT_SHOT as i32);
     }
-    let mut pkt = parse::empty_packet(0);
-    match parse::parse(ctx, &mut pkt) {
+    let pkt = match SCRATCH.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, and a program runs to completion on its CPU.
+        Some(p) => unsafe { &mut *p },
+        None => return Err(TC_ACT_SHOT as i32),
+    };
+    *pkt = parse::empty_packet(0);
+    match parse::parse(ctx, pkt) {
         Ok(Frame::Ip) => {}
         Ok(Frame::Arp) => return Ok(TC_ACT_OK as i32),
         Ok(Frame::OtherL2) => {
@@ -100,11 +105,11 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         return Ok(TC_ACT_OK as i32);
     }
 
-    match conntrack::lookup(ep.id, dir, &pkt, c.now) {
+    match conntrack::lookup(ep.id, dir, pkt, c.now) {
         Lookup::Hit(entry, key) => {
             if unsafe { (*entry).revision } == ep.revision {
                 count(Counter::CtHit);
-                conntrack::touch(entry, &pkt, c.len, c.now);
+                conntrack::touch(entry, pkt, c.len, c.now);
                 return Ok(TC_ACT_OK as i32);
             }
             // Policy changed since the flow was allowed: check the flow's original direction
@@ -123,11 +128,11 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
                     (*entry).revision = ep.revision;
                     (*entry).rule = v.rule;
                 }
-                conntrack::touch(entry, &pkt, c.len, c.now);
+                conntrack::touch(entry, pkt, c.len, c.now);
                 return Ok(TC_ACT_OK as i32);
             }
             conntrack::remove(&key);
-            return drop_packet(&c, Some(&pkt), v.reason);
+            return drop_packet(&c, Some(pkt), v.reason);
         }
         Lookup::Miss => {}
     }
@@ -145,7 +150,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         if v.allowed {
             return Ok(TC_ACT_OK as i32);
         }
-        return drop_packet(&c, Some(&pkt), v.reason);
+        return drop_packet(&c, Some(pkt), v.reason);
     }
 
     // The pod's traffic to itself (through a service hairpin) is never restricted.
@@ -168,18 +173,18 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             v.reason
         };
         if ep.flags & EP_AUDIT != 0 {
-            let key = conntrack::forward_key(ep.id, dir, &pkt);
+            let key = conntrack::forward_key(ep.id, dir, pkt);
             conntrack::create(&key, 0, ep.revision, CT_FLAG_AUDIT, c.len, c.now);
         }
-        return drop_packet(&c, Some(&pkt), reason);
+        return drop_packet(&c, Some(pkt), reason);
     }
     if v.reason != Reason::Host {
-        let key = conntrack::forward_key(ep.id, dir, &pkt);
+        let key = conntrack::forward_key(ep.id, dir, pkt);
         if !conntrack::create(&key, v.rule, ep.revision, 0, c.len, c.now) {
             count(Counter::CtInsertFailed);
         }
     }
     count(Counter::NewAllowed);
-    emit(ep.id, ifindex, dir, c.len, Some(&pkt), VERDICT_ALLOW, v.reason, v.rule, c.now);
+    emit(ep.id, ifindex, dir, c.len, Some(pkt), VERDICT_ALLOW, v.reason, v.rule, c.now);
     Ok(TC_ACT_OK as i32)
 }
