@@ -9,10 +9,7 @@ use std::{collections::BTreeMap, net::IpAddr, process::Command};
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
-use crate::{
-    compile::LocalEndpoint,
-    model::Store,
-};
+use crate::{compile::LocalEndpoint, model::Store};
 
 /// Annotation that names a pod's host-side interface explicitly.
 pub const INTERFACE_ANNOTATION: &str = "palisade.io/interface";
@@ -114,7 +111,11 @@ impl HostView {
                 .annotations
                 .get(INTERFACE_ANNOTATION)
                 .cloned()
-                .or_else(|| pod.ips.iter().find_map(|ip| self.host_routes.get(ip).cloned()));
+                .or_else(|| {
+                    pod.ips
+                        .iter()
+                        .find_map(|ip| self.host_routes.get(ip).cloned())
+                });
             let Some(ifindex) = ifname.and_then(|n| self.links.get(&n).copied()) else {
                 continue;
             };

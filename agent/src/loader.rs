@@ -105,7 +105,9 @@ impl Datapath {
                 let info = self.program(name).info().ok();
                 ProgramStats {
                     name,
-                    verified_instructions: info.as_ref().and_then(|i| i.verified_instruction_count()),
+                    verified_instructions: info
+                        .as_ref()
+                        .and_then(|i| i.verified_instruction_count()),
                     translated_bytes: info.as_ref().and_then(|i| i.size_translated()),
                 }
             })
@@ -151,9 +153,10 @@ impl Datapath {
         let ifname = ifname(ifindex)?;
         let tcx = KernelVersion::current().map(|v| v >= KernelVersion::new(6, 6, 0))?;
         let mut done = Vec::new();
-        for (prog_name, attach_type) in
-            [(TO_POD, TcAttachType::Egress), (FROM_POD, TcAttachType::Ingress)]
-        {
+        for (prog_name, attach_type) in [
+            (TO_POD, TcAttachType::Egress),
+            (FROM_POD, TcAttachType::Ingress),
+        ] {
             let attachment = if tcx {
                 self.attach_tcx(ifindex, &ifname, prog_name, attach_type)
             } else {

@@ -21,7 +21,11 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("PALISADE_EBPF_OBJ"
 static EBPF_OBJECT: &[u8] = &[];
 
 #[derive(Parser)]
-#[command(name = "palisade", version, about = "Kubernetes NetworkPolicy enforcement on eBPF")]
+#[command(
+    name = "palisade",
+    version,
+    about = "Kubernetes NetworkPolicy enforcement on eBPF"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -43,6 +47,9 @@ enum Command {
         /// Manifest poll interval in milliseconds.
         #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
         poll_ms: u64,
+        /// Write a JSON status here after every reconcile.
+        #[arg(long, value_name = "FILE")]
+        status_file: Option<PathBuf>,
     },
     /// Load the datapath (without attaching) and print the verifier's instruction counts.
     Verify,
@@ -62,6 +69,7 @@ fn main() -> Result<()> {
             pin_dir,
             node_name,
             poll_ms,
+            status_file,
         } => {
             let cfg = RunConfig {
                 manifests,
@@ -69,6 +77,7 @@ fn main() -> Result<()> {
                 node_name,
                 poll: Duration::from_millis(poll_ms),
                 host_poll: Duration::from_secs(1),
+                status_file,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

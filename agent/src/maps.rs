@@ -221,7 +221,11 @@ impl MapWriter {
             }
             info.revision = revision;
             if failed.contains(&want.id) {
-                warn!(ifindex, endpoint = want.id, "policy entries could not be written: failing closed");
+                warn!(
+                    ifindex,
+                    endpoint = want.id,
+                    "policy entries could not be written: failing closed"
+                );
                 info.flags |= EP_PENDING;
             }
             if current == Some(info) {

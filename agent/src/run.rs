@@ -34,6 +34,22 @@ pub struct RunConfig {
     pub poll: Duration,
     /// How often interfaces, addresses and routes are re-read.
     pub host_poll: Duration,
+    /// Where to write a JSON status after every reconcile (for tests and probes).
+    pub status_file: Option<PathBuf>,
+}
+
+/// What the agent reports after each reconcile.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    /// When the reconcile started (it read the manifests after this), ms since the Unix epoch.
+    pub started_at_unix_ms: u128,
+    /// When the reconcile finished, milliseconds since the Unix epoch.
+    pub reconciled_at_unix_ms: u128,
+    /// Local endpoints enforced.
+    pub endpoints: usize,
+    pub policy_entries: usize,
+    /// Current configuration errors (each names its object and field).
+    pub errors: Vec<String>,
 }
 
 /// The pipeline state between two reconciles.
@@ -78,11 +94,16 @@ impl Agent {
     /// Re-reads the manifests and the host, compiles and writes what changed.
     pub fn reconcile(&mut self) -> Result<()> {
         let started = Instant::now();
+        let started_at_unix_ms = unix_ms();
         let loaded = self.source.load();
-        for e in &loaded.errors {
-            error!("{e}");
-        }
-        for e in self.store.replace_all(loaded.objects) {
+        let mut errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
+        errors.extend(
+            self.store
+                .replace_all(loaded.objects)
+                .iter()
+                .map(|e| e.to_string()),
+        );
+        for e in &errors {
             error!("{e}");
         }
         self.host = HostView::read().context("reading interfaces and routes")?;
@@ -124,12 +145,36 @@ impl Agent {
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "reconciled"
         );
+        if let Some(path) = &self.cfg.status_file {
+            let status = Status {
+                started_at_unix_ms,
+                reconciled_at_unix_ms: unix_ms(),
+                endpoints: desired.endpoints.len(),
+                policy_entries: desired.policy.len(),
+                errors,
+            };
+            write_atomically(path, &serde_json::to_vec_pretty(&status)?)?;
+        }
         Ok(())
     }
 
     pub fn pin_dir(&self) -> &Path {
         &self.cfg.pin_dir
     }
+}
+
+fn unix_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
 }
 
 /// Runs until SIGTERM or SIGINT. Pinned maps and links stay: enforcement goes on while no agent

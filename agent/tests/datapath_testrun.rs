@@ -63,13 +63,21 @@ fn peer_addr(ip: IpAddr) -> PeerAddr {
 fn policy_entry(peer: u32, dir: u8, proto: u8, port: u16, prefix_len: u32) -> PolicyEntry {
     // Mask the port to the prefix, as the compiler does.
     let port_bits = prefix_len.saturating_sub(POLICY_KEY_ANY_PORT_BITS);
-    let mask: u16 = if port_bits == 0 { 0 } else { u16::MAX << (16 - port_bits) };
+    let mask: u16 = if port_bits == 0 {
+        0
+    } else {
+        u16::MAX << (16 - port_bits)
+    };
     PolicyEntry {
         key: PolicyKey {
             endpoint: EP,
             peer,
             dir,
-            proto: if prefix_len <= POLICY_KEY_ANY_PROTO_BITS { 0 } else { proto },
+            proto: if prefix_len <= POLICY_KEY_ANY_PROTO_BITS {
+                0
+            } else {
+                proto
+            },
             port_be: (port & mask).to_be(),
         },
         prefix_len,
@@ -100,10 +108,50 @@ fn standard_state() -> DesiredState {
     let allow = |s: &mut DesiredState, e: PolicyEntry, rule: u32| {
         s.policy.insert(e, PolicyValue { rule, flags: 0 });
     };
-    allow(&mut s, policy_entry(PEER_IDENTITY, DIR_INGRESS, PROTO_TCP, 80, POLICY_KEY_FULL_BITS), 1);
-    allow(&mut s, policy_entry(PEER_IDENTITY, DIR_INGRESS, PROTO_UDP, 0, POLICY_KEY_ANY_PORT_BITS), 2);
-    allow(&mut s, policy_entry(OTHER_IDENTITY, DIR_INGRESS, PROTO_TCP, 8000, POLICY_KEY_FULL_BITS - 3), 3);
-    allow(&mut s, policy_entry(PEER_IDENTITY, DIR_INGRESS, PROTO_TCP, 443, POLICY_KEY_FULL_BITS), 4);
+    allow(
+        &mut s,
+        policy_entry(
+            PEER_IDENTITY,
+            DIR_INGRESS,
+            PROTO_TCP,
+            80,
+            POLICY_KEY_FULL_BITS,
+        ),
+        1,
+    );
+    allow(
+        &mut s,
+        policy_entry(
+            PEER_IDENTITY,
+            DIR_INGRESS,
+            PROTO_UDP,
+            0,
+            POLICY_KEY_ANY_PORT_BITS,
+        ),
+        2,
+    );
+    allow(
+        &mut s,
+        policy_entry(
+            OTHER_IDENTITY,
+            DIR_INGRESS,
+            PROTO_TCP,
+            8000,
+            POLICY_KEY_FULL_BITS - 3,
+        ),
+        3,
+    );
+    allow(
+        &mut s,
+        policy_entry(
+            PEER_IDENTITY,
+            DIR_INGRESS,
+            PROTO_TCP,
+            443,
+            POLICY_KEY_FULL_BITS,
+        ),
+        4,
+    );
     let class = CIDR_CLASS_BIT | 1;
     let cidr = |addr: [u8; 4], len: u32| CidrEntry {
         key: CidrKey {
@@ -117,7 +165,11 @@ fn standard_state() -> DesiredState {
     };
     s.cidrs.insert(cidr([192, 0, 2, 0], 24), class);
     s.cidrs.insert(cidr([192, 0, 2, 128], 25), CIDR_CLASS_NONE);
-    allow(&mut s, policy_entry(class, DIR_EGRESS, 0, 0, POLICY_KEY_ANY_PROTO_BITS), 5);
+    allow(
+        &mut s,
+        policy_entry(class, DIR_EGRESS, 0, 0, POLICY_KEY_ANY_PROTO_BITS),
+        5,
+    );
     s
 }
 
@@ -247,10 +299,26 @@ fn isolated_pod_denies_by_default_and_allows_one_peer() {
         return;
     }
     let rig = Rig::new(&standard_state());
-    assert_eq!(rig.to_pod(&tcp4(PEER, POD, 40000, 80, SYN)), TC_ACT_OK, "allowed peer, port 80");
-    assert_eq!(rig.to_pod(&tcp4(PEER, POD, 40001, 81, SYN)), TC_ACT_SHOT, "allowed peer, other port");
-    assert_eq!(rig.to_pod(&tcp4(OTHER, POD, 40002, 80, SYN)), TC_ACT_SHOT, "other peer");
-    assert_eq!(rig.to_pod(&tcp4(EXTERNAL, POD, 40003, 80, SYN)), TC_ACT_SHOT, "unknown address");
+    assert_eq!(
+        rig.to_pod(&tcp4(PEER, POD, 40000, 80, SYN)),
+        TC_ACT_OK,
+        "allowed peer, port 80"
+    );
+    assert_eq!(
+        rig.to_pod(&tcp4(PEER, POD, 40001, 81, SYN)),
+        TC_ACT_SHOT,
+        "allowed peer, other port"
+    );
+    assert_eq!(
+        rig.to_pod(&tcp4(OTHER, POD, 40002, 80, SYN)),
+        TC_ACT_SHOT,
+        "other peer"
+    );
+    assert_eq!(
+        rig.to_pod(&tcp4(EXTERNAL, POD, 40003, 80, SYN)),
+        TC_ACT_SHOT,
+        "unknown address"
+    );
     assert_eq!(
         rig.to_pod(&ipv4(PEER, POD, PROTO_SCTP, &l4(PROTO_SCTP, 5000, 80, 0))),
         TC_ACT_SHOT,
@@ -266,8 +334,16 @@ fn node_traffic_is_never_restricted() {
         return;
     }
     let rig = Rig::new(&standard_state());
-    assert_eq!(rig.to_pod(&tcp4(NODE, POD, 40000, 9999, SYN)), TC_ACT_OK, "kubelet probe");
-    assert_eq!(rig.from_pod(&tcp4(POD, NODE, 40000, 6443, SYN)), TC_ACT_OK, "pod to node");
+    assert_eq!(
+        rig.to_pod(&tcp4(NODE, POD, 40000, 9999, SYN)),
+        TC_ACT_OK,
+        "kubelet probe"
+    );
+    assert_eq!(
+        rig.from_pod(&tcp4(POD, NODE, 40000, 6443, SYN)),
+        TC_ACT_OK,
+        "pod to node"
+    );
 }
 
 #[test]
@@ -280,8 +356,17 @@ fn wildcard_port_and_port_range() {
         let pkt = ipv4(PEER, POD, PROTO_UDP, &l4(PROTO_UDP, 1000, port, 0));
         assert_eq!(rig.to_pod(&pkt), TC_ACT_OK, "UDP any port: {port}");
     }
-    for (port, want) in [(7999, TC_ACT_SHOT), (8000, TC_ACT_OK), (8007, TC_ACT_OK), (8008, TC_ACT_SHOT)] {
-        assert_eq!(rig.to_pod(&tcp4(OTHER, POD, 41000 + port % 100, port, SYN)), want, "range 8000-8007: {port}");
+    for (port, want) in [
+        (7999, TC_ACT_SHOT),
+        (8000, TC_ACT_OK),
+        (8007, TC_ACT_OK),
+        (8008, TC_ACT_SHOT),
+    ] {
+        assert_eq!(
+            rig.to_pod(&tcp4(OTHER, POD, 41000 + port % 100, port, SYN)),
+            want,
+            "range 8000-8007: {port}"
+        );
     }
 }
 
@@ -292,22 +377,50 @@ fn replies_pass_by_conntrack_and_nothing_else_does() {
     }
     let rig = Rig::new(&standard_state());
     // The pod is isolated for egress with no rule to PEER: only replies may leave.
-    assert_eq!(rig.from_pod(&tcp4(POD, PEER, 80, 40000, SYN_ACK)), TC_ACT_SHOT, "no flow yet");
+    assert_eq!(
+        rig.from_pod(&tcp4(POD, PEER, 80, 40000, SYN_ACK)),
+        TC_ACT_SHOT,
+        "no flow yet"
+    );
     assert_eq!(rig.to_pod(&tcp4(PEER, POD, 40000, 80, SYN)), TC_ACT_OK);
-    assert_eq!(rig.from_pod(&tcp4(POD, PEER, 80, 40000, SYN_ACK)), TC_ACT_OK, "reply");
-    assert_eq!(rig.to_pod(&tcp4(PEER, POD, 40000, 80, ACK)), TC_ACT_OK, "established");
-    assert_eq!(rig.from_pod(&tcp4(POD, PEER, 80, 40001, SYN_ACK)), TC_ACT_SHOT, "other flow");
-    assert_eq!(rig.from_pod(&tcp4(POD, PEER, 81, 40000, SYN_ACK)), TC_ACT_SHOT, "other port");
+    assert_eq!(
+        rig.from_pod(&tcp4(POD, PEER, 80, 40000, SYN_ACK)),
+        TC_ACT_OK,
+        "reply"
+    );
+    assert_eq!(
+        rig.to_pod(&tcp4(PEER, POD, 40000, 80, ACK)),
+        TC_ACT_OK,
+        "established"
+    );
+    assert_eq!(
+        rig.from_pod(&tcp4(POD, PEER, 80, 40001, SYN_ACK)),
+        TC_ACT_SHOT,
+        "other flow"
+    );
+    assert_eq!(
+        rig.from_pod(&tcp4(POD, PEER, 81, 40000, SYN_ACK)),
+        TC_ACT_SHOT,
+        "other port"
+    );
     assert!(rig.counter(Counter::CtHit) >= 2);
     // An ICMP error about the allowed flow passes as related; a forged one does not.
     let mut quoted = tcp4(POD, PEER, 80, 40000, SYN_ACK)[14..14 + 28].to_vec();
     let mut icmp = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
     icmp.append(&mut quoted);
-    assert_eq!(rig.to_pod(&ipv4(PEER, POD, PROTO_ICMP, &icmp)), TC_ACT_OK, "related ICMP error");
+    assert_eq!(
+        rig.to_pod(&ipv4(PEER, POD, PROTO_ICMP, &icmp)),
+        TC_ACT_OK,
+        "related ICMP error"
+    );
     let mut forged = tcp4(POD, OTHER, 80, 40000, SYN_ACK)[14..14 + 28].to_vec();
     let mut icmp = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
     icmp.append(&mut forged);
-    assert_eq!(rig.to_pod(&ipv4(OTHER, POD, PROTO_ICMP, &icmp)), TC_ACT_SHOT, "unrelated ICMP error");
+    assert_eq!(
+        rig.to_pod(&ipv4(OTHER, POD, PROTO_ICMP, &icmp)),
+        TC_ACT_SHOT,
+        "unrelated ICMP error"
+    );
     // The flow is in the conntrack table under the endpoint, in its original direction.
     let key = CtKey {
         endpoint: EP,
@@ -336,18 +449,34 @@ fn revoked_allow_stops_established_flow() {
     assert_eq!(rig.to_pod(&tcp4(PEER, POD, 40000, 80, ACK)), TC_ACT_OK);
     // Remove the rule: the established flow is re-checked and stops.
     let mut revoked = state.clone();
-    revoked
-        .policy
-        .remove(&policy_entry(PEER_IDENTITY, DIR_INGRESS, PROTO_TCP, 80, POLICY_KEY_FULL_BITS));
+    revoked.policy.remove(&policy_entry(
+        PEER_IDENTITY,
+        DIR_INGRESS,
+        PROTO_TCP,
+        80,
+        POLICY_KEY_FULL_BITS,
+    ));
     let stats = rig.writer.apply(&revoked);
     assert_eq!(stats.removed, 1);
-    assert_eq!(rig.to_pod(&tcp4(PEER, POD, 40000, 80, ACK)), TC_ACT_SHOT, "revoked");
-    assert_eq!(rig.from_pod(&tcp4(POD, PEER, 80, 40000, ACK)), TC_ACT_SHOT, "its replies too");
+    assert_eq!(
+        rig.to_pod(&tcp4(PEER, POD, 40000, 80, ACK)),
+        TC_ACT_SHOT,
+        "revoked"
+    );
+    assert_eq!(
+        rig.from_pod(&tcp4(POD, PEER, 80, 40000, ACK)),
+        TC_ACT_SHOT,
+        "its replies too"
+    );
     // A change that keeps the flow allowed does not break it.
     let udp = ipv4(PEER, POD, PROTO_UDP, &l4(PROTO_UDP, 1000, 53, 0));
     assert_eq!(rig.to_pod(&udp), TC_ACT_OK);
     rig.writer.apply(&state);
-    assert_eq!(rig.to_pod(&udp), TC_ACT_OK, "still allowed after an unrelated change");
+    assert_eq!(
+        rig.to_pod(&udp),
+        TC_ACT_OK,
+        "still allowed after an unrelated change"
+    );
 }
 
 #[test]
@@ -358,10 +487,27 @@ fn ipblock_with_except_on_egress() {
     let rig = Rig::new(&standard_state());
     let to = |a: [u8; 4]| tcp4(POD, Ipv4Addr::from(a), 40000, 443, SYN);
     assert_eq!(rig.from_pod(&to([192, 0, 2, 1])), TC_ACT_OK, "inside cidr");
-    assert_eq!(rig.from_pod(&to([192, 0, 2, 127])), TC_ACT_OK, "edge of the hole");
-    assert_eq!(rig.from_pod(&to([192, 0, 2, 128])), TC_ACT_SHOT, "inside except");
-    assert_eq!(rig.from_pod(&to([192, 0, 3, 1])), TC_ACT_SHOT, "outside cidr");
-    let ping = ipv4(POD, Ipv4Addr::new(192, 0, 2, 9), PROTO_ICMP, &[8, 0, 0, 0, 0, 7, 0, 1]);
+    assert_eq!(
+        rig.from_pod(&to([192, 0, 2, 127])),
+        TC_ACT_OK,
+        "edge of the hole"
+    );
+    assert_eq!(
+        rig.from_pod(&to([192, 0, 2, 128])),
+        TC_ACT_SHOT,
+        "inside except"
+    );
+    assert_eq!(
+        rig.from_pod(&to([192, 0, 3, 1])),
+        TC_ACT_SHOT,
+        "outside cidr"
+    );
+    let ping = ipv4(
+        POD,
+        Ipv4Addr::new(192, 0, 2, 9),
+        PROTO_ICMP,
+        &[8, 0, 0, 0, 0, 7, 0, 1],
+    );
     assert_eq!(rig.from_pod(&ping), TC_ACT_OK, "any protocol");
 }
 
@@ -374,17 +520,40 @@ fn ipv6_with_extension_headers() {
     let mut chain = vec![60u8, 0, 1, 4, 0, 0, 0, 0]; // hop-by-hop -> destination options
     chain.extend([6u8, 0, 1, 4, 0, 0, 0, 0]); // destination options -> TCP
     chain.extend(l4(PROTO_TCP, 50000, 443, SYN));
-    assert_eq!(rig.to_pod(&ipv6(PEER6, POD6, 0, &chain)), TC_ACT_OK, "through two ext headers");
+    assert_eq!(
+        rig.to_pod(&ipv6(PEER6, POD6, 0, &chain)),
+        TC_ACT_OK,
+        "through two ext headers"
+    );
     let direct = l4(PROTO_TCP, 50001, 444, SYN);
-    assert_eq!(rig.to_pod(&ipv6(PEER6, POD6, PROTO_TCP, &direct)), TC_ACT_SHOT, "other port");
+    assert_eq!(
+        rig.to_pod(&ipv6(PEER6, POD6, PROTO_TCP, &direct)),
+        TC_ACT_SHOT,
+        "other port"
+    );
     let stranger = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x99);
-    assert_eq!(rig.to_pod(&ipv6(stranger, POD6, PROTO_TCP, &l4(PROTO_TCP, 1, 443, SYN))), TC_ACT_SHOT);
+    assert_eq!(
+        rig.to_pod(&ipv6(
+            stranger,
+            POD6,
+            PROTO_TCP,
+            &l4(PROTO_TCP, 1, 443, SYN)
+        )),
+        TC_ACT_SHOT
+    );
     // Neighbour discovery always passes.
     let ns = [135u8, 0, 0, 0, 0, 0, 0, 0];
-    assert_eq!(rig.to_pod(&ipv6(stranger, POD6, PROTO_ICMPV6, &ns)), TC_ACT_OK, "neighbour solicitation");
+    assert_eq!(
+        rig.to_pod(&ipv6(stranger, POD6, PROTO_ICMPV6, &ns)),
+        TC_ACT_OK,
+        "neighbour solicitation"
+    );
     // IPv4-mapped source addresses are refused.
     let mapped: Ipv6Addr = "::ffff:10.244.0.11".parse().unwrap();
-    assert_eq!(rig.to_pod(&ipv6(mapped, POD6, PROTO_TCP, &l4(PROTO_TCP, 1, 443, SYN))), TC_ACT_SHOT);
+    assert_eq!(
+        rig.to_pod(&ipv6(mapped, POD6, PROTO_TCP, &l4(PROTO_TCP, 1, 443, SYN))),
+        TC_ACT_SHOT
+    );
 }
 
 #[test]
@@ -396,7 +565,11 @@ fn truncated_and_lying_packets_are_dropped() {
     let good = tcp4(PEER, POD, 40000, 80, SYN);
     assert_eq!(rig.to_pod(&good), TC_ACT_OK);
     // L4 cut short (a test run needs the full L3 header).
-    assert_eq!(rig.to_pod(&good[..14 + 20 + 3]), TC_ACT_SHOT, "3 bytes of TCP");
+    assert_eq!(
+        rig.to_pod(&good[..14 + 20 + 3]),
+        TC_ACT_SHOT,
+        "3 bytes of TCP"
+    );
     // IPv4 total length larger than the packet.
     let mut lying = tcp4(PEER, POD, 40001, 80, SYN);
     lying[16..18].copy_from_slice(&200u16.to_be_bytes());
@@ -411,7 +584,11 @@ fn truncated_and_lying_packets_are_dropped() {
         chain.extend([60u8, 0, 1, 4, 0, 0, 0, 0]);
     }
     chain.extend(l4(PROTO_TCP, 1, 443, SYN));
-    assert_eq!(rig.to_pod(&ipv6(PEER6, POD6, 60, &chain)), TC_ACT_SHOT, "10 ext headers");
+    assert_eq!(
+        rig.to_pod(&ipv6(PEER6, POD6, 60, &chain)),
+        TC_ACT_SHOT,
+        "10 ext headers"
+    );
     assert!(rig.counter(Counter::Malformed) >= 4);
     // ARP passes.
     let mut arp = eth(0x0806);
@@ -434,8 +611,16 @@ fn fragments_follow_their_first_fragment() {
     // UDP from PEER is allowed on any port: first fragment (MF), then a later one.
     let mut first = l4(PROTO_UDP, 1000, 53, 0);
     first.extend([0u8; 16]);
-    assert_eq!(rig.to_pod(&frag(77, 0x2000, &first)), TC_ACT_OK, "first fragment");
-    assert_eq!(rig.to_pod(&frag(77, 3, &[0u8; 16])), TC_ACT_OK, "later fragment of an allowed datagram");
+    assert_eq!(
+        rig.to_pod(&frag(77, 0x2000, &first)),
+        TC_ACT_OK,
+        "first fragment"
+    );
+    assert_eq!(
+        rig.to_pod(&frag(77, 3, &[0u8; 16])),
+        TC_ACT_OK,
+        "later fragment of an allowed datagram"
+    );
     // A later fragment whose first fragment was never seen, from a peer allowed only on TCP 80.
     let mut orphan = ipv4(OTHER, POD, PROTO_TCP, &[0u8; 16]);
     orphan[20..22].copy_from_slice(&3u16.to_be_bytes());
@@ -454,7 +639,11 @@ fn unisolated_endpoint_allows_and_pending_endpoint_drops() {
     assert_eq!(rig.from_pod(&tcp4(POD, EXTERNAL, 1, 9, SYN)), TC_ACT_OK);
     state.endpoints.get_mut(&IFINDEX).unwrap().flags = EP_PENDING;
     rig.writer.apply(&state);
-    assert_eq!(rig.to_pod(&tcp4(PEER, POD, 2, 80, SYN)), TC_ACT_SHOT, "pending fails closed");
+    assert_eq!(
+        rig.to_pod(&tcp4(PEER, POD, 2, 80, SYN)),
+        TC_ACT_SHOT,
+        "pending fails closed"
+    );
 }
 
 #[test]
@@ -464,7 +653,9 @@ fn verifier_accepts_both_programs() {
     }
     let dp = Datapath::load(&object(), None).expect("load");
     for p in dp.program_stats() {
-        let n = p.verified_instructions.expect("kernel reports verified instructions");
+        let n = p
+            .verified_instructions
+            .expect("kernel reports verified instructions");
         eprintln!("{}: {} instructions processed by the verifier", p.name, n);
         assert!(n > 100, "{} looks empty ({n})", p.name);
     }

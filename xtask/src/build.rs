@@ -46,7 +46,9 @@ pub fn bpf_linker() -> Result<PathBuf> {
     let llvm_major = field("LLVM version:")
         .and_then(|v| v.split('.').next().map(str::to_string))
         .context("rustc -vV has no LLVM version")?;
-    let tools = root().join(".tools").join(format!("bpf-linker-{}", &commit[..12]));
+    let tools = root()
+        .join(".tools")
+        .join(format!("bpf-linker-{}", &commit[..12]));
     let bin = tools.join("bin/bpf-linker");
     if bin.exists() {
         return Ok(bin);
@@ -64,7 +66,12 @@ pub fn bpf_linker() -> Result<PathBuf> {
         lib = sysroot_lib.display()
     );
     let status = Command::new("cargo")
-        .args(["install", "bpf-linker@0.13.0", "--locked", "--no-default-features"])
+        .args([
+            "install",
+            "bpf-linker@0.13.0",
+            "--locked",
+            "--no-default-features",
+        ])
         .args(["--features", &format!("llvm-{llvm_major},no-llvm-linking")])
         .arg("--root")
         .arg(&tools)

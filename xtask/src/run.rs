@@ -1,1 +1,125 @@
-pub fn test(_c: bool) -> anyhow::Result<()> { todo!() } pub fn demo() -> anyhow::Result<()> { todo!() } pub fn conformance(_a: &[String]) -> anyhow::Result<()> { todo!() } pub fn lint() -> anyhow::Result<()> { todo!() }
+//! Test, demo, conformance and lint drivers.
+use std::{path::Path, process::Command, time::Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::build::{build_all, ebpf_object, root};
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    eprintln!("xtask: {what}");
+    let status = cmd.status().with_context(|| format!("starting: {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root (BPF, TCX and network namespaces)");
+    }
+    Ok(())
+}
+
+/// Runs a binary of the palisade-tests package with the agent binary it drives.
+fn tests_bin(bin: &str, agent: &Path, args: &[String]) -> Command {
+    let mut c = cargo();
+    c.args(["run", "--quiet", "-p", "palisade-tests", "--bin", bin, "--"])
+        .arg("--agent")
+        .arg(agent)
+        .args(args)
+        .env("PALISADE_EBPF_OBJ", ebpf_object());
+    c
+}
+
+pub fn test(with_conformance: bool) -> Result<()> {
+    let started = Instant::now();
+    let agent = build_all(false)?;
+    lint()?;
+    require_root("cargo xtask test")?;
+    run(
+        cargo()
+            .args(["test", "--workspace", "--no-fail-fast"])
+            .env("PALISADE_EBPF_OBJ", ebpf_object())
+            .env("PALISADE_AGENT_BIN", &agent),
+        "cargo test --workspace (unit, BPF test runs, netns)",
+    )?;
+    if with_conformance {
+        run(
+            &mut tests_bin("conformance", &agent, &[]),
+            "conformance (IPv4)",
+        )?;
+        run(
+            &mut tests_bin("conformance", &agent, &["--ipv6".to_string()]),
+            "conformance (IPv6)",
+        )?;
+    }
+    eprintln!(
+        "xtask: all tests passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+pub fn demo() -> Result<()> {
+    let agent = build_all(false)?;
+    require_root("cargo xtask demo")?;
+    let examples = root().join("manifests/examples");
+    run(
+        &mut tests_bin(
+            "demo",
+            &agent,
+            &["--examples".to_string(), examples.display().to_string()],
+        ),
+        "demo",
+    )
+}
+
+pub fn conformance(args: &[String]) -> Result<()> {
+    let agent = build_all(false)?;
+    require_root("cargo xtask conformance")?;
+    run(&mut tests_bin("conformance", &agent, args), "conformance")
+}
+
+pub fn lint() -> Result<()> {
+    run(
+        cargo().args(["fmt", "--all", "--check"]),
+        "cargo fmt --check",
+    )?;
+    run(
+        Command::new("cargo")
+            .current_dir(root().join("ebpf"))
+            .args(["fmt", "--check"]),
+        "cargo fmt --check (ebpf)",
+    )?;
+    run(
+        cargo()
+            .args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .env("PALISADE_EBPF_OBJ", ebpf_object()),
+        "cargo clippy -D warnings",
+    )?;
+    let mut ebpf_clippy = Command::new("cargo");
+    ebpf_clippy
+        .current_dir(root().join("ebpf"))
+        .args(["clippy", "--release", "--target-dir"])
+        .arg(root().join("target/ebpf"))
+        .args(["--", "-D", "warnings"]);
+    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR"] {
+        ebpf_clippy.env_remove(var);
+    }
+    run(&mut ebpf_clippy, "cargo clippy -D warnings (ebpf)")
+}

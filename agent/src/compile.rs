@@ -1,0 +1,960 @@
+//! The compiler: store + this node's endpoints and addresses → the map entries
+//! (`DesiredState`) the datapath evaluates (see `datapath_model` for how).
+//!
+//! * Pods get **identities**: pods that look the same to every selector and named-port lookup
+//!   (namespace, labels, namespace labels, named ports) share one. Peer selectors are evaluated
+//!   once per identity and cached per policy peer, so cost grows with distinct identities, not
+//!   pods.
+//! * Pod peers become POLICY entries `(endpoint, identity, dir, proto/port)`.
+//! * ipBlocks (and rules without peers, as `0.0.0.0/0` and `::/0`) are **flattened** per
+//!   endpoint and direction into nested-or-disjoint CIDRS prefixes whose value is a **class**:
+//!   the set of (rule, ports) of every block that contains the prefix and does not except it.
+//!   Classes are interned by content and get POLICY entries `(endpoint, class, dir, ...)`.
+//! * Ids (endpoints, identities, rules, classes) are interned and stable: an unrelated change
+//!   renumbers nothing, so the map writer's diff stays small. Ids not used by a compile are
+//!   released at its end and are not handed out again before the id space is exhausted.
+//!
+//! Named ports are resolved here: for ingress on the endpoint's own pod; for egress on each
+//! peer identity (pod peers and rules without peers: per identity entries; ipBlocks: a host
+//! prefix is added for every pod address inside the block whose pod has the name, whose class
+//! carries the resolved port).
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::rc::Rc;
+
+use ipnetwork::IpNetwork;
+use palisade_common::{
+    CIDR_CLASS_BIT, CIDR_CLASS_NONE, CidrKey, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS,
+    EndpointInfo, IDENTITY_FIRST_POD, IDENTITY_HOST, POLICY_KEY_ANY_PORT_BITS,
+    POLICY_KEY_ANY_PROTO_BITS, POLICY_KEY_FULL_BITS, PolicyKey, PolicyValue,
+};
+use serde::Serialize;
+
+use crate::datapath_model::peer_addr;
+use crate::model::{NamedPort, Peer, Policy, PortMatch, PortSpec, Protocol, Store};
+use crate::state::{
+    CidrEntry, DesiredState, Direction, EndpointMeta, PodRef, PolicyEntry, RuleRef,
+};
+
+/// A pod with an interface on this node.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct LocalEndpoint {
+    pub pod: PodRef,
+    /// Host-side ifindex of the pod's interface.
+    pub ifindex: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ports
+// ---------------------------------------------------------------------------------------------
+
+/// The protocol/port part of a POLICY entry: `prefix_len` is the whole key's prefix (72: any
+/// protocol; 80: one protocol, any port; 81..=96: an aligned port block; 96: one port), and
+/// `proto`/`port` are masked to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PortKey {
+    pub proto: u8,
+    pub port: u16,
+    pub prefix_len: u32,
+}
+
+impl PortKey {
+    pub const ANY: PortKey = PortKey {
+        proto: 0,
+        port: 0,
+        prefix_len: POLICY_KEY_ANY_PROTO_BITS,
+    };
+
+    pub fn any_port(proto: u8) -> PortKey {
+        PortKey {
+            proto,
+            port: 0,
+            prefix_len: POLICY_KEY_ANY_PORT_BITS,
+        }
+    }
+
+    pub fn port(proto: u8, port: u16) -> PortKey {
+        PortKey {
+            proto,
+            port,
+            prefix_len: POLICY_KEY_FULL_BITS,
+        }
+    }
+}
+
+/// The minimal set of aligned power-of-two blocks covering `[lo, hi]`, as `(start, k)` for the
+/// block `[start, start + 2^k - 1]` (`start` is a multiple of `2^k`).
+pub fn port_range_blocks(lo: u16, hi: u16) -> Vec<(u16, u32)> {
+    let mut out = Vec::new();
+    let (mut a, hi) = (u32::from(lo), u32::from(hi));
+    while a <= hi {
+        let mut k = a.trailing_zeros().min(16);
+        while a + (1 << k) - 1 > hi {
+            k -= 1;
+        }
+        out.push((a as u16, k));
+        a += 1 << k;
+    }
+    out
+}
+
+/// The POLICY port keys of a numeric port spec (or an already resolved named one).
+fn numeric_keys(proto: Protocol, port: &PortMatch, end: Option<u16>, out: &mut Vec<PortKey>) {
+    let proto = proto.number();
+    match (port, end) {
+        (PortMatch::Any, _) => out.push(PortKey::any_port(proto)),
+        (PortMatch::Number(p), None) => out.push(PortKey::port(proto, *p)),
+        (PortMatch::Number(p), Some(e)) => {
+            for (start, k) in port_range_blocks(*p, e) {
+                out.push(PortKey {
+                    proto,
+                    port: start,
+                    prefix_len: POLICY_KEY_ANY_PORT_BITS + 16 - k,
+                });
+            }
+        }
+        (PortMatch::Named(_), _) => {}
+    }
+}
+
+/// A rule's ports for one endpoint and direction: what is known (`fixed`) and, for egress,
+/// the names that depend on the peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+struct PortPlan {
+    fixed: Vec<PortKey>,
+    named: Vec<(String, Protocol)>,
+}
+
+impl PortPlan {
+    fn new(ports: Option<&[PortSpec]>, dir: Direction, endpoint_ports: &[NamedPort]) -> PortPlan {
+        let mut plan = PortPlan::default();
+        let Some(ports) = ports else {
+            plan.fixed.push(PortKey::ANY);
+            return plan;
+        };
+        for p in ports {
+            match (&p.port, dir) {
+                (PortMatch::Named(n), Direction::Ingress) => {
+                    for cp in endpoint_ports {
+                        if cp.name == *n && cp.protocol == p.protocol {
+                            plan.fixed.push(PortKey::port(p.protocol.number(), cp.port));
+                        }
+                    }
+                }
+                (PortMatch::Named(n), Direction::Egress) => {
+                    plan.named.push((n.clone(), p.protocol))
+                }
+                _ => numeric_keys(p.protocol, &p.port, p.end_port, &mut plan.fixed),
+            }
+        }
+        plan.fixed.sort();
+        plan.fixed.dedup();
+        plan.named.sort();
+        plan.named.dedup();
+        plan
+    }
+
+    /// The named ports resolved on a peer's container ports.
+    fn resolve<'a>(&'a self, peer_ports: &'a [NamedPort]) -> impl Iterator<Item = PortKey> + 'a {
+        self.named.iter().flat_map(move |(n, proto)| {
+            peer_ports
+                .iter()
+                .filter(move |cp| cp.name == *n && cp.protocol == *proto)
+                .map(|cp| PortKey::port(cp.protocol.number(), cp.port))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interning
+// ---------------------------------------------------------------------------------------------
+
+/// Stable ids for keys. An id stays with its key as long as every compile uses the key; keys
+/// a compile does not use are dropped at its end. Fresh ids come from a counter; only when the
+/// range is exhausted are released ids reused (released ids were absent from the last compile's
+/// output, so the maps no longer hold entries for them).
+#[derive(Debug)]
+struct Interner<K> {
+    ids: HashMap<K, (u32, u64)>,
+    live: HashSet<u32>,
+    next: u64,
+    first: u32,
+    last: u32,
+    reuse_cursor: u32,
+    generation: u64,
+}
+
+impl<K: Hash + Eq + Clone> Interner<K> {
+    fn new(first: u32, last: u32) -> Self {
+        Interner {
+            ids: HashMap::new(),
+            live: HashSet::new(),
+            next: u64::from(first),
+            first,
+            last,
+            reuse_cursor: first,
+            generation: 0,
+        }
+    }
+
+    fn begin(&mut self) {
+        self.generation += 1;
+    }
+
+    fn intern(&mut self, key: &K) -> u32 {
+        if let Some(e) = self.ids.get_mut(key) {
+            e.1 = self.generation;
+            return e.0;
+        }
+        let id = self.alloc();
+        self.ids.insert(key.clone(), (id, self.generation));
+        self.live.insert(id);
+        id
+    }
+
+    fn alloc(&mut self) -> u32 {
+        if self.next <= u64::from(self.last) {
+            self.next += 1;
+            return (self.next - 1) as u32;
+        }
+        let span = u64::from(self.last - self.first) + 1;
+        assert!((self.live.len() as u64) < span, "id space exhausted");
+        loop {
+            let id = self.reuse_cursor;
+            self.reuse_cursor = if id == self.last { self.first } else { id + 1 };
+            if !self.live.contains(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Releases the keys this compile did not use.
+    fn finish(&mut self) {
+        let g = self.generation;
+        let live = &mut self.live;
+        self.ids.retain(|_, (id, used)| {
+            let keep = *used == g;
+            if !keep {
+                live.remove(id);
+            }
+            keep
+        });
+    }
+
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// What makes two pods indistinguishable to policy.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct IdentityKey {
+    namespace: String,
+    labels: BTreeMap<String, String>,
+    namespace_labels: BTreeMap<String, String>,
+    ports: Vec<NamedPort>,
+}
+
+/// A class's content: its POLICY port keys, each with the lowest rule that allows it.
+type ClassKey = Vec<(PortKey, u32)>;
+
+/// Compiles the store into map entries; holds the id tables between compiles.
+#[derive(Debug)]
+pub struct Compiler {
+    endpoints: Interner<PodRef>,
+    identities: Interner<IdentityKey>,
+    rules: Interner<RuleRef>,
+    classes: Interner<ClassKey>,
+}
+
+impl Default for Compiler {
+    fn default() -> Self {
+        Compiler {
+            endpoints: Interner::new(1, u32::MAX),
+            identities: Interner::new(IDENTITY_FIRST_POD, CIDR_CLASS_BIT - 1),
+            rules: Interner::new(1, u32::MAX),
+            classes: Interner::new(1, CIDR_CLASS_BIT - 1),
+        }
+    }
+}
+
+/// Sizes of the id tables (for metrics and tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct InternerSizes {
+    pub endpoints: usize,
+    pub identities: usize,
+    pub rules: usize,
+    pub classes: usize,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-compile indexes
+// ---------------------------------------------------------------------------------------------
+
+struct Ident<'s> {
+    id: u32,
+    labels: &'s BTreeMap<String, String>,
+    ports: &'s [NamedPort],
+}
+
+type NsGroup<'s> = (Cow<'s, BTreeMap<String, String>>, Vec<usize>);
+
+struct Index<'s> {
+    idents: Vec<Ident<'s>>,
+    /// Namespace -> (labels, identities of its pods).
+    by_ns: BTreeMap<&'s str, NsGroup<'s>>,
+    /// Pod address -> identity (index), for addresses that are pod identities in IDENTITIES.
+    ip_owner: BTreeMap<IpAddr, usize>,
+}
+
+/// An ipBlock of one rule, for one endpoint and direction.
+struct Element<'p> {
+    cidr: IpNetwork,
+    except: Cow<'p, [IpNetwork]>,
+    member: usize,
+}
+
+/// One rule as it appears in an endpoint's CIDR classes.
+struct Member {
+    rule: u32,
+    plan: Rc<PortPlan>,
+}
+
+/// Sorts and reduces excepts to the outermost ones (pairwise disjoint), which the flattening's
+/// counting relies on; borrowed when already so.
+fn outermost(except: &[IpNetwork]) -> Cow<'_, [IpNetwork]> {
+    let key = |n: &IpNetwork| (n.is_ipv6(), ip_bits(n.network()), n.prefix());
+    let canonical = except
+        .windows(2)
+        .all(|w| key(&w[0]) < key(&w[1]) && !contains(&w[0], &w[1]));
+    if canonical {
+        return Cow::Borrowed(except);
+    }
+    let mut v = except.to_vec();
+    v.sort_by_key(key);
+    let mut out: Vec<IpNetwork> = Vec::with_capacity(v.len());
+    for n in v {
+        if out.last().is_none_or(|l| !contains(l, &n)) {
+            out.push(n);
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn ip_bits(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+fn contains(outer: &IpNetwork, inner: &IpNetwork) -> bool {
+    crate::model::cidr_contains(outer, inner)
+}
+
+fn all_v4() -> IpNetwork {
+    "0.0.0.0/0".parse().expect("valid")
+}
+
+fn all_v6() -> IpNetwork {
+    "::/0".parse().expect("valid")
+}
+
+/// Inserts an allow entry, keeping the lowest rule id when two rules give the same key.
+fn put(
+    policy: &mut BTreeMap<PolicyEntry, PolicyValue>,
+    endpoint: u32,
+    peer: u32,
+    dir: Direction,
+    pk: PortKey,
+    rule: u32,
+) {
+    let entry = PolicyEntry {
+        key: PolicyKey {
+            endpoint,
+            peer,
+            dir: dir.as_u8(),
+            proto: pk.proto,
+            port_be: pk.port.to_be(),
+        },
+        prefix_len: pk.prefix_len,
+    };
+    policy
+        .entry(entry)
+        .and_modify(|v| v.rule = v.rule.min(rule))
+        .or_insert(PolicyValue { rule, flags: 0 });
+}
+
+impl Compiler {
+    pub fn new() -> Self {
+        Compiler::default()
+    }
+
+    pub fn sizes(&self) -> InternerSizes {
+        InternerSizes {
+            endpoints: self.endpoints.len(),
+            identities: self.identities.len(),
+            rules: self.rules.len(),
+            classes: self.classes.len(),
+        }
+    }
+
+    /// Compiles `store` for the `endpoints` of this node, whose own addresses are
+    /// `host_addrs`.
+    pub fn compile(
+        &mut self,
+        store: &Store,
+        endpoints: &[LocalEndpoint],
+        host_addrs: &[IpAddr],
+    ) -> DesiredState {
+        self.endpoints.begin();
+        self.identities.begin();
+        self.rules.begin();
+        self.classes.begin();
+        let mut out = DesiredState::default();
+        let index = self.identities_of(store, host_addrs, &mut out);
+
+        // Policies per namespace, with a stable index for the selection cache.
+        let mut by_ns: BTreeMap<&str, Vec<(usize, &Policy)>> = BTreeMap::new();
+        for (i, p) in store.policies.values().enumerate() {
+            by_ns.entry(p.namespace.as_str()).or_default().push((i, p));
+        }
+
+        let mut eps: Vec<&LocalEndpoint> = endpoints.iter().collect();
+        eps.sort_by(|a, b| (a.ifindex, &a.pod).cmp(&(b.ifindex, &b.pod)));
+        let mut ctx = Ctx {
+            index: &index,
+            selections: HashMap::new(),
+            rule_ids: HashMap::new(),
+            rule_refs: HashMap::new(),
+        };
+        let mut done: HashSet<u32> = HashSet::new();
+        for ep in eps {
+            if out.endpoints.contains_key(&ep.ifindex) {
+                continue;
+            }
+            let Some(pod) = store.pods.get(&ep.pod) else {
+                continue;
+            };
+            if pod.host_network {
+                continue;
+            }
+            let id = self.endpoints.intern(&ep.pod);
+            let mut flags = 0;
+            let mut names = [Vec::new(), Vec::new()];
+            for (d, dir) in Direction::BOTH.into_iter().enumerate() {
+                let selecting: Vec<(usize, &Policy)> = by_ns
+                    .get(ep.pod.namespace.as_str())
+                    .into_iter()
+                    .flatten()
+                    .filter(|(_, p)| p.rules(dir).is_some() && p.pod_selector.matches(&pod.labels))
+                    .copied()
+                    .collect();
+                if selecting.is_empty() {
+                    continue;
+                }
+                flags |= match dir {
+                    Direction::Ingress => EP_ISOLATED_INGRESS,
+                    Direction::Egress => EP_ISOLATED_EGRESS,
+                };
+                names[d] = selecting.iter().map(|(_, p)| p.id()).collect();
+                // The same pod behind two interfaces shares its entries.
+                if !done.contains(&id) {
+                    self.compile_direction(
+                        &mut ctx,
+                        id,
+                        dir,
+                        &pod.container_ports,
+                        &selecting,
+                        &mut out,
+                    );
+                }
+            }
+            done.insert(id);
+            out.endpoints.insert(
+                ep.ifindex,
+                EndpointInfo {
+                    id,
+                    flags,
+                    revision: 0,
+                    _pad: 0,
+                },
+            );
+            let [ingress_policies, egress_policies] = names;
+            out.endpoint_meta.entry(id).or_insert(EndpointMeta {
+                pod: ep.pod.clone(),
+                ifindex: ep.ifindex,
+                ingress_policies,
+                egress_policies,
+            });
+        }
+
+        for v in out.policy.values() {
+            if let Some(r) = ctx.rule_refs.get(&v.rule) {
+                out.rules.insert(v.rule, r.clone());
+            }
+        }
+        self.endpoints.finish();
+        self.identities.finish();
+        self.rules.finish();
+        self.classes.finish();
+        out
+    }
+
+    /// Interns the pods' identities; fills IDENTITIES (host addresses included) and
+    /// `identity_pods`.
+    fn identities_of<'s>(
+        &mut self,
+        store: &'s Store,
+        host_addrs: &[IpAddr],
+        out: &mut DesiredState,
+    ) -> Index<'s> {
+        type Group<'s> = (&'s str, &'s BTreeMap<String, String>, &'s [NamedPort]);
+        let mut ns_labels: BTreeMap<&'s str, Cow<'s, BTreeMap<String, String>>> = BTreeMap::new();
+        let mut groups: HashMap<Group<'s>, usize> = HashMap::new();
+        let mut index = Index {
+            idents: Vec::new(),
+            by_ns: BTreeMap::new(),
+            ip_owner: BTreeMap::new(),
+        };
+        for (pod_ref, pod) in &store.pods {
+            if pod.host_network || pod.ips.is_empty() {
+                continue;
+            }
+            let ns = pod_ref.namespace.as_str();
+            let labels = ns_labels
+                .entry(ns)
+                .or_insert_with(|| store.namespace_labels(ns));
+            let group = (ns, &pod.labels, pod.container_ports.as_slice());
+            let ix = match groups.get(&group) {
+                Some(ix) => *ix,
+                None => {
+                    let id = self.identities.intern(&IdentityKey {
+                        namespace: ns.to_string(),
+                        labels: pod.labels.clone(),
+                        namespace_labels: labels.as_ref().clone(),
+                        ports: pod.container_ports.clone(),
+                    });
+                    index.idents.push(Ident {
+                        id,
+                        labels: &pod.labels,
+                        ports: &pod.container_ports,
+                    });
+                    let ix = index.idents.len() - 1;
+                    groups.insert(group, ix);
+                    index
+                        .by_ns
+                        .entry(ns)
+                        .or_insert_with(|| (labels.clone(), Vec::new()))
+                        .1
+                        .push(ix);
+                    ix
+                }
+            };
+            let id = index.idents[ix].id;
+            out.identity_pods
+                .entry(id)
+                .or_default()
+                .push(pod_ref.clone());
+            for ip in &pod.ips {
+                // Two live pods claiming one address: the first (by namespace/name) keeps it.
+                if let std::collections::btree_map::Entry::Vacant(v) = index.ip_owner.entry(*ip) {
+                    v.insert(ix);
+                    out.identities.insert(peer_addr(*ip), id);
+                }
+            }
+        }
+        // This node's addresses are never restricted, whatever else claims them.
+        for ip in host_addrs {
+            index.ip_owner.remove(ip);
+            out.identities.insert(peer_addr(*ip), IDENTITY_HOST);
+        }
+        index
+    }
+
+    fn rule_id(
+        &mut self,
+        ctx: &mut Ctx<'_, '_>,
+        policy: (usize, &Policy),
+        dir: Direction,
+        ix: usize,
+    ) -> u32 {
+        if let Some(id) = ctx.rule_ids.get(&(policy.0, dir, ix)) {
+            return *id;
+        }
+        let r = RuleRef {
+            namespace: policy.1.namespace.clone(),
+            policy: policy.1.name.clone(),
+            direction: dir,
+            index: ix,
+        };
+        let id = self.rules.intern(&r);
+        ctx.rule_ids.insert((policy.0, dir, ix), id);
+        ctx.rule_refs.insert(id, r);
+        id
+    }
+
+    /// The entries of one endpoint in one direction.
+    fn compile_direction<'p>(
+        &mut self,
+        ctx: &mut Ctx<'_, '_>,
+        ep: u32,
+        dir: Direction,
+        ep_ports: &[NamedPort],
+        selecting: &[(usize, &'p Policy)],
+        out: &mut DesiredState,
+    ) {
+        let index = ctx.index;
+        let mut elements: Vec<Element<'p>> = Vec::new();
+        let mut members: Vec<Member> = Vec::new();
+        for &(pi, policy) in selecting {
+            let rules = policy.rules(dir).unwrap_or_default();
+            for (ri, rule) in rules.iter().enumerate() {
+                let rule_id = self.rule_id(ctx, (pi, policy), dir, ri);
+                let plan = Rc::new(PortPlan::new(rule.ports.as_deref(), dir, ep_ports));
+                let emit = |out: &mut DesiredState, ident: &Ident<'_>| {
+                    for pk in plan.fixed.iter().copied().chain(plan.resolve(ident.ports)) {
+                        put(&mut out.policy, ep, ident.id, dir, pk, rule_id);
+                    }
+                };
+                match &rule.peers {
+                    None => {
+                        // Named ports are per-identity entries below, not CIDR classes.
+                        let member = members.len();
+                        members.push(Member {
+                            rule: rule_id,
+                            plan: Rc::new(PortPlan {
+                                fixed: plan.fixed.clone(),
+                                named: Vec::new(),
+                            }),
+                        });
+                        for cidr in [all_v4(), all_v6()] {
+                            elements.push(Element {
+                                cidr,
+                                except: Cow::Borrowed(&[]),
+                                member,
+                            });
+                        }
+                        // Names resolve per pod: per-identity entries (every pod address is
+                        // inside the two blocks above).
+                        if !plan.named.is_empty() {
+                            for ident in &index.idents {
+                                for pk in plan.resolve(ident.ports) {
+                                    put(&mut out.policy, ep, ident.id, dir, pk, rule_id);
+                                }
+                            }
+                        }
+                    }
+                    Some(peers) => {
+                        let member = members.len();
+                        members.push(Member {
+                            rule: rule_id,
+                            plan: plan.clone(),
+                        });
+                        for (qi, peer) in peers.iter().enumerate() {
+                            match peer {
+                                Peer::Pods {
+                                    namespace_selector,
+                                    pod_selector,
+                                } => {
+                                    let sel = ctx
+                                        .selections
+                                        .entry((pi, dir, ri, qi))
+                                        .or_insert_with(|| {
+                                            Rc::new(select(
+                                                index,
+                                                &policy.namespace,
+                                                namespace_selector.as_ref(),
+                                                pod_selector.as_ref(),
+                                            ))
+                                        })
+                                        .clone();
+                                    for &ix in sel.iter() {
+                                        emit(out, &index.idents[ix]);
+                                    }
+                                }
+                                Peer::IpBlock { cidr, except } => elements.push(Element {
+                                    cidr: *cidr,
+                                    except: outermost(except),
+                                    member,
+                                }),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if elements.is_empty() {
+            return;
+        }
+        let mut emitted: HashSet<u32> = HashSet::new();
+        for v6 in [false, true] {
+            let fam: Vec<&Element<'_>> =
+                elements.iter().filter(|e| e.cidr.is_ipv6() == v6).collect();
+            if !fam.is_empty() {
+                self.flatten(index, ep, dir, v6, &fam, &members, &mut emitted, out);
+            }
+        }
+    }
+
+    /// Flattens one family's ipBlocks into CIDRS prefixes and their classes.
+    #[allow(clippy::too_many_arguments)]
+    fn flatten(
+        &mut self,
+        index: &Index<'_>,
+        ep: u32,
+        dir: Direction,
+        v6: bool,
+        elements: &[&Element<'_>],
+        members: &[Member],
+        emitted: &mut HashSet<u32>,
+        out: &mut DesiredState,
+    ) {
+        let bits: u8 = if v6 { 128 } else { 32 };
+        // A prefix as (address bits, length), host bits zero.
+        type Node = (u128, u8);
+        let node = |n: &IpNetwork| -> Node { (ip_bits(n.network()), n.prefix()) };
+        let mask = |len: u8| -> u128 {
+            if len == 0 {
+                0
+            } else {
+                (u128::MAX << (128 - u32::from(len))) >> (128 - u32::from(bits))
+            }
+        };
+        let within =
+            |outer: Node, inner: Node| outer.1 <= inner.1 && inner.0 & mask(outer.1) == outer.0;
+
+        let mut starts: HashMap<Node, Vec<usize>> = HashMap::new();
+        let mut ends: HashMap<Node, Vec<usize>> = HashMap::new();
+        let mut nodes: Vec<Node> = Vec::new();
+        for e in elements {
+            let c = node(&e.cidr);
+            nodes.push(c);
+            starts.entry(c).or_default().push(e.member);
+            for x in e.except.iter() {
+                let x = node(x);
+                nodes.push(x);
+                ends.entry(x).or_default().push(e.member);
+            }
+            // Egress named ports: the addresses of pods that have one of the names.
+            let plan = &members[e.member].plan;
+            if !plan.named.is_empty() {
+                let (lo, hi) = (e.cidr.network(), e.cidr.broadcast());
+                for (ip, ix) in index.ip_owner.range(lo..=hi) {
+                    if plan.resolve(index.idents[*ix].ports).next().is_some() {
+                        nodes.push((ip_bits(*ip), bits));
+                    }
+                }
+            }
+        }
+        nodes.sort_unstable();
+        nodes.dedup();
+
+        struct Frame {
+            node: Node,
+            /// (member, number of its blocks that contain the node), sorted by member.
+            allow: Vec<(usize, u32)>,
+            /// The class LPM finds for the node (its own or, when equal, an ancestor's).
+            class: u32,
+        }
+        let mut stack: Vec<Frame> = Vec::new();
+        let mut content: BTreeMap<PortKey, u32> = BTreeMap::new();
+        for n in nodes {
+            while stack.last().is_some_and(|f| !within(f.node, n)) {
+                stack.pop();
+            }
+            let (mut allow, parent_class) = match stack.last() {
+                Some(f) => (f.allow.clone(), f.class),
+                None => (Vec::new(), CIDR_CLASS_NONE),
+            };
+            for m in starts.get(&n).into_iter().flatten() {
+                match allow.binary_search_by_key(m, |a| a.0) {
+                    Ok(i) => allow[i].1 += 1,
+                    Err(i) => allow.insert(i, (*m, 1)),
+                }
+            }
+            for m in ends.get(&n).into_iter().flatten() {
+                if let Ok(i) = allow.binary_search_by_key(m, |a| a.0) {
+                    allow[i].1 -= 1;
+                    if allow[i].1 == 0 {
+                        allow.remove(i);
+                    }
+                }
+            }
+            // The class: every allowed member's ports; named ones only on a pod address.
+            content.clear();
+            let owner = if n.1 == bits {
+                let ip = if v6 {
+                    IpAddr::V6(n.0.into())
+                } else {
+                    IpAddr::V4((n.0 as u32).into())
+                };
+                index.ip_owner.get(&ip).map(|ix| &index.idents[*ix])
+            } else {
+                None
+            };
+            for (m, _) in &allow {
+                let Member { rule, plan } = &members[*m];
+                let named = owner.into_iter().flat_map(|o| plan.resolve(o.ports));
+                for pk in plan.fixed.iter().copied().chain(named) {
+                    let r = content.entry(pk).or_insert(*rule);
+                    *r = (*r).min(*rule);
+                }
+            }
+            let class = if content.is_empty() {
+                CIDR_CLASS_NONE
+            } else {
+                let key: ClassKey = content.iter().map(|(k, v)| (*k, *v)).collect();
+                CIDR_CLASS_BIT | self.classes.intern(&key)
+            };
+            if class != parent_class {
+                let mut addr = [0u8; 16];
+                if v6 {
+                    addr = n.0.to_be_bytes();
+                } else {
+                    addr[..4].copy_from_slice(&(n.0 as u32).to_be_bytes());
+                }
+                let key = CidrKey {
+                    endpoint: ep,
+                    dir: dir.as_u8(),
+                    family: if v6 {
+                        palisade_common::AF_INET6
+                    } else {
+                        palisade_common::AF_INET
+                    },
+                    _pad: [0; 2],
+                    addr,
+                };
+                out.cidrs.insert(
+                    CidrEntry {
+                        key,
+                        prefix_len: u32::from(n.1),
+                    },
+                    class,
+                );
+                if class != CIDR_CLASS_NONE && emitted.insert(class) {
+                    for (pk, rule) in &content {
+                        put(&mut out.policy, ep, class, dir, *pk, *rule);
+                    }
+                }
+            }
+            stack.push(Frame {
+                node: n,
+                allow,
+                class,
+            });
+        }
+    }
+}
+
+/// Per-compile caches.
+struct Ctx<'i, 's> {
+    index: &'i Index<'s>,
+    /// (policy, direction, rule, peer) -> selected identities.
+    selections: HashMap<(usize, Direction, usize, usize), Rc<Vec<usize>>>,
+    /// (policy, direction, rule) -> rule id.
+    rule_ids: HashMap<(usize, Direction, usize), u32>,
+    rule_refs: HashMap<u32, RuleRef>,
+}
+
+/// The identities a pod peer selects.
+fn select(
+    index: &Index<'_>,
+    policy_ns: &str,
+    namespace_selector: Option<&crate::selector::Selector>,
+    pod_selector: Option<&crate::selector::Selector>,
+) -> Vec<usize> {
+    let pods_ok = |ix: &&usize| pod_selector.is_none_or(|s| s.matches(index.idents[**ix].labels));
+    match namespace_selector {
+        None => index
+            .by_ns
+            .get(policy_ns)
+            .map(|(_, ids)| ids.iter().filter(pods_ok).copied().collect())
+            .unwrap_or_default(),
+        Some(ns_sel) => index
+            .by_ns
+            .values()
+            .filter(|(labels, _)| ns_sel.matches(labels))
+            .flat_map(|(_, ids)| ids.iter().filter(pods_ok).copied())
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod scenarios;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_are_minimal_aligned_blocks() {
+        assert_eq!(port_range_blocks(80, 80), vec![(80, 0)]);
+        assert_eq!(port_range_blocks(0, 65535), vec![(0, 16)]);
+        assert_eq!(port_range_blocks(1, 65535).len(), 16);
+        assert_eq!(
+            port_range_blocks(9000, 9100),
+            vec![
+                (9000, 3),
+                (9008, 4),
+                (9024, 6),
+                (9088, 3),
+                (9096, 2),
+                (9100, 0)
+            ]
+        );
+        assert_eq!(port_range_blocks(65535, 65535), vec![(65535, 0)]);
+        // Exhaustive on a small window: blocks are aligned, disjoint and cover exactly.
+        for lo in 0..70u16 {
+            for hi in lo..70 {
+                let blocks = port_range_blocks(lo, hi);
+                let mut covered = Vec::new();
+                for (s, k) in &blocks {
+                    assert_eq!(u32::from(*s) % (1 << k), 0);
+                    covered.extend(u32::from(*s)..u32::from(*s) + (1 << k));
+                }
+                assert_eq!(covered, (u32::from(lo)..=u32::from(hi)).collect::<Vec<_>>());
+                assert!(blocks.len() <= 2 * 16);
+            }
+        }
+    }
+
+    #[test]
+    fn interner_is_stable_and_reuses_only_when_exhausted() {
+        let mut i: Interner<&str> = Interner::new(10, 12);
+        i.begin();
+        assert_eq!(
+            (i.intern(&"a"), i.intern(&"b"), i.intern(&"a")),
+            (10, 11, 10)
+        );
+        i.finish();
+        i.begin();
+        assert_eq!(i.intern(&"b"), 11);
+        i.finish(); // "a" released
+        i.begin();
+        assert_eq!(i.intern(&"c"), 12, "fresh ids first");
+        assert_eq!(i.intern(&"d"), 10, "then released ones");
+        assert_eq!(i.intern(&"b"), 11);
+        i.finish();
+        assert_eq!(i.len(), 3);
+    }
+
+    #[test]
+    fn outermost_excepts() {
+        let n = |s: &str| s.parse::<IpNetwork>().unwrap();
+        let v = vec![
+            n("10.1.2.0/24"),
+            n("10.1.0.0/16"),
+            n("10.2.0.0/16"),
+            n("10.1.0.0/16"),
+        ];
+        assert_eq!(
+            outermost(&v).as_ref(),
+            &[n("10.1.0.0/16"), n("10.2.0.0/16")]
+        );
+        let ok = vec![n("10.1.0.0/16"), n("10.2.0.0/16")];
+        assert!(matches!(outermost(&ok), Cow::Borrowed(_)));
+    }
+}

@@ -1,0 +1,318 @@
+//! The datapath's twin: evaluates a new flow against a `DesiredState` exactly as the eBPF
+//! programs evaluate it against the maps (`ebpf/src/policy.rs` and `pod_veth.rs`), with real
+//! longest-prefix matching over the LPM entries. Backs `palisade explain` and the compiler's
+//! cross-checks.
+use std::net::IpAddr;
+
+use palisade_common::{
+    AF_INET, AF_INET6, CIDR_CLASS_NONE, CidrKey, EP_PENDING, IDENTITY_HOST, IDENTITY_NONE,
+    POLICY_KEY_ANY_PORT_BITS, POLICY_KEY_ANY_PROTO_BITS, POLICY_KEY_FULL_BITS, PeerAddr, PolicyKey,
+    PolicyValue, Reason, isolated_flag,
+};
+use serde::Serialize;
+
+use crate::state::{CidrEntry, DesiredState, Direction, PolicyEntry};
+
+/// The map form of an address.
+pub fn peer_addr(ip: IpAddr) -> PeerAddr {
+    match ip {
+        IpAddr::V4(a) => PeerAddr::v4(a.octets()),
+        IpAddr::V6(a) => PeerAddr::v6(a.octets()),
+    }
+}
+
+/// The address of a map key (`None` for an unknown family).
+pub fn ip_of(family: u8, addr: &[u8; 16]) -> Option<IpAddr> {
+    match family {
+        AF_INET => Some(IpAddr::from([addr[0], addr[1], addr[2], addr[3]])),
+        AF_INET6 => Some(IpAddr::from(*addr)),
+        _ => None,
+    }
+}
+
+/// Why the model decided as it did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum ModelReason {
+    /// The interface is not an endpoint: the programs pass the packet (not ours).
+    NotAnEndpoint,
+    /// The endpoint is `EP_PENDING`: everything is dropped.
+    Pending,
+    /// Source and destination address are equal: the pod talking to itself.
+    SelfTraffic,
+    NotIsolated,
+    /// The peer is an address of this node.
+    Host,
+    PolicyAllow,
+    NoRuleMatched,
+}
+
+impl ModelReason {
+    /// The datapath's reason code, where there is one.
+    pub fn as_reason(self) -> Option<Reason> {
+        Some(match self {
+            ModelReason::NotAnEndpoint => return None,
+            ModelReason::Pending => Reason::Pending,
+            ModelReason::SelfTraffic => Reason::SelfTraffic,
+            ModelReason::NotIsolated => Reason::NotIsolated,
+            ModelReason::Host => Reason::Host,
+            ModelReason::PolicyAllow => Reason::PolicyAllow,
+            ModelReason::NoRuleMatched => Reason::NoRuleMatched,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ModelVerdict {
+    pub allowed: bool,
+    pub reason: ModelReason,
+    /// The allowing rule id (`state.rules` names it).
+    pub rule: Option<u32>,
+    /// The peer's identity (`IDENTITY_NONE` when it has none).
+    pub identity: u32,
+    /// The CIDR class the peer's address fell in, when the CIDRS lookup was made and hit.
+    pub class: Option<u32>,
+}
+
+impl ModelVerdict {
+    fn new(allowed: bool, reason: ModelReason) -> Self {
+        ModelVerdict {
+            allowed,
+            reason,
+            rule: None,
+            identity: IDENTITY_NONE,
+            class: None,
+        }
+    }
+}
+
+/// Longest-prefix match in POLICY for `(endpoint, peer, dir, proto, port)` at full length.
+pub fn policy_lookup(
+    state: &DesiredState,
+    endpoint: u32,
+    peer: u32,
+    dir: Direction,
+    proto: u8,
+    port: u16,
+) -> Option<(PolicyEntry, PolicyValue)> {
+    for prefix_len in (POLICY_KEY_ANY_PROTO_BITS..=POLICY_KEY_FULL_BITS).rev() {
+        let port_bits = prefix_len.saturating_sub(POLICY_KEY_ANY_PORT_BITS);
+        let port_mask = if port_bits == 0 {
+            0
+        } else {
+            u16::MAX << (16 - port_bits)
+        };
+        let key = PolicyKey {
+            endpoint,
+            peer,
+            dir: dir.as_u8(),
+            proto: if prefix_len >= POLICY_KEY_ANY_PORT_BITS {
+                proto
+            } else {
+                0
+            },
+            port_be: (port & port_mask).to_be(),
+        };
+        let entry = PolicyEntry { key, prefix_len };
+        if let Some(v) = state.policy.get(&entry) {
+            return Some((entry, *v));
+        }
+    }
+    None
+}
+
+/// Longest-prefix match in CIDRS for `(endpoint, dir, address)`.
+pub fn cidr_lookup(
+    state: &DesiredState,
+    endpoint: u32,
+    dir: Direction,
+    addr: IpAddr,
+) -> Option<(CidrEntry, u32)> {
+    let (family, bits, full): (u8, u32, u128) = match addr {
+        IpAddr::V4(a) => (AF_INET, 32, u128::from(u32::from(a))),
+        IpAddr::V6(a) => (AF_INET6, 128, u128::from(a)),
+    };
+    for prefix_len in (0..=bits).rev() {
+        let masked = if prefix_len == 0 {
+            0
+        } else {
+            full & ((u128::MAX << (128 - prefix_len)) >> (128 - bits))
+        };
+        let mut bytes = [0u8; 16];
+        if bits == 32 {
+            bytes[..4].copy_from_slice(&(masked as u32).to_be_bytes());
+        } else {
+            bytes = masked.to_be_bytes();
+        }
+        let entry = CidrEntry {
+            key: CidrKey {
+                endpoint,
+                dir: dir.as_u8(),
+                family,
+                _pad: [0; 2],
+                addr: bytes,
+            },
+            prefix_len,
+        };
+        if let Some(class) = state.cidrs.get(&entry) {
+            return Some((entry, *class));
+        }
+    }
+    None
+}
+
+/// The verdict for a new flow at the endpoint behind `ifindex`, in direction `dir`, whose
+/// peer address is `peer` (the source for ingress, the destination for egress) and whose local
+/// address is `local`; `port` is the destination port (0 for protocols without ports).
+pub fn evaluate(
+    state: &DesiredState,
+    ifindex: u32,
+    dir: Direction,
+    peer: IpAddr,
+    local: IpAddr,
+    proto: u8,
+    port: u16,
+) -> ModelVerdict {
+    let Some(ep) = state.endpoints.get(&ifindex) else {
+        return ModelVerdict::new(true, ModelReason::NotAnEndpoint);
+    };
+    if ep.flags & EP_PENDING != 0 {
+        return ModelVerdict::new(false, ModelReason::Pending);
+    }
+    if peer == local {
+        return ModelVerdict::new(true, ModelReason::SelfTraffic);
+    }
+    if ep.flags & isolated_flag(dir.as_u8()) == 0 {
+        return ModelVerdict::new(true, ModelReason::NotIsolated);
+    }
+    let identity = state
+        .identities
+        .get(&peer_addr(peer))
+        .copied()
+        .unwrap_or(IDENTITY_NONE);
+    let mut v = ModelVerdict::new(false, ModelReason::NoRuleMatched);
+    v.identity = identity;
+    if identity == IDENTITY_HOST {
+        v.allowed = true;
+        v.reason = ModelReason::Host;
+        return v;
+    }
+    let allow = |mut v: ModelVerdict, value: PolicyValue| {
+        v.allowed = true;
+        v.reason = ModelReason::PolicyAllow;
+        v.rule = Some(value.rule);
+        v
+    };
+    if identity != IDENTITY_NONE
+        && let Some((_, value)) = policy_lookup(state, ep.id, identity, dir, proto, port)
+    {
+        return allow(v, value);
+    }
+    if let Some((_, class)) = cidr_lookup(state, ep.id, dir, peer) {
+        v.class = Some(class);
+        if class != CIDR_CLASS_NONE
+            && let Some((_, value)) = policy_lookup(state, ep.id, class, dir, proto, port)
+        {
+            return allow(v, value);
+        }
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palisade_common::{CIDR_CLASS_BIT, EP_ISOLATED_INGRESS, EndpointInfo, PROTO_TCP};
+
+    fn state() -> DesiredState {
+        let mut s = DesiredState::default();
+        s.endpoints.insert(
+            7,
+            EndpointInfo {
+                id: 1,
+                flags: EP_ISOLATED_INGRESS,
+                ..Default::default()
+            },
+        );
+        s.identities
+            .insert(peer_addr("10.0.0.2".parse().unwrap()), 300);
+        s.identities
+            .insert(peer_addr("10.0.0.254".parse().unwrap()), IDENTITY_HOST);
+        // identity 300: TCP 8000-8003 (one /94 block).
+        s.policy.insert(
+            PolicyEntry {
+                key: PolicyKey {
+                    endpoint: 1,
+                    peer: 300,
+                    dir: 0,
+                    proto: PROTO_TCP,
+                    port_be: 8000u16.to_be(),
+                },
+                prefix_len: 94,
+            },
+            PolicyValue { rule: 5, flags: 0 },
+        );
+        // 10.0.0.0/8 -> class 1 (any protocol), except 10.1.0.0/16.
+        let cidr = |a: [u8; 4], len| CidrEntry {
+            key: CidrKey {
+                endpoint: 1,
+                dir: 0,
+                family: AF_INET,
+                _pad: [0; 2],
+                addr: [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            },
+            prefix_len: len,
+        };
+        s.cidrs.insert(cidr([10, 0, 0, 0], 8), CIDR_CLASS_BIT | 1);
+        s.cidrs.insert(cidr([10, 1, 0, 0], 16), CIDR_CLASS_NONE);
+        s.policy.insert(
+            PolicyEntry {
+                key: PolicyKey {
+                    endpoint: 1,
+                    peer: CIDR_CLASS_BIT | 1,
+                    dir: 0,
+                    proto: 0,
+                    port_be: 0,
+                },
+                prefix_len: POLICY_KEY_ANY_PROTO_BITS,
+            },
+            PolicyValue { rule: 9, flags: 0 },
+        );
+        s
+    }
+
+    #[test]
+    fn longest_prefix_semantics() {
+        let s = state();
+        let ip = |x: &str| x.parse::<IpAddr>().unwrap();
+        let local = ip("10.0.0.1");
+        let ev = |peer: &str, proto, port| {
+            evaluate(&s, 7, Direction::Ingress, ip(peer), local, proto, port)
+        };
+        assert_eq!(
+            evaluate(&s, 8, Direction::Ingress, local, local, 6, 1).reason,
+            ModelReason::NotAnEndpoint
+        );
+        assert_eq!(ev("10.0.0.1", 6, 1).reason, ModelReason::SelfTraffic);
+        assert_eq!(
+            evaluate(&s, 7, Direction::Egress, ip("1.1.1.1"), local, 6, 1).reason,
+            ModelReason::NotIsolated
+        );
+        assert_eq!(ev("10.0.0.254", 17, 1).reason, ModelReason::Host);
+        // Identity entry: port block 8000-8003; other ports fall through to the CIDR class.
+        for (port, rule) in [(7999, 9), (8000, 5), (8003, 5), (8004, 9)] {
+            assert_eq!(
+                ev("10.0.0.2", PROTO_TCP, port).rule,
+                Some(rule),
+                "port {port}"
+            );
+        }
+        assert!(ev("10.200.0.1", 132, 0).allowed);
+        let v = ev("10.1.2.3", 6, 80);
+        assert!(
+            !v.allowed && v.class == Some(CIDR_CLASS_NONE),
+            "except hole"
+        );
+        assert!(!ev("11.0.0.1", 6, 80).allowed);
+        assert!(!ev("::1", 6, 80).allowed);
+    }
+}

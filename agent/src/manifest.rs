@@ -1,0 +1,525 @@
+//! The standalone source: Namespace, Pod and NetworkPolicy manifests from a directory.
+//!
+//! Every `*.yaml`, `*.yml` and `*.json` file of the directory (not its subdirectories; hidden
+//! files skipped) is read in name order. YAML files may hold several documents (`---`); any file
+//! may hold a `kind: List`. Bad input never loosens enforcement:
+//!
+//! * a file that cannot be read or parsed, or that holds a document which is not a recognizable
+//!   object, or one of our kinds that does not decode, fails as a whole: the objects last read
+//!   successfully from that file are kept (per-file last good) and the error names the file,
+//!   the document and, when known, the line or field;
+//! * documents of other kinds (Service, Deployment, ...) are ignored, with an error;
+//! * an object defined twice (same kind, namespace and name) keeps its first definition in file
+//!   order, with an error naming both places.
+//!
+//! Validation of the objects themselves is `model::Store`'s job.
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::model::{ConfigError, Object};
+
+/// What one `load` read.
+#[derive(Clone, Debug, Default)]
+pub struct LoadResult {
+    pub objects: Vec<Object>,
+    pub errors: Vec<ConfigError>,
+}
+
+/// An object and where it was read (`file.yaml document 2`).
+#[derive(Clone, Debug)]
+struct Sourced {
+    object: Object,
+    origin: String,
+}
+
+/// A cheap summary of the directory: changes whenever a manifest file is added, removed,
+/// renamed, replaced or written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fingerprint {
+    files: Vec<FileStamp>,
+    /// The directory could not be listed.
+    error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FileStamp {
+    name: String,
+    len: u64,
+    modified: Option<SystemTime>,
+    /// Inode and change time (Unix), so that a same-size rewrite within one mtime tick or an
+    /// atomic rename is noticed too.
+    ino: u64,
+    ctime_ns: i128,
+}
+
+pub struct ManifestDir {
+    dir: PathBuf,
+    /// File name -> the objects last read successfully from it.
+    last_good: BTreeMap<String, Vec<Sourced>>,
+}
+
+fn is_manifest_name(name: &str) -> bool {
+    !name.starts_with('.')
+        && [".yaml", ".yml", ".json"]
+            .iter()
+            .any(|ext| name.len() > ext.len() && name.ends_with(ext))
+}
+
+impl ManifestDir {
+    pub fn new(dir: impl AsRef<Path>) -> Self {
+        ManifestDir {
+            dir: dir.as_ref().to_path_buf(),
+            last_good: BTreeMap::new(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Manifest files (following symlinks), sorted by name.
+    fn files(&self) -> std::io::Result<Vec<(String, fs::Metadata)>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if !is_manifest_name(&name) {
+                continue;
+            }
+            match fs::metadata(entry.path()) {
+                Ok(m) if m.is_file() => out.push((name, m)),
+                _ => continue,
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        use std::os::unix::fs::MetadataExt;
+        match self.files() {
+            Ok(files) => Fingerprint {
+                files: files
+                    .into_iter()
+                    .map(|(name, m)| FileStamp {
+                        name,
+                        len: m.len(),
+                        modified: m.modified().ok(),
+                        ino: m.ino(),
+                        ctime_ns: i128::from(m.ctime()) * 1_000_000_000
+                            + i128::from(m.ctime_nsec()),
+                    })
+                    .collect(),
+                error: None,
+            },
+            Err(e) => Fingerprint {
+                files: Vec::new(),
+                error: Some(e.to_string()),
+            },
+        }
+    }
+
+    /// Reads the directory. Objects of files that fail are their last good objects.
+    pub fn load(&mut self) -> LoadResult {
+        let mut errors = Vec::new();
+        let dir_label = self.dir.display().to_string();
+        match self.files() {
+            Ok(files) => {
+                let mut fresh = BTreeMap::new();
+                for (name, _) in files {
+                    let label = format!("file {}", self.dir.join(&name).display());
+                    let parsed = fs::read(self.dir.join(&name))
+                        .map_err(|e| ConfigError::new(&label, "", format!("cannot read: {e}")))
+                        .and_then(|bytes| {
+                            String::from_utf8(bytes)
+                                .map_err(|_| ConfigError::new(&label, "", "is not valid UTF-8"))
+                        })
+                        .and_then(|text| {
+                            let path = self.dir.join(&name).display().to_string();
+                            parse_file(&path, &text, name.ends_with(".json"))
+                        });
+                    match parsed {
+                        Ok((objects, ignored)) => {
+                            errors.extend(ignored);
+                            fresh.insert(name, objects);
+                        }
+                        Err(e) => {
+                            let kept = self.last_good.remove(&name).unwrap_or_default();
+                            let mut e = e;
+                            e.message = format!(
+                                "{} (keeping the {} object(s) last read from it)",
+                                e.message,
+                                kept.len()
+                            );
+                            errors.push(e);
+                            fresh.insert(name, kept);
+                        }
+                    }
+                }
+                self.last_good = fresh;
+            }
+            Err(e) => errors.push(ConfigError::new(
+                format!("directory {dir_label}"),
+                "",
+                format!("cannot be read: {e} (keeping the objects last read from it)"),
+            )),
+        }
+
+        // First definition wins.
+        let mut seen: HashMap<crate::model::ObjectKey, &str> = HashMap::new();
+        let mut objects = Vec::new();
+        for s in self.last_good.values().flatten() {
+            let key = s.object.key();
+            if !key.name.is_empty() {
+                if let Some(first) = seen.get(&key) {
+                    errors.push(ConfigError::new(
+                        key.to_string(),
+                        "",
+                        format!("defined in both {first} and {}; using the first", s.origin),
+                    ));
+                    continue;
+                }
+                seen.insert(key, &s.origin);
+            }
+            objects.push(s.object.clone());
+        }
+        LoadResult { objects, errors }
+    }
+}
+
+/// Parses manifest text (YAML documents, or one JSON value) read from `name`. `Ok` holds the
+/// objects and the errors of documents that were ignored (foreign kinds); `Err` means the file
+/// as a whole cannot be trusted.
+fn parse_file(
+    name: &str,
+    text: &str,
+    json: bool,
+) -> Result<(Vec<Sourced>, Vec<ConfigError>), ConfigError> {
+    let label = format!("file {name}");
+    let mut docs = Vec::new();
+    if json {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| ConfigError::new(&label, "", format!("invalid JSON: {e}")))?;
+        docs.push(v);
+    } else {
+        for doc in serde_yaml::Deserializer::from_str(text) {
+            let mut v = serde_yaml::Value::deserialize(doc)
+                .map_err(|e| ConfigError::new(&label, "", format!("invalid YAML: {e}")))?;
+            v.apply_merge()
+                .map_err(|e| ConfigError::new(&label, "", format!("invalid YAML: {e}")))?;
+            let v = serde_json::to_value(&v)
+                .map_err(|e| ConfigError::new(&label, "", format!("unsupported YAML: {e}")))?;
+            docs.push(v);
+        }
+    }
+    let mut objects = Vec::new();
+    let mut ignored = Vec::new();
+    for (i, v) in docs.into_iter().enumerate() {
+        if v.is_null() {
+            continue; // an empty document (a trailing `---`, comments only)
+        }
+        let origin = format!("{name} document {}", i + 1);
+        decode(&origin, v, true, &mut objects, &mut ignored)?;
+    }
+    Ok((objects, ignored))
+}
+
+/// Parses manifest text that is not from a file (tests, tools): YAML documents or JSON.
+pub fn parse_str(text: &str) -> Result<Vec<Object>, ConfigError> {
+    let (objects, ignored) = parse_file("<input>", text, false)?;
+    match ignored.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(objects.into_iter().map(|s| s.object).collect()),
+    }
+}
+
+fn decode(
+    origin: &str,
+    v: Value,
+    top: bool,
+    objects: &mut Vec<Sourced>,
+    ignored: &mut Vec<ConfigError>,
+) -> Result<(), ConfigError> {
+    let label = format!("file {origin}");
+    let Some(map) = v.as_object() else {
+        return Err(ConfigError::new(label, "", "is not an object (a mapping)"));
+    };
+    let str_field = |k: &str| map.get(k).and_then(Value::as_str).unwrap_or("");
+    let kind = str_field("kind").to_string();
+    let api_version = str_field("apiVersion").to_string();
+    if kind.is_empty() {
+        return Err(ConfigError::new(label, "kind", "is missing"));
+    }
+    let meta = map.get("metadata");
+    let meta_str = |k: &str| {
+        meta.and_then(|m| m.get(k))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let (ns, name) = (meta_str("namespace"), meta_str("name"));
+    let what = match (ns.is_empty(), name.is_empty()) {
+        (_, true) => kind.clone(),
+        (true, false) => format!("{kind} {name}"),
+        (false, false) => format!("{kind} {ns}/{name}"),
+    };
+    let label = format!("{label} ({what})");
+    let want_version = match kind.as_str() {
+        "Namespace" | "Pod" | "List" => "v1",
+        "NetworkPolicy" => "networking.k8s.io/v1",
+        _ => {
+            ignored.push(ConfigError::new(
+                label,
+                "kind",
+                format!("unsupported kind {kind:?} (ignored)"),
+            ));
+            return Ok(());
+        }
+    };
+    if api_version != want_version {
+        return Err(ConfigError::new(
+            label,
+            "apiVersion",
+            format!("unsupported apiVersion {api_version:?} for {kind} (want {want_version})"),
+        ));
+    }
+    match kind.as_str() {
+        "List" if top => {
+            let items = match map.get("items") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Array(items)) => items.clone(),
+                Some(_) => return Err(ConfigError::new(label, "items", "is not a list")),
+            };
+            for (j, item) in items.into_iter().enumerate() {
+                decode(
+                    &format!("{origin} items[{j}]"),
+                    item,
+                    false,
+                    objects,
+                    ignored,
+                )?;
+            }
+            return Ok(());
+        }
+        "List" => return Err(ConfigError::new(label, "items", "nested List")),
+        _ => {}
+    }
+    fn typed<T: DeserializeOwned>(label: &str, v: &Value) -> Result<Box<T>, ConfigError> {
+        serde_path_to_error::deserialize(v).map_err(|e| {
+            let field = e.path().to_string();
+            let field = if field == "." { String::new() } else { field };
+            ConfigError::new(label, field, e.into_inner().to_string())
+        })
+    }
+    let object = match kind.as_str() {
+        "Namespace" => Object::Namespace(typed(&label, &v)?),
+        "Pod" => Object::Pod(typed(&label, &v)?),
+        _ => Object::NetworkPolicy(typed(&label, &v)?),
+    };
+    objects.push(Sourced {
+        object,
+        origin: origin.to_string(),
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Kind, Store};
+
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            let p = std::env::temp_dir().join(format!(
+                "palisade-manifest-{tag}-{}-{:?}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos()
+            ));
+            fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+        fn write(&self, name: &str, text: &str) {
+            fs::write(self.0.join(name), text).unwrap();
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a, labels: {team: x}}\n";
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: a}\nspec: {containers: [{name: c}]}\n";
+    const NP: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: a}\nspec: {podSelector: {}}\n";
+
+    fn kinds(r: &LoadResult) -> Vec<String> {
+        r.objects.iter().map(|o| o.key().to_string()).collect()
+    }
+
+    #[test]
+    fn reads_documents_lists_and_json() {
+        let d = TempDir::new("read");
+        d.write(
+            "1-ns.yaml",
+            &format!("{NS}---\n{POD}---\n# only a comment\n"),
+        );
+        d.write(
+            "2-list.yml",
+            &format!(
+                "apiVersion: v1\nkind: List\nitems:\n- {}",
+                NP.replace('\n', "\n  ")
+            ),
+        );
+        d.write(
+            "3.json",
+            r#"{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "b"}}"#,
+        );
+        d.write(
+            "4-svc.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n---\n",
+        );
+        d.write("notes.txt", "not a manifest");
+        d.write(".hidden.yaml", "{{{");
+        let mut m = ManifestDir::new(&d.0);
+        let r = m.load();
+        assert_eq!(
+            kinds(&r),
+            [
+                "Namespace a",
+                "Pod a/p",
+                "NetworkPolicy a/deny",
+                "Namespace b"
+            ]
+        );
+        assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+        let e = r.errors[0].to_string();
+        assert!(
+            e.contains("4-svc.yaml document 1") && e.contains("\"Service\""),
+            "{e}"
+        );
+        let store = Store::from_objects(r.objects);
+        assert_eq!(store.namespaces["a"].labels["team"], "x");
+        assert!(store.errors().is_empty());
+    }
+
+    #[test]
+    fn broken_file_keeps_last_good_objects() {
+        let d = TempDir::new("lastgood");
+        d.write("a.yaml", &format!("{NS}---\n{NP}"));
+        d.write("b.yaml", POD);
+        let mut m = ManifestDir::new(&d.0);
+        let fp0 = m.fingerprint();
+        assert_eq!(m.load().objects.len(), 3);
+        assert_eq!(m.fingerprint(), fp0, "nothing changed");
+
+        // Malformed YAML: the file's previous objects stay, the error names file and line.
+        d.write(
+            "a.yaml",
+            &format!("{NS}---\nkind: NetworkPolicy\n  bad: [indent\n"),
+        );
+        assert_ne!(m.fingerprint(), fp0);
+        let r = m.load();
+        assert_eq!(
+            kinds(&r),
+            ["Namespace a", "NetworkPolicy a/deny", "Pod a/p"]
+        );
+        assert_eq!(r.errors.len(), 1);
+        let e = r.errors[0].to_string();
+        assert!(e.contains("a.yaml") && e.contains("line"), "{e}");
+
+        // A known kind that does not decode fails the file too, naming the field.
+        d.write(
+            "a.yaml",
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: a}\nspec: {ingress: [{ports: [{endPort: abc}]}]}\n",
+        );
+        let r = m.load();
+        assert_eq!(r.objects.len(), 3);
+        let e = r.errors[0].to_string();
+        assert!(
+            e.contains("a.yaml document 1 (NetworkPolicy a/deny)")
+                && e.contains("spec.ingress[0].ports[0].endPort"),
+            "{e}"
+        );
+
+        // Wrong apiVersion, missing kind: the same.
+        d.write(
+            "a.yaml",
+            &NP.replace("networking.k8s.io/v1", "extensions/v1beta1"),
+        );
+        let r = m.load();
+        assert!(
+            r.errors[0].to_string().contains("apiVersion"),
+            "{:?}",
+            r.errors
+        );
+        assert_eq!(r.objects.len(), 3);
+        d.write("a.yaml", "just: a map\n");
+        assert_eq!(m.load().objects.len(), 3);
+
+        // Fixed: the new content replaces the old.
+        d.write("a.yaml", NS);
+        let r = m.load();
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(kinds(&r), ["Namespace a", "Pod a/p"]);
+
+        // A removed file's objects go.
+        fs::remove_file(d.0.join("b.yaml")).unwrap();
+        assert_eq!(kinds(&m.load()), ["Namespace a"]);
+
+        // An unreadable directory keeps everything.
+        let mut gone = ManifestDir::new(d.0.join("nope"));
+        let r = gone.load();
+        assert!(r.objects.is_empty() && r.errors[0].to_string().contains("nope"));
+    }
+
+    #[test]
+    fn duplicates_keep_the_first() {
+        let d = TempDir::new("dup");
+        d.write("a.yaml", POD);
+        d.write("b.yaml", &POD.replace("name: c", "name: other"));
+        let r = ManifestDir::new(&d.0).load();
+        assert_eq!(r.objects.len(), 1);
+        let Object::Pod(p) = &r.objects[0] else {
+            panic!()
+        };
+        assert_eq!(p.spec.as_ref().unwrap().containers[0].name, "c");
+        let e = r.errors[0].to_string();
+        assert!(
+            e.starts_with("Pod a/p: defined in both /")
+                && e.contains("/a.yaml document 1 and /")
+                && e.ends_with("/b.yaml document 1; using the first"),
+            "{e}"
+        );
+        assert_eq!(r.objects[0].key().kind, Kind::Pod);
+    }
+
+    #[test]
+    fn examples_load_and_validate() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples");
+        let r = ManifestDir::new(&dir).load();
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert!(!r.objects.is_empty());
+        let store = Store::from_objects(r.objects);
+        assert!(store.errors().is_empty(), "{:?}", store.errors());
+        assert!(!store.policies.is_empty());
+    }
+
+    #[test]
+    fn parse_str_reads_documents() {
+        let objs = parse_str(&format!("{NS}---\n{NP}")).unwrap();
+        assert_eq!(objs.len(), 2);
+        assert!(parse_str("kind: Pod\napiVersion: v2\n").is_err());
+    }
+}
