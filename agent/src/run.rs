@@ -91,9 +91,8 @@ impl Agent {
         })
     }
 
-    /// Re-reads the manifests and the host, compiles and writes what changed.
+    /// Re-reads the manifests (standalone source) and enforces them.
     pub fn reconcile(&mut self) -> Result<()> {
-        let started = Instant::now();
         let started_at_unix_ms = unix_ms();
         let loaded = self.source.load();
         let mut errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
@@ -103,16 +102,31 @@ impl Agent {
                 .iter()
                 .map(|e| e.to_string()),
         );
+        let store = std::mem::take(&mut self.store);
+        let result = self.enforce(&store, errors, started_at_unix_ms);
+        self.store = store;
+        result
+    }
+
+    /// The one pipeline every source feeds: reads the host, compiles `store` for this node's
+    /// endpoints, attaches new endpoints, writes what changed, detaches what is gone.
+    pub fn enforce(
+        &mut self,
+        store: &Store,
+        errors: Vec<String>,
+        started_at_unix_ms: u128,
+    ) -> Result<()> {
+        let started = Instant::now();
         for e in &errors {
             error!("{e}");
         }
         self.host = HostView::read().context("reading interfaces and routes")?;
         let endpoints = self
             .host
-            .local_endpoints(&self.store, self.cfg.node_name.as_deref());
+            .local_endpoints(store, self.cfg.node_name.as_deref());
         let desired = self
             .compiler
-            .compile(&self.store, &endpoints, &self.host.addresses);
+            .compile(store, &endpoints, &self.host.addresses);
 
         for ifindex in desired.endpoints.keys() {
             if let Err(e) = self.datapath.attach(*ifindex) {
@@ -160,6 +174,15 @@ impl Agent {
 
     pub fn pin_dir(&self) -> &Path {
         &self.cfg.pin_dir
+    }
+
+    /// What the maps hold now, with rule and endpoint metadata (for the CLI).
+    pub fn applied(&self) -> &crate::state::DesiredState {
+        self.writer.applied()
+    }
+
+    pub fn datapath_mut(&mut self) -> &mut Datapath {
+        &mut self.datapath
     }
 }
 

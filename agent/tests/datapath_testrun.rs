@@ -203,12 +203,12 @@ impl Rig {
     }
 
     /// Verdict for traffic to the pod (its ingress).
-    fn to_pod(&self, pkt: &[u8]) -> u32 {
+    fn ingress(&self, pkt: &[u8]) -> u32 {
         self.run(TO_POD, pkt)
     }
 
     /// Verdict for traffic from the pod (its egress).
-    fn from_pod(&self, pkt: &[u8]) -> u32 {
+    fn egress(&self, pkt: &[u8]) -> u32 {
         self.run(FROM_POD, pkt)
     }
 
@@ -300,27 +300,27 @@ fn isolated_pod_denies_by_default_and_allows_one_peer() {
     }
     let rig = Rig::new(&standard_state());
     assert_eq!(
-        rig.to_pod(&tcp4(PEER, POD, 40000, 80, SYN)),
+        rig.ingress(&tcp4(PEER, POD, 40000, 80, SYN)),
         TC_ACT_OK,
         "allowed peer, port 80"
     );
     assert_eq!(
-        rig.to_pod(&tcp4(PEER, POD, 40001, 81, SYN)),
+        rig.ingress(&tcp4(PEER, POD, 40001, 81, SYN)),
         TC_ACT_SHOT,
         "allowed peer, other port"
     );
     assert_eq!(
-        rig.to_pod(&tcp4(OTHER, POD, 40002, 80, SYN)),
+        rig.ingress(&tcp4(OTHER, POD, 40002, 80, SYN)),
         TC_ACT_SHOT,
         "other peer"
     );
     assert_eq!(
-        rig.to_pod(&tcp4(EXTERNAL, POD, 40003, 80, SYN)),
+        rig.ingress(&tcp4(EXTERNAL, POD, 40003, 80, SYN)),
         TC_ACT_SHOT,
         "unknown address"
     );
     assert_eq!(
-        rig.to_pod(&ipv4(PEER, POD, PROTO_SCTP, &l4(PROTO_SCTP, 5000, 80, 0))),
+        rig.ingress(&ipv4(PEER, POD, PROTO_SCTP, &l4(PROTO_SCTP, 5000, 80, 0))),
         TC_ACT_SHOT,
         "SCTP is not TCP"
     );
@@ -335,12 +335,12 @@ fn node_traffic_is_never_restricted() {
     }
     let rig = Rig::new(&standard_state());
     assert_eq!(
-        rig.to_pod(&tcp4(NODE, POD, 40000, 9999, SYN)),
+        rig.ingress(&tcp4(NODE, POD, 40000, 9999, SYN)),
         TC_ACT_OK,
         "kubelet probe"
     );
     assert_eq!(
-        rig.from_pod(&tcp4(POD, NODE, 40000, 6443, SYN)),
+        rig.egress(&tcp4(POD, NODE, 40000, 6443, SYN)),
         TC_ACT_OK,
         "pod to node"
     );
@@ -354,7 +354,7 @@ fn wildcard_port_and_port_range() {
     let rig = Rig::new(&standard_state());
     for port in [1u16, 53, 65535] {
         let pkt = ipv4(PEER, POD, PROTO_UDP, &l4(PROTO_UDP, 1000, port, 0));
-        assert_eq!(rig.to_pod(&pkt), TC_ACT_OK, "UDP any port: {port}");
+        assert_eq!(rig.ingress(&pkt), TC_ACT_OK, "UDP any port: {port}");
     }
     for (port, want) in [
         (7999, TC_ACT_SHOT),
@@ -363,7 +363,7 @@ fn wildcard_port_and_port_range() {
         (8008, TC_ACT_SHOT),
     ] {
         assert_eq!(
-            rig.to_pod(&tcp4(OTHER, POD, 41000 + port % 100, port, SYN)),
+            rig.ingress(&tcp4(OTHER, POD, 41000 + port % 100, port, SYN)),
             want,
             "range 8000-8007: {port}"
         );
@@ -378,28 +378,28 @@ fn replies_pass_by_conntrack_and_nothing_else_does() {
     let rig = Rig::new(&standard_state());
     // The pod is isolated for egress with no rule to PEER: only replies may leave.
     assert_eq!(
-        rig.from_pod(&tcp4(POD, PEER, 80, 40000, SYN_ACK)),
+        rig.egress(&tcp4(POD, PEER, 80, 40000, SYN_ACK)),
         TC_ACT_SHOT,
         "no flow yet"
     );
-    assert_eq!(rig.to_pod(&tcp4(PEER, POD, 40000, 80, SYN)), TC_ACT_OK);
+    assert_eq!(rig.ingress(&tcp4(PEER, POD, 40000, 80, SYN)), TC_ACT_OK);
     assert_eq!(
-        rig.from_pod(&tcp4(POD, PEER, 80, 40000, SYN_ACK)),
+        rig.egress(&tcp4(POD, PEER, 80, 40000, SYN_ACK)),
         TC_ACT_OK,
         "reply"
     );
     assert_eq!(
-        rig.to_pod(&tcp4(PEER, POD, 40000, 80, ACK)),
+        rig.ingress(&tcp4(PEER, POD, 40000, 80, ACK)),
         TC_ACT_OK,
         "established"
     );
     assert_eq!(
-        rig.from_pod(&tcp4(POD, PEER, 80, 40001, SYN_ACK)),
+        rig.egress(&tcp4(POD, PEER, 80, 40001, SYN_ACK)),
         TC_ACT_SHOT,
         "other flow"
     );
     assert_eq!(
-        rig.from_pod(&tcp4(POD, PEER, 81, 40000, SYN_ACK)),
+        rig.egress(&tcp4(POD, PEER, 81, 40000, SYN_ACK)),
         TC_ACT_SHOT,
         "other port"
     );
@@ -409,7 +409,7 @@ fn replies_pass_by_conntrack_and_nothing_else_does() {
     let mut icmp = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
     icmp.append(&mut quoted);
     assert_eq!(
-        rig.to_pod(&ipv4(PEER, POD, PROTO_ICMP, &icmp)),
+        rig.ingress(&ipv4(PEER, POD, PROTO_ICMP, &icmp)),
         TC_ACT_OK,
         "related ICMP error"
     );
@@ -417,7 +417,7 @@ fn replies_pass_by_conntrack_and_nothing_else_does() {
     let mut icmp = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
     icmp.append(&mut forged);
     assert_eq!(
-        rig.to_pod(&ipv4(OTHER, POD, PROTO_ICMP, &icmp)),
+        rig.ingress(&ipv4(OTHER, POD, PROTO_ICMP, &icmp)),
         TC_ACT_SHOT,
         "unrelated ICMP error"
     );
@@ -445,8 +445,8 @@ fn revoked_allow_stops_established_flow() {
     }
     let state = standard_state();
     let mut rig = Rig::new(&state);
-    assert_eq!(rig.to_pod(&tcp4(PEER, POD, 40000, 80, SYN)), TC_ACT_OK);
-    assert_eq!(rig.to_pod(&tcp4(PEER, POD, 40000, 80, ACK)), TC_ACT_OK);
+    assert_eq!(rig.ingress(&tcp4(PEER, POD, 40000, 80, SYN)), TC_ACT_OK);
+    assert_eq!(rig.ingress(&tcp4(PEER, POD, 40000, 80, ACK)), TC_ACT_OK);
     // Remove the rule: the established flow is re-checked and stops.
     let mut revoked = state.clone();
     revoked.policy.remove(&policy_entry(
@@ -459,21 +459,21 @@ fn revoked_allow_stops_established_flow() {
     let stats = rig.writer.apply(&revoked);
     assert_eq!(stats.removed, 1);
     assert_eq!(
-        rig.to_pod(&tcp4(PEER, POD, 40000, 80, ACK)),
+        rig.ingress(&tcp4(PEER, POD, 40000, 80, ACK)),
         TC_ACT_SHOT,
         "revoked"
     );
     assert_eq!(
-        rig.from_pod(&tcp4(POD, PEER, 80, 40000, ACK)),
+        rig.egress(&tcp4(POD, PEER, 80, 40000, ACK)),
         TC_ACT_SHOT,
         "its replies too"
     );
     // A change that keeps the flow allowed does not break it.
     let udp = ipv4(PEER, POD, PROTO_UDP, &l4(PROTO_UDP, 1000, 53, 0));
-    assert_eq!(rig.to_pod(&udp), TC_ACT_OK);
+    assert_eq!(rig.ingress(&udp), TC_ACT_OK);
     rig.writer.apply(&state);
     assert_eq!(
-        rig.to_pod(&udp),
+        rig.ingress(&udp),
         TC_ACT_OK,
         "still allowed after an unrelated change"
     );
@@ -486,29 +486,25 @@ fn ipblock_with_except_on_egress() {
     }
     let rig = Rig::new(&standard_state());
     let to = |a: [u8; 4]| tcp4(POD, Ipv4Addr::from(a), 40000, 443, SYN);
-    assert_eq!(rig.from_pod(&to([192, 0, 2, 1])), TC_ACT_OK, "inside cidr");
+    assert_eq!(rig.egress(&to([192, 0, 2, 1])), TC_ACT_OK, "inside cidr");
     assert_eq!(
-        rig.from_pod(&to([192, 0, 2, 127])),
+        rig.egress(&to([192, 0, 2, 127])),
         TC_ACT_OK,
         "edge of the hole"
     );
     assert_eq!(
-        rig.from_pod(&to([192, 0, 2, 128])),
+        rig.egress(&to([192, 0, 2, 128])),
         TC_ACT_SHOT,
         "inside except"
     );
-    assert_eq!(
-        rig.from_pod(&to([192, 0, 3, 1])),
-        TC_ACT_SHOT,
-        "outside cidr"
-    );
+    assert_eq!(rig.egress(&to([192, 0, 3, 1])), TC_ACT_SHOT, "outside cidr");
     let ping = ipv4(
         POD,
         Ipv4Addr::new(192, 0, 2, 9),
         PROTO_ICMP,
         &[8, 0, 0, 0, 0, 7, 0, 1],
     );
-    assert_eq!(rig.from_pod(&ping), TC_ACT_OK, "any protocol");
+    assert_eq!(rig.egress(&ping), TC_ACT_OK, "any protocol");
 }
 
 #[test]
@@ -521,19 +517,19 @@ fn ipv6_with_extension_headers() {
     chain.extend([6u8, 0, 1, 4, 0, 0, 0, 0]); // destination options -> TCP
     chain.extend(l4(PROTO_TCP, 50000, 443, SYN));
     assert_eq!(
-        rig.to_pod(&ipv6(PEER6, POD6, 0, &chain)),
+        rig.ingress(&ipv6(PEER6, POD6, 0, &chain)),
         TC_ACT_OK,
         "through two ext headers"
     );
     let direct = l4(PROTO_TCP, 50001, 444, SYN);
     assert_eq!(
-        rig.to_pod(&ipv6(PEER6, POD6, PROTO_TCP, &direct)),
+        rig.ingress(&ipv6(PEER6, POD6, PROTO_TCP, &direct)),
         TC_ACT_SHOT,
         "other port"
     );
     let stranger = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x99);
     assert_eq!(
-        rig.to_pod(&ipv6(
+        rig.ingress(&ipv6(
             stranger,
             POD6,
             PROTO_TCP,
@@ -544,14 +540,14 @@ fn ipv6_with_extension_headers() {
     // Neighbour discovery always passes.
     let ns = [135u8, 0, 0, 0, 0, 0, 0, 0];
     assert_eq!(
-        rig.to_pod(&ipv6(stranger, POD6, PROTO_ICMPV6, &ns)),
+        rig.ingress(&ipv6(stranger, POD6, PROTO_ICMPV6, &ns)),
         TC_ACT_OK,
         "neighbour solicitation"
     );
     // IPv4-mapped source addresses are refused.
     let mapped: Ipv6Addr = "::ffff:10.244.0.11".parse().unwrap();
     assert_eq!(
-        rig.to_pod(&ipv6(mapped, POD6, PROTO_TCP, &l4(PROTO_TCP, 1, 443, SYN))),
+        rig.ingress(&ipv6(mapped, POD6, PROTO_TCP, &l4(PROTO_TCP, 1, 443, SYN))),
         TC_ACT_SHOT
     );
 }
@@ -563,21 +559,25 @@ fn truncated_and_lying_packets_are_dropped() {
     }
     let rig = Rig::new(&standard_state());
     let good = tcp4(PEER, POD, 40000, 80, SYN);
-    assert_eq!(rig.to_pod(&good), TC_ACT_OK);
+    assert_eq!(rig.ingress(&good), TC_ACT_OK);
     // L4 cut short (a test run needs the full L3 header).
     assert_eq!(
-        rig.to_pod(&good[..14 + 20 + 3]),
+        rig.ingress(&good[..14 + 20 + 3]),
         TC_ACT_SHOT,
         "3 bytes of TCP"
     );
     // IPv4 total length larger than the packet.
     let mut lying = tcp4(PEER, POD, 40001, 80, SYN);
     lying[16..18].copy_from_slice(&200u16.to_be_bytes());
-    assert_eq!(rig.to_pod(&lying), TC_ACT_SHOT, "tot_len beyond the packet");
+    assert_eq!(
+        rig.ingress(&lying),
+        TC_ACT_SHOT,
+        "tot_len beyond the packet"
+    );
     // IHL pointing past the end.
     let mut ihl = tcp4(PEER, POD, 40002, 80, SYN);
     ihl[14] = 0x4f;
-    assert_eq!(rig.to_pod(&ihl), TC_ACT_SHOT, "ihl 60 bytes");
+    assert_eq!(rig.ingress(&ihl), TC_ACT_SHOT, "ihl 60 bytes");
     // An extension-header chain longer than the datapath walks.
     let mut chain = Vec::new();
     for _ in 0..9 {
@@ -585,7 +585,7 @@ fn truncated_and_lying_packets_are_dropped() {
     }
     chain.extend(l4(PROTO_TCP, 1, 443, SYN));
     assert_eq!(
-        rig.to_pod(&ipv6(PEER6, POD6, 60, &chain)),
+        rig.ingress(&ipv6(PEER6, POD6, 60, &chain)),
         TC_ACT_SHOT,
         "10 ext headers"
     );
@@ -593,7 +593,7 @@ fn truncated_and_lying_packets_are_dropped() {
     // ARP passes.
     let mut arp = eth(0x0806);
     arp.extend([0u8; 28]);
-    assert_eq!(rig.to_pod(&arp), TC_ACT_OK, "ARP");
+    assert_eq!(rig.ingress(&arp), TC_ACT_OK, "ARP");
 }
 
 #[test]
@@ -612,19 +612,19 @@ fn fragments_follow_their_first_fragment() {
     let mut first = l4(PROTO_UDP, 1000, 53, 0);
     first.extend([0u8; 16]);
     assert_eq!(
-        rig.to_pod(&frag(77, 0x2000, &first)),
+        rig.ingress(&frag(77, 0x2000, &first)),
         TC_ACT_OK,
         "first fragment"
     );
     assert_eq!(
-        rig.to_pod(&frag(77, 3, &[0u8; 16])),
+        rig.ingress(&frag(77, 3, &[0u8; 16])),
         TC_ACT_OK,
         "later fragment of an allowed datagram"
     );
     // A later fragment whose first fragment was never seen, from a peer allowed only on TCP 80.
     let mut orphan = ipv4(OTHER, POD, PROTO_TCP, &[0u8; 16]);
     orphan[20..22].copy_from_slice(&3u16.to_be_bytes());
-    assert_eq!(rig.to_pod(&orphan), TC_ACT_SHOT, "orphan fragment");
+    assert_eq!(rig.ingress(&orphan), TC_ACT_SHOT, "orphan fragment");
 }
 
 #[test]
@@ -635,12 +635,12 @@ fn unisolated_endpoint_allows_and_pending_endpoint_drops() {
     let mut state = standard_state();
     state.endpoints.get_mut(&IFINDEX).unwrap().flags = 0;
     let mut rig = Rig::new(&state);
-    assert_eq!(rig.to_pod(&tcp4(EXTERNAL, POD, 1, 9, SYN)), TC_ACT_OK);
-    assert_eq!(rig.from_pod(&tcp4(POD, EXTERNAL, 1, 9, SYN)), TC_ACT_OK);
+    assert_eq!(rig.ingress(&tcp4(EXTERNAL, POD, 1, 9, SYN)), TC_ACT_OK);
+    assert_eq!(rig.egress(&tcp4(POD, EXTERNAL, 1, 9, SYN)), TC_ACT_OK);
     state.endpoints.get_mut(&IFINDEX).unwrap().flags = EP_PENDING;
     rig.writer.apply(&state);
     assert_eq!(
-        rig.to_pod(&tcp4(PEER, POD, 2, 80, SYN)),
+        rig.ingress(&tcp4(PEER, POD, 2, 80, SYN)),
         TC_ACT_SHOT,
         "pending fails closed"
     );

@@ -1516,3 +1516,144 @@ fn scale_hundred_thousand_cidrs_in_one_policy() {
     assert!(ev("11.0.0.3", 443) && !ev("11.0.0.4", 443) && !ev("11.0.0.3", 80));
     assert!(ev("12.0.0.1", 80) && !ev("12.0.0.5", 80) && ev("12.0.0.6", 1));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The upstream e2e cases (tests/conformance, as data), through compiler, model and reference
+// ---------------------------------------------------------------------------------------------
+
+/// Expands `{{ip ns/pod}}` and `{{cidr ns/pod len}}` (see tests/conformance/README.md).
+fn expand_placeholders(text: &str, ips: &BTreeMap<String, IpAddr>) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let end = start + rest[start..].find("}}").expect("unterminated placeholder");
+        let words: Vec<&str> = rest[start + 2..end].split_whitespace().collect();
+        match words.as_slice() {
+            ["ip", pod] => out.push_str(&ips[*pod].to_string()),
+            ["cidr", pod, len] => {
+                let net = ipnetwork::IpNetwork::new(ips[*pod], len.parse().unwrap()).unwrap();
+                out.push_str(&format!("{}/{}", net.network(), net.prefix()));
+            }
+            other => panic!("unknown placeholder {other:?}"),
+        }
+        rest = &rest[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn upstream_conformance_cases() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance/cases");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 30, "{} cases", files.len());
+    let mut failures = Vec::new();
+    let mut pairs = 0;
+    for file in &files {
+        let case: Value = serde_yaml::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+        let name = case["name"].as_str().unwrap().to_string();
+        let mut store = Store::default();
+        for (ns, v) in case["namespaces"].as_object().unwrap() {
+            let labels = serde_json::from_value(v["labels"].clone()).unwrap_or_default();
+            store
+                .namespaces
+                .insert(ns.clone(), NamespaceInfo::new(ns, labels));
+        }
+        let mut ips = BTreeMap::new();
+        for (i, p) in case["pods"].as_array().unwrap().iter().enumerate() {
+            let pod = PodRef {
+                namespace: p["namespace"].as_str().unwrap().into(),
+                name: p["name"].as_str().unwrap().into(),
+            };
+            let ip = IpAddr::from([10, 0, 0, 1 + i as u8]);
+            ips.insert(pod.to_string(), ip);
+            let mut info = PodInfo {
+                labels: serde_json::from_value(p["labels"].clone()).unwrap(),
+                ips: vec![ip],
+                ..Default::default()
+            };
+            for port in p["ports"].as_array().unwrap() {
+                info.container_ports.push(NamedPort {
+                    name: port["name"].as_str().unwrap().into(),
+                    port: port["port"].as_u64().unwrap() as u16,
+                    protocol: Protocol::parse(port["protocol"].as_str().unwrap()).unwrap(),
+                });
+            }
+            info.container_ports.sort();
+            store.pods.insert(pod, info);
+        }
+        let policies: BTreeMap<&str, &Value> = case["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["id"].as_str().unwrap(), &p["object"]))
+            .collect();
+        let mut w = World::new(store, vec![ip("10.9.9.9")]);
+        for (s, step) in case["steps"].as_array().unwrap().iter().enumerate() {
+            for a in step["actions"].as_array().unwrap() {
+                let field = |k: &str| a[k].as_str().unwrap();
+                match field("action") {
+                    "create_policy" | "update_policy" => {
+                        let text = serde_json::to_string(policies[field("policy")]).unwrap();
+                        let obj = serde_json::from_str(&expand_placeholders(&text, &ips)).unwrap();
+                        w.store
+                            .apply(&Object::NetworkPolicy(Box::new(obj)))
+                            .unwrap();
+                    }
+                    "delete_all_policies" => w.store.policies.clear(),
+                    "add_namespace_labels" => {
+                        let labels: BTreeMap<String, String> =
+                            serde_json::from_value(a["labels"].clone()).unwrap();
+                        w.store
+                            .namespaces
+                            .get_mut(field("namespace"))
+                            .unwrap()
+                            .labels
+                            .extend(labels);
+                    }
+                    "add_pod_labels" => {
+                        let (ns, pod) = field("pod").split_once('/').unwrap();
+                        let labels: BTreeMap<String, String> =
+                            serde_json::from_value(a["labels"].clone()).unwrap();
+                        let key = PodRef {
+                            namespace: ns.into(),
+                            name: pod.into(),
+                        };
+                        w.store.pods.get_mut(&key).unwrap().labels.extend(labels);
+                    }
+                    other => panic!("{name}: unknown action {other}"),
+                }
+            }
+            w.recompile();
+            for probe in step["probes"].as_array().unwrap() {
+                let port = probe["port"].as_u64().unwrap() as u16;
+                let proto = Protocol::parse(probe["protocol"].as_str().unwrap())
+                    .unwrap()
+                    .number();
+                let deny: BTreeSet<(String, String)> =
+                    serde_json::from_value(probe["expect"]["deny"].clone()).unwrap();
+                for from in ips.keys() {
+                    for to in ips.keys().filter(|t| *t != from) {
+                        let want = !deny.contains(&(from.clone(), to.clone()));
+                        pairs += 1;
+                        match w.verdict(&w.ep(from), &w.ep(to), proto, port) {
+                            Ok((got, _)) if got == want => {}
+                            Ok((got, _)) => failures.push(format!(
+                                "{name} step {s} {from} -> {to} {proto}/{port}: got {got}, want {want}"
+                            )),
+                            Err(e) => failures.push(format!("{name} step {s}: {e}")),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+    assert!(pairs > 2000, "{pairs} pairs checked");
+}
