@@ -1,0 +1,248 @@
+//! `cargo xtask demo`: a demo node of netns pods, the standalone agent with the example
+//! policies of manifests/examples/, allowed and denied traffic, and what happened.
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use palisade_tests::{
+    agent::AgentProcess,
+    rig::{Node, NodeSpec, PodSpec, ProbeSpec, Proto},
+};
+use serde::Deserialize;
+use serde_yaml::Value;
+
+#[derive(Parser)]
+struct Args {
+    /// The palisade agent binary.
+    #[arg(long)]
+    agent: PathBuf,
+    /// The example manifests (namespaces, pods, policies).
+    #[arg(long)]
+    examples: PathBuf,
+}
+
+/// (from, to, port, expected to connect, why)
+const SCENARIOS: &[(&str, &str, u16, bool, &str)] = &[
+    (
+        "monitoring/prometheus",
+        "shop/frontend",
+        80,
+        true,
+        "frontend-public: named port http",
+    ),
+    (
+        "shop/frontend",
+        "shop/backend",
+        8080,
+        true,
+        "backend-from-frontend",
+    ),
+    (
+        "shop/db",
+        "shop/backend",
+        8080,
+        false,
+        "default-deny-ingress; only the frontend may call",
+    ),
+    ("shop/backend", "shop/db", 5432, true, "db-from-backend"),
+    (
+        "shop/frontend",
+        "shop/db",
+        5432,
+        false,
+        "default-deny-ingress; only the backend may",
+    ),
+    (
+        "monitoring/prometheus",
+        "shop/backend",
+        9090,
+        true,
+        "allow-scrape: 9000-9100 from team=observability",
+    ),
+    (
+        "monitoring/prometheus",
+        "shop/frontend",
+        9090,
+        false,
+        "allow-scrape does not select tier=web",
+    ),
+    (
+        "shop/frontend",
+        "shop/backend",
+        9090,
+        false,
+        "allow-scrape admits only the monitoring namespace",
+    ),
+    (
+        "shop/db",
+        "monitoring/prometheus",
+        9090,
+        false,
+        "db-no-egress",
+    ),
+    (
+        "shop/backend",
+        "monitoring/prometheus",
+        9090,
+        true,
+        "monitoring is not isolated",
+    ),
+];
+
+const SERVED: &[u16] = &[80, 5432, 8080, 9090];
+
+fn documents(path: &std::path::Path) -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let mut docs = Vec::new();
+    for d in serde_yaml::Deserializer::from_str(&text) {
+        let v = Value::deserialize(d)?;
+        if !v.is_null() {
+            docs.push(v);
+        }
+    }
+    Ok(docs)
+}
+
+fn run(args: &Args) -> Result<bool> {
+    let pods = documents(&args.examples.join("pods.yaml"))?;
+    let names: Vec<String> = pods
+        .iter()
+        .map(|p| {
+            format!(
+                "{}/{}",
+                p["metadata"]["namespace"].as_str().unwrap_or("default"),
+                p["metadata"]["name"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    println!(
+        "Creating a demo node with {} pods: {}",
+        names.len(),
+        names.join(", ")
+    );
+    let node = Node::new(NodeSpec {
+        pods: names
+            .iter()
+            .map(|n| PodSpec {
+                name: n.replace('/', "-"),
+            })
+            .collect(),
+        ipv6: false,
+    })?;
+    let served: Vec<(u16, Proto)> = SERVED.iter().map(|p| (*p, Proto::Tcp)).collect();
+    node.serve(&served)?;
+    let ips: BTreeMap<String, IpAddr> = names
+        .iter()
+        .zip(node.pods())
+        .map(|(n, p)| (n.clone(), p.ip(false)))
+        .collect();
+
+    let work = std::env::temp_dir().join(format!("palisade-demo-{}", std::process::id()));
+    let manifests = work.join("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    std::fs::copy(
+        args.examples.join("namespaces.yaml"),
+        manifests.join("namespaces.yaml"),
+    )?;
+    std::fs::copy(
+        args.examples.join("policies.yaml"),
+        manifests.join("policies.yaml"),
+    )?;
+    let mut text = String::new();
+    for (pod, name) in pods.iter().zip(&names) {
+        let mut pod = pod.clone();
+        let ip = ips[name].to_string();
+        pod["status"] =
+            serde_yaml::from_str(&format!("{{podIP: '{ip}', podIPs: [{{ip: '{ip}'}}]}}"))?;
+        text.push_str("---\n");
+        text.push_str(&serde_yaml::to_string(&pod)?);
+    }
+    std::fs::write(manifests.join("pods.yaml"), text)?;
+    for (n, ip) in &ips {
+        println!("  {n:<24} {ip}");
+    }
+
+    println!(
+        "\nStarting the standalone agent with {}",
+        args.examples.join("policies.yaml").display()
+    );
+    let since = SystemTime::now();
+    let mut agent = AgentProcess::start(&node, &args.agent, &manifests, &work)?;
+    let status = agent.wait_reconciled(since, names.len(), Duration::from_secs(20))?;
+    println!(
+        "Agent enforcing: {} endpoints, {} policy map entries, {} config errors\n",
+        status.endpoints,
+        status.policy_entries,
+        status.errors.len()
+    );
+
+    let pod_index: BTreeMap<&str, usize> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), i))
+        .collect();
+    let specs: Vec<ProbeSpec> = SCENARIOS
+        .iter()
+        .map(|(from, to, port, _, _)| ProbeSpec {
+            from: &node.pods()[pod_index[from]],
+            to: ips[*to],
+            port: *port,
+            proto: Proto::Tcp,
+            timeout: Duration::from_millis(800),
+        })
+        .collect();
+    let results = node.probe_many(&specs);
+    println!(
+        "{:<22} {:<22} {:>5}  {:<9} {:<9} why",
+        "from", "to", "port", "expected", "observed"
+    );
+    let mut all_ok = true;
+    for ((from, to, port, want, why), got) in SCENARIOS.iter().zip(results) {
+        let word = |b: bool| if b { "allowed" } else { "DROPPED" };
+        let mark = if got == *want {
+            ""
+        } else {
+            "   <-- unexpected"
+        };
+        all_ok &= got == *want;
+        println!(
+            "{from:<22} {to:<22} {port:>5}  {:<9} {:<9} {why}{mark}",
+            word(*want),
+            word(got)
+        );
+    }
+    agent.stop();
+    drop(agent);
+    drop(node);
+    let _ = std::fs::remove_dir_all(&work);
+    println!(
+        "\n{}",
+        if all_ok {
+            "Every packet met the fate its policies give it. The demo node is cleaned up."
+        } else {
+            "Some traffic did not match the policies: see above."
+        }
+    );
+    Ok(all_ok)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("demo failed: {e:#}");
+            if !nix::unistd::geteuid().is_root() {
+                eprintln!("(the demo needs root)");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

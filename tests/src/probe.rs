@@ -1,0 +1,159 @@
+//! Probes: can this pod reach that address and port over TCP, UDP or SCTP? Every probe is
+//! bounded by its timeout, and [`probe_many`] runs all of its probes at once.
+//!
+//! - TCP: connect, write one byte, read it back (the rig's servers echo). A refused connection
+//!   fails at once.
+//! - UDP: send a random token, wait for it to come back from that address and port (an ICMP port
+//!   unreachable fails at once, if it is not rate-limited).
+//! - SCTP: from a raw socket, an INIT with a random initiate tag and source port; success is an
+//!   INIT-ACK from that address and port, ports swapped, whose verification tag is our tag.
+//!   Concurrent SCTP probes in one namespace each see every SCTP packet, and match only theirs.
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use crate::{netns, rig::Pod, sctp};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Proto {
+    pub const ALL: [Proto; 3] = [Proto::Tcp, Proto::Udp, Proto::Sctp];
+
+    /// The Kubernetes spelling: TCP, UDP, SCTP.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+            Proto::Sctp => "SCTP",
+        }
+    }
+}
+
+impl std::fmt::Display for Proto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One probe of a [`probe_many`] batch.
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeSpec<'a> {
+    pub from: &'a Pod,
+    pub to: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+    pub timeout: Duration,
+}
+
+/// Probes from pod `from`.
+pub fn probe(from: &Pod, to: IpAddr, port: u16, proto: Proto, timeout: Duration) -> bool {
+    probe_from_netns(&from.netns_name, to, port, proto, timeout)
+}
+
+/// Probes from network namespace `netns` (a pod's, or the node's).
+pub fn probe_from_netns(
+    netns: &str,
+    to: IpAddr,
+    port: u16,
+    proto: Proto,
+    timeout: Duration,
+) -> bool {
+    netns::in_netns(netns, || probe_here(to, port, proto, timeout)).unwrap_or(false)
+}
+
+/// Runs every probe concurrently (one thread each); results in the order of `specs`. A batch
+/// takes about as long as its longest timeout.
+pub fn probe_many(specs: &[ProbeSpec<'_>]) -> Vec<bool> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = specs
+            .iter()
+            .map(|spec| {
+                std::thread::Builder::new()
+                    .name("probe".into())
+                    .stack_size(256 * 1024)
+                    .spawn_scoped(s, move || {
+                        netns::enter(&spec.from.netns_name).is_ok()
+                            && probe_here(spec.to, spec.port, spec.proto, spec.timeout)
+                    })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h {
+                Ok(h) => h.join().unwrap_or(false),
+                Err(_) => false,
+            })
+            .collect()
+    })
+}
+
+/// Probes from the calling thread's network namespace.
+pub fn probe_here(to: IpAddr, port: u16, proto: Proto, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    match proto {
+        Proto::Tcp => tcp(to, port, timeout, deadline),
+        Proto::Udp => udp(to, port, deadline),
+        Proto::Sctp => sctp::handshake(to, port, deadline).unwrap_or(false),
+    }
+}
+
+fn left(deadline: Instant) -> Option<Duration> {
+    let d = deadline.saturating_duration_since(Instant::now());
+    (!d.is_zero()).then_some(d)
+}
+
+fn tcp(to: IpAddr, port: u16, timeout: Duration, deadline: Instant) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&SocketAddr::new(to, port), timeout) else {
+        return false;
+    };
+    let Some(rest) = left(deadline) else {
+        return false;
+    };
+    if s.set_write_timeout(Some(rest)).is_err() || s.set_read_timeout(Some(rest)).is_err() {
+        return false;
+    }
+    let _ = s.set_nodelay(true);
+    if s.write_all(b"?").is_err() {
+        return false;
+    }
+    let mut b = [0u8; 1];
+    matches!(s.read(&mut b), Ok(1))
+}
+
+fn udp(to: IpAddr, port: u16, deadline: Instant) -> bool {
+    let bind: SocketAddr = match to {
+        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let Ok(sock) = UdpSocket::bind(bind) else {
+        return false;
+    };
+    // Connected: only that address and port can answer, and ICMP errors surface.
+    if sock.connect((to, port)).is_err() {
+        return false;
+    }
+    let token = format!("palisade-probe {:016x}", sctp::random_u64());
+    if sock.send(token.as_bytes()).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 256];
+    while let Some(rest) = left(deadline) {
+        if sock.set_read_timeout(Some(rest)).is_err() {
+            return false;
+        }
+        match sock.recv(&mut buf) {
+            Ok(n) if &buf[..n] == token.as_bytes() => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        }
+    }
+    false
+}
