@@ -506,8 +506,10 @@ fn main() -> ExitCode {
         {
             Ok(c) => c,
             Err(e) => {
+                let name = file.display().to_string();
+                println!("{name:<48} {:>6} {:>8}  ERROR cannot read case: {e:#}", 0, "-");
                 results.push(CaseResult {
-                    name: file.display().to_string(),
+                    name,
                     probes: 0,
                     failed_probes: 0,
                     elapsed: started.elapsed(),
