@@ -507,7 +507,10 @@ fn main() -> ExitCode {
             Ok(c) => c,
             Err(e) => {
                 let name = file.display().to_string();
-                println!("{name:<48} {:>6} {:>8}  ERROR cannot read case: {e:#}", 0, "-");
+                println!(
+                    "{name:<48} {:>6} {:>8}  ERROR cannot read case: {e:#}",
+                    0, "-"
+                );
                 results.push(CaseResult {
                     name,
                     probes: 0,
