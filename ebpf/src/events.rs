@@ -2,9 +2,7 @@
 //! only (never per packet of an established flow), through a per-endpoint token bucket so a
 //! flood from one pod cannot starve the node; what the bucket refuses is counted.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use palisade_common::{
-    Counter, EVENT_BURST, EVENT_RATE_PER_SEC, EndpointState, Event, Reason,
-};
+use palisade_common::{Counter, EVENT_BURST, EVENT_RATE_PER_SEC, EndpointState, Event, Reason};
 
 use crate::{
     maps::{COUNTERS, EP_STATE, EVENTS},
@@ -43,7 +41,11 @@ fn take_token(endpoint: u32, now: u64) -> bool {
     let refill = elapsed / (1_000_000_000 / EVENT_RATE_PER_SEC);
     if refill > 0 {
         let tokens = state.tokens + refill;
-        state.tokens = if tokens > EVENT_BURST { EVENT_BURST } else { tokens };
+        state.tokens = if tokens > EVENT_BURST {
+            EVENT_BURST
+        } else {
+            tokens
+        };
         state.last_refill_ns = now;
     }
     if state.tokens == 0 {

@@ -18,8 +18,7 @@ pub static ENDPOINTS: HashMap<u32, EndpointInfo> =
 
 /// Exact pod and node addresses -> identity.
 #[map]
-pub static IDENTITIES: HashMap<PeerAddr, u32> =
-    HashMap::with_max_entries(capacity::IDENTITIES, 0);
+pub static IDENTITIES: HashMap<PeerAddr, u32> = HashMap::with_max_entries(capacity::IDENTITIES, 0);
 
 /// (endpoint, direction, ipBlock prefix) -> CIDR class.
 #[map]
@@ -27,8 +26,7 @@ pub static CIDRS: LpmTrie<CidrKey, u32> = LpmTrie::with_max_entries(capacity::CI
 
 /// (endpoint, peer, direction, protocol, port prefix) -> allowing rule.
 #[map]
-pub static POLICY: LpmTrie<PolicyKey, PolicyValue> =
-    LpmTrie::with_max_entries(capacity::POLICY, 0);
+pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::with_max_entries(capacity::POLICY, 0);
 
 /// Scratch space for the packet being judged (one per CPU): keeps the parsed packet off the
 /// 512-byte BPF stack.

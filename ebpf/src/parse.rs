@@ -220,7 +220,10 @@ fn parse_ipv4(ctx: &TcContext, p: &mut Packet) -> Result<(), Malformed> {
     let ip: Ipv4Hdr = load(ctx, p, ETH_HLEN)?;
     let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
     let tot_len = u16::from_be(ip.tot_len) as usize;
-    if ip.version_ihl >> 4 != 4 || ihl < 20 || tot_len < ihl || ETH_HLEN + tot_len > ctx.len() as usize
+    if ip.version_ihl >> 4 != 4
+        || ihl < 20
+        || tot_len < ihl
+        || ETH_HLEN + tot_len > ctx.len() as usize
     {
         return Err(Malformed);
     }

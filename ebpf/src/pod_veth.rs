@@ -53,11 +53,31 @@ struct Ctx {
 fn drop_packet(c: &Ctx, pkt: Option<&Packet>, reason: Reason) -> Result<i32, i32> {
     if c.ep.flags & EP_AUDIT != 0 && reason != Reason::Malformed {
         count(Counter::Audited);
-        emit(c.ep.id, c.ifindex, c.dir, c.len, pkt, VERDICT_AUDIT, reason, 0, c.now);
+        emit(
+            c.ep.id,
+            c.ifindex,
+            c.dir,
+            c.len,
+            pkt,
+            VERDICT_AUDIT,
+            reason,
+            0,
+            c.now,
+        );
         return Ok(TC_ACT_OK as i32);
     }
     count(Counter::Dropped);
-    emit(c.ep.id, c.ifindex, c.dir, c.len, pkt, VERDICT_DROP, reason, 0, c.now);
+    emit(
+        c.ep.id,
+        c.ifindex,
+        c.dir,
+        c.len,
+        pkt,
+        VERDICT_DROP,
+        reason,
+        0,
+        c.now,
+    );
     Err(TC_ACT_SHOT as i32)
 }
 
@@ -78,7 +98,17 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     };
     if ep.flags & EP_PENDING != 0 {
         count(Counter::Dropped);
-        emit(ep.id, ifindex, dir, c.len, None, VERDICT_DROP, Reason::Pending, 0, c.now);
+        emit(
+            ep.id,
+            ifindex,
+            dir,
+            c.len,
+            None,
+            VERDICT_DROP,
+            Reason::Pending,
+            0,
+            c.now,
+        );
         return Err(TC_ACT_SHOT as i32);
     }
     let pkt = match SCRATCH.get_ptr_mut(0) {
@@ -185,6 +215,16 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         }
     }
     count(Counter::NewAllowed);
-    emit(ep.id, ifindex, dir, c.len, Some(pkt), VERDICT_ALLOW, v.reason, v.rule, c.now);
+    emit(
+        ep.id,
+        ifindex,
+        dir,
+        c.len,
+        Some(pkt),
+        VERDICT_ALLOW,
+        v.reason,
+        v.rule,
+        c.now,
+    );
     Ok(TC_ACT_OK as i32)
 }
