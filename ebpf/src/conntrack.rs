@@ -76,7 +76,7 @@ pub fn lookup(endpoint: u32, dir: u8, pkt: &Packet, now: u64) -> Lookup {
         // A new SYN on a closing connection's tuple starts a new flow: evaluate it afresh.
         let syn_only = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         if pkt.proto == PROTO_TCP && syn_only && unsafe { (*e).flags } & CT_FLAG_CLOSING != 0 {
-            let _ = CONNTRACK.remove(&key);
+            let _ = CONNTRACK.remove(key);
             return Lookup::Miss;
         }
         return Lookup::Hit(e, key);
@@ -125,7 +125,7 @@ pub fn create(key: &CtKey, rule: u32, revision: u32, flags: u32, len: u32, now: 
         flags,
         _pad: 0,
     };
-    CONNTRACK.insert(key, &entry, 0).is_ok()
+    CONNTRACK.insert(key, entry, 0).is_ok()
 }
 
 #[inline(always)]

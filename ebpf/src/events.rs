@@ -24,7 +24,7 @@ pub fn now_ns() -> u64 {
 /// Takes a token from the endpoint's bucket; false when the event must be suppressed.
 #[inline(always)]
 fn take_token(endpoint: u32, now: u64) -> bool {
-    let state = match EP_STATE.get_ptr_mut(&endpoint) {
+    let state = match EP_STATE.get_ptr_mut(endpoint) {
         Some(s) => s,
         None => {
             let fresh = EndpointState {
@@ -32,7 +32,7 @@ fn take_token(endpoint: u32, now: u64) -> bool {
                 last_refill_ns: now,
                 suppressed: 0,
             };
-            let _ = EP_STATE.insert(&endpoint, &fresh, 0);
+            let _ = EP_STATE.insert(endpoint, fresh, 0);
             return true;
         }
     };

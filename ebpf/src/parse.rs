@@ -484,7 +484,7 @@ fn first_fragment(p: &Packet, id: u32, key_proto: u8) {
         proto: p.proto,
         _pad: [0; 3],
     };
-    let _ = FRAGMENTS.insert(&frag_key(p, id, key_proto), &ports, 0);
+    let _ = FRAGMENTS.insert(frag_key(p, id, key_proto), ports, 0);
 }
 
 /// A non-first fragment carries no L4 header: take its ports from the first fragment if it was
@@ -492,7 +492,7 @@ fn first_fragment(p: &Packet, id: u32, key_proto: u8) {
 #[inline(always)]
 fn later_fragment(p: &mut Packet, id: u32, key_proto: u8) {
     p.proto = key_proto;
-    match unsafe { FRAGMENTS.get(&frag_key(p, id, key_proto)) } {
+    match unsafe { FRAGMENTS.get(frag_key(p, id, key_proto)) } {
         Some(ports) => {
             p.sport = ports.sport;
             p.dport = ports.dport;

@@ -64,7 +64,7 @@ fn drop_packet(c: &Ctx, pkt: Option<&Packet>, reason: Reason) -> Result<i32, i32
             0,
             c.now,
         );
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     count(Counter::Dropped);
     emit(
@@ -78,16 +78,16 @@ fn drop_packet(c: &Ctx, pkt: Option<&Packet>, reason: Reason) -> Result<i32, i32
         0,
         c.now,
     );
-    Err(TC_ACT_SHOT as i32)
+    Err(TC_ACT_SHOT)
 }
 
 #[inline(always)]
 fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // Interfaces that are not pod endpoints are not ours to filter.
-    let ep = match unsafe { ENDPOINTS.get(&ifindex) } {
+    let ep = match unsafe { ENDPOINTS.get(ifindex) } {
         Some(ep) => *ep,
-        None => return Ok(TC_ACT_OK as i32),
+        None => return Ok(TC_ACT_OK),
     };
     let c = Ctx {
         ep,
@@ -109,20 +109,20 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             0,
             c.now,
         );
-        return Err(TC_ACT_SHOT as i32);
+        return Err(TC_ACT_SHOT);
     }
     let pkt = match SCRATCH.get_ptr_mut(0) {
         // SAFETY: per-CPU slot, and a program runs to completion on its CPU.
         Some(p) => unsafe { &mut *p },
-        None => return Err(TC_ACT_SHOT as i32),
+        None => return Err(TC_ACT_SHOT),
     };
     *pkt = parse::empty_packet(0);
     match parse::parse(ctx, pkt) {
         Ok(Frame::Ip) => {}
-        Ok(Frame::Arp) => return Ok(TC_ACT_OK as i32),
+        Ok(Frame::Arp) => return Ok(TC_ACT_OK),
         Ok(Frame::OtherL2) => {
             if ep.flags & isolated_flag(dir) == 0 {
-                return Ok(TC_ACT_OK as i32);
+                return Ok(TC_ACT_OK);
             }
             return drop_packet(&c, None, Reason::NonIp);
         }
@@ -132,7 +132,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         }
     }
     if pkt.kind == KIND_NEIGHBOR {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
 
     match conntrack::lookup(ep.id, dir, pkt, c.now) {
@@ -140,7 +140,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             if unsafe { (*entry).revision } == ep.revision {
                 count(Counter::CtHit);
                 conntrack::touch(entry, pkt, c.len, c.now);
-                return Ok(TC_ACT_OK as i32);
+                return Ok(TC_ACT_OK);
             }
             // Policy changed since the flow was allowed: check the flow's original direction
             // against the current policy.
@@ -159,7 +159,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
                     (*entry).rule = v.rule;
                 }
                 conntrack::touch(entry, pkt, c.len, c.now);
-                return Ok(TC_ACT_OK as i32);
+                return Ok(TC_ACT_OK);
             }
             conntrack::remove(&key);
             return drop_packet(&c, Some(pkt), v.reason);
@@ -178,14 +178,14 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             0,
         );
         if v.allowed {
-            return Ok(TC_ACT_OK as i32);
+            return Ok(TC_ACT_OK);
         }
         return drop_packet(&c, Some(pkt), v.reason);
     }
 
     // The pod's traffic to itself (through a service hairpin) is never restricted.
     if pkt.src == pkt.dst {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
 
     let v = policy::evaluate(
@@ -226,5 +226,5 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         v.rule,
         c.now,
     );
-    Ok(TC_ACT_OK as i32)
+    Ok(TC_ACT_OK)
 }

@@ -52,7 +52,7 @@ pub fn evaluate(
         _pad: [0; 3],
         addr: *peer,
     };
-    let identity = unsafe { IDENTITIES.get(&addr) }
+    let identity = unsafe { IDENTITIES.get(addr) }
         .copied()
         .unwrap_or(IDENTITY_NONE);
     if identity == IDENTITY_HOST {
