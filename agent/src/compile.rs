@@ -26,9 +26,9 @@ use std::rc::Rc;
 
 use ipnetwork::IpNetwork;
 use palisade_common::{
-    CIDR_CLASS_BIT, CIDR_CLASS_NONE, CidrKey, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS,
-    EndpointInfo, IDENTITY_FIRST_POD, IDENTITY_HOST, POLICY_KEY_ANY_PORT_BITS,
-    POLICY_KEY_ANY_PROTO_BITS, POLICY_KEY_FULL_BITS, PolicyKey, PolicyValue,
+    CIDR_CLASS_BIT, CIDR_CLASS_NONE, CidrKey, EndpointInfo, IDENTITY_FIRST_POD, IDENTITY_HOST,
+    POLICY_FLAG_AUDIT, POLICY_KEY_ANY_PORT_BITS, POLICY_KEY_ANY_PROTO_BITS, POLICY_KEY_FULL_BITS,
+    PolicyKey, PolicyValue, audit_flag, isolated_flag,
 };
 use serde::Serialize;
 
@@ -230,6 +230,22 @@ impl<K: Hash + Eq + Clone> Interner<K> {
         }
     }
 
+    /// Gives `key` the id `id` (an id handed out by an earlier run of the agent), unless either
+    /// is already taken. The id stays live until a compile does not use it.
+    fn adopt(&mut self, key: &K, id: u32) -> bool {
+        if id < self.first
+            || id > self.last
+            || self.ids.contains_key(key)
+            || self.live.contains(&id)
+        {
+            return false;
+        }
+        self.ids.insert(key.clone(), (id, self.generation));
+        self.live.insert(id);
+        self.next = self.next.max(u64::from(id) + 1);
+        true
+    }
+
     /// Releases the keys this compile did not use.
     fn finish(&mut self) {
         let g = self.generation;
@@ -267,6 +283,9 @@ pub struct Compiler {
     identities: Interner<IdentityKey>,
     rules: Interner<RuleRef>,
     classes: Interner<ClassKey>,
+    /// Node-wide audit mode (`palisade run --audit`): every policy is treated as an audit
+    /// policy.
+    pub audit_all: bool,
 }
 
 impl Default for Compiler {
@@ -276,6 +295,7 @@ impl Default for Compiler {
             identities: Interner::new(IDENTITY_FIRST_POD, CIDR_CLASS_BIT - 1),
             rules: Interner::new(1, u32::MAX),
             classes: Interner::new(1, CIDR_CLASS_BIT - 1),
+            audit_all: false,
         }
     }
 }
@@ -362,6 +382,23 @@ fn all_v6() -> IpNetwork {
     "::/0".parse().expect("valid")
 }
 
+/// Flags the allow entries of `endpoint` in `dir` as coming from audit policies.
+fn mark_audit(policy: &mut BTreeMap<PolicyEntry, PolicyValue>, endpoint: u32, dir: Direction) {
+    let bound = |endpoint: u32| PolicyEntry {
+        key: PolicyKey {
+            endpoint,
+            ..PolicyKey::default()
+        },
+        prefix_len: 0,
+    };
+    let range = policy.range_mut(bound(endpoint)..bound(endpoint.saturating_add(1)));
+    for (entry, value) in range {
+        if entry.key.dir == dir.as_u8() {
+            value.flags |= POLICY_FLAG_AUDIT;
+        }
+    }
+}
+
 /// Inserts an allow entry, keeping the lowest rule id when two rules give the same key.
 fn put(
     policy: &mut BTreeMap<PolicyEntry, PolicyValue>,
@@ -401,6 +438,14 @@ impl Compiler {
         }
     }
 
+    /// Keeps the endpoint id an earlier agent gave `pod` (read back from the pinned ENDPOINTS
+    /// map), so that a restart renumbers no endpoint and its conntrack entries, keyed by
+    /// endpoint id, stay its own. Call before the first compile; false if the pod or the id
+    /// is taken already.
+    pub fn adopt_endpoint_id(&mut self, pod: &PodRef, id: u32) -> bool {
+        self.endpoints.adopt(pod, id)
+    }
+
     /// Compiles `store` for the `endpoints` of this node, whose own addresses are
     /// `host_addrs`.
     pub fn compile(
@@ -427,6 +472,7 @@ impl Compiler {
         let mut ctx = Ctx {
             index: &index,
             selections: HashMap::new(),
+            by_content: HashMap::new(),
             rule_ids: HashMap::new(),
             rule_refs: HashMap::new(),
         };
@@ -444,6 +490,7 @@ impl Compiler {
             let id = self.endpoints.intern(&ep.pod);
             let mut flags = 0;
             let mut names = [Vec::new(), Vec::new()];
+            let mut audit_ignored = [Vec::new(), Vec::new()];
             for (d, dir) in Direction::BOTH.into_iter().enumerate() {
                 let selecting: Vec<(usize, &Policy)> = by_ns
                     .get(ep.pod.namespace.as_str())
@@ -455,10 +502,22 @@ impl Compiler {
                 if selecting.is_empty() {
                     continue;
                 }
-                flags |= match dir {
-                    Direction::Ingress => EP_ISOLATED_INGRESS,
-                    Direction::Egress => EP_ISOLATED_EGRESS,
-                };
+                // Audit (ARCHITECTURE.md, "Audit mode"): enforcing policies alone decide where
+                // there are any; audit policies decide, as "would drop", only where they alone
+                // select the pod.
+                let audit_all = self.audit_all;
+                let (audit, enforcing): (Vec<_>, Vec<_>) = selecting
+                    .into_iter()
+                    .partition(|(_, p)| audit_all || p.audit);
+                let audited = enforcing.is_empty();
+                if !audited {
+                    audit_ignored[d] = audit.iter().map(|(_, p)| p.id()).collect();
+                }
+                let selecting = if audited { audit } else { enforcing };
+                flags |= isolated_flag(dir.as_u8());
+                if audited {
+                    flags |= audit_flag(dir.as_u8());
+                }
                 names[d] = selecting.iter().map(|(_, p)| p.id()).collect();
                 // The same pod behind two interfaces shares its entries.
                 if !done.contains(&id) {
@@ -470,6 +529,9 @@ impl Compiler {
                         &selecting,
                         &mut out,
                     );
+                    if audited {
+                        mark_audit(&mut out.policy, id, dir);
+                    }
                 }
             }
             done.insert(id);
@@ -482,12 +544,22 @@ impl Compiler {
                     _pad: 0,
                 },
             );
+            // The pod's own addresses, for source address verification (never the node's: a
+            // pod claiming one must not send as the node).
+            for ip in &pod.ips {
+                if !host_addrs.contains(ip) {
+                    out.endpoint_addrs.entry(peer_addr(*ip)).or_insert(id);
+                }
+            }
             let [ingress_policies, egress_policies] = names;
+            let [ingress_audit_ignored, egress_audit_ignored] = audit_ignored;
             out.endpoint_meta.entry(id).or_insert(EndpointMeta {
                 pod: ep.pod.clone(),
                 ifindex: ep.ifindex,
                 ingress_policies,
                 egress_policies,
+                ingress_audit_ignored,
+                egress_audit_ignored,
             });
         }
 
@@ -511,23 +583,31 @@ impl Compiler {
         host_addrs: &[IpAddr],
         out: &mut DesiredState,
     ) -> Index<'s> {
-        type Group<'s> = (&'s str, &'s BTreeMap<String, String>, &'s [NamedPort]);
-        let mut ns_labels: BTreeMap<&'s str, Cow<'s, BTreeMap<String, String>>> = BTreeMap::new();
+        // Pods come sorted by namespace: the namespace's labels and its groups are looked up
+        // once per namespace, and the groups of one namespace are keyed by labels and ports
+        // only. Addresses are collected and the maps built in bulk (sorting once is far
+        // cheaper than 10 000 tree inserts).
+        type Group<'s> = (&'s BTreeMap<String, String>, &'s [NamedPort]);
         let mut groups: HashMap<Group<'s>, usize> = HashMap::new();
         let mut index = Index {
             idents: Vec::new(),
             by_ns: BTreeMap::new(),
             ip_owner: BTreeMap::new(),
         };
+        let mut owners: Vec<(IpAddr, usize)> = Vec::with_capacity(store.pods.len());
+        let mut current: Option<(&'s str, Cow<'s, BTreeMap<String, String>>)> = None;
+        let mut pods_of: Vec<Vec<PodRef>> = Vec::new();
         for (pod_ref, pod) in &store.pods {
             if pod.host_network || pod.ips.is_empty() {
                 continue;
             }
             let ns = pod_ref.namespace.as_str();
-            let labels = ns_labels
-                .entry(ns)
-                .or_insert_with(|| store.namespace_labels(ns));
-            let group = (ns, &pod.labels, pod.container_ports.as_slice());
+            if current.as_ref().is_none_or(|(c, _)| *c != ns) {
+                current = Some((ns, store.namespace_labels(ns)));
+                groups.clear();
+            }
+            let labels = &current.as_ref().expect("set above").1;
+            let group = (&pod.labels, pod.container_ports.as_slice());
             let ix = match groups.get(&group) {
                 Some(ix) => *ix,
                 None => {
@@ -542,6 +622,7 @@ impl Compiler {
                         labels: &pod.labels,
                         ports: &pod.container_ports,
                     });
+                    pods_of.push(Vec::new());
                     let ix = index.idents.len() - 1;
                     groups.insert(group, ix);
                     index
@@ -553,18 +634,23 @@ impl Compiler {
                     ix
                 }
             };
-            let id = index.idents[ix].id;
+            pods_of[ix].push(pod_ref.clone());
+            owners.extend(pod.ips.iter().map(|ip| (*ip, ix)));
+        }
+        // Two live pods claiming one address: the first (by namespace/name) keeps it (the sort
+        // is stable, so the first claim comes first among equal addresses).
+        owners.sort_by_key(|(ip, _)| *ip);
+        owners.dedup_by_key(|(ip, _)| *ip);
+        out.identities = owners
+            .iter()
+            .map(|(ip, ix)| (peer_addr(*ip), index.idents[*ix].id))
+            .collect();
+        index.ip_owner = owners.into_iter().collect();
+        for (ix, pods) in pods_of.into_iter().enumerate() {
             out.identity_pods
-                .entry(id)
+                .entry(index.idents[ix].id)
                 .or_default()
-                .push(pod_ref.clone());
-            for ip in &pod.ips {
-                // Two live pods claiming one address: the first (by namespace/name) keeps it.
-                if let std::collections::btree_map::Entry::Vacant(v) = index.ip_owner.entry(*ip) {
-                    v.insert(ix);
-                    out.identities.insert(peer_addr(*ip), id);
-                }
-            }
+                .extend(pods);
         }
         // This node's addresses are never restricted, whatever else claims them.
         for ip in host_addrs {
@@ -659,18 +745,35 @@ impl Compiler {
                                     namespace_selector,
                                     pod_selector,
                                 } => {
-                                    let sel = ctx
-                                        .selections
-                                        .entry((pi, dir, ri, qi))
-                                        .or_insert_with(|| {
-                                            Rc::new(select(
-                                                index,
-                                                &policy.namespace,
-                                                namespace_selector.as_ref(),
-                                                pod_selector.as_ref(),
-                                            ))
-                                        })
-                                        .clone();
+                                    let sel = match ctx.selections.get(&(pi, dir, ri, qi)) {
+                                        Some(sel) => sel.clone(),
+                                        None => {
+                                            // Policies of many namespaces often carry the same
+                                            // peer (monitoring, DNS, a team's namespaces):
+                                            // evaluate each distinct peer once per compile.
+                                            let content = (
+                                                namespace_selector
+                                                    .is_none()
+                                                    .then(|| policy.namespace.clone()),
+                                                namespace_selector.clone(),
+                                                pod_selector.clone(),
+                                            );
+                                            let sel = ctx
+                                                .by_content
+                                                .entry(content)
+                                                .or_insert_with(|| {
+                                                    Rc::new(select(
+                                                        index,
+                                                        &policy.namespace,
+                                                        namespace_selector.as_ref(),
+                                                        pod_selector.as_ref(),
+                                                    ))
+                                                })
+                                                .clone();
+                                            ctx.selections.insert((pi, dir, ri, qi), sel.clone());
+                                            sel
+                                        }
+                                    };
                                     for &ix in sel.iter() {
                                         emit(out, &index.idents[ix]);
                                     }
@@ -854,10 +957,19 @@ struct Ctx<'i, 's> {
     index: &'i Index<'s>,
     /// (policy, direction, rule, peer) -> selected identities.
     selections: HashMap<(usize, Direction, usize, usize), Rc<Vec<usize>>>,
+    /// The same by the peer's content: (the policy's namespace when the peer has no namespace
+    /// selector, namespace selector, pod selector) -> selected identities.
+    by_content: HashMap<SelectionKey, Rc<Vec<usize>>>,
     /// (policy, direction, rule) -> rule id.
     rule_ids: HashMap<(usize, Direction, usize), u32>,
     rule_refs: HashMap<u32, RuleRef>,
 }
+
+type SelectionKey = (
+    Option<String>,
+    Option<crate::selector::Selector>,
+    Option<crate::selector::Selector>,
+);
 
 /// The identities a pod peer selects.
 fn select(

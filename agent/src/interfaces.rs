@@ -1,9 +1,18 @@
 //! Finding each local pod's host-side interface, and this node's own addresses.
 //!
-//! A pod's interface is, in order: the one its `palisade.io/interface` annotation names, or the
-//! device of this host's route to the pod's IP when that route is a host route (/32, /128), as
-//! ptp, Calico and Cilium install one per pod. Reads the kernel's tables through iproute2's
-//! JSON output.
+//! A pod's interface is, in order:
+//! 1. the one its `palisade.io/interface` annotation names;
+//! 2. the one the CNI plugin recorded at pod creation (`cni::Records`): the peer of the pod's
+//!    own interface, asked of the kernel inside the pod's network namespace, so exact whatever
+//!    the routing (bridge layouts included);
+//! 3. the device of this host's route to the pod's IP, when that route is a host route (/32,
+//!    /128) through a **veth**, as ptp, Calico and kindnet install one per pod.
+//!
+//! Layouts: ptp, kindnet and Calico (routed veths, one host route per pod) work by 3 alone;
+//! bridge, flannel and other bridged layouts (the pod's veth is a bridge port, the route goes
+//! to the bridge) need the CNI plugin (2); a route through anything but a veth (a bridge, a
+//! tunnel, Cilium's `cilium_host`) is never taken for a pod's interface. Reads the kernel's
+//! tables through iproute2's JSON output.
 use std::{collections::BTreeMap, net::IpAddr, process::Command};
 
 use anyhow::{Context, Result, bail};
@@ -20,6 +29,13 @@ struct Link {
     ifname: String,
     #[serde(default)]
     addr_info: Vec<AddrInfo>,
+    #[serde(default)]
+    linkinfo: Option<LinkKind>,
+}
+
+#[derive(Deserialize)]
+struct LinkKind {
+    info_kind: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -58,16 +74,21 @@ pub struct HostView {
     pub addresses: Vec<IpAddr>,
     /// Host routes: address -> interface name.
     pub host_routes: BTreeMap<IpAddr, String>,
+    /// Interface name -> kind (`veth`, `bridge`, ...), where it has one.
+    pub kinds: BTreeMap<String, String>,
 }
 
 impl HostView {
     pub fn read() -> Result<Self> {
-        let links: Vec<Link> = serde_json::from_str(&ip_json(&["addr", "show"])?)
-            .context("parsing `ip -j addr show`")?;
+        let links: Vec<Link> = serde_json::from_str(&ip_json(&["-d", "addr", "show"])?)
+            .context("parsing `ip -j -d addr show`")?;
         let mut view = HostView::default();
         for l in links {
             view.addresses
                 .extend(l.addr_info.iter().filter_map(|a| a.local));
+            if let Some(kind) = l.linkinfo.and_then(|k| k.info_kind) {
+                view.kinds.insert(l.ifname.clone(), kind);
+            }
             view.links.insert(l.ifname, l.ifindex);
         }
         view.addresses.sort();
@@ -112,9 +133,12 @@ impl HostView {
                 .get(INTERFACE_ANNOTATION)
                 .cloned()
                 .or_else(|| {
-                    pod.ips
-                        .iter()
-                        .find_map(|ip| self.host_routes.get(ip).cloned())
+                    pod.ips.iter().find_map(|ip| {
+                        self.host_routes
+                            .get(ip)
+                            .filter(|dev| self.kinds.get(*dev).is_some_and(|k| k == "veth"))
+                            .cloned()
+                    })
                 });
             let Some(ifindex) = ifname.and_then(|n| self.links.get(&n).copied()) else {
                 continue;
@@ -125,5 +149,53 @@ impl HostView {
             });
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Store;
+
+    #[test]
+    fn routes_count_only_through_veths() {
+        let store = Store::from_objects(
+            crate::manifest::parse_str(
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: routed, namespace: x}\nspec: {containers: []}\nstatus: {podIP: 10.0.0.1}\n\
+                 ---\napiVersion: v1\nkind: Pod\nmetadata: {name: bridged, namespace: x}\nspec: {containers: []}\nstatus: {podIP: 10.0.0.2}\n\
+                 ---\napiVersion: v1\nkind: Pod\nmetadata: {name: named, namespace: x, annotations: {palisade.io/interface: tap0}}\nspec: {containers: []}\nstatus: {podIP: 10.0.0.3}\n\
+                 ---\napiVersion: v1\nkind: Pod\nmetadata: {name: elsewhere, namespace: x}\nspec: {nodeName: n2, containers: []}\nstatus: {podIP: 10.0.0.4}\n\
+                 ---\napiVersion: v1\nkind: Pod\nmetadata: {name: host, namespace: x}\nspec: {hostNetwork: true, containers: []}\nstatus: {podIP: 10.0.0.5}\n",
+            )
+            .unwrap(),
+        );
+        let mut v = HostView::default();
+        for (name, idx, kind) in [
+            ("veth1", 11, "veth"),
+            ("cni0", 12, "bridge"),
+            ("tap0", 13, "tun"),
+            ("veth4", 14, "veth"),
+            ("veth5", 15, "veth"),
+        ] {
+            v.links.insert(name.into(), idx);
+            v.kinds.insert(name.into(), kind.into());
+        }
+        for (ip, dev) in [
+            ("10.0.0.1", "veth1"),
+            ("10.0.0.2", "cni0"),
+            ("10.0.0.4", "veth4"),
+            ("10.0.0.5", "veth5"),
+        ] {
+            v.host_routes.insert(ip.parse().unwrap(), dev.into());
+        }
+        let eps: Vec<(String, u32)> = v
+            .local_endpoints(&store, Some("n1"))
+            .into_iter()
+            .map(|e| (e.pod.name, e.ifindex))
+            .collect();
+        assert_eq!(
+            eps,
+            vec![("named".to_string(), 13), ("routed".to_string(), 11)]
+        );
     }
 }

@@ -16,3 +16,16 @@ pub mod interfaces;
 pub mod loader;
 pub mod maps;
 pub mod run;
+
+// Cluster mode, Services, the CNI plugin, probes.
+pub mod cni;
+pub mod health;
+pub mod kube_source;
+pub mod services;
+
+// Observing: verdicts, the CLI socket and commands, metrics.
+pub mod cli;
+pub mod control;
+pub mod inspect;
+pub mod metrics;
+pub mod verdicts;

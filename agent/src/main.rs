@@ -4,8 +4,9 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use palisade::{
+    cli,
     loader::Datapath,
-    run::{RunConfig, run_standalone},
+    run::{RunConfig, SourceOptions, run_standalone_with},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -29,15 +30,32 @@ static EBPF_OBJECT: &[u8] = &[];
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The agent's CLI socket (`run` listens there; `verdicts`, `stats`, `policy`, `explain`
+    /// use it and the state file beside it).
+    #[arg(long, global = true, value_name = "PATH", env = "PALISADE_SOCKET", default_value = palisade::control::DEFAULT_SOCKET)]
+    socket: PathBuf,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent. Standalone mode: Namespace, Pod and NetworkPolicy YAML from a directory.
+    /// Run the agent. Cluster mode (in a pod, or with --kubeconfig): watches the API server.
+    /// Standalone mode (--manifests): Namespace, Pod, NetworkPolicy, Service and EndpointSlice
+    /// YAML from a directory.
     Run {
-        /// Directory of manifests (multi-document YAML allowed), re-read on change.
+        /// Standalone mode: directory of manifests (multi-document YAML allowed), re-read on
+        /// change.
         #[arg(long, value_name = "DIR")]
-        manifests: PathBuf,
+        manifests: Option<PathBuf>,
+        /// Cluster mode with this kubeconfig (default in a pod: the service account).
+        #[arg(long, value_name = "FILE", env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// Where the CNI plugin records the pods it provisions (`off`: no plugin). Default:
+        /// /run/palisade/cni in cluster mode, off in standalone mode.
+        #[arg(long, value_name = "DIR|off")]
+        cni_state_dir: Option<String>,
+        /// Liveness and readiness endpoint (`/healthz`, `/readyz`; `off` to disable).
+        #[arg(long, value_name = "ADDR|off", default_value = "0.0.0.0:9091", value_parser = cli::parse_metrics_addr)]
+        health_addr: cli::MetricsAddr,
         /// Pin directory for maps and links (on a bpffs; mounted if absent).
         #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/palisade")]
         pin_dir: PathBuf,
@@ -50,12 +68,75 @@ enum Command {
         /// Write a JSON status here after every reconcile.
         #[arg(long, value_name = "FILE")]
         status_file: Option<PathBuf>,
+        /// Audit mode node-wide: every policy's denials are recorded as "would drop" and pass.
+        #[arg(long)]
+        audit: bool,
+        /// Prometheus metrics endpoint (`off` to disable).
+        #[arg(long, value_name = "ADDR|off", default_value = "0.0.0.0:9090", value_parser = cli::parse_metrics_addr)]
+        metrics_addr: cli::MetricsAddr,
+        /// Verdicts kept for `palisade verdicts`.
+        #[arg(long, value_name = "N", default_value_t = palisade::verdicts::DEFAULT_HISTORY)]
+        history: usize,
     },
+    /// Recent verdicts: which packets were dropped or allowed, by which policy.
+    Verdicts(cli::VerdictsArgs),
+    /// Inspect enforced policy (`policy show NS/POD`).
+    Policy(cli::PolicyArgs),
+    /// Explain the verdict on a flow: the deciding policy and rule, or why nothing allows it.
+    Explain(cli::ExplainArgs),
+    /// Counters: per policy, drops by reason, map fill levels, conntrack, suppressed events.
+    Stats(cli::StatsArgs),
     /// Load the datapath (without attaching) and print the verifier's instruction counts.
     Verify,
+    /// The chained CNI plugin (what `/opt/cni/bin/palisade-cni`, this binary, runs).
+    Cni,
+    /// Install the CNI plugin: copy this binary to BIN_DIR/palisade-cni and add it to the
+    /// node's CNI configuration list (the DaemonSet's init container).
+    CniInstall {
+        #[arg(long, value_name = "DIR", default_value = "/host/opt/cni/bin")]
+        bin_dir: PathBuf,
+        #[arg(long, value_name = "DIR", default_value = "/host/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        /// The pin directory as the plugin sees it (on the host).
+        #[arg(long, value_name = "DIR", default_value = palisade::cni::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// The record directory as the plugin sees it (on the host).
+        #[arg(long, value_name = "DIR", default_value = palisade::cni::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// What a new pod gets until its policy is compiled: `deny` (drop everything) or
+        /// `allow` (not isolated).
+        #[arg(long, value_name = "deny|allow", default_value = "deny", value_parser = parse_initial_policy)]
+        initial_policy: palisade::cni::InitialPolicy,
+        /// Wait this long for the interface plugin's configuration to appear.
+        #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+        wait: u64,
+        /// Remove the entry and the binary instead.
+        #[arg(long)]
+        uninstall: bool,
+    },
+}
+
+fn parse_initial_policy(s: &str) -> Result<palisade::cni::InitialPolicy, String> {
+    match s {
+        "deny" => Ok(palisade::cni::InitialPolicy::Deny),
+        "allow" => Ok(palisade::cni::InitialPolicy::Allow),
+        _ => Err(format!("{s:?}: want deny or allow")),
+    }
+}
+
+/// Invoked as `palisade-cni` (the CNI runtime runs plugins by their `type`).
+fn invoked_as_cni_plugin() -> bool {
+    std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_owned()))
+        .is_some_and(|n| n == palisade::cni::PLUGIN_TYPE)
 }
 
 fn main() -> Result<()> {
+    if invoked_as_cni_plugin() {
+        std::process::exit(palisade::cni::plugin_main());
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -66,23 +147,109 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Run {
             manifests,
+            kubeconfig,
+            cni_state_dir,
+            health_addr,
             pin_dir,
             node_name,
             poll_ms,
             status_file,
+            audit,
+            metrics_addr,
+            history,
         } => {
+            let cni_state_dir = match cni_state_dir.as_deref() {
+                Some("off") => None,
+                Some(dir) => Some(PathBuf::from(dir)),
+                None if manifests.is_none() => {
+                    Some(PathBuf::from(palisade::cni::DEFAULT_STATE_DIR))
+                }
+                None => None,
+            };
+            let cluster = manifests
+                .is_none()
+                .then(|| palisade::kube_source::ClusterConfig {
+                    kubeconfig,
+                    node_name: node_name.clone().unwrap_or_default(),
+                    cni_state_dir: cni_state_dir.clone(),
+                    health_addr: health_addr.0,
+                });
+            if cluster.as_ref().is_some_and(|c| c.node_name.is_empty()) {
+                anyhow::bail!(
+                    "cluster mode needs the node's name: --node-name or NODE_NAME (the \
+                     DaemonSet sets it from spec.nodeName)"
+                );
+            }
             let cfg = RunConfig {
-                manifests,
+                manifests: manifests.unwrap_or_default(),
                 pin_dir,
                 node_name,
                 poll: Duration::from_millis(poll_ms),
                 host_poll: Duration::from_secs(1),
                 status_file,
+                audit,
+                socket: Some(cli.socket),
+                metrics_addr: metrics_addr.0,
+                history,
             };
-            tokio::runtime::Builder::new_current_thread()
+            let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build()?
-                .block_on(run_standalone(cfg, EBPF_OBJECT))
+                .build()?;
+            match cluster {
+                Some(cluster) => rt.block_on(palisade::kube_source::run_cluster(
+                    cfg,
+                    cluster,
+                    EBPF_OBJECT,
+                )),
+                None => rt.block_on(run_standalone_with(
+                    cfg,
+                    EBPF_OBJECT,
+                    SourceOptions {
+                        cni_state_dir,
+                        health_addr: health_addr.0,
+                    },
+                )),
+            }
+        }
+        Command::Verdicts(a) => cli::verdicts(&cli.socket, &a),
+        Command::Policy(a) => cli::policy(&cli.socket, &a),
+        Command::Explain(a) => cli::explain(&cli.socket, &a),
+        Command::Stats(a) => cli::stats(&cli.socket, &a),
+        Command::Cni => std::process::exit(palisade::cni::plugin_main()),
+        Command::CniInstall {
+            bin_dir,
+            conf_dir,
+            pin_dir,
+            state_dir,
+            initial_policy,
+            wait,
+            uninstall,
+        } => {
+            let opts = palisade::cni::InstallOptions {
+                bin_dir,
+                conf_dir,
+                pin_dir,
+                state_dir,
+                initial_policy,
+                uninstall,
+            };
+            // On a new node the interface plugin writes its configuration after we start.
+            let deadline = std::time::Instant::now() + Duration::from_secs(wait);
+            loop {
+                match palisade::cni::active_conf(&opts.conf_dir) {
+                    Ok(Some(_)) => break,
+                    _ if std::time::Instant::now() < deadline && !uninstall => {
+                        std::thread::sleep(Duration::from_secs(2))
+                    }
+                    Ok(None) => anyhow::bail!(
+                        "no CNI configuration in {} (install the interface plugin first)",
+                        opts.conf_dir.display()
+                    ),
+                    Err(e) => return Err(e),
+                }
+            }
+            println!("{}", palisade::cni::install(&opts)?);
+            Ok(())
         }
         Command::Verify => {
             let dp = Datapath::load(EBPF_OBJECT, None)?;

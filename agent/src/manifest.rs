@@ -8,7 +8,8 @@
 //!   object, or one of our kinds that does not decode, fails as a whole: the objects last read
 //!   successfully from that file are kept (per-file last good) and the error names the file,
 //!   the document and, when known, the line or field;
-//! * documents of other kinds (Service, Deployment, ...) are ignored, with an error;
+//! * documents of other kinds (Deployment, ConfigMap, ...) are ignored, with an error (Services
+//!   and EndpointSlices are read from the same files by `services`);
 //! * an object defined twice (same kind, namespace and name) keeps its first definition in file
 //!   order, with an error naming both places.
 //!
@@ -29,6 +30,9 @@ use crate::model::{ConfigError, Object};
 pub struct LoadResult {
     pub objects: Vec<Object>,
     pub errors: Vec<ConfigError>,
+    /// Files (or the directory) that could not be read or parsed: what they hold is what was
+    /// last read from them successfully, nothing if they never were.
+    pub failed: Vec<String>,
 }
 
 /// An object and where it was read (`file.yaml document 2`).
@@ -130,6 +134,7 @@ impl ManifestDir {
     /// Reads the directory. Objects of files that fail are their last good objects.
     pub fn load(&mut self) -> LoadResult {
         let mut errors = Vec::new();
+        let mut failed = Vec::new();
         let dir_label = self.dir.display().to_string();
         match self.files() {
             Ok(files) => {
@@ -152,6 +157,7 @@ impl ManifestDir {
                             fresh.insert(name, objects);
                         }
                         Err(e) => {
+                            failed.push(self.dir.join(&name).display().to_string());
                             let kept = self.last_good.remove(&name).unwrap_or_default();
                             let mut e = e;
                             e.message = format!(
@@ -166,11 +172,14 @@ impl ManifestDir {
                 }
                 self.last_good = fresh;
             }
-            Err(e) => errors.push(ConfigError::new(
-                format!("directory {dir_label}"),
-                "",
-                format!("cannot be read: {e} (keeping the objects last read from it)"),
-            )),
+            Err(e) => {
+                failed.push(dir_label.clone());
+                errors.push(ConfigError::new(
+                    format!("directory {dir_label}"),
+                    "",
+                    format!("cannot be read: {e} (keeping the objects last read from it)"),
+                ));
+            }
         }
 
         // First definition wins.
@@ -191,7 +200,11 @@ impl ManifestDir {
             }
             objects.push(s.object.clone());
         }
-        LoadResult { objects, errors }
+        LoadResult {
+            objects,
+            errors,
+            failed,
+        }
     }
 }
 
@@ -275,6 +288,8 @@ fn decode(
     let want_version = match kind.as_str() {
         "Namespace" | "Pod" | "List" => "v1",
         "NetworkPolicy" => "networking.k8s.io/v1",
+        // Read by `services` from the same files.
+        "Service" | "EndpointSlice" => return Ok(()),
         _ => {
             ignored.push(ConfigError::new(
                 label,
@@ -388,7 +403,7 @@ mod tests {
         );
         d.write(
             "4-svc.yaml",
-            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n---\n",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: s}\n---\n",
         );
         d.write("notes.txt", "not a manifest");
         d.write(".hidden.yaml", "{{{");
@@ -406,7 +421,7 @@ mod tests {
         assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
         let e = r.errors[0].to_string();
         assert!(
-            e.contains("4-svc.yaml document 1") && e.contains("\"Service\""),
+            e.contains("4-svc.yaml document 1") && e.contains("\"ConfigMap\""),
             "{e}"
         );
         let store = Store::from_objects(r.objects);

@@ -1,17 +1,27 @@
 //! Writes a `DesiredState` into the BPF maps, touching only the entries that changed.
 //!
-//! Order matters for an enforcer: new and changed allow entries go in first, then endpoint
-//! flags (so a pod becomes isolated only once its allows exist), then stale entries go out.
-//! An endpoint whose entries cannot be written (a full map) is switched to `EP_PENDING`, which
-//! drops its traffic: it fails closed, never open.
+//! Order matters for an enforcer: new and changed allow entries go in first, then stale ones go
+//! out, then endpoint flags and revisions (so a pod becomes isolated only once its allows
+//! exist, and a flow re-checked under a new revision never sees an allow being removed).
+//!
+//! Every failure fails closed, never open, and is recorded (`MapWriter::failures`, logged with
+//! the endpoint it affects):
+//! * an allow entry, own address or stale entry of an endpoint that cannot be written or
+//!   removed (a full map) switches the endpoint to `EP_PENDING`: it drops everything until a
+//!   later `apply` succeeds (entries that failed are retried by every `apply`);
+//! * an identity that cannot be changed is removed (the address then has no identity, which
+//!   only ever allows less); one that cannot be removed either makes every endpoint pending;
+//! * an endpoint whose ENDPOINTS entry cannot be written loses its entry: the programs drop the
+//!   traffic of an attached interface without one (`Reason::UnknownEndpoint`).
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
 use palisade_common::{
-    CIDR_KEY_FIXED_BITS, CidrKey, EP_PENDING, EndpointInfo, PeerAddr, PolicyKey, PolicyValue,
-    map_names,
+    CIDR_KEY_FIXED_BITS, CidrKey, CtEntry, CtKey, EP_PENDING, EndpointInfo, PeerAddr, PolicyKey,
+    PolicyValue, map_names,
 };
+use serde::Serialize;
 use tracing::{error, warn};
 
 use crate::{loader::Datapath, state::DesiredState};
@@ -30,19 +40,111 @@ impl ApplyStats {
     }
 }
 
+/// One map write that failed in the last `apply`, and whom it affects.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MapFailure {
+    /// The map (`POLICY`, `CIDRS`, ...).
+    pub map: &'static str,
+    /// The endpoint that fails closed because of it (none for IDENTITIES).
+    pub endpoint: Option<u32>,
+    /// `namespace/name` of that endpoint's pod, when known.
+    pub pod: Option<String>,
+    /// What was done and the kernel's answer (the first such failure).
+    pub error: String,
+    /// Failed writes of this map for this endpoint in the apply (one is reported).
+    pub count: usize,
+}
+
+impl std::fmt::Display for MapFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.pod, self.endpoint) {
+            (Some(pod), _) => write!(f, "endpoint {pod}: {} {}", self.map, self.error)?,
+            (None, Some(id)) => write!(f, "endpoint id {id}: {} {}", self.map, self.error)?,
+            (None, None) => write!(f, "{} {}", self.map, self.error)?,
+        }
+        if self.count > 1 {
+            write!(f, " (and {} more)", self.count - 1)?;
+        }
+        if self.endpoint.is_some() {
+            f.write_str(": failing closed (EP_PENDING)")?;
+        }
+        Ok(())
+    }
+}
+
 pub struct MapWriter {
     endpoints: HashMap<MapData, u32, EndpointInfo>,
     identities: HashMap<MapData, PeerAddr, u32>,
+    endpoint_addrs: HashMap<MapData, PeerAddr, u32>,
     cidrs: LpmTrie<MapData, CidrKey, u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     /// What the maps hold now (as far as this writer knows).
     applied: DesiredState,
     /// Current revision per endpoint id.
     revisions: BTreeMap<u32, u32>,
+    /// The next revision handed out. Revisions come from one counter for all endpoints and
+    /// are never handed out twice: a conntrack entry stamped with a revision can only match
+    /// the endpoint it was created for, after the change it was checked against (an endpoint
+    /// id moving to another interface, or removed and given to a new pod, must not find old
+    /// entries "current" again).
+    next_revision: u32,
+    /// Failures of the last `apply`.
+    failures: Vec<MapFailure>,
+    /// Failures since the writer was created (a metric).
+    failures_total: u64,
+}
+
+/// The entries of `desired` that `applied` lacks or holds with another value (with the value
+/// it holds), in key order: one pass over both sorted maps instead of a tree search per
+/// entry (the maps hold tens of thousands of entries and most applies change a few).
+fn changed<K: Ord + Copy, V: PartialEq + Copy>(
+    desired: &BTreeMap<K, V>,
+    applied: &BTreeMap<K, V>,
+) -> Vec<(K, V, Option<V>)> {
+    let mut out = Vec::new();
+    let mut old = applied.iter().peekable();
+    for (k, v) in desired {
+        while old.next_if(|(o, _)| *o < k).is_some() {}
+        match old.next_if(|(o, _)| *o == k) {
+            Some((_, o)) if o == v => {}
+            Some((_, o)) => out.push((*k, *v, Some(*o))),
+            None => out.push((*k, *v, None)),
+        }
+    }
+    out
+}
+
+/// The keys of `applied` that `desired` lacks, in key order (one pass over both).
+fn stale_keys<K: Ord + Copy, V>(applied: &BTreeMap<K, V>, desired: &BTreeMap<K, V>) -> Vec<K> {
+    let mut out = Vec::new();
+    let mut want = desired.keys().peekable();
+    for k in applied.keys() {
+        while want.next_if(|w| *w < k).is_some() {}
+        if want.next_if(|w| *w == k).is_none() {
+            out.push(*k);
+        }
+    }
+    out
 }
 
 fn take(dp: &mut Datapath, name: &str) -> Result<Map> {
     dp.take_map(name)
+}
+
+/// A removal that found nothing to remove did what it was asked.
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+fn describe(e: &MapError) -> String {
+    match e {
+        MapError::SyscallError(s) => s.io_error.to_string(),
+        other => other.to_string(),
+    }
 }
 
 impl MapWriter {
@@ -51,17 +153,32 @@ impl MapWriter {
     pub fn new(dp: &mut Datapath) -> Result<Self> {
         let endpoints = HashMap::try_from(take(dp, map_names::ENDPOINTS)?)?;
         let identities = HashMap::try_from(take(dp, map_names::IDENTITIES)?)?;
+        let endpoint_addrs = HashMap::try_from(take(dp, map_names::EP_ADDRS)?)?;
         let cidrs = LpmTrie::try_from(take(dp, map_names::CIDRS)?)?;
         let policy = LpmTrie::try_from(take(dp, map_names::POLICY)?)?;
         let mut w = MapWriter {
             endpoints,
             identities,
+            endpoint_addrs,
             cidrs,
             policy,
             applied: DesiredState::default(),
             revisions: BTreeMap::new(),
+            next_revision: 1,
+            failures: Vec::new(),
+            failures_total: 0,
         };
         w.read_back().context("reading pinned maps")?;
+        // Above every revision in use, conntrack entries of removed endpoints included.
+        let mut max = w.revisions.values().copied().max().unwrap_or(0);
+        if let Some(ct) = dp.map(map_names::CONNTRACK) {
+            let ct: HashMap<&MapData, CtKey, CtEntry> = HashMap::try_from(ct)?;
+            for item in ct.iter() {
+                let (_, e) = item?;
+                max = max.max(e.revision);
+            }
+        }
+        w.next_revision = max.wrapping_add(1).max(1);
         Ok(w)
     }
 
@@ -74,6 +191,10 @@ impl MapWriter {
         for item in self.identities.iter() {
             let (addr, id) = item?;
             self.applied.identities.insert(addr, id);
+        }
+        for item in self.endpoint_addrs.iter() {
+            let (addr, id) = item?;
+            self.applied.endpoint_addrs.insert(addr, id);
         }
         for item in self.cidrs.iter() {
             let (key, class) = item?;
@@ -95,132 +216,274 @@ impl MapWriter {
     }
 
     /// The state the maps hold, with the revisions that were written.
+    /// Forgets what this writer believes ENDPOINTS holds for `ifindex`, because someone else
+    /// (the CNI plugin) wrote it: the next `apply` writes the desired entry again.
+    pub fn forget_endpoint(&mut self, ifindex: u32) {
+        self.applied.endpoints.remove(&ifindex);
+    }
+
     pub fn applied(&self) -> &DesiredState {
         &self.applied
     }
 
+    /// The writes that failed in the last `apply` (each fails closed; see the module doc).
+    pub fn failures(&self) -> &[MapFailure] {
+        &self.failures
+    }
+
+    /// Failed writes since the writer was created.
+    pub fn failures_total(&self) -> u64 {
+        self.failures_total
+    }
+
+    /// Endpoints (ifindex, endpoint id) switched to `EP_PENDING` because of failed writes.
+    pub fn pending(&self) -> Vec<(u32, u32)> {
+        self.applied
+            .endpoints
+            .iter()
+            .filter(|(_, info)| info.flags & EP_PENDING != 0)
+            .map(|(ifindex, info)| (*ifindex, info.id))
+            .collect()
+    }
+
+    fn fail(
+        &mut self,
+        desired: &DesiredState,
+        map: &'static str,
+        endpoint: Option<u32>,
+        error: String,
+    ) {
+        self.failures_total += 1;
+        // One report per map and endpoint: a full map fails thousands of writes alike.
+        if let Some(f) = self
+            .failures
+            .iter_mut()
+            .find(|f| f.map == map && f.endpoint == endpoint)
+        {
+            f.count += 1;
+            return;
+        }
+        let pod = endpoint
+            .and_then(|id| desired.endpoint_meta.get(&id))
+            .map(|m| m.pod.to_string());
+        let f = MapFailure {
+            map,
+            endpoint,
+            pod,
+            error,
+            count: 1,
+        };
+        error!("{f}");
+        self.failures.push(f);
+    }
+
     pub fn apply(&mut self, desired: &DesiredState) -> ApplyStats {
         let mut stats = ApplyStats::default();
+        self.failures.clear();
         // Endpoints whose policy entries change get a new revision (conntrack re-checks their
         // flows); endpoints whose entries cannot be written fail closed.
         let mut touched: BTreeSet<u32> = BTreeSet::new();
         let mut failed: BTreeSet<u32> = BTreeSet::new();
         let mut identities_changed = false;
+        // An identity that could be neither changed nor removed: every endpoint fails closed.
+        let mut identity_stuck = false;
 
         // 1. Additions and changes.
-        for (addr, id) in &desired.identities {
-            if self.applied.identities.get(addr) != Some(id) {
-                identities_changed |= self.applied.identities.contains_key(addr);
-                match self.identities.insert(*addr, *id, 0) {
-                    Ok(()) => {
-                        self.applied.identities.insert(*addr, *id);
-                        stats.written += 1;
+        for (addr, id, old) in changed(&desired.identities, &self.applied.identities) {
+            let (addr, id) = (&addr, &id);
+            identities_changed |= old.is_some();
+            match self.identities.insert(*addr, *id, 0) {
+                Ok(()) => {
+                    self.applied.identities.insert(*addr, *id);
+                    stats.written += 1;
+                }
+                Err(e) => {
+                    stats.failed += 1;
+                    let mut msg = format!("insert {addr:?} -> {id} failed: {}", describe(&e));
+                    if old.is_some() {
+                        // The old identity must not keep its allows: no identity allows less.
+                        match self.identities.remove(addr) {
+                            Ok(()) => {
+                                self.applied.identities.remove(addr);
+                                msg.push_str("; the address's old identity was removed");
+                            }
+                            Err(e) if is_not_found(&e) => {
+                                self.applied.identities.remove(addr);
+                            }
+                            Err(e) => {
+                                identity_stuck = true;
+                                msg.push_str(&format!(
+                                    "; removing its old identity failed too ({}): every endpoint fails closed",
+                                    describe(&e)
+                                ));
+                            }
+                        }
                     }
-                    Err(e) => {
-                        error!(?addr, "IDENTITIES insert failed: {e}");
-                        stats.failed += 1;
-                    }
+                    self.fail(desired, map_names::IDENTITIES, None, msg);
                 }
             }
         }
-        for (entry, class) in &desired.cidrs {
-            if self.applied.cidrs.get(entry) != Some(class) {
-                touched.insert(entry.key.endpoint);
-                let key = Key::new(CIDR_KEY_FIXED_BITS + entry.prefix_len, entry.key);
-                match self.cidrs.insert(&key, *class, 0) {
-                    Ok(()) => {
-                        self.applied.cidrs.insert(*entry, *class);
-                        stats.written += 1;
+        for (addr, id) in &desired.endpoint_addrs {
+            let old = self.applied.endpoint_addrs.get(addr).copied();
+            if old == Some(*id) {
+                continue;
+            }
+            match self.endpoint_addrs.insert(*addr, *id, 0) {
+                Ok(()) => {
+                    self.applied.endpoint_addrs.insert(*addr, *id);
+                    stats.written += 1;
+                }
+                Err(e) => {
+                    stats.failed += 1;
+                    failed.insert(*id);
+                    if let Some(old) = old {
+                        // The address's previous owner must not keep it.
+                        failed.insert(old);
                     }
-                    Err(e) => {
-                        error!(endpoint = entry.key.endpoint, "CIDRS insert failed: {e}");
-                        failed.insert(entry.key.endpoint);
-                        stats.failed += 1;
-                    }
+                    let msg = format!("insert {addr:?} failed: {}", describe(&e));
+                    self.fail(desired, map_names::EP_ADDRS, Some(*id), msg);
                 }
             }
         }
-        for (entry, value) in &desired.policy {
-            if self.applied.policy.get(entry) != Some(value) {
-                touched.insert(entry.key.endpoint);
-                let key = Key::new(entry.prefix_len, entry.key);
-                match self.policy.insert(&key, *value, 0) {
-                    Ok(()) => {
-                        self.applied.policy.insert(*entry, *value);
-                        stats.written += 1;
-                    }
-                    Err(e) => {
-                        error!(endpoint = entry.key.endpoint, "POLICY insert failed: {e}");
-                        failed.insert(entry.key.endpoint);
-                        stats.failed += 1;
-                    }
-                }
-            }
-        }
-        // 2. Stale allow entries go before endpoint revisions are bumped, so that a flow
-        //    re-checked under the new revision can never see an allow that is being removed.
-        let stale: Vec<_> = self
-            .applied
-            .policy
-            .keys()
-            .filter(|e| !desired.policy.contains_key(e))
-            .copied()
+        let cidr_changes: Vec<_> = changed(&desired.cidrs, &self.applied.cidrs)
+            .into_iter()
+            .map(|(e, c, _)| (e, c))
             .collect();
+        for (entry, class) in cidr_changes {
+            touched.insert(entry.key.endpoint);
+            let key = Key::new(CIDR_KEY_FIXED_BITS + entry.prefix_len, entry.key);
+            match self.cidrs.insert(&key, class, 0) {
+                Ok(()) => {
+                    self.applied.cidrs.insert(entry, class);
+                    stats.written += 1;
+                }
+                Err(e) => {
+                    failed.insert(entry.key.endpoint);
+                    stats.failed += 1;
+                    let msg = format!("insert failed: {}", describe(&e));
+                    self.fail(desired, map_names::CIDRS, Some(entry.key.endpoint), msg);
+                }
+            }
+        }
+        let policy_changes: Vec<_> = changed(&desired.policy, &self.applied.policy)
+            .into_iter()
+            .map(|(e, v, _)| (e, v))
+            .collect();
+        for (entry, value) in policy_changes {
+            touched.insert(entry.key.endpoint);
+            let key = Key::new(entry.prefix_len, entry.key);
+            match self.policy.insert(&key, value, 0) {
+                Ok(()) => {
+                    self.applied.policy.insert(entry, value);
+                    stats.written += 1;
+                }
+                Err(e) => {
+                    failed.insert(entry.key.endpoint);
+                    stats.failed += 1;
+                    let msg = format!("insert failed: {}", describe(&e));
+                    self.fail(desired, map_names::POLICY, Some(entry.key.endpoint), msg);
+                }
+            }
+        }
+        // 2. Stale entries go before endpoint revisions are bumped, so that a flow re-checked
+        //    under the new revision can never see an allow that is being removed. An entry
+        //    that cannot be removed stays known (and is retried by the next apply); its
+        //    endpoint fails closed meanwhile.
+        let stale = stale_keys(&self.applied.policy, &desired.policy);
         for entry in stale {
             touched.insert(entry.key.endpoint);
-            self.applied.policy.remove(&entry);
             match self.policy.remove(&Key::new(entry.prefix_len, entry.key)) {
                 Ok(()) => stats.removed += 1,
-                Err(e) => warn!(?entry, "POLICY remove: {e}"),
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    failed.insert(entry.key.endpoint);
+                    stats.failed += 1;
+                    let msg = format!("remove of a stale allow failed: {}", describe(&e));
+                    self.fail(desired, map_names::POLICY, Some(entry.key.endpoint), msg);
+                    continue;
+                }
             }
+            self.applied.policy.remove(&entry);
         }
-        let stale: Vec<_> = self
-            .applied
-            .cidrs
-            .keys()
-            .filter(|e| !desired.cidrs.contains_key(e))
-            .copied()
-            .collect();
+        let stale = stale_keys(&self.applied.cidrs, &desired.cidrs);
         for entry in stale {
             touched.insert(entry.key.endpoint);
-            self.applied.cidrs.remove(&entry);
             let key = Key::new(CIDR_KEY_FIXED_BITS + entry.prefix_len, entry.key);
             match self.cidrs.remove(&key) {
                 Ok(()) => stats.removed += 1,
-                Err(e) => warn!(?entry, "CIDRS remove: {e}"),
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    failed.insert(entry.key.endpoint);
+                    stats.failed += 1;
+                    let msg = format!("remove of a stale prefix failed: {}", describe(&e));
+                    self.fail(desired, map_names::CIDRS, Some(entry.key.endpoint), msg);
+                    continue;
+                }
             }
+            self.applied.cidrs.remove(&entry);
         }
         let stale: Vec<_> = self
             .applied
-            .identities
-            .keys()
-            .filter(|a| !desired.identities.contains_key(a))
-            .copied()
+            .endpoint_addrs
+            .iter()
+            .filter(|(a, _)| !desired.endpoint_addrs.contains_key(a))
+            .map(|(a, id)| (*a, *id))
             .collect();
+        for (addr, id) in stale {
+            match self.endpoint_addrs.remove(&addr) {
+                Ok(()) => stats.removed += 1,
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    failed.insert(id);
+                    stats.failed += 1;
+                    let msg = format!("remove of {addr:?} failed: {}", describe(&e));
+                    self.fail(desired, map_names::EP_ADDRS, Some(id), msg);
+                    continue;
+                }
+            }
+            self.applied.endpoint_addrs.remove(&addr);
+        }
+        let stale = stale_keys(&self.applied.identities, &desired.identities);
         for addr in stale {
             identities_changed = true;
-            self.applied.identities.remove(&addr);
             match self.identities.remove(&addr) {
                 Ok(()) => stats.removed += 1,
-                Err(e) => warn!(?addr, "IDENTITIES remove: {e}"),
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    identity_stuck = true;
+                    stats.failed += 1;
+                    let msg = format!(
+                        "remove of {addr:?} failed: {}: every endpoint fails closed",
+                        describe(&e)
+                    );
+                    self.fail(desired, map_names::IDENTITIES, None, msg);
+                    continue;
+                }
             }
+            self.applied.identities.remove(&addr);
         }
-        // 3. Endpoints.
+        // 3. Endpoints. An endpoint id behind two interfaces gets one new revision.
+        let mut bumped: BTreeMap<u32, u32> = BTreeMap::new();
         for (ifindex, want) in &desired.endpoints {
             let current = self.applied.endpoints.get(ifindex).copied();
             let mut info = *want;
             let mut revision = self.revisions.get(&want.id).copied().unwrap_or(0);
+            let was = revision;
+            let fails_closed = identity_stuck || failed.contains(&want.id);
             let flags_changed = current.map(|c| c.flags) != Some(want.flags);
-            if revision == 0
+            if let Some(r) = bumped.get(&want.id) {
+                revision = *r;
+            } else if revision == 0
                 || touched.contains(&want.id)
                 || identities_changed
                 || flags_changed
-                || failed.contains(&want.id)
+                || fails_closed
             {
-                revision = revision.wrapping_add(1).max(1);
+                revision = self.next_revision;
+                bumped.insert(want.id, revision);
             }
             info.revision = revision;
-            if failed.contains(&want.id) {
+            if fails_closed {
                 warn!(
                     ifindex,
                     endpoint = want.id,
@@ -235,11 +498,31 @@ impl MapWriter {
                 Ok(()) => {
                     self.applied.endpoints.insert(*ifindex, info);
                     self.revisions.insert(want.id, revision);
+                    if revision != was {
+                        self.next_revision = self.next_revision.wrapping_add(1).max(1);
+                    }
                     stats.written += 1;
                 }
                 Err(e) => {
-                    error!(ifindex, "ENDPOINTS insert failed: {e}");
                     stats.failed += 1;
+                    let mut msg = format!("insert for ifindex {ifindex} failed: {}", describe(&e));
+                    // Without an entry the attached programs drop everything; an old entry
+                    // (other flags, older revision) must not stay in force.
+                    if current.is_some() {
+                        match self.endpoints.remove(ifindex) {
+                            Ok(()) => {
+                                self.applied.endpoints.remove(ifindex);
+                            }
+                            Err(e) if is_not_found(&e) => {
+                                self.applied.endpoints.remove(ifindex);
+                            }
+                            Err(e) => msg.push_str(&format!(
+                                "; removing its old entry failed too: {}",
+                                describe(&e)
+                            )),
+                        }
+                    }
+                    self.fail(desired, map_names::ENDPOINTS, Some(want.id), msg);
                 }
             }
         }
@@ -253,17 +536,46 @@ impl MapWriter {
             .copied()
             .collect();
         for ifindex in stale {
-            if let Some(info) = self.applied.endpoints.remove(&ifindex) {
+            if let Some(info) = self.applied.endpoints.remove(&ifindex)
+                && !desired.endpoints.values().any(|e| e.id == info.id)
+            {
                 self.revisions.remove(&info.id);
             }
             match self.endpoints.remove(&ifindex) {
                 Ok(()) => stats.removed += 1,
+                Err(e) if is_not_found(&e) => {}
                 Err(e) => warn!(ifindex, "ENDPOINTS remove: {e}"),
             }
         }
-        self.applied.rules = desired.rules.clone();
-        self.applied.endpoint_meta = desired.endpoint_meta.clone();
-        self.applied.identity_pods = desired.identity_pods.clone();
+        // Comparing first is cheaper than cloning (no allocation), and these rarely change.
+        if self.applied.rules != desired.rules {
+            self.applied.rules = desired.rules.clone();
+        }
+        if self.applied.endpoint_meta != desired.endpoint_meta {
+            self.applied.endpoint_meta = desired.endpoint_meta.clone();
+        }
+        if self.applied.identity_pods != desired.identity_pods {
+            self.applied.identity_pods = desired.identity_pods.clone();
+        }
         stats
+    }
+}
+
+#[cfg(test)]
+mod diff_tests {
+    use super::*;
+
+    #[test]
+    fn merge_diff_matches_lookups() {
+        let desired: BTreeMap<u32, u32> = [(1, 10), (3, 30), (4, 41), (7, 70), (9, 90)].into();
+        let applied: BTreeMap<u32, u32> = [(0, 0), (3, 30), (4, 40), (5, 50), (9, 90)].into();
+        assert_eq!(
+            changed(&desired, &applied),
+            vec![(1, 10, None), (4, 41, Some(40)), (7, 70, None)]
+        );
+        assert_eq!(stale_keys(&applied, &desired), vec![0, 5]);
+        assert!(changed(&desired, &desired).is_empty());
+        assert_eq!(stale_keys(&desired, &BTreeMap::new()), vec![1, 3, 4, 7, 9]);
+        assert_eq!(changed(&BTreeMap::new(), &applied), vec![]);
     }
 }

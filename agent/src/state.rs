@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use palisade_common::{CidrKey, EndpointInfo, PeerAddr, PolicyKey, PolicyValue};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A pod, by namespace and name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PodRef {
     pub namespace: String,
     pub name: String,
@@ -22,7 +22,7 @@ impl fmt::Display for PodRef {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     Ingress,
@@ -59,7 +59,7 @@ impl fmt::Display for Direction {
 }
 
 /// Where a rule id came from: `spec.<direction>[index]` of one NetworkPolicy.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RuleRef {
     pub namespace: String,
     pub policy: String,
@@ -95,13 +95,22 @@ pub struct PolicyEntry {
 }
 
 /// A local endpoint as the compiler saw it: which pod, which host interface.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointMeta {
     pub pod: PodRef,
     pub ifindex: u32,
-    /// Policies selecting the pod, per direction (namespace/name).
+    /// Policies whose rules are in force for the pod, per direction (namespace/name): the
+    /// enforcing policies selecting it or, where only audit policies select it in that
+    /// direction, those (the direction is then audited: `EP_AUDIT_*`).
     pub ingress_policies: Vec<String>,
     pub egress_policies: Vec<String>,
+    /// Audit policies that select the pod but are not in force in that direction, because
+    /// enforcing policies isolate it there (an audit policy's allows never open what enforcing
+    /// policies deny).
+    #[serde(default)]
+    pub ingress_audit_ignored: Vec<String>,
+    #[serde(default)]
+    pub egress_audit_ignored: Vec<String>,
 }
 
 /// Everything the BPF maps should contain, plus what is needed to explain it.
@@ -113,6 +122,9 @@ pub struct DesiredState {
     /// IDENTITIES: pod addresses (every pod in the cluster, not only local ones) and this node's
     /// own addresses (`IDENTITY_HOST`).
     pub identities: BTreeMap<PeerAddr, u32>,
+    /// EP_ADDRS: the addresses of the local endpoints -> endpoint id (source address
+    /// verification and self traffic). This node's own addresses are never in it.
+    pub endpoint_addrs: BTreeMap<PeerAddr, u32>,
     /// CIDRS: flattened ipBlock prefixes -> CIDR class id (or `CIDR_CLASS_NONE`).
     pub cidrs: BTreeMap<CidrEntry, u32>,
     /// POLICY: allow entries.

@@ -105,6 +105,9 @@ fn standard_state() -> DesiredState {
     s.identities.insert(peer_addr(OTHER.into()), OTHER_IDENTITY);
     s.identities.insert(peer_addr(PEER6.into()), PEER_IDENTITY);
     s.identities.insert(peer_addr(NODE.into()), IDENTITY_HOST);
+    // The pod's own addresses (source address verification).
+    s.endpoint_addrs.insert(peer_addr(POD.into()), EP);
+    s.endpoint_addrs.insert(peer_addr(POD6.into()), EP);
     let allow = |s: &mut DesiredState, e: PolicyEntry, rule: u32| {
         s.policy.insert(e, PolicyValue { rule, flags: 0 });
     };
@@ -537,12 +540,19 @@ fn ipv6_with_extension_headers() {
         )),
         TC_ACT_SHOT
     );
-    // Neighbour discovery always passes.
+    // Neighbour discovery passes on the link (here from a link-local source); from a routed
+    // address it is the ICMPv6 it is, judged by policy.
     let ns = [135u8, 0, 0, 0, 0, 0, 0, 0];
+    let link_local: Ipv6Addr = "fe80::99".parse().unwrap();
     assert_eq!(
-        rig.ingress(&ipv6(stranger, POD6, PROTO_ICMPV6, &ns)),
+        rig.ingress(&ipv6(link_local, POD6, PROTO_ICMPV6, &ns)),
         TC_ACT_OK,
         "neighbour solicitation"
+    );
+    assert_eq!(
+        rig.ingress(&ipv6(stranger, POD6, PROTO_ICMPV6, &ns)),
+        TC_ACT_SHOT,
+        "a routed \"neighbour solicitation\" is policy's"
     );
     // IPv4-mapped source addresses are refused.
     let mapped: Ipv6Addr = "::ffff:10.244.0.11".parse().unwrap();

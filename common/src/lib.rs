@@ -29,8 +29,14 @@ pub const EP_ISOLATED_INGRESS: u32 = 1 << 0;
 pub const EP_ISOLATED_EGRESS: u32 = 1 << 1;
 /// The endpoint's policy is not compiled yet: drop everything (fail closed).
 pub const EP_PENDING: u32 = 1 << 2;
-/// Denials are recorded as "would drop" and the packet passes (node-wide or per-endpoint audit).
-pub const EP_AUDIT: u32 = 1 << 3;
+/// Ingress is audited: a denial is recorded as "would drop" (`VERDICT_AUDIT`) and the packet
+/// passes. Set only where the endpoint is isolated for ingress by audit policies alone (see
+/// ARCHITECTURE.md, "Audit mode").
+pub const EP_AUDIT_INGRESS: u32 = 1 << 3;
+/// As `EP_AUDIT_INGRESS`, for egress.
+pub const EP_AUDIT_EGRESS: u32 = 1 << 4;
+/// Both directions audited.
+pub const EP_AUDIT: u32 = EP_AUDIT_INGRESS | EP_AUDIT_EGRESS;
 
 #[inline(always)]
 pub const fn isolated_flag(dir: u8) -> u32 {
@@ -38,6 +44,15 @@ pub const fn isolated_flag(dir: u8) -> u32 {
         EP_ISOLATED_INGRESS
     } else {
         EP_ISOLATED_EGRESS
+    }
+}
+
+#[inline(always)]
+pub const fn audit_flag(dir: u8) -> u32 {
+    if dir == DIR_INGRESS {
+        EP_AUDIT_INGRESS
+    } else {
+        EP_AUDIT_EGRESS
     }
 }
 
@@ -97,6 +112,15 @@ impl PeerAddr {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// EP_ADDRS: HashMap<PeerAddr, u32 endpoint id>   (the addresses of this node's endpoints)
+// ---------------------------------------------------------------------------------------------
+//
+// A packet leaving a pod must carry one of the pod's own addresses as its source (IPv6
+// link-local and unspecified sources excepted: the node never forwards them), otherwise the pod
+// could borrow an allowed peer's or the node's address. Self traffic (source = destination) is
+// exempt from policy only for the endpoint's own addresses.
 
 // ---------------------------------------------------------------------------------------------
 // CIDRS: LpmTrie<CidrKey, u32 class>   (ipBlock prefixes, per endpoint and direction)
@@ -264,6 +288,11 @@ pub enum Reason {
     NonIp = 8,
     /// The pod's traffic to itself.
     SelfTraffic = 9,
+    /// A packet from the pod whose source address is not one of the pod's (`EP_ADDRS`).
+    Spoofed = 10,
+    /// The interface has the programs attached but no `ENDPOINTS` entry (its entry could not
+    /// be written, or was removed before the programs were detached): fail closed.
+    UnknownEndpoint = 11,
 }
 
 impl Reason {
@@ -278,6 +307,8 @@ impl Reason {
             7 => Reason::Fragment,
             8 => Reason::NonIp,
             9 => Reason::SelfTraffic,
+            10 => Reason::Spoofed,
+            11 => Reason::UnknownEndpoint,
             _ => return None,
         })
     }
@@ -303,7 +334,8 @@ pub struct Event {
     pub _pad: [u8; 7],
 }
 
-/// Per-CPU counters (index into COUNTERS).
+/// Per-CPU counters (index into COUNTERS). Drops and audited ("would drop") packets are also
+/// counted per reason, at `DROPPED_BY_REASON + reason` and `AUDITED_BY_REASON + reason`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -318,7 +350,24 @@ pub enum Counter {
     CtInsertFailed = 8,
     Revalidated = 9,
 }
-pub const COUNTER_SLOTS: u32 = 16;
+/// First slot of the drops-by-reason counters (indexed by `Reason as u32`).
+pub const DROPPED_BY_REASON: u32 = 16;
+/// First slot of the audited-by-reason counters (indexed by `Reason as u32`).
+pub const AUDITED_BY_REASON: u32 = 32;
+pub const COUNTER_SLOTS: u32 = 48;
+
+// ---------------------------------------------------------------------------------------------
+// RULE_STATS: PerCpuHashMap<u32 rule id, RuleStats>
+// ---------------------------------------------------------------------------------------------
+
+/// Packets and bytes let through by one rule (per CPU): the first packet of every flow the rule
+/// allowed and every later packet of those flows (conntrack hits, both directions).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleStats {
+    pub packets: u64,
+    pub bytes: u64,
+}
 
 /// Events allowed per endpoint per second (token bucket refill rate), and the burst size.
 pub const EVENT_RATE_PER_SEC: u64 = 100;
@@ -345,6 +394,8 @@ pub mod map_names {
     pub const EVENTS: &str = "EVENTS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const EP_STATE: &str = "EP_STATE";
+    pub const RULE_STATS: &str = "RULE_STATS";
+    pub const EP_ADDRS: &str = "EP_ADDRS";
 }
 
 /// Map capacities, shared so the agent can report fill levels.
@@ -356,6 +407,8 @@ pub mod capacity {
     pub const CONNTRACK: u32 = 262_144;
     pub const FRAGMENTS: u32 = 8192;
     pub const EVENTS_BYTES: u32 = 1 << 20;
+    pub const RULE_STATS: u32 = 65_536;
+    pub const EP_ADDRS: u32 = 16_384;
 }
 
 #[cfg(feature = "user")]
@@ -372,6 +425,7 @@ mod user {
     unsafe impl aya::Pod for FragPorts {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for EndpointState {}
+    unsafe impl aya::Pod for RuleStats {}
 }
 
 #[cfg(test)]
@@ -390,6 +444,10 @@ mod tests {
         assert_eq!(size_of::<CtEntry>(), 48);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<Event>(), 72);
+        assert_eq!(size_of::<EndpointState>(), 24);
+        assert_eq!(size_of::<RuleStats>(), 16);
+        const { assert!(DROPPED_BY_REASON + 16 <= AUDITED_BY_REASON) };
+        const { assert!(AUDITED_BY_REASON + 16 <= COUNTER_SLOTS) };
         assert_eq!(CIDR_KEY_FIXED_BITS as usize, 8 * 8);
         assert_eq!(POLICY_KEY_FULL_BITS as usize, 8 * size_of::<PolicyKey>());
     }

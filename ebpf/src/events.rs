@@ -1,24 +1,71 @@
 //! Counters and verdict events. Events go to a ring buffer for new allowed flows and drops
 //! only (never per packet of an established flow), through a per-endpoint token bucket so a
 //! flood from one pod cannot starve the node; what the bucket refuses is counted.
-use aya_ebpf::helpers::bpf_ktime_get_ns;
-use palisade_common::{Counter, EVENT_BURST, EVENT_RATE_PER_SEC, EndpointState, Event, Reason};
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use palisade_common::{
+    AUDITED_BY_REASON, Counter, DROPPED_BY_REASON, EVENT_BURST, EVENT_RATE_PER_SEC, EndpointState,
+    Event, Reason, RuleStats,
+};
 
 use crate::{
-    maps::{COUNTERS, EP_STATE, EVENTS},
+    maps::{COUNTERS, EP_STATE, EVENTS, RULE_STATS},
     parse::Packet,
 };
 
 #[inline(always)]
-pub fn count(counter: Counter) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+fn count_slot(slot: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(slot) {
         unsafe { *slot += 1 };
     }
 }
 
 #[inline(always)]
+pub fn count(counter: Counter) {
+    count_slot(counter as u32);
+}
+
+/// A dropped packet, by reason.
+#[inline(always)]
+pub fn count_drop(reason: Reason) {
+    count(Counter::Dropped);
+    count_slot(DROPPED_BY_REASON + reason as u32);
+}
+
+/// A packet that would have been dropped and passed because of audit mode, by reason.
+#[inline(always)]
+pub fn count_audit(reason: Reason) {
+    count(Counter::Audited);
+    count_slot(AUDITED_BY_REASON + reason as u32);
+}
+
+/// A packet let through by `rule` (0: no rule decided, not counted).
+#[inline(always)]
+pub fn count_rule(rule: u32, len: u32) {
+    if rule == 0 {
+        return;
+    }
+    match RULE_STATS.get_ptr_mut(rule) {
+        Some(s) => unsafe {
+            (*s).packets += 1;
+            (*s).bytes += len as u64;
+        },
+        None => {
+            let fresh = RuleStats {
+                packets: 1,
+                bytes: len as u64,
+            };
+            let _ = RULE_STATS.insert(rule, fresh, 0);
+        }
+    }
+}
+
+/// The monotonic clock at tick resolution (CLOCK_MONOTONIC_COARSE). Everything timed here
+/// is in milliseconds or more (conntrack timeouts and refresh, the event token bucket, event
+/// times), and the coarse clock costs a fraction of `bpf_ktime_get_ns`, which reads the TSC
+/// (tens of ns per packet on virtual machines).
+#[inline(always)]
 pub fn now_ns() -> u64 {
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Takes a token from the endpoint's bucket; false when the event must be suppressed.

@@ -2,11 +2,11 @@
 //! documents each one.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use palisade_common::{
     COUNTER_SLOTS, CidrKey, CtEntry, CtKey, EndpointInfo, EndpointState, FragKey, FragPorts,
-    PeerAddr, PolicyKey, PolicyValue, capacity,
+    PeerAddr, PolicyKey, PolicyValue, RuleStats, capacity,
 };
 
 use crate::parse::Packet;
@@ -51,3 +51,14 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SL
 #[map]
 pub static EP_STATE: HashMap<u32, EndpointState> =
     HashMap::with_max_entries(capacity::ENDPOINTS, 0);
+
+/// Rule id -> packets and bytes it let through (per CPU). Written by the datapath; the agent
+/// reads it and removes the entries of rules that no longer exist.
+#[map]
+pub static RULE_STATS: PerCpuHashMap<u32, RuleStats> =
+    PerCpuHashMap::with_max_entries(capacity::RULE_STATS, 0);
+
+/// Addresses of this node's endpoints -> endpoint id: source address verification and self
+/// traffic. Written by the agent only.
+#[map]
+pub static EP_ADDRS: HashMap<PeerAddr, u32> = HashMap::with_max_entries(capacity::EP_ADDRS, 0);

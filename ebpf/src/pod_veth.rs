@@ -8,14 +8,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use palisade_common::{
-    CT_FLAG_AUDIT, Counter, DIR_EGRESS, DIR_INGRESS, EP_AUDIT, EP_PENDING, EndpointInfo, Reason,
-    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP, isolated_flag,
+    AF_INET6, CT_FLAG_AUDIT, Counter, DIR_EGRESS, DIR_INGRESS, EP_PENDING, EndpointInfo, PeerAddr,
+    Reason, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP, audit_flag, isolated_flag,
 };
 
 use crate::{
     conntrack::{self, Lookup},
-    events::{count, emit, now_ns},
-    maps::{ENDPOINTS, SCRATCH},
+    events::{count, count_audit, count_drop, count_rule, emit, now_ns},
+    maps::{ENDPOINTS, EP_ADDRS, SCRATCH},
     parse::{self, Frame, KIND_ICMP_ERROR, KIND_NEIGHBOR, KIND_UNKNOWN_FRAGMENT, Packet},
     policy,
 };
@@ -41,6 +41,17 @@ fn peer(dir: u8, src: &[u8; 16], dst: &[u8; 16]) -> [u8; 16] {
     if dir == DIR_INGRESS { *src } else { *dst }
 }
 
+/// Is `addr` one of the endpoint's own addresses?
+#[inline(always)]
+fn own_address(ep: &EndpointInfo, family: u8, addr: &[u8; 16]) -> bool {
+    let key = PeerAddr {
+        family,
+        _pad: [0; 3],
+        addr: *addr,
+    };
+    matches!(unsafe { EP_ADDRS.get(key) }, Some(id) if *id == ep.id)
+}
+
 struct Ctx {
     ep: EndpointInfo,
     ifindex: u32,
@@ -49,10 +60,17 @@ struct Ctx {
     now: u64,
 }
 
+/// Drops a packet that the policy of direction `judged` (the packet's own direction, or for a
+/// re-checked flow the flow's original one) does not allow. Where that direction is audited,
+/// the packet passes and the event says "would drop". Malformed and spoofed packets are never
+/// audited.
 #[inline(always)]
-fn drop_packet(c: &Ctx, pkt: Option<&Packet>, reason: Reason) -> Result<i32, i32> {
-    if c.ep.flags & EP_AUDIT != 0 && reason != Reason::Malformed {
-        count(Counter::Audited);
+fn drop_packet(c: &Ctx, judged: u8, pkt: Option<&Packet>, reason: Reason) -> Result<i32, i32> {
+    if c.ep.flags & audit_flag(judged) != 0
+        && reason != Reason::Malformed
+        && reason != Reason::Spoofed
+    {
+        count_audit(reason);
         emit(
             c.ep.id,
             c.ifindex,
@@ -66,7 +84,7 @@ fn drop_packet(c: &Ctx, pkt: Option<&Packet>, reason: Reason) -> Result<i32, i32
         );
         return Ok(TC_ACT_OK);
     }
-    count(Counter::Dropped);
+    count_drop(reason);
     emit(
         c.ep.id,
         c.ifindex,
@@ -84,10 +102,15 @@ fn drop_packet(c: &Ctx, pkt: Option<&Packet>, reason: Reason) -> Result<i32, i32
 #[inline(always)]
 fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // Interfaces that are not pod endpoints are not ours to filter.
+    // The agent attaches the programs to endpoints only, after writing their entry, and
+    // removes the entry only to detach them: an attached interface without an entry is one
+    // whose entry could not be written. Fail closed.
     let ep = match unsafe { ENDPOINTS.get(ifindex) } {
         Some(ep) => *ep,
-        None => return Ok(TC_ACT_OK),
+        None => {
+            count_drop(Reason::UnknownEndpoint);
+            return Err(TC_ACT_SHOT);
+        }
     };
     let c = Ctx {
         ep,
@@ -97,7 +120,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         now: now_ns(),
     };
     if ep.flags & EP_PENDING != 0 {
-        count(Counter::Dropped);
+        count_drop(Reason::Pending);
         emit(
             ep.id,
             ifindex,
@@ -124,12 +147,20 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             if ep.flags & isolated_flag(dir) == 0 {
                 return Ok(TC_ACT_OK);
             }
-            return drop_packet(&c, None, Reason::NonIp);
+            return drop_packet(&c, dir, None, Reason::NonIp);
         }
         Err(_) => {
             count(Counter::Malformed);
-            return drop_packet(&c, None, Reason::Malformed);
+            return drop_packet(&c, dir, None, Reason::Malformed);
         }
+    }
+    // Source address verification: a pod sends from its own addresses only (IPv6 link-local
+    // and unspecified sources excepted: they never leave the link).
+    if dir == DIR_EGRESS
+        && !own_address(&ep, pkt.family, &pkt.outer_src)
+        && !(pkt.family == AF_INET6 && parse::is_link_local_or_unspecified(&pkt.outer_src))
+    {
+        return drop_packet(&c, dir, Some(pkt), Reason::Spoofed);
     }
     if pkt.kind == KIND_NEIGHBOR {
         return Ok(TC_ACT_OK);
@@ -139,6 +170,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         Lookup::Hit(entry, key) => {
             if unsafe { (*entry).revision } == ep.revision {
                 count(Counter::CtHit);
+                count_rule(unsafe { (*entry).rule }, c.len);
                 conntrack::touch(entry, pkt, c.len, c.now);
                 return Ok(TC_ACT_OK);
             }
@@ -157,12 +189,25 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
                 unsafe {
                     (*entry).revision = ep.revision;
                     (*entry).rule = v.rule;
+                    (*entry).flags &= !CT_FLAG_AUDIT;
                 }
+                count_rule(v.rule, c.len);
                 conntrack::touch(entry, pkt, c.len, c.now);
                 return Ok(TC_ACT_OK);
             }
+            if ep.flags & audit_flag(key.dir) != 0 {
+                // Still only audited: the flow stays tracked as "would drop", recorded once
+                // per policy change rather than once per packet.
+                unsafe {
+                    (*entry).revision = ep.revision;
+                    (*entry).rule = 0;
+                    (*entry).flags |= CT_FLAG_AUDIT;
+                }
+                conntrack::touch(entry, pkt, c.len, c.now);
+                return drop_packet(&c, key.dir, Some(pkt), v.reason);
+            }
             conntrack::remove(&key);
-            return drop_packet(&c, Some(pkt), v.reason);
+            return drop_packet(&c, key.dir, Some(pkt), v.reason);
         }
         Lookup::Miss => {}
     }
@@ -178,13 +223,14 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             0,
         );
         if v.allowed {
+            count_rule(v.rule, c.len);
             return Ok(TC_ACT_OK);
         }
-        return drop_packet(&c, Some(pkt), v.reason);
+        return drop_packet(&c, dir, Some(pkt), v.reason);
     }
 
     // The pod's traffic to itself (through a service hairpin) is never restricted.
-    if pkt.src == pkt.dst {
+    if pkt.src == pkt.dst && own_address(&ep, pkt.family, &pkt.dst) {
         return Ok(TC_ACT_OK);
     }
 
@@ -202,19 +248,23 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         } else {
             v.reason
         };
-        if ep.flags & EP_AUDIT != 0 {
+        if ep.flags & audit_flag(dir) != 0 {
+            // The rest of an audited flow (and its replies) passes by conntrack, quietly.
             let key = conntrack::forward_key(ep.id, dir, pkt);
             conntrack::create(&key, 0, ep.revision, CT_FLAG_AUDIT, c.len, c.now);
         }
-        return drop_packet(&c, Some(pkt), reason);
+        return drop_packet(&c, dir, Some(pkt), reason);
     }
-    if v.reason != Reason::Host {
+    // Node traffic needs no entry; nor does a later fragment whose first fragment was not
+    // seen (its port-0 tuple would admit other port-0 fragments as "replies").
+    if v.reason != Reason::Host && pkt.kind != KIND_UNKNOWN_FRAGMENT {
         let key = conntrack::forward_key(ep.id, dir, pkt);
         if !conntrack::create(&key, v.rule, ep.revision, 0, c.len, c.now) {
             count(Counter::CtInsertFailed);
         }
     }
     count(Counter::NewAllowed);
+    count_rule(v.rule, c.len);
     emit(
         ep.id,
         ifindex,

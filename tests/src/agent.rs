@@ -3,7 +3,7 @@
 use std::{
     fs::File,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -20,6 +20,19 @@ pub struct Status {
     pub endpoints: usize,
     pub policy_entries: usize,
     pub errors: Vec<String>,
+    /// Configuration errors among `errors`.
+    #[serde(default)]
+    pub config_errors: usize,
+    /// Endpoints failing closed because their entries could not be written.
+    #[serde(default)]
+    pub pending_endpoints: Vec<String>,
+    #[serde(default)]
+    pub map_write_failures_total: u64,
+    #[serde(default)]
+    pub attach_failures: usize,
+    /// Pins put back and links re-attached since the agent started.
+    #[serde(default)]
+    pub repairs_total: u64,
 }
 
 pub struct AgentProcess {
@@ -28,6 +41,12 @@ pub struct AgentProcess {
     status: PathBuf,
     log: PathBuf,
     pin_dir: PathBuf,
+    /// The CLI socket (`state.json` beside it).
+    socket: PathBuf,
+    /// The binary, for CLI commands.
+    binary: PathBuf,
+    /// Extra `run` arguments (`--audit`, `--metrics-addr ...`).
+    extra_args: Vec<String>,
 }
 
 /// The agent binary: `PALISADE_AGENT_BIN` (set by `cargo xtask test`) or the debug build.
@@ -48,6 +67,17 @@ fn unix_ms(t: SystemTime) -> u128 {
 impl AgentProcess {
     /// Mounts a bpffs under `work`, then starts `agent run` in the node's network namespace.
     pub fn start(node: &Node, agent: &Path, manifests: &Path, work: &Path) -> Result<Self> {
+        Self::start_with(node, agent, manifests, work, &[])
+    }
+
+    /// As `start`, with extra `palisade run` arguments.
+    pub fn start_with(
+        node: &Node,
+        agent: &Path,
+        manifests: &Path,
+        work: &Path,
+        extra_args: &[&str],
+    ) -> Result<Self> {
         let bpffs = work.join("bpffs");
         std::fs::create_dir_all(&bpffs)?;
         nix::mount::mount(
@@ -64,6 +94,9 @@ impl AgentProcess {
             bpffs,
             status: work.join("status.json"),
             log: work.join("agent.log"),
+            socket: work.join("run").join("palisade.sock"),
+            binary: agent.to_path_buf(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         agent_process.spawn(node, agent, manifests)?;
         Ok(agent_process)
@@ -81,6 +114,9 @@ impl AgentProcess {
             .arg("--status-file")
             .arg(&self.status)
             .args(["--poll-ms", "100"])
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(&self.extra_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -98,6 +134,40 @@ impl AgentProcess {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// A `palisade <args>` CLI command against this agent's socket. The CLI needs no network
+    /// namespace: the socket and the pinned maps are paths in this mount namespace.
+    pub fn cli(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(args).arg("--socket").arg(&self.socket);
+        cmd
+    }
+
+    /// Runs `palisade <args> -o json` and parses its output.
+    pub fn cli_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let out = self
+            .cli(args)
+            .args(["-o", "json"])
+            .output()
+            .with_context(|| format!("running {} {args:?}", self.binary.display()))?;
+        if !out.status.success() {
+            bail!(
+                "palisade {args:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "palisade {args:?}: output is not JSON: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
     }
 
     pub fn status(&self) -> Option<Status> {

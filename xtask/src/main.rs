@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: builds the eBPF object and the agent, runs the demo, the tests and
 //! the conformance suite. See README.md.
+mod bench;
 mod build;
 mod run;
 
@@ -38,6 +39,28 @@ enum Command {
     },
     /// fmt --check and clippy -D warnings on the workspace.
     Lint,
+    /// Benchmarks against the alternatives (per-packet cost, throughput, churn, memory):
+    /// target/bench/report.json, report.md and plot.png. Needs root; installs iperf3, ipset,
+    /// iptables and (in a virtualenv) matplotlib if missing.
+    Bench {
+        /// Fewer repeats and shorter runs (every figure is still measured).
+        #[arg(long)]
+        quick: bool,
+        /// Extra arguments for the runner (--only packet,throughput,churn).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Random and malformed packets through the real programs (BPF test runs) under random
+    /// policies, every verdict checked against the packet model; ends with `N packets, B
+    /// bypasses` and fails on any mismatch.
+    Fuzz {
+        /// Packets to send.
+        #[arg(long, default_value_t = 1_000_000)]
+        packets: u64,
+        /// Seed (a run is reproduced by its seed and packet count).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -47,5 +70,7 @@ fn main() -> Result<()> {
         Command::Demo => run::demo(),
         Command::Conformance { args } => run::conformance(&args),
         Command::Lint => run::lint(),
+        Command::Bench { quick, args } => bench::bench(quick, &args),
+        Command::Fuzz { packets, seed } => run::fuzz(packets, seed, true),
     }
 }

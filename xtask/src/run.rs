@@ -51,6 +51,7 @@ pub fn test(with_conformance: bool) -> Result<()> {
             .env("PALISADE_AGENT_BIN", &agent),
         "cargo test --workspace (unit, BPF test runs, netns)",
     )?;
+    fuzz(FUZZ_PACKETS_IN_TEST, 1, false)?;
     if with_conformance {
         run(
             &mut tests_bin("conformance", &agent, &[]),
@@ -66,6 +67,38 @@ pub fn test(with_conformance: bool) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Packets `cargo xtask test` fuzzes (`cargo xtask fuzz` defaults to a million).
+const FUZZ_PACKETS_IN_TEST: u64 = 50_000;
+
+/// Runs the packet fuzzer (`agent/src/bin/palisade-fuzz`) against the eBPF object.
+pub fn fuzz(packets: u64, seed: u64, release: bool) -> Result<()> {
+    let obj = crate::build::build_ebpf()?;
+    require_root("cargo xtask fuzz")?;
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--quiet",
+        "-p",
+        "palisade-agent",
+        "--bin",
+        "palisade-fuzz",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    cmd.arg("--")
+        .args([
+            "--packets",
+            &packets.to_string(),
+            "--seed",
+            &seed.to_string(),
+        ])
+        .arg("--object")
+        .arg(&obj)
+        .env("PALISADE_EBPF_OBJ", &obj);
+    run(&mut cmd, &format!("fuzz: {packets} packets, seed {seed}"))
 }
 
 pub fn demo() -> Result<()> {

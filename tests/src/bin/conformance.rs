@@ -43,6 +43,10 @@ struct Args {
     /// How long a mismatching matrix is retried before the probe fails, in milliseconds.
     #[arg(long, default_value_t = 6000)]
     converge_ms: u64,
+    /// Also compute every probe's matrix with `palisade explain` (from the pinned maps) and
+    /// fail the probe if it differs from the probed one.
+    #[arg(long)]
+    check_explain: bool,
 }
 
 #[derive(Deserialize)]
@@ -407,8 +411,29 @@ fn run_case(args: &Args, case: &Case, work: &Path) -> Result<(usize, usize)> {
             let observed = probe_matrix(
                 &node, &pod_names, &world, probe.port, p, timeout, attempts, &expected,
             )?;
-            if observed != expected {
+            let mut explain_mismatch = None;
+            if args.check_explain {
+                let explained = explain_matrix(&agent, &pod_names, probe.port, p, args.ipv6)?;
+                if explained != observed {
+                    explain_mismatch = Some(explained);
+                }
+            }
+            if let Some(explained) = &explain_mismatch {
+                println!(
+                    "  step {} ({}), probe {}/{:?}: EXPLAIN DISAGREES WITH THE DATAPATH\n  probed:\n{}  explain:\n{}  agent log: {}",
+                    i + 1,
+                    step.description,
+                    probe.port,
+                    p,
+                    render(&pod_names, &observed),
+                    render(&pod_names, explained),
+                    agent.log_path().display()
+                );
+            }
+            if observed != expected || explain_mismatch.is_some() {
                 failed += 1;
+            }
+            if observed != expected {
                 println!(
                     "  step {} ({}), probe {}/{:?}: MISMATCH\n  expected:\n{}  observed:\n{}  agent log: {}",
                     i + 1,
@@ -425,6 +450,48 @@ fn run_case(args: &Args, case: &Case, work: &Path) -> Result<(usize, usize)> {
     drop(agent);
     drop(node);
     Ok((probes, failed))
+}
+
+/// `palisade explain` for every ordered pair of distinct pods: the pairs it says are dropped.
+fn explain_matrix(
+    agent: &AgentProcess,
+    pods: &[String],
+    port: u16,
+    proto: Proto,
+    ipv6: bool,
+) -> Result<BTreeSet<(String, String)>> {
+    let port = port.to_string();
+    let mut blocked = BTreeSet::new();
+    for from in pods {
+        for to in pods {
+            if from == to {
+                continue;
+            }
+            let mut args = vec![
+                "explain",
+                "--from",
+                from,
+                "--to",
+                to,
+                "--port",
+                &port,
+                "--protocol",
+                proto.as_str(),
+            ];
+            if ipv6 {
+                args.push("--ipv6");
+            }
+            let e = agent.cli_json(&args)?;
+            match e["verdict"].as_str() {
+                Some("dropped") => {
+                    blocked.insert((from.clone(), to.clone()));
+                }
+                Some("allowed" | "would-drop") => {}
+                other => bail!("explain {from} -> {to}: unexpected verdict {other:?}"),
+            }
+        }
+    }
+    Ok(blocked)
 }
 
 /// Probes every ordered pair of distinct pods; retries until the blocked set equals `want` or

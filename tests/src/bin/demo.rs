@@ -217,6 +217,53 @@ fn run(args: &Args) -> Result<bool> {
             word(got)
         );
     }
+
+    // What the agent saw, through its CLI (the same `palisade` binary, over its socket and
+    // the pinned maps).
+    let show = |args: &[&str]| -> Result<()> {
+        println!("\n$ palisade {}", args.join(" "));
+        let out = agent
+            .cli(args)
+            .output()
+            .with_context(|| format!("running palisade {args:?}"))?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        if !out.status.success() {
+            print!("{}", String::from_utf8_lossy(&out.stderr));
+            anyhow::bail!("palisade {args:?} failed ({})", out.status);
+        }
+        Ok(())
+    };
+    // Verdicts are read from the ring buffer as they come; give the last ones a moment.
+    std::thread::sleep(Duration::from_millis(500));
+    show(&["policy", "show", "shop/backend"])?;
+    show(&[
+        "explain",
+        "--from",
+        "shop/frontend",
+        "--to",
+        "shop/db",
+        "--port",
+        "5432",
+    ])?;
+    show(&["stats"])?;
+    println!(
+        "\n$ curl -s http://127.0.0.1:9090/metrics | grep -E 'verdicts|drops|rule_packets'   # (in the node)"
+    );
+    match node.in_netns(metrics) {
+        Ok(Ok(text)) => {
+            for line in text.lines().filter(|l| {
+                !l.starts_with('#')
+                    && (l.starts_with("palisade_verdicts_total")
+                        || l.starts_with("palisade_drops_total")
+                        || l.starts_with("palisade_rule_packets_total"))
+            }) {
+                println!("{line}");
+            }
+        }
+        Ok(Err(e)) | Err(e) => println!("(metrics endpoint: {e:#})"),
+    }
+    show(&["verdicts"])?;
+
     agent.stop();
     drop(agent);
     drop(node);
@@ -230,6 +277,20 @@ fn run(args: &Args) -> Result<bool> {
         }
     );
     Ok(all_ok)
+}
+
+/// The agent's Prometheus endpoint, from inside the node.
+fn metrics() -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], 9090)),
+        Duration::from_secs(2),
+    )?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
 }
 
 fn main() -> ExitCode {

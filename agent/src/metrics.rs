@@ -1,0 +1,539 @@
+//! Counters for `palisade stats` and the Prometheus endpoint (`--metrics-addr`).
+//!
+//! Two sources: what the agent sees go by (recorded verdicts by namespace, policy and verdict;
+//! reconciles and the time from a change to its enforcement), kept in a `prometheus-client`
+//! registry; and what the datapath counts itself (per-CPU COUNTERS, with drops and "would
+//! drop"s per reason, per-rule packets and bytes in RULE_STATS, suppressed events in
+//! EP_STATE, map fill levels), read from the maps on every scrape or `stats` call
+//! ([`stats_report`]). Recorded verdicts are rate-limited samples; the datapath counters are
+//! exact.
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Result;
+use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
+use palisade_common::{
+    AUDITED_BY_REASON, CT_FLAG_AUDIT, CT_FLAG_CLOSING, Counter as DpCounter, CtEntry, CtKey,
+    DROPPED_BY_REASON, EndpointState, FragKey, FragPorts, RuleStats, capacity, map_names,
+};
+use prometheus_client::{
+    encoding::text::{encode_eof, encode_registry},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::debug;
+
+use crate::{
+    inspect::{REASONS, RuleInfo, reason_name},
+    loader::Datapath,
+    verdicts::{Hub, Names, ReconcileInfo, Verdict},
+};
+
+type Labels = Vec<(String, String)>;
+
+/// The agent's own metrics (the datapath's are read at scrape time).
+pub struct Metrics {
+    registry: Registry,
+    verdicts: Family<Labels, Counter>,
+    reconciles: Counter,
+    enforcement_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let verdicts = Family::<Labels, Counter>::default();
+        registry.register(
+            "palisade_verdicts",
+            "Verdicts recorded from datapath events (new allowed flows, drops, would-drops; rate-limited per endpoint), by the judging pod's namespace, the deciding policy (for denials: the isolating policies) and verdict",
+            verdicts.clone(),
+        );
+        let reconciles = Counter::default();
+        registry.register(
+            "palisade_reconciles",
+            "Reconciles (store compiled and written to the maps)",
+            reconciles.clone(),
+        );
+        let enforcement_latency = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "palisade_enforcement_latency_seconds",
+            "Time from the reconcile that read a change (manifests, pods, host) to the change being in the maps, for reconciles that changed something",
+            enforcement_latency.clone(),
+        );
+        Metrics {
+            registry,
+            verdicts,
+            reconciles,
+            enforcement_latency,
+        }
+    }
+
+    pub fn observe_verdict(&self, v: &Verdict) {
+        let (namespace, policy) = Names::metric_labels(v);
+        self.verdicts
+            .get_or_create(&vec![
+                ("namespace".into(), namespace),
+                ("policy".into(), policy),
+                ("verdict".into(), v.verdict.as_str().into()),
+            ])
+            .inc();
+    }
+
+    pub fn observe_reconcile(&self, elapsed: Duration, changed: bool) {
+        self.reconciles.inc();
+        if changed {
+            self.enforcement_latency.observe(elapsed.as_secs_f64());
+        }
+    }
+}
+
+/// The datapath-owned maps the agent reads for counters.
+pub struct DatapathReader {
+    maps: Mutex<ReaderMaps>,
+}
+
+struct ReaderMaps {
+    counters: PerCpuArray<MapData, u64>,
+    rule_stats: PerCpuHashMap<MapData, u32, RuleStats>,
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    ep_state: HashMap<MapData, u32, EndpointState>,
+    fragments: HashMap<MapData, FragKey, FragPorts>,
+}
+
+impl DatapathReader {
+    pub fn new(dp: &mut Datapath) -> Result<DatapathReader> {
+        Ok(DatapathReader {
+            maps: Mutex::new(ReaderMaps {
+                counters: PerCpuArray::try_from(dp.take_map(map_names::COUNTERS)?)?,
+                rule_stats: PerCpuHashMap::try_from(dp.take_map(map_names::RULE_STATS)?)?,
+                conntrack: HashMap::try_from(dp.take_map(map_names::CONNTRACK)?)?,
+                ep_state: HashMap::try_from(dp.take_map(map_names::EP_STATE)?)?,
+                fragments: HashMap::try_from(dp.take_map(map_names::FRAGMENTS)?)?,
+            }),
+        })
+    }
+
+    /// Removes the counters of rules that no longer exist (ids are not reused before the id
+    /// space runs out, so these would only fill the map).
+    pub fn forget_rules(&self, rules: &BTreeMap<u32, RuleInfo>) {
+        let mut m = self.maps.lock().expect("maps lock");
+        let stale: Vec<u32> = m
+            .rule_stats
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !rules.contains_key(k))
+            .collect();
+        for k in stale {
+            let _ = m.rule_stats.remove(&k);
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatsReport {
+    /// Datapath counters, summed over CPUs.
+    pub counters: BTreeMap<String, u64>,
+    pub drops_by_reason: BTreeMap<String, u64>,
+    /// Denials let through by audit mode, by reason.
+    pub would_drop_by_reason: BTreeMap<String, u64>,
+    /// Packets and bytes let through, per policy and rule (exact, from RULE_STATS).
+    pub policies: Vec<PolicyStats>,
+    pub maps: Vec<MapFill>,
+    pub conntrack: ConntrackStats,
+    pub events: EventStats,
+    pub reconcile: Option<ReconcileInfo>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyStats {
+    pub policy: String,
+    pub audit: bool,
+    pub packets: u64,
+    pub bytes: u64,
+    pub rules: Vec<RuleCount>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleCount {
+    pub id: u32,
+    /// `ingress[0]`.
+    pub rule: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MapFill {
+    pub map: String,
+    pub entries: u64,
+    pub capacity: u64,
+    pub fill: f64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConntrackStats {
+    pub entries: u64,
+    /// Flows let through by audit mode only.
+    pub audited: u64,
+    /// TCP flows that saw FIN or RST.
+    pub closing: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventStats {
+    /// Events the datapath wrote to the ring buffer.
+    pub sent: u64,
+    /// Events the per-endpoint rate limit refused.
+    pub suppressed: u64,
+    /// Events lost because the ring buffer was full.
+    pub lost: u64,
+    /// Verdicts the agent recorded since it started.
+    pub recorded: u64,
+    pub history: usize,
+    pub history_capacity: usize,
+    pub undecodable: u64,
+    /// Suppressed events per endpoint (`namespace/name`), where any.
+    pub suppressed_by_endpoint: BTreeMap<String, u64>,
+}
+
+const COUNTER_NAMES: [(DpCounter, &str); 10] = [
+    (DpCounter::CtHit, "ct_hit"),
+    (DpCounter::NewAllowed, "new_allowed"),
+    (DpCounter::Dropped, "dropped"),
+    (DpCounter::Malformed, "malformed"),
+    (DpCounter::Audited, "would_drop"),
+    (DpCounter::EventsSent, "events_sent"),
+    (DpCounter::EventsSuppressed, "events_suppressed"),
+    (DpCounter::EventsLost, "events_lost"),
+    (DpCounter::CtInsertFailed, "ct_insert_failed"),
+    (DpCounter::Revalidated, "revalidated"),
+];
+
+/// Reads every datapath counter and the agent's own figures.
+pub fn stats_report(hub: &Hub) -> StatsReport {
+    let names = hub.names.read().expect("names lock").clone();
+    let mut r = StatsReport::default();
+    let m = hub.datapath.maps.lock().expect("maps lock");
+    let slot = |i: u32| -> u64 { m.counters.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
+    for (c, name) in COUNTER_NAMES {
+        r.counters.insert(name.to_string(), slot(c as u32));
+    }
+    for reason in REASONS {
+        let d = slot(DROPPED_BY_REASON + reason as u32);
+        if d > 0 {
+            r.drops_by_reason
+                .insert(reason_name(Some(reason), false).into(), d);
+        }
+        let a = slot(AUDITED_BY_REASON + reason as u32);
+        if a > 0 {
+            r.would_drop_by_reason
+                .insert(reason_name(Some(reason), false).into(), a);
+        }
+    }
+
+    // Per rule, grouped by policy.
+    let mut by_policy: BTreeMap<String, PolicyStats> = BTreeMap::new();
+    let mut rule_entries = 0u64;
+    for item in m.rule_stats.iter() {
+        let Ok((id, per_cpu)) = item else { continue };
+        rule_entries += 1;
+        let packets: u64 = per_cpu.iter().map(|s| s.packets).sum();
+        let bytes: u64 = per_cpu.iter().map(|s| s.bytes).sum();
+        let (policy, rule, audit) = match names.file.rules.get(&id) {
+            Some(info) => (
+                info.policy_id(),
+                format!("{}[{}]", info.direction, info.index),
+                info.audit,
+            ),
+            None => ("(removed rules)".to_string(), format!("rule {id}"), false),
+        };
+        let p = by_policy.entry(policy.clone()).or_insert(PolicyStats {
+            policy,
+            audit,
+            ..PolicyStats::default()
+        });
+        p.packets += packets;
+        p.bytes += bytes;
+        p.rules.push(RuleCount {
+            id,
+            rule,
+            packets,
+            bytes,
+        });
+    }
+    // Policies in force with no traffic yet show up with zeros.
+    for info in names.file.rules.values() {
+        let id = info.policy_id();
+        by_policy.entry(id.clone()).or_insert(PolicyStats {
+            policy: id,
+            audit: info.audit,
+            ..PolicyStats::default()
+        });
+    }
+    r.policies = by_policy.into_values().collect();
+    for p in &mut r.policies {
+        p.rules.sort_by(|a, b| a.rule.cmp(&b.rule));
+    }
+
+    let mut ct = ConntrackStats::default();
+    for item in m.conntrack.iter() {
+        let Ok((_, e)) = item else { continue };
+        ct.entries += 1;
+        if e.flags & CT_FLAG_AUDIT != 0 {
+            ct.audited += 1;
+        }
+        if e.flags & CT_FLAG_CLOSING != 0 {
+            ct.closing += 1;
+        }
+    }
+    let fragments = m.fragments.keys().filter(|k| k.is_ok()).count() as u64;
+    let mut suppressed_by_endpoint = BTreeMap::new();
+    let mut ep_states = 0u64;
+    for item in m.ep_state.iter() {
+        let Ok((id, st)) = item else { continue };
+        ep_states += 1;
+        if st.suppressed > 0 {
+            let name = names
+                .file
+                .endpoints
+                .get(&id)
+                .map(|m| m.pod.to_string())
+                .unwrap_or_else(|| format!("endpoint {id}"));
+            suppressed_by_endpoint.insert(name, st.suppressed);
+        }
+    }
+    drop(m);
+
+    let rec = hub.last_reconcile.lock().expect("lock").clone();
+    let fill = |map: &str, entries: u64, cap: u32| MapFill {
+        map: map.to_string(),
+        entries,
+        capacity: u64::from(cap),
+        fill: entries as f64 / f64::from(cap.max(1)),
+    };
+    let (eps, ids, cidrs, policy) = rec
+        .as_ref()
+        .map(|r| {
+            (
+                r.endpoints as u64,
+                r.identities as u64,
+                r.cidr_entries as u64,
+                r.policy_entries as u64,
+            )
+        })
+        .unwrap_or_default();
+    r.maps = vec![
+        fill(map_names::ENDPOINTS, eps, capacity::ENDPOINTS),
+        fill(map_names::IDENTITIES, ids, capacity::IDENTITIES),
+        fill(map_names::CIDRS, cidrs, capacity::CIDRS),
+        fill(map_names::POLICY, policy, capacity::POLICY),
+        fill(map_names::CONNTRACK, ct.entries, capacity::CONNTRACK),
+        fill(map_names::FRAGMENTS, fragments, capacity::FRAGMENTS),
+        fill(map_names::EP_STATE, ep_states, capacity::ENDPOINTS),
+        fill(map_names::RULE_STATS, rule_entries, capacity::RULE_STATS),
+    ];
+    r.conntrack = ct;
+    let history = hub.history.lock().expect("history lock");
+    r.events = EventStats {
+        sent: r.counters["events_sent"],
+        suppressed: r.counters["events_suppressed"],
+        lost: r.counters["events_lost"],
+        recorded: history.total(),
+        history: history.len(),
+        history_capacity: history.capacity(),
+        undecodable: hub.undecodable.load(std::sync::atomic::Ordering::Relaxed),
+        suppressed_by_endpoint,
+    };
+    r.reconcile = rec;
+    r
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The scrape: the agent's registry, then the datapath's figures, OpenMetrics text.
+pub fn render(hub: &Hub, report: &StatsReport) -> String {
+    let mut reg = Registry::default();
+    let dp = Family::<Labels, Counter>::default();
+    for (name, v) in &report.counters {
+        dp.get_or_create(&labels(&[("counter", name)])).inc_by(*v);
+    }
+    reg.register(
+        "palisade_datapath_packets",
+        "Datapath counters: conntrack hits, new allowed flows, drops, would-drops, malformed packets, events, revalidations",
+        dp,
+    );
+    let drops = Family::<Labels, Counter>::default();
+    for (reason, v) in &report.drops_by_reason {
+        drops
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc_by(*v);
+    }
+    reg.register("palisade_drops", "Dropped packets by reason", drops);
+    let would = Family::<Labels, Counter>::default();
+    for (reason, v) in &report.would_drop_by_reason {
+        would
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc_by(*v);
+    }
+    reg.register(
+        "palisade_would_drops",
+        "Packets denied by audit policies only and let through, by reason",
+        would,
+    );
+    let pkts = Family::<Labels, Counter>::default();
+    let bytes = Family::<Labels, Counter>::default();
+    for p in &report.policies {
+        let (ns, name) = p.policy.split_once('/').unwrap_or(("", p.policy.as_str()));
+        for rule in &p.rules {
+            let l = labels(&[("namespace", ns), ("policy", name), ("rule", &rule.rule)]);
+            pkts.get_or_create(&l).inc_by(rule.packets);
+            bytes.get_or_create(&l).inc_by(rule.bytes);
+        }
+    }
+    reg.register(
+        "palisade_rule_packets",
+        "Packets let through per policy rule (first packets of the flows it allowed and every later packet of them)",
+        pkts,
+    );
+    reg.register(
+        "palisade_rule_bytes",
+        "Bytes let through per policy rule",
+        bytes,
+    );
+    let entries = Family::<Labels, Gauge>::default();
+    let caps = Family::<Labels, Gauge>::default();
+    let ratio = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    for m in &report.maps {
+        let l = labels(&[("map", &m.map)]);
+        entries.get_or_create(&l).set(m.entries as i64);
+        caps.get_or_create(&l).set(m.capacity as i64);
+        ratio.get_or_create(&l).set(m.fill);
+    }
+    reg.register("palisade_map_entries", "Entries in each BPF map", entries);
+    reg.register("palisade_map_capacity", "Capacity of each BPF map", caps);
+    reg.register(
+        "palisade_map_fill_ratio",
+        "Map pressure: entries / capacity",
+        ratio,
+    );
+    let ev = |v: u64| {
+        let c: Counter = Counter::default();
+        c.inc_by(v);
+        c
+    };
+    reg.register(
+        "palisade_events_suppressed",
+        "Verdict events refused by the per-endpoint rate limit",
+        ev(report.events.suppressed),
+    );
+    reg.register(
+        "palisade_events_lost",
+        "Verdict events lost because the ring buffer was full",
+        ev(report.events.lost),
+    );
+    reg.register(
+        "palisade_events_sent",
+        "Verdict events written to the ring buffer",
+        ev(report.events.sent),
+    );
+    let ct: Gauge = Gauge::default();
+    ct.set(report.conntrack.entries as i64);
+    reg.register("palisade_conntrack_entries", "Conntrack entries", ct);
+
+    let mut out = String::new();
+    let _ = encode_registry(&mut out, &hub.metrics.registry);
+    let _ = encode_registry(&mut out, &reg);
+    let _ = encode_eof(&mut out);
+    out
+}
+
+/// Serves `GET /metrics` (plain HTTP/1.1, one request per connection).
+pub async fn serve(listener: tokio::net::TcpListener, hub: Arc<Hub>) {
+    loop {
+        let (mut conn, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                debug!("metrics accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(1024);
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+                    let n = conn.read(&mut chunk).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            if !matches!(read, Ok(Ok(()))) {
+                return;
+            }
+            let line = String::from_utf8_lossy(&buf);
+            let mut parts = line.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, ctype, body) = if method != "GET" {
+                (
+                    "405 Method Not Allowed",
+                    "text/plain",
+                    "GET only\n".to_string(),
+                )
+            } else if path == "/metrics" || path.starts_with("/metrics?") {
+                let h = hub.clone();
+                match tokio::task::spawn_blocking(move || {
+                    let report = stats_report(&h);
+                    render(&h, &report)
+                })
+                .await
+                {
+                    Ok(text) => (
+                        "200 OK",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        text,
+                    ),
+                    Err(e) => ("500 Internal Server Error", "text/plain", format!("{e}\n")),
+                }
+            } else if path == "/" || path == "/healthz" {
+                ("200 OK", "text/plain", "palisade: see /metrics\n".into())
+            } else {
+                ("404 Not Found", "text/plain", "not found\n".into())
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(body.as_bytes()).await;
+            let _ = conn.shutdown().await;
+            debug!(%peer, path, "metrics request");
+        });
+    }
+}

@@ -1,0 +1,490 @@
+//! The cluster-mode source (kube-rs watchers) against recorded API server responses
+//! (`fixtures/kube/`), replayed by a mock `tower` service behind `kube::Client::new`: lists, watch
+//! events, bookmarks, a failed list that must back off and retry, `410 Gone` that must re-list
+//! (removing what was deleted during the gap), deletions. The store it builds is compiled by the
+//! real compiler and, as root, written to the real maps by the real map writer, and packets are
+//! judged by the real programs (BPF_PROG_TEST_RUN).
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use http_body::Frame;
+use http_body_util::StreamBody;
+use palisade::compile::{Compiler, LocalEndpoint};
+use palisade::datapath_model::evaluate;
+use palisade::kube_source::{ClusterState, Source, watch_all};
+use palisade::state::{DesiredState, Direction, PodRef};
+use palisade_common::{PROTO_TCP, PROTO_UDP};
+
+type Body = StreamBody<BoxStream<'static, Result<Frame<Bytes>, Infallible>>>;
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = format!("{}/tests/fixtures/kube/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// One scripted answer.
+struct Step {
+    status: u16,
+    /// Chunks (a watch sends one event per chunk).
+    chunks: Vec<Vec<u8>>,
+    /// Keep the response open after the chunks (a watch with nothing more to say).
+    hang: bool,
+    /// Answer only once the test has opened this phase.
+    phase: u32,
+}
+
+fn list(name: &str, phase: u32) -> Step {
+    Step {
+        status: 200,
+        chunks: vec![fixture(name)],
+        hang: false,
+        phase,
+    }
+}
+
+fn watch(name: &str, phase: u32, hang: bool) -> Step {
+    let text = fixture(name);
+    Step {
+        status: 200,
+        chunks: text
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| [l, b"\n"].concat())
+            .collect(),
+        hang,
+        phase,
+    }
+}
+
+/// Scripted answers by (resource, watch?).
+type Script = HashMap<(String, bool), VecDeque<Step>>;
+
+/// The API server: scripted answers per (resource, list|watch); a watch with no script left
+/// hangs (as an idle watch does), a list with none left is an error.
+#[derive(Clone)]
+struct Replay {
+    script: Arc<Mutex<Script>>,
+    requests: Arc<Mutex<Vec<String>>>,
+    phase: tokio::sync::watch::Sender<u32>,
+}
+
+impl Replay {
+    fn new() -> Replay {
+        Replay {
+            script: Arc::default(),
+            requests: Arc::default(),
+            phase: tokio::sync::watch::channel(1).0,
+        }
+    }
+
+    fn add(&self, resource: &str, watch: bool, step: Step) {
+        self.script
+            .lock()
+            .unwrap()
+            .entry((resource.to_string(), watch))
+            .or_default()
+            .push_back(step);
+    }
+
+    fn count(&self, what: &str) -> usize {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.starts_with(what))
+            .count()
+    }
+
+    async fn answer(&self, req: http::Request<kube::client::Body>) -> http::Response<Body> {
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        let resource = path.rsplit('/').next().unwrap_or("").to_string();
+        let is_watch = query.split('&').any(|kv| kv == "watch=true");
+        self.requests.lock().unwrap().push(format!(
+            "{} {resource} {query}",
+            if is_watch { "watch" } else { "list" }
+        ));
+        let step = self
+            .script
+            .lock()
+            .unwrap()
+            .get_mut(&(resource.clone(), is_watch))
+            .and_then(|q| q.pop_front());
+        let step = match step {
+            Some(s) => s,
+            None if is_watch => Step {
+                status: 200,
+                chunks: Vec::new(),
+                hang: true,
+                phase: 0,
+            },
+            None => panic!("unscripted list of {resource}"),
+        };
+        let mut phase = self.phase.subscribe();
+        let _ = phase.wait_for(|p| *p >= step.phase).await;
+        let chunks = futures::stream::iter(
+            step.chunks
+                .into_iter()
+                .map(|c| Ok(Frame::data(Bytes::from(c)))),
+        );
+        let frames: BoxStream<'static, Result<Frame<Bytes>, Infallible>> = if step.hang {
+            chunks.chain(futures::stream::pending()).boxed()
+        } else {
+            chunks.boxed()
+        };
+        http::Response::builder()
+            .status(step.status)
+            .header("content-type", "application/json")
+            .body(StreamBody::new(frames))
+            .unwrap()
+    }
+}
+
+fn scripted() -> Replay {
+    let r = Replay::new();
+    r.add("namespaces", false, list("namespaces-list.json", 1));
+    r.add("pods", false, list("pods-list.json", 1));
+    r.add("pods", true, watch("pods-watch.jsonl", 2, true));
+    r.add(
+        "networkpolicies",
+        false,
+        list("networkpolicies-list.json", 1),
+    );
+    // The MODIFIED event, then 410 Gone: the watcher lists again (from phase 2 on).
+    r.add(
+        "networkpolicies",
+        true,
+        watch("networkpolicies-watch.jsonl", 2, false),
+    );
+    r.add(
+        "networkpolicies",
+        false,
+        list("networkpolicies-relist.json", 2),
+    );
+    r.add(
+        "services",
+        false,
+        Step {
+            status: 500,
+            chunks: vec![fixture("services-list-error.json")],
+            hang: false,
+            phase: 1,
+        },
+    );
+    r.add("services", false, list("services-list.json", 1));
+    r.add("endpointslices", false, list("endpointslices-list.json", 1));
+    r
+}
+
+fn client(replay: &Replay) -> kube::Client {
+    let r = replay.clone();
+    let svc = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+        let r = r.clone();
+        async move { Ok::<_, Infallible>(r.answer(req).await) }
+    });
+    kube::Client::new(svc, "default")
+}
+
+/// Feeds the watches into the state until `done` holds (or fails after `timeout`).
+async fn until(
+    state: &mut ClusterState,
+    updates: &mut (impl futures::Stream<Item = palisade::kube_source::Update> + Unpin),
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&ClusterState) -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    // Checked between events and every 50 ms (requests are made after the last event).
+    while !done(state) {
+        match tokio::time::timeout(Duration::from_millis(50), updates.next()).await {
+            Ok(Some(u)) => {
+                state.handle(u);
+            }
+            Ok(None) => panic!("the watches ended before {what}"),
+            Err(_) => assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: relists {}, events {}, failing {:?}",
+                state.relists,
+                state.events,
+                state.failing()
+            ),
+        }
+    }
+}
+
+fn pod(ns: &str, name: &str) -> PodRef {
+    PodRef {
+        namespace: ns.into(),
+        name: name.into(),
+    }
+}
+
+const WEB: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
+const CLIENT2: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 21);
+const SCANNER: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 20);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 10, 10);
+/// BPF_PROG_TEST_RUN runs packets on `lo`: web's endpoint is ifindex 1.
+const WEB_IF: u32 = 1;
+const CLIENT_IF: u32 = 2;
+
+/// Compiles the state for this node's endpoints (web on `lo`, client beside it) with the
+/// Services expanded, as `Agent::enforce` does.
+fn compile(
+    state: &ClusterState,
+    compiler: &mut Compiler,
+    ids: &mut palisade::services::ServiceIds,
+) -> DesiredState {
+    let eps = vec![
+        LocalEndpoint {
+            pod: pod("demo", "web"),
+            ifindex: WEB_IF,
+        },
+        LocalEndpoint {
+            pod: pod("demo", "client"),
+            ifindex: CLIENT_IF,
+        },
+    ];
+    let node: IpAddr = "172.18.0.2".parse().unwrap();
+    let mut d = compiler.compile(&state.store, &eps, &[node]);
+    let r = palisade::services::expand(&mut d, &state.services, ids, Some("node-1"));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    d
+}
+
+fn web_from(d: &DesiredState, src: Ipv4Addr, port: u16) -> bool {
+    evaluate(
+        d,
+        WEB_IF,
+        Direction::Ingress,
+        src.into(),
+        WEB.into(),
+        PROTO_TCP,
+        port,
+    )
+    .allowed
+}
+
+fn client_to(d: &DesiredState, dst: Ipv4Addr, proto: u8, port: u16) -> bool {
+    evaluate(
+        d,
+        CLIENT_IF,
+        Direction::Egress,
+        dst.into(),
+        CLIENT.into(),
+        proto,
+        port,
+    )
+    .allowed
+}
+
+mod datapath {
+    //! The real programs on the maps the writer filled (root only).
+    use super::*;
+    use aya::programs::{TestRun, TestRunOptions};
+    use palisade::loader::{Datapath, TO_POD};
+    use palisade::maps::MapWriter;
+
+    pub fn require_root() -> bool {
+        if nix::unistd::geteuid().is_root() {
+            return true;
+        }
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "this test needs root (BPF maps and test runs); CI=true forbids skipping"
+        );
+        eprintln!("not root: checking the store and the compiled state only");
+        false
+    }
+
+    pub struct Maps {
+        dp: Datapath,
+        pub writer: MapWriter,
+        sport: u16,
+    }
+
+    impl Maps {
+        pub fn new() -> Maps {
+            let obj = std::fs::read(env!("PALISADE_EBPF_OBJ")).expect("eBPF object");
+            let mut dp = Datapath::load(&obj, None).expect("load");
+            let writer = MapWriter::new(&mut dp).expect("writer");
+            Maps {
+                dp,
+                writer,
+                sport: 40000,
+            }
+        }
+
+        /// A TCP SYN `src -> WEB:port` through `to_pod` (web's ingress): passed?
+        pub fn web_from(&mut self, src: Ipv4Addr, port: u16) -> bool {
+            self.sport += 1;
+            let mut p = vec![0u8; 12];
+            p.extend_from_slice(&0x0800u16.to_be_bytes());
+            let mut ip = vec![0u8; 20];
+            ip[0] = 0x45;
+            ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+            ip[8] = 64;
+            ip[9] = PROTO_TCP;
+            ip[12..16].copy_from_slice(&src.octets());
+            ip[16..20].copy_from_slice(&WEB.octets());
+            p.extend_from_slice(&ip);
+            let mut tcp = vec![0u8; 20];
+            tcp[0..2].copy_from_slice(&self.sport.to_be_bytes());
+            tcp[2..4].copy_from_slice(&port.to_be_bytes());
+            tcp[12] = 0x50;
+            tcp[13] = 0x02;
+            p.extend_from_slice(&tcp);
+            let mut out = vec![0u8; p.len() + 256];
+            let r = self
+                .dp
+                .program(TO_POD)
+                .test_run(TestRunOptions {
+                    data_in: Some(&p),
+                    data_out: Some(&mut out),
+                    ..Default::default()
+                })
+                .expect("test run");
+            r.return_value == 0
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn replayed_api_drives_compiler_and_maps() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let root = datapath::require_root();
+    let replay = scripted();
+    let mut updates = Box::pin(watch_all(client(&replay)));
+    let mut state = ClusterState::default();
+
+    // Phase 1: the initial lists (services after a failed list and a backoff).
+    until(
+        &mut state,
+        &mut updates,
+        Duration::from_secs(30),
+        "every watch to list",
+        ClusterState::ready,
+    )
+    .await;
+    assert_eq!(
+        replay.count("list services"),
+        2,
+        "the failed list was retried"
+    );
+    assert!(
+        state.failing().is_empty(),
+        "the failure clears once the list succeeds"
+    );
+    assert_eq!(state.store.namespaces.len(), 4);
+    assert_eq!(state.store.pods.len(), 5);
+    assert!(
+        state.store.pods[&pod("demo", "done")].ips.is_empty(),
+        "a finished pod's address is not its any more"
+    );
+    assert!(state.store.pods[&pod("kube-system", "kube-proxy-7x2kq")].host_network);
+    assert_eq!(state.store.policies.len(), 3);
+    assert!(state.errors().is_empty(), "{:?}", state.errors());
+    assert_eq!(state.services.services.len(), 2);
+
+    let mut compiler = Compiler::default();
+    let mut ids = palisade::services::ServiceIds::default();
+    let d1 = compile(&state, &mut compiler, &mut ids);
+    assert!(web_from(&d1, CLIENT, 8080), "web-ingress: client on http");
+    assert!(web_from(&d1, SCANNER, 8080), "allow-scanner");
+    assert!(!web_from(&d1, SCANNER, 9090));
+    assert!(!web_from(&d1, CLIENT2, 8080), "client-2 is not known yet");
+    assert!(client_to(&d1, VIP, PROTO_TCP, 80), "web's Service port 80");
+    assert!(!client_to(&d1, VIP, PROTO_TCP, 81));
+    assert!(!client_to(&d1, WEB, PROTO_UDP, 53));
+
+    let mut maps = root.then(datapath::Maps::new);
+    if let Some(m) = maps.as_mut() {
+        let stats = m.writer.apply(&d1);
+        assert_eq!(stats.failed, 0);
+        assert!(m.web_from(CLIENT, 8080));
+        assert!(m.web_from(SCANNER, 8080));
+        assert!(!m.web_from(SCANNER, 9090));
+        assert!(!m.web_from(CLIENT2, 8080));
+    }
+
+    // Phase 2: watch events (an added pod, a bookmark, a deleted pod, a modified policy) and
+    // 410 Gone on the policy watch, whose re-list no longer holds allow-scanner.
+    replay.phase.send_replace(2);
+    until(
+        &mut state,
+        &mut updates,
+        Duration::from_secs(30),
+        "the watch events and the re-list",
+        |s| {
+            s.ready()
+                && s.relists >= 1
+                && s.store.pods.contains_key(&pod("demo", "client-2"))
+                && !s.store.pods.contains_key(&pod("demo", "done"))
+                && replay.count("watch networkpolicies") >= 2
+        },
+    )
+    .await;
+    assert_eq!(
+        replay.count("list networkpolicies"),
+        2,
+        "re-listed after 410"
+    );
+    assert!(replay.count("watch networkpolicies") >= 2);
+    assert!(
+        replay
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.starts_with("watch networkpolicies") && r.contains("resourceVersion=1010")),
+        "watching again from the re-list's version: {:?}",
+        replay.requests.lock().unwrap()
+    );
+    assert!(state.synced(Source::Pods));
+    assert_eq!(
+        state.store.policies.len(),
+        2,
+        "allow-scanner went in the gap"
+    );
+    assert!(
+        !state
+            .store
+            .policies
+            .contains_key(&("demo".into(), "allow-scanner".into()))
+    );
+
+    let d2 = compile(&state, &mut compiler, &mut ids);
+    assert!(web_from(&d2, CLIENT2, 8080), "client-2 is a client");
+    assert!(!web_from(&d2, SCANNER, 8080), "allow-scanner is gone");
+    assert!(web_from(&d2, CLIENT, 9090), "web-ingress as re-listed");
+    assert!(
+        client_to(&d2, WEB, PROTO_UDP, 53),
+        "client-egress as modified"
+    );
+    assert!(client_to(&d2, VIP, PROTO_TCP, 80));
+    if let Some(m) = maps.as_mut() {
+        let stats = m.writer.apply(&d2);
+        assert_eq!(stats.failed, 0);
+        assert!(stats.removed > 0, "the gap's deletions leave the maps");
+        assert!(m.web_from(CLIENT2, 8080));
+        assert!(!m.web_from(SCANNER, 8080));
+        assert!(m.web_from(CLIENT, 9090));
+        assert_eq!(m.writer.applied().identities, d2.identities);
+        assert_eq!(m.writer.applied().policy, d2.policy);
+    }
+    eprintln!(
+        "{} events, {} re-list(s), requests: {:?}",
+        state.events,
+        state.relists,
+        replay.requests.lock().unwrap()
+    );
+}

@@ -1,0 +1,212 @@
+//! Upgrades against pinned state (root): a pinned map whose layout differs from the datapath's
+//! is replaced, never adopted; when only its capacity changed its entries are carried over;
+//! maps that match are adopted with their contents; a plain restart replaces nothing.
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap, MapData};
+use palisade::loader::{
+    Datapath, LoadOptions, map_pin_path, object_map_layouts, pinned_map_layout,
+};
+use palisade::maps::MapWriter;
+use palisade::state::DesiredState;
+use palisade_common::{CtEntry, CtKey, EP_ISOLATED_INGRESS, EndpointInfo, map_names};
+
+fn require_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "this test needs root (bpffs, BPF maps); CI=true forbids skipping"
+    );
+    eprintln!("skipping: needs root");
+    false
+}
+
+fn object() -> Vec<u8> {
+    std::fs::read(env!("PALISADE_EBPF_OBJ")).expect("eBPF object (cargo xtask build)")
+}
+
+/// A private bpffs, unmounted on drop.
+struct Bpffs(PathBuf);
+
+impl Bpffs {
+    fn new(tag: &str) -> Bpffs {
+        let p = std::env::temp_dir().join(format!("palisade-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        nix::mount::mount(
+            Some("bpf"),
+            &p,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        Bpffs(p)
+    }
+
+    fn pin_dir(&self) -> PathBuf {
+        self.0.join("palisade")
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Creates and pins a hash map of the given layout (what an older datapath left behind).
+fn pin_foreign_map(path: &Path, key_size: u32, value_size: u32, max_entries: u32) {
+    #[repr(C)]
+    struct Create {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        rest: [u32; 27],
+    }
+    let mut attr = Create {
+        map_type: 1,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags: 0,
+        rest: [0; 27],
+    };
+    // SAFETY: BPF_MAP_CREATE (0) with a valid attr.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            0,
+            &mut attr as *mut Create,
+            std::mem::size_of::<Create>(),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let mut pin = [0u64; 3];
+    pin[0] = c.as_ptr() as u64;
+    pin[1] = fd as u64;
+    // SAFETY: BPF_OBJ_PIN (6).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            6,
+            pin.as_mut_ptr(),
+            std::mem::size_of_val(&pin),
+        )
+    };
+    assert_eq!(r, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    unsafe { libc::close(fd as i32) };
+}
+
+#[test]
+fn a_changed_layout_is_replaced_never_adopted() {
+    if !require_root() {
+        return;
+    }
+    let fs = Bpffs::new("upgrade-layout");
+    let pins = fs.pin_dir();
+    let obj = object();
+    let want = object_map_layouts(&obj, &LoadOptions::default()).unwrap();
+    // An EP_STATE of another shape (value 8 bytes instead of 24) left by "an older version".
+    let ep_state = map_pin_path(&pins, map_names::EP_STATE);
+    pin_foreign_map(&ep_state, 4, 8, 16);
+    let dp = Datapath::load(&obj, Some(&pins)).expect("loads despite the foreign map");
+    let report = dp.replaced_maps().join("\n");
+    assert!(
+        report.contains("EP_STATE") && report.contains("starts empty"),
+        "{report}"
+    );
+    assert_eq!(
+        pinned_map_layout(&ep_state),
+        Some(want[map_names::EP_STATE]),
+        "the pin now holds the datapath's own layout"
+    );
+    drop(dp);
+    // A restart with nothing changed replaces nothing.
+    let dp = Datapath::load(&obj, Some(&pins)).unwrap();
+    assert!(dp.replaced_maps().is_empty(), "{:?}", dp.replaced_maps());
+}
+
+#[test]
+fn a_capacity_change_carries_entries_over() {
+    if !require_root() {
+        return;
+    }
+    let fs = Bpffs::new("upgrade-capacity");
+    let pins = fs.pin_dir();
+    let obj = object();
+    let small = LoadOptions {
+        max_entries: vec![(map_names::CONNTRACK, 1024)],
+    };
+    // Generation 1: an endpoint and a tracked flow.
+    let mut dp = Datapath::load_with(&obj, Some(&pins), &small).unwrap();
+    let mut w = MapWriter::new(&mut dp).unwrap();
+    let mut desired = DesiredState::default();
+    desired.endpoints.insert(
+        7,
+        EndpointInfo {
+            id: 3,
+            flags: EP_ISOLATED_INGRESS,
+            ..Default::default()
+        },
+    );
+    assert_eq!(w.apply(&desired).failed, 0);
+    let key = CtKey {
+        endpoint: 3,
+        src: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        dst: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        sport: 40000,
+        dport: 80,
+        proto: 6,
+        dir: 1,
+        family: 4,
+        _pad: 0,
+    };
+    let entry = CtEntry {
+        packets: 5,
+        revision: 1,
+        ..Default::default()
+    };
+    {
+        let mut ct: HashMap<MapData, CtKey, CtEntry> =
+            HashMap::try_from(dp.take_map(map_names::CONNTRACK).unwrap()).unwrap();
+        ct.insert(key, entry, 0).unwrap();
+    }
+    drop(w);
+    drop(dp);
+
+    // Generation 2, CONNTRACK at its real capacity: a new map with the flow in it; the other
+    // maps adopted with their contents.
+    let mut dp = Datapath::load(&obj, Some(&pins)).unwrap();
+    let report = dp.replaced_maps().join("\n");
+    assert!(
+        report.contains("CONNTRACK") && report.contains("1 entries copied"),
+        "{report}"
+    );
+    assert_eq!(dp.replaced_maps().len(), 1, "{report}");
+    let ct_pin = map_pin_path(&pins, map_names::CONNTRACK);
+    assert_eq!(
+        pinned_map_layout(&ct_pin).unwrap().max_entries,
+        palisade_common::capacity::CONNTRACK
+    );
+    let w = MapWriter::new(&mut dp).unwrap();
+    assert_eq!(
+        w.applied().endpoints.get(&7).map(|e| e.id),
+        Some(3),
+        "ENDPOINTS adopted"
+    );
+    let ct: HashMap<MapData, CtKey, CtEntry> =
+        HashMap::try_from(dp.take_map(map_names::CONNTRACK).unwrap()).unwrap();
+    assert_eq!(ct.get(&key, 0).unwrap().packets, 5, "the flow carried over");
+    assert!(dp.finish_upgrade().iter().all(|l| l.contains("0 more")));
+}

@@ -1,0 +1,344 @@
+//! The datapath's verdict plumbing, run by the kernel on crafted packets (BPF_PROG_TEST_RUN):
+//! per-rule packet and byte counters (new flows and conntrack hits), drops and audited
+//! packets counted per reason, per-direction audit, and the ring-buffer events with verdict,
+//! reason and rule. Needs root; under CI=true a missing privilege is a failure, not a skip.
+use std::net::Ipv4Addr;
+
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{TestRun, TestRunOptions},
+};
+use palisade::{
+    loader::{Datapath, FROM_POD, TO_POD},
+    maps::MapWriter,
+    state::{DesiredState, PolicyEntry},
+};
+use palisade_common::*;
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+/// BPF_PROG_TEST_RUN puts the skb on `lo`.
+const IFINDEX: u32 = 1;
+const EP: u32 = 7;
+const PEER_IDENTITY: u32 = 300;
+const RULE: u32 = 41;
+
+const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
+const PEER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 11);
+const OTHER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 12);
+const EXTERNAL: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
+
+fn require_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("this test needs root (BPF_PROG_TEST_RUN); CI=true forbids skipping");
+    }
+    eprintln!("skipping: needs root");
+    false
+}
+
+fn object() -> Vec<u8> {
+    let path = env!("PALISADE_EBPF_OBJ");
+    std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}; run `cargo xtask build`"))
+}
+
+/// An endpoint on `lo`, isolated both ways: ingress enforced (PEER may reach TCP 80, rule
+/// `RULE`), egress audited with no allow at all.
+fn state() -> DesiredState {
+    let mut s = DesiredState::default();
+    s.endpoints.insert(
+        IFINDEX,
+        EndpointInfo {
+            id: EP,
+            flags: EP_ISOLATED_INGRESS | EP_ISOLATED_EGRESS | EP_AUDIT_EGRESS,
+            revision: 0,
+            _pad: 0,
+        },
+    );
+    s.identities
+        .insert(PeerAddr::v4(PEER.octets()), PEER_IDENTITY);
+    s.endpoint_addrs.insert(PeerAddr::v4(POD.octets()), EP);
+    s.policy.insert(
+        PolicyEntry {
+            key: PolicyKey {
+                endpoint: EP,
+                peer: PEER_IDENTITY,
+                dir: DIR_INGRESS,
+                proto: PROTO_TCP,
+                port_be: 80u16.to_be(),
+            },
+            prefix_len: POLICY_KEY_FULL_BITS,
+        },
+        PolicyValue {
+            rule: RULE,
+            flags: 0,
+        },
+    );
+    s
+}
+
+struct Rig {
+    dp: Datapath,
+    _writer: MapWriter,
+    counters: PerCpuArray<MapData, u64>,
+    rule_stats: PerCpuHashMap<MapData, u32, RuleStats>,
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    events: RingBuf<MapData>,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let mut dp = Datapath::load(&object(), None).expect("load datapath");
+        let mut writer = MapWriter::new(&mut dp).expect("map writer");
+        assert_eq!(writer.apply(&state()).failed, 0);
+        let take = |dp: &mut Datapath, name| dp.take_map(name).unwrap();
+        Rig {
+            counters: PerCpuArray::try_from(take(&mut dp, map_names::COUNTERS)).unwrap(),
+            rule_stats: PerCpuHashMap::try_from(take(&mut dp, map_names::RULE_STATS)).unwrap(),
+            conntrack: HashMap::try_from(take(&mut dp, map_names::CONNTRACK)).unwrap(),
+            events: RingBuf::try_from(take(&mut dp, map_names::EVENTS)).unwrap(),
+            dp,
+            _writer: writer,
+        }
+    }
+
+    fn run(&self, prog: &str, pkt: &[u8]) -> u32 {
+        let mut out = vec![0u8; pkt.len() + 256];
+        self.dp
+            .program(prog)
+            .test_run(TestRunOptions {
+                data_in: Some(pkt),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("test run of {prog}: {e}"))
+            .return_value
+    }
+
+    fn slot(&self, i: u32) -> u64 {
+        self.counters
+            .get(&i, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+
+    fn rule(&self, rule: u32) -> (u64, u64) {
+        self.rule_stats
+            .get(&rule, 0)
+            .map(|v| {
+                (
+                    v.iter().map(|s| s.packets).sum(),
+                    v.iter().map(|s| s.bytes).sum(),
+                )
+            })
+            .unwrap_or((0, 0))
+    }
+
+    fn drain_events(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            assert_eq!(item.len(), std::mem::size_of::<Event>());
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
+        }
+        out
+    }
+}
+
+fn tcp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut p = vec![0u8; 12];
+    p.extend_from_slice(&0x0800u16.to_be_bytes());
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = PROTO_TCP;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    p.extend(ip);
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[12] = 0x50;
+    t[13] = flags;
+    p.extend(t);
+    p
+}
+
+const SYN: u8 = 0x02;
+const SYN_ACK: u8 = 0x12;
+const ACK: u8 = 0x10;
+
+#[test]
+fn rule_counters_count_new_flows_and_conntrack_hits() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new();
+    let syn = tcp4(PEER, POD, 40000, 80, SYN);
+    let reply = tcp4(POD, PEER, 80, 40000, SYN_ACK);
+    let ack = tcp4(PEER, POD, 40000, 80, ACK);
+    assert_eq!(rig.run(TO_POD, &syn), TC_ACT_OK);
+    assert_eq!(rig.run(FROM_POD, &reply), TC_ACT_OK, "reply by conntrack");
+    assert_eq!(rig.run(TO_POD, &ack), TC_ACT_OK);
+    let (packets, bytes) = rig.rule(RULE);
+    assert_eq!(packets, 3, "the new flow and its two conntrack hits");
+    assert_eq!(bytes, (syn.len() + reply.len() + ack.len()) as u64);
+    // A denied packet counts for no rule.
+    assert_eq!(
+        rig.run(TO_POD, &tcp4(OTHER, POD, 40001, 80, SYN)),
+        TC_ACT_SHOT
+    );
+    assert_eq!(rig.rule(RULE).0, 3);
+    assert_eq!(rig.rule_stats.keys().count(), 1);
+}
+
+#[test]
+fn drops_and_audits_are_counted_by_reason_per_direction() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new();
+    let no_rule = Reason::NoRuleMatched as u32;
+    // Ingress is enforced: OTHER is dropped.
+    assert_eq!(
+        rig.run(TO_POD, &tcp4(OTHER, POD, 40001, 80, SYN)),
+        TC_ACT_SHOT
+    );
+    assert_eq!(rig.slot(DROPPED_BY_REASON + no_rule), 1);
+    assert_eq!(rig.slot(Counter::Dropped as u32), 1);
+    // Egress is audited: nothing allows EXTERNAL, yet the flow passes, recorded once.
+    let out = tcp4(POD, EXTERNAL, 40002, 443, SYN);
+    assert_eq!(rig.run(FROM_POD, &out), TC_ACT_OK, "audited, not dropped");
+    assert_eq!(rig.slot(AUDITED_BY_REASON + no_rule), 1);
+    assert_eq!(rig.slot(Counter::Audited as u32), 1);
+    let key = CtKey {
+        endpoint: EP,
+        src: PeerAddr::v4(POD.octets()).addr,
+        dst: PeerAddr::v4(EXTERNAL.octets()).addr,
+        sport: 40002,
+        dport: 443,
+        proto: PROTO_TCP,
+        dir: DIR_EGRESS,
+        family: AF_INET,
+        _pad: 0,
+    };
+    let entry = rig.conntrack.get(&key, 0).expect("audited flow tracked");
+    assert_ne!(entry.flags & CT_FLAG_AUDIT, 0);
+    assert_eq!(entry.rule, 0);
+    assert_eq!(
+        rig.run(TO_POD, &tcp4(EXTERNAL, POD, 443, 40002, SYN_ACK)),
+        TC_ACT_OK,
+        "its reply passes by conntrack"
+    );
+    assert_eq!(
+        rig.run(FROM_POD, &tcp4(POD, EXTERNAL, 40002, 443, ACK)),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        rig.slot(Counter::Audited as u32),
+        1,
+        "later packets of the audited flow are not audited again"
+    );
+    assert_eq!(rig.slot(Counter::Dropped as u32), 1, "still one drop");
+}
+
+#[test]
+fn events_carry_verdict_reason_rule_and_tuple() {
+    if !require_root() {
+        return;
+    }
+    let mut rig = Rig::new();
+    assert_eq!(rig.run(TO_POD, &tcp4(PEER, POD, 40000, 80, SYN)), TC_ACT_OK);
+    assert_eq!(rig.run(TO_POD, &tcp4(PEER, POD, 40000, 80, ACK)), TC_ACT_OK);
+    assert_eq!(
+        rig.run(TO_POD, &tcp4(OTHER, POD, 40001, 81, SYN)),
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        rig.run(FROM_POD, &tcp4(POD, EXTERNAL, 40002, 443, SYN)),
+        TC_ACT_OK
+    );
+    let events = rig.drain_events();
+    assert_eq!(
+        events.len(),
+        3,
+        "new flow, drop, audit; no event per packet: {events:?}"
+    );
+    let allow = &events[0];
+    assert_eq!(
+        (
+            allow.verdict,
+            allow.reason,
+            allow.rule,
+            allow.endpoint,
+            allow.dir
+        ),
+        (
+            VERDICT_ALLOW,
+            Reason::PolicyAllow as u8,
+            RULE,
+            EP,
+            DIR_INGRESS
+        )
+    );
+    assert_eq!(
+        (
+            allow.src,
+            allow.dst,
+            allow.sport,
+            allow.dport,
+            allow.proto,
+            allow.family
+        ),
+        (
+            PeerAddr::v4(PEER.octets()).addr,
+            PeerAddr::v4(POD.octets()).addr,
+            40000,
+            80,
+            PROTO_TCP,
+            AF_INET
+        )
+    );
+    let drop = &events[1];
+    assert_eq!(
+        (drop.verdict, drop.reason, drop.rule, drop.dport),
+        (VERDICT_DROP, Reason::NoRuleMatched as u8, 0, 81)
+    );
+    let audit = &events[2];
+    assert_eq!(
+        (audit.verdict, audit.reason, audit.dir, audit.dport),
+        (VERDICT_AUDIT, Reason::NoRuleMatched as u8, DIR_EGRESS, 443)
+    );
+    assert_eq!(rig.slot(Counter::EventsSent as u32), 3);
+}
+
+#[test]
+fn events_are_rate_limited_per_endpoint_and_suppressions_counted() {
+    if !require_root() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let n = EVENT_BURST + 300;
+    let started = std::time::Instant::now();
+    for i in 0..n {
+        let pkt = tcp4(OTHER, POD, 1000 + (i % 50_000) as u16, 81, SYN);
+        assert_eq!(rig.run(TO_POD, &pkt), TC_ACT_SHOT);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let sent = rig.drain_events().len() as u64;
+    let suppressed = rig.slot(Counter::EventsSuppressed as u32);
+    let budget = EVENT_BURST + (EVENT_RATE_PER_SEC as f64 * (elapsed + 0.1)) as u64;
+    assert!(sent <= budget, "{sent} events > budget {budget}");
+    assert!(sent >= EVENT_BURST.min(n));
+    assert_eq!(
+        sent + suppressed,
+        n,
+        "every packet is either an event or counted"
+    );
+    assert_eq!(
+        rig.slot(DROPPED_BY_REASON + Reason::NoRuleMatched as u32),
+        n
+    );
+}

@@ -1,0 +1,625 @@
+//! For the cluster-mode netns tests: a small fake API server (lists, watches with resource
+//! versions, bookmarks, `410 Gone` after a compaction) listening inside the rig's node namespace,
+//! the agent in cluster mode against it, and the CNI plugin invoked the way a runtime invokes it.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use palisade_tests::agent::Status;
+use palisade_tests::rig::{Node, Pod};
+use serde_json::{Value, json};
+
+// ---------------------------------------------------------------------------------------------
+// The fake API server
+// ---------------------------------------------------------------------------------------------
+
+/// The resources the agent watches: (plural, list path, kind).
+const RESOURCES: &[(&str, &str, &str, &str)] = &[
+    ("namespaces", "/api/v1/namespaces", "Namespace", "v1"),
+    ("pods", "/api/v1/pods", "Pod", "v1"),
+    (
+        "networkpolicies",
+        "/apis/networking.k8s.io/v1/networkpolicies",
+        "NetworkPolicy",
+        "networking.k8s.io/v1",
+    ),
+    ("services", "/api/v1/services", "Service", "v1"),
+    (
+        "endpointslices",
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "EndpointSlice",
+        "discovery.k8s.io/v1",
+    ),
+];
+
+#[derive(Default)]
+struct ApiState {
+    rv: u64,
+    /// (resource, namespace, name) -> object.
+    objects: BTreeMap<(String, String, String), Value>,
+    /// (rv, resource, type, object).
+    events: Vec<(u64, String, &'static str, Value)>,
+    /// Watches from a version below this get `410 Gone`.
+    compacted: u64,
+    /// Requests served, by "list <resource>" / "watch <resource>".
+    requests: BTreeMap<String, u64>,
+}
+
+pub struct FakeApi {
+    state: Arc<(Mutex<ApiState>, Condvar)>,
+    stop: Arc<AtomicBool>,
+    pub addr: SocketAddr,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn resource_of(kind: &str) -> &'static str {
+    RESOURCES
+        .iter()
+        .find(|r| r.2 == kind)
+        .map(|r| r.0)
+        .unwrap_or_else(|| panic!("unknown kind {kind}"))
+}
+
+impl FakeApi {
+    /// Listens on 127.0.0.1 inside `node`'s network namespace (where the agent runs).
+    pub fn start(node: &Node) -> Result<FakeApi> {
+        let listener = node.in_netns(|| TcpListener::bind("127.0.0.1:0"))??;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let state: Arc<(Mutex<ApiState>, Condvar)> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, sp) = (state.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !sp.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let (st, sp) = (st.clone(), sp.clone());
+                        std::thread::spawn(move || {
+                            let _ = serve(conn, &st, &sp);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Ok(FakeApi {
+            state,
+            stop,
+            addr,
+            thread: Some(thread),
+        })
+    }
+
+    /// Creates or replaces an object (a YAML or JSON document with kind and metadata).
+    pub fn apply(&self, doc: &str) {
+        let mut v: Value = serde_yaml::from_str(doc).expect("a YAML object");
+        let kind = v["kind"].as_str().expect("kind").to_string();
+        let resource = resource_of(&kind).to_string();
+        let ns = v["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let name = v["metadata"]["name"].as_str().expect("name").to_string();
+        let (lock, cv) = &*self.state;
+        let mut s = lock.lock().unwrap();
+        s.rv += 1;
+        let rv = s.rv;
+        v["metadata"]["resourceVersion"] = json!(rv.to_string());
+        v["metadata"]["uid"] = json!(format!("uid-{resource}-{ns}-{name}"));
+        let key = (resource.clone(), ns, name);
+        let ty = if s.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        s.objects.insert(key, v.clone());
+        s.events.push((rv, resource, ty, v));
+        cv.notify_all();
+    }
+
+    /// Applies every document of a multi-document YAML text.
+    pub fn apply_all(&self, text: &str) {
+        for doc in text.split("\n---") {
+            if doc.trim().is_empty() {
+                continue;
+            }
+            self.apply(doc);
+        }
+    }
+
+    pub fn delete(&self, kind: &str, ns: &str, name: &str) {
+        let resource = resource_of(kind).to_string();
+        let (lock, cv) = &*self.state;
+        let mut s = lock.lock().unwrap();
+        let Some(mut v) = s
+            .objects
+            .remove(&(resource.clone(), ns.to_string(), name.to_string()))
+        else {
+            return;
+        };
+        s.rv += 1;
+        let rv = s.rv;
+        v["metadata"]["resourceVersion"] = json!(rv.to_string());
+        s.events.push((rv, resource, "DELETED", v));
+        cv.notify_all();
+    }
+
+    /// Forgets the event history, as etcd compaction does: every open and future watch from an
+    /// older version gets `410 Gone` and must list again.
+    pub fn compact(&self) {
+        let (lock, cv) = &*self.state;
+        let mut s = lock.lock().unwrap();
+        s.rv += 1;
+        s.compacted = s.rv;
+        s.events.clear();
+        cv.notify_all();
+    }
+
+    pub fn requests(&self, what: &str) -> u64 {
+        self.state
+            .0
+            .lock()
+            .unwrap()
+            .requests
+            .get(what)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// A kubeconfig for this server (plain HTTP, no credentials).
+    pub fn kubeconfig(&self, path: &Path) -> Result<()> {
+        std::fs::write(
+            path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: 'http://{}'}}\n\
+                 users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\n\
+                 current-context: fake\n",
+                self.addr
+            ),
+        )?;
+        Ok(())
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.state.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn respond(conn: &mut TcpStream, code: &str, body: &[u8]) -> std::io::Result<()> {
+    write!(
+        conn,
+        "HTTP/1.1 {code}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )?;
+    conn.write_all(body)
+}
+
+fn serve(
+    mut conn: TcpStream,
+    state: &Arc<(Mutex<ApiState>, Condvar)>,
+    stop: &AtomicBool,
+) -> Result<()> {
+    conn.set_nonblocking(false)?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h == "\r\n" {
+            break;
+        }
+    }
+    let target = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    let q: BTreeMap<&str, &str> = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
+    let Some(&(resource, _, kind, api_version)) = RESOURCES.iter().find(|r| r.1 == path) else {
+        return respond(&mut conn, "404 Not Found", b"{}").map_err(Into::into);
+    };
+    let watch = q.get("watch") == Some(&"true");
+    let (lock, cv) = &**state;
+    if !watch {
+        let mut s = lock.lock().unwrap();
+        *s.requests.entry(format!("list {resource}")).or_default() += 1;
+        let items: Vec<Value> = s
+            .objects
+            .iter()
+            .filter(|((r, _, _), _)| r == resource)
+            .map(|(_, v)| {
+                // List items carry no kind or apiVersion, as the API server sends them.
+                let mut v = v.clone();
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("kind");
+                    o.remove("apiVersion");
+                }
+                v
+            })
+            .collect();
+        let body = json!({
+            "kind": format!("{kind}List"),
+            "apiVersion": api_version,
+            "metadata": {"resourceVersion": s.rv.to_string()},
+            "items": items,
+        });
+        drop(s);
+        return respond(&mut conn, "200 OK", body.to_string().as_bytes()).map_err(Into::into);
+    }
+    let mut since: u64 = q
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(290u64);
+    let bookmarks = q.get("allowWatchBookmarks") == Some(&"true");
+    write!(
+        conn,
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n"
+    )?;
+    let started = Instant::now();
+    let mut last_bookmark = Instant::now();
+    let mut s = lock.lock().unwrap();
+    *s.requests.entry(format!("watch {resource}")).or_default() += 1;
+    loop {
+        if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(timeout) {
+            return Ok(());
+        }
+        if since < s.compacted {
+            let gone = json!({"type": "ERROR", "object": {
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": format!("too old resource version: {since} ({})", s.compacted),
+                "reason": "Expired", "code": 410}});
+            drop(s);
+            writeln!(conn, "{gone}")?;
+            return Ok(());
+        }
+        let mut out = Vec::new();
+        for (rv, r, ty, obj) in &s.events {
+            if *rv > since && r == resource {
+                out.push(json!({"type": ty, "object": obj}).to_string());
+                since = *rv;
+            }
+        }
+        let bookmark = bookmarks && last_bookmark.elapsed() > Duration::from_secs(1);
+        let current = s.rv;
+        drop(s);
+        for e in out {
+            writeln!(conn, "{e}")?;
+        }
+        if bookmark {
+            last_bookmark = Instant::now();
+            since = since.max(current);
+            writeln!(
+                conn,
+                "{}",
+                json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": api_version,
+                    "metadata": {"resourceVersion": since.to_string()}}})
+            )?;
+        }
+        conn.flush()?;
+        s = lock.lock().unwrap();
+        s = cv.wait_timeout(s, Duration::from_millis(250)).unwrap().0;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Objects
+// ---------------------------------------------------------------------------------------------
+
+pub fn namespace(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{kubernetes.io/metadata.name: {name}}}}}\n"
+    )
+}
+
+/// A pod of the rig as the API server reports it: on `node`, with its address unless
+/// `with_ip` is false (the API before the CNI ADD has returned).
+pub fn pod_yaml(pod: &Pod, node: &str, with_ip: bool) -> String {
+    let name = pod.name.trim_start_matches("demo-");
+    let status = if with_ip {
+        let ip = pod.ip(false);
+        format!("status: {{phase: Running, podIP: '{ip}', podIPs: [{{ip: '{ip}'}}]}}\n")
+    } else {
+        "status: {phase: Pending}\n".to_string()
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo, labels: {{app: {name}}}}}\n\
+         spec: {{nodeName: {node}, containers: [{{name: c, ports: [{{name: web, containerPort: 80}}]}}]}}\n{status}"
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent in cluster mode
+// ---------------------------------------------------------------------------------------------
+
+pub struct ClusterAgent {
+    child: Option<Child>,
+    bpffs: PathBuf,
+    pub pin_dir: PathBuf,
+    pub status: PathBuf,
+    pub log: PathBuf,
+    pub cni_dir: PathBuf,
+    args: Vec<String>,
+    pub health: SocketAddr,
+}
+
+pub fn unix_ms(t: SystemTime) -> u128 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+impl ClusterAgent {
+    /// Mounts a bpffs under `work` and starts `palisade run --kubeconfig` in the node.
+    pub fn start(node: &Node, agent: &Path, kubeconfig: &Path, work: &Path) -> Result<Self> {
+        let bpffs = work.join("bpffs");
+        std::fs::create_dir_all(&bpffs)?;
+        nix::mount::mount(
+            Some("bpf"),
+            &bpffs,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .context("mounting a bpffs")?;
+        let pin_dir = bpffs.join("palisade");
+        let cni_dir = work.join("cni");
+        let status = work.join("status.json");
+        let health: SocketAddr = "127.0.0.1:9091".parse().unwrap();
+        let args: Vec<String> = vec![
+            "run".into(),
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--node-name".into(),
+            "node-1".into(),
+            "--pin-dir".into(),
+            pin_dir.display().to_string(),
+            "--status-file".into(),
+            status.display().to_string(),
+            "--socket".into(),
+            work.join("run/palisade.sock").display().to_string(),
+            "--cni-state-dir".into(),
+            cni_dir.display().to_string(),
+            "--health-addr".into(),
+            health.to_string(),
+            "--metrics-addr".into(),
+            "off".into(),
+        ];
+        let mut a = ClusterAgent {
+            child: None,
+            bpffs,
+            pin_dir,
+            status,
+            log: work.join("agent.log"),
+            cni_dir,
+            args,
+            health,
+        };
+        a.spawn(node, agent)?;
+        Ok(a)
+    }
+
+    pub fn spawn(&mut self, node: &Node, agent: &Path) -> Result<()> {
+        let log = File::options().create(true).append(true).open(&self.log)?;
+        let mut cmd = node.command(agent);
+        cmd.args(&self.args)
+            .env("RUST_LOG", "info")
+            .env_remove("KUBECONFIG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.child = Some(cmd.spawn().context("starting the agent")?);
+        Ok(())
+    }
+
+    pub fn status(&self) -> Option<Status> {
+        serde_json::from_str(&std::fs::read_to_string(&self.status).ok()?).ok()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for a reconcile that started after `since` and satisfies `ok`.
+    pub fn wait(
+        &mut self,
+        since: SystemTime,
+        timeout: Duration,
+        ok: impl Fn(&Status) -> bool,
+    ) -> Result<Status> {
+        let deadline = Instant::now() + timeout;
+        let since = unix_ms(since);
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Some(st) = c.try_wait()?
+            {
+                bail!("agent exited ({st}); log:\n{}", self.log_text());
+            }
+            if let Some(s) = self.status()
+                && s.started_at_unix_ms > since
+                && ok(&s)
+            {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no matching reconcile within {timeout:?} (status {:?}); log:\n{}",
+                    self.status(),
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `GET path` on the health endpoint, from inside the node: the status code.
+    pub fn probe_health(&self, node: &Node, path: &str) -> Option<u16> {
+        let addr = self.health;
+        let path = path.to_string();
+        node.in_netns(move || -> Option<u16> {
+            use std::io::Read;
+            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+            c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            write!(c, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").ok()?;
+            let mut s = String::new();
+            let _ = c.read_to_string(&mut s);
+            s.split_whitespace().nth(1)?.parse().ok()
+        })
+        .ok()
+        .flatten()
+    }
+}
+
+impl Drop for ClusterAgent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = nix::mount::umount2(&self.bpffs, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The CNI plugin, as a runtime runs it
+// ---------------------------------------------------------------------------------------------
+
+/// `prevResult` as the ptp plugin reports it for `pod`.
+pub fn ptp_result(pod: &Pod) -> Value {
+    json!({
+        "cniVersion": "1.0.0",
+        "interfaces": [
+            {"name": pod.host_ifname, "mac": "02:00:00:00:00:01"},
+            {"name": "eth0", "mac": "02:00:00:00:00:02", "sandbox": pod.netns_path()},
+        ],
+        "ips": [{"address": format!("{}/32", pod.ip(false)), "gateway": "10.244.0.1", "interface": 1}],
+        "routes": [{"dst": "0.0.0.0/0", "gw": "10.244.0.1"}],
+        "dns": {}
+    })
+}
+
+/// Runs `palisade-cni` (this binary under the plugin's name) with `command` for `pod` in the
+/// node; the plugin's stdout.
+pub fn run_cni(
+    node: &Node,
+    agent_bin: &Path,
+    command: &str,
+    pod: &Pod,
+    pin_dir: &Path,
+    state_dir: &Path,
+    initial: &str,
+) -> Result<String> {
+    use std::os::unix::process::CommandExt;
+    let conf = json!({
+        "cniVersion": "1.0.0",
+        "name": "rig",
+        "type": "palisade-cni",
+        "pinDir": pin_dir,
+        "stateDir": state_dir,
+        "initialPolicy": initial,
+        "prevResult": ptp_result(pod),
+    });
+    let name = pod.name.trim_start_matches("demo-");
+    let mut cmd = node.command(agent_bin);
+    cmd.arg0("palisade-cni")
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", format!("ctr-{name}"))
+        .env("CNI_NETNS", pod.netns_path())
+        .env("CNI_IFNAME", "eth0")
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=demo;K8S_POD_NAME={name}"),
+        )
+        .env("CNI_PATH", "/opt/cni/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn()?;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        bail!(
+            "palisade-cni {command} failed ({}): {stdout} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
+}
+
+/// The ENDPOINTS entry of `ifindex` in the pinned map: (id, flags).
+pub fn endpoint_entry(pin_dir: &Path, ifindex: u32) -> Option<(u32, u32)> {
+    use aya::maps::{HashMap, Map, MapData};
+    let data = MapData::from_pin(pin_dir.join("maps/ENDPOINTS")).ok()?;
+    let m: HashMap<MapData, u32, palisade_common::EndpointInfo> =
+        HashMap::try_from(Map::HashMap(data)).ok()?;
+    m.get(&ifindex, 0).ok().map(|e| (e.id, e.flags))
+}
+
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "palisade-{tag}-{}-{}",
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(p.join("manifests")).unwrap();
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,176 @@
+//! `cargo xtask bench [--quick]`: installs what the benchmarks need (iperf3, ipset, iptables;
+//! matplotlib in a virtualenv under target/bench), builds the datapath, the agent and the
+//! benchmark runner in release mode, runs it (tests/src/bin/bench) and draws the plot.
+//! Writes target/bench/report.json, report.md and plot.png.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::build::{build_ebpf, root};
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    eprintln!("xtask: {what}");
+    let status = cmd.status().with_context(|| format!("starting: {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Installs the Debian packages whose commands are missing.
+fn ensure_packages(wanted: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    apt_install(&missing)
+}
+
+fn apt_install(missing: &[&str]) -> Result<()> {
+    if missing.is_empty() {
+        return Ok(());
+    }
+    run(
+        Command::new("apt-get").args(["update", "-q"]),
+        "apt-get update",
+    )?;
+    run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        &format!("apt-get install {}", missing.join(" ")),
+    )
+}
+
+/// A Python with matplotlib: a virtualenv under target/bench (created once).
+fn plot_python(dir: &Path) -> Result<PathBuf> {
+    let venv = dir.join("venv");
+    let python = venv.join("bin/python");
+    let ok = |python: &Path| {
+        Command::new(python)
+            .args(["-c", "import matplotlib"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if python.exists() && ok(&python) {
+        return Ok(python);
+    }
+    ensure_packages(&[("python3", "python3")])?;
+    let make_venv = |venv: &Path| {
+        Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(venv)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !make_venv(&venv) {
+        // Debian's python3 needs python3-venv for `-m venv`.
+        let _ = std::fs::remove_dir_all(&venv);
+        apt_install(&["python3-venv"])?;
+        if !make_venv(&venv) {
+            bail!("python3 -m venv {} failed", venv.display());
+        }
+    }
+    run(
+        Command::new(venv.join("bin/pip")).args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "matplotlib",
+        ]),
+        "pip install matplotlib (into target/bench/venv)",
+    )?;
+    if !ok(&python) {
+        bail!("matplotlib is not importable from {}", python.display());
+    }
+    Ok(python)
+}
+
+pub fn bench(quick: bool, extra: &[String]) -> Result<()> {
+    let started = Instant::now();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("cargo xtask bench needs root (BPF, TCX, network namespaces, iptables)");
+    }
+    let root = root();
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    ensure_packages(&[
+        ("ip", "iproute2"),
+        ("iperf3", "iperf3"),
+        ("ipset", "ipset"),
+        ("iptables", "iptables"),
+        ("taskset", "util-linux"),
+    ])?;
+    let python = plot_python(&out)?;
+
+    let obj = build_ebpf()?;
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&root)
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "palisade-agent",
+                "--bin",
+                "palisade",
+                "-p",
+                "palisade-tests",
+                "--bin",
+                "bench",
+            ])
+            .env("PALISADE_EBPF_OBJ", &obj),
+        "cargo build --release (agent, bench)",
+    )?;
+    let release = root.join("target/release");
+    let mut cmd = Command::new(release.join("bench"));
+    cmd.current_dir(&root)
+        .arg("--agent")
+        .arg(release.join("palisade"))
+        .arg("--ebpf-obj")
+        .arg(&obj)
+        .arg("--out")
+        .arg(&out)
+        .args(extra);
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(
+        &mut cmd,
+        if quick {
+            "benchmarks (quick)"
+        } else {
+            "benchmarks"
+        },
+    )?;
+
+    let script = out.join("plot.py");
+    std::fs::write(&script, include_str!("bench_plot.py"))?;
+    run(
+        Command::new(&python)
+            .arg(&script)
+            .arg(out.join("report.json"))
+            .arg(out.join("plot.png")),
+        "plot",
+    )?;
+    eprintln!(
+        "xtask: benchmarks done in {:.0} s: {}",
+        started.elapsed().as_secs_f64(),
+        out.join("report.md").display()
+    );
+    Ok(())
+}
