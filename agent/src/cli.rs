@@ -477,6 +477,28 @@ pub fn stats(socket: &Path, a: &StatsArgs) -> Result<()> {
 pub fn stats_text(r: &StatsReport) -> String {
     let c = |k: &str| r.counters.get(k).copied().unwrap_or(0);
     let mut s = String::new();
+    let p = &r.problems;
+    if !p.config_errors.is_empty() {
+        s.push_str(&format!(
+            "Configuration errors ({}; each object keeps its last good version):\n",
+            p.config_errors.len()
+        ));
+        for e in &p.config_errors {
+            s.push_str(&format!("  {e}\n"));
+        }
+    }
+    for e in &p.errors {
+        s.push_str(&format!("Error: {e}\n"));
+    }
+    if !p.pending_endpoints.is_empty() {
+        s.push_str(&format!(
+            "Failing closed (policy could not be written): {}\n",
+            p.pending_endpoints.join(", ")
+        ));
+    }
+    if !s.is_empty() {
+        s.push('\n');
+    }
     s.push_str(&format!(
         "Datapath: {} new allowed flows, {} conntrack hits, {} dropped, {} would-drop (audit), {} malformed, {} re-checked after a policy change\n",
         c("new_allowed"),
@@ -562,6 +584,34 @@ pub fn stats_text(r: &StatsReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stats_lead_with_what_is_wrong() {
+        let mut r = StatsReport::default();
+        assert!(
+            stats_text(&r).starts_with("Datapath:"),
+            "nothing wrong: no preamble"
+        );
+        r.problems
+            .config_errors
+            .push(crate::model::ConfigError::new(
+                "NetworkPolicy demo/c-ingress",
+                "spec.ingress[0].ports[0].port",
+                "no pod declares a TCP port named \"nosuch\": it matches nothing",
+            ));
+        r.problems
+            .pending_endpoints
+            .push("demo/b (ifindex 7)".into());
+        let text = stats_text(&r);
+        assert!(
+            text.starts_with("Configuration errors (1; each object keeps its last good version):\n  NetworkPolicy demo/c-ingress: spec.ingress[0].ports[0].port: no pod declares"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Failing closed (policy could not be written): demo/b (ifindex 7)\n"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn durations() {

@@ -30,7 +30,7 @@ use tracing::{error, info, warn};
 
 use crate::health::Health;
 use crate::interfaces::HostView;
-use crate::model::{Kind, Object, ObjectKey, Store};
+use crate::model::{ConfigError, Kind, Object, ObjectKey, Store};
 use crate::run::{Agent, RunConfig};
 use crate::services::{self, ServiceStore};
 
@@ -402,18 +402,24 @@ impl ClusterState {
     }
 
     /// Configuration errors and failing watches, for the status and the log.
-    pub fn errors(&self) -> Vec<String> {
-        let mut out: Vec<String> = self.store.errors().iter().map(|e| e.to_string()).collect();
-        out.extend(self.services.errors().iter().map(|e| e.to_string()));
+    pub fn errors(&self) -> Vec<ConfigError> {
+        let mut out: Vec<ConfigError> = self.store.errors().into_iter().cloned().collect();
+        out.extend(self.services.errors().into_iter().cloned());
         out.extend(crate::run::unresolved_named_ports(&self.store));
         out
     }
 
-    /// Failing watches, as status errors.
-    pub fn watch_errors(&self) -> Vec<String> {
+    /// Failing watches, as configuration errors of the watched resource.
+    pub fn watch_errors(&self) -> Vec<ConfigError> {
         self.failing
             .iter()
-            .map(|(s, e)| format!("watch {}: {e} (retrying with backoff)", s.as_str()))
+            .map(|(s, e)| {
+                ConfigError::new(
+                    format!("watch {}", s.as_str()),
+                    "",
+                    format!("{e} (retrying with backoff)"),
+                )
+            })
             .collect()
     }
 }

@@ -36,7 +36,7 @@ use tracing::debug;
 use crate::{
     inspect::{REASONS, RuleInfo, reason_name},
     loader::Datapath,
-    verdicts::{Hub, Names, ReconcileInfo, Verdict},
+    verdicts::{Hub, Names, Problems, ReconcileInfo, Verdict},
 };
 
 type Labels = Vec<(String, String)>;
@@ -158,6 +158,9 @@ pub struct StatsReport {
     pub conntrack: ConntrackStats,
     pub events: EventStats,
     pub reconcile: Option<ReconcileInfo>,
+    /// Configuration errors, failures and endpoints failing closed, as of the last reconcile.
+    #[serde(default)]
+    pub problems: Problems,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -361,6 +364,7 @@ pub fn stats_report(hub: &Hub) -> StatsReport {
         suppressed_by_endpoint,
     };
     r.reconcile = rec;
+    r.problems = hub.problems.lock().expect("problems lock").clone();
     r
 }
 
@@ -372,6 +376,44 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
 }
 
 /// The scrape: the agent's registry, then the datapath's figures, OpenMetrics text.
+/// One series per configuration error, labelled with its object and field (alert on
+/// `palisade_config_errors > 0`, read the message in `palisade stats`), and the failures that
+/// leave an endpoint failing closed.
+fn render_problems(reg: &mut Registry, p: &Problems) {
+    let config = Family::<Labels, Gauge>::default();
+    for e in &p.config_errors {
+        config
+            .get_or_create(&labels(&[("object", &e.object), ("field", &e.field)]))
+            .inc();
+    }
+    reg.register(
+        "palisade_config_error",
+        "Configuration errors now, by object and field (the object's last good version stays in force)",
+        config,
+    );
+    let total: Gauge = Gauge::default();
+    total.set(p.config_errors.len() as i64);
+    reg.register(
+        "palisade_config_errors",
+        "Configuration errors now (bad manifests and objects, failing watches)",
+        total,
+    );
+    let pending: Gauge = Gauge::default();
+    pending.set(p.pending_endpoints.len() as i64);
+    reg.register(
+        "palisade_pending_endpoints",
+        "Endpoints failing closed because their policy could not be written (a full map)",
+        pending,
+    );
+    let failures: Counter = Counter::default();
+    failures.inc_by(p.map_write_failures_total);
+    reg.register(
+        "palisade_map_write_failures",
+        "Map writes that failed since the agent started (each failed its endpoint closed)",
+        failures,
+    );
+}
+
 pub fn render(hub: &Hub, report: &StatsReport) -> String {
     let mut reg = Registry::default();
     let dp = Family::<Labels, Counter>::default();
@@ -460,6 +502,7 @@ pub fn render(hub: &Hub, report: &StatsReport) -> String {
     let ct: Gauge = Gauge::default();
     ct.set(report.conntrack.entries as i64);
     reg.register("palisade_conntrack_entries", "Conntrack entries", ct);
+    render_problems(&mut reg, &report.problems);
 
     let mut out = String::new();
     let _ = encode_registry(&mut out, &hub.metrics.registry);
@@ -535,5 +578,51 @@ pub async fn serve(listener: tokio::net::TcpListener, hub: Arc<Hub>) {
             let _ = conn.shutdown().await;
             debug!(%peer, path, "metrics request");
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ConfigError;
+
+    #[test]
+    fn configuration_errors_are_series_naming_object_and_field() {
+        let problems = Problems {
+            config_errors: vec![
+                ConfigError::new(
+                    "NetworkPolicy demo/c-ingress",
+                    "spec.ingress[0].from[0].ipBlock.cidr",
+                    "invalid CIDR",
+                ),
+                ConfigError::new("file bad.yaml", "", "invalid YAML"),
+            ],
+            errors: vec![],
+            pending_endpoints: vec!["demo/b (ifindex 7)".into()],
+            map_write_failures_total: 3,
+        };
+        let mut reg = Registry::default();
+        render_problems(&mut reg, &problems);
+        let mut out = String::new();
+        encode_registry(&mut out, &reg).unwrap();
+        for line in [
+            r#"palisade_config_error{object="NetworkPolicy demo/c-ingress",field="spec.ingress[0].from[0].ipBlock.cidr"} 1"#,
+            r#"palisade_config_error{object="file bad.yaml",field=""} 1"#,
+            "palisade_config_errors 2",
+            "palisade_pending_endpoints 1",
+            "palisade_map_write_failures_total 3",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} in\n{out}");
+        }
+        // All clear: the totals say so, and no stale series.
+        let mut reg = Registry::default();
+        render_problems(&mut reg, &Problems::default());
+        let mut out = String::new();
+        encode_registry(&mut out, &reg).unwrap();
+        assert!(
+            out.lines().any(|l| l == "palisade_config_errors 0"),
+            "{out}"
+        );
+        assert!(!out.contains("palisade_config_error{"), "{out}");
     }
 }

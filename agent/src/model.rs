@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::selector::Selector;
 use crate::state::{Direction, PodRef};
@@ -63,7 +63,7 @@ impl fmt::Display for FieldError {
 
 /// A configuration error: which object (`NetworkPolicy ns/name`, `Pod ns/name`,
 /// `file x.yaml`, ...), which field (may be empty) and what is wrong.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub struct ConfigError {
     pub object: String,
     pub field: String,

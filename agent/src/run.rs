@@ -19,8 +19,8 @@ use crate::{
     loader::{self, Datapath},
     manifest::ManifestDir,
     maps::MapWriter,
-    model::Store,
-    verdicts::{ObserveConfig, Observer},
+    model::{ConfigError, Store},
+    verdicts::{ObserveConfig, Observer, Problems},
 };
 
 #[derive(Clone, Debug)]
@@ -158,22 +158,17 @@ impl Agent {
     pub fn reconcile(&mut self) -> Result<()> {
         let started_at_unix_ms = unix_ms();
         let loaded = self.source.load();
-        let mut errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
+        let mut errors: Vec<ConfigError> = loaded.errors;
         let policies: Vec<_> = loaded
             .objects
             .iter()
             .filter(|o| matches!(o, crate::model::Object::NetworkPolicy(_)))
             .map(|o| o.key())
             .collect();
-        errors.extend(
-            self.store
-                .replace_all(loaded.objects)
-                .iter()
-                .map(|e| e.to_string()),
-        );
+        errors.extend(self.store.replace_all(loaded.objects));
         errors.extend(unresolved_named_ports(&self.store));
         let (services, service_errors) = self.service_files.load(&self.cfg.manifests);
-        errors.extend(service_errors.iter().map(|e| e.to_string()));
+        errors.extend(service_errors);
         self.set_services(services);
         // What this view of the configuration lacks for want of a last good version: files
         // that never parsed, policies that never validated (since this agent started).
@@ -214,17 +209,18 @@ impl Agent {
     pub fn enforce(
         &mut self,
         store: &Store,
-        errors: Vec<String>,
+        config_errors: Vec<ConfigError>,
         started_at_unix_ms: u128,
     ) -> Result<()> {
         let started = Instant::now();
         self.retry = false;
         self.retry_at = None;
-        for e in &errors {
+        for e in &config_errors {
             error!("{e}");
         }
-        let config_errors = errors.len();
-        let mut errors = errors;
+        let config = config_errors;
+        let mut errors: Vec<String> = config.iter().map(|e| e.to_string()).collect();
+        let config_errors = config.len();
         let incomplete = std::mem::take(&mut self.incomplete);
         let adopted = self.writer.applied();
         if self.first && !incomplete.is_empty() && !adopted.endpoints.is_empty() {
@@ -249,7 +245,7 @@ impl Agent {
                 attach_failures: 0,
                 repairs_total: self.repairs_total,
             };
-            return self.write_status(&status);
+            return self.write_status(&status, &config);
         }
         self.host = HostView::read().context("reading interfaces and routes")?;
         // Pods the CNI plugin provisioned: their interface, and their addresses before the
@@ -386,10 +382,19 @@ impl Agent {
             attach_failures,
             repairs_total: self.repairs_total,
         };
-        self.write_status(&status)
+        self.write_status(&status, &config)
     }
 
-    fn write_status(&self, status: &Status) -> Result<()> {
+    /// Writes the status file and hands the problems to `palisade stats` and the metrics.
+    fn write_status(&self, status: &Status, config: &[ConfigError]) -> Result<()> {
+        if let Some(o) = &self.observer {
+            o.set_problems(Problems {
+                config_errors: config.to_vec(),
+                errors: status.errors[status.config_errors.min(status.errors.len())..].to_vec(),
+                pending_endpoints: status.pending_endpoints.clone(),
+                map_write_failures_total: status.map_write_failures_total,
+            });
+        }
         if let Some(path) = &self.cfg.status_file {
             write_atomically(path, &serde_json::to_vec_pretty(status)?)?;
         }
@@ -467,7 +472,7 @@ impl Agent {
 
 /// Named ports that no pod declares (with that protocol): valid, as the API server accepts
 /// them, but they match nothing, which is rarely what was meant.
-pub(crate) fn unresolved_named_ports(store: &Store) -> Vec<String> {
+pub(crate) fn unresolved_named_ports(store: &Store) -> Vec<ConfigError> {
     use crate::model::PortMatch;
     use crate::state::Direction;
     let declared: std::collections::BTreeSet<(&str, crate::model::Protocol)> = store
@@ -487,10 +492,13 @@ pub(crate) fn unresolved_named_ports(store: &Store) -> Vec<String> {
                     if let PortMatch::Named(name) = &port.port
                         && !declared.contains(&(name.as_str(), port.protocol))
                     {
-                        out.push(format!(
-                            "NetworkPolicy {}/{}: spec.{dir}[{i}].ports[{k}].port: no pod declares \
-                             a {} port named {name:?}: it matches nothing",
-                            p.namespace, p.name, port.protocol
+                        out.push(ConfigError::new(
+                            format!("NetworkPolicy {}/{}", p.namespace, p.name),
+                            format!("spec.{dir}[{i}].ports[{k}].port"),
+                            format!(
+                                "no pod declares a {} port named {name:?}: it matches nothing",
+                                port.protocol
+                            ),
                         ));
                     }
                 }

@@ -39,7 +39,7 @@ use crate::{
     loader::Datapath,
     maps::ApplyStats,
     metrics::{DatapathReader, Metrics},
-    model::Store,
+    model::{ConfigError, Store},
     state::{DesiredState, Direction},
 };
 
@@ -387,6 +387,21 @@ pub struct Hub {
     /// Events that could not be decoded (short records).
     pub undecodable: std::sync::atomic::AtomicU64,
     pub last_reconcile: Mutex<Option<ReconcileInfo>>,
+    pub problems: Mutex<Problems>,
+}
+
+/// What is wrong now, as of the last reconcile (`palisade stats`, metrics).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problems {
+    /// Bad manifests and objects, failing watches: each names its object and field. Objects
+    /// that fail validation keep their last good version in force.
+    pub config_errors: Vec<ConfigError>,
+    /// Everything else: failed map writes and attachments, enforcement held at a restart.
+    pub errors: Vec<String>,
+    /// Endpoints failing closed because their entries could not be written.
+    pub pending_endpoints: Vec<String>,
+    /// Map writes that failed since the agent started (each one failed closed).
+    pub map_write_failures_total: u64,
 }
 
 /// The last reconcile, for `palisade stats`.
@@ -459,6 +474,7 @@ impl Observer {
             datapath,
             undecodable: Default::default(),
             last_reconcile: Mutex::new(None),
+            problems: Mutex::default(),
         });
         let mut tasks = vec![spawn_reader(ring, hub.clone())?];
         if let Some(path) = &cfg.socket {
@@ -531,6 +547,10 @@ impl Observer {
             failed: stats.failed,
         });
         *self.hub.names.write().expect("names lock") = Arc::new(Names::new(file, applied));
+    }
+
+    pub fn set_problems(&self, problems: Problems) {
+        *self.hub.problems.lock().expect("problems lock") = problems;
     }
 
     pub fn socket(&self) -> Option<&Path> {
