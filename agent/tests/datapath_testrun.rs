@@ -1,63 +1,36 @@
 //! The real eBPF programs, run by the kernel on crafted packets (BPF_PROG_TEST_RUN), with map
 //! contents written through the agent's own map writer. Needs root; under CI=true a missing
 //! privilege is a failure, not a skip.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+mod support;
 
-use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
-    programs::{TestRun, TestRunOptions},
-};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use aya::maps::{HashMap, MapData, PerCpuArray};
 use palisade::{
     loader::{Datapath, FROM_POD, TO_POD},
     maps::MapWriter,
-    state::{CidrEntry, DesiredState, PolicyEntry},
+    state::{DesiredState, PolicyEntry},
 };
 use palisade_common::*;
+use support::{
+    ACK, EP, EXTERNAL, OTHER, PEER, PEER_ID, POD, SYN, SYN_ACK, TC_ACT_OK, TC_ACT_SHOT, cidr4,
+    endpoint_state, eth, ipv4, ipv4_fragment, ipv6, l4, load, object, peer_addr, require_root,
+    tcp4, tcp4_ct_key, test_run,
+};
 
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
 /// BPF_PROG_TEST_RUN puts the skb on `lo`.
 const IFINDEX: u32 = 1;
-const EP: u32 = 7;
-const PEER_IDENTITY: u32 = 300;
 const OTHER_IDENTITY: u32 = 301;
 
-const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
-const PEER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 11);
-const OTHER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 12);
-const EXTERNAL: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 const NODE: Ipv4Addr = Ipv4Addr::new(10, 243, 0, 1);
 const POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x10);
 const PEER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x11);
-
-fn require_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("this test needs root (BPF_PROG_TEST_RUN); CI=true forbids skipping");
-    }
-    eprintln!("skipping: needs root");
-    false
-}
-
-fn object() -> Vec<u8> {
-    let path = env!("PALISADE_EBPF_OBJ");
-    std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}; run `cargo xtask build`"))
-}
 
 struct Rig {
     dp: Datapath,
     writer: MapWriter,
     counters: PerCpuArray<MapData, u64>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
-}
-
-fn peer_addr(ip: IpAddr) -> PeerAddr {
-    match ip {
-        IpAddr::V4(a) => PeerAddr::v4(a.octets()),
-        IpAddr::V6(a) => PeerAddr::v6(a.octets()),
-    }
 }
 
 fn policy_entry(peer: u32, dir: u8, proto: u8, port: u16, prefix_len: u32) -> PolicyEntry {
@@ -85,52 +58,29 @@ fn policy_entry(peer: u32, dir: u8, proto: u8, port: u16, prefix_len: u32) -> Po
 }
 
 /// An endpoint on `lo`, isolated both ways, with a few allow entries:
-/// - ingress from PEER_IDENTITY on TCP 80 (rule 1);
-/// - ingress from PEER_IDENTITY on UDP, any port (rule 2);
+/// - ingress from PEER_ID on TCP 80 (rule 1);
+/// - ingress from PEER_ID on UDP, any port (rule 2);
 /// - ingress from OTHER_IDENTITY on TCP 8000-8007 (an aligned block, rule 3);
 /// - ingress from PEER6 (IPv6 peer identity) on TCP 443 (rule 4);
 /// - egress to 192.0.2.0/24 except 192.0.2.128/25, any protocol (rule 5).
 fn standard_state() -> DesiredState {
-    let mut s = DesiredState::default();
-    s.endpoints.insert(
-        IFINDEX,
-        EndpointInfo {
-            id: EP,
-            flags: EP_ISOLATED_INGRESS | EP_ISOLATED_EGRESS,
-            revision: 0,
-            _pad: 0,
-        },
-    );
-    s.identities.insert(peer_addr(PEER.into()), PEER_IDENTITY);
+    // PEER's identity and the pod's own address (source address verification) come with it.
+    let mut s = endpoint_state(IFINDEX, EP_ISOLATED_INGRESS | EP_ISOLATED_EGRESS, []);
     s.identities.insert(peer_addr(OTHER.into()), OTHER_IDENTITY);
-    s.identities.insert(peer_addr(PEER6.into()), PEER_IDENTITY);
+    s.identities.insert(peer_addr(PEER6.into()), PEER_ID);
     s.identities.insert(peer_addr(NODE.into()), IDENTITY_HOST);
-    // The pod's own addresses (source address verification).
-    s.endpoint_addrs.insert(peer_addr(POD.into()), EP);
     s.endpoint_addrs.insert(peer_addr(POD6.into()), EP);
     let allow = |s: &mut DesiredState, e: PolicyEntry, rule: u32| {
         s.policy.insert(e, PolicyValue { rule, flags: 0 });
     };
     allow(
         &mut s,
-        policy_entry(
-            PEER_IDENTITY,
-            DIR_INGRESS,
-            PROTO_TCP,
-            80,
-            POLICY_KEY_FULL_BITS,
-        ),
+        policy_entry(PEER_ID, DIR_INGRESS, PROTO_TCP, 80, POLICY_KEY_FULL_BITS),
         1,
     );
     allow(
         &mut s,
-        policy_entry(
-            PEER_IDENTITY,
-            DIR_INGRESS,
-            PROTO_UDP,
-            0,
-            POLICY_KEY_ANY_PORT_BITS,
-        ),
+        policy_entry(PEER_ID, DIR_INGRESS, PROTO_UDP, 0, POLICY_KEY_ANY_PORT_BITS),
         2,
     );
     allow(
@@ -146,26 +96,11 @@ fn standard_state() -> DesiredState {
     );
     allow(
         &mut s,
-        policy_entry(
-            PEER_IDENTITY,
-            DIR_INGRESS,
-            PROTO_TCP,
-            443,
-            POLICY_KEY_FULL_BITS,
-        ),
+        policy_entry(PEER_ID, DIR_INGRESS, PROTO_TCP, 443, POLICY_KEY_FULL_BITS),
         4,
     );
     let class = CIDR_CLASS_BIT | 1;
-    let cidr = |addr: [u8; 4], len: u32| CidrEntry {
-        key: CidrKey {
-            endpoint: EP,
-            dir: DIR_EGRESS,
-            family: AF_INET,
-            _pad: [0; 2],
-            addr: PeerAddr::v4(addr).addr,
-        },
-        prefix_len: len,
-    };
+    let cidr = |addr: [u8; 4], len: u32| cidr4(EP, DIR_EGRESS, addr, len);
     s.cidrs.insert(cidr([192, 0, 2, 0], 24), class);
     s.cidrs.insert(cidr([192, 0, 2, 128], 25), CIDR_CLASS_NONE);
     allow(
@@ -178,8 +113,7 @@ fn standard_state() -> DesiredState {
 
 impl Rig {
     fn new(state: &DesiredState) -> Rig {
-        let mut dp = Datapath::load(&object(), None).expect("load datapath");
-        let mut writer = MapWriter::new(&mut dp).expect("map writer");
+        let (mut dp, mut writer) = load();
         let stats = writer.apply(state);
         assert_eq!(stats.failed, 0);
         let counters = PerCpuArray::try_from(dp.take_map(map_names::COUNTERS).unwrap()).unwrap();
@@ -192,107 +126,20 @@ impl Rig {
         }
     }
 
-    fn run(&self, prog: &str, pkt: &[u8]) -> u32 {
-        let mut out = vec![0u8; pkt.len() + 256];
-        self.dp
-            .program(prog)
-            .test_run(TestRunOptions {
-                data_in: Some(pkt),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("test run of {prog}: {e}"))
-            .return_value
-    }
-
     /// Verdict for traffic to the pod (its ingress).
     fn ingress(&self, pkt: &[u8]) -> u32 {
-        self.run(TO_POD, pkt)
+        test_run(&self.dp, TO_POD, pkt)
     }
 
     /// Verdict for traffic from the pod (its egress).
     fn egress(&self, pkt: &[u8]) -> u32 {
-        self.run(FROM_POD, pkt)
+        test_run(&self.dp, FROM_POD, pkt)
     }
 
     fn counter(&self, c: Counter) -> u64 {
-        self.counters
-            .get(&(c as u32), 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0)
+        support::counter(&self.counters, c as u32)
     }
 }
-
-// ---- packet builders -------------------------------------------------------------------------
-
-fn eth(ethertype: u16) -> Vec<u8> {
-    let mut p = vec![0u8; 12];
-    p.extend_from_slice(&ethertype.to_be_bytes());
-    p
-}
-
-fn l4(proto: u8, sport: u16, dport: u16, tcp_flags: u8) -> Vec<u8> {
-    match proto {
-        PROTO_TCP => {
-            let mut t = vec![0u8; 20];
-            t[0..2].copy_from_slice(&sport.to_be_bytes());
-            t[2..4].copy_from_slice(&dport.to_be_bytes());
-            t[12] = 0x50;
-            t[13] = tcp_flags;
-            t
-        }
-        PROTO_UDP => {
-            let mut u = vec![0u8; 8];
-            u[0..2].copy_from_slice(&sport.to_be_bytes());
-            u[2..4].copy_from_slice(&dport.to_be_bytes());
-            u[4..6].copy_from_slice(&8u16.to_be_bytes());
-            u
-        }
-        PROTO_SCTP => {
-            let mut s = vec![0u8; 12];
-            s[0..2].copy_from_slice(&sport.to_be_bytes());
-            s[2..4].copy_from_slice(&dport.to_be_bytes());
-            s
-        }
-        _ => vec![0u8; 8],
-    }
-}
-
-fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
-    let mut p = eth(0x0800);
-    let mut ip = vec![0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
-    ip[8] = 64;
-    ip[9] = proto;
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&dst.octets());
-    p.extend(ip);
-    p.extend_from_slice(payload);
-    p
-}
-
-fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
-    let mut p = eth(0x86dd);
-    let mut ip = vec![0u8; 40];
-    ip[0] = 0x60;
-    ip[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
-    ip[6] = next;
-    ip[7] = 64;
-    ip[8..24].copy_from_slice(&src.octets());
-    ip[24..40].copy_from_slice(&dst.octets());
-    p.extend(ip);
-    p.extend_from_slice(payload);
-    p
-}
-
-fn tcp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    ipv4(src, dst, PROTO_TCP, &l4(PROTO_TCP, sport, dport, flags))
-}
-
-const SYN: u8 = 0x02;
-const SYN_ACK: u8 = 0x12;
-const ACK: u8 = 0x10;
 
 // ---- tests -------------------------------------------------------------------------------------
 
@@ -425,17 +272,7 @@ fn replies_pass_by_conntrack_and_nothing_else_does() {
         "unrelated ICMP error"
     );
     // The flow is in the conntrack table under the endpoint, in its original direction.
-    let key = CtKey {
-        endpoint: EP,
-        src: PeerAddr::v4(PEER.octets()).addr,
-        dst: PeerAddr::v4(POD.octets()).addr,
-        sport: 40000,
-        dport: 80,
-        proto: PROTO_TCP,
-        dir: DIR_INGRESS,
-        family: AF_INET,
-        _pad: 0,
-    };
+    let key = tcp4_ct_key(EP, DIR_INGRESS, (PEER, 40000), (POD, 80));
     let entry = rig.conntrack.get(&key, 0).expect("conntrack entry");
     assert_eq!(entry.rule, 1);
     assert!(entry.packets >= 3);
@@ -453,7 +290,7 @@ fn revoked_allow_stops_established_flow() {
     // Remove the rule: the established flow is re-checked and stops.
     let mut revoked = state.clone();
     revoked.policy.remove(&policy_entry(
-        PEER_IDENTITY,
+        PEER_ID,
         DIR_INGRESS,
         PROTO_TCP,
         80,
@@ -613,10 +450,7 @@ fn fragments_follow_their_first_fragment() {
     }
     let rig = Rig::new(&standard_state());
     let frag = |id: u16, offset_flags: u16, payload: &[u8]| {
-        let mut p = ipv4(PEER, POD, PROTO_UDP, payload);
-        p[18..20].copy_from_slice(&id.to_be_bytes());
-        p[20..22].copy_from_slice(&offset_flags.to_be_bytes());
-        p
+        ipv4_fragment(PEER, POD, PROTO_UDP, payload, id, offset_flags)
     };
     // UDP from PEER is allowed on any port: first fragment (MF), then a later one.
     let mut first = l4(PROTO_UDP, 1000, 53, 0);
@@ -632,8 +466,7 @@ fn fragments_follow_their_first_fragment() {
         "later fragment of an allowed datagram"
     );
     // A later fragment whose first fragment was never seen, from a peer allowed only on TCP 80.
-    let mut orphan = ipv4(OTHER, POD, PROTO_TCP, &[0u8; 16]);
-    orphan[20..22].copy_from_slice(&3u16.to_be_bytes());
+    let orphan = ipv4_fragment(OTHER, POD, PROTO_TCP, &[0u8; 16], 0, 3);
     assert_eq!(rig.ingress(&orphan), TC_ACT_SHOT, "orphan fragment");
 }
 

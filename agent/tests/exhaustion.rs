@@ -3,120 +3,30 @@
 //! trie, address or endpoint table makes the affected endpoint fail closed, with the failure
 //! recorded; a full conntrack or fragment table never lets a denied packet through; a full ring
 //! buffer is counted and never blocks. Needs root; under CI=true that is a failure, not a skip.
-use std::net::{IpAddr, Ipv4Addr};
-use std::process::Command;
+mod support;
+
+use std::net::Ipv4Addr;
 use std::time::Instant;
 
-use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
-    programs::{TestRun, TestRunOptions},
-};
+use aya::maps::{HashMap, MapData, PerCpuArray};
 use palisade::{
     loader::{Datapath, FROM_POD, LoadOptions, TO_POD},
     maps::MapWriter,
-    state::{CidrEntry, DesiredState, PolicyEntry},
+    state::DesiredState,
 };
 use palisade_common::*;
+use support::{
+    EP, PEER, PEER_ID, POD, SYN, SYN_ACK, TC_ACT_OK as OK, TC_ACT_SHOT as SHOT, allow_tcp_port,
+    cidr4, endpoint_state, ipv4_fragment, load_with, peer_addr, private_interfaces, require_root,
+    tcp4, test_run_on,
+};
 
-const OK: u32 = 0;
-const SHOT: u32 = 2;
-const EP: u32 = 7;
 const EP2: u32 = 8;
-const PEER_ID: u32 = 300;
-
-const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
 const POD2: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 20);
-const PEER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 11);
-
-fn require_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("this test needs root (BPF_PROG_TEST_RUN); CI=true forbids skipping");
-    }
-    eprintln!("skipping: needs root");
-    false
-}
-
-fn object() -> Vec<u8> {
-    let path = env!("PALISADE_EBPF_OBJ");
-    std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}; run `cargo xtask build`"))
-}
-
-/// Moves this test's thread into a network namespace of its own with two veth pairs; returns
-/// their four ifindexes, ascending (test runs take the skb's device from them).
-fn private_interfaces() -> Vec<u32> {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-    let mut out = Vec::new();
-    for i in 0..2 {
-        let ok = Command::new("ip")
-            .args([
-                "link",
-                "add",
-                &format!("ex{i}"),
-                "type",
-                "veth",
-                "peer",
-                "name",
-            ])
-            .arg(format!("exp{i}"))
-            .status()
-            .expect("ip link add")
-            .success();
-        assert!(ok, "ip link add");
-        for n in [format!("ex{i}"), format!("exp{i}")] {
-            out.push(nix::net::if_::if_nametoindex(n.as_str()).expect("ifindex"));
-        }
-    }
-    out.sort_unstable();
-    out
-}
-
-fn peer_addr(ip: IpAddr) -> PeerAddr {
-    match ip {
-        IpAddr::V4(a) => PeerAddr::v4(a.octets()),
-        IpAddr::V6(a) => PeerAddr::v6(a.octets()),
-    }
-}
-
-fn allow_port(endpoint: u32, peer: u32, dir: u8, port: u16) -> PolicyEntry {
-    PolicyEntry {
-        key: PolicyKey {
-            endpoint,
-            peer,
-            dir,
-            proto: PROTO_TCP,
-            port_be: port.to_be(),
-        },
-        prefix_len: POLICY_KEY_FULL_BITS,
-    }
-}
 
 /// Endpoint EP (on `ifindex`), isolated both ways, PEER allowed in on TCP `ports`.
 fn state(ifindex: u32, ports: impl IntoIterator<Item = u16>) -> DesiredState {
-    let mut s = DesiredState::default();
-    s.endpoints.insert(
-        ifindex,
-        EndpointInfo {
-            id: EP,
-            flags: EP_ISOLATED_INGRESS | EP_ISOLATED_EGRESS,
-            revision: 0,
-            _pad: 0,
-        },
-    );
-    s.identities.insert(peer_addr(PEER.into()), PEER_ID);
-    s.endpoint_addrs.insert(peer_addr(POD.into()), EP);
-    for (i, port) in ports.into_iter().enumerate() {
-        s.policy.insert(
-            allow_port(EP, PEER_ID, DIR_INGRESS, port),
-            PolicyValue {
-                rule: 1 + i as u32,
-                flags: 0,
-            },
-        );
-    }
-    s
+    endpoint_state(ifindex, EP_ISOLATED_INGRESS | EP_ISOLATED_EGRESS, ports)
 }
 
 struct Rig {
@@ -127,11 +37,9 @@ struct Rig {
 
 impl Rig {
     fn new(max_entries: &[(&'static str, u32)]) -> Rig {
-        let opts = LoadOptions {
+        let (mut dp, writer) = load_with(&LoadOptions {
             max_entries: max_entries.to_vec(),
-        };
-        let mut dp = Datapath::load_with(&object(), None, &opts).expect("load datapath");
-        let writer = MapWriter::new(&mut dp).expect("map writer");
+        });
         let counters = PerCpuArray::try_from(dp.take_map(map_names::COUNTERS).unwrap()).unwrap();
         Rig {
             dp,
@@ -141,19 +49,7 @@ impl Rig {
     }
 
     fn run(&self, prog: &str, ifindex: u32, pkt: &[u8]) -> u32 {
-        let mut ctx = [0u8; 44];
-        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-        let mut out = vec![0u8; pkt.len() + 256];
-        self.dp
-            .program(prog)
-            .test_run(TestRunOptions {
-                data_in: Some(pkt),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("test run of {prog}: {e}"))
-            .return_value
+        test_run_on(&self.dp, prog, ifindex, pkt)
     }
 
     fn ingress(&self, ifindex: u32, pkt: &[u8]) -> u32 {
@@ -165,10 +61,7 @@ impl Rig {
     }
 
     fn counter(&self, slot: u32) -> u64 {
-        self.counters
-            .get(&slot, 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0)
+        support::counter(&self.counters, slot)
     }
 
     fn pending(&self, ifindex: u32) -> bool {
@@ -176,46 +69,17 @@ impl Rig {
     }
 }
 
-fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    let mut l4 = vec![0u8; 20];
-    l4[0..2].copy_from_slice(&sport.to_be_bytes());
-    l4[2..4].copy_from_slice(&dport.to_be_bytes());
-    l4[12] = 0x50;
-    l4[13] = flags;
-    ipv4(src, dst, PROTO_TCP, &l4, 0, 0)
-}
-
-fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8], id: u16, frag: u16) -> Vec<u8> {
-    let mut p = vec![0u8; 12];
-    p.extend_from_slice(&0x0800u16.to_be_bytes());
-    let mut ip = vec![0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
-    ip[4..6].copy_from_slice(&id.to_be_bytes());
-    ip[6..8].copy_from_slice(&frag.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = proto;
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&dst.octets());
-    p.extend(ip);
-    p.extend_from_slice(payload);
-    p
-}
-
-const SYN: u8 = 0x02;
-const SYN_ACK: u8 = 0x12;
-
 #[test]
 fn full_policy_map_fails_closed_and_recovers() {
     if !require_root() {
         return;
     }
-    let ifs = private_interfaces();
+    let ifs = private_interfaces(2);
     let mut rig = Rig::new(&[(map_names::POLICY, 4)]);
     let s = state(ifs[0], [80, 81]);
     assert_eq!(rig.writer.apply(&s).failed, 0);
-    assert_eq!(rig.ingress(ifs[0], &tcp(PEER, POD, 1000, 80, SYN)), OK);
-    assert_eq!(rig.ingress(ifs[0], &tcp(PEER, POD, 1001, 82, SYN)), SHOT);
+    assert_eq!(rig.ingress(ifs[0], &tcp4(PEER, POD, 1000, 80, SYN)), OK);
+    assert_eq!(rig.ingress(ifs[0], &tcp4(PEER, POD, 1001, 82, SYN)), SHOT);
 
     // Eight allow entries do not fit in four: the endpoint fails closed, whole.
     let big = state(ifs[0], 80..88);
@@ -236,13 +100,13 @@ fn full_policy_map_fails_closed_and_recovers() {
         (99, "never"),
     ] {
         assert_eq!(
-            rig.ingress(ifs[0], &tcp(PEER, POD, 2000 + port, port, SYN)),
+            rig.ingress(ifs[0], &tcp4(PEER, POD, 2000 + port, port, SYN)),
             SHOT,
             "port {port} ({what}) while pending"
         );
     }
     assert_eq!(
-        rig.egress(ifs[0], &tcp(POD, PEER, 80, 1000, SYN_ACK)),
+        rig.egress(ifs[0], &tcp4(POD, PEER, 80, 1000, SYN_ACK)),
         SHOT,
         "even replies of an established flow"
     );
@@ -254,8 +118,8 @@ fn full_policy_map_fails_closed_and_recovers() {
     assert_eq!(stats.failed, 0, "{:?}", rig.writer.failures());
     assert!(!rig.pending(ifs[0]));
     assert!(rig.writer.failures().is_empty());
-    assert_eq!(rig.ingress(ifs[0], &tcp(PEER, POD, 3000, 81, SYN)), OK);
-    assert_eq!(rig.ingress(ifs[0], &tcp(PEER, POD, 3001, 84, SYN)), SHOT);
+    assert_eq!(rig.ingress(ifs[0], &tcp4(PEER, POD, 3000, 81, SYN)), OK);
+    assert_eq!(rig.ingress(ifs[0], &tcp4(PEER, POD, 3001, 84, SYN)), SHOT);
 }
 
 #[test]
@@ -263,7 +127,7 @@ fn full_map_affects_only_the_endpoint_that_needs_more() {
     if !require_root() {
         return;
     }
-    let ifs = private_interfaces();
+    let ifs = private_interfaces(2);
     let mut rig = Rig::new(&[(map_names::POLICY, 6)]);
     // EP2 (second interface) needs one entry and gets it; EP needs eight and cannot.
     let mut s = state(ifs[0], 80..88);
@@ -278,7 +142,7 @@ fn full_map_affects_only_the_endpoint_that_needs_more() {
     );
     s.endpoint_addrs.insert(peer_addr(POD2.into()), EP2);
     s.policy.insert(
-        allow_port(EP2, PEER_ID, DIR_INGRESS, 80),
+        allow_tcp_port(EP2, PEER_ID, DIR_INGRESS, 80),
         PolicyValue { rule: 50, flags: 0 },
     );
     // EP2's entry sorts after EP's in the write order: write it first so it is the one that
@@ -291,9 +155,9 @@ fn full_map_affects_only_the_endpoint_that_needs_more() {
     assert!(stats.failed > 0);
     assert!(rig.pending(ifs[0]));
     assert!(!rig.pending(ifs[1]));
-    assert_eq!(rig.ingress(ifs[0], &tcp(PEER, POD, 1, 80, SYN)), SHOT);
-    assert_eq!(rig.ingress(ifs[1], &tcp(PEER, POD2, 1, 80, SYN)), OK);
-    assert_eq!(rig.ingress(ifs[1], &tcp(PEER, POD2, 1, 81, SYN)), SHOT);
+    assert_eq!(rig.ingress(ifs[0], &tcp4(PEER, POD, 1, 80, SYN)), SHOT);
+    assert_eq!(rig.ingress(ifs[1], &tcp4(PEER, POD2, 1, 80, SYN)), OK);
+    assert_eq!(rig.ingress(ifs[1], &tcp4(PEER, POD2, 1, 81, SYN)), SHOT);
 }
 
 #[test]
@@ -301,7 +165,7 @@ fn full_cidr_trie_fails_closed() {
     if !require_root() {
         return;
     }
-    let ifs = private_interfaces();
+    let ifs = private_interfaces(2);
     let mut rig = Rig::new(&[(map_names::CIDRS, 2)]);
     let mut s = state(ifs[0], []);
     let class = CIDR_CLASS_BIT | 1;
@@ -309,19 +173,8 @@ fn full_cidr_trie_fails_closed() {
         .into_iter()
         .enumerate()
     {
-        s.cidrs.insert(
-            CidrEntry {
-                key: CidrKey {
-                    endpoint: EP,
-                    dir: DIR_EGRESS,
-                    family: AF_INET,
-                    _pad: [0; 2],
-                    addr: PeerAddr::v4(net).addr,
-                },
-                prefix_len: 24,
-            },
-            class + i as u32,
-        );
+        s.cidrs
+            .insert(cidr4(EP, DIR_EGRESS, net, 24), class + i as u32);
     }
     let stats = rig.writer.apply(&s);
     assert!(stats.failed > 0);
@@ -333,7 +186,7 @@ fn full_cidr_trie_fails_closed() {
             .any(|f| f.map == map_names::CIDRS && f.endpoint == Some(EP))
     );
     assert_eq!(
-        rig.egress(ifs[0], &tcp(POD, Ipv4Addr::new(192, 0, 2, 1), 1, 443, SYN)),
+        rig.egress(ifs[0], &tcp4(POD, Ipv4Addr::new(192, 0, 2, 1), 1, 443, SYN)),
         SHOT
     );
 }
@@ -343,7 +196,7 @@ fn full_address_table_fails_closed() {
     if !require_root() {
         return;
     }
-    let ifs = private_interfaces();
+    let ifs = private_interfaces(2);
     let mut rig = Rig::new(&[(map_names::EP_ADDRS, 1)]);
     let mut s = state(ifs[0], [80]);
     s.endpoint_addrs.insert(
@@ -359,7 +212,7 @@ fn full_address_table_fails_closed() {
             .iter()
             .any(|f| f.map == map_names::EP_ADDRS && f.endpoint == Some(EP))
     );
-    assert_eq!(rig.ingress(ifs[0], &tcp(PEER, POD, 1, 80, SYN)), SHOT);
+    assert_eq!(rig.ingress(ifs[0], &tcp4(PEER, POD, 1, 80, SYN)), SHOT);
 }
 
 #[test]
@@ -367,7 +220,7 @@ fn full_identity_table_allows_less_never_more() {
     if !require_root() {
         return;
     }
-    let ifs = private_interfaces();
+    let ifs = private_interfaces(2);
     let mut rig = Rig::new(&[(map_names::IDENTITIES, 1)]);
     // A second peer with the same identity cannot be registered: it is a stranger to the
     // datapath, and strangers are denied.
@@ -383,13 +236,13 @@ fn full_identity_table_allows_less_never_more() {
             .any(|f| f.map == map_names::IDENTITIES)
     );
     let results = [
-        rig.ingress(ifs[0], &tcp(PEER, POD, 1, 80, SYN)),
-        rig.ingress(ifs[0], &tcp(other, POD, 1, 80, SYN)),
+        rig.ingress(ifs[0], &tcp4(PEER, POD, 1, 80, SYN)),
+        rig.ingress(ifs[0], &tcp4(other, POD, 1, 80, SYN)),
     ];
     // Whichever of the two got the one slot is allowed; the other is denied, never both open
     // beyond policy.
     assert!(results.contains(&SHOT), "{results:?}");
-    assert_eq!(rig.ingress(ifs[0], &tcp(other, POD, 2, 81, SYN)), SHOT);
+    assert_eq!(rig.ingress(ifs[0], &tcp4(other, POD, 2, 81, SYN)), SHOT);
 }
 
 #[test]
@@ -397,7 +250,7 @@ fn endpoint_without_entry_fails_closed() {
     if !require_root() {
         return;
     }
-    let ifs = private_interfaces();
+    let ifs = private_interfaces(2);
     let mut rig = Rig::new(&[(map_names::ENDPOINTS, 1)]);
     let mut s = state(ifs[0], [80]);
     s.endpoints.insert(
@@ -421,13 +274,13 @@ fn endpoint_without_entry_fails_closed() {
     // EP2 is not isolated at all, yet its interface (which has the programs) drops: without
     // its entry the datapath cannot tell, and fails closed.
     let before = rig.counter(DROPPED_BY_REASON + Reason::UnknownEndpoint as u32);
-    assert_eq!(rig.ingress(ifs[1], &tcp(PEER, POD2, 1, 80, SYN)), SHOT);
-    assert_eq!(rig.egress(ifs[1], &tcp(POD2, PEER, 1, 80, SYN)), SHOT);
+    assert_eq!(rig.ingress(ifs[1], &tcp4(PEER, POD2, 1, 80, SYN)), SHOT);
+    assert_eq!(rig.egress(ifs[1], &tcp4(POD2, PEER, 1, 80, SYN)), SHOT);
     assert_eq!(
         rig.counter(DROPPED_BY_REASON + Reason::UnknownEndpoint as u32),
         before + 2
     );
-    assert_eq!(rig.ingress(ifs[0], &tcp(PEER, POD, 1, 80, SYN)), OK);
+    assert_eq!(rig.ingress(ifs[0], &tcp4(PEER, POD, 1, 80, SYN)), OK);
 }
 
 #[test]
@@ -435,35 +288,38 @@ fn full_conntrack_never_lets_a_denied_flow_through() {
     if !require_root() {
         return;
     }
-    let ifs = private_interfaces();
+    let ifs = private_interfaces(2);
     let mut rig = Rig::new(&[(map_names::CONNTRACK, 16)]);
     assert_eq!(rig.writer.apply(&state(ifs[0], [80])).failed, 0);
     // 500 allowed flows through a 16-entry table, each followed by denied traffic.
     let mut reply_passed = 0;
     for i in 0..500u16 {
         let sport = 10_000 + i;
-        assert_eq!(rig.ingress(ifs[0], &tcp(PEER, POD, sport, 80, SYN)), OK);
+        assert_eq!(rig.ingress(ifs[0], &tcp4(PEER, POD, sport, 80, SYN)), OK);
         assert_eq!(
-            rig.ingress(ifs[0], &tcp(PEER, POD, sport, 81, SYN)),
+            rig.ingress(ifs[0], &tcp4(PEER, POD, sport, 81, SYN)),
             SHOT,
             "denied port, flow {i}"
         );
         assert_eq!(
-            rig.egress(ifs[0], &tcp(POD, PEER, 80, sport + 1, SYN_ACK)),
+            rig.egress(ifs[0], &tcp4(POD, PEER, 80, sport + 1, SYN_ACK)),
             SHOT,
             "reply to a flow that never was, flow {i}"
         );
         // The reply of an early flow, long evicted: dropped (fail closed), never a hole.
         if i >= 100 {
             let old = 10_000 + i - 100;
-            if rig.egress(ifs[0], &tcp(POD, PEER, 80, old, SYN_ACK)) == OK {
+            if rig.egress(ifs[0], &tcp4(POD, PEER, 80, old, SYN_ACK)) == OK {
                 reply_passed += 1;
             }
         }
     }
     assert_eq!(reply_passed, 0, "evicted flows are forgotten, not opened");
     // The newest flow is tracked: its reply passes.
-    assert_eq!(rig.egress(ifs[0], &tcp(POD, PEER, 80, 10_499, SYN_ACK)), OK);
+    assert_eq!(
+        rig.egress(ifs[0], &tcp4(POD, PEER, 80, 10_499, SYN_ACK)),
+        OK
+    );
 }
 
 #[test]
@@ -471,7 +327,7 @@ fn full_fragment_table_never_opens_a_port() {
     if !require_root() {
         return;
     }
-    let ifs = private_interfaces();
+    let ifs = private_interfaces(2);
     let mut rig = Rig::new(&[(map_names::FRAGMENTS, 8)]);
     assert_eq!(rig.writer.apply(&state(ifs[0], [80])).failed, 0);
     let mut first = vec![0u8; 20];
@@ -481,7 +337,10 @@ fn full_fragment_table_never_opens_a_port() {
     first[13] = SYN;
     for id in 0..200u16 {
         assert_eq!(
-            rig.ingress(ifs[0], &ipv4(PEER, POD, PROTO_TCP, &first, id, 0x2000)),
+            rig.ingress(
+                ifs[0],
+                &ipv4_fragment(PEER, POD, PROTO_TCP, &first, id, 0x2000)
+            ),
             OK
         );
     }
@@ -489,7 +348,11 @@ fn full_fragment_table_never_opens_a_port() {
     // are judged with port 0, which TCP/80 does not allow.
     let mut passed = 0;
     for id in 0..200u16 {
-        if rig.ingress(ifs[0], &ipv4(PEER, POD, PROTO_TCP, &[0u8; 16], id, 3)) == OK {
+        if rig.ingress(
+            ifs[0],
+            &ipv4_fragment(PEER, POD, PROTO_TCP, &[0u8; 16], id, 3),
+        ) == OK
+        {
             passed += 1;
         }
     }
@@ -505,12 +368,15 @@ fn full_fragment_table_never_opens_a_port() {
         assert_eq!(
             rig.ingress(
                 ifs[0],
-                &ipv4(PEER, POD, PROTO_TCP, &denied_first, id, 0x2000)
+                &ipv4_fragment(PEER, POD, PROTO_TCP, &denied_first, id, 0x2000)
             ),
             SHOT
         );
         assert_eq!(
-            rig.ingress(ifs[0], &ipv4(PEER, POD, PROTO_TCP, &[0u8; 16], id, 3)),
+            rig.ingress(
+                ifs[0],
+                &ipv4_fragment(PEER, POD, PROTO_TCP, &[0u8; 16], id, 3)
+            ),
             SHOT
         );
     }
@@ -521,7 +387,7 @@ fn full_ring_buffer_is_counted_and_never_blocks() {
     if !require_root() {
         return;
     }
-    let ifs = private_interfaces();
+    let ifs = private_interfaces(2);
     let mut rig = Rig::new(&[(map_names::EVENTS, 4096)]);
     assert_eq!(rig.writer.apply(&state(ifs[0], [80])).failed, 0);
     // Unlimited event tokens for the endpoint, never refilled (so never capped back to the
@@ -545,7 +411,7 @@ fn full_ring_buffer_is_counted_and_never_blocks() {
     let started = Instant::now();
     for i in 0..2000u16 {
         assert_eq!(
-            rig.ingress(ifs[0], &tcp(PEER, POD, i, 9, SYN)),
+            rig.ingress(ifs[0], &tcp4(PEER, POD, i, 9, SYN)),
             SHOT,
             "denied with the ring buffer full, packet {i}"
         );
@@ -569,7 +435,7 @@ fn full_ring_buffer_is_counted_and_never_blocks() {
         "2000 packets took {elapsed:?}: the datapath never waits"
     );
     // Allowed traffic is unaffected.
-    assert_eq!(rig.ingress(ifs[0], &tcp(PEER, POD, 1, 80, SYN)), OK);
+    assert_eq!(rig.ingress(ifs[0], &tcp4(PEER, POD, 1, 80, SYN)), OK);
 }
 
 #[test]
@@ -577,12 +443,12 @@ fn token_bucket_suppresses_and_counts() {
     if !require_root() {
         return;
     }
-    let ifs = private_interfaces();
+    let ifs = private_interfaces(2);
     let mut rig = Rig::new(&[]);
     assert_eq!(rig.writer.apply(&state(ifs[0], [80])).failed, 0);
     let suppressed = rig.counter(Counter::EventsSuppressed as u32);
     for i in 0..(EVENT_BURST as u16 + 300) {
-        assert_eq!(rig.ingress(ifs[0], &tcp(PEER, POD, i, 9, SYN)), SHOT);
+        assert_eq!(rig.ingress(ifs[0], &tcp4(PEER, POD, i, 9, SYN)), SHOT);
     }
     assert!(rig.counter(Counter::EventsSuppressed as u32) >= suppressed + 250);
 }

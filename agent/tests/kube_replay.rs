@@ -4,6 +4,8 @@
 //! (removing what was deleted during the gap), deletions. The store it builds is compiled by the
 //! real compiler and, as root, written to the real maps by the real map writer, and packets are
 //! judged by the real programs (BPF_PROG_TEST_RUN).
+mod support;
+
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr};
@@ -287,20 +289,12 @@ fn client_to(d: &DesiredState, dst: Ipv4Addr, proto: u8, port: u16) -> bool {
 mod datapath {
     //! The real programs on the maps the writer filled (root only).
     use super::*;
-    use aya::programs::{TestRun, TestRunOptions};
+    use crate::support::{SYN, load, tcp4, test_run};
     use palisade::loader::{Datapath, TO_POD};
     use palisade::maps::MapWriter;
 
     pub fn require_root() -> bool {
-        if nix::unistd::geteuid().is_root() {
-            return true;
-        }
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "this test needs root (BPF maps and test runs); CI=true forbids skipping"
-        );
-        eprintln!("not root: checking the store and the compiled state only");
-        false
+        crate::support::root_or("not root: checking the store and the compiled state only")
     }
 
     pub struct Maps {
@@ -311,9 +305,7 @@ mod datapath {
 
     impl Maps {
         pub fn new() -> Maps {
-            let obj = std::fs::read(env!("PALISADE_EBPF_OBJ")).expect("eBPF object");
-            let mut dp = Datapath::load(&obj, None).expect("load");
-            let writer = MapWriter::new(&mut dp).expect("writer");
+            let (dp, writer) = load();
             Maps {
                 dp,
                 writer,
@@ -324,33 +316,7 @@ mod datapath {
         /// A TCP SYN `src -> WEB:port` through `to_pod` (web's ingress): passed?
         pub fn web_from(&mut self, src: Ipv4Addr, port: u16) -> bool {
             self.sport += 1;
-            let mut p = vec![0u8; 12];
-            p.extend_from_slice(&0x0800u16.to_be_bytes());
-            let mut ip = vec![0u8; 20];
-            ip[0] = 0x45;
-            ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-            ip[8] = 64;
-            ip[9] = PROTO_TCP;
-            ip[12..16].copy_from_slice(&src.octets());
-            ip[16..20].copy_from_slice(&WEB.octets());
-            p.extend_from_slice(&ip);
-            let mut tcp = vec![0u8; 20];
-            tcp[0..2].copy_from_slice(&self.sport.to_be_bytes());
-            tcp[2..4].copy_from_slice(&port.to_be_bytes());
-            tcp[12] = 0x50;
-            tcp[13] = 0x02;
-            p.extend_from_slice(&tcp);
-            let mut out = vec![0u8; p.len() + 256];
-            let r = self
-                .dp
-                .program(TO_POD)
-                .test_run(TestRunOptions {
-                    data_in: Some(&p),
-                    data_out: Some(&mut out),
-                    ..Default::default()
-                })
-                .expect("test run");
-            r.return_value == 0
+            test_run(&self.dp, TO_POD, &tcp4(src, WEB, self.sport, port, SYN)) == 0
         }
     }
 }

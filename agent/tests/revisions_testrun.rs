@@ -4,162 +4,49 @@
 //! its revision when the old interface's entry was removed, counted again from 1, and a flow
 //! allowed at revision 2 passed unchecked after a later change brought the endpoint back to
 //! revision 2 and isolated it. Real programs, BPF_PROG_TEST_RUN; needs root (CI=true: no skip).
-use std::net::{IpAddr, Ipv4Addr};
-use std::process::Command;
+mod support;
 
-use aya::programs::{TestRun, TestRunOptions};
 use palisade::{
-    loader::{Datapath, FROM_POD, TO_POD},
-    maps::MapWriter,
-    state::{DesiredState, PolicyEntry},
+    loader::{FROM_POD, TO_POD},
+    state::DesiredState,
 };
 use palisade_common::*;
-
-const OK: u32 = 0;
-const SHOT: u32 = 2;
-const EP: u32 = 7;
-const PEER_ID: u32 = 300;
-const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
-const PEER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 11);
-
-fn require_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("this test needs root (BPF_PROG_TEST_RUN); CI=true forbids skipping");
-    }
-    eprintln!("skipping: needs root");
-    false
-}
-
-fn object() -> Vec<u8> {
-    let path = env!("PALISADE_EBPF_OBJ");
-    std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}; run `cargo xtask build`"))
-}
-
-/// This thread in a network namespace of its own with a veth pair; their ifindexes.
-fn private_interfaces() -> Vec<u32> {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-    let ok = Command::new("ip")
-        .args(["link", "add", "rv0", "type", "veth", "peer", "name", "rv1"])
-        .status()
-        .expect("ip link add")
-        .success();
-    assert!(ok);
-    let mut out: Vec<u32> = ["rv0", "rv1"]
-        .iter()
-        .map(|n| nix::net::if_::if_nametoindex(*n).expect("ifindex"))
-        .collect();
-    out.sort_unstable();
-    out
-}
-
-fn peer_addr(ip: IpAddr) -> PeerAddr {
-    match ip {
-        IpAddr::V4(a) => PeerAddr::v4(a.octets()),
-        IpAddr::V6(a) => PeerAddr::v6(a.octets()),
-    }
-}
-
-/// EP on `ifindex` with `flags`; PEER allowed in on TCP each of `ports`.
-fn state(ifindex: u32, flags: u32, ports: &[u16]) -> DesiredState {
-    let mut s = DesiredState::default();
-    s.endpoints.insert(
-        ifindex,
-        EndpointInfo {
-            id: EP,
-            flags,
-            revision: 0,
-            _pad: 0,
-        },
-    );
-    s.identities.insert(peer_addr(PEER.into()), PEER_ID);
-    s.endpoint_addrs.insert(peer_addr(POD.into()), EP);
-    for (i, port) in ports.iter().enumerate() {
-        s.policy.insert(
-            PolicyEntry {
-                key: PolicyKey {
-                    endpoint: EP,
-                    peer: PEER_ID,
-                    dir: DIR_INGRESS,
-                    proto: PROTO_TCP,
-                    port_be: port.to_be(),
-                },
-                prefix_len: POLICY_KEY_FULL_BITS,
-            },
-            PolicyValue {
-                rule: 1 + i as u32,
-                flags: 0,
-            },
-        );
-    }
-    s
-}
-
-fn run(dp: &Datapath, prog: &str, ifindex: u32, pkt: &[u8]) -> u32 {
-    let mut ctx = [0u8; 44];
-    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-    let mut out = vec![0u8; pkt.len() + 256];
-    dp.program(prog)
-        .test_run(TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..Default::default()
-        })
-        .unwrap_or_else(|e| panic!("test run of {prog}: {e}"))
-        .return_value
-}
-
-fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    let mut p = vec![0u8; 12];
-    p.extend_from_slice(&0x0800u16.to_be_bytes());
-    let mut ip = vec![0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = PROTO_TCP;
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&dst.octets());
-    p.extend(ip);
-    let mut t = vec![0u8; 20];
-    t[0..2].copy_from_slice(&sport.to_be_bytes());
-    t[2..4].copy_from_slice(&dport.to_be_bytes());
-    t[12] = 0x50;
-    t[13] = flags;
-    p.extend(t);
-    p
-}
-
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
+use support::{
+    ACK, PEER, POD, SYN, TC_ACT_OK as OK, TC_ACT_SHOT as SHOT, endpoint_state, load,
+    private_interfaces, require_root, tcp4, test_run_on,
+};
 
 #[test]
 fn an_endpoint_moving_interface_never_reuses_a_revision() {
     if !require_root() {
         return;
     }
-    let ifs = private_interfaces();
-    let mut dp = Datapath::load(&object(), None).expect("load");
-    let mut w = MapWriter::new(&mut dp).expect("writer");
+    let ifs = private_interfaces(1);
+    let (dp, mut w) = load();
     let (x, y) = (ifs[0], ifs[1]);
     // The endpoint on x, then (same pod, same id, new interface) on y.
-    w.apply(&state(x, 0, &[]));
-    w.apply(&state(y, 0, &[]));
+    w.apply(&endpoint_state(x, 0, []));
+    w.apply(&endpoint_state(y, 0, []));
     // A flow while the pod is not isolated.
-    assert_eq!(run(&dp, TO_POD, y, &tcp(PEER, POD, 4000, 9000, SYN)), OK);
+    assert_eq!(
+        test_run_on(&dp, TO_POD, y, &tcp4(PEER, POD, 4000, 9000, SYN)),
+        OK
+    );
     // An unrelated change, then isolation with nothing allowing the flow.
-    w.apply(&state(y, 0, &[80]));
-    w.apply(&state(y, EP_ISOLATED_INGRESS | EP_ISOLATED_EGRESS, &[80]));
+    w.apply(&endpoint_state(y, 0, [80]));
+    w.apply(&endpoint_state(
+        y,
+        EP_ISOLATED_INGRESS | EP_ISOLATED_EGRESS,
+        [80],
+    ));
     let revisions: Vec<u32> = w.applied().endpoints.values().map(|e| e.revision).collect();
     assert_eq!(
-        run(&dp, TO_POD, y, &tcp(PEER, POD, 4000, 9000, ACK)),
+        test_run_on(&dp, TO_POD, y, &tcp4(PEER, POD, 4000, 9000, ACK)),
         SHOT,
         "the established flow is re-checked and revoked (revisions {revisions:?})"
     );
     assert_eq!(
-        run(&dp, FROM_POD, y, &tcp(POD, PEER, 9000, 4000, ACK)),
+        test_run_on(&dp, FROM_POD, y, &tcp4(POD, PEER, 9000, 4000, ACK)),
         SHOT,
         "its replies too"
     );
@@ -170,13 +57,12 @@ fn revisions_stay_monotonic_across_removal() {
     if !require_root() {
         return;
     }
-    let ifs = private_interfaces();
-    let mut dp = Datapath::load(&object(), None).expect("load");
-    let mut w = MapWriter::new(&mut dp).expect("writer");
+    let ifs = private_interfaces(1);
+    let (_dp, mut w) = load();
     let y = ifs[0];
     let mut seen = Vec::new();
     for round in 0..4u16 {
-        w.apply(&state(y, EP_ISOLATED_INGRESS, &[80, 81 + round]));
+        w.apply(&endpoint_state(y, EP_ISOLATED_INGRESS, [80, 81 + round]));
         seen.push(w.applied().endpoints[&y].revision);
         // The pod goes away and comes back (same name: same endpoint id).
         w.apply(&DesiredState::default());

@@ -1,6 +1,8 @@
 //! Upgrades against pinned state (root): a pinned map whose layout differs from the datapath's
 //! is replaced, never adopted; when only its capacity changed its entries are carried over;
 //! maps that match are adopted with their contents; a plain restart replaces nothing.
+mod support;
+
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, MapData};
@@ -10,22 +12,7 @@ use palisade::loader::{
 use palisade::maps::MapWriter;
 use palisade::state::DesiredState;
 use palisade_common::{CtEntry, CtKey, EP_ISOLATED_INGRESS, EndpointInfo, map_names};
-
-fn require_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "this test needs root (bpffs, BPF maps); CI=true forbids skipping"
-    );
-    eprintln!("skipping: needs root");
-    false
-}
-
-fn object() -> Vec<u8> {
-    std::fs::read(env!("PALISADE_EBPF_OBJ")).expect("eBPF object (cargo xtask build)")
-}
+use support::{object, require_root};
 
 /// A private bpffs, unmounted on drop.
 struct Bpffs(PathBuf);

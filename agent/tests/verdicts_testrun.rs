@@ -2,75 +2,34 @@
 //! per-rule packet and byte counters (new flows and conntrack hits), drops and audited
 //! packets counted per reason, per-direction audit, and the ring-buffer events with verdict,
 //! reason and rule. Needs root; under CI=true a missing privilege is a failure, not a skip.
-use std::net::Ipv4Addr;
+mod support;
 
-use aya::{
-    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{TestRun, TestRunOptions},
-};
+use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use palisade::{
     loader::{Datapath, FROM_POD, TO_POD},
     maps::MapWriter,
-    state::{DesiredState, PolicyEntry},
+    state::DesiredState,
 };
 use palisade_common::*;
+use support::{
+    ACK, EP, EXTERNAL, OTHER, PEER, PEER_ID, POD, SYN, SYN_ACK, TC_ACT_OK, TC_ACT_SHOT,
+    allow_tcp_port, endpoint_state, load, require_root, tcp4, tcp4_ct_key, test_run,
+};
 
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
 /// BPF_PROG_TEST_RUN puts the skb on `lo`.
 const IFINDEX: u32 = 1;
-const EP: u32 = 7;
-const PEER_IDENTITY: u32 = 300;
 const RULE: u32 = 41;
-
-const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
-const PEER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 11);
-const OTHER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 12);
-const EXTERNAL: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
-
-fn require_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("this test needs root (BPF_PROG_TEST_RUN); CI=true forbids skipping");
-    }
-    eprintln!("skipping: needs root");
-    false
-}
-
-fn object() -> Vec<u8> {
-    let path = env!("PALISADE_EBPF_OBJ");
-    std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}; run `cargo xtask build`"))
-}
 
 /// An endpoint on `lo`, isolated both ways: ingress enforced (PEER may reach TCP 80, rule
 /// `RULE`), egress audited with no allow at all.
 fn state() -> DesiredState {
-    let mut s = DesiredState::default();
-    s.endpoints.insert(
+    let mut s = endpoint_state(
         IFINDEX,
-        EndpointInfo {
-            id: EP,
-            flags: EP_ISOLATED_INGRESS | EP_ISOLATED_EGRESS | EP_AUDIT_EGRESS,
-            revision: 0,
-            _pad: 0,
-        },
+        EP_ISOLATED_INGRESS | EP_ISOLATED_EGRESS | EP_AUDIT_EGRESS,
+        [],
     );
-    s.identities
-        .insert(PeerAddr::v4(PEER.octets()), PEER_IDENTITY);
-    s.endpoint_addrs.insert(PeerAddr::v4(POD.octets()), EP);
     s.policy.insert(
-        PolicyEntry {
-            key: PolicyKey {
-                endpoint: EP,
-                peer: PEER_IDENTITY,
-                dir: DIR_INGRESS,
-                proto: PROTO_TCP,
-                port_be: 80u16.to_be(),
-            },
-            prefix_len: POLICY_KEY_FULL_BITS,
-        },
+        allow_tcp_port(EP, PEER_ID, DIR_INGRESS, 80),
         PolicyValue {
             rule: RULE,
             flags: 0,
@@ -90,8 +49,7 @@ struct Rig {
 
 impl Rig {
     fn new() -> Rig {
-        let mut dp = Datapath::load(&object(), None).expect("load datapath");
-        let mut writer = MapWriter::new(&mut dp).expect("map writer");
+        let (mut dp, mut writer) = load();
         assert_eq!(writer.apply(&state()).failed, 0);
         let take = |dp: &mut Datapath, name| dp.take_map(name).unwrap();
         Rig {
@@ -105,23 +63,11 @@ impl Rig {
     }
 
     fn run(&self, prog: &str, pkt: &[u8]) -> u32 {
-        let mut out = vec![0u8; pkt.len() + 256];
-        self.dp
-            .program(prog)
-            .test_run(TestRunOptions {
-                data_in: Some(pkt),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("test run of {prog}: {e}"))
-            .return_value
+        test_run(&self.dp, prog, pkt)
     }
 
     fn slot(&self, i: u32) -> u64 {
-        self.counters
-            .get(&i, 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0)
+        support::counter(&self.counters, i)
     }
 
     fn rule(&self, rule: u32) -> (u64, u64) {
@@ -145,30 +91,6 @@ impl Rig {
         out
     }
 }
-
-fn tcp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    let mut p = vec![0u8; 12];
-    p.extend_from_slice(&0x0800u16.to_be_bytes());
-    let mut ip = vec![0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = PROTO_TCP;
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&dst.octets());
-    p.extend(ip);
-    let mut t = vec![0u8; 20];
-    t[0..2].copy_from_slice(&sport.to_be_bytes());
-    t[2..4].copy_from_slice(&dport.to_be_bytes());
-    t[12] = 0x50;
-    t[13] = flags;
-    p.extend(t);
-    p
-}
-
-const SYN: u8 = 0x02;
-const SYN_ACK: u8 = 0x12;
-const ACK: u8 = 0x10;
 
 #[test]
 fn rule_counters_count_new_flows_and_conntrack_hits() {
@@ -213,17 +135,7 @@ fn drops_and_audits_are_counted_by_reason_per_direction() {
     assert_eq!(rig.run(FROM_POD, &out), TC_ACT_OK, "audited, not dropped");
     assert_eq!(rig.slot(AUDITED_BY_REASON + no_rule), 1);
     assert_eq!(rig.slot(Counter::Audited as u32), 1);
-    let key = CtKey {
-        endpoint: EP,
-        src: PeerAddr::v4(POD.octets()).addr,
-        dst: PeerAddr::v4(EXTERNAL.octets()).addr,
-        sport: 40002,
-        dport: 443,
-        proto: PROTO_TCP,
-        dir: DIR_EGRESS,
-        family: AF_INET,
-        _pad: 0,
-    };
+    let key = tcp4_ct_key(EP, DIR_EGRESS, (POD, 40002), (EXTERNAL, 443));
     let entry = rig.conntrack.get(&key, 0).expect("audited flow tracked");
     assert_ne!(entry.flags & CT_FLAG_AUDIT, 0);
     assert_eq!(entry.rule, 0);

@@ -7,37 +7,96 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context, Result, bail};
-use serde::Deserialize;
-
 use crate::rig::Node;
+use anyhow::{Context, Result, bail};
 
-/// The agent's status file (see `palisade::run::Status`).
-#[derive(Debug, Clone, Deserialize)]
-pub struct Status {
-    pub started_at_unix_ms: u128,
-    pub reconciled_at_unix_ms: u128,
-    pub endpoints: usize,
-    pub policy_entries: usize,
-    pub errors: Vec<String>,
-    /// Configuration errors among `errors`.
-    #[serde(default)]
-    pub config_errors: usize,
-    /// Endpoints failing closed because their entries could not be written.
-    #[serde(default)]
-    pub pending_endpoints: Vec<String>,
-    #[serde(default)]
-    pub map_write_failures_total: u64,
-    #[serde(default)]
-    pub attach_failures: usize,
-    /// Pins put back and links re-attached since the agent started.
-    #[serde(default)]
-    pub repairs_total: u64,
+/// What the agent writes to its status file after every reconcile.
+pub use palisade::run::Status;
+
+/// A test's work directory (for the agent's bpffs, status file, log and socket) with an empty
+/// `manifests/` in it; removed on drop.
+pub struct WorkDir(PathBuf);
+
+impl WorkDir {
+    /// `palisade-<tag>-<pid>-<ns>` under the temporary directory.
+    pub fn new(tag: &str) -> WorkDir {
+        let p = std::env::temp_dir().join(format!(
+            "palisade-{tag}-{}-{}",
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(p.join("manifests")).unwrap();
+        WorkDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn manifests(&self) -> PathBuf {
+        self.0.join("manifests")
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A bpffs mounted (the directory created if need be), unmounted on drop (which drops the pins
+/// in it).
+pub struct Bpffs(PathBuf);
+
+impl Bpffs {
+    pub fn mount(path: PathBuf) -> Result<Bpffs> {
+        std::fs::create_dir_all(&path)?;
+        nix::mount::mount(
+            Some("bpf"),
+            &path,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mounting bpffs at {}", path.display()))?;
+        Ok(Bpffs(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// SIGTERM, up to 5 s for the process to exit, then SIGKILL.
+pub fn terminate(mut child: Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 pub struct AgentProcess {
     child: Option<Child>,
-    bpffs: PathBuf,
+    /// Unmounted on drop, after the agent has stopped.
+    _bpffs: Bpffs,
     status: PathBuf,
     log: PathBuf,
     pin_dir: PathBuf,
@@ -58,7 +117,8 @@ pub fn agent_binary() -> PathBuf {
         })
 }
 
-fn unix_ms(t: SystemTime) -> u128 {
+/// Milliseconds since the Unix epoch (the status file's timestamps).
+pub fn unix_ms(t: SystemTime) -> u128 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or(0)
@@ -78,20 +138,11 @@ impl AgentProcess {
         work: &Path,
         extra_args: &[&str],
     ) -> Result<Self> {
-        let bpffs = work.join("bpffs");
-        std::fs::create_dir_all(&bpffs)?;
-        nix::mount::mount(
-            Some("bpf"),
-            &bpffs,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .with_context(|| format!("mounting bpffs at {}", bpffs.display()))?;
+        let bpffs = Bpffs::mount(work.join("bpffs"))?;
         let mut agent_process = AgentProcess {
             child: None,
-            pin_dir: bpffs.join("palisade"),
-            bpffs,
+            pin_dir: bpffs.path().join("palisade"),
+            _bpffs: bpffs,
             status: work.join("status.json"),
             log: work.join("agent.log"),
             socket: work.join("run").join("palisade.sock"),
@@ -218,20 +269,8 @@ impl AgentProcess {
 
     /// SIGTERM and wait.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            terminate(c);
         }
     }
 }
@@ -239,7 +278,7 @@ impl AgentProcess {
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.stop();
-        // Unmounting the bpffs drops the pins; links of deleted veths are already gone.
-        let _ = nix::mount::umount2(&self.bpffs, nix::mount::MntFlags::MNT_DETACH);
+        // Then `_bpffs` is unmounted, which drops the pins; links of deleted veths are already
+        // gone.
     }
 }

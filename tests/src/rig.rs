@@ -28,7 +28,7 @@ use anyhow::{Context, Result, bail};
 use crate::{netns, server::Servers};
 pub use crate::{
     netns::{command_in, in_netns},
-    probe::{ProbeSpec, Proto, probe, probe_from_netns, probe_many},
+    probe::{ProbeSpec, Proto, probe, probe_expecting, probe_from_netns, probe_many},
 };
 
 /// The gateway every pod routes through (on every host-side veth, as ptp does).

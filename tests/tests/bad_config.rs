@@ -164,6 +164,39 @@ fn bad_input_is_reported_and_changes_nothing() {
             "{}: the error is in the agent log: {err}",
             case.what
         );
+        // The same error in `palisade stats`, with its object and field apart, and as a metric.
+        let stats = s.json(&["stats"]);
+        let listed = stats["problems"]["config_errors"]
+            .as_array()
+            .expect("stats: problems.config_errors")
+            .iter()
+            .find(|e| {
+                let text = format!(
+                    "{}: {}: {}",
+                    e["object"].as_str().unwrap_or(""),
+                    e["field"].as_str().unwrap_or(""),
+                    e["message"].as_str().unwrap_or("")
+                );
+                case.expect.iter().all(|x| text.contains(x))
+            })
+            .unwrap_or_else(|| panic!("{}: not in palisade stats: {stats}", case.what))
+            .clone();
+        let metrics = s.metrics();
+        let series = format!(
+            "palisade_config_error{{object=\"{}\",field=\"{}\"}} 1",
+            listed["object"].as_str().unwrap(),
+            listed["field"].as_str().unwrap()
+        );
+        assert!(
+            metrics.lines().any(|l| l == series),
+            "{}: metric {series} in\n{metrics}",
+            case.what
+        );
+        assert!(
+            !metrics.lines().any(|l| l == "palisade_config_errors 0"),
+            "{}: counted as a metric",
+            case.what
+        );
         s.check(case.what, BASELINE);
         // Undo: the original c policy back, the extra file gone.
         let st = if case.file == "c.yaml" {
@@ -176,6 +209,11 @@ fn bad_input_is_reported_and_changes_nothing() {
             "{}: errors clear once fixed: {:?}",
             case.what,
             st.errors
+        );
+        assert!(
+            s.metrics().lines().any(|l| l == "palisade_config_errors 0"),
+            "{}: the metric clears once fixed",
+            case.what
         );
     }
 

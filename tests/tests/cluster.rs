@@ -2,7 +2,7 @@
 //! CNI plugin enforcing from a pod's first packet, the agent in cluster mode (against a fake API
 //! server) killed and restarted while probes run, and program upgrades swapped into live links.
 //! Needs root; under CI=true that is a failure, not a skip.
-mod cluster_support;
+mod support;
 
 use std::io::{Read, Write};
 use std::net::IpAddr;
@@ -10,35 +10,14 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use cluster_support::{
-    ClusterAgent, FakeApi, TempDir, endpoint_entry, namespace, pod_yaml, run_cni,
-};
 use palisade_tests::{
-    agent::{AgentProcess, agent_binary},
-    rig::{Node, NodeSpec, Pod, PodSpec, ProbeSpec, Proto, probe_many, require_root},
+    agent::{AgentProcess, Bpffs, WorkDir, agent_binary},
+    rig::{Node, ProbeSpec, Proto, probe_expecting, probe_many, require_root},
 };
+use support::cluster::{ClusterAgent, FakeApi, endpoint_entry, namespace, pod_yaml, run_cni};
+use support::{demo_node, demo_pod as pod};
 
 const TIMEOUT: Duration = Duration::from_millis(700);
-
-fn node(names: &[&str]) -> Node {
-    let node = Node::new(NodeSpec {
-        pods: names
-            .iter()
-            .map(|n| PodSpec {
-                name: format!("demo-{n}"),
-            })
-            .collect(),
-        ipv6: false,
-    })
-    .expect("rig");
-    node.serve(&[(80, Proto::Tcp), (80, Proto::Udp), (81, Proto::Tcp)])
-        .expect("servers");
-    node
-}
-
-fn pod<'n>(node: &'n Node, name: &str) -> &'n Pod {
-    node.pod(&format!("demo-{name}")).expect("a pod of the rig")
-}
 
 /// Probes every (from, to address, port, protocol) at once; allowed probes that fail are asked
 /// again, slower (a loaded machine misses deadlines; a denied probe that passes is never
@@ -54,26 +33,8 @@ fn probe_all(node: &Node, probes: &[(&str, IpAddr, u16, Proto, bool)]) -> Vec<bo
             timeout: TIMEOUT,
         })
         .collect();
-    let mut got = probe_many(&specs);
-    for _ in 0..2 {
-        let retry: Vec<usize> = (0..probes.len())
-            .filter(|i| probes[*i].4 && !got[*i])
-            .collect();
-        if retry.is_empty() {
-            break;
-        }
-        let slow: Vec<ProbeSpec<'_>> = retry
-            .iter()
-            .map(|i| ProbeSpec {
-                timeout: Duration::from_secs(3),
-                ..specs[*i]
-            })
-            .collect();
-        for (i, ok) in retry.iter().zip(probe_many(&slow)) {
-            got[*i] = ok;
-        }
-    }
-    got
+    let expect: Vec<bool> = probes.iter().map(|p| p.4).collect();
+    probe_expecting(&specs, &expect)
 }
 
 fn nft(node: &Node, rules: &str) {
@@ -214,8 +175,8 @@ fn egress_through_a_service_vip_is_egress_to_its_backends() {
     if !require_root() {
         return;
     }
-    let node = node(&["a", "b", "c"]);
-    let work = TempDir::new("services");
+    let node = demo_node(&["a", "b", "c"], false);
+    let work = WorkDir::new("services");
     let manifests = work.path().join("manifests");
     let mut cluster = namespace("demo");
     let mut vips = Vec::new();
@@ -370,8 +331,8 @@ fn cni_add_enforces_from_the_first_packet() {
     if !require_root() {
         return;
     }
-    let node = node(&["a", "b", "d", "e", "f"]);
-    let work = TempDir::new("cni");
+    let node = demo_node(&["a", "b", "d", "e", "f"], false);
+    let work = WorkDir::new("cni");
     let manifests = work.path().join("manifests");
     let cni_dir = work.path().join("cni");
     // d and e are in the API but have no address yet: the CNI ADD has not returned.
@@ -569,8 +530,8 @@ fn cluster_mode_survives_kill_and_restart() {
     if !require_root() {
         return;
     }
-    let node = node(&["a", "b", "c", "d"]);
-    let work = TempDir::new("cluster");
+    let node = demo_node(&["a", "b", "c", "d"], false);
+    let work = WorkDir::new("cluster");
     let api = FakeApi::start(&node).expect("fake API server");
     let kubeconfig = work.path().join("kubeconfig");
     api.kubeconfig(&kubeconfig).unwrap();
@@ -796,26 +757,10 @@ fn program_upgrades_swap_atomically_under_traffic() {
     if !require_root() {
         return;
     }
-    let node = node(&["a", "b", "c"]);
-    let work = TempDir::new("upgrade");
-    let bpffs = work.path().join("bpffs");
-    std::fs::create_dir_all(&bpffs).unwrap();
-    nix::mount::mount(
-        Some("bpf"),
-        &bpffs,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .unwrap();
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
-    let _unmount = Unmount(bpffs.clone());
-    let pin_dir = bpffs.join("palisade");
+    let node = demo_node(&["a", "b", "c"], false);
+    let work = WorkDir::new("upgrade");
+    let bpffs = Bpffs::mount(work.path().join("bpffs")).unwrap();
+    let pin_dir = bpffs.path().join("palisade");
     let mut text = namespace("demo");
     for n in ["a", "b", "c"] {
         text.push_str("---\n");

@@ -3,123 +3,27 @@
 //! decode the pinned maps; audit mode records and does not drop; a flood of denied packets
 //! stays within the per-endpoint rate limit and is counted. Needs root; under CI=true that is
 //! a failure, not a skip.
+mod support;
+
 use std::{
-    io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
-    time::{Duration, Instant, SystemTime},
+    net::{IpAddr, SocketAddr, UdpSocket},
+    time::{Duration, Instant},
 };
 
-use palisade_tests::{
-    agent::{AgentProcess, agent_binary},
-    rig::{Node, NodeSpec, Pod, PodSpec, Proto, require_root},
-};
+use palisade_common::{EVENT_BURST, EVENT_RATE_PER_SEC};
+use palisade_tests::rig::{Proto, require_root};
 use serde_json::Value;
+use support::Setup;
 
-const TIMEOUT: Duration = Duration::from_millis(600);
-/// The datapath's per-endpoint event budget (`palisade_common::{EVENT_BURST,
-/// EVENT_RATE_PER_SEC}`).
-const EVENT_BURST: u64 = 200;
-const EVENT_RATE_PER_SEC: u64 = 100;
-
-struct Setup {
-    node: Node,
-    agent: AgentProcess,
-    _work: TempDir,
-}
-
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "palisade-verdicts-{tag}-{}-{}",
-            std::process::id(),
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(p.join("manifests")).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Pods a, b, c in namespace `demo`, labelled `app: <name>`, serving TCP and UDP 80 and TCP 81.
-fn cluster_yaml(node: &Node) -> String {
-    let mut s = String::from(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {kubernetes.io/metadata.name: demo}}\n",
-    );
-    for pod in node.pods() {
-        let name = pod.name.trim_start_matches("demo-");
-        let ip = pod.ip(false);
-        s.push_str(&format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo, labels: {{app: {name}}}}}\n\
-             spec: {{containers: [{{name: c, ports: [{{name: web, containerPort: 80}}]}}]}}\n\
-             status: {{podIP: '{ip}', podIPs: [{{ip: '{ip}'}}]}}\n"
-        ));
-    }
-    s
+/// Pods a, b, c (see `support`) with `policies` in `policies.yaml`, the agent run with
+/// `agent_args`.
+fn setup(tag: &str, policies: &str, agent_args: &[&str]) -> Setup {
+    Setup::start(tag, false, &[("policies.yaml", policies)], agent_args)
 }
 
 impl Setup {
-    fn new(tag: &str, policies: &str, extra_args: &[&str]) -> Setup {
-        let node = Node::new(NodeSpec {
-            pods: ["demo-a", "demo-b", "demo-c"]
-                .iter()
-                .map(|n| PodSpec {
-                    name: n.to_string(),
-                })
-                .collect(),
-            ipv6: false,
-        })
-        .expect("rig");
-        node.serve(&[(80, Proto::Tcp), (80, Proto::Udp), (81, Proto::Tcp)])
-            .expect("servers");
-        let work = TempDir::new(tag);
-        let manifests = work.0.join("manifests");
-        std::fs::write(manifests.join("cluster.yaml"), cluster_yaml(&node)).unwrap();
-        std::fs::write(manifests.join("policies.yaml"), policies).unwrap();
-        let since = SystemTime::now();
-        let mut agent =
-            AgentProcess::start_with(&node, &agent_binary(), &manifests, &work.0, extra_args)
-                .expect("agent");
-        agent
-            .wait_reconciled(since, 3, Duration::from_secs(20))
-            .expect("agent reconciles");
-        Setup {
-            node,
-            agent,
-            _work: work,
-        }
-    }
-
-    fn pod(&self, name: &str) -> &Pod {
-        self.node
-            .pods()
-            .iter()
-            .find(|p| p.name == format!("demo-{name}"))
-            .unwrap()
-    }
-
     fn ip(&self, name: &str) -> IpAddr {
         self.pod(name).ip(false)
-    }
-
-    fn can(&self, from: &str, to: &str, port: u16, proto: Proto) -> bool {
-        self.node
-            .probe(self.pod(from), self.ip(to), port, proto, TIMEOUT)
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        self.agent
-            .cli_json(args)
-            .unwrap_or_else(|e| panic!("{e:#}; agent log: {}", self.agent.log_path().display()))
     }
 
     /// `palisade verdicts -o json <args>`, polled until `done` holds (or 10 s pass).
@@ -135,23 +39,6 @@ impl Setup {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-    }
-
-    fn metrics(&self) -> String {
-        self.node
-            .in_netns(|| -> std::io::Result<String> {
-                let mut s = TcpStream::connect_timeout(
-                    &SocketAddr::from(([127, 0, 0, 1], 9090)),
-                    Duration::from_secs(2),
-                )?;
-                s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
-                let mut out = String::new();
-                s.read_to_string(&mut out)?;
-                Ok(out)
-            })
-            .expect("node netns")
-            .expect("metrics endpoint answers")
     }
 }
 
@@ -227,7 +114,7 @@ fn cli_names_pods_ports_verdicts_and_policies() {
     if !require_root() {
         return;
     }
-    let t = Setup::new("cli", POLICIES, &[]);
+    let t = setup("cli", POLICIES, &[]);
     assert!(t.can("a", "b", 80, Proto::Tcp), "a -> b:80 allowed");
     assert!(!t.can("c", "b", 80, Proto::Tcp), "c -> b:80 denied");
     assert!(!t.can("a", "b", 81, Proto::Tcp), "a -> b:81 denied");
@@ -480,7 +367,7 @@ fn follow_streams_new_verdicts() {
     if !require_root() {
         return;
     }
-    let t = Setup::new("follow", POLICIES, &[]);
+    let t = setup("follow", POLICIES, &[]);
     let mut child = t
         .agent
         .cli(&["verdicts", "--follow", "--pod", "demo/c", "-o", "json"])
@@ -556,7 +443,7 @@ fn audit_policies_record_would_drop_and_do_not_drop() {
     if !require_root() {
         return;
     }
-    let t = Setup::new("audit", AUDIT_POLICIES, &[]);
+    let t = setup("audit", AUDIT_POLICIES, &[]);
     assert!(t.can("c", "b", 80, Proto::Tcp), "audited denial passes");
     assert!(
         t.can("c", "b", 80, Proto::Udp),
@@ -649,7 +536,7 @@ fn node_wide_audit_mode() {
     if !require_root() {
         return;
     }
-    let t = Setup::new("audit-all", ENFORCING, &["--audit"]);
+    let t = setup("audit-all", ENFORCING, &["--audit"]);
     assert!(t.can("c", "b", 80, Proto::Tcp), "run --audit drops nothing");
     let list = t.verdicts_until(&["--verdict", "would-drop"], |l| {
         find(l, "would-drop", "demo/c", "demo/b", 80).is_some()
@@ -668,7 +555,7 @@ fn flood_of_denied_packets_is_rate_limited_and_counted() {
         return;
     }
     // Only b is isolated: the flood from c meets b's ingress and nothing else.
-    let t = Setup::new("flood", ENFORCING, &[]);
+    let t = setup("flood", ENFORCING, &[]);
     let target = SocketAddr::new(t.ip("b"), 80);
     let started = Instant::now();
     t.pod("c")

@@ -1,52 +1,53 @@
-//! Shared by the bad-configuration, fault and security tests: a node of three pods (`a`, `b`,
-//! `c` in namespace `demo`, labelled `app: <name>`, serving TCP 80 and 81) run by the standalone
-//! agent from a manifest directory, and expectations checked with concurrent probes.
+//! Shared by the netns tests: a node of pods `a`, `b`, `c`... (namespaces `demo-<name>`, in
+//! namespace `demo` and labelled `app: <name>` in `cluster.yaml`, serving TCP 80 and 81 and
+//! UDP 80) run by the standalone agent from a manifest directory, and expectations checked with
+//! concurrent probes. `cluster` holds what the cluster-mode tests add.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+pub mod cluster;
+
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use palisade_tests::{
-    agent::{AgentProcess, Status, agent_binary},
-    rig::{Node, NodeSpec, Pod, PodSpec, ProbeSpec, Proto},
+    agent::{AgentProcess, Status, WorkDir, agent_binary},
+    rig::{Node, NodeSpec, Pod, PodSpec, ProbeSpec, Proto, probe_expecting},
 };
 
 pub const TIMEOUT: Duration = Duration::from_millis(600);
 
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "palisade-{tag}-{}-{}",
-            std::process::id(),
-            SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(p.join("manifests")).unwrap();
-        TempDir(p)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
+/// A node with pods `demo-<name>` for each of `names` (IPv6 too if `ipv6`), each serving TCP 80
+/// and 81 and UDP 80.
+pub fn demo_node(names: &[&str], ipv6: bool) -> Node {
+    let node = Node::new(NodeSpec {
+        pods: names
+            .iter()
+            .map(|n| PodSpec {
+                name: format!("demo-{n}"),
+            })
+            .collect(),
+        ipv6,
+    })
+    .expect("rig");
+    node.serve(&[(80, Proto::Tcp), (80, Proto::Udp), (81, Proto::Tcp)])
+        .expect("servers");
+    node
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// Pod `demo-<name>` of `node`.
+pub fn demo_pod<'n>(node: &'n Node, name: &str) -> &'n Pod {
+    node.pod(&format!("demo-{name}")).expect("a pod of the rig")
 }
 
-pub fn cluster_yaml(node: &Node) -> String {
+/// Namespace `demo` and the node's pods in it (`app: <name>`, container port `web` = 80), with
+/// their IPv6 addresses if `ipv6`, for the standalone agent.
+pub fn cluster_yaml(node: &Node, ipv6: bool) -> String {
     let mut s = String::from(
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {kubernetes.io/metadata.name: demo}}\n",
     );
     for pod in node.pods() {
         let name = pod.name.trim_start_matches("demo-");
-        let ip = pod.ip(false);
+        let ip = pod.ip(ipv6);
         s.push_str(&format!(
             "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo, labels: {{app: {name}}}}}\n\
              spec: {{containers: [{{name: c, ports: [{{name: web, containerPort: 80}}]}}]}}\n\
@@ -96,33 +97,56 @@ pub const BASELINE: &[(&str, &str, u16, bool)] = &[
 pub struct Setup {
     pub node: Node,
     pub agent: AgentProcess,
-    pub work: TempDir,
+    pub work: WorkDir,
 }
 
 impl Setup {
-    /// The node, its servers, `cluster.yaml` and `files`, and the agent, reconciled.
+    /// `palisade <args> -o json` against this agent.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        self.agent
+            .cli_json(args)
+            .unwrap_or_else(|e| panic!("{e:#}; agent log: {}", self.agent.log_path().display()))
+    }
+
+    /// `GET /metrics` from the agent's default metrics address, in the node's namespace.
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        self.node
+            .in_netns(|| -> std::io::Result<String> {
+                let mut s = std::net::TcpStream::connect_timeout(
+                    &std::net::SocketAddr::from(([127, 0, 0, 1], 9090)),
+                    Duration::from_secs(2),
+                )?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+                let mut out = String::new();
+                s.read_to_string(&mut out)?;
+                Ok(out)
+            })
+            .expect("node netns")
+            .expect("metrics endpoint answers")
+    }
+
+    /// The node (pods a, b, c; IPv4), `cluster.yaml` and `files` in the manifest directory, and
+    /// the agent, reconciled.
     pub fn new(tag: &str, files: &[(&str, &str)]) -> Setup {
-        let node = Node::new(NodeSpec {
-            pods: ["demo-a", "demo-b", "demo-c"]
-                .iter()
-                .map(|n| PodSpec {
-                    name: n.to_string(),
-                })
-                .collect(),
-            ipv6: false,
-        })
-        .expect("rig");
-        node.serve(&[(80, Proto::Tcp), (81, Proto::Tcp)])
-            .expect("servers");
-        let work = TempDir::new(tag);
-        let manifests = work.path().join("manifests");
-        std::fs::write(manifests.join("cluster.yaml"), cluster_yaml(&node)).unwrap();
+        Setup::start(tag, false, files, &[])
+    }
+
+    /// As `new`, with IPv6 if `ipv6` (`cluster.yaml` then gives the pods their IPv6
+    /// addresses, and `can` probes those) and extra `palisade run` arguments.
+    pub fn start(tag: &str, ipv6: bool, files: &[(&str, &str)], agent_args: &[&str]) -> Setup {
+        let node = demo_node(&["a", "b", "c"], ipv6);
+        let work = WorkDir::new(tag);
+        let manifests = work.manifests();
+        std::fs::write(manifests.join("cluster.yaml"), cluster_yaml(&node, ipv6)).unwrap();
         for (name, text) in files {
             std::fs::write(manifests.join(name), text).unwrap();
         }
         let since = SystemTime::now();
         let mut agent =
-            AgentProcess::start(&node, &agent_binary(), &manifests, work.path()).expect("agent");
+            AgentProcess::start_with(&node, &agent_binary(), &manifests, work.path(), agent_args)
+                .expect("agent");
         agent
             .wait_reconciled(since, 3, Duration::from_secs(30))
             .expect("agent reconciles");
@@ -130,15 +154,17 @@ impl Setup {
     }
 
     pub fn manifests(&self) -> PathBuf {
-        self.work.path().join("manifests")
+        self.work.manifests()
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
-        self.node
-            .pods()
-            .iter()
-            .find(|p| p.name == format!("demo-{name}"))
-            .unwrap()
+        demo_pod(&self.node, name)
+    }
+
+    /// One probe `from -> to:port`, over IPv6 if the node has it.
+    pub fn can(&self, from: &str, to: &str, port: u16, proto: Proto) -> bool {
+        let to = self.pod(to).ip(self.node.ipv6());
+        self.node.probe(self.pod(from), to, port, proto, TIMEOUT)
     }
 
     /// Writes (or with `None` removes) a manifest file and waits for the reconcile it causes.
@@ -168,27 +194,8 @@ impl Setup {
                 timeout: TIMEOUT,
             })
             .collect();
-        let mut got = self.node.probe_many(&specs);
-        // An allowed probe may miss its deadline on a loaded machine: ask again, slower.
-        // (A denied probe that succeeds is never retried: that is a hole.)
-        for _ in 0..2 {
-            let retry: Vec<usize> = (0..expect.len())
-                .filter(|i| expect[*i].3 && !got[*i])
-                .collect();
-            if retry.is_empty() {
-                break;
-            }
-            let slow: Vec<ProbeSpec<'_>> = retry
-                .iter()
-                .map(|i| ProbeSpec {
-                    timeout: Duration::from_secs(3),
-                    ..specs[*i]
-                })
-                .collect();
-            for (i, ok) in retry.iter().zip(self.node.probe_many(&slow)) {
-                got[*i] = ok;
-            }
-        }
+        let want: Vec<bool> = expect.iter().map(|e| e.3).collect();
+        let got = probe_expecting(&specs, &want);
         expect
             .iter()
             .zip(got)

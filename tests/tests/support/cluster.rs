@@ -1,7 +1,6 @@
 //! For the cluster-mode netns tests: a small fake API server (lists, watches with resource
 //! versions, bookmarks, `410 Gone` after a compaction) listening inside the rig's node namespace,
 //! the agent in cluster mode against it, and the CNI plugin invoked the way a runtime invokes it.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -11,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
-use palisade_tests::agent::Status;
+use palisade_tests::agent::{Bpffs, Status, terminate, unix_ms};
 use palisade_tests::rig::{Node, Pod};
 use serde_json::{Value, json};
 
@@ -352,7 +351,8 @@ pub fn pod_yaml(pod: &Pod, node: &str, with_ip: bool) -> String {
 
 pub struct ClusterAgent {
     child: Option<Child>,
-    bpffs: PathBuf,
+    /// Unmounted on drop, after the agent has stopped.
+    _bpffs: Bpffs,
     pub pin_dir: PathBuf,
     pub status: PathBuf,
     pub log: PathBuf,
@@ -361,26 +361,11 @@ pub struct ClusterAgent {
     pub health: SocketAddr,
 }
 
-pub fn unix_ms(t: SystemTime) -> u128 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
-}
-
 impl ClusterAgent {
     /// Mounts a bpffs under `work` and starts `palisade run --kubeconfig` in the node.
     pub fn start(node: &Node, agent: &Path, kubeconfig: &Path, work: &Path) -> Result<Self> {
-        let bpffs = work.join("bpffs");
-        std::fs::create_dir_all(&bpffs)?;
-        nix::mount::mount(
-            Some("bpf"),
-            &bpffs,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .context("mounting a bpffs")?;
-        let pin_dir = bpffs.join("palisade");
+        let bpffs = Bpffs::mount(work.join("bpffs"))?;
+        let pin_dir = bpffs.path().join("palisade");
         let cni_dir = work.join("cni");
         let status = work.join("status.json");
         let health: SocketAddr = "127.0.0.1:9091".parse().unwrap();
@@ -405,7 +390,7 @@ impl ClusterAgent {
         ];
         let mut a = ClusterAgent {
             child: None,
-            bpffs,
+            _bpffs: bpffs,
             pin_dir,
             status,
             log: work.join("agent.log"),
@@ -497,22 +482,9 @@ impl ClusterAgent {
 
 impl Drop for ClusterAgent {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            terminate(c);
         }
-        let _ = nix::mount::umount2(&self.bpffs, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
@@ -595,31 +567,4 @@ pub fn endpoint_entry(pin_dir: &Path, ifindex: u32) -> Option<(u32, u32)> {
     let m: HashMap<MapData, u32, palisade_common::EndpointInfo> =
         HashMap::try_from(Map::HashMap(data)).ok()?;
     m.get(&ifindex, 0).ok().map(|e| (e.id, e.flags))
-}
-
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "palisade-{tag}-{}-{}",
-            std::process::id(),
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(p.join("manifests")).unwrap();
-        TempDir(p)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
