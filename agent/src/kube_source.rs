@@ -76,31 +76,6 @@ pub enum Update {
     Failed(Source, String),
 }
 
-/// Pods keep only what `PodInfo` reads (the rest is dropped as the event arrives).
-fn slim_pod(pod: &mut Pod) {
-    pod.metadata.managed_fields = None;
-    pod.metadata.owner_references = None;
-    if let Some(a) = pod.metadata.annotations.as_mut() {
-        a.retain(|k, _| crate::model::KEPT_POD_ANNOTATIONS.contains(&k.as_str()));
-    }
-    if let Some(status) = pod.status.as_mut() {
-        status.conditions = None;
-        status.container_statuses = None;
-        status.init_container_statuses = None;
-        status.ephemeral_container_statuses = None;
-    }
-    if let Some(spec) = pod.spec.as_mut() {
-        for c in &mut spec.containers {
-            c.env = None;
-            c.env_from = None;
-            c.volume_mounts = None;
-            c.command = None;
-            c.args = None;
-        }
-        spec.volumes = None;
-    }
-}
-
 fn watch<K>(
     api: Api<K>,
     source: Source,
@@ -124,7 +99,8 @@ where
 /// Every watch the agent needs, merged.
 pub fn watch_all(client: Client) -> impl Stream<Item = Update> + Send + 'static {
     let pods = watch(Api::<Pod>::all(client.clone()), Source::Pods, |e| {
-        Update::Pod(Box::new(e.modify(slim_pod)))
+        // Pods keep only what `PodInfo` reads (the rest is dropped as the event arrives).
+        Update::Pod(Box::new(e.modify(|p| *p = crate::model::minimal_pod(p))))
     });
     futures::stream::select_all([
         watch(
@@ -572,6 +548,7 @@ pub async fn drive(
                 health.set_ready(false);
             }
         }
+        crate::run::release_freed_memory();
     }
     info!("stopping; pinned maps and links keep enforcing");
     Ok(())

@@ -66,6 +66,22 @@ pub struct ManifestDir {
     dir: PathBuf,
     /// File name -> the objects last read successfully from it.
     last_good: BTreeMap<String, Vec<Sourced>>,
+    /// File name -> its stamp when it was last parsed successfully, and what parsing it
+    /// reported: a file whose stamp is unchanged is not read again.
+    parsed: BTreeMap<String, (FileStamp, Vec<ConfigError>)>,
+}
+
+impl FileStamp {
+    fn of(name: String, m: &fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            name,
+            len: m.len(),
+            modified: m.modified().ok(),
+            ino: m.ino(),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        }
+    }
 }
 
 fn is_manifest_name(name: &str) -> bool {
@@ -80,6 +96,7 @@ impl ManifestDir {
         ManifestDir {
             dir: dir.as_ref().to_path_buf(),
             last_good: BTreeMap::new(),
+            parsed: BTreeMap::new(),
         }
     }
 
@@ -108,19 +125,11 @@ impl ManifestDir {
     }
 
     pub fn fingerprint(&self) -> Fingerprint {
-        use std::os::unix::fs::MetadataExt;
         match self.files() {
             Ok(files) => Fingerprint {
                 files: files
                     .into_iter()
-                    .map(|(name, m)| FileStamp {
-                        name,
-                        len: m.len(),
-                        modified: m.modified().ok(),
-                        ino: m.ino(),
-                        ctime_ns: i128::from(m.ctime()) * 1_000_000_000
-                            + i128::from(m.ctime_nsec()),
-                    })
+                    .map(|(name, m)| FileStamp::of(name, &m))
                     .collect(),
                 error: None,
             },
@@ -139,7 +148,20 @@ impl ManifestDir {
         match self.files() {
             Ok(files) => {
                 let mut fresh = BTreeMap::new();
-                for (name, _) in files {
+                let mut stamps = BTreeMap::new();
+                for (name, meta) in files {
+                    // Stamped before reading: a write during the read changes the stamp, so
+                    // the next load reads the file again.
+                    let stamp = FileStamp::of(name.clone(), &meta);
+                    if let Some((last, reported)) = self.parsed.remove(&name)
+                        && last == stamp
+                        && let Some(objects) = self.last_good.remove(&name)
+                    {
+                        errors.extend(reported.iter().cloned());
+                        fresh.insert(name.clone(), objects);
+                        stamps.insert(name, (last, reported));
+                        continue;
+                    }
                     let label = format!("file {}", self.dir.join(&name).display());
                     let parsed = fs::read(self.dir.join(&name))
                         .map_err(|e| ConfigError::new(&label, "", format!("cannot read: {e}")))
@@ -153,7 +175,8 @@ impl ManifestDir {
                         });
                     match parsed {
                         Ok((objects, ignored)) => {
-                            errors.extend(ignored);
+                            errors.extend(ignored.iter().cloned());
+                            stamps.insert(name.clone(), (stamp, ignored));
                             fresh.insert(name, objects);
                         }
                         Err(e) => {
@@ -171,6 +194,7 @@ impl ManifestDir {
                     }
                 }
                 self.last_good = fresh;
+                self.parsed = stamps;
             }
             Err(e) => {
                 failed.push(dir_label.clone());
@@ -336,7 +360,9 @@ fn decode(
     }
     let object = match kind.as_str() {
         "Namespace" => Object::Namespace(typed(&label, &v)?),
-        "Pod" => Object::Pod(typed(&label, &v)?),
+        "Pod" => Object::Pod(Box::new(crate::model::minimal_pod(&*typed::<
+            k8s_openapi::api::core::v1::Pod,
+        >(&label, &v)?))),
         _ => Object::NetworkPolicy(typed(&label, &v)?),
     };
     objects.push(Sourced {
@@ -427,6 +453,67 @@ mod tests {
         let store = Store::from_objects(r.objects);
         assert_eq!(store.namespaces["a"].labels["team"], "x");
         assert!(store.errors().is_empty());
+    }
+
+    #[test]
+    fn unchanged_files_are_not_read_again() {
+        let d = TempDir::new("cache");
+        d.write(
+            "a.yaml",
+            &format!("{NS}---\nkind: Frobnicator\napiVersion: v1\n"),
+        );
+        d.write("b.yaml", POD);
+        let mut m = ManifestDir::new(&d.0);
+        let first = m.load();
+        assert_eq!(kinds(&first), ["Namespace a", "Pod a/p"]);
+        assert_eq!(first.errors.len(), 1, "{:?}", first.errors);
+        // Unchanged: the same objects, and the cached file's report is repeated.
+        let again = m.load();
+        assert_eq!(kinds(&again), kinds(&first));
+        assert_eq!(again.errors, first.errors, "reports of cached files repeat");
+        // Any change is read: same length, new content.
+        d.write("b.yaml", &POD.replace("name: p", "name: q"));
+        assert_eq!(kinds(&m.load()), ["Namespace a", "Pod a/q"]);
+    }
+
+    #[test]
+    fn pods_keep_only_what_policy_reads() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  namespace: a\n  labels: {app: web}\n  \
+                    annotations: {palisade.io/interface: veth1, other: x}\n  ownerReferences: [{apiVersion: v1, kind: X, name: o, uid: u}]\n\
+                    spec:\n  nodeName: n1\n  containers:\n  - name: c\n    image: nginx\n    env: [{name: A, value: b}]\n    \
+                    ports: [{name: http, containerPort: 80}]\n  initContainers:\n  - {name: once, image: x, ports: [{name: i, containerPort: 1}]}\n  \
+                    - {name: side, image: x, restartPolicy: Always, ports: [{name: s, containerPort: 2}]}\n\
+                    status: {phase: Running, podIP: 10.0.0.1, podIPs: [{ip: 10.0.0.1}], conditions: [{type: Ready, status: 'True'}]}\n";
+        let objects = parse_str(text).unwrap();
+        let Object::Pod(pod) = &objects[0] else {
+            panic!("a pod")
+        };
+        let meta = &pod.metadata;
+        assert_eq!(meta.labels.as_ref().unwrap()["app"], "web");
+        assert_eq!(
+            meta.annotations
+                .as_ref()
+                .unwrap()
+                .keys()
+                .collect::<Vec<_>>(),
+            ["palisade.io/interface"]
+        );
+        assert!(meta.owner_references.is_none());
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.containers[0].image, None);
+        assert_eq!(spec.containers[0].env, None);
+        assert_eq!(
+            spec.init_containers.as_ref().unwrap().len(),
+            1,
+            "sidecars only"
+        );
+        assert!(pod.status.as_ref().unwrap().conditions.is_none());
+        // And the policy view of it is the full pod's.
+        let full: k8s_openapi::api::core::v1::Pod = serde_yaml::from_str(text).unwrap();
+        assert_eq!(
+            crate::model::PodInfo::from_k8s(pod).unwrap(),
+            crate::model::PodInfo::from_k8s(&full).unwrap()
+        );
     }
 
     #[test]

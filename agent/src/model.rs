@@ -271,6 +271,55 @@ pub struct PodInfo {
     pub annotations: BTreeMap<String, String>,
 }
 
+/// A copy of `pod` with only what `PodInfo::from_k8s` reads: name, namespace, labels, the kept
+/// annotations, node, host network, container and sidecar ports, phase and addresses. Sources
+/// that hold pods (the standalone source keeps every file's last good objects) hold these: a
+/// full `Pod` with its many optional fields is several kilobytes even when they are empty.
+pub fn minimal_pod(pod: &Pod) -> Pod {
+    use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus};
+    let meta = &pod.metadata;
+    let annotations: BTreeMap<String, String> = meta
+        .annotations
+        .iter()
+        .flatten()
+        .filter(|(k, _)| KEPT_POD_ANNOTATIONS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let ports_only = |c: &Container| Container {
+        name: c.name.clone(),
+        ports: c.ports.clone(),
+        restart_policy: c.restart_policy.clone(),
+        ..Container::default()
+    };
+    Pod {
+        metadata: ObjectMeta {
+            name: meta.name.clone(),
+            namespace: meta.namespace.clone(),
+            labels: meta.labels.clone(),
+            annotations: (!annotations.is_empty()).then_some(annotations),
+            ..ObjectMeta::default()
+        },
+        spec: pod.spec.as_ref().map(|spec| PodSpec {
+            node_name: spec.node_name.clone(),
+            host_network: spec.host_network,
+            containers: spec.containers.iter().map(ports_only).collect(),
+            init_containers: spec.init_containers.as_ref().map(|cs| {
+                cs.iter()
+                    .filter(|c| c.restart_policy.as_deref() == Some("Always"))
+                    .map(ports_only)
+                    .collect()
+            }),
+            ..PodSpec::default()
+        }),
+        status: pod.status.as_ref().map(|status| PodStatus {
+            phase: status.phase.clone(),
+            pod_ip: status.pod_ip.clone(),
+            pod_ips: status.pod_ips.clone(),
+            ..PodStatus::default()
+        }),
+    }
+}
+
 impl PodInfo {
     /// Converts a pod. It is lenient: an unparsable address or port is dropped (and reported)
     /// but the pod is kept, so that it stays an endpoint (dropping what cannot be parsed only
