@@ -99,8 +99,7 @@ where
 /// Every watch the agent needs, merged.
 pub fn watch_all(client: Client) -> impl Stream<Item = Update> + Send + 'static {
     let pods = watch(Api::<Pod>::all(client.clone()), Source::Pods, |e| {
-        // Pods keep only what `PodInfo` reads (the rest is dropped as the event arrives).
-        Update::Pod(Box::new(e.modify(|p| *p = crate::model::minimal_pod(p))))
+        Update::Pod(Box::new(e))
     });
     futures::stream::select_all([
         watch(
@@ -222,7 +221,7 @@ impl ClusterState {
             Update::Namespace(e) => {
                 self.model_event(Source::Namespaces, *e, |o| Object::Namespace(Box::new(o)))
             }
-            Update::Pod(e) => self.model_event(Source::Pods, *e, |o| Object::Pod(Box::new(o))),
+            Update::Pod(e) => self.model_event(Source::Pods, *e, Object::from),
             Update::Policy(e) => self.model_event(Source::NetworkPolicies, *e, |o| {
                 Object::NetworkPolicy(Box::new(o))
             }),

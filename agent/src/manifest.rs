@@ -23,22 +23,36 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
 use crate::model::{ConfigError, Object};
 
 /// What one `load` read.
 #[derive(Clone, Debug, Default)]
 pub struct LoadResult {
     pub objects: Vec<Object>,
+    /// Services and EndpointSlices (Service VIPs in egress policy: `services`).
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
     pub errors: Vec<ConfigError>,
     /// Files (or the directory) that could not be read or parsed: what they hold is what was
     /// last read from them successfully, nothing if they never were.
     pub failed: Vec<String>,
 }
 
-/// An object and where it was read (`file.yaml document 2`).
+/// What a document holds: an object of the policy store, or a Service or EndpointSlice.
+#[derive(Clone, Debug)]
+enum Item {
+    Object(Object),
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+}
+
+/// An item and where it was read (`file.yaml document 2`).
 #[derive(Clone, Debug)]
 struct Sourced {
-    object: Object,
+    item: Item,
     origin: String,
 }
 
@@ -209,8 +223,21 @@ impl ManifestDir {
         // First definition wins.
         let mut seen: HashMap<crate::model::ObjectKey, &str> = HashMap::new();
         let mut objects = Vec::new();
+        let mut services = Vec::new();
+        let mut endpoint_slices = Vec::new();
         for s in self.last_good.values().flatten() {
-            let key = s.object.key();
+            let object = match &s.item {
+                Item::Object(o) => o,
+                Item::Service(svc) => {
+                    services.push((**svc).clone());
+                    continue;
+                }
+                Item::EndpointSlice(slice) => {
+                    endpoint_slices.push((**slice).clone());
+                    continue;
+                }
+            };
+            let key = object.key();
             if !key.name.is_empty() {
                 if let Some(first) = seen.get(&key) {
                     errors.push(ConfigError::new(
@@ -222,10 +249,12 @@ impl ManifestDir {
                 }
                 seen.insert(key, &s.origin);
             }
-            objects.push(s.object.clone());
+            objects.push(object.clone());
         }
         LoadResult {
             objects,
+            services,
+            endpoint_slices,
             errors,
             failed,
         }
@@ -269,12 +298,36 @@ fn parse_file(
     Ok((objects, ignored))
 }
 
-/// Parses manifest text that is not from a file (tests, tools): YAML documents or JSON.
+/// Parses manifest text that is not from a file (tests, tools): YAML documents or JSON. The
+/// objects of the policy store; `parse_services` has the Services and EndpointSlices.
 pub fn parse_str(text: &str) -> Result<Vec<Object>, ConfigError> {
-    let (objects, ignored) = parse_file("<input>", text, false)?;
+    Ok(parse_items(text)?
+        .into_iter()
+        .filter_map(|i| match i {
+            Item::Object(o) => Some(o),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The Services and EndpointSlices of manifest text that is not from a file.
+pub fn parse_services(text: &str) -> Result<(Vec<Service>, Vec<EndpointSlice>), ConfigError> {
+    let mut out = (Vec::new(), Vec::new());
+    for item in parse_items(text)? {
+        match item {
+            Item::Service(s) => out.0.push(*s),
+            Item::EndpointSlice(s) => out.1.push(*s),
+            Item::Object(_) => {}
+        }
+    }
+    Ok(out)
+}
+
+fn parse_items(text: &str) -> Result<Vec<Item>, ConfigError> {
+    let (items, ignored) = parse_file("<input>", text, false)?;
     match ignored.into_iter().next() {
         Some(e) => Err(e),
-        None => Ok(objects.into_iter().map(|s| s.object).collect()),
+        None => Ok(items.into_iter().map(|s| s.item).collect()),
     }
 }
 
@@ -312,8 +365,8 @@ fn decode(
     let want_version = match kind.as_str() {
         "Namespace" | "Pod" | "List" => "v1",
         "NetworkPolicy" => "networking.k8s.io/v1",
-        // Read by `services` from the same files.
-        "Service" | "EndpointSlice" => return Ok(()),
+        "Service" => "v1",
+        "EndpointSlice" => "discovery.k8s.io/v1",
         _ => {
             ignored.push(ConfigError::new(
                 label,
@@ -358,15 +411,17 @@ fn decode(
             ConfigError::new(label, field, e.into_inner().to_string())
         })
     }
-    let object = match kind.as_str() {
-        "Namespace" => Object::Namespace(typed(&label, &v)?),
-        "Pod" => Object::Pod(Box::new(crate::model::minimal_pod(&*typed::<
-            k8s_openapi::api::core::v1::Pod,
-        >(&label, &v)?))),
-        _ => Object::NetworkPolicy(typed(&label, &v)?),
+    let item = match kind.as_str() {
+        "Namespace" => Item::Object(Object::Namespace(typed(&label, &v)?)),
+        "Pod" => Item::Object(Object::from(*typed::<k8s_openapi::api::core::v1::Pod>(
+            &label, &v,
+        )?)),
+        "Service" => Item::Service(typed(&label, &v)?),
+        "EndpointSlice" => Item::EndpointSlice(typed(&label, &v)?),
+        _ => Item::Object(Object::NetworkPolicy(typed(&label, &v)?)),
     };
     objects.push(Sourced {
-        object,
+        item,
         origin: origin.to_string(),
     });
     Ok(())
@@ -477,7 +532,7 @@ mod tests {
     }
 
     #[test]
-    fn pods_keep_only_what_policy_reads() {
+    fn pods_are_kept_as_policy_sees_them() {
         let text = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  namespace: a\n  labels: {app: web}\n  \
                     annotations: {palisade.io/interface: veth1, other: x}\n  ownerReferences: [{apiVersion: v1, kind: X, name: o, uid: u}]\n\
                     spec:\n  nodeName: n1\n  containers:\n  - name: c\n    image: nginx\n    env: [{name: A, value: b}]\n    \
@@ -488,32 +543,56 @@ mod tests {
         let Object::Pod(pod) = &objects[0] else {
             panic!("a pod")
         };
-        let meta = &pod.metadata;
-        assert_eq!(meta.labels.as_ref().unwrap()["app"], "web");
+        let full: k8s_openapi::api::core::v1::Pod = serde_yaml::from_str(text).unwrap();
+        let (_, expected, _) = crate::model::PodInfo::from_k8s(&full).unwrap();
+        let info = pod.info().expect("converted");
+        assert_eq!(info, &expected);
+        assert_eq!(info.labels["app"], "web");
         assert_eq!(
-            meta.annotations
-                .as_ref()
-                .unwrap()
-                .keys()
-                .collect::<Vec<_>>(),
+            info.annotations.keys().collect::<Vec<_>>(),
             ["palisade.io/interface"]
         );
-        assert!(meta.owner_references.is_none());
-        let spec = pod.spec.as_ref().unwrap();
-        assert_eq!(spec.containers[0].image, None);
-        assert_eq!(spec.containers[0].env, None);
+        let names: Vec<&str> = info
+            .container_ports
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
         assert_eq!(
-            spec.init_containers.as_ref().unwrap().len(),
-            1,
-            "sidecars only"
+            names,
+            ["http", "s"],
+            "containers and sidecars, not init containers"
         );
-        assert!(pod.status.as_ref().unwrap().conditions.is_none());
-        // And the policy view of it is the full pod's.
-        let full: k8s_openapi::api::core::v1::Pod = serde_yaml::from_str(text).unwrap();
-        assert_eq!(
-            crate::model::PodInfo::from_k8s(pod).unwrap(),
-            crate::model::PodInfo::from_k8s(&full).unwrap()
+        assert_eq!(info.node_name.as_deref(), Some("n1"));
+        assert_eq!(info.ips, ["10.0.0.1".parse::<std::net::IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn services_and_slices_are_read_with_the_rest() {
+        let d = TempDir::new("svc");
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: a}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n";
+        let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\nmetadata: {name: web-1, namespace: a, labels: {kubernetes.io/service-name: web}}\nendpoints: [{addresses: [10.0.0.1]}]\n";
+        d.write("a.yaml", &format!("{NS}---\n{svc}---\n{slice}"));
+        let mut m = ManifestDir::new(&d.0);
+        let r = m.load();
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(kinds(&r), ["Namespace a"]);
+        assert_eq!(r.services.len(), 1);
+        assert_eq!(r.endpoint_slices.len(), 1);
+        // A Service that does not decode fails its file like any object, naming the field.
+        d.write(
+            "a.yaml",
+            &format!(
+                "{NS}---\n{}",
+                svc.replace("ports: [{port: 80}]", "ports: [{port: x}]")
+            ),
         );
+        let r = m.load();
+        let e = r.errors[0].to_string();
+        assert!(
+            e.contains("(Service a/web)") && e.contains("spec.ports[0].port"),
+            "{e}"
+        );
+        assert_eq!(r.services.len(), 1, "the last good Service stays");
     }
 
     #[test]
@@ -590,13 +669,16 @@ mod tests {
     fn duplicates_keep_the_first() {
         let d = TempDir::new("dup");
         d.write("a.yaml", POD);
-        d.write("b.yaml", &POD.replace("name: c", "name: other"));
+        d.write(
+            "b.yaml",
+            &POD.replace("namespace: a}", "namespace: a, labels: {v: second}}"),
+        );
         let r = ManifestDir::new(&d.0).load();
         assert_eq!(r.objects.len(), 1);
         let Object::Pod(p) = &r.objects[0] else {
             panic!()
         };
-        assert_eq!(p.spec.as_ref().unwrap().containers[0].name, "c");
+        assert!(p.info().unwrap().labels.is_empty(), "the first one");
         let e = r.errors[0].to_string();
         assert!(
             e.starts_with("Pod a/p: defined in both /")

@@ -133,8 +133,37 @@ impl fmt::Display for ObjectKey {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
     Namespace(Box<Namespace>),
-    Pod(Box<Pod>),
+    /// Converted where it is read: sources keep no full k8s Pods (several kilobytes each even
+    /// when their optional fields are empty; a cluster has many).
+    Pod(Box<PodObject>),
     NetworkPolicy(Box<NetworkPolicy>),
+}
+
+/// A pod as read, reduced to what policy needs (`PodInfo`) and the problems of its fields.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodObject {
+    key: ObjectKey,
+    converted: Result<(PodRef, PodInfo, Vec<ConfigError>), ConfigError>,
+}
+
+impl PodObject {
+    pub fn from_k8s(pod: &Pod) -> PodObject {
+        PodObject {
+            key: meta_key(Kind::Pod, &pod.metadata),
+            converted: PodInfo::from_k8s(pod),
+        }
+    }
+
+    /// What policy sees of the pod (`None`: it has no name).
+    pub fn info(&self) -> Option<&PodInfo> {
+        self.converted.as_ref().ok().map(|(_, info, _)| info)
+    }
+}
+
+impl From<Pod> for Object {
+    fn from(pod: Pod) -> Object {
+        Object::Pod(Box::new(PodObject::from_k8s(&pod)))
+    }
 }
 
 fn meta_key(kind: Kind, meta: &ObjectMeta) -> ObjectKey {
@@ -156,7 +185,7 @@ impl Object {
     pub fn key(&self) -> ObjectKey {
         match self {
             Object::Namespace(o) => meta_key(Kind::Namespace, &o.metadata),
-            Object::Pod(o) => meta_key(Kind::Pod, &o.metadata),
+            Object::Pod(o) => o.key.clone(),
             Object::NetworkPolicy(o) => meta_key(Kind::NetworkPolicy, &o.metadata),
         }
     }
@@ -269,55 +298,6 @@ pub struct PodInfo {
     pub node_name: Option<String>,
     /// Only the annotations in `KEPT_POD_ANNOTATIONS`.
     pub annotations: BTreeMap<String, String>,
-}
-
-/// A copy of `pod` with only what `PodInfo::from_k8s` reads: name, namespace, labels, the kept
-/// annotations, node, host network, container and sidecar ports, phase and addresses. Sources
-/// that hold pods (the standalone source keeps every file's last good objects) hold these: a
-/// full `Pod` with its many optional fields is several kilobytes even when they are empty.
-pub fn minimal_pod(pod: &Pod) -> Pod {
-    use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus};
-    let meta = &pod.metadata;
-    let annotations: BTreeMap<String, String> = meta
-        .annotations
-        .iter()
-        .flatten()
-        .filter(|(k, _)| KEPT_POD_ANNOTATIONS.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let ports_only = |c: &Container| Container {
-        name: c.name.clone(),
-        ports: c.ports.clone(),
-        restart_policy: c.restart_policy.clone(),
-        ..Container::default()
-    };
-    Pod {
-        metadata: ObjectMeta {
-            name: meta.name.clone(),
-            namespace: meta.namespace.clone(),
-            labels: meta.labels.clone(),
-            annotations: (!annotations.is_empty()).then_some(annotations),
-            ..ObjectMeta::default()
-        },
-        spec: pod.spec.as_ref().map(|spec| PodSpec {
-            node_name: spec.node_name.clone(),
-            host_network: spec.host_network,
-            containers: spec.containers.iter().map(ports_only).collect(),
-            init_containers: spec.init_containers.as_ref().map(|cs| {
-                cs.iter()
-                    .filter(|c| c.restart_policy.as_deref() == Some("Always"))
-                    .map(ports_only)
-                    .collect()
-            }),
-            ..PodSpec::default()
-        }),
-        status: pod.status.as_ref().map(|status| PodStatus {
-            phase: status.phase.clone(),
-            pod_ip: status.pod_ip.clone(),
-            pod_ips: status.pod_ips.clone(),
-            ..PodStatus::default()
-        }),
-    }
 }
 
 impl PodInfo {
@@ -833,7 +813,7 @@ impl Store {
                     .insert(k.name.clone(), NamespaceInfo::new(&k.name, labels));
                 Vec::new()
             }),
-            Object::Pod(pod) => PodInfo::from_k8s(pod).map(|(r, info, errs)| {
+            Object::Pod(pod) => pod.converted.clone().map(|(r, info, errs)| {
                 self.pods.insert(r, info);
                 errs
             }),
@@ -1120,7 +1100,7 @@ status:
         )
         .unwrap();
         let mut s = Store::default();
-        let e = s.apply(&Object::Pod(Box::new(pod))).unwrap_err();
+        let e = s.apply(&Object::from(pod)).unwrap_err();
         assert_eq!(
             e.to_string(),
             "Pod default/p: spec.containers[0].ports[3].containerPort: 70000 is out of range (1-65535)"

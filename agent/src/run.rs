@@ -102,8 +102,6 @@ pub struct Agent {
     /// source before `enforce`.
     services: crate::services::ServiceStore,
     service_ids: crate::services::ServiceIds,
-    /// Standalone mode reads Services from the manifest files too.
-    service_files: crate::services::ServiceFiles,
     /// Where the CNI plugin records the interfaces it provisions (`cni`).
     cni_state_dir: Option<PathBuf>,
     cni_seen: Vec<(std::ffi::OsString, Option<std::time::SystemTime>)>,
@@ -147,7 +145,6 @@ impl Agent {
             observer,
             services: Default::default(),
             service_ids: Default::default(),
-            service_files: Default::default(),
             cni_state_dir: None,
             cni_seen: Vec::new(),
             cni_provisioned: Default::default(),
@@ -167,7 +164,10 @@ impl Agent {
             .collect();
         errors.extend(self.store.replace_all(loaded.objects));
         errors.extend(unresolved_named_ports(&self.store));
-        let (services, service_errors) = self.service_files.load(&self.cfg.manifests);
+        let (services, service_errors) = crate::services::ServiceStore::from_manifests(
+            &loaded.services,
+            &loaded.endpoint_slices,
+        );
         errors.extend(service_errors);
         self.set_services(services);
         // What this view of the configuration lacks for want of a last good version: files

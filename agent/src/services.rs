@@ -23,9 +23,7 @@
 //! terminating ones, as kube-proxy falls back to), restricted to this node's endpoints for
 //! `internalTrafficPolicy: Local`.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs;
 use std::net::IpAddr;
-use std::path::Path;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -33,8 +31,6 @@ use palisade_common::{
     CIDR_CLASS_BIT, EP_ISOLATED_EGRESS, IDENTITY_HOST, POLICY_FLAG_AUDIT, POLICY_KEY_FULL_BITS,
     PolicyKey, PolicyValue,
 };
-use serde::Deserialize;
-use serde_json::Value;
 
 use crate::datapath_model::{self, peer_addr};
 use crate::model::{ConfigError, DEFAULT_NAMESPACE, Protocol};
@@ -707,126 +703,37 @@ impl<'d> Judge<'d> {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Standalone mode: Services and EndpointSlices from the manifest directory
-// ---------------------------------------------------------------------------------------------
-
-/// Reads Services and EndpointSlices from the manifest files (the same `*.yaml`, `*.yml`,
-/// `*.json` files `manifest::ManifestDir` reads the other kinds from). A file that does not
-/// parse keeps what was last read from it.
-#[derive(Debug, Default)]
-pub struct ServiceFiles {
-    last_good: BTreeMap<String, (Vec<Service>, Vec<EndpointSlice>)>,
-}
-
-impl ServiceFiles {
-    pub fn load(&mut self, dir: &Path) -> (ServiceStore, Vec<ConfigError>) {
+impl ServiceStore {
+    /// A store of the Services and EndpointSlices read from manifests (standalone mode), with
+    /// an error for each one it cannot take.
+    pub fn from_manifests(
+        services: &[Service],
+        endpoint_slices: &[EndpointSlice],
+    ) -> (ServiceStore, Vec<ConfigError>) {
+        let mut store = ServiceStore::default();
         let mut errors = Vec::new();
-        let mut fresh = BTreeMap::new();
-        let mut names: Vec<String> = fs::read_dir(dir)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .filter(|n| {
-                        !n.starts_with('.')
-                            && [".yaml", ".yml", ".json"].iter().any(|x| n.ends_with(x))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        for name in names {
-            let path = dir.join(&name);
-            let parsed = fs::read_to_string(&path)
-                .map_err(|e| (false, e.to_string()))
-                .and_then(|text| parse_text(&text, name.ends_with(".json")));
-            match parsed {
-                Ok(objects) => {
-                    fresh.insert(name, objects);
-                }
-                Err((decode, e)) => {
-                    // `manifest` reports files that are not YAML; a Service or EndpointSlice
-                    // that does not decode is reported here. Either way the file keeps what
-                    // was read from it last.
-                    if decode {
-                        errors.push(ConfigError::new(
-                            format!("file {}", path.display()),
-                            "",
-                            format!("{e} (keeping the Services last read from it)"),
-                        ));
-                    }
-                    if let Some(old) = self.last_good.remove(&name) {
-                        fresh.insert(name, old);
-                    }
-                }
+        for s in services {
+            if let Err(e) = store.apply_service(s) {
+                errors.push(e);
             }
         }
-        self.last_good = fresh;
-        let mut store = ServiceStore::default();
-        for (svcs, slices) in self.last_good.values() {
-            for s in svcs {
-                if let Err(e) = store.apply_service(s) {
-                    errors.push(e);
-                }
-            }
-            for s in slices {
-                if let Err(e) = store.apply_slice(s) {
-                    errors.push(e);
-                }
+        for s in endpoint_slices {
+            if let Err(e) = store.apply_slice(s) {
+                errors.push(e);
             }
         }
         (store, errors)
     }
 }
 
-type Parsed = (Vec<Service>, Vec<EndpointSlice>);
-
-/// The Services and EndpointSlices of a file; `Err((true, _))` when one does not decode,
-/// `Err((false, _))` when the file is not YAML (or JSON) at all.
-fn parse_text(text: &str, json: bool) -> Result<Parsed, (bool, String)> {
-    let mut docs: Vec<Value> = Vec::new();
-    if json {
-        docs.push(serde_json::from_str(text).map_err(|e| (false, e.to_string()))?);
-    } else {
-        for doc in serde_yaml::Deserializer::from_str(text) {
-            let v = serde_yaml::Value::deserialize(doc).map_err(|e| (false, e.to_string()))?;
-            docs.push(serde_json::to_value(&v).map_err(|e| (false, e.to_string()))?);
-        }
-    }
-    let mut out = (Vec::new(), Vec::new());
-    let mut stack = docs;
-    while let Some(v) = stack.pop() {
-        match v.get("kind").and_then(Value::as_str) {
-            Some("List") => {
-                if let Some(items) = v.get("items").and_then(Value::as_array) {
-                    stack.extend(items.iter().cloned());
-                }
-            }
-            Some("Service") => out.0.push(
-                serde_path_to_error::deserialize(&v)
-                    .map_err(|e| (true, format!("Service: {}: {}", e.path(), e.inner())))?,
-            ),
-            Some("EndpointSlice") => out.1.push(
-                serde_path_to_error::deserialize(&v)
-                    .map_err(|e| (true, format!("EndpointSlice: {}: {}", e.path(), e.inner())))?,
-            ),
-            _ => {}
-        }
-    }
-    Ok(out)
-}
-
-/// Service and EndpointSlice objects named in a manifest file (for tests and tools).
+/// Service and EndpointSlice objects named in manifest text (for tests and tools).
 pub fn parse_str(text: &str) -> Result<ServiceStore, String> {
-    let (svcs, slices) = parse_text(text, false).map_err(|(_, e)| e)?;
-    let mut s = ServiceStore::default();
-    for x in &svcs {
-        s.apply_service(x).map_err(|e| e.to_string())?;
+    let (services, slices) = crate::manifest::parse_services(text).map_err(|e| e.to_string())?;
+    let (store, errors) = ServiceStore::from_manifests(&services, &slices);
+    match errors.into_iter().next() {
+        Some(e) => Err(e.to_string()),
+        None => Ok(store),
     }
-    for x in &slices {
-        s.apply_slice(x).map_err(|e| e.to_string())?;
-    }
-    Ok(s)
 }
 
 #[cfg(test)]
