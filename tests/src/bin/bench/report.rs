@@ -625,7 +625,7 @@ pub fn markdown(r: &Value) -> String {
     let _ = writeln!(
         m,
         "Live heap, measured in the benchmark process with a counting allocator: the parsed \
-         Kubernetes objects {} MiB, the store {} MiB, the agent after its first reconcile \
+         objects as a source keeps them {} MiB, the store {} MiB, the agent after its first reconcile \
          (compiler tables, the maps' state, observers) {} MiB.\n",
         n("memory_detail.heap_mib.k8s_objects"),
         n("memory_detail.heap_mib.store"),
