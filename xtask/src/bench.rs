@@ -8,18 +8,12 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
-use crate::build::{build_ebpf, root};
-
-fn run(cmd: &mut Command, what: &str) -> Result<()> {
-    eprintln!("xtask: {what}");
-    let status = cmd.status().with_context(|| format!("starting: {what}"))?;
-    if !status.success() {
-        bail!("{what} failed ({status})");
-    }
-    Ok(())
-}
+use crate::{
+    build::{build_ebpf, root},
+    run::{cargo, require_root, run},
+};
 
 fn have(program: &str) -> bool {
     Command::new("sh")
@@ -101,10 +95,7 @@ fn plot_python(dir: &Path) -> Result<PathBuf> {
 
 pub fn bench(quick: bool, extra: &[String]) -> Result<()> {
     let started = Instant::now();
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("cargo xtask bench needs root (BPF, TCX, network namespaces, iptables)");
-    }
+    require_root("cargo xtask bench")?;
     let root = root();
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out)?;
@@ -119,8 +110,7 @@ pub fn bench(quick: bool, extra: &[String]) -> Result<()> {
 
     let obj = build_ebpf()?;
     run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&root)
+        cargo()
             .args([
                 "build",
                 "--release",

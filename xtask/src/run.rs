@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::build::{build_all, ebpf_object, root};
 
-fn run(cmd: &mut Command, what: &str) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command, what: &str) -> Result<()> {
     eprintln!("xtask: {what}");
     let status = cmd.status().with_context(|| format!("starting: {what}"))?;
     if !status.success() {
@@ -14,13 +14,13 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
     c
 }
 
-fn require_root(what: &str) -> Result<()> {
+pub(crate) fn require_root(what: &str) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("{what} needs root (BPF, TCX and network namespaces)");
