@@ -289,7 +289,7 @@ impl ClusterState {
                 let key = key_of(&o);
                 self.touch(source, key, listed);
                 // Errors stay in the store (`Store::errors`) until the object is fixed.
-                let _ = self.store.apply(&wrap(o));
+                let _ = self.store.apply(wrap(o));
                 true
             }
             Change::Delete(o) => {

@@ -796,7 +796,7 @@ impl Store {
                 }
             }
             // Errors are recorded by `apply`.
-            let _ = self.apply(&obj);
+            let _ = self.apply(obj);
         }
         self.errors().into_iter().cloned().collect()
     }
@@ -804,7 +804,7 @@ impl Store {
     /// Adds or replaces one object. On error the object is not applied (a pod is applied
     /// without the parts in error) and the error is also kept in `errors()` until the object is
     /// applied successfully or removed.
-    pub fn apply(&mut self, obj: &Object) -> Result<(), ConfigError> {
+    pub fn apply(&mut self, obj: Object) -> Result<(), ConfigError> {
         let key = obj.key();
         let result = match obj {
             Object::Namespace(ns) => named_key(Kind::Namespace, &ns.metadata).map(|k| {
@@ -813,11 +813,11 @@ impl Store {
                     .insert(k.name.clone(), NamespaceInfo::new(&k.name, labels));
                 Vec::new()
             }),
-            Object::Pod(pod) => pod.converted.clone().map(|(r, info, errs)| {
+            Object::Pod(pod) => pod.converted.map(|(r, info, errs)| {
                 self.pods.insert(r, info);
                 errs
             }),
-            Object::NetworkPolicy(np) => Policy::from_k8s(np).map(|p| {
+            Object::NetworkPolicy(np) => Policy::from_k8s(&np).map(|p| {
                 self.policies
                     .insert((p.namespace.clone(), p.name.clone()), p);
                 Vec::new()
@@ -1039,15 +1039,15 @@ mod tests {
 
         // Incremental apply.
         let mut s = Store::default();
-        s.apply(&good).unwrap();
-        let e = s.apply(&bad).unwrap_err();
+        s.apply(good.clone()).unwrap();
+        let e = s.apply(bad.clone()).unwrap_err();
         assert!(
             e.to_string()
                 .starts_with("NetworkPolicy x/p: spec.ingress[0].ports[0].port")
         );
         assert_eq!(port_of(&s), PortMatch::Number(80));
         assert_eq!(s.errors().len(), 1);
-        s.apply(&fixed).unwrap();
+        s.apply(fixed.clone()).unwrap();
         assert_eq!(port_of(&s), PortMatch::Number(81));
         assert!(s.errors().is_empty());
 
@@ -1100,7 +1100,7 @@ status:
         )
         .unwrap();
         let mut s = Store::default();
-        let e = s.apply(&Object::from(pod)).unwrap_err();
+        let e = s.apply(Object::from(pod)).unwrap_err();
         assert_eq!(
             e.to_string(),
             "Pod default/p: spec.containers[0].ports[3].containerPort: 70000 is out of range (1-65535)"
@@ -1127,7 +1127,7 @@ status:
         assert_eq!(info.annotations.len(), 1);
 
         let ns: Namespace = serde_yaml::from_str("metadata: {name: a, labels: {t: x}}").unwrap();
-        s.apply(&Object::Namespace(Box::new(ns))).unwrap();
+        s.apply(Object::Namespace(Box::new(ns))).unwrap();
         assert_eq!(s.namespace_labels("a")[NAMESPACE_NAME_LABEL], "a");
         assert_eq!(s.namespace_labels("a")["t"], "x");
         assert_eq!(s.namespace_labels("zzz")[NAMESPACE_NAME_LABEL], "zzz");

@@ -141,7 +141,7 @@ fn every_manifest_parses_into_its_type() {
     let mut store = palisade::model::Store::default();
     for p in &policies {
         store
-            .apply(&palisade::model::Object::NetworkPolicy(Box::new(p.clone())))
+            .apply(palisade::model::Object::NetworkPolicy(Box::new(p.clone())))
             .unwrap_or_else(|e| panic!("example policy: {e}"));
     }
 }

@@ -1002,7 +1002,7 @@ fn random_clusters_match_the_reference() {
         let mut store = g.store();
         for i in 0..g.rng.random_range(1..=5) {
             let p = g.policy(i);
-            if let Err(e) = store.apply(&p) {
+            if let Err(e) = store.apply(p) {
                 panic!("seed {seed}: generated policy rejected: {e}");
             }
         }
@@ -1197,7 +1197,7 @@ fn unrelated_changes_renumber_nothing() {
         "",
     ))
     .unwrap();
-    w.store.apply(&objs[0]).unwrap();
+    w.store.apply(objs[0].clone()).unwrap();
     w.endpoints.push(LocalEndpoint {
         pod: PodRef {
             namespace: "zzz".into(),
@@ -1228,7 +1228,7 @@ fn unrelated_changes_renumber_nothing() {
         "{podSelector: {matchLabels: {app: web}}, ingress: [{from: [{ipBlock: {cidr: 192.168.0.0/16}}], ports: [{port: 443}]}]}",
     ))
     .unwrap();
-    w.store.apply(&objs[0]).unwrap();
+    w.store.apply(objs[0].clone()).unwrap();
     w.recompile();
     let dev_web = w.endpoint_id("dev/web");
     assert_eq!(
@@ -1424,7 +1424,7 @@ fn big_store(pods: usize, namespaces: usize, policies_per_ns: usize) -> Store {
         }
     }
     for obj in parse_str(&objects.join("\n---\n")).unwrap() {
-        store.apply(&obj).unwrap();
+        store.apply(obj).unwrap();
     }
     store
 }
@@ -1491,7 +1491,7 @@ fn scale_hundred_thousand_cidrs_in_one_policy() {
         ]},
     });
     let np: k8s_openapi::api::networking::v1::NetworkPolicy = serde_json::from_value(v).unwrap();
-    store.apply(&Object::NetworkPolicy(Box::new(np))).unwrap();
+    store.apply(Object::NetworkPolicy(Box::new(np))).unwrap();
     let eps = [LocalEndpoint {
         pod: PodRef {
             namespace: "x".into(),
@@ -1602,9 +1602,7 @@ fn upstream_conformance_cases() {
                     "create_policy" | "update_policy" => {
                         let text = serde_json::to_string(policies[field("policy")]).unwrap();
                         let obj = serde_json::from_str(&expand_placeholders(&text, &ips)).unwrap();
-                        w.store
-                            .apply(&Object::NetworkPolicy(Box::new(obj)))
-                            .unwrap();
+                        w.store.apply(Object::NetworkPolicy(Box::new(obj))).unwrap();
                     }
                     "delete_all_policies" => w.store.policies.clear(),
                     "add_namespace_labels" => {

@@ -172,9 +172,7 @@ impl Cluster {
         let i = self.next_policy;
         self.next_policy += 1;
         let obj = self.policy(rng, i);
-        self.store
-            .apply(&obj)
-            .expect("generated policies are valid");
+        self.store.apply(obj).expect("generated policies are valid");
     }
 
     /// One random change: a policy added, replaced or removed, or a pod relabelled.
@@ -195,9 +193,7 @@ impl Cluster {
                 let (ns, name) = rng.pick(&keys).clone();
                 let idx: usize = name.trim_start_matches("np").parse().unwrap_or(0);
                 let obj = self.policy_in(rng, idx, &ns);
-                self.store
-                    .apply(&obj)
-                    .expect("generated policies are valid");
+                self.store.apply(obj).expect("generated policies are valid");
                 format!("policy {ns}/{name} replaced")
             }
             _ => {

@@ -179,7 +179,7 @@ struct Objects {
 impl Objects {
     fn apply(&mut self, store: &mut Store, obj: Object) -> Result<()> {
         store
-            .apply(&obj)
+            .apply(obj.clone())
             .map_err(|e| anyhow::anyhow!("bench change rejected: {e}"))?;
         self.map.insert(obj.key(), obj);
         Ok(())

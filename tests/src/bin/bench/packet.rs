@@ -159,7 +159,7 @@ fn base_store() -> Store {
         ));
     }
     for obj in objects(&docs) {
-        store.apply(&obj).expect("bench object is valid");
+        store.apply(obj).expect("bench object is valid");
     }
     store
 }
@@ -178,7 +178,7 @@ fn scale_store(base: &Store, n: usize) -> (Store, Probe) {
          spec: {{nodeName: node-1, containers: [{{name: c}}]}}\n\
          status: {{podIPs: [{{ip: '{peer4}'}}, {{ip: '{peer6}'}}]}}\n"
     )) {
-        store.apply(&obj).expect("probe pod");
+        store.apply(obj).expect("probe pod");
     }
     // Some pod-selector rules too, so that the endpoint has identity entries (none for the
     // probe's identity: its identity lookup misses, then its CIDR is looked up).
