@@ -29,7 +29,6 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::health::Health;
-use crate::interfaces::HostView;
 use crate::model::{ConfigError, Kind, Object, ObjectKey, Store};
 use crate::run::{Agent, RunConfig};
 use crate::services::{self, ServiceStore};
@@ -506,9 +505,7 @@ pub async fn drive(
         health.beat();
         if last_host_read.elapsed() >= cfg.host_poll {
             last_host_read = Instant::now();
-            let changed = HostView::read().map(|v| &v != agent.host()).unwrap_or(true);
-            let repaired = agent.repair();
-            dirty |= changed || repaired || agent.wants_retry();
+            dirty |= agent.poll_host();
             // Records of pods that came and went without a wake-up.
             dirty |= agent.cni_records_changed();
         }

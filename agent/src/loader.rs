@@ -250,15 +250,21 @@ mod bpf_sys {
         Ok(copied)
     }
 
+    /// `BPF_OBJ_GET_INFO_BY_FD`: the kernel fills as much of the object's info struct as
+    /// `info` holds.
+    fn obj_info<T: Copy>(fd: &OwnedFd, info: &mut [T]) -> io::Result<()> {
+        let mut attr = InfoAttr {
+            bpf_fd: fd.as_raw_fd() as u32,
+            info_len: std::mem::size_of_val(info) as u32,
+            info: info.as_mut_ptr() as u64,
+        };
+        sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(drop)
+    }
+
     /// A map's type, key and value sizes, capacity and flags (`struct bpf_map_info`).
     pub fn map_layout(fd: &OwnedFd) -> io::Result<super::MapLayout> {
         let mut info = [0u32; 24];
-        let mut attr = InfoAttr {
-            bpf_fd: fd.as_raw_fd() as u32,
-            info_len: std::mem::size_of_val(&info) as u32,
-            info: info.as_mut_ptr() as u64,
-        };
-        sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+        obj_info(fd, &mut info)?;
         Ok(super::MapLayout {
             map_type: info[0],
             key_size: info[2],
@@ -274,12 +280,7 @@ mod bpf_sys {
         // struct bpf_link_info: type, id, prog_id, then an 8-aligned union whose tcx member
         // starts with the ifindex.
         let mut info = [0u64; 16];
-        let mut attr = InfoAttr {
-            bpf_fd: fd.as_raw_fd() as u32,
-            info_len: std::mem::size_of_val(&info) as u32,
-            info: info.as_mut_ptr() as u64,
-        };
-        sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+        obj_info(fd, &mut info)?;
         Ok((info[2] & 0xffff_ffff) as u32)
     }
 }

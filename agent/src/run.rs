@@ -410,6 +410,15 @@ impl Agent {
         self.writer.applied()
     }
 
+    /// The check both sources run every `host_poll`: whether the host's interfaces or routes
+    /// changed, pins had to be put back (`repair`) or failed work is due again; any of them
+    /// wants a reconcile.
+    pub fn poll_host(&mut self) -> bool {
+        let host_changed = HostView::read().map(|v| v != self.host).unwrap_or(true);
+        let repaired = self.repair();
+        host_changed || repaired || self.wants_retry()
+    }
+
     /// Puts back pins removed by hand and re-attaches links detached behind our back (see
     /// `Datapath::repair`); true if anything was repaired.
     pub fn repair(&mut self) -> bool {
@@ -438,11 +447,6 @@ impl Agent {
     /// Where the CNI plugin records what it provisioned (see `cni`); `None`: no plugin.
     pub fn set_cni_state_dir(&mut self, dir: Option<PathBuf>) {
         self.cni_state_dir = dir;
-    }
-
-    /// The host as the last reconcile read it.
-    pub fn host(&self) -> &HostView {
-        &self.host
     }
 
     /// Whether the CNI plugin added or removed records since the last call.
@@ -595,19 +599,16 @@ pub async fn run_standalone_with(cfg: RunConfig, object: &[u8], opts: SourceOpti
         // temporary file and renaming it over the old one avoids the question altogether.)
         let settled = previous.as_ref() == Some(&fp);
         previous = Some(fp.clone());
-        let host_due = last_host_read.elapsed() >= cfg.host_poll;
-        let host_changed = host_due && HostView::read().map(|v| v != agent.host).unwrap_or(true);
-        let mut repaired = false;
-        if host_due {
+        let mut host_wants_reconcile = false;
+        if last_host_read.elapsed() >= cfg.host_poll {
             last_host_read = Instant::now();
-            repaired = agent.repair();
+            host_wants_reconcile = agent.poll_host();
         }
-        let retry = host_due && agent.wants_retry();
         let manifests_changed = fingerprint.as_ref() != Some(&fp);
         if manifests_changed && !settled {
             continue;
         }
-        if manifests_changed || host_changed || repaired || retry || cni_changed {
+        if manifests_changed || host_wants_reconcile || cni_changed {
             fingerprint = Some(fp);
             match agent.reconcile() {
                 Ok(()) => health.set_ready(true),
