@@ -156,7 +156,15 @@ fn load<T: DeserializeOwned + serde::Serialize>(name: &str, kind: &str) -> T {
 
 #[test]
 fn rbac_only_reads_what_policy_needs() {
+    // One ClusterRole in all of manifests/ (no other file grants more), aggregating nothing.
+    let roles: Vec<String> = documents(&manifests_dir())
+        .into_iter()
+        .filter(|(_, v)| v["kind"] == "ClusterRole")
+        .map(|(f, _)| f)
+        .collect();
+    assert_eq!(roles.len(), 1, "ClusterRoles in manifests/: {roles:?}");
     let role: ClusterRole = load("rbac.yaml", "ClusterRole");
+    assert!(role.aggregation_rule.is_none(), "aggregates other roles");
     let mut granted = std::collections::BTreeSet::new();
     for rule in role.rules.unwrap() {
         let mut verbs = rule.verbs.clone();
@@ -183,7 +191,11 @@ fn rbac_only_reads_what_policy_needs() {
     let binding: ClusterRoleBinding = load("rbac.yaml", "ClusterRoleBinding");
     let sa: ServiceAccount = load("serviceaccount.yaml", "ServiceAccount");
     assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
-    let subject = &binding.subjects.unwrap()[0];
+    // Bound to the agent's service account only, not to a group of users.
+    let subjects = binding.subjects.unwrap();
+    assert_eq!(subjects.len(), 1, "{subjects:?}");
+    let subject = &subjects[0];
+    assert_eq!(subject.kind, "ServiceAccount");
     assert_eq!(Some(&subject.name), sa.metadata.name.as_ref());
     assert_eq!(subject.namespace, sa.metadata.namespace);
 }
