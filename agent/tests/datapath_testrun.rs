@@ -279,6 +279,30 @@ fn replies_pass_by_conntrack_and_nothing_else_does() {
 }
 
 #[test]
+fn a_syn_is_never_a_reply() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(&standard_state());
+    // The pod may send anything to 192.0.2.7 (rule 5), which may send it nothing. A SYN-ACK
+    // from the pod's port 80 creates an entry in the pod's egress direction ...
+    let x = std::net::Ipv4Addr::new(192, 0, 2, 7);
+    assert_eq!(rig.egress(&tcp4(POD, x, 80, 40000, SYN_ACK)), TC_ACT_OK);
+    // ... whose replies pass, but a new connection on the same tuple is judged by the pod's
+    // ingress policy, not taken for a reply.
+    assert_eq!(
+        rig.ingress(&tcp4(x, POD, 40000, 80, SYN)),
+        TC_ACT_SHOT,
+        "a SYN to the pod's port past its ingress policy"
+    );
+    assert_eq!(
+        rig.ingress(&tcp4(x, POD, 40000, 80, ACK)),
+        TC_ACT_OK,
+        "the reply of the pod's own packets"
+    );
+}
+
+#[test]
 fn revoked_allow_stops_established_flow() {
     if !require_root() {
         return;

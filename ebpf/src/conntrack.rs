@@ -72,14 +72,21 @@ fn live(key: &CtKey, now: u64) -> Option<*mut CtEntry> {
 #[inline(always)]
 pub fn lookup(endpoint: u32, dir: u8, pkt: &Packet, now: u64) -> Lookup {
     let key = forward_key(endpoint, dir, pkt);
+    // A SYN without ACK opens a connection in its own direction: it is never a reply.
+    let syn_only = pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if let Some(e) = live(&key, now) {
         // A new SYN on a closing connection's tuple starts a new flow: evaluate it afresh.
-        let syn_only = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        if pkt.proto == PROTO_TCP && syn_only && unsafe { (*e).flags } & CT_FLAG_CLOSING != 0 {
+        if syn_only && unsafe { (*e).flags } & CT_FLAG_CLOSING != 0 {
             let _ = CONNTRACK.remove(key);
             return Lookup::Miss;
         }
         return Lookup::Hit(e, key);
+    }
+    if syn_only {
+        // Matching it against the opposite direction's entries would let an entry the pod's
+        // own packets created (a SYN-ACK from its port, say) admit a new connection to that
+        // port past its ingress policy; the SYN is judged by policy instead.
+        return Lookup::Miss;
     }
     let reply = CtKey {
         endpoint,

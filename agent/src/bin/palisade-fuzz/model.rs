@@ -705,7 +705,8 @@ impl Model {
                 None
             }
             Some(_) => Some(fwd),
-            None => self.ct.contains_key(&rev).then_some(rev),
+            // A SYN without ACK is never a reply.
+            None => (!syn_only && self.ct.contains_key(&rev)).then_some(rev),
         };
         if let Some(key) = hit {
             let peer = if key.dir == DIR_INGRESS {
