@@ -6,11 +6,16 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(palisade_ebpf_missing)");
     println!("cargo::rerun-if-env-changed=PALISADE_EBPF_OBJ");
+    println!("cargo::rerun-if-env-changed=CARGO_TARGET_DIR");
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let path = std::env::var_os("PALISADE_EBPF_OBJ")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/ebpf/x86_64-unknown-linux-gnu/release/libpalisade_ebpf.so")
+            // cargo's target directory (CARGO_TARGET_DIR, relative to the workspace if so).
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map(|t| workspace.join(t))
+                .unwrap_or_else(|| workspace.join("target"))
+                .join("ebpf/x86_64-unknown-linux-gnu/release/libpalisade_ebpf.so")
         });
     println!("cargo::rerun-if-changed={}", path.display());
     if path.exists() {

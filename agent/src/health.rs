@@ -3,13 +3,18 @@
 //! Live: the main loop went round within the last `STALL` (it ticks every second whatever
 //! happens; a loop stuck in a syscall or a deadlock stops answering). Ready: the agent has
 //! enforced a complete view at least once (in cluster mode: every watch has listed) and the
-//! last reconcile did not fail. A plain tokio handler: no HTTP framework for two paths.
+//! last reconcile did not fail. No HTTP framework for two paths.
+//!
+//! The probes are answered on a thread of their own, not on the main loop's runtime: a
+//! reconcile blocks that runtime (it is single-threaded), and under load one can take longer
+//! than the kubelet's probe timeout. Liveness must mean "the loop went round lately", not
+//! "the loop happened to be idle when the probe came" (that made `/healthz` miss answers in
+//! a loaded test run).
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{error, info};
 
 /// The main loop is considered stuck after this long without a beat.
@@ -59,9 +64,10 @@ impl Health {
         self.inner.started.elapsed().saturating_sub(last) < STALL
     }
 
-    /// Serves the probes on `addr` (a failure to bind is logged: the agent enforces anyway).
-    pub async fn serve(&self, addr: SocketAddr) {
-        let listener = match tokio::net::TcpListener::bind(addr).await {
+    /// Serves the probes on `addr` from a thread of its own (a failure to bind is logged:
+    /// the agent enforces anyway).
+    pub fn serve(&self, addr: SocketAddr) {
+        let listener = match std::net::TcpListener::bind(addr) {
             Ok(l) => l,
             Err(e) => {
                 error!("health endpoint on {addr}: {e}");
@@ -70,29 +76,39 @@ impl Health {
         };
         info!(%addr, "health endpoint (/healthz, /readyz)");
         let health = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut conn, _)) = listener.accept().await else {
-                    continue;
-                };
-                let health = health.clone();
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 1024];
-                    let n = match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
-                        .await
-                    {
-                        Ok(Ok(n)) => n,
-                        _ => return,
-                    };
-                    let (code, body) = health.answer(&buf[..n]);
-                    let reply = format!(
-                        "HTTP/1.1 {code}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = conn.write_all(reply.as_bytes()).await;
-                });
+        let spawned = std::thread::Builder::new()
+            .name("health".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(mut conn) = conn else { continue };
+                    health.reply(&mut conn);
+                }
+            });
+        if let Err(e) = spawned {
+            error!("health endpoint on {addr}: no thread: {e}");
+        }
+    }
+
+    /// Answers one connection (one request; a slow client gets 5 s).
+    fn reply(&self, conn: &mut std::net::TcpStream) {
+        use std::io::{Read, Write};
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
+        let mut buf = [0u8; 1024];
+        let mut n = 0;
+        // Up to the end of the request line (a client may write it in pieces).
+        while n < buf.len() && !buf[..n].contains(&b'\n') {
+            match conn.read(&mut buf[n..]) {
+                Ok(0) | Err(_) => break,
+                Ok(m) => n += m,
             }
-        });
+        }
+        let (code, body) = self.answer(&buf[..n]);
+        let reply = format!(
+            "HTTP/1.1 {code}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = conn.write_all(reply.as_bytes());
     }
 
     /// The status line and body for a request.

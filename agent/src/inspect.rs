@@ -240,12 +240,14 @@ pub fn reason_name(reason: Option<Reason>, no_allows: bool) -> &'static str {
         Some(Reason::SelfTraffic) => "self",
         Some(Reason::Spoofed) => "spoofed-source",
         Some(Reason::UnknownEndpoint) => "unknown-endpoint",
+        Some(Reason::Loopback) => "loopback",
+        Some(Reason::Tunnel) => "tunnel",
         None => "unknown",
     }
 }
 
 /// Every reason, for counters.
-pub const REASONS: [Reason; 11] = [
+pub const REASONS: [Reason; 13] = [
     Reason::PolicyAllow,
     Reason::NotIsolated,
     Reason::Host,
@@ -257,6 +259,8 @@ pub const REASONS: [Reason; 11] = [
     Reason::SelfTraffic,
     Reason::Spoofed,
     Reason::UnknownEndpoint,
+    Reason::Loopback,
+    Reason::Tunnel,
 ];
 
 /// Which (endpoint, direction) have at least one allow entry.

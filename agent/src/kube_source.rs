@@ -434,7 +434,7 @@ pub async fn run_cluster(cfg: RunConfig, cluster: ClusterConfig, object: &[u8]) 
     let health = Health::default();
     health.beat();
     if let Some(addr) = cluster.health_addr {
-        health.serve(addr).await;
+        health.serve(addr);
     }
     let client = client(cluster.kubeconfig.as_deref()).await?;
     raise_memlock_limit();

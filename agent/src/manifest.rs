@@ -11,7 +11,16 @@
 //! * documents of other kinds (Deployment, ConfigMap, ...) are ignored, with an error (Services
 //!   and EndpointSlices are read from the same files by `services`);
 //! * an object defined twice (same kind, namespace and name) keeps its first definition in file
-//!   order, with an error naming both places.
+//!   order, with an error naming both places;
+//! * a file that holds no document at all (zero length, or only whitespace and comments) keeps
+//!   its last good objects too, with an error: that is what a file rewritten in place looks like
+//!   half-way (`truncate`, then `write`). Deleting the file is how its objects are removed;
+//! * a file is taken only once it is settled: the run loop passes the fingerprint it saw
+//!   unchanged over a whole poll (`load_settled`), and a file that differs from it, or that
+//!   changed while being read, keeps its last good objects until it settles.
+//!
+//! Writing a temporary file and renaming it over the old one (what `kubectl`-like tools and
+//! editors do) avoids every half-way state.
 //!
 //! Validation of the objects themselves is `model::Store`'s job.
 use std::collections::{BTreeMap, HashMap};
@@ -154,8 +163,16 @@ impl ManifestDir {
         }
     }
 
-    /// Reads the directory. Objects of files that fail are their last good objects.
+    /// Reads the directory, taking every file as it is now. Objects of files that fail, or
+    /// hold no document, are their last good objects.
     pub fn load(&mut self) -> LoadResult {
+        self.load_settled(None)
+    }
+
+    /// `load`, except that with `settled` (a fingerprint seen unchanged over a poll), a file
+    /// whose stamp differs from the one in `settled`, or that is not in it, is not read: its
+    /// objects are its last good objects (none for a new file) until it settles.
+    pub fn load_settled(&mut self, settled: Option<&Fingerprint>) -> LoadResult {
         let mut errors = Vec::new();
         let mut failed = Vec::new();
         let dir_label = self.dir.display().to_string();
@@ -167,6 +184,18 @@ impl ManifestDir {
                     // Stamped before reading: a write during the read changes the stamp, so
                     // the next load reads the file again.
                     let stamp = FileStamp::of(name.clone(), &meta);
+                    let unsettled = settled.is_some_and(|fp| !fp.files.contains(&stamp));
+                    if unsettled {
+                        // Being written: what it held before, until it settles.
+                        if let Some(objects) = self.last_good.remove(&name) {
+                            fresh.insert(name.clone(), objects);
+                        }
+                        if let Some(p) = self.parsed.remove(&name) {
+                            errors.extend(p.1.iter().cloned());
+                            stamps.insert(name, p);
+                        }
+                        continue;
+                    }
                     if let Some((last, reported)) = self.parsed.remove(&name)
                         && last == stamp
                         && let Some(objects) = self.last_good.remove(&name)
@@ -187,7 +216,34 @@ impl ManifestDir {
                             let path = self.dir.join(&name).display().to_string();
                             parse_file(&path, &text, name.ends_with(".json"))
                         });
+                    let changed_while_read = fs::metadata(self.dir.join(&name))
+                        .map(|m| FileStamp::of(name.clone(), &m) != stamp)
+                        .unwrap_or(true);
+                    if changed_while_read {
+                        // Read half-way through a write: the next load reads it again.
+                        if let Some(objects) = self.last_good.remove(&name) {
+                            fresh.insert(name, objects);
+                        }
+                        continue;
+                    }
                     match parsed {
+                        Ok((objects, ignored))
+                            if objects.is_empty()
+                                && ignored.is_empty()
+                                && self.last_good.get(&name).is_some_and(|o| !o.is_empty()) =>
+                        {
+                            let kept = self.last_good.remove(&name).unwrap_or_default();
+                            errors.push(ConfigError::new(
+                                &label,
+                                "",
+                                format!(
+                                    "holds no document (keeping the {} object(s) last read from \
+                                     it; delete the file to remove them)",
+                                    kept.len()
+                                ),
+                            ));
+                            fresh.insert(name, kept);
+                        }
                         Ok((objects, ignored)) => {
                             errors.extend(ignored.iter().cloned());
                             stamps.insert(name.clone(), (stamp, ignored));
@@ -593,6 +649,68 @@ mod tests {
             "{e}"
         );
         assert_eq!(r.services.len(), 1, "the last good Service stays");
+    }
+
+    #[test]
+    fn a_file_emptied_in_place_keeps_its_objects_until_deleted() {
+        let d = TempDir::new("emptied");
+        d.write("a.yaml", &format!("{NS}---\n{NP}"));
+        let mut m = ManifestDir::new(&d.0);
+        assert_eq!(kinds(&m.load()), ["Namespace a", "NetworkPolicy a/deny"]);
+        // Truncated in place (the first half of `fs::write`), then comments only: both are
+        // what a rewrite looks like half-way, never "no policy".
+        for text in ["", "\n  \n# being rewritten\n---\n"] {
+            d.write("a.yaml", text);
+            let r = m.load();
+            assert_eq!(
+                kinds(&r),
+                ["Namespace a", "NetworkPolicy a/deny"],
+                "{text:?}"
+            );
+            let e = r.errors[0].to_string();
+            assert!(
+                e.contains("a.yaml") && e.contains("holds no document") && e.contains("delete"),
+                "{e}"
+            );
+            assert!(
+                r.failed.is_empty(),
+                "last good objects exist: not incomplete"
+            );
+        }
+        // Rewritten: the new content counts.
+        d.write("a.yaml", NS);
+        let r = m.load();
+        assert_eq!(kinds(&r), ["Namespace a"]);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        // A file that never held anything is no error; deleting a file removes its objects.
+        d.write("b.yaml", "");
+        assert!(m.load().errors.is_empty());
+        fs::remove_file(d.0.join("a.yaml")).unwrap();
+        assert!(m.load().objects.is_empty());
+    }
+
+    #[test]
+    fn an_unsettled_file_keeps_its_last_good_objects() {
+        let d = TempDir::new("settle");
+        d.write("a.yaml", &format!("{NS}---\n{NP}"));
+        let mut m = ManifestDir::new(&d.0);
+        let settled = m.fingerprint();
+        assert_eq!(m.load_settled(Some(&settled)).objects.len(), 2);
+        // Changed after the fingerprint the caller saw settled: not read yet, whatever it holds.
+        d.write("a.yaml", NS);
+        d.write("b.yaml", POD);
+        let r = m.load_settled(Some(&settled));
+        assert_eq!(kinds(&r), ["Namespace a", "NetworkPolicy a/deny"]);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        // Once settled, read.
+        let settled = m.fingerprint();
+        assert_eq!(
+            kinds(&m.load_settled(Some(&settled))),
+            ["Namespace a", "Pod a/p"]
+        );
+        // A deletion needs no settling.
+        fs::remove_file(d.0.join("b.yaml")).unwrap();
+        assert_eq!(kinds(&m.load_settled(Some(&settled))), ["Namespace a"]);
     }
 
     #[test]

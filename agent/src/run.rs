@@ -151,10 +151,12 @@ impl Agent {
         })
     }
 
-    /// Re-reads the manifests (standalone source) and enforces them.
-    pub fn reconcile(&mut self) -> Result<()> {
+    /// Re-reads the manifests (standalone source) and enforces them. With `settled` (the
+    /// directory's fingerprint seen unchanged over a poll), a file that differs from it keeps
+    /// its last good objects: see `ManifestDir::load_settled`.
+    pub fn reconcile(&mut self, settled: Option<&crate::manifest::Fingerprint>) -> Result<()> {
         let started_at_unix_ms = unix_ms();
-        let loaded = self.source.load();
+        let loaded = self.source.load_settled(settled);
         let mut errors: Vec<ConfigError> = loaded.errors;
         let policies: Vec<_> = loaded
             .objects
@@ -260,6 +262,12 @@ impl Agent {
         for ifindex in recorded.difference(&self.cni_provisioned) {
             self.writer.forget_endpoint(*ifindex);
         }
+        // Interfaces whose record the plugin removed (CNI DEL): their pod is gone for certain.
+        let released: std::collections::BTreeSet<u32> = self
+            .cni_provisioned
+            .difference(&recorded)
+            .copied()
+            .collect();
         self.cni_provisioned = recorded;
         let overlaid = records.overlay(store);
         let store: &Store = &overlaid;
@@ -289,6 +297,10 @@ impl Agent {
             self.cfg.node_name.as_deref(),
         );
         errors.extend(expanded.errors);
+        for fenced in self.fence_vanished(&mut desired, &released) {
+            warn!("{fenced}");
+            errors.push(fenced);
+        }
 
         // Maps first: an interface gets its programs only once its entry exists (an attached
         // interface without one drops everything), and a replaced program finds its maps full.
@@ -383,6 +395,61 @@ impl Agent {
             repairs_total: self.repairs_total,
         };
         self.write_status(&status, &config)
+    }
+
+    /// Interfaces this agent enforces on (attached, or pinned by the agent before) that are
+    /// still on the host but whose pod this view does not place there (its host routes went
+    /// away for a moment, its object is missing or late): they are fenced, not detached. They
+    /// keep the programs, with their last entry switched to `EP_PENDING` (every packet
+    /// dropped), until the pod is seen on them again or the interface goes. Detaching would
+    /// leave a possibly running pod with no policy at all. Not those the CNI plugin `released`
+    /// (a DEL says the pod is gone). One line per fenced interface.
+    fn fence_vanished(
+        &self,
+        desired: &mut crate::state::DesiredState,
+        released: &std::collections::BTreeSet<u32>,
+    ) -> Vec<String> {
+        let present: std::collections::BTreeSet<u32> = self.host.links.values().copied().collect();
+        let mut candidates = self.datapath.attached_ifindexes();
+        if self.first {
+            candidates.extend(self.datapath.pinned_link_ifindexes());
+        }
+        let previous = self.writer.applied();
+        let mut out = Vec::new();
+        for ifindex in candidates {
+            if desired.endpoints.contains_key(&ifindex)
+                || !present.contains(&ifindex)
+                || released.contains(&ifindex)
+            {
+                continue;
+            }
+            let Some(info) = previous.endpoints.get(&ifindex) else {
+                continue; // no entry: the attached programs drop everything already
+            };
+            desired.endpoints.insert(
+                ifindex,
+                palisade_common::EndpointInfo {
+                    flags: info.flags | palisade_common::EP_PENDING,
+                    ..*info
+                },
+            );
+            let pod = match previous.endpoint_meta.get(&info.id) {
+                Some(meta) => {
+                    let pod = meta.pod.to_string();
+                    desired
+                        .endpoint_meta
+                        .entry(info.id)
+                        .or_insert_with(|| meta.clone());
+                    pod
+                }
+                None => format!("endpoint id {}", info.id),
+            };
+            out.push(format!(
+                "interface ifindex {ifindex} of {pod} is still on this host but its pod is not \
+                 seen on it: fenced (every packet dropped) until it is, or the interface goes"
+            ));
+        }
+        out
     }
 
     /// Writes the status file and hands the problems to `palisade stats` and the metrics.
@@ -559,7 +626,7 @@ pub async fn run_standalone_with(cfg: RunConfig, object: &[u8], opts: SourceOpti
     let health = crate::health::Health::default();
     health.beat();
     if let Some(addr) = opts.health_addr {
-        health.serve(addr).await;
+        health.serve(addr);
     }
     let mut agent = Agent::start(cfg.clone(), object)?;
     agent.set_cni_state_dir(opts.cni_state_dir.clone());
@@ -594,9 +661,10 @@ pub async fn run_standalone_with(cfg: RunConfig, object: &[u8], opts: SourceOpti
         let cni_changed = agent.cni_records_changed() || woken;
         let fp = agent.source.fingerprint();
         // Manifests are read once they have stayed the same for a poll, so that a file being
-        // written in place (truncated, then filled) is not taken half-way: an empty or cut
-        // policy file is valid YAML and would lift isolation until the next poll. (Writing a
-        // temporary file and renaming it over the old one avoids the question altogether.)
+        // written in place (truncated, then filled) is not taken half-way. Every reconcile
+        // reads them against the last settled fingerprint, those the host or the CNI plugin
+        // cause too: a file that changed since keeps its last good objects until it settles.
+        // (Writing a temporary file and renaming it over the old one avoids the question.)
         let settled = previous.as_ref() == Some(&fp);
         previous = Some(fp.clone());
         let mut host_wants_reconcile = false;
@@ -604,13 +672,15 @@ pub async fn run_standalone_with(cfg: RunConfig, object: &[u8], opts: SourceOpti
             last_host_read = Instant::now();
             host_wants_reconcile = agent.poll_host();
         }
-        let manifests_changed = fingerprint.as_ref() != Some(&fp);
-        if manifests_changed && !settled {
-            continue;
+        let manifests_changed = settled && fingerprint.as_ref() != Some(&fp);
+        if manifests_changed {
+            fingerprint = Some(fp);
+        }
+        if fingerprint.is_none() {
+            continue; // the first reconcile waits for settled manifests
         }
         if manifests_changed || host_wants_reconcile || cni_changed {
-            fingerprint = Some(fp);
-            match agent.reconcile() {
+            match agent.reconcile(fingerprint.as_ref()) {
                 Ok(()) => health.set_ready(true),
                 Err(e) => {
                     error!("reconcile failed: {e:#}");

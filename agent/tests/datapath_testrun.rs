@@ -5,141 +5,13 @@ mod support;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use aya::maps::{HashMap, MapData, PerCpuArray};
-use palisade::{
-    loader::{Datapath, FROM_POD, TO_POD},
-    maps::MapWriter,
-    state::{DesiredState, PolicyEntry},
-};
+use palisade::loader::Datapath;
 use palisade_common::*;
 use support::{
-    ACK, EP, EXTERNAL, OTHER, PEER, PEER_ID, POD, SYN, SYN_ACK, TC_ACT_OK, TC_ACT_SHOT, cidr4,
-    endpoint_state, eth, ipv4, ipv4_fragment, ipv6, l4, load, object, peer_addr, require_root,
-    tcp4, tcp4_ct_key, test_run,
+    ACK, EP, EXTERNAL, IFINDEX, NODE, OTHER, PEER, PEER_ID, PEER6, POD, POD6, Rig, SYN, SYN_ACK,
+    TC_ACT_OK, TC_ACT_SHOT, eth, ipv4, ipv4_fragment, ipv6, l4, object, policy_entry, require_root,
+    standard_state, tcp4, tcp4_ct_key,
 };
-
-/// BPF_PROG_TEST_RUN puts the skb on `lo`.
-const IFINDEX: u32 = 1;
-const OTHER_IDENTITY: u32 = 301;
-
-const NODE: Ipv4Addr = Ipv4Addr::new(10, 243, 0, 1);
-const POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x10);
-const PEER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x11);
-
-struct Rig {
-    dp: Datapath,
-    writer: MapWriter,
-    counters: PerCpuArray<MapData, u64>,
-    conntrack: HashMap<MapData, CtKey, CtEntry>,
-}
-
-fn policy_entry(peer: u32, dir: u8, proto: u8, port: u16, prefix_len: u32) -> PolicyEntry {
-    // Mask the port to the prefix, as the compiler does.
-    let port_bits = prefix_len.saturating_sub(POLICY_KEY_ANY_PORT_BITS);
-    let mask: u16 = if port_bits == 0 {
-        0
-    } else {
-        u16::MAX << (16 - port_bits)
-    };
-    PolicyEntry {
-        key: PolicyKey {
-            endpoint: EP,
-            peer,
-            dir,
-            proto: if prefix_len <= POLICY_KEY_ANY_PROTO_BITS {
-                0
-            } else {
-                proto
-            },
-            port_be: (port & mask).to_be(),
-        },
-        prefix_len,
-    }
-}
-
-/// An endpoint on `lo`, isolated both ways, with a few allow entries:
-/// - ingress from PEER_ID on TCP 80 (rule 1);
-/// - ingress from PEER_ID on UDP, any port (rule 2);
-/// - ingress from OTHER_IDENTITY on TCP 8000-8007 (an aligned block, rule 3);
-/// - ingress from PEER6 (IPv6 peer identity) on TCP 443 (rule 4);
-/// - egress to 192.0.2.0/24 except 192.0.2.128/25, any protocol (rule 5).
-fn standard_state() -> DesiredState {
-    // PEER's identity and the pod's own address (source address verification) come with it.
-    let mut s = endpoint_state(IFINDEX, EP_ISOLATED_INGRESS | EP_ISOLATED_EGRESS, []);
-    s.identities.insert(peer_addr(OTHER.into()), OTHER_IDENTITY);
-    s.identities.insert(peer_addr(PEER6.into()), PEER_ID);
-    s.identities.insert(peer_addr(NODE.into()), IDENTITY_HOST);
-    s.endpoint_addrs.insert(peer_addr(POD6.into()), EP);
-    let allow = |s: &mut DesiredState, e: PolicyEntry, rule: u32| {
-        s.policy.insert(e, PolicyValue { rule, flags: 0 });
-    };
-    allow(
-        &mut s,
-        policy_entry(PEER_ID, DIR_INGRESS, PROTO_TCP, 80, POLICY_KEY_FULL_BITS),
-        1,
-    );
-    allow(
-        &mut s,
-        policy_entry(PEER_ID, DIR_INGRESS, PROTO_UDP, 0, POLICY_KEY_ANY_PORT_BITS),
-        2,
-    );
-    allow(
-        &mut s,
-        policy_entry(
-            OTHER_IDENTITY,
-            DIR_INGRESS,
-            PROTO_TCP,
-            8000,
-            POLICY_KEY_FULL_BITS - 3,
-        ),
-        3,
-    );
-    allow(
-        &mut s,
-        policy_entry(PEER_ID, DIR_INGRESS, PROTO_TCP, 443, POLICY_KEY_FULL_BITS),
-        4,
-    );
-    let class = CIDR_CLASS_BIT | 1;
-    let cidr = |addr: [u8; 4], len: u32| cidr4(EP, DIR_EGRESS, addr, len);
-    s.cidrs.insert(cidr([192, 0, 2, 0], 24), class);
-    s.cidrs.insert(cidr([192, 0, 2, 128], 25), CIDR_CLASS_NONE);
-    allow(
-        &mut s,
-        policy_entry(class, DIR_EGRESS, 0, 0, POLICY_KEY_ANY_PROTO_BITS),
-        5,
-    );
-    s
-}
-
-impl Rig {
-    fn new(state: &DesiredState) -> Rig {
-        let (mut dp, mut writer) = load();
-        let stats = writer.apply(state);
-        assert_eq!(stats.failed, 0);
-        let counters = PerCpuArray::try_from(dp.take_map(map_names::COUNTERS).unwrap()).unwrap();
-        let conntrack = HashMap::try_from(dp.take_map(map_names::CONNTRACK).unwrap()).unwrap();
-        Rig {
-            dp,
-            writer,
-            counters,
-            conntrack,
-        }
-    }
-
-    /// Verdict for traffic to the pod (its ingress).
-    fn ingress(&self, pkt: &[u8]) -> u32 {
-        test_run(&self.dp, TO_POD, pkt)
-    }
-
-    /// Verdict for traffic from the pod (its egress).
-    fn egress(&self, pkt: &[u8]) -> u32 {
-        test_run(&self.dp, FROM_POD, pkt)
-    }
-
-    fn counter(&self, c: Counter) -> u64 {
-        support::counter(&self.counters, c as u32)
-    }
-}
 
 // ---- tests -------------------------------------------------------------------------------------
 
@@ -403,7 +275,8 @@ fn ipv6_with_extension_headers() {
     );
     // Neighbour discovery passes on the link (here from a link-local source); from a routed
     // address it is the ICMPv6 it is, judged by policy.
-    let ns = [135u8, 0, 0, 0, 0, 0, 0, 0];
+    let mut ns = vec![135u8, 0, 0, 0, 0, 0, 0, 0];
+    ns.extend_from_slice(&POD6.octets());
     let link_local: Ipv6Addr = "fe80::99".parse().unwrap();
     assert_eq!(
         rig.ingress(&ipv6(link_local, POD6, PROTO_ICMPV6, &ns)),
@@ -461,10 +334,18 @@ fn truncated_and_lying_packets_are_dropped() {
         "10 ext headers"
     );
     assert!(rig.counter(Counter::Malformed) >= 4);
-    // ARP passes.
+    // ARP passes; what only calls itself ARP does not.
     let mut arp = eth(0x0806);
-    arp.extend([0u8; 28]);
+    arp.extend([0u8, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend([0u8; 20]);
     assert_eq!(rig.ingress(&arp), TC_ACT_OK, "ARP");
+    let mut junk = eth(0x0806);
+    junk.extend([0u8; 28]);
+    assert_eq!(
+        rig.ingress(&junk),
+        TC_ACT_SHOT,
+        "not ARP for IPv4 over Ethernet"
+    );
 }
 
 #[test]

@@ -157,7 +157,7 @@ fn a_capacity_change_carries_entries_over() {
         proto: 6,
         dir: 1,
         family: 4,
-        _pad: 0,
+        role: 0,
     };
     let entry = CtEntry {
         packets: 5,

@@ -199,13 +199,41 @@ pub struct CtKey {
     pub proto: u8,
     pub dir: u8,
     pub family: u8,
-    pub _pad: u8,
+    /// `CT_ROLE_*`: which side of a request/response protocol without ports (ICMP echo) the
+    /// packet is; flipped in the reply key, so that a request is never taken for the reply of
+    /// a request that went the other way (echo id 0 included).
+    pub role: u8,
 }
 
-/// A TCP FIN or RST was seen: the entry expires quickly.
+/// A packet with no request/response role (TCP, UDP, SCTP).
+pub const CT_ROLE_NONE: u8 = 0;
+/// An ICMP echo request.
+pub const CT_ROLE_REQUEST: u8 = 1;
+/// An ICMP echo reply.
+pub const CT_ROLE_RESPONSE: u8 = 2;
+
+/// The role the reply of a packet of `role` carries.
+pub const fn ct_reply_role(role: u8) -> u8 {
+    match role {
+        CT_ROLE_REQUEST => CT_ROLE_RESPONSE,
+        CT_ROLE_RESPONSE => CT_ROLE_REQUEST,
+        r => r,
+    }
+}
+
+/// The entry's flow is closing: both sides sent a FIN, or an RST was seen and no packet
+/// since. It expires after `CT_TIMEOUT_TCP_CLOSING_NS` idle.
 pub const CT_FLAG_CLOSING: u32 = 1 << 0;
 /// The flow was let through by audit mode only.
 pub const CT_FLAG_AUDIT: u32 = 1 << 1;
+/// A FIN was seen in the entry's original direction (the side that opened the flow is done
+/// sending).
+pub const CT_FLAG_FIN_ORIGINAL: u32 = 1 << 2;
+/// A FIN was seen in the reply direction.
+pub const CT_FLAG_FIN_REPLY: u32 = 1 << 3;
+/// The last packet seen was an RST. A later packet that is not one clears it (an RST the
+/// receiver ignored, RFC 5961, forged or out of window, does not end the flow's state).
+pub const CT_FLAG_RST: u32 = 1 << 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -254,7 +282,10 @@ pub struct FragPorts {
     /// The datagram's upper-layer protocol, found after the extension headers of the first
     /// fragment (the key's `proto` is the Fragment header's next header).
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// The first fragment's conntrack role (`CT_ROLE_*`): an echo request's later fragments
+    /// are the request's.
+    pub role: u8,
+    pub _pad: [u8; 2],
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -293,6 +324,12 @@ pub enum Reason {
     /// The interface has the programs attached but no `ENDPOINTS` entry (its entry could not
     /// be written, or was removed before the programs were detached): fail closed.
     UnknownEndpoint = 11,
+    /// A packet from a pod to a loopback address (127.0.0.0/8, ::1): never the pod's own node
+    /// in the sense policy exempts, whatever `route_localnet` says (CVE-2020-8558).
+    Loopback = 12,
+    /// A packet from a pod into one of the node's tunnels (IPIP, IPv6-in-IP, GRE, EtherIP,
+    /// VXLAN, Geneve to a node address): what the node decapsulates was never checked.
+    Tunnel = 13,
 }
 
 impl Reason {
@@ -309,6 +346,8 @@ impl Reason {
             9 => Reason::SelfTraffic,
             10 => Reason::Spoofed,
             11 => Reason::UnknownEndpoint,
+            12 => Reason::Loopback,
+            13 => Reason::Tunnel,
             _ => return None,
         })
     }

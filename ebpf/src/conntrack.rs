@@ -6,8 +6,9 @@
 //! a pod-to-pod flow on one node apart: the source's egress verdict never stands in for the
 //! destination's ingress verdict.
 use palisade_common::{
-    CT_FLAG_CLOSING, CT_REFRESH_NS, CT_TIMEOUT_OTHER_NS, CT_TIMEOUT_TCP_CLOSING_NS,
-    CT_TIMEOUT_TCP_NS, CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, PROTO_TCP,
+    CT_FLAG_CLOSING, CT_FLAG_FIN_ORIGINAL, CT_FLAG_FIN_REPLY, CT_FLAG_RST, CT_REFRESH_NS,
+    CT_TIMEOUT_OTHER_NS, CT_TIMEOUT_TCP_CLOSING_NS, CT_TIMEOUT_TCP_NS, CtEntry, CtKey, DIR_EGRESS,
+    DIR_INGRESS, PROTO_TCP, ct_reply_role,
 };
 
 use crate::{
@@ -42,7 +43,7 @@ pub fn forward_key(endpoint: u32, dir: u8, pkt: &Packet) -> CtKey {
         proto: pkt.proto,
         dir,
         family: pkt.family,
-        _pad: 0,
+        role: pkt.role,
     }
 }
 
@@ -97,7 +98,7 @@ pub fn lookup(endpoint: u32, dir: u8, pkt: &Packet, now: u64) -> Lookup {
         proto: pkt.proto,
         dir: opposite(dir),
         family: pkt.family,
-        _pad: 0,
+        role: ct_reply_role(pkt.role),
     };
     match live(&reply, now) {
         Some(e) => Lookup::Hit(e, reply),
@@ -105,17 +106,47 @@ pub fn lookup(endpoint: u32, dir: u8, pkt: &Packet, now: u64) -> Lookup {
     }
 }
 
-/// Accounts a packet of a tracked flow.
+/// Accounts a packet of a tracked flow; `original`: the packet travels in the direction the
+/// flow was first seen in (not a reply).
+///
+/// TCP teardown is tracked per direction, as Linux and Cilium do: one side's FIN (a
+/// half-close) leaves the other side free to send for as long as the flow's normal timeout;
+/// only FINs from both sides make the entry closing. An RST makes it closing at once, but the
+/// next packet that is not an RST undoes that: the receiver ignored the RST (out of window,
+/// forged), so the connection lives on.
 #[inline(always)]
-pub fn touch(e: *mut CtEntry, pkt: &Packet, len: u32, now: u64) {
+pub fn touch(e: *mut CtEntry, pkt: &Packet, original: bool, len: u32, now: u64) {
     let e = unsafe { &mut *e };
     e.packets += 1;
     e.bytes += len as u64;
     if now.saturating_sub(e.last_seen_ns) > CT_REFRESH_NS {
         e.last_seen_ns = now;
     }
-    if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        e.flags |= CT_FLAG_CLOSING;
+    if pkt.proto != PROTO_TCP {
+        return;
+    }
+    let both_fins = CT_FLAG_FIN_ORIGINAL | CT_FLAG_FIN_REPLY;
+    if pkt.tcp_flags & TCP_RST != 0 {
+        e.flags |= CT_FLAG_RST | CT_FLAG_CLOSING;
+        return;
+    }
+    if e.flags & CT_FLAG_RST != 0 {
+        e.flags &= !CT_FLAG_RST;
+        if e.flags & both_fins != both_fins {
+            e.flags &= !CT_FLAG_CLOSING;
+        }
+        // A packet after an RST proves the flow alive: its idle time starts now.
+        e.last_seen_ns = now;
+    }
+    if pkt.tcp_flags & TCP_FIN != 0 {
+        e.flags |= if original {
+            CT_FLAG_FIN_ORIGINAL
+        } else {
+            CT_FLAG_FIN_REPLY
+        };
+        if e.flags & both_fins == both_fins {
+            e.flags |= CT_FLAG_CLOSING;
+        }
     }
 }
 

@@ -6,8 +6,8 @@
 //! a header that claims more than the packet has is `Malformed`, never guessed.
 use aya_ebpf::{cty::c_void, helpers::bpf_skb_load_bytes, programs::TcContext};
 use palisade_common::{
-    AF_INET, AF_INET6, FragKey, FragPorts, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
-    PROTO_UDP,
+    AF_INET, AF_INET6, CT_ROLE_REQUEST, CT_ROLE_RESPONSE, FragKey, FragPorts, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::maps::FRAGMENTS;
@@ -29,6 +29,15 @@ pub const KIND_ICMP_ERROR: u8 = 1;
 pub const KIND_NEIGHBOR: u8 = 2;
 /// A later fragment whose first fragment was not seen: its ports are unknown (0).
 pub const KIND_UNKNOWN_FRAGMENT: u8 = 3;
+/// ICMP that is neither echo, an error nor link-scoped neighbour discovery (timestamp,
+/// unassigned types, ND aimed past the link): it has no reply to pair with, so conntrack
+/// neither matches nor records it; every such packet is judged by policy.
+pub const KIND_UNTRACKED: u8 = 4;
+
+/// ICMPv6 neighbour discovery types a pod may not send: routers and redirects are not pods.
+pub const ND_ROUTER_ADVERT: u8 = 134;
+pub const ND_NEIGHBOR_ADVERT: u8 = 136;
+pub const ND_REDIRECT: u8 = 137;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -53,6 +62,13 @@ pub struct Packet {
     pub outer_src: [u8; 16],
     pub outer_dst: [u8; 16],
     pub outer_proto: u8,
+    /// `CT_ROLE_*` (ICMP echo request or reply).
+    pub role: u8,
+    /// ICMP/ICMPv6 type of a `KIND_NEIGHBOR` packet.
+    pub icmp_type: u8,
+    /// For ARP (`Frame::Arp`): the sender protocol address (IPv4, in the first 4 bytes; 0 for
+    /// a probe). For a neighbour solicitation or advertisement: its target address.
+    pub claimed: [u8; 16],
     /// Where headers are read to: part of the per-CPU scratch value, so that loading a
     /// 40-byte IPv6 header costs no stack.
     buf: [u8; 40],
@@ -195,7 +211,7 @@ pub fn parse(ctx: &TcContext, p: &mut Packet) -> Result<Frame, Malformed> {
     match ethertype {
         ETH_P_IP => parse_ipv4(ctx, p).map(|_| Frame::Ip),
         ETH_P_IPV6 => parse_ipv6(ctx, p).map(|_| Frame::Ip),
-        ETH_P_ARP => Ok(Frame::Arp),
+        ETH_P_ARP => parse_arp(ctx, p).map(|_| Frame::Arp),
         _ => Ok(Frame::OtherL2),
     }
 }
@@ -214,8 +230,25 @@ pub const fn empty_packet(family: u8) -> Packet {
         outer_src: [0; 16],
         outer_dst: [0; 16],
         outer_proto: 0,
+        role: 0,
+        icmp_type: 0,
+        claimed: [0; 16],
         buf: [0; 40],
     }
+}
+
+/// ARP for IPv4 over Ethernet (what a pod's ARP is): the sender protocol address into
+/// `p.claimed`. Anything else calling itself ARP is `Malformed`.
+#[inline(always)]
+fn parse_arp(ctx: &TcContext, p: &mut Packet) -> Result<(), Malformed> {
+    // htype(2) ptype(2) hlen(1) plen(1) oper(2) sha(6) spa(4)
+    let h: [u8; 18] = load(ctx, p, ETH_HLEN)?;
+    if h[0..2] != [0, 1] || h[2..4] != [0x08, 0x00] || h[4] != 6 || h[5] != 4 {
+        return Err(Malformed);
+    }
+    p.family = AF_INET;
+    p.claimed = v4_addr([h[14], h[15], h[16], h[17]]);
+    Ok(())
 }
 
 #[inline(always)]
@@ -397,13 +430,30 @@ fn parse_icmp(
     };
     if echo {
         // Request and reply carry the same identifier: the request is (id -> 0), the reply
-        // (0 -> id), so the reply's swapped tuple is the request's and a request is never taken
-        // for the reply of one that went the other way.
+        // (0 -> id), so the reply's swapped tuple is the request's; the role (in the key, and
+        // flipped for replies) keeps a request from ever being taken for the reply of one that
+        // went the other way, identifier 0 included.
         (p.sport, p.dport) = echo_ports(h.ty, u16::from_be(h.id));
+        p.role = if h.ty == 8 || h.ty == 128 {
+            CT_ROLE_REQUEST
+        } else {
+            CT_ROLE_RESPONSE
+        };
     } else if neighbor && link_scoped(p) {
         p.kind = KIND_NEIGHBOR;
+        p.icmp_type = h.ty;
+        if h.ty == 135 || h.ty == ND_NEIGHBOR_ADVERT {
+            // Solicitations and advertisements carry their target after 4 reserved bytes.
+            if l4 + 24 > end {
+                return Err(Malformed);
+            }
+            load_raw(ctx, p, l4 + 8, 16)?;
+            p.claimed = buf_addr(p, 0);
+        }
     } else if error {
         parse_embedded(ctx, p, l4 + 8, end, v6)?;
+    } else {
+        p.kind = KIND_UNTRACKED;
     }
     Ok(())
 }
@@ -482,6 +532,12 @@ fn parse_embedded(
         };
         if echo {
             (isport, idport) = echo_ports(h.ty, u16::from_be(h.id));
+            // Swapped below, the quoted request reads as its reply (and the other way round).
+            p.role = if h.ty == 8 || h.ty == 128 {
+                CT_ROLE_RESPONSE
+            } else {
+                CT_ROLE_REQUEST
+            };
         }
     }
     p.outer_src = p.src;
@@ -531,7 +587,8 @@ fn first_fragment(p: &Packet, id: u32, key_proto: u8) {
         sport: p.sport,
         dport: p.dport,
         proto: p.proto,
-        _pad: [0; 3],
+        role: p.role,
+        _pad: [0; 2],
     };
     let _ = FRAGMENTS.insert(frag_key(p, id, key_proto), ports, 0);
 }
@@ -546,6 +603,7 @@ fn later_fragment(p: &mut Packet, id: u32, key_proto: u8) {
             p.sport = ports.sport;
             p.dport = ports.dport;
             p.proto = ports.proto;
+            p.role = ports.role;
         }
         None => p.kind = KIND_UNKNOWN_FRAGMENT,
     }

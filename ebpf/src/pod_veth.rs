@@ -8,15 +8,18 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use palisade_common::{
-    AF_INET6, CT_FLAG_AUDIT, Counter, DIR_EGRESS, DIR_INGRESS, EP_PENDING, EndpointInfo, PeerAddr,
-    Reason, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP, audit_flag, isolated_flag,
+    AF_INET6, CT_FLAG_AUDIT, Counter, DIR_EGRESS, DIR_INGRESS, EP_PENDING, EndpointInfo, PROTO_UDP,
+    PeerAddr, Reason, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP, audit_flag, isolated_flag,
 };
 
 use crate::{
     conntrack::{self, Lookup},
     events::{count, count_audit, count_drop, count_rule, emit, now_ns},
     maps::{ENDPOINTS, EP_ADDRS, SCRATCH},
-    parse::{self, Frame, KIND_ICMP_ERROR, KIND_NEIGHBOR, KIND_UNKNOWN_FRAGMENT, Packet},
+    parse::{
+        self, Frame, KIND_ICMP_ERROR, KIND_NEIGHBOR, KIND_UNKNOWN_FRAGMENT, KIND_UNTRACKED,
+        ND_NEIGHBOR_ADVERT, ND_REDIRECT, ND_ROUTER_ADVERT, Packet,
+    },
     policy,
 };
 
@@ -62,14 +65,16 @@ struct Ctx {
 
 /// Drops a packet that the policy of direction `judged` (the packet's own direction, or for a
 /// re-checked flow the flow's original one) does not allow. Where that direction is audited,
-/// the packet passes and the event says "would drop". Malformed and spoofed packets are never
-/// audited.
+/// the packet passes and the event says "would drop". Hostile frames (malformed, spoofed,
+/// loopback, tunnel, non-IP from a pod) are never audited.
 #[inline(always)]
 fn drop_packet(c: &Ctx, judged: u8, pkt: Option<&Packet>, reason: Reason) -> Result<i32, i32> {
-    if c.ep.flags & audit_flag(judged) != 0
-        && reason != Reason::Malformed
-        && reason != Reason::Spoofed
-    {
+    // Hostile frames are never audited: they are not traffic policy could allow.
+    let hostile = matches!(
+        reason,
+        Reason::Malformed | Reason::Spoofed | Reason::Loopback | Reason::Tunnel
+    ) || (reason == Reason::NonIp && c.dir == DIR_EGRESS);
+    if c.ep.flags & audit_flag(judged) != 0 && !hostile {
         count_audit(reason);
         emit(
             c.ep.id,
@@ -97,6 +102,58 @@ fn drop_packet(c: &Ctx, judged: u8, pkt: Option<&Packet>, reason: Reason) -> Res
         c.now,
     );
     Err(TC_ACT_SHOT)
+}
+
+/// What a pod may never send, whatever its policy: a source that is not its own (IPv6
+/// link-local and unspecified excepted: they never leave the link), a loopback destination,
+/// a packet into one of the node's tunnels, and neighbour discovery that claims an address
+/// that is not its own or speaks as a router.
+#[inline(always)]
+fn egress_guard(ep: &EndpointInfo, pkt: &Packet) -> Result<(), Reason> {
+    let link_local_src =
+        pkt.family == AF_INET6 && parse::is_link_local_or_unspecified(&pkt.outer_src);
+    if !own_address(ep, pkt.family, &pkt.outer_src) && !link_local_src {
+        return Err(Reason::Spoofed);
+    }
+    if is_loopback(pkt.family, &pkt.outer_dst) {
+        return Err(Reason::Loopback);
+    }
+    if pkt.kind == KIND_NEIGHBOR {
+        let ok = match pkt.icmp_type {
+            ND_ROUTER_ADVERT | ND_REDIRECT => false,
+            ND_NEIGHBOR_ADVERT => {
+                parse::is_link_local_or_unspecified(&pkt.claimed)
+                    || own_address(ep, AF_INET6, &pkt.claimed)
+            }
+            _ => true,
+        };
+        return if ok { Ok(()) } else { Err(Reason::Spoofed) };
+    }
+    if is_tunnel(pkt) && policy::is_node_address(pkt.family, &pkt.outer_dst) {
+        return Err(Reason::Tunnel);
+    }
+    Ok(())
+}
+
+/// 127.0.0.0/8 or ::1.
+#[inline(always)]
+fn is_loopback(family: u8, a: &[u8; 16]) -> bool {
+    if family == AF_INET6 {
+        *a == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+    } else {
+        a[0] == 127
+    }
+}
+
+/// IPIP, IPv6-in-IP, GRE, EtherIP, or UDP to the VXLAN (4789, and flannel's 8472) or Geneve
+/// (6081) port: what a node's tunnel device would decapsulate.
+#[inline(always)]
+fn is_tunnel(pkt: &Packet) -> bool {
+    match pkt.outer_proto {
+        4 | 41 | 47 | 97 => true,
+        PROTO_UDP => matches!(pkt.dport, 4789 | 8472 | 6081),
+        _ => false,
+    }
 }
 
 #[inline(always)]
@@ -142,9 +199,22 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     *pkt = parse::empty_packet(0);
     match parse::parse(ctx, pkt) {
         Ok(Frame::Ip) => {}
-        Ok(Frame::Arp) => return Ok(TC_ACT_OK),
+        Ok(Frame::Arp) => {
+            // A pod's ARP speaks for its own address only (or none: a probe), or on a shared
+            // link (bridge ports) it could take another pod's traffic.
+            if dir == DIR_EGRESS
+                && pkt.claimed != [0; 16]
+                && !own_address(&ep, pkt.family, &pkt.claimed)
+            {
+                return drop_packet(&c, dir, None, Reason::Spoofed);
+            }
+            return Ok(TC_ACT_OK);
+        }
         Ok(Frame::OtherL2) => {
-            if ep.flags & isolated_flag(dir) == 0 {
+            // A pod sends IP and ARP only (Cilium drops the rest too). VLAN-tagged frames
+            // above all: the kernel strips priority tags around the TC hook and delivers the
+            // IP packet inside, which would never be judged nor its source checked.
+            if dir == DIR_INGRESS && ep.flags & isolated_flag(dir) == 0 {
                 return Ok(TC_ACT_OK);
             }
             return drop_packet(&c, dir, None, Reason::NonIp);
@@ -154,24 +224,33 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             return drop_packet(&c, dir, None, Reason::Malformed);
         }
     }
-    // Source address verification: a pod sends from its own addresses only (IPv6 link-local
-    // and unspecified sources excepted: they never leave the link).
-    if dir == DIR_EGRESS
-        && !own_address(&ep, pkt.family, &pkt.outer_src)
-        && !(pkt.family == AF_INET6 && parse::is_link_local_or_unspecified(&pkt.outer_src))
-    {
-        return drop_packet(&c, dir, Some(pkt), Reason::Spoofed);
+    if dir == DIR_EGRESS {
+        if let Err(reason) = egress_guard(&ep, pkt) {
+            return drop_packet(&c, dir, Some(pkt), reason);
+        }
     }
     if pkt.kind == KIND_NEIGHBOR {
         return Ok(TC_ACT_OK);
     }
 
-    match conntrack::lookup(ep.id, dir, pkt, c.now) {
+    let tracked = pkt.kind != KIND_UNTRACKED;
+    let lookup = if tracked {
+        conntrack::lookup(ep.id, dir, pkt, c.now)
+    } else {
+        Lookup::Miss
+    };
+    match lookup {
         Lookup::Hit(entry, key) => {
+            // An ICMP error about a flow passes with it but does not keep it alive: anyone
+            // who knows a tuple could otherwise hold its entry open forever.
+            let refresh = pkt.kind != KIND_ICMP_ERROR;
+            let original = key.dir == dir;
             if unsafe { (*entry).revision } == ep.revision {
                 count(Counter::CtHit);
                 count_rule(unsafe { (*entry).rule }, c.len);
-                conntrack::touch(entry, pkt, c.len, c.now);
+                if refresh {
+                    conntrack::touch(entry, pkt, original, c.len, c.now);
+                }
                 return Ok(TC_ACT_OK);
             }
             // Policy changed since the flow was allowed: check the flow's original direction
@@ -192,7 +271,9 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
                     (*entry).flags &= !CT_FLAG_AUDIT;
                 }
                 count_rule(v.rule, c.len);
-                conntrack::touch(entry, pkt, c.len, c.now);
+                if refresh {
+                    conntrack::touch(entry, pkt, original, c.len, c.now);
+                }
                 return Ok(TC_ACT_OK);
             }
             if ep.flags & audit_flag(key.dir) != 0 {
@@ -203,7 +284,9 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
                     (*entry).rule = 0;
                     (*entry).flags |= CT_FLAG_AUDIT;
                 }
-                conntrack::touch(entry, pkt, c.len, c.now);
+                if refresh {
+                    conntrack::touch(entry, pkt, original, c.len, c.now);
+                }
                 return drop_packet(&c, key.dir, Some(pkt), v.reason);
             }
             conntrack::remove(&key);
@@ -229,8 +312,14 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         return drop_packet(&c, dir, Some(pkt), v.reason);
     }
 
-    // The pod's traffic to itself (through a service hairpin) is never restricted.
-    if pkt.src == pkt.dst && own_address(&ep, pkt.family, &pkt.dst) {
+    // The pod's traffic to itself (through a service hairpin) is never restricted: on the way
+    // out (its source is verified), and on the way back in only if it entered the node
+    // through this same veth. `src == dst` from anywhere else (IPv6 has no martian check for
+    // it) is judged like any other packet.
+    if pkt.src == pkt.dst
+        && own_address(&ep, pkt.family, &pkt.dst)
+        && (dir == DIR_EGRESS || unsafe { (*ctx.skb.skb).ingress_ifindex } == ifindex)
+    {
         return Ok(TC_ACT_OK);
     }
 
@@ -248,7 +337,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         } else {
             v.reason
         };
-        if ep.flags & audit_flag(dir) != 0 {
+        if ep.flags & audit_flag(dir) != 0 && tracked && pkt.kind != KIND_UNKNOWN_FRAGMENT {
             // The rest of an audited flow (and its replies) passes by conntrack, quietly.
             let key = conntrack::forward_key(ep.id, dir, pkt);
             conntrack::create(&key, 0, ep.revision, CT_FLAG_AUDIT, c.len, c.now);
@@ -257,7 +346,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     }
     // Node traffic needs no entry; nor does a later fragment whose first fragment was not
     // seen (its port-0 tuple would admit other port-0 fragments as "replies").
-    if v.reason != Reason::Host && pkt.kind != KIND_UNKNOWN_FRAGMENT {
+    if v.reason != Reason::Host && pkt.kind != KIND_UNKNOWN_FRAGMENT && tracked {
         let key = conntrack::forward_key(ep.id, dir, pkt);
         if !conntrack::create(&key, v.rule, ep.revision, 0, c.len, c.now) {
             count(Counter::CtInsertFailed);

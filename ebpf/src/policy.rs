@@ -35,6 +35,17 @@ fn allow(reason: Reason, rule: u32) -> Verdict {
     }
 }
 
+/// Is `addr` one of this node's own addresses (`IDENTITY_HOST`)?
+#[inline(always)]
+pub fn is_node_address(family: u8, addr: &[u8; 16]) -> bool {
+    let key = PeerAddr {
+        family,
+        _pad: [0; 3],
+        addr: *addr,
+    };
+    matches!(unsafe { IDENTITIES.get(key) }, Some(id) if *id == IDENTITY_HOST)
+}
+
 #[inline(always)]
 pub fn evaluate(
     ep: &EndpointInfo,

@@ -108,12 +108,19 @@ pub struct AgentProcess {
     extra_args: Vec<String>,
 }
 
-/// The agent binary: `PALISADE_AGENT_BIN` (set by `cargo xtask test`) or the debug build.
+/// The agent binary: `PALISADE_AGENT_BIN` (set by `cargo xtask test`) or the build of the
+/// same profile and target directory as the running test (`<target>/debug/deps/<test>` ->
+/// `<target>/debug/palisade`), wherever `CARGO_TARGET_DIR` puts it.
 pub fn agent_binary() -> PathBuf {
     std::env::var_os("PALISADE_AGENT_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/palisade")
+            let exe = std::env::current_exe().expect("the test's own path");
+            let profile_dir = exe
+                .parent()
+                .and_then(|deps| deps.parent())
+                .expect("tests run from <target>/<profile>/deps");
+            profile_dir.join("palisade")
         })
 }
 
@@ -196,6 +203,30 @@ impl AgentProcess {
     pub fn cli(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.binary);
         cmd.args(args).arg("--socket").arg(&self.socket);
+        cmd
+    }
+
+    /// `cli`, run as uid and gid 65534 (nobody), from a copy of the binary that nobody can
+    /// execute: the checkout may live where nobody cannot even traverse (a 0700 directory,
+    /// `/root`), and then exec would fail before the CLI could be refused by the socket.
+    pub fn cli_as_nobody(&self, args: &[&str]) -> Command {
+        use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+        static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+        let bin = COPY.get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("palisade-cli-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("a directory for the CLI copy");
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let bin = dir.join("palisade");
+            std::fs::copy(&self.binary, &bin).expect("copy the CLI");
+            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+            bin
+        });
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .uid(65534)
+            .gid(65534);
         cmd
     }
 

@@ -184,3 +184,75 @@ fn udp(to: IpAddr, port: u16, deadline: Instant) -> bool {
     }
     false
 }
+
+/// A steady stream of UDP datagrams from one pod to `to:port` (a rig echo server), one every
+/// `every`, counting the echoes that come back: how many got through while, say, a manifest is
+/// rewritten. A datagram the policy drops never comes back; one it lets through always does
+/// (the echo is a reply of the sender's own flow). For tests where a denial must hold through
+/// an event, not only before and after it.
+pub struct UdpStream {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<std::io::Result<(u64, u64)>>,
+}
+
+impl UdpStream {
+    pub fn start(from: &Pod, to: IpAddr, port: u16, every: Duration) -> UdpStream {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let netns = from.netns_name.clone();
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            netns::enter(&netns)?;
+            let bind: SocketAddr = match to {
+                IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+                IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+            };
+            let sock = UdpSocket::bind(bind)?;
+            sock.connect((to, port))?;
+            sock.set_read_timeout(Some(every))?;
+            let tag = sctp::random_u64();
+            let prefix = format!("palisade-stream {tag:016x} ");
+            let (mut sent, mut echoed) = (0u64, 0u64);
+            let mut buf = [0u8; 64];
+            let mut next = Instant::now();
+            // After the stop, a last second for echoes still on their way.
+            let mut draining: Option<Instant> = None;
+            loop {
+                if draining.is_none() && flag.load(Ordering::Relaxed) {
+                    draining = Some(Instant::now() + Duration::from_secs(1));
+                }
+                if draining.is_some_and(|d| Instant::now() >= d) {
+                    return Ok((sent, echoed));
+                }
+                if draining.is_none() && Instant::now() >= next {
+                    let msg = format!("palisade-stream {tag:016x} {sent}");
+                    // Refusals (an ICMP error on the connected socket) are not deliveries.
+                    let _ = sock.send(msg.as_bytes());
+                    sent += 1;
+                    next += every;
+                }
+                match sock.recv(&mut buf) {
+                    Ok(n) if buf[..n].starts_with(prefix.as_bytes()) => echoed += 1,
+                    Ok(_) => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    // An ICMP error surfaced on the socket: wait for the next send.
+                    Err(_) => std::thread::sleep(every.min(Duration::from_millis(5))),
+                }
+            }
+        });
+        UdpStream { stop, handle }
+    }
+
+    /// Stops sending; (datagrams sent, echoes received).
+    pub fn finish(self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle
+            .join()
+            .expect("stream thread")
+            .expect("stream socket in the pod's namespace")
+    }
+}

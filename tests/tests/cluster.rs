@@ -701,11 +701,17 @@ fn cluster_mode_survives_kill_and_restart() {
 // ---------------------------------------------------------------------------------------------
 
 fn ebpf_object() -> Vec<u8> {
+    // `cargo xtask test` sets it; otherwise the build's place beside this test's profile.
     let path = std::env::var("PALISADE_EBPF_OBJ").unwrap_or_else(|_| {
-        format!(
-            "{}/../target/ebpf/x86_64-unknown-linux-gnu/release/libpalisade_ebpf.so",
-            env!("CARGO_MANIFEST_DIR")
-        )
+        let exe = std::env::current_exe().unwrap();
+        let target = exe
+            .ancestors()
+            .nth(3)
+            .expect("<target>/<profile>/deps/<test>");
+        target
+            .join("ebpf/x86_64-unknown-linux-gnu/release/libpalisade_ebpf.so")
+            .display()
+            .to_string()
     });
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e} (cargo xtask build)"))
 }

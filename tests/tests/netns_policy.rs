@@ -128,7 +128,7 @@ fn policy_changes_apply_and_bad_input_keeps_last_good_state() {
     );
     // Removing the policies lifts isolation.
     let since = SystemTime::now();
-    std::fs::write(manifests.join("policies.yaml"), "").unwrap();
+    std::fs::remove_file(manifests.join("policies.yaml")).unwrap();
     s.agent
         .wait_reconciled(since, 3, Duration::from_secs(10))
         .unwrap();

@@ -6,7 +6,6 @@
 mod support;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 
 use palisade_tests::rig::require_root;
 use support::{B_POLICY, C_POLICY, Setup};
@@ -82,13 +81,7 @@ fn control_socket_is_root_only_and_nothing_secret_is_logged() {
             "palisade {cmd:?} as root: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let out = s
-            .agent
-            .cli(cmd)
-            .uid(65534)
-            .gid(65534)
-            .output()
-            .expect("run the CLI");
+        let out = s.agent.cli_as_nobody(cmd).output().expect("run the CLI");
         assert!(
             !out.status.success(),
             "palisade {cmd:?} as nobody must be refused: {}",

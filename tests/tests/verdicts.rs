@@ -310,18 +310,12 @@ fn cli_names_pods_ports_verdicts_and_policies() {
     assert!(st["events"]["recorded"].as_u64().unwrap() >= 4);
 
     // Only root gets in: the socket is 0600 in a 0700 directory.
-    use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+    use std::os::unix::fs::PermissionsExt;
     let sock = t.agent.socket();
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(sock), 0o600);
     assert_eq!(mode(sock.parent().unwrap()), 0o700);
-    let out = t
-        .agent
-        .cli(&["stats"])
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
+    let out = t.agent.cli_as_nobody(&["stats"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("Permission denied"),

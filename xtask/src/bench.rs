@@ -13,41 +13,8 @@ use anyhow::{Result, bail};
 use crate::{
     build::{build_ebpf, root},
     run::{cargo, require_root, run},
+    setup::{apt_install, ensure_packages},
 };
-
-fn have(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// Installs the Debian packages whose commands are missing.
-fn ensure_packages(wanted: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = wanted
-        .iter()
-        .filter(|(cmd, _)| !have(cmd))
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    apt_install(&missing)
-}
-
-fn apt_install(missing: &[&str]) -> Result<()> {
-    if missing.is_empty() {
-        return Ok(());
-    }
-    run(
-        Command::new("apt-get").args(["update", "-q"]),
-        "apt-get update",
-    )?;
-    run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-        &format!("apt-get install {}", missing.join(" ")),
-    )
-}
 
 /// A Python with matplotlib: a virtualenv under target/bench (created once).
 fn plot_python(dir: &Path) -> Result<PathBuf> {
@@ -97,7 +64,7 @@ pub fn bench(quick: bool, extra: &[String]) -> Result<()> {
     let started = Instant::now();
     require_root("cargo xtask bench")?;
     let root = root();
-    let out = root.join("target/bench");
+    let out = crate::build::target_dir().join("bench");
     std::fs::create_dir_all(&out)?;
     ensure_packages(&[
         ("ip", "iproute2"),
@@ -126,7 +93,7 @@ pub fn bench(quick: bool, extra: &[String]) -> Result<()> {
             .env("PALISADE_EBPF_OBJ", &obj),
         "cargo build --release (agent, bench)",
     )?;
-    let release = root.join("target/release");
+    let release = crate::build::target_dir().join("release");
     let mut cmd = Command::new(release.join("bench"));
     cmd.current_dir(&root)
         .arg("--agent")

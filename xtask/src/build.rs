@@ -15,9 +15,38 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Cargo's target directory for the workspace, as cargo itself answers it
+/// (`CARGO_TARGET_DIR`, `build.target-dir` in a config, or `target/`).
+pub fn target_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root())
+            .args([
+                "metadata",
+                "--format-version",
+                "1",
+                "--no-deps",
+                "--offline",
+            ])
+            .output();
+        out.ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+            .and_then(|v| v["target_directory"].as_str().map(PathBuf::from))
+            .unwrap_or_else(|| root().join("target"))
+    })
+    .clone()
+}
+
+/// Where the eBPF crate is built (its own target directory under cargo's).
+pub fn ebpf_target_dir() -> PathBuf {
+    target_dir().join("ebpf")
+}
+
 /// Where the eBPF object ends up.
 pub fn ebpf_object() -> PathBuf {
-    root().join("target/ebpf/x86_64-unknown-linux-gnu/release/libpalisade_ebpf.so")
+    ebpf_target_dir().join("x86_64-unknown-linux-gnu/release/libpalisade_ebpf.so")
 }
 
 fn rustc_output(args: &[&str]) -> Result<String> {
@@ -93,7 +122,7 @@ pub fn build_ebpf() -> Result<PathBuf> {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root.join("ebpf"))
         .args(["build", "--release", "--target-dir"])
-        .arg(root.join("target/ebpf"))
+        .arg(ebpf_target_dir())
         .env("BPF_LINKER", &linker);
     // Whatever flags the outer cargo carries must not leak into the bitcode build.
     for var in [
@@ -133,8 +162,7 @@ pub fn build_all(release: bool) -> Result<PathBuf> {
     if !status.success() {
         bail!("building the agent failed");
     }
-    Ok(root
-        .join("target")
+    Ok(target_dir()
         .join(if release { "release" } else { "debug" })
         .join("palisade"))
 }

@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod run;
+mod setup;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -41,9 +41,10 @@ fn tests_bin(bin: &str, agent: &Path, args: &[String]) -> Command {
 
 pub fn test(with_conformance: bool) -> Result<()> {
     let started = Instant::now();
+    require_root("cargo xtask test")?;
+    crate::setup::ensure_packages(crate::setup::TEST_PACKAGES)?;
     let agent = build_all(false)?;
     lint()?;
-    require_root("cargo xtask test")?;
     run(
         cargo()
             .args(["test", "--workspace", "--no-fail-fast"])
@@ -102,8 +103,9 @@ pub fn fuzz(packets: u64, seed: u64, release: bool) -> Result<()> {
 }
 
 pub fn demo() -> Result<()> {
-    let agent = build_all(false)?;
     require_root("cargo xtask demo")?;
+    crate::setup::ensure_packages(&crate::setup::TEST_PACKAGES[..1])?;
+    let agent = build_all(false)?;
     let examples = root().join("manifests/examples");
     run(
         &mut tests_bin(
@@ -116,8 +118,9 @@ pub fn demo() -> Result<()> {
 }
 
 pub fn conformance(args: &[String]) -> Result<()> {
-    let agent = build_all(false)?;
     require_root("cargo xtask conformance")?;
+    crate::setup::ensure_packages(&crate::setup::TEST_PACKAGES[..1])?;
+    let agent = build_all(false)?;
     run(&mut tests_bin("conformance", &agent, args), "conformance")
 }
 
@@ -149,7 +152,7 @@ pub fn lint() -> Result<()> {
     ebpf_clippy
         .current_dir(root().join("ebpf"))
         .args(["clippy", "--release", "--target-dir"])
-        .arg(root().join("target/ebpf"))
+        .arg(crate::build::ebpf_target_dir())
         .args(["--", "-D", "warnings"]);
     for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR"] {
         ebpf_clippy.env_remove(var);

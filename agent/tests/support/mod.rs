@@ -12,13 +12,15 @@ use aya::{
     programs::{TestRun, TestRunOptions},
 };
 use palisade::{
-    loader::{Datapath, LoadOptions},
+    loader::{Datapath, FROM_POD, LoadOptions, TO_POD},
     maps::MapWriter,
     state::{CidrEntry, DesiredState, PolicyEntry},
 };
 use palisade_common::{
-    AF_INET, CidrKey, CtKey, DIR_INGRESS, EndpointInfo, POLICY_KEY_FULL_BITS, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, PeerAddr, PolicyKey, PolicyValue,
+    AF_INET, CIDR_CLASS_BIT, CIDR_CLASS_NONE, CidrKey, Counter, CtEntry, CtKey, DIR_EGRESS,
+    DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EndpointInfo, IDENTITY_HOST,
+    POLICY_KEY_ANY_PORT_BITS, POLICY_KEY_ANY_PROTO_BITS, POLICY_KEY_FULL_BITS, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP, PeerAddr, PolicyKey, PolicyValue, map_names,
 };
 
 pub const TC_ACT_OK: u32 = 0;
@@ -209,7 +211,134 @@ pub fn tcp4_ct_key(
         proto: PROTO_TCP,
         dir,
         family: AF_INET,
-        _pad: 0,
+        role: 0,
+    }
+}
+
+// ---- the usual endpoint ----
+
+/// BPF_PROG_TEST_RUN puts the skb on `lo`.
+pub const IFINDEX: u32 = 1;
+pub const OTHER_IDENTITY: u32 = 301;
+
+pub const NODE: Ipv4Addr = Ipv4Addr::new(10, 243, 0, 1);
+pub const POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x10);
+pub const PEER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x11);
+
+/// The datapath with `standard_state`-like contents, its counters and conntrack table.
+pub struct Rig {
+    pub dp: Datapath,
+    pub writer: MapWriter,
+    pub counters: PerCpuArray<MapData, u64>,
+    pub conntrack: aya::maps::HashMap<MapData, CtKey, CtEntry>,
+}
+
+pub fn policy_entry(peer: u32, dir: u8, proto: u8, port: u16, prefix_len: u32) -> PolicyEntry {
+    // Mask the port to the prefix, as the compiler does.
+    let port_bits = prefix_len.saturating_sub(POLICY_KEY_ANY_PORT_BITS);
+    let mask: u16 = if port_bits == 0 {
+        0
+    } else {
+        u16::MAX << (16 - port_bits)
+    };
+    PolicyEntry {
+        key: PolicyKey {
+            endpoint: EP,
+            peer,
+            dir,
+            proto: if prefix_len <= POLICY_KEY_ANY_PROTO_BITS {
+                0
+            } else {
+                proto
+            },
+            port_be: (port & mask).to_be(),
+        },
+        prefix_len,
+    }
+}
+
+/// An endpoint on `lo`, isolated both ways, with a few allow entries:
+/// - ingress from PEER_ID on TCP 80 (rule 1);
+/// - ingress from PEER_ID on UDP, any port (rule 2);
+/// - ingress from OTHER_IDENTITY on TCP 8000-8007 (an aligned block, rule 3);
+/// - ingress from PEER6 (IPv6 peer identity) on TCP 443 (rule 4);
+/// - egress to 192.0.2.0/24 except 192.0.2.128/25, any protocol (rule 5).
+pub fn standard_state() -> DesiredState {
+    // PEER's identity and the pod's own address (source address verification) come with it.
+    let mut s = endpoint_state(IFINDEX, EP_ISOLATED_INGRESS | EP_ISOLATED_EGRESS, []);
+    s.identities.insert(peer_addr(OTHER.into()), OTHER_IDENTITY);
+    s.identities.insert(peer_addr(PEER6.into()), PEER_ID);
+    s.identities.insert(peer_addr(NODE.into()), IDENTITY_HOST);
+    s.endpoint_addrs.insert(peer_addr(POD6.into()), EP);
+    let allow = |s: &mut DesiredState, e: PolicyEntry, rule: u32| {
+        s.policy.insert(e, PolicyValue { rule, flags: 0 });
+    };
+    allow(
+        &mut s,
+        policy_entry(PEER_ID, DIR_INGRESS, PROTO_TCP, 80, POLICY_KEY_FULL_BITS),
+        1,
+    );
+    allow(
+        &mut s,
+        policy_entry(PEER_ID, DIR_INGRESS, PROTO_UDP, 0, POLICY_KEY_ANY_PORT_BITS),
+        2,
+    );
+    allow(
+        &mut s,
+        policy_entry(
+            OTHER_IDENTITY,
+            DIR_INGRESS,
+            PROTO_TCP,
+            8000,
+            POLICY_KEY_FULL_BITS - 3,
+        ),
+        3,
+    );
+    allow(
+        &mut s,
+        policy_entry(PEER_ID, DIR_INGRESS, PROTO_TCP, 443, POLICY_KEY_FULL_BITS),
+        4,
+    );
+    let class = CIDR_CLASS_BIT | 1;
+    let cidr = |addr: [u8; 4], len: u32| cidr4(EP, DIR_EGRESS, addr, len);
+    s.cidrs.insert(cidr([192, 0, 2, 0], 24), class);
+    s.cidrs.insert(cidr([192, 0, 2, 128], 25), CIDR_CLASS_NONE);
+    allow(
+        &mut s,
+        policy_entry(class, DIR_EGRESS, 0, 0, POLICY_KEY_ANY_PROTO_BITS),
+        5,
+    );
+    s
+}
+
+impl Rig {
+    pub fn new(state: &DesiredState) -> Rig {
+        let (mut dp, mut writer) = load();
+        let stats = writer.apply(state);
+        assert_eq!(stats.failed, 0);
+        let counters = PerCpuArray::try_from(dp.take_map(map_names::COUNTERS).unwrap()).unwrap();
+        let conntrack =
+            aya::maps::HashMap::try_from(dp.take_map(map_names::CONNTRACK).unwrap()).unwrap();
+        Rig {
+            dp,
+            writer,
+            counters,
+            conntrack,
+        }
+    }
+
+    /// Verdict for traffic to the pod (its ingress).
+    pub fn ingress(&self, pkt: &[u8]) -> u32 {
+        test_run(&self.dp, TO_POD, pkt)
+    }
+
+    /// Verdict for traffic from the pod (its egress).
+    pub fn egress(&self, pkt: &[u8]) -> u32 {
+        test_run(&self.dp, FROM_POD, pkt)
+    }
+
+    pub fn counter(&self, c: Counter) -> u64 {
+        counter(&self.counters, c as u32)
     }
 }
 

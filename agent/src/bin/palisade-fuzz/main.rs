@@ -103,10 +103,11 @@ fn private_netns() -> Result<Vec<u32>> {
     Ok(ifindexes)
 }
 
-/// A `struct __sk_buff` prefix with only `ifindex` set (offset 40): the test run's skb gets
-/// that device.
-fn skb_ctx(ifindex: u32) -> [u8; 44] {
+/// A `struct __sk_buff` prefix with `ifindex` (offset 40: the test run's skb gets that
+/// device) and `ingress_ifindex` (offset 36: the interface it entered the node by) set.
+fn skb_ctx(ifindex: u32, ingress_ifindex: u32) -> [u8; 44] {
     let mut ctx = [0u8; 44];
+    ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
     ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
     ctx
 }
@@ -119,9 +120,9 @@ struct Datapaths {
 }
 
 impl Datapaths {
-    fn run(&self, dir: u8, ifindex: u32, frame: &[u8]) -> Result<u32> {
+    fn run(&self, dir: u8, ifindex: u32, ingress_ifindex: u32, frame: &[u8]) -> Result<u32> {
         let prog = if dir == DIR_INGRESS { TO_POD } else { FROM_POD };
-        let ctx = skb_ctx(ifindex);
+        let ctx = skb_ctx(ifindex, ingress_ifindex);
         let mut out = vec![0u8; frame.len() + 256];
         let r = self
             .dp
@@ -283,7 +284,11 @@ fn run() -> Result<ExitCode> {
                 Target::Endpoint(i) => (cluster.local[i].ifindex, Some(i)),
                 Target::NoEndpoint => (spare[rng.below(spare.len())], None),
             };
-            let dp_verdict = match d.run(sent.dir, ifindex, &sent.frame) {
+            // Half the packets entered the node through the endpoint's own veth (a hairpin),
+            // the others elsewhere (an uplink, another pod's veth).
+            let hairpin = rng.chance(0.5);
+            let ingress_ifindex = if hairpin { ifindex } else { 0 };
+            let dp_verdict = match d.run(sent.dir, ifindex, ingress_ifindex, &sent.frame) {
                 Ok(v) => v,
                 Err(e) => {
                     t.refused += 1;
@@ -299,7 +304,7 @@ fn run() -> Result<ExitCode> {
             };
             let policy = Policy::new(&cluster.store, &cluster.hosts);
             let frame = model::parse(&sent.frame, &model.frags);
-            let (want, why) = model.verdict(&policy, &eps, ep, sent.dir, &frame);
+            let (want, why) = model.verdict(&policy, &eps, ep, sent.dir, hairpin, &frame);
             t.packets += 1;
             *t.by_what.entry(sent.what).or_default() += 1;
             *t.by_why.entry(why).or_default() += 1;

@@ -3,8 +3,8 @@
 //! conntrack and fragment table, and NetworkPolicy semantics from `palisade::reference` (the
 //! plain reading of the spec, not the compiled maps).
 //!
-//! Conntrack is modelled exactly (forward and reply keys per endpoint and direction, TCP
-//! closing, a new SYN on a closing flow), except for revisions: every packet of a tracked flow
+//! Conntrack is modelled exactly (forward and reply keys per endpoint and direction, echo
+//! roles, TCP teardown per direction, a new SYN on a closing flow), except for revisions: every packet of a tracked flow
 //! is re-checked against the current policy, which is what revisions must achieve.
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -28,6 +28,21 @@ pub enum Kind {
     IcmpError,
     Neighbor,
     UnknownFragment,
+    /// ICMP that is neither echo, an error nor link-scoped ND: never tracked.
+    Untracked,
+}
+
+/// Conntrack roles (echo request and reply); flipped in a reply's key.
+pub const ROLE_NONE: u8 = 0;
+pub const ROLE_REQUEST: u8 = 1;
+pub const ROLE_RESPONSE: u8 = 2;
+
+fn reply_role(r: u8) -> u8 {
+    match r {
+        ROLE_REQUEST => ROLE_RESPONSE,
+        ROLE_RESPONSE => ROLE_REQUEST,
+        r => r,
+    }
 }
 
 /// A parsed IP packet: the tuple it is judged by, and its own addresses and protocol.
@@ -44,6 +59,12 @@ pub struct Pkt {
     pub outer_src: [u8; 16],
     pub outer_dst: [u8; 16],
     pub outer_proto: u8,
+    /// `ROLE_*`.
+    pub role: u8,
+    /// ICMPv6 type of a neighbour discovery packet.
+    pub icmp_type: u8,
+    /// The target address of a neighbour solicitation or advertisement.
+    pub nd_target: [u8; 16],
     /// A first fragment: (key, ports) to remember for the later ones.
     pub first_fragment: Option<(FragKey, FragPorts)>,
     /// How many IPv6 extension headers were walked (for coverage).
@@ -54,7 +75,8 @@ pub struct Pkt {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
-    Arp,
+    /// ARP for IPv4 over Ethernet; the sender protocol address.
+    Arp([u8; 16]),
     /// Any other non-IP EtherType (VLAN tags included).
     OtherL2,
     Ip(Box<Pkt>),
@@ -76,6 +98,7 @@ pub struct FragPorts {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
+    pub role: u8,
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
@@ -137,7 +160,16 @@ pub fn parse(b: &[u8], frags: &HashMap<FragKey, FragPorts>) -> Frame {
     let r = match be16(b, 12) {
         0x0800 => parse_v4(b, frags),
         0x86dd => parse_v6(b, frags),
-        0x0806 => return Frame::Arp,
+        0x0806 => {
+            // htype 1, ptype IPv4, hlen 6, plen 4; the sender protocol address at 28.
+            if b.len() < 14 + 18 {
+                return Frame::Malformed("ARP truncated");
+            }
+            if b[14..20] != [0, 1, 8, 0, 6, 4] {
+                return Frame::Malformed("not ARP for IPv4 over Ethernet");
+            }
+            return Frame::Arp(v4(b, 28));
+        }
         _ => return Frame::OtherL2,
     };
     match r {
@@ -166,6 +198,9 @@ fn empty(family: u8, src: [u8; 16], dst: [u8; 16], proto: u8) -> Pkt {
         outer_src: src,
         outer_dst: dst,
         outer_proto: proto,
+        role: ROLE_NONE,
+        icmp_type: 0,
+        nd_target: [0; 16],
         first_fragment: None,
         ext_headers: 0,
         later_fragment: false,
@@ -180,6 +215,7 @@ fn later(p: &mut Pkt, key: FragKey, frags: &HashMap<FragKey, FragPorts>) {
             p.sport = f.sport;
             p.dport = f.dport;
             p.proto = f.proto;
+            p.role = f.role;
         }
         None => p.kind = Kind::UnknownFragment,
     }
@@ -201,6 +237,7 @@ fn first(p: &mut Pkt, id: u32, key_proto: u8) {
             sport: p.sport,
             dport: p.dport,
             proto: p.proto,
+            role: p.role,
         },
     ));
 }
@@ -365,10 +402,24 @@ fn parse_l4(b: &[u8], p: &mut Pkt, l4: usize, end: usize) -> Result<(), Malforme
             || (p.dst[0] == 0xff && p.dst[1] & 0x0f == 0x02);
         if echo {
             (p.sport, p.dport) = echo_ports(ty, id);
+            p.role = if ty == 8 || ty == 128 {
+                ROLE_REQUEST
+            } else {
+                ROLE_RESPONSE
+            };
         } else if neighbor && link_scoped {
             p.kind = Kind::Neighbor;
+            p.icmp_type = ty;
+            if ty == 135 || ty == 136 {
+                if l4 + 24 > end {
+                    return Err("neighbour discovery target truncated");
+                }
+                p.nd_target = self::v6(b, l4 + 8);
+            }
         } else if error {
             embedded(b, p, l4 + 8, end, v6)?;
+        } else {
+            p.kind = Kind::Untracked;
         }
     }
     Ok(())
@@ -425,6 +476,12 @@ fn embedded(b: &[u8], p: &mut Pkt, inner: usize, end: usize, v6: bool) -> Result
         };
         if echo {
             (isport, idport) = echo_ports(ty, be16(b, il4 + 4));
+            // The quoted request, swapped, reads as its reply.
+            p.role = if ty == 8 || ty == 128 {
+                ROLE_RESPONSE
+            } else {
+                ROLE_REQUEST
+            };
         }
     }
     p.outer_src = p.src;
@@ -453,6 +510,21 @@ pub struct CtKey {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
+    pub role: u8,
+}
+
+/// A tracked flow's TCP teardown: FINs per direction, and an RST not followed by anything.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Teardown {
+    pub fin_original: bool,
+    pub fin_reply: bool,
+    pub rst: bool,
+}
+
+impl Teardown {
+    pub fn closing(&self) -> bool {
+        self.rst || (self.fin_original && self.fin_reply)
+    }
 }
 
 /// Why the model decided as it did (also the coverage classes).
@@ -463,7 +535,13 @@ pub enum Why {
     Arp,
     OtherL2Open,
     OtherL2Isolated,
+    /// A non-IP, non-ARP frame from a pod.
+    OtherL2FromPod,
     Spoofed,
+    /// To a loopback address.
+    Loopback,
+    /// Into a node tunnel (IPIP, GRE, VXLAN, ...).
+    Tunnel,
     Neighbor,
     Established,
     Revoked,
@@ -485,7 +563,7 @@ pub struct Ep {
 }
 
 pub struct Model {
-    pub ct: HashMap<CtKey, bool>,
+    pub ct: HashMap<CtKey, Teardown>,
     pub frags: HashMap<FragKey, FragPorts>,
 }
 
@@ -638,12 +716,14 @@ impl Model {
 
     /// The verdict on `frame` at endpoint `ep` (`None`: an interface without an endpoint) in
     /// direction `dir`; updates conntrack and the fragment table as the datapath must.
+    /// `hairpin`: the packet entered the node through this endpoint's own veth.
     pub fn verdict(
         &mut self,
         policy: &Policy<'_>,
         eps: &[Ep],
         ep: Option<usize>,
         dir: u8,
+        hairpin: bool,
         frame: &Frame,
     ) -> (bool, Why) {
         let Some(e) = ep else {
@@ -652,7 +732,15 @@ impl Model {
         let endpoint = &eps[e];
         let pkt = match frame {
             Frame::Malformed(_) => return (false, Why::Malformed),
-            Frame::Arp => return (true, Why::Arp),
+            Frame::Arp(sender) => {
+                let own = endpoint.own.contains(&addr(AF_INET, sender));
+                return if dir == DIR_EGRESS && *sender != [0; 16] && !own {
+                    (false, Why::Spoofed)
+                } else {
+                    (true, Why::Arp)
+                };
+            }
+            Frame::OtherL2 if dir == DIR_EGRESS => return (false, Why::OtherL2FromPod),
             Frame::OtherL2 => {
                 return if !policy.isolated(&endpoint.pod, dir) {
                     (true, Why::OtherL2Open)
@@ -674,9 +762,35 @@ impl Model {
         {
             return (false, Why::Spoofed);
         }
+        if dir == DIR_EGRESS {
+            let dst = addr(pkt.family, &pkt.outer_dst);
+            if dst.is_loopback() {
+                return (false, Why::Loopback);
+            }
+            if pkt.kind == Kind::Neighbor {
+                let ok = match pkt.icmp_type {
+                    134 | 137 => false,
+                    136 => link_local_or_unspecified(&pkt.nd_target) || own(&pkt.nd_target),
+                    _ => true,
+                };
+                if !ok {
+                    return (false, Why::Spoofed);
+                }
+            } else {
+                let tunnel = match pkt.outer_proto {
+                    4 | 41 | 47 | 97 => true,
+                    PROTO_UDP => matches!(pkt.dport, 4789 | 8472 | 6081),
+                    _ => false,
+                };
+                if tunnel && policy.hosts.contains(&dst) {
+                    return (false, Why::Tunnel);
+                }
+            }
+        }
         if pkt.kind == Kind::Neighbor {
             return (true, Why::Neighbor);
         }
+        let tracked = pkt.kind != Kind::Untracked;
         // Conntrack.
         let fwd = CtKey {
             ep: e,
@@ -687,6 +801,7 @@ impl Model {
             sport: pkt.sport,
             dport: pkt.dport,
             proto: pkt.proto,
+            role: pkt.role,
         };
         let rev = CtKey {
             ep: e,
@@ -697,10 +812,12 @@ impl Model {
             sport: pkt.dport,
             dport: pkt.sport,
             proto: pkt.proto,
+            role: reply_role(pkt.role),
         };
         let syn_only = pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         let hit = match self.ct.get(&fwd) {
-            Some(closing) if *closing && syn_only => {
+            _ if !tracked => None,
+            Some(t) if t.closing() && syn_only => {
                 self.ct.remove(&fwd);
                 None
             }
@@ -723,8 +840,23 @@ impl Model {
                 key.dport,
             );
             if d.allowed || d.audited {
-                if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-                    self.ct.insert(key, true);
+                // Errors pass with their flow but do not count as its packets.
+                if pkt.proto == PROTO_TCP
+                    && pkt.kind != Kind::IcmpError
+                    && let Some(t) = self.ct.get_mut(&key)
+                {
+                    if pkt.tcp_flags & TCP_RST != 0 {
+                        t.rst = true;
+                    } else {
+                        t.rst = false;
+                        if pkt.tcp_flags & TCP_FIN != 0 {
+                            if key.dir == dir {
+                                t.fin_original = true;
+                            } else {
+                                t.fin_reply = true;
+                            }
+                        }
+                    }
                 }
                 return (
                     true,
@@ -748,22 +880,25 @@ impl Model {
                 (false, false) => (false, Why::IcmpErrorUnrelated),
             };
         }
-        if pkt.src == pkt.dst && own(&pkt.dst) {
+        if pkt.src == pkt.dst && own(&pkt.dst) && (dir == DIR_EGRESS || hairpin) {
             return (true, Why::SelfTraffic);
         }
         let peer = peer_of(&pkt.src, &pkt.dst);
         let d = policy.allows(&endpoint.pod, dir, pkt.family, &peer, pkt.proto, pkt.dport);
         if !d.allowed {
             if d.audited {
-                // "Would drop": passes, and the flow is tracked (whatever its kind).
-                self.ct.insert(fwd, false);
+                // "Would drop": passes, and the flow is tracked (not an untracked kind nor a
+                // fragment of unknown ports).
+                if tracked && pkt.kind != Kind::UnknownFragment {
+                    self.ct.insert(fwd, Teardown::default());
+                }
                 return (true, Why::Audited);
             }
             return (false, Why::PolicyDeny);
         }
         let host = d.host;
-        if !host && pkt.kind != Kind::UnknownFragment {
-            self.ct.insert(fwd, false);
+        if !host && pkt.kind != Kind::UnknownFragment && tracked {
+            self.ct.insert(fwd, Teardown::default());
         }
         let why = if host {
             Why::Host
@@ -846,7 +981,8 @@ mod tests {
     #[test]
     fn neighbour_discovery_only_on_the_link() {
         let none = HashMap::new();
-        let ns = [135u8, 0, 0, 0, 0, 0, 0, 0];
+        let mut ns = vec![135u8, 0, 0, 0, 0, 0, 0, 0];
+        ns.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
         let kind =
             |src: &str, dst: &str| ip(parse(&eth(0x86dd, &v6(src, dst, 58, &ns)), &none)).kind;
         assert_eq!(kind("fe80::1", "fd00::1"), Kind::Neighbor);
@@ -855,13 +991,18 @@ mod tests {
         assert_eq!(kind("fd00::2", "fe80::1"), Kind::Neighbor);
         assert_eq!(
             kind("fd00::2", "fd00::1"),
-            Kind::Normal,
-            "routed: plain ICMPv6"
+            Kind::Untracked,
+            "routed: plain ICMPv6, judged by policy"
         );
         assert_eq!(
             kind("fd00::2", "ff05::2"),
-            Kind::Normal,
+            Kind::Untracked,
             "beyond link scope"
+        );
+        let short = eth(0x86dd, &v6("fe80::1", "ff02::1", 58, &ns[..8]));
+        assert!(
+            matches!(parse(&short, &none), Frame::Malformed(_)),
+            "a solicitation without its target"
         );
     }
 

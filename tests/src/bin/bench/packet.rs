@@ -357,7 +357,7 @@ fn ct_key(pkt: &[u8], v6: bool) -> CtKey {
         proto: palisade_common::PROTO_TCP,
         dir: palisade_common::DIR_INGRESS,
         family,
-        _pad: 0,
+        role: 0,
     }
 }
 

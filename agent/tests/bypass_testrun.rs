@@ -1,0 +1,432 @@
+//! The review's bypass suspects that live in the programs themselves (datapath-review.md,
+//! Part A), each on crafted packets run by the kernel (BPF_PROG_TEST_RUN): hostile L2 frames
+//! (A3, A10), self-addressed packets from elsewhere (A4), TCP teardown (A6), ICMP roles and
+//! errors (A8), loopback and tunnel destinations (A12, A2). Where the kernel around the
+//! program decides the outcome, the netns tests (`tests/tests/bypass.rs`) show it end to end.
+//! Needs root; under CI=true a missing privilege is a failure, not a skip.
+mod support;
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use aya::programs::{TestRun, TestRunOptions};
+use palisade::loader::{FROM_POD, TO_POD};
+use palisade_common::*;
+use support::{
+    ACK, EP, EXTERNAL, IFINDEX, NODE, OTHER, PEER, PEER6, POD, POD6, Rig, SYN, SYN_ACK, TC_ACT_OK,
+    TC_ACT_SHOT, eth, ipv4, ipv6, l4, peer_addr, require_root, standard_state, tcp4,
+};
+
+const FIN: u8 = 0x01;
+const RST: u8 = 0x04;
+const PSH_ACK: u8 = 0x18;
+const FIN_ACK: u8 = 0x11;
+
+/// The standard endpoint with no isolation at all: what most pods are.
+fn open_state() -> palisade::state::DesiredState {
+    let mut s = standard_state();
+    s.endpoints.get_mut(&IFINDEX).unwrap().flags = 0;
+    s
+}
+
+/// Runs `prog` with `__sk_buff.ingress_ifindex` set: the interface the packet entered the
+/// node through (`skb->skb_iif`).
+fn run_from(rig: &Rig, prog: &str, ingress_ifindex: u32, pkt: &[u8]) -> u32 {
+    let mut ctx = [0u8; 44];
+    ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    let mut out = vec![0u8; pkt.len() + 256];
+    rig.dp
+        .program(prog)
+        .test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("test run of {prog}: {e}"))
+        .return_value
+}
+
+fn udp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    ipv4(src, dst, PROTO_UDP, &l4(PROTO_UDP, sport, dport, 0))
+}
+
+fn udp6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16) -> Vec<u8> {
+    ipv6(src, dst, PROTO_UDP, &l4(PROTO_UDP, sport, dport, 0))
+}
+
+/// An ICMP (IPv4) message of `ty` with identifier `id`.
+fn icmp4(src: Ipv4Addr, dst: Ipv4Addr, ty: u8, id: u16) -> Vec<u8> {
+    let mut m = vec![ty, 0, 0, 0];
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&[0, 1]);
+    ipv4(src, dst, PROTO_ICMP, &m)
+}
+
+/// An ICMPv6 neighbour discovery message of `ty` about `target`.
+fn nd6(src: Ipv6Addr, dst: Ipv6Addr, ty: u8, target: Ipv6Addr) -> Vec<u8> {
+    let mut m = vec![ty, 0, 0, 0, 0x20, 0, 0, 0];
+    m.extend_from_slice(&target.octets());
+    ipv6(src, dst, PROTO_ICMPV6, &m)
+}
+
+/// An Ethernet ARP reply whose sender protocol address is `sender`.
+fn arp(sender: Ipv4Addr) -> Vec<u8> {
+    let mut p = eth(0x0806);
+    p.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 2]);
+    p.extend_from_slice(&[2, 0, 0, 0, 0, 1]);
+    p.extend_from_slice(&sender.octets());
+    p.extend_from_slice(&[0; 6]);
+    p.extend_from_slice(&GATEWAY.octets());
+    p
+}
+
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+
+/// `frame` (an Ethernet frame) with VLAN tags of VID 0 pushed after the addresses: `tpids`
+/// outermost first.
+fn tagged(frame: &[u8], tpids: &[u16]) -> Vec<u8> {
+    let mut p = frame[..12].to_vec();
+    for tpid in tpids {
+        p.extend_from_slice(&tpid.to_be_bytes());
+        p.extend_from_slice(&[0, 0]);
+    }
+    p.extend_from_slice(&frame[12..]);
+    p
+}
+
+fn drops(rig: &Rig, reason: Reason) -> u64 {
+    support::counter(&rig.counters, DROPPED_BY_REASON + reason as u32)
+}
+
+/// A3. Frames from a pod that are neither IP nor ARP are dropped whatever its isolation: a
+/// priority-tagged (VID 0) frame, single or stacked, is delivered by the kernel as the IP
+/// packet inside, which the program would otherwise never judge (its forged source
+/// included). Towards an unisolated pod such frames still pass.
+#[test]
+fn a3_tagged_and_other_l2_frames_from_a_pod_are_dropped() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(&open_state());
+    let forged = udp4(OTHER, PEER, 5000, 80);
+    assert_eq!(
+        rig.egress(&forged),
+        TC_ACT_SHOT,
+        "untagged forged source: spoofed"
+    );
+    for tpids in [
+        &[0x8100u16, 0x8100][..],
+        &[0x88a8, 0x8100],
+        &[0x8100],
+        &[0x9100, 0x8100],
+    ] {
+        let frame = tagged(&forged, tpids);
+        assert_eq!(
+            rig.egress(&frame),
+            TC_ACT_SHOT,
+            "forged source inside VLAN tags {tpids:x?} from an unisolated pod"
+        );
+        let genuine = tagged(&udp4(POD, PEER, 5000, 80), tpids);
+        assert_eq!(rig.egress(&genuine), TC_ACT_SHOT, "no tagged frame at all");
+        assert_eq!(
+            rig.ingress(&tagged(&udp4(PEER, POD, 80, 5000), tpids)),
+            TC_ACT_OK,
+            "towards an unisolated pod: not its egress"
+        );
+    }
+    let mut lldp = eth(0x88cc);
+    lldp.extend_from_slice(&[0; 32]);
+    assert_eq!(rig.egress(&lldp), TC_ACT_SHOT, "any other EtherType");
+    assert!(drops(&rig, Reason::NonIp) >= 9);
+}
+
+/// A10. On a shared link (bridge ports) a pod that answers ARP or neighbour discovery for
+/// another pod's address takes that pod's traffic. ARP from a pod speaks for its own address
+/// (or none: a probe); a neighbour advertisement names its own address or a link-local one;
+/// router advertisements and redirects never come from pods.
+#[test]
+fn a10_arp_and_nd_from_a_pod_claim_only_its_own_addresses() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(&open_state());
+    assert_eq!(rig.egress(&arp(POD)), TC_ACT_OK, "ARP for itself");
+    assert_eq!(
+        rig.egress(&arp(Ipv4Addr::UNSPECIFIED)),
+        TC_ACT_OK,
+        "ARP probe"
+    );
+    assert_eq!(rig.egress(&arp(PEER)), TC_ACT_SHOT, "ARP for another pod");
+    assert_eq!(
+        rig.ingress(&arp(PEER)),
+        TC_ACT_OK,
+        "the node's ARP to the pod"
+    );
+    let mut short = eth(0x0806);
+    short.extend_from_slice(&[0, 1, 8, 0]);
+    assert_eq!(rig.egress(&short), TC_ACT_SHOT, "truncated ARP");
+
+    let ll: Ipv6Addr = "fe80::10".parse().unwrap();
+    let all_nodes: Ipv6Addr = "ff02::1".parse().unwrap();
+    let router: Ipv6Addr = "fe80::1".parse().unwrap();
+    assert_eq!(
+        rig.egress(&nd6(ll, all_nodes, 136, POD6)),
+        TC_ACT_OK,
+        "NA for itself"
+    );
+    assert_eq!(
+        rig.egress(&nd6(ll, all_nodes, 136, ll)),
+        TC_ACT_OK,
+        "NA for its link-local"
+    );
+    assert_eq!(
+        rig.egress(&nd6(ll, all_nodes, 136, PEER6)),
+        TC_ACT_SHOT,
+        "NA for another pod's address"
+    );
+    assert_eq!(
+        rig.egress(&nd6(ll, router, 135, router)),
+        TC_ACT_OK,
+        "NS for the gateway"
+    );
+    assert_eq!(
+        rig.egress(&nd6(ll, all_nodes, 134, ll)),
+        TC_ACT_SHOT,
+        "router advertisement"
+    );
+    assert_eq!(
+        rig.egress(&nd6(ll, all_nodes, 137, PEER6)),
+        TC_ACT_SHOT,
+        "redirect"
+    );
+    assert_eq!(
+        rig.ingress(&nd6(router, all_nodes, 136, PEER6)),
+        TC_ACT_OK,
+        "the node's ND to the pod"
+    );
+}
+
+/// A4. `src == dst ==` the pod's address is the pod's own hairpin only when it entered the
+/// node through the pod's own veth; from anywhere else (IPv6 forwards it, with no martian
+/// check) it is judged by the pod's ingress policy.
+#[test]
+fn a4_a_self_addressed_packet_from_elsewhere_is_judged() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(&standard_state());
+    let uplink = 77;
+    for pkt in [udp6(POD6, POD6, 53, 53), udp4(POD, POD, 53, 53)] {
+        assert_eq!(
+            run_from(&rig, TO_POD, uplink, &pkt),
+            TC_ACT_SHOT,
+            "self-addressed, in from another interface"
+        );
+        assert_eq!(
+            run_from(&rig, TO_POD, IFINDEX, &pkt),
+            TC_ACT_OK,
+            "the pod's own hairpin, back through its veth"
+        );
+        assert_eq!(
+            run_from(&rig, FROM_POD, IFINDEX, &pkt),
+            TC_ACT_OK,
+            "the pod to itself"
+        );
+    }
+}
+
+/// A8. An echo request is never the reply of a request that went the other way (identifier
+/// 0 included), and ICMP types without a reply (timestamp, unassigned) are judged by policy,
+/// never matched against conntrack. An ICMP error about a flow does not keep it alive.
+#[test]
+fn a8_icmp_requests_are_never_replies_and_errors_do_not_refresh() {
+    if !require_root() {
+        return;
+    }
+    // The pod may send anything to 192.0.2.0/24 (EXTERNAL), which may send it nothing.
+    let mut rig = Rig::new(&standard_state());
+    for id in [0u16, 7] {
+        assert_eq!(
+            rig.egress(&icmp4(POD, EXTERNAL, 8, id)),
+            TC_ACT_OK,
+            "echo request out"
+        );
+        assert_eq!(
+            rig.ingress(&icmp4(EXTERNAL, POD, 8, id)),
+            TC_ACT_SHOT,
+            "echo request id {id} in: not a reply"
+        );
+        assert_eq!(
+            rig.ingress(&icmp4(EXTERNAL, POD, 0, id)),
+            TC_ACT_OK,
+            "echo reply id {id}"
+        );
+    }
+    assert_eq!(rig.egress(&icmp4(POD, EXTERNAL, 13, 0)), TC_ACT_OK);
+    for ty in [13u8, 14, 200] {
+        assert_eq!(
+            rig.ingress(&icmp4(EXTERNAL, POD, ty, 0)),
+            TC_ACT_SHOT,
+            "ICMP type {ty} in: no reply of anything"
+        );
+    }
+
+    // An allowed UDP flow out, then its entry 50 s idle: an ICMP error about it passes (it is
+    // about the flow) but leaves the idle time alone.
+    let out = udp4(POD, EXTERNAL, 40000, 53);
+    assert_eq!(rig.egress(&out), TC_ACT_OK);
+    let key = CtKey {
+        endpoint: EP,
+        src: peer_addr(POD.into()).addr,
+        dst: peer_addr(EXTERNAL.into()).addr,
+        sport: 40000,
+        dport: 53,
+        proto: PROTO_UDP,
+        dir: DIR_EGRESS,
+        family: AF_INET,
+        role: CT_ROLE_NONE,
+    };
+    age(&mut rig, &key, 50);
+    let entry = rig.conntrack.get(&key, 0).expect("entry");
+    let mut icmp = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&out[14..14 + 28]);
+    assert_eq!(
+        rig.ingress(&ipv4(EXTERNAL, POD, PROTO_ICMP, &icmp)),
+        TC_ACT_OK,
+        "related error"
+    );
+    let after = rig.conntrack.get(&key, 0).expect("entry");
+    assert_eq!(
+        after.last_seen_ns, entry.last_seen_ns,
+        "the error did not refresh the entry"
+    );
+}
+
+/// Ages the entry of `key` by `secs` seconds.
+fn age(rig: &mut Rig, key: &CtKey, secs: u64) {
+    let mut e = rig.conntrack.get(key, 0).expect("entry");
+    e.last_seen_ns -= secs * 1_000_000_000;
+    rig.conntrack.insert(*key, e, 0).unwrap();
+}
+
+fn flags(rig: &Rig, key: &CtKey) -> u32 {
+    rig.conntrack.get(key, 0).expect("entry").flags
+}
+
+/// A6. TCP teardown per direction: after the client's FIN (a half-close) the server may
+/// still answer after more than the closing timeout; an RST the receiver ignored (forged, out
+/// of window) stops counting once the flow carries on; FINs from both sides close it.
+#[test]
+fn a6_teardown_is_per_direction_and_an_ignored_rst_does_not_end_a_flow() {
+    if !require_root() {
+        return;
+    }
+    // The pod (client) may connect to EXTERNAL; EXTERNAL may not connect to it.
+    let mut rig = Rig::new(&standard_state());
+    let (cport, sport) = (40000u16, 80u16);
+    let key = CtKey {
+        endpoint: EP,
+        src: peer_addr(POD.into()).addr,
+        dst: peer_addr(EXTERNAL.into()).addr,
+        sport: cport,
+        dport: sport,
+        proto: PROTO_TCP,
+        dir: DIR_EGRESS,
+        family: AF_INET,
+        role: CT_ROLE_NONE,
+    };
+    let out = |rig: &Rig, f| rig.egress(&tcp4(POD, EXTERNAL, cport, sport, f));
+    let back = |rig: &Rig, f| rig.ingress(&tcp4(EXTERNAL, POD, sport, cport, f));
+    assert_eq!(out(&rig, SYN), TC_ACT_OK);
+    assert_eq!(back(&rig, SYN_ACK), TC_ACT_OK);
+    assert_eq!(out(&rig, ACK), TC_ACT_OK);
+    // The client is done sending; the server thinks for 12 s and answers.
+    assert_eq!(out(&rig, FIN_ACK), TC_ACT_OK);
+    assert_eq!(flags(&rig, &key) & CT_FLAG_CLOSING, 0, "half-closed only");
+    age(&mut rig, &key, 12);
+    assert_eq!(
+        back(&rig, PSH_ACK),
+        TC_ACT_OK,
+        "the server's answer after a half-close"
+    );
+
+    // A forged RST from the server's side; the client ignores it and the flow goes on.
+    assert_eq!(back(&rig, RST), TC_ACT_OK);
+    assert_ne!(flags(&rig, &key) & CT_FLAG_CLOSING, 0, "an RST closes ...");
+    assert_eq!(out(&rig, ACK), TC_ACT_OK);
+    assert_eq!(
+        flags(&rig, &key) & CT_FLAG_CLOSING,
+        0,
+        "... until the flow carries on"
+    );
+    age(&mut rig, &key, 12);
+    assert_eq!(
+        back(&rig, PSH_ACK),
+        TC_ACT_OK,
+        "12 s idle after an ignored RST"
+    );
+
+    // Both sides' FINs: closing, and gone after 10 s idle.
+    assert_eq!(back(&rig, FIN | ACK), TC_ACT_OK);
+    assert_ne!(flags(&rig, &key) & CT_FLAG_CLOSING, 0, "both FINs");
+    age(&mut rig, &key, 12);
+    assert_eq!(
+        back(&rig, ACK),
+        TC_ACT_SHOT,
+        "a closed flow's entry expires"
+    );
+}
+
+/// A12 and A2. Whatever its policy, a pod reaches neither the node's loopback addresses
+/// (`route_localnet=1`, as kube-proxy sets it, would route them: CVE-2020-8558) nor the
+/// node's tunnel endpoints (what a VXLAN, Geneve, IPIP or GRE device decapsulates never had
+/// its source checked). Plain traffic to the node is still never restricted.
+#[test]
+fn a12_a2_loopback_and_node_tunnels_are_out_of_reach() {
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new(&open_state());
+    let lo6: Ipv6Addr = "::1".parse().unwrap();
+    assert_eq!(
+        rig.egress(&udp4(POD, Ipv4Addr::LOCALHOST, 5000, 53)),
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        rig.egress(&tcp4(POD, Ipv4Addr::new(127, 1, 2, 3), 5000, 10250, SYN)),
+        TC_ACT_SHOT
+    );
+    assert_eq!(rig.egress(&udp6(POD6, lo6, 5000, 53)), TC_ACT_SHOT);
+    assert!(drops(&rig, Reason::Loopback) >= 3);
+
+    for port in [4789u16, 8472, 6081] {
+        assert_eq!(
+            rig.egress(&udp4(POD, NODE, 5000, port)),
+            TC_ACT_SHOT,
+            "UDP {port} to the node"
+        );
+        assert_eq!(
+            rig.egress(&udp4(POD, EXTERNAL, 5000, port)),
+            TC_ACT_OK,
+            "UDP {port} to elsewhere: plain egress"
+        );
+    }
+    for proto in [4u8, 41, 47, 97] {
+        assert_eq!(
+            rig.egress(&ipv4(POD, NODE, proto, &[0u8; 40])),
+            TC_ACT_SHOT,
+            "IP protocol {proto} to the node"
+        );
+    }
+    assert!(drops(&rig, Reason::Tunnel) >= 7);
+    assert_eq!(
+        rig.egress(&udp4(POD, NODE, 5000, 53)),
+        TC_ACT_OK,
+        "DNS on the node"
+    );
+    assert_eq!(
+        rig.egress(&tcp4(POD, NODE, 5000, 10250, SYN)),
+        TC_ACT_OK,
+        "the kubelet"
+    );
+}
