@@ -224,10 +224,10 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             return drop_packet(&c, dir, None, Reason::Malformed);
         }
     }
-    if dir == DIR_EGRESS {
-        if let Err(reason) = egress_guard(&ep, pkt) {
-            return drop_packet(&c, dir, Some(pkt), reason);
-        }
+    if dir == DIR_EGRESS
+        && let Err(reason) = egress_guard(&ep, pkt)
+    {
+        return drop_packet(&c, dir, Some(pkt), reason);
     }
     if pkt.kind == KIND_NEIGHBOR {
         return Ok(TC_ACT_OK);
