@@ -551,6 +551,23 @@ impl Compiler {
                     out.endpoint_addrs.entry(peer_addr(*ip)).or_insert(id);
                 }
             }
+            // Its hostPorts: other pods' egress to the node on them is egress to this pod.
+            for hp in &pod.host_ports {
+                for ip in pod.ips.iter().filter(|ip| !host_addrs.contains(ip)) {
+                    let addr = peer_addr(*ip);
+                    out.node_ports
+                        .entry(palisade_common::NodePortKey {
+                            family: addr.family,
+                            proto: hp.protocol.number(),
+                            port_be: hp.host_port.to_be(),
+                        })
+                        .or_insert(palisade_common::NodePortTarget {
+                            addr: addr.addr,
+                            port: hp.container_port,
+                            _pad: 0,
+                        });
+                }
+            }
             let [ingress_policies, egress_policies] = names;
             let [ingress_audit_ignored, egress_audit_ignored] = audit_ignored;
             out.endpoint_meta.entry(id).or_insert(EndpointMeta {

@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 pub const TO_POD: &str = "to_pod";
 pub const FROM_POD: &str = "from_pod";
 
-pub const MAP_NAMES: [&str; 11] = [
+pub const MAP_NAMES: [&str; 12] = [
     map_names::ENDPOINTS,
     map_names::IDENTITIES,
     map_names::CIDRS,
@@ -41,6 +41,7 @@ pub const MAP_NAMES: [&str; 11] = [
     map_names::EP_STATE,
     map_names::RULE_STATS,
     map_names::EP_ADDRS,
+    map_names::NODE_PORTS,
 ];
 
 /// The verifier's verdict on one program.

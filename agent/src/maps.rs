@@ -18,8 +18,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
 use palisade_common::{
-    CIDR_KEY_FIXED_BITS, CidrKey, CtEntry, CtKey, EP_PENDING, EndpointInfo, PeerAddr, PolicyKey,
-    PolicyValue, map_names,
+    CIDR_KEY_FIXED_BITS, CidrKey, CtEntry, CtKey, EP_ISOLATED_EGRESS, EP_PENDING, EndpointInfo,
+    NodePortKey, NodePortTarget, PeerAddr, PolicyKey, PolicyValue, map_names,
 };
 use serde::Serialize;
 use tracing::{error, warn};
@@ -76,6 +76,7 @@ pub struct MapWriter {
     endpoints: HashMap<MapData, u32, EndpointInfo>,
     identities: HashMap<MapData, PeerAddr, u32>,
     endpoint_addrs: HashMap<MapData, PeerAddr, u32>,
+    node_ports: HashMap<MapData, NodePortKey, NodePortTarget>,
     cidrs: LpmTrie<MapData, CidrKey, u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     /// What the maps hold now (as far as this writer knows).
@@ -154,12 +155,14 @@ impl MapWriter {
         let endpoints = HashMap::try_from(take(dp, map_names::ENDPOINTS)?)?;
         let identities = HashMap::try_from(take(dp, map_names::IDENTITIES)?)?;
         let endpoint_addrs = HashMap::try_from(take(dp, map_names::EP_ADDRS)?)?;
+        let node_ports = HashMap::try_from(take(dp, map_names::NODE_PORTS)?)?;
         let cidrs = LpmTrie::try_from(take(dp, map_names::CIDRS)?)?;
         let policy = LpmTrie::try_from(take(dp, map_names::POLICY)?)?;
         let mut w = MapWriter {
             endpoints,
             identities,
             endpoint_addrs,
+            node_ports,
             cidrs,
             policy,
             applied: DesiredState::default(),
@@ -195,6 +198,10 @@ impl MapWriter {
         for item in self.endpoint_addrs.iter() {
             let (addr, id) = item?;
             self.applied.endpoint_addrs.insert(addr, id);
+        }
+        for item in self.node_ports.iter() {
+            let (key, target) = item?;
+            self.applied.node_ports.insert(key, target);
         }
         for item in self.cidrs.iter() {
             let (key, class) = item?;
@@ -344,6 +351,46 @@ impl MapWriter {
                     self.fail(desired, map_names::EP_ADDRS, Some(*id), msg);
                 }
             }
+        }
+        // A node port that cannot be written (or removed) would leave a DNAT onward judged
+        // as node traffic, or as the wrong target: every egress-isolated endpoint fails closed.
+        let egress_isolated: Vec<u32> = desired
+            .endpoints
+            .values()
+            .filter(|i| i.flags & EP_ISOLATED_EGRESS != 0)
+            .map(|i| i.id)
+            .collect();
+        for (key, target) in &desired.node_ports {
+            if self.applied.node_ports.get(key) == Some(target) {
+                continue;
+            }
+            match self.node_ports.insert(*key, *target, 0) {
+                Ok(()) => {
+                    self.applied.node_ports.insert(*key, *target);
+                    stats.written += 1;
+                }
+                Err(e) => {
+                    stats.failed += 1;
+                    failed.extend(egress_isolated.iter().copied());
+                    let msg = format!("insert {key:?} failed: {}", describe(&e));
+                    self.fail(desired, map_names::NODE_PORTS, None, msg);
+                }
+            }
+        }
+        let stale = stale_keys(&self.applied.node_ports, &desired.node_ports);
+        for key in stale {
+            match self.node_ports.remove(&key) {
+                Ok(()) => stats.removed += 1,
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    stats.failed += 1;
+                    failed.extend(egress_isolated.iter().copied());
+                    let msg = format!("remove of {key:?} failed: {}", describe(&e));
+                    self.fail(desired, map_names::NODE_PORTS, None, msg);
+                    continue;
+                }
+            }
+            self.applied.node_ports.remove(&key);
         }
         let cidr_changes: Vec<_> = changed(&desired.cidrs, &self.applied.cidrs)
             .into_iter()

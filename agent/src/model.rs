@@ -285,6 +285,15 @@ pub struct NamedPort {
     pub protocol: Protocol,
 }
 
+/// A container port published on the node (`hostPort`: the portmap plugin DNATs the node's
+/// addresses on `host_port` to the pod's `container_port`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct HostPort {
+    pub host_port: u16,
+    pub container_port: u16,
+    pub protocol: Protocol,
+}
+
 /// What policy needs of a pod.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PodInfo {
@@ -294,6 +303,9 @@ pub struct PodInfo {
     pub ips: Vec<IpAddr>,
     /// Named ports of the containers (and of sidecar init containers), sorted.
     pub container_ports: Vec<NamedPort>,
+    /// Ports published on the node, sorted.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub host_ports: Vec<HostPort>,
     pub host_network: bool,
     pub node_name: Option<String>,
     /// Only the annotations in `KEPT_POD_ANNOTATIONS`.
@@ -335,6 +347,20 @@ impl PodInfo {
                 .map(|(i, c)| (format!("spec.initContainers[{i}]"), c));
             for (cfield, c) in containers.chain(sidecars) {
                 for (j, p) in c.ports.iter().flatten().enumerate() {
+                    if let (Some(h), Ok(cport), Ok(protocol)) = (
+                        p.host_port,
+                        u16::try_from(p.container_port),
+                        Protocol::from_field(p.protocol.as_ref(), String::new()),
+                    ) && let Ok(host_port) = u16::try_from(h)
+                        && host_port != 0
+                        && cport != 0
+                    {
+                        info.host_ports.push(HostPort {
+                            host_port,
+                            container_port: cport,
+                            protocol,
+                        });
+                    }
                     let Some(name) = p.name.clone().filter(|n| !n.is_empty()) else {
                         continue;
                     };
@@ -363,6 +389,8 @@ impl PodInfo {
         }
         info.container_ports.sort();
         info.container_ports.dedup();
+        info.host_ports.sort();
+        info.host_ports.dedup();
         if let Some(status) = &pod.status {
             let finished = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
             let listed: Vec<(String, &String)> = match &status.pod_ips {

@@ -28,8 +28,8 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use palisade_common::{
-    CIDR_CLASS_BIT, EP_ISOLATED_EGRESS, IDENTITY_HOST, POLICY_FLAG_AUDIT, POLICY_KEY_FULL_BITS,
-    PolicyKey, PolicyValue,
+    CIDR_CLASS_BIT, EP_ISOLATED_EGRESS, IDENTITY_HOST, NodePortKey, NodePortTarget,
+    POLICY_FLAG_AUDIT, POLICY_KEY_FULL_BITS, PolicyKey, PolicyValue,
 };
 
 use crate::datapath_model::{self, peer_addr};
@@ -55,6 +55,8 @@ pub struct ServicePortInfo {
     pub name: String,
     pub port: u16,
     pub protocol: Protocol,
+    /// The NodePort kube-proxy opens on every node address for this port, if any.
+    pub node_port: Option<u16>,
 }
 
 /// What policy needs of a Service.
@@ -180,6 +182,12 @@ impl ServiceInfo {
                 name: p.name.clone().unwrap_or_default(),
                 port: port_number(p.port, &object, format!("{field}.port"))?,
                 protocol: protocol(p.protocol.as_ref(), &object, format!("{field}.protocol"))?,
+                node_port: match p.node_port {
+                    Some(n) if n != 0 => {
+                        Some(port_number(n, &object, format!("{field}.nodePort"))?)
+                    }
+                    _ => None,
+                },
             });
         }
         Ok(((ns, name), info))
@@ -444,6 +452,7 @@ pub fn expand(
     let pod_addrs: BTreeSet<_> = desired.identities.keys().copied().collect();
     let mut judge = Judge::new(desired);
     let mut vip_ids: Vec<(IpAddr, u32)> = Vec::new();
+    let mut node_ports = Vec::new();
     let mut entries: Vec<(PolicyEntry, PolicyValue)> = Vec::new();
     let mut keep = BTreeSet::new();
     for (key, svc) in &services.services {
@@ -478,6 +487,31 @@ pub fn expand(
                 }
                 // IPVS mode binds VIPs to a local dummy interface: they are not node traffic.
                 _ => vip_ids.push((*vip, if all_host { IDENTITY_HOST } else { id })),
+            }
+        }
+        // NodePorts lead where the Service's first VIP of each family leads (its ClusterIP):
+        // a pod's egress to a node address on that port is judged as to that VIP and port.
+        for (port, _) in &ports {
+            let Some(node_port) = port.node_port else {
+                continue;
+            };
+            for family_v4 in [true, false] {
+                let Some(vip) = svc.vips.iter().find(|v| v.is_ipv4() == family_v4) else {
+                    continue;
+                };
+                let addr = peer_addr(*vip);
+                node_ports.push((
+                    NodePortKey {
+                        family: addr.family,
+                        proto: port.protocol.number(),
+                        port_be: node_port.to_be(),
+                    },
+                    NodePortTarget {
+                        addr: addr.addr,
+                        port: port.port,
+                        _pad: 0,
+                    },
+                ));
             }
         }
         if all_host {
@@ -552,6 +586,7 @@ pub fn expand(
     for (vip, id) in vip_ids {
         desired.identities.insert(peer_addr(vip), id);
     }
+    desired.node_ports.extend(node_ports);
     report.entries = entries.len();
     for (e, v) in entries {
         desired

@@ -125,6 +125,9 @@ pub struct DesiredState {
     /// EP_ADDRS: the addresses of the local endpoints -> endpoint id (source address
     /// verification and self traffic). This node's own addresses are never in it.
     pub endpoint_addrs: BTreeMap<PeerAddr, u32>,
+    /// NODE_PORTS: node ports the node DNATs onward (NodePorts, hostPorts) -> the address and
+    /// port a pod's egress to them is judged as.
+    pub node_ports: BTreeMap<palisade_common::NodePortKey, palisade_common::NodePortTarget>,
     /// CIDRS: flattened ipBlock prefixes -> CIDR class id (or `CIDR_CLASS_NONE`).
     pub cidrs: BTreeMap<CidrEntry, u32>,
     /// POLICY: allow entries.

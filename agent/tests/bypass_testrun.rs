@@ -430,3 +430,60 @@ fn a12_a2_loopback_and_node_tunnels_are_out_of_reach() {
         "the kubelet"
     );
 }
+
+/// A2. A pod's egress to a port the node DNATs onward (a NodePort, a hostPort) is judged as
+/// egress to where the DNAT leads, not as node traffic; other ports of the node stay node
+/// traffic.
+#[test]
+fn a2_node_ports_are_egress_to_their_targets() {
+    if !require_root() {
+        return;
+    }
+    // The pod may send anything to 192.0.2.0/24 (EXTERNAL) and nothing to PEER.
+    let mut state = standard_state();
+    let port = |proto: u8, port: u16| NodePortKey {
+        family: AF_INET,
+        proto,
+        port_be: port.to_be(),
+    };
+    let to = |ip: Ipv4Addr, port: u16| NodePortTarget {
+        addr: peer_addr(ip.into()).addr,
+        port,
+        _pad: 0,
+    };
+    state
+        .node_ports
+        .insert(port(PROTO_UDP, 30080), to(EXTERNAL, 53));
+    state
+        .node_ports
+        .insert(port(PROTO_UDP, 30081), to(PEER, 80));
+    state.node_ports.insert(port(PROTO_TCP, 8080), to(PEER, 80));
+    let rig = Rig::new(&state);
+    assert_eq!(
+        rig.egress(&udp4(POD, NODE, 5000, 30080)),
+        TC_ACT_OK,
+        "a NodePort to an allowed backend"
+    );
+    assert_eq!(
+        rig.egress(&udp4(POD, NODE, 5000, 30081)),
+        TC_ACT_SHOT,
+        "a NodePort to a denied backend"
+    );
+    assert_eq!(
+        rig.egress(&tcp4(POD, NODE, 5000, 8080, SYN)),
+        TC_ACT_SHOT,
+        "a hostPort of a denied pod"
+    );
+    assert_eq!(
+        rig.egress(&udp4(POD, NODE, 5000, 53)),
+        TC_ACT_OK,
+        "any other port of the node: node traffic"
+    );
+    // The allowed flow's replies come back from the node's address (un-DNATed): conntrack.
+    assert_eq!(rig.ingress(&udp4(NODE, POD, 30080, 5000)), TC_ACT_OK);
+    // Unisolated pods reach every node port.
+    let mut open = state.clone();
+    open.endpoints.get_mut(&IFINDEX).unwrap().flags = 0;
+    let rig = Rig::new(&open);
+    assert_eq!(rig.egress(&udp4(POD, NODE, 5000, 30081)), TC_ACT_OK);
+}

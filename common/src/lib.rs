@@ -123,6 +123,36 @@ impl PeerAddr {
 // exempt from policy only for the endpoint's own addresses.
 
 // ---------------------------------------------------------------------------------------------
+// NODE_PORTS: HashMap<NodePortKey, NodePortTarget>   (what the node DNATs onward)
+// ---------------------------------------------------------------------------------------------
+//
+// A pod's packet to one of the node's own addresses is node traffic, except where the node
+// forwards it on: a Service's NodePort (kube-proxy DNATs it to a backend) or a pod's hostPort
+// (the portmap plugin DNATs it to the pod). Both happen after the sender's TC hook, so the
+// sender's egress verdict is taken here, for the address and port the DNAT leads to: the
+// Service's ClusterIP and port (judged as a ClusterIP is), or the pod's address and
+// container port.
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodePortKey {
+    pub family: u8,
+    pub proto: u8,
+    /// The node port, network byte order.
+    pub port_be: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodePortTarget {
+    /// The address the flow is judged as going to (a ClusterIP, or a pod address).
+    pub addr: [u8; 16],
+    /// The port it is judged as going to, host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+// ---------------------------------------------------------------------------------------------
 // CIDRS: LpmTrie<CidrKey, u32 class>   (ipBlock prefixes, per endpoint and direction)
 // ---------------------------------------------------------------------------------------------
 
@@ -435,6 +465,7 @@ pub mod map_names {
     pub const EP_STATE: &str = "EP_STATE";
     pub const RULE_STATS: &str = "RULE_STATS";
     pub const EP_ADDRS: &str = "EP_ADDRS";
+    pub const NODE_PORTS: &str = "NODE_PORTS";
 }
 
 /// Map capacities, shared so the agent can report fill levels.
@@ -448,6 +479,7 @@ pub mod capacity {
     pub const EVENTS_BYTES: u32 = 1 << 20;
     pub const RULE_STATS: u32 = 65_536;
     pub const EP_ADDRS: u32 = 16_384;
+    pub const NODE_PORTS: u32 = 16_384;
 }
 
 #[cfg(feature = "user")]
@@ -455,6 +487,8 @@ mod user {
     use super::*;
     unsafe impl aya::Pod for EndpointInfo {}
     unsafe impl aya::Pod for PeerAddr {}
+    unsafe impl aya::Pod for NodePortKey {}
+    unsafe impl aya::Pod for NodePortTarget {}
     unsafe impl aya::Pod for CidrKey {}
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}

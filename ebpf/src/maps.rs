@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use palisade_common::{
     COUNTER_SLOTS, CidrKey, CtEntry, CtKey, EndpointInfo, EndpointState, FragKey, FragPorts,
-    PeerAddr, PolicyKey, PolicyValue, RuleStats, capacity,
+    NodePortKey, NodePortTarget, PeerAddr, PolicyKey, PolicyValue, RuleStats, capacity,
 };
 
 use crate::parse::Packet;
@@ -62,3 +62,9 @@ pub static RULE_STATS: PerCpuHashMap<u32, RuleStats> =
 /// traffic. Written by the agent only.
 #[map]
 pub static EP_ADDRS: HashMap<PeerAddr, u32> = HashMap::with_max_entries(capacity::EP_ADDRS, 0);
+
+/// What the node DNATs onward: a NodePort or hostPort -> the address and port a pod's flow to
+/// it is judged as going to (`common`, NODE_PORTS).
+#[map]
+pub static NODE_PORTS: HashMap<NodePortKey, NodePortTarget> =
+    HashMap::with_max_entries(capacity::NODE_PORTS, 0);

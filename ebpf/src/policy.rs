@@ -3,7 +3,9 @@
 //!
 //! Precedence, in order:
 //! 1. an endpoint not isolated in this direction allows everything;
-//! 2. the node's own addresses (IDENTITY_HOST) are always allowed;
+//! 2. the node's own addresses (IDENTITY_HOST) are always allowed, except a pod's egress to a
+//!    port the node DNATs onward (NODE_PORTS: a NodePort, a hostPort), which is judged as
+//!    egress to where the DNAT leads (a ClusterIP and its port, a pod and its container port);
 //! 3. an allow entry for the peer's pod identity;
 //! 4. an allow entry for the CIDR class of the longest ipBlock prefix containing the peer
 //!    (pod addresses included: ipBlock matches every address inside it);
@@ -13,11 +15,12 @@
 //! which rule is reported.
 use aya_ebpf::maps::lpm_trie::Key;
 use palisade_common::{
-    AF_INET, CIDR_CLASS_NONE, CIDR_KEY_FIXED_BITS, CidrKey, EndpointInfo, IDENTITY_HOST,
-    IDENTITY_NONE, POLICY_KEY_FULL_BITS, PeerAddr, PolicyKey, Reason, isolated_flag,
+    AF_INET, CIDR_CLASS_NONE, CIDR_KEY_FIXED_BITS, CidrKey, DIR_EGRESS, EndpointInfo,
+    IDENTITY_HOST, IDENTITY_NONE, NodePortKey, POLICY_KEY_FULL_BITS, PeerAddr, PolicyKey, Reason,
+    isolated_flag,
 };
 
-use crate::maps::{CIDRS, IDENTITIES, POLICY};
+use crate::maps::{CIDRS, IDENTITIES, NODE_PORTS, POLICY};
 
 pub struct Verdict {
     pub allowed: bool,
@@ -58,17 +61,51 @@ pub fn evaluate(
     if ep.flags & isolated_flag(dir) == 0 {
         return allow(Reason::NotIsolated, 0);
     }
-    let addr = PeerAddr {
-        family,
-        _pad: [0; 3],
-        addr: *peer,
-    };
-    let identity = unsafe { IDENTITIES.get(addr) }
-        .copied()
-        .unwrap_or(IDENTITY_NONE);
+    let identity = identity_of(family, peer);
     if identity == IDENTITY_HOST {
+        if dir == DIR_EGRESS {
+            let key = NodePortKey {
+                family,
+                proto,
+                port_be: port.to_be(),
+            };
+            if let Some(t) = unsafe { NODE_PORTS.get(key) } {
+                let t = *t;
+                let target = identity_of(family, &t.addr);
+                if target == IDENTITY_HOST {
+                    return allow(Reason::Host, 0);
+                }
+                return lookup(ep, dir, family, &t.addr, target, proto, t.port);
+            }
+        }
         return allow(Reason::Host, 0);
     }
+    lookup(ep, dir, family, peer, identity, proto, port)
+}
+
+#[inline(always)]
+fn identity_of(family: u8, addr: &[u8; 16]) -> u32 {
+    let key = PeerAddr {
+        family,
+        _pad: [0; 3],
+        addr: *addr,
+    };
+    unsafe { IDENTITIES.get(key) }
+        .copied()
+        .unwrap_or(IDENTITY_NONE)
+}
+
+/// Steps 3-5 for `peer` (of `identity`).
+#[inline(always)]
+fn lookup(
+    ep: &EndpointInfo,
+    dir: u8,
+    family: u8,
+    peer: &[u8; 16],
+    identity: u32,
+    proto: u8,
+    port: u16,
+) -> Verdict {
     let port_be = port.to_be();
     if identity != IDENTITY_NONE {
         let key = Key::new(

@@ -306,8 +306,114 @@ impl AgentProcess {
     }
 }
 
+/// Where a failing test keeps its agent's evidence (`cargo xtask soak` sets it).
+pub const KEEP_FAILURES_ENV: &str = "PALISADE_KEEP_FAILURES";
+
+impl AgentProcess {
+    /// Copies what explains a failure into `$PALISADE_KEEP_FAILURES/<work dir>-<n>/`: the
+    /// agent's log, status and state files, `palisade stats` while the agent still runs, and
+    /// the pinned maps (endpoints, identities, own addresses, policy and CIDR entries, the
+    /// conntrack table) as text.
+    fn keep_evidence(&self, root: &Path) {
+        let work = self.log.parent().unwrap_or(Path::new("/"));
+        let name = work
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let dir = (0..)
+            .map(|i| root.join(format!("{name}-{i}")))
+            .find(|d| !d.exists())
+            .expect("a free name");
+        if std::fs::create_dir_all(&dir).is_err() {
+            return;
+        }
+        for (from, to) in [
+            (self.log.clone(), "agent.log"),
+            (self.status.clone(), "status.json"),
+            (self.socket.with_file_name("state.json"), "state.json"),
+        ] {
+            let _ = std::fs::copy(from, dir.join(to));
+        }
+        if let Ok(out) = self.cli(&["stats", "-o", "json"]).output() {
+            let _ = std::fs::write(dir.join("stats.json"), out.stdout);
+        }
+        let _ = std::fs::write(dir.join("maps.txt"), dump_maps(&self.pin_dir.join("maps")));
+        eprintln!("kept the agent's evidence in {}", dir.display());
+    }
+}
+
+/// The pinned maps under `maps` as text, one entry per line.
+pub fn dump_maps(maps: &Path) -> String {
+    use aya::maps::{HashMap, LpmTrie, Map, MapData};
+    use palisade_common::{
+        CidrKey, CtEntry, CtKey, EndpointInfo, PeerAddr, PolicyKey, PolicyValue, map_names,
+    };
+    use std::fmt::Write;
+    let mut out = String::new();
+    let open = |name: &str| MapData::from_pin(maps.join(name));
+    macro_rules! dump_hash {
+        ($name:expr, $k:ty, $v:ty, $wrap:path) => {
+            let _ = writeln!(out, "== {}", $name);
+            match open($name) {
+                Ok(d) => match HashMap::<MapData, $k, $v>::try_from($wrap(d)) {
+                    Ok(m) => {
+                        for item in m.iter() {
+                            let _ = match item {
+                                Ok((k, v)) => writeln!(out, "{k:?} => {v:?}"),
+                                Err(e) => writeln!(out, "({e})"),
+                            };
+                        }
+                    }
+                    Err(e) => {
+                        let _ = writeln!(out, "({e})");
+                    }
+                },
+                Err(e) => {
+                    let _ = writeln!(out, "({e})");
+                }
+            }
+        };
+    }
+    dump_hash!(map_names::ENDPOINTS, u32, EndpointInfo, Map::HashMap);
+    dump_hash!(map_names::IDENTITIES, PeerAddr, u32, Map::HashMap);
+    dump_hash!(map_names::EP_ADDRS, PeerAddr, u32, Map::HashMap);
+    dump_hash!(map_names::CONNTRACK, CtKey, CtEntry, Map::LruHashMap);
+    macro_rules! dump_trie {
+        ($name:expr, $k:ty, $v:ty) => {
+            let _ = writeln!(out, "== {}", $name);
+            match open($name) {
+                Ok(d) => match LpmTrie::<MapData, $k, $v>::try_from(Map::LpmTrie(d)) {
+                    Ok(m) => {
+                        for item in m.iter() {
+                            let Ok((k, v)) = item else {
+                                let _ = writeln!(out, "(unreadable entry)");
+                                continue;
+                            };
+                            let _ = writeln!(out, "{:?}/{} => {v:?}", k.data(), k.prefix_len());
+                        }
+                    }
+                    Err(e) => {
+                        let _ = writeln!(out, "({e})");
+                    }
+                },
+                Err(e) => {
+                    let _ = writeln!(out, "({e})");
+                }
+            }
+        };
+    }
+    dump_trie!(map_names::POLICY, PolicyKey, PolicyValue);
+    dump_trie!(map_names::CIDRS, CidrKey, u32);
+    out
+}
+
 impl Drop for AgentProcess {
     fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(root) = std::env::var_os(KEEP_FAILURES_ENV)
+        {
+            self.keep_evidence(Path::new(&root));
+        }
         self.stop();
         // Then `_bpffs` is unmounted, which drops the pins; links of deleted veths are already
         // gone.

@@ -121,8 +121,34 @@ pub fn probe_expecting(specs: &[ProbeSpec<'_>], expect: &[bool]) -> Vec<bool> {
     got
 }
 
+/// Where every probe is counted (one line per probe or stream, with how many packets it
+/// stood for), if set: `cargo xtask soak` sums them across the processes it runs.
+pub const PROBE_COUNT_ENV: &str = "PALISADE_PROBE_COUNT";
+
+/// Counts `n` probes in `$PALISADE_PROBE_COUNT` (appended: safe across threads and
+/// processes).
+pub fn count_probes(n: u64) {
+    use std::sync::OnceLock;
+    static FILE: OnceLock<Option<std::sync::Mutex<std::fs::File>>> = OnceLock::new();
+    let file = FILE.get_or_init(|| {
+        let path = std::env::var_os(PROBE_COUNT_ENV)?;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()
+            .map(std::sync::Mutex::new)
+    });
+    if let Some(f) = file
+        && let Ok(mut f) = f.lock()
+    {
+        let _ = writeln!(f, "{n}");
+    }
+}
+
 /// Probes from the calling thread's network namespace.
 pub fn probe_here(to: IpAddr, port: u16, proto: Proto, timeout: Duration) -> bool {
+    count_probes(1);
     let deadline = Instant::now() + timeout;
     match proto {
         Proto::Tcp => tcp(to, port, timeout, deadline),
@@ -250,9 +276,12 @@ impl UdpStream {
     /// Stops sending; (datagrams sent, echoes received).
     pub fn finish(self) -> (u64, u64) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.handle
+        let r = self
+            .handle
             .join()
             .expect("stream thread")
-            .expect("stream socket in the pod's namespace")
+            .expect("stream socket in the pod's namespace");
+        count_probes(r.0);
+        r
     }
 }

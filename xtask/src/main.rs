@@ -4,6 +4,7 @@ mod bench;
 mod build;
 mod run;
 mod setup;
+mod soak;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -51,6 +52,17 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The netns suites and the conformance runner, round after round and side by side,
+    /// while stress-ng loads every CPU; keeps every failure's output, agent logs, maps and
+    /// conntrack table under <target>/soak. Prints rounds, probes and failures; fails on any.
+    Soak {
+        /// How long to go on starting rounds.
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+        /// stress-ng's load per CPU, in percent.
+        #[arg(long, default_value_t = 60)]
+        load: u32,
+    },
     /// Random and malformed packets through the real programs (BPF test runs) under random
     /// policies, every verdict checked against the packet model; ends with `N packets, B
     /// bypasses` and fails on any mismatch.
@@ -72,6 +84,7 @@ fn main() -> Result<()> {
         Command::Conformance { args } => run::conformance(&args),
         Command::Lint => run::lint(),
         Command::Bench { quick, args } => bench::bench(quick, &args),
+        Command::Soak { minutes, load } => soak::soak(minutes, load),
         Command::Fuzz { packets, seed } => run::fuzz(packets, seed, true),
     }
 }

@@ -262,7 +262,15 @@ impl World {
     }
 }
 
+/// Replaces `path` atomically with `docs`; no documents: the file goes (an empty file keeps
+/// its last good objects, by design).
 fn write_docs(path: &Path, docs: &[serde_json::Value]) -> Result<()> {
+    if docs.is_empty() {
+        return match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        };
+    }
     let mut text = String::new();
     for d in docs {
         text.push_str("---\n");

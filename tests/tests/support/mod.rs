@@ -167,12 +167,17 @@ impl Setup {
         self.node.probe(self.pod(from), to, port, proto, TIMEOUT)
     }
 
-    /// Writes (or with `None` removes) a manifest file and waits for the reconcile it causes.
+    /// Writes (atomically: a temporary file renamed over it) or with `None` removes a manifest
+    /// file, and waits for the reconcile it causes.
     pub fn write(&mut self, name: &str, text: Option<&str>) -> Status {
         let since = SystemTime::now();
         let path = self.manifests().join(name);
         match text {
-            Some(t) => std::fs::write(&path, t).unwrap(),
+            Some(t) => {
+                let tmp = self.manifests().join(format!(".{name}.tmp"));
+                std::fs::write(&tmp, t).unwrap();
+                std::fs::rename(&tmp, &path).unwrap();
+            }
             None => {
                 let _ = std::fs::remove_file(&path);
             }
