@@ -8,8 +8,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use palisade_common::{
-    AF_INET6, CT_FLAG_AUDIT, Counter, DIR_EGRESS, DIR_INGRESS, EP_PENDING, EndpointInfo, PROTO_UDP,
-    PeerAddr, Reason, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP, audit_flag, isolated_flag,
+    AF_INET6, CT_FLAG_AUDIT, CT_ROLE_RESPONSE, Counter, DIR_EGRESS, DIR_INGRESS, EP_PENDING,
+    EndpointInfo, PROTO_UDP, PeerAddr, Reason, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
+    audit_flag, isolated_flag,
 };
 
 use crate::{
@@ -323,6 +324,11 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         return Ok(TC_ACT_OK);
     }
 
+    // What may open a conntrack entry: not a fragment of unknown ports (its port-0 tuple
+    // would admit other port-0 fragments as "replies"), nothing untracked, and no echo reply
+    // (only a request opens an echo flow: else a request could pass as the "reply" of a
+    // reply the pod sent).
+    let opens_flow = tracked && pkt.kind != KIND_UNKNOWN_FRAGMENT && pkt.role != CT_ROLE_RESPONSE;
     let v = policy::evaluate(
         &ep,
         dir,
@@ -337,16 +343,15 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         } else {
             v.reason
         };
-        if ep.flags & audit_flag(dir) != 0 && tracked && pkt.kind != KIND_UNKNOWN_FRAGMENT {
+        if ep.flags & audit_flag(dir) != 0 && opens_flow {
             // The rest of an audited flow (and its replies) passes by conntrack, quietly.
             let key = conntrack::forward_key(ep.id, dir, pkt);
             conntrack::create(&key, 0, ep.revision, CT_FLAG_AUDIT, c.len, c.now);
         }
         return drop_packet(&c, dir, Some(pkt), reason);
     }
-    // Node traffic needs no entry; nor does a later fragment whose first fragment was not
-    // seen (its port-0 tuple would admit other port-0 fragments as "replies").
-    if v.reason != Reason::Host && pkt.kind != KIND_UNKNOWN_FRAGMENT && tracked {
+    // Node traffic needs no entry.
+    if v.reason != Reason::Host && opens_flow {
         let key = conntrack::forward_key(ep.id, dir, pkt);
         if !conntrack::create(&key, v.rule, ep.revision, 0, c.len, c.now) {
             count(Counter::CtInsertFailed);

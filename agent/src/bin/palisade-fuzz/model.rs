@@ -889,7 +889,7 @@ impl Model {
             if d.audited {
                 // "Would drop": passes, and the flow is tracked (not an untracked kind nor a
                 // fragment of unknown ports).
-                if tracked && pkt.kind != Kind::UnknownFragment {
+                if tracked && pkt.kind != Kind::UnknownFragment && pkt.role != ROLE_RESPONSE {
                     self.ct.insert(fwd, Teardown::default());
                 }
                 return (true, Why::Audited);
@@ -897,7 +897,8 @@ impl Model {
             return (false, Why::PolicyDeny);
         }
         let host = d.host;
-        if !host && pkt.kind != Kind::UnknownFragment && tracked {
+        // Only a request opens an echo flow.
+        if !host && pkt.kind != Kind::UnknownFragment && tracked && pkt.role != ROLE_RESPONSE {
             self.ct.insert(fwd, Teardown::default());
         }
         let why = if host {

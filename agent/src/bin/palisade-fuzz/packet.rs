@@ -741,11 +741,35 @@ impl Generator {
         let t = self.new_tuple(rng, w, ep, dir);
         let payload = l4(rng, &t);
         let packet = ip(&t, &payload, None, 0);
-        let (frame, what) = match rng.below(6) {
+        let (frame, what) = match rng.below(8) {
             0 => {
                 let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1];
                 arp.extend(rng.bytes(20));
                 (eth(0x0806, &arp), "ARP")
+            }
+            6 => {
+                // ARP speaking for the pod itself, another address, or nobody (A10).
+                let sender: [u8; 4] = match (rng.below(3), w.eps[ep].0) {
+                    (0, Some(IpAddr::V4(own))) => own.octets(),
+                    (1, _) => [0; 4],
+                    _ => match self.addr(rng, w, false) {
+                        IpAddr::V4(a) => a.octets(),
+                        IpAddr::V6(_) => [10, 0, 0, 1],
+                    },
+                };
+                let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 2];
+                arp.extend(rng.bytes(6));
+                arp.extend(sender);
+                arp.extend(rng.bytes(10));
+                (eth(0x0806, &arp), "ARP claim")
+            }
+            7 => {
+                // Stacked priority tags (VID 0) around a packet with any source (A3): the
+                // kernel would deliver the packet inside.
+                let mut tagged = vec![0, 0, 0x81, 0, 0, 0];
+                tagged.extend(ethertype_of(&packet).to_be_bytes());
+                tagged.extend(&packet);
+                (eth(*rng.pick(&[0x8100u16, 0x88a8]), &tagged), "VID 0 tags")
             }
             1 | 2 => {
                 // 802.1Q (or 802.1ad) tag, then the IP packet.
