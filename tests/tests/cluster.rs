@@ -15,7 +15,7 @@ use palisade_tests::{
     rig::{Node, ProbeSpec, Proto, probe_expecting, probe_many, require_root},
 };
 use support::cluster::{ClusterAgent, FakeApi, endpoint_entry, namespace, pod_yaml, run_cni};
-use support::{demo_node, demo_pod as pod};
+use support::{demo_node, demo_pod as pod, nft};
 
 const TIMEOUT: Duration = Duration::from_millis(700);
 
@@ -35,23 +35,6 @@ fn probe_all(node: &Node, probes: &[(&str, IpAddr, u16, Proto, bool)]) -> Vec<bo
         .collect();
     let expect: Vec<bool> = probes.iter().map(|p| p.4).collect();
     probe_expecting(&specs, &expect)
-}
-
-fn nft(node: &Node, rules: &str) {
-    let mut child = node
-        .command("nft")
-        .arg("-f")
-        .arg("-")
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("nft (apt-get install nftables)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(rules.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "nft -f: {rules}");
 }
 
 /// Probes `expect` over and over until `stop`: 300 ms probes, an allowed one that misses it

@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use palisade_tests::rig::{NODE_IP_V4, Proto, require_root};
-use support::{Setup, TIMEOUT, cluster_yaml};
+use support::{Setup, TIMEOUT, cluster_yaml, nft};
 
 /// `a` may reach `c` on TCP 80 and nothing else.
 const A_EGRESS: &str = r#"
@@ -21,24 +21,6 @@ spec:
     - to: [{podSelector: {matchLabels: {app: c}}}]
       ports: [{port: 80, protocol: TCP}]
 "#;
-
-fn nft(s: &Setup, rules: &str) {
-    use std::io::Write;
-    let mut child = s
-        .node
-        .command("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("nft (cargo xtask test installs nftables)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(rules.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "nft rules: {rules}");
-}
 
 #[test]
 fn dnat_through_the_node_is_egress_to_the_backend() {
@@ -76,7 +58,7 @@ fn dnat_through_the_node_is_egress_to_the_backend() {
     s.write("cluster.yaml", Some(&pods.join("---\n")));
     s.write("services.yaml", Some(&format!("{service}{slice}")));
     nft(
-        &s,
+        &s.node,
         &format!(
             "table ip relay {{\n\
                chain pre {{ type nat hook prerouting priority -100;\n\

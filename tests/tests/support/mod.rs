@@ -94,6 +94,25 @@ pub const BASELINE: &[(&str, &str, u16, bool)] = &[
     ("c", "a", 81, true),
 ];
 
+/// Loads `rules` into nftables in the node's namespace (kube-proxy-like DNAT); panics if nft
+/// refuses them or is missing (`cargo xtask test` installs nftables).
+pub fn nft(node: &Node, rules: &str) {
+    use std::io::Write;
+    let mut child = node
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft (cargo xtask test installs nftables)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "nft -f: {rules}");
+}
+
 pub struct Setup {
     pub node: Node,
     pub agent: AgentProcess,

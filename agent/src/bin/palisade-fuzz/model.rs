@@ -567,7 +567,7 @@ pub struct Model {
     pub frags: HashMap<FragKey, FragPorts>,
 }
 
-fn addr(family: u8, a: &[u8; 16]) -> IpAddr {
+pub fn addr(family: u8, a: &[u8; 16]) -> IpAddr {
     if family == AF_INET {
         IpAddr::from([a[0], a[1], a[2], a[3]])
     } else {

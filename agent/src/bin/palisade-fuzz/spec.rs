@@ -13,7 +13,9 @@ use std::net::IpAddr;
 
 use palisade_common::{AF_INET, AF_INET6, DIR_EGRESS, DIR_INGRESS, PROTO_ICMP, PROTO_ICMPV6};
 
-use crate::model::{Ep, Frame, Kind, Pkt, Policy, TCP_ACK, TCP_SYN, link_local_or_unspecified};
+use crate::model::{
+    Ep, Frame, Kind, Pkt, Policy, TCP_ACK, TCP_SYN, addr as ip, link_local_or_unspecified,
+};
 
 /// One conversation the spec allowed: (endpoint, opening direction, local address and port,
 /// remote address and port, protocol). For ICMP echo the "port" is the identifier.
@@ -24,11 +26,15 @@ pub struct Spec {
     flows: HashSet<Flow>,
 }
 
-fn ip(family: u8, a: &[u8; 16]) -> IpAddr {
-    if family == AF_INET {
-        IpAddr::from([a[0], a[1], a[2], a[3]])
-    } else {
-        IpAddr::from(*a)
+/// An address as the model's tuples hold it (IPv4 in the first four bytes).
+fn bytes(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V4(a) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&a.octets());
+            b
+        }
+        IpAddr::V6(a) => a.octets(),
     }
 }
 
@@ -133,16 +139,7 @@ impl Spec {
             (ip(p.family, &p.dst), p.dport, ip(p.family, &p.src), p.sport)
         };
         let allows = |open_dir: u8, port: u16| {
-            let peer = remote;
-            let peer_bytes = match peer {
-                IpAddr::V4(a) => {
-                    let mut b = [0u8; 16];
-                    b[..4].copy_from_slice(&a.octets());
-                    b
-                }
-                IpAddr::V6(a) => a.octets(),
-            };
-            let d = policy.allows(pod, open_dir, p.family, &peer_bytes, p.proto, port);
+            let d = policy.allows(pod, open_dir, p.family, &bytes(remote), p.proto, port);
             d.allowed || d.audited
         };
         if p.kind == Kind::IcmpError {
@@ -160,21 +157,7 @@ impl Spec {
                     || f.0 == e && f.2 == local && f.4 == remote && f.3 == rport && f.5 == lport
             });
             let outer_peer = if from_pod { dst } else { src };
-            let d = policy.allows(
-                pod,
-                dir,
-                p.family,
-                &match outer_peer {
-                    IpAddr::V4(a) => {
-                        let mut b = [0u8; 16];
-                        b[..4].copy_from_slice(&a.octets());
-                        b
-                    }
-                    IpAddr::V6(a) => a.octets(),
-                },
-                p.outer_proto,
-                0,
-            );
+            let d = policy.allows(pod, dir, p.family, &bytes(outer_peer), p.outer_proto, 0);
             return if about || d.allowed || d.audited {
                 Ok(())
             } else {
