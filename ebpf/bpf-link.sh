@@ -29,6 +29,8 @@ exports=$(sed -n '/global:/,/local:/p' "$version_script" \
   | sed -e '/global:/d' -e '/local:/d' -e 's/[ ;]//g' -e '/^$/d' | paste -sd, -)
 # --disable-expand-memcpy-in-order: otherwise small memset/memcpy intrinsics become calls that
 # return a stack pointer, which the verifier rejects.
+# --cpu v3: atomic fetch-and-add (conntrack accounting) and 32-bit jumps; kernel 5.12+, below
+# what TCX needs.
 # shellcheck disable=SC2086
 exec "${BPF_LINKER:?set BPF_LINKER to the bpf-linker binary (cargo xtask build does)}" \
-  --target bpfel --btf --disable-expand-memcpy-in-order --export "$exports" -o "$out" $inputs
+  --target bpfel --cpu v3 --btf --disable-expand-memcpy-in-order --export "$exports" -o "$out" $inputs

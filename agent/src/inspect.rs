@@ -242,12 +242,14 @@ pub fn reason_name(reason: Option<Reason>, no_allows: bool) -> &'static str {
         Some(Reason::UnknownEndpoint) => "unknown-endpoint",
         Some(Reason::Loopback) => "loopback",
         Some(Reason::Tunnel) => "tunnel",
+        Some(Reason::CtQuota) => "conntrack-quota",
+        Some(Reason::CtFull) => "conntrack-full",
         None => "unknown",
     }
 }
 
 /// Every reason, for counters.
-pub const REASONS: [Reason; 13] = [
+pub const REASONS: [Reason; 15] = [
     Reason::PolicyAllow,
     Reason::NotIsolated,
     Reason::Host,
@@ -261,6 +263,8 @@ pub const REASONS: [Reason; 13] = [
     Reason::UnknownEndpoint,
     Reason::Loopback,
     Reason::Tunnel,
+    Reason::CtQuota,
+    Reason::CtFull,
 ];
 
 /// Which (endpoint, direction) have at least one allow entry.

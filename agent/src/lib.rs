@@ -12,6 +12,7 @@ pub mod selector;
 pub mod state;
 
 // Edges: BPF and the host.
+pub mod ct_sweep;
 pub mod interfaces;
 pub mod loader;
 pub mod maps;

@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 pub const TO_POD: &str = "to_pod";
 pub const FROM_POD: &str = "from_pod";
 
-pub const MAP_NAMES: [&str; 12] = [
+pub const MAP_NAMES: [&str; 13] = [
     map_names::ENDPOINTS,
     map_names::IDENTITIES,
     map_names::CIDRS,
@@ -42,6 +42,7 @@ pub const MAP_NAMES: [&str; 12] = [
     map_names::RULE_STATS,
     map_names::EP_ADDRS,
     map_names::NODE_PORTS,
+    map_names::CT_RELEASED,
 ];
 
 /// The verifier's verdict on one program.
@@ -71,6 +72,8 @@ pub struct Datapath {
 pub struct LoadOptions {
     /// (map name, max_entries); for the ring buffer, its size in bytes.
     pub max_entries: Vec<(&'static str, u32)>,
+    /// Live conntrack entries per endpoint (`CT_QUOTA`); `None`: `CT_QUOTA_DEFAULT`.
+    pub ct_quota: Option<u32>,
 }
 
 /// A pinned object (map or link) and a file descriptor of ours that keeps it alive: if the pin
@@ -310,6 +313,11 @@ impl Datapath {
         for (name, max) in &opts.max_entries {
             loader.map_max_entries(name, *max);
         }
+        let ct_quota = opts.ct_quota.unwrap_or(palisade_common::CT_QUOTA_DEFAULT);
+        if ct_quota == 0 {
+            bail!("the conntrack quota per endpoint must be at least 1");
+        }
+        loader.override_global("CT_QUOTA", &ct_quota, true);
         let map_paths: Vec<(&str, PathBuf)> = match pin_dir {
             Some(dir) => {
                 let maps = dir.join("maps");
@@ -364,7 +372,7 @@ impl Datapath {
                  map replaces it (the old one serves the old programs until they are swapped)",
                 r.name, r.old, r.new
             );
-            if r.old.map_type == r.new.map_type
+            if same_kind(r.old.map_type, r.new.map_type)
                 && r.old.key_size == r.new.key_size
                 && r.old.value_size == r.new.value_size
                 && COPYABLE_MAP_TYPES.contains(&r.new.map_type)
@@ -464,6 +472,24 @@ impl Datapath {
     /// A map still in the object (not taken), to read.
     pub fn map(&self, name: &str) -> Option<&Map> {
         self.ebpf.map(name)
+    }
+
+    /// A handle of its own on one of the object's maps (for a thread that works on it beside
+    /// the writer and readers, which own the object's handles).
+    pub fn open_map(&self, name: &str) -> Result<aya::maps::MapData> {
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the object (or already taken)"))?;
+        let data = match map {
+            Map::HashMap(m) | Map::LruHashMap(m) | Map::Array(m) => m,
+            _ => bail!("map {name}: open_map supports hash maps and arrays"),
+        };
+        let id = data
+            .info()
+            .with_context(|| format!("map {name}: reading its info"))?
+            .id();
+        aya::maps::MapData::from_id(id).with_context(|| format!("map {name}: opening it by id"))
     }
 
     /// Moves a map out of the object (the map writer and readers own them).
@@ -861,6 +887,14 @@ pub fn object_map_layouts(
 /// Map types whose entries `load_with` copies into a replacement of another capacity (plain
 /// and LRU hashes, LPM tries, arrays; not per-CPU maps or ring buffers).
 const COPYABLE_MAP_TYPES: &[u32] = &[1, 2, 9, 11];
+
+/// Whether entries of a map of type `old` keep their meaning in one of type `new`: the same
+/// type, or a plain hash and an LRU hash (CONNTRACK was an LRU hash before it had quotas).
+fn same_kind(old: u32, new: u32) -> bool {
+    const HASH: u32 = 1;
+    const LRU_HASH: u32 = 9;
+    old == new || matches!((old, new), (HASH, LRU_HASH) | (LRU_HASH, HASH))
+}
 
 /// A pinned map set aside because its layout differs from the object's.
 struct Replaced {

@@ -77,6 +77,11 @@ enum Command {
         /// Verdicts kept for `palisade verdicts`.
         #[arg(long, value_name = "N", default_value_t = palisade::verdicts::DEFAULT_HISTORY)]
         history: usize,
+        /// Tracked flows one pod may hold at once (of the node's 262144); new flows beyond it
+        /// are dropped (`conntrack-quota`) until some end or expire.
+        #[arg(long, value_name = "N", default_value_t = palisade_common::CT_QUOTA_DEFAULT,
+              value_parser = clap::value_parser!(u32).range(1..=i64::from(palisade_common::capacity::CONNTRACK)))]
+        conntrack_per_pod: u32,
     },
     /// Recent verdicts: which packets were dropped or allowed, by which policy.
     Verdicts(cli::VerdictsArgs),
@@ -157,6 +162,7 @@ fn main() -> Result<()> {
             audit,
             metrics_addr,
             history,
+            conntrack_per_pod,
         } => {
             let cni_state_dir = match cni_state_dir.as_deref() {
                 Some("off") => None,
@@ -191,6 +197,7 @@ fn main() -> Result<()> {
                 socket: Some(cli.socket),
                 metrics_addr: metrics_addr.0,
                 history,
+                conntrack_per_pod,
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

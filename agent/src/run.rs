@@ -45,6 +45,8 @@ pub struct RunConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Verdicts kept for `palisade verdicts`.
     pub history: usize,
+    /// Live conntrack entries per endpoint (`CT_QUOTA`).
+    pub conntrack_per_pod: u32,
 }
 
 /// What the agent reports after each reconcile.
@@ -98,6 +100,8 @@ pub struct Agent {
     retry_at: Option<Instant>,
     /// Verdict reader, CLI socket, metrics (absent if the event maps could not be taken).
     observer: Option<Observer>,
+    /// The conntrack sweep's thread (stops with the agent).
+    _ct_sweep: crate::ct_sweep::SweepHandle,
     /// Services and EndpointSlices (Service VIPs in egress policy: `services`), set by the
     /// source before `enforce`.
     services: crate::services::ServiceStore,
@@ -114,7 +118,11 @@ impl Agent {
         if let Some(parent) = cfg.pin_dir.parent() {
             loader::ensure_bpffs(parent)?;
         }
-        let mut datapath = Datapath::load(object, Some(&cfg.pin_dir))?;
+        let opts = loader::LoadOptions {
+            ct_quota: Some(cfg.conntrack_per_pod),
+            ..Default::default()
+        };
+        let mut datapath = Datapath::load_with(object, Some(&cfg.pin_dir), &opts)?;
         for p in datapath.program_stats() {
             info!(
                 program = p.name,
@@ -122,6 +130,10 @@ impl Agent {
                 "program loaded"
             );
         }
+        // Before the writer and readers take the object's map handles.
+        let ct_sweep = crate::ct_sweep::Sweeper::new(&datapath)
+            .and_then(|s| s.spawn(crate::ct_sweep::INTERVAL))
+            .context("the conntrack sweep")?;
         let writer = MapWriter::new(&mut datapath)?;
         let source = ManifestDir::new(&cfg.manifests);
         let observer = Observer::start(ObserveConfig::of(&cfg), &mut datapath)
@@ -143,6 +155,7 @@ impl Agent {
             incomplete: Vec::new(),
             retry_at: None,
             observer,
+            _ct_sweep: ct_sweep,
             services: Default::default(),
             service_ids: Default::default(),
             cni_state_dir: None,

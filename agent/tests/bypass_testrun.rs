@@ -487,3 +487,125 @@ fn a2_node_ports_are_egress_to_their_targets() {
     let rig = Rig::new(&open);
     assert_eq!(rig.egress(&udp4(POD, NODE, 5000, 30081)), TC_ACT_OK);
 }
+
+/// A7. One pod cannot evict the others' flows from conntrack, nor take the whole table. Pod A
+/// floods more distinct UDP flows (two packets each, so an LRU would keep them over an idle
+/// flow) than the table holds; pod B's established TCP connection, idle meanwhile, still
+/// gets its replies (an LRU table evicted it). A is held to its quota, every refused flow
+/// counted; B still opens new flows. The sweep then frees A's expired entries (A may open
+/// flows again, B's live connection stays), and once A is gone, its entries and accounting.
+#[test]
+fn a7_one_pod_cannot_evict_the_others_flows() {
+    if !require_root() {
+        return;
+    }
+    const EP_B: u32 = 8;
+    const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 20);
+    let ifs = support::private_interfaces(1);
+    let (a, b) = (ifs[0], ifs[1]);
+    // A: not isolated. B: isolated ingress, nothing allowed in: its replies pass only by
+    // conntrack.
+    let mut state = support::endpoint_state(a, 0, []);
+    state.endpoints.insert(
+        b,
+        EndpointInfo {
+            id: EP_B,
+            flags: EP_ISOLATED_INGRESS,
+            ..Default::default()
+        },
+    );
+    state.endpoint_addrs.insert(peer_addr(POD_B.into()), EP_B);
+    let mut dp =
+        palisade::loader::Datapath::load_with(&support::object(), None, &Default::default())
+            .expect("load datapath");
+    let mut sweeper = palisade::ct_sweep::Sweeper::new(&dp).expect("sweeper");
+    let mut writer = palisade::maps::MapWriter::new(&mut dp).expect("writer");
+    assert_eq!(writer.apply(&state).failed, 0);
+    let counters: aya::maps::PerCpuArray<_, u64> =
+        aya::maps::PerCpuArray::try_from(dp.take_map(map_names::COUNTERS).unwrap()).unwrap();
+    let run = |ifindex: u32, prog: &str, pkt: &[u8]| support::test_run_on(&dp, prog, ifindex, pkt);
+    let dropped = |r: Reason| support::counter(&counters, DROPPED_BY_REASON + r as u32);
+
+    // B's connection: handshake and a request, then idle.
+    assert_eq!(
+        run(b, FROM_POD, &tcp4(POD_B, PEER, 40000, 80, SYN)),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        run(b, TO_POD, &tcp4(PEER, POD_B, 80, 40000, SYN_ACK)),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        run(b, FROM_POD, &tcp4(POD_B, PEER, 40000, 80, ACK)),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        run(b, FROM_POD, &tcp4(POD_B, PEER, 40000, 80, PSH_ACK)),
+        TC_ACT_OK
+    );
+
+    // A's flood: 300 000 flows (the table holds 262 144), two packets each.
+    let flows: u32 = 300_000;
+    let mut pkt = udp4(POD, PEER, 0, 0);
+    let (mut passed, started) = (0u32, std::time::Instant::now());
+    for i in 0..flows {
+        let (sport, dport) = (1024 + (i % 60_000) as u16, 1 + (i / 60_000) as u16);
+        pkt[34..36].copy_from_slice(&sport.to_be_bytes());
+        pkt[36..38].copy_from_slice(&dport.to_be_bytes());
+        for _ in 0..2 {
+            if run(a, FROM_POD, &pkt) == TC_ACT_OK {
+                passed += 1;
+            }
+        }
+    }
+    eprintln!("flood of {flows} flows: {:?}", started.elapsed());
+    assert_eq!(
+        run(b, TO_POD, &tcp4(PEER, POD_B, 80, 40000, PSH_ACK)),
+        TC_ACT_OK,
+        "B's established connection lost its conntrack entry to A's flood"
+    );
+    let quota = CT_QUOTA_DEFAULT;
+    assert_eq!(passed, 2 * quota, "A holds exactly its quota of flows");
+    assert_eq!(
+        dropped(Reason::CtQuota),
+        u64::from(2 * (flows - quota)),
+        "every packet of a refused flow is counted"
+    );
+    assert_eq!(dropped(Reason::CtFull), 0, "the table never filled");
+    // B opens new flows as before, and their replies pass.
+    assert_eq!(run(b, FROM_POD, &udp4(POD_B, PEER, 5353, 53)), TC_ACT_OK);
+    assert_eq!(run(b, TO_POD, &udp4(PEER, POD_B, 53, 5353)), TC_ACT_OK);
+
+    // The sweep, a minute later than now: A's UDP entries expired; B's connection did not.
+    let later = palisade::ct_sweep::datapath_now_ns() + CT_TIMEOUT_OTHER_NS + 1_000_000_000;
+    let started = std::time::Instant::now();
+    let swept = sweeper.sweep(later).expect("sweep");
+    eprintln!("sweep: {swept:?} in {:?}", started.elapsed());
+    assert_eq!(
+        swept.expired,
+        u64::from(quota) + 1,
+        "A's flows and B's UDP flow"
+    );
+    assert_eq!(swept.orphaned, 0);
+    assert_eq!(
+        run(b, TO_POD, &tcp4(PEER, POD_B, 80, 40000, PSH_ACK)),
+        TC_ACT_OK
+    );
+    pkt[34..36].copy_from_slice(&7u16.to_be_bytes());
+    assert_eq!(run(a, FROM_POD, &pkt), TC_ACT_OK, "A's quota was released");
+    assert_eq!(dropped(Reason::CtQuota), u64::from(2 * (flows - quota)));
+
+    // A goes: its entry and its accounting with it; B keeps its own.
+    let mut without_a = state.clone();
+    without_a.endpoints.remove(&a);
+    assert_eq!(writer.apply(&without_a).failed, 0);
+    let swept = sweeper
+        .sweep(palisade::ct_sweep::datapath_now_ns())
+        .expect("sweep");
+    assert_eq!((swept.expired, swept.orphaned), (0, 1), "{swept:?}");
+    assert_eq!(swept.endpoints_forgotten, 1, "{swept:?}");
+    assert_eq!(
+        run(b, TO_POD, &tcp4(PEER, POD_B, 80, 40000, PSH_ACK)),
+        TC_ACT_OK
+    );
+}

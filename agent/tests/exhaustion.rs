@@ -39,6 +39,7 @@ impl Rig {
     fn new(max_entries: &[(&'static str, u32)]) -> Rig {
         let (mut dp, writer) = load_with(&LoadOptions {
             max_entries: max_entries.to_vec(),
+            ..Default::default()
         });
         let counters = PerCpuArray::try_from(dp.take_map(map_names::COUNTERS).unwrap()).unwrap();
         Rig {
@@ -283,42 +284,53 @@ fn endpoint_without_entry_fails_closed() {
     assert_eq!(rig.ingress(ifs[0], &tcp4(PEER, POD, 1, 80, SYN)), OK);
 }
 
+/// A full conntrack table refuses new flows (dropped, counted) and never evicts the flows it
+/// holds: their replies keep passing, whatever was attempted since.
 #[test]
-fn full_conntrack_never_lets_a_denied_flow_through() {
+fn full_conntrack_refuses_new_flows_and_keeps_established_ones() {
     if !require_root() {
         return;
     }
     let ifs = private_interfaces(2);
     let mut rig = Rig::new(&[(map_names::CONNTRACK, 16)]);
     assert_eq!(rig.writer.apply(&state(ifs[0], [80])).failed, 0);
+    let full_before = rig.counter(DROPPED_BY_REASON + Reason::CtFull as u32);
     // 500 allowed flows through a 16-entry table, each followed by denied traffic.
-    let mut reply_passed = 0;
     for i in 0..500u16 {
         let sport = 10_000 + i;
-        assert_eq!(rig.ingress(ifs[0], &tcp4(PEER, POD, sport, 80, SYN)), OK);
+        let expected = if i < 16 { OK } else { SHOT };
+        assert_eq!(
+            rig.ingress(ifs[0], &tcp4(PEER, POD, sport, 80, SYN)),
+            expected,
+            "flow {i}: the table holds 16"
+        );
         assert_eq!(
             rig.ingress(ifs[0], &tcp4(PEER, POD, sport, 81, SYN)),
             SHOT,
             "denied port, flow {i}"
         );
         assert_eq!(
-            rig.egress(ifs[0], &tcp4(POD, PEER, 80, sport + 1, SYN_ACK)),
+            rig.egress(ifs[0], &tcp4(POD, PEER, 80, sport + 1000, SYN_ACK)),
             SHOT,
             "reply to a flow that never was, flow {i}"
         );
-        // The reply of an early flow, long evicted: dropped (fail closed), never a hole.
-        if i >= 100 {
-            let old = 10_000 + i - 100;
-            if rig.egress(ifs[0], &tcp4(POD, PEER, 80, old, SYN_ACK)) == OK {
-                reply_passed += 1;
-            }
-        }
     }
-    assert_eq!(reply_passed, 0, "evicted flows are forgotten, not opened");
-    // The newest flow is tracked: its reply passes.
     assert_eq!(
-        rig.egress(ifs[0], &tcp4(POD, PEER, 80, 10_499, SYN_ACK)),
-        OK
+        rig.counter(DROPPED_BY_REASON + Reason::CtFull as u32) - full_before,
+        484,
+        "every refused flow is counted"
+    );
+    for i in 0..16u16 {
+        assert_eq!(
+            rig.egress(ifs[0], &tcp4(POD, PEER, 80, 10_000 + i, SYN_ACK)),
+            OK,
+            "established flow {i} was evicted"
+        );
+    }
+    assert_eq!(
+        rig.egress(ifs[0], &tcp4(POD, PEER, 80, 10_016, SYN_ACK)),
+        SHOT,
+        "a refused flow has no entry to reply through"
     );
 }
 
@@ -400,7 +412,7 @@ fn full_ring_buffer_is_counted_and_never_blocks() {
             EndpointState {
                 tokens: u64::MAX / 2,
                 last_refill_ns: u64::MAX / 2,
-                suppressed: 0,
+                ..Default::default()
             },
             0,
         )

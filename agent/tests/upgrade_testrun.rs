@@ -134,6 +134,7 @@ fn a_capacity_change_carries_entries_over() {
     let obj = object();
     let small = LoadOptions {
         max_entries: vec![(map_names::CONNTRACK, 1024)],
+        ..Default::default()
     };
     // Generation 1: an endpoint and a tracked flow.
     let mut dp = Datapath::load_with(&obj, Some(&pins), &small).unwrap();

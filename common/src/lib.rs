@@ -213,8 +213,23 @@ pub struct PolicyValue {
 }
 
 // ---------------------------------------------------------------------------------------------
-// CONNTRACK: LruHashMap<CtKey, CtEntry>
+// CONNTRACK: HashMap<CtKey, CtEntry>   (CT_RELEASED: HashMap<u32 endpoint id, u64>)
 // ---------------------------------------------------------------------------------------------
+//
+// A plain (not LRU) hash: an entry leaves the table only when its flow ends or idles past its
+// timeout, never because other flows need the room. An LRU table lets one pod that opens
+// flows faster than the others evict their idle established flows, whose replies then drop.
+// Instead, each endpoint may hold at most `CT_QUOTA` live entries (a load-time setting,
+// `CT_QUOTA_DEFAULT` unless the agent sets it): a new flow beyond the quota, or beyond a full
+// table, is dropped and counted (`Reason::CtQuota`, `Reason::CtFull`), as netfilter drops
+// new connections when its table is full. What was established stays established.
+//
+// Accounting is exact: an endpoint's live entries are `EndpointState::ct_opened -
+// ct_closed - CT_RELEASED[endpoint]`. The datapath adds to the first two atomically, for
+// the entries it inserts and removes; the agent's sweep (which removes entries that expired
+// without a later packet, and entries of endpoints that are gone) is the only writer of
+// `CT_RELEASED`. A removal counts only where the kernel says it removed the entry, so an
+// entry removed by two parties at once is counted once.
 
 /// A flow as first seen by one endpoint in one direction (the "original" direction).
 /// Replies are found by swapping the tuple and flipping the direction.
@@ -284,6 +299,30 @@ pub struct CtEntry {
 pub const CT_TIMEOUT_TCP_NS: u64 = 3600 * 1_000_000_000;
 pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
 pub const CT_TIMEOUT_OTHER_NS: u64 = 60 * 1_000_000_000;
+
+/// How long an entry of `proto` with `flags` lives without a packet (the datapath and the
+/// agent's sweep agree on it).
+#[inline(always)]
+pub const fn ct_timeout_ns(proto: u8, flags: u32) -> u64 {
+    if proto != PROTO_TCP {
+        CT_TIMEOUT_OTHER_NS
+    } else if flags & CT_FLAG_CLOSING != 0 {
+        CT_TIMEOUT_TCP_CLOSING_NS
+    } else {
+        CT_TIMEOUT_TCP_NS
+    }
+}
+
+/// Live conntrack entries an endpoint may hold unless the agent sets another quota: a
+/// quarter of the table, so that a pod flooding new flows leaves three quarters to the rest.
+pub const CT_QUOTA_DEFAULT: u32 = capacity::CONNTRACK / 4;
+
+/// An endpoint's live conntrack entries (negative only for entries copied over by an
+/// upgrade, which no `ct_opened` counted).
+#[inline(always)]
+pub const fn ct_live(ct_opened: u64, ct_closed: u64, released: u64) -> i64 {
+    ct_opened.wrapping_sub(ct_closed).wrapping_sub(released) as i64
+}
 /// `last_seen_ns` is refreshed at most this often, to keep writes off the fast path.
 pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 
@@ -360,6 +399,10 @@ pub enum Reason {
     /// A packet from a pod into one of the node's tunnels (IPIP, IPv6-in-IP, GRE, EtherIP,
     /// VXLAN, Geneve to a node address): what the node decapsulates was never checked.
     Tunnel = 13,
+    /// A new flow beyond the endpoint's quota of conntrack entries (`CT_QUOTA`).
+    CtQuota = 14,
+    /// A new flow when the conntrack table is full.
+    CtFull = 15,
 }
 
 impl Reason {
@@ -378,6 +421,8 @@ impl Reason {
             11 => Reason::UnknownEndpoint,
             12 => Reason::Loopback,
             13 => Reason::Tunnel,
+            14 => Reason::CtQuota,
+            15 => Reason::CtFull,
             _ => return None,
         })
     }
@@ -450,6 +495,9 @@ pub struct EndpointState {
     pub tokens: u64,
     pub last_refill_ns: u64,
     pub suppressed: u64,
+    /// Conntrack entries the datapath inserted for the endpoint, and removed (atomic adds).
+    pub ct_opened: u64,
+    pub ct_closed: u64,
 }
 
 /// Map names, as the eBPF object defines them and the agent pins them.
@@ -466,6 +514,7 @@ pub mod map_names {
     pub const RULE_STATS: &str = "RULE_STATS";
     pub const EP_ADDRS: &str = "EP_ADDRS";
     pub const NODE_PORTS: &str = "NODE_PORTS";
+    pub const CT_RELEASED: &str = "CT_RELEASED";
 }
 
 /// Map capacities, shared so the agent can report fill levels.
@@ -517,7 +566,7 @@ mod tests {
         assert_eq!(size_of::<CtEntry>(), 48);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<Event>(), 72);
-        assert_eq!(size_of::<EndpointState>(), 24);
+        assert_eq!(size_of::<EndpointState>(), 40);
         assert_eq!(size_of::<RuleStats>(), 16);
         const { assert!(DROPPED_BY_REASON + 16 <= AUDITED_BY_REASON) };
         const { assert!(AUDITED_BY_REASON + 16 <= COUNTER_SLOTS) };

@@ -5,14 +5,19 @@
 //! swapped tuple in the opposite direction ("reply"). Keying by endpoint keeps the two ends of
 //! a pod-to-pod flow on one node apart: the source's egress verdict never stands in for the
 //! destination's ingress verdict.
+//!
+//! The table never evicts: each endpoint holds at most its quota of entries, and every
+//! insertion and removal here is counted in the endpoint's EP_STATE (`common`, CONNTRACK).
+use core::sync::atomic::{AtomicU64, Ordering};
+
 use palisade_common::{
-    CT_FLAG_CLOSING, CT_FLAG_FIN_ORIGINAL, CT_FLAG_FIN_REPLY, CT_FLAG_RST, CT_REFRESH_NS,
-    CT_TIMEOUT_OTHER_NS, CT_TIMEOUT_TCP_CLOSING_NS, CT_TIMEOUT_TCP_NS, CtEntry, CtKey, DIR_EGRESS,
-    DIR_INGRESS, PROTO_TCP, ct_reply_role,
+    CT_FLAG_CLOSING, CT_FLAG_FIN_ORIGINAL, CT_FLAG_FIN_REPLY, CT_FLAG_RST, CT_QUOTA_DEFAULT,
+    CT_REFRESH_NS, CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, Reason, ct_live,
+    ct_reply_role, ct_timeout_ns,
 };
 
 use crate::{
-    maps::CONNTRACK,
+    maps::{CONNTRACK, CT_QUOTA, CT_RELEASED, endpoint_state},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -47,14 +52,26 @@ pub fn forward_key(endpoint: u32, dir: u8, pkt: &Packet) -> CtKey {
     }
 }
 
+/// `*counter += 1`, atomically: every CPU counts into the same EP_STATE entry.
 #[inline(always)]
-fn timeout(proto: u8, flags: u32) -> u64 {
-    if proto != PROTO_TCP {
-        CT_TIMEOUT_OTHER_NS
-    } else if flags & CT_FLAG_CLOSING != 0 {
-        CT_TIMEOUT_TCP_CLOSING_NS
-    } else {
-        CT_TIMEOUT_TCP_NS
+fn add_one(counter: *mut u64) {
+    unsafe { AtomicU64::from_ptr(counter) }.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Reads a counter other CPUs add to (an aligned 8-byte load is atomic on BPF; LLVM's BPF
+/// backend has no relaxed atomic load to say so).
+#[inline(always)]
+fn load(counter: *mut u64) -> u64 {
+    unsafe { core::ptr::read_volatile(counter) }
+}
+
+/// Removes `key`'s entry, counting it only if this call removed it.
+#[inline(always)]
+fn delete(key: &CtKey) {
+    if CONNTRACK.remove(key).is_ok()
+        && let Some(state) = crate::maps::EP_STATE.get_ptr_mut(key.endpoint)
+    {
+        add_one(unsafe { &raw mut (*state).ct_closed });
     }
 }
 
@@ -63,8 +80,8 @@ fn timeout(proto: u8, flags: u32) -> u64 {
 fn live(key: &CtKey, now: u64) -> Option<*mut CtEntry> {
     let e = CONNTRACK.get_ptr_mut(key)?;
     let (last_seen, flags) = unsafe { ((*e).last_seen_ns, (*e).flags) };
-    if now.saturating_sub(last_seen) > timeout(key.proto, flags) {
-        let _ = CONNTRACK.remove(key);
+    if now.saturating_sub(last_seen) > ct_timeout_ns(key.proto, flags) {
+        delete(key);
         return None;
     }
     Some(e)
@@ -78,7 +95,7 @@ pub fn lookup(endpoint: u32, dir: u8, pkt: &Packet, now: u64) -> Lookup {
     if let Some(e) = live(&key, now) {
         // A new SYN on a closing connection's tuple starts a new flow: evaluate it afresh.
         if syn_only && unsafe { (*e).flags } & CT_FLAG_CLOSING != 0 {
-            let _ = CONNTRACK.remove(key);
+            delete(&key);
             return Lookup::Miss;
         }
         return Lookup::Hit(e, key);
@@ -150,9 +167,31 @@ pub fn touch(e: *mut CtEntry, pkt: &Packet, original: bool, len: u32, now: u64) 
     }
 }
 
-/// Records an allowed new flow. Returns false if the map refused the entry.
+/// Records an allowed new flow: `Err` names why it could not (the endpoint holds its quota,
+/// or the table is full). A flow another CPU recorded meanwhile counts as recorded.
 #[inline(always)]
-pub fn create(key: &CtKey, rule: u32, revision: u32, flags: u32, len: u32, now: u64) -> bool {
+pub fn create(
+    key: &CtKey,
+    rule: u32,
+    revision: u32,
+    flags: u32,
+    len: u32,
+    now: u64,
+) -> Result<(), Reason> {
+    let state = endpoint_state(key.endpoint, now).ok_or(Reason::CtFull)?;
+    let released = unsafe { CT_RELEASED.get(&key.endpoint) }
+        .copied()
+        .unwrap_or(0);
+    let quota = match unsafe { core::ptr::read_volatile(&CT_QUOTA) } {
+        0 => CT_QUOTA_DEFAULT,
+        q => q,
+    };
+    let (opened, closed) = unsafe { (&raw mut (*state).ct_opened, &raw mut (*state).ct_closed) };
+    // Racing CPUs of one endpoint may each see room for one more: the quota is exact to
+    // within the number of CPUs, the accounting exactly.
+    if ct_live(load(opened), load(closed), released) >= i64::from(quota) {
+        return Err(Reason::CtQuota);
+    }
     let entry = CtEntry {
         created_ns: now,
         last_seen_ns: now,
@@ -163,10 +202,19 @@ pub fn create(key: &CtKey, rule: u32, revision: u32, flags: u32, len: u32, now: 
         flags,
         _pad: 0,
     };
-    CONNTRACK.insert(key, entry, 0).is_ok()
+    const BPF_NOEXIST: u64 = 1;
+    const EEXIST: i32 = 17;
+    match CONNTRACK.insert(key, entry, BPF_NOEXIST) {
+        Ok(()) => {
+            add_one(opened);
+            Ok(())
+        }
+        Err(e) if e == -EEXIST => Ok(()),
+        Err(_) => Err(Reason::CtFull),
+    }
 }
 
 #[inline(always)]
 pub fn remove(key: &CtKey) {
-    let _ = CONNTRACK.remove(key);
+    delete(key);
 }

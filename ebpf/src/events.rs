@@ -3,12 +3,12 @@
 //! flood from one pod cannot starve the node; what the bucket refuses is counted.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use palisade_common::{
-    AUDITED_BY_REASON, Counter, DROPPED_BY_REASON, EVENT_BURST, EVENT_RATE_PER_SEC, EndpointState,
-    Event, Reason, RuleStats,
+    AUDITED_BY_REASON, Counter, DROPPED_BY_REASON, EVENT_BURST, EVENT_RATE_PER_SEC, Event, Reason,
+    RuleStats,
 };
 
 use crate::{
-    maps::{COUNTERS, EP_STATE, EVENTS, RULE_STATS},
+    maps::{COUNTERS, EVENTS, RULE_STATS, endpoint_state},
     parse::Packet,
 };
 
@@ -71,17 +71,9 @@ pub fn now_ns() -> u64 {
 /// Takes a token from the endpoint's bucket; false when the event must be suppressed.
 #[inline(always)]
 fn take_token(endpoint: u32, now: u64) -> bool {
-    let state = match EP_STATE.get_ptr_mut(endpoint) {
-        Some(s) => s,
-        None => {
-            let fresh = EndpointState {
-                tokens: EVENT_BURST - 1,
-                last_refill_ns: now,
-                suppressed: 0,
-            };
-            let _ = EP_STATE.insert(endpoint, fresh, 0);
-            return true;
-        }
+    let Some(state) = endpoint_state(endpoint, now) else {
+        // EP_STATE is full: no bucket, so no limit rather than no events.
+        return true;
     };
     let state = unsafe { &mut *state };
     let elapsed = now.saturating_sub(state.last_refill_ns);

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use palisade_common::{
-    COUNTER_SLOTS, CidrKey, CtEntry, CtKey, EndpointInfo, EndpointState, FragKey, FragPorts,
-    NodePortKey, NodePortTarget, PeerAddr, PolicyKey, PolicyValue, RuleStats, capacity,
+    COUNTER_SLOTS, CidrKey, CtEntry, CtKey, EVENT_BURST, EndpointInfo, EndpointState, FragKey,
+    FragPorts, NodePortKey, NodePortTarget, PeerAddr, PolicyKey, PolicyValue, RuleStats, capacity,
 };
 
 use crate::parse::Packet;
@@ -33,9 +33,17 @@ pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::with_max_entries(c
 #[map]
 pub static SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
 
+/// Tracked flows: a plain hash, so no flow is ever evicted for another (`common`, CONNTRACK).
 #[map]
-pub static CONNTRACK: LruHashMap<CtKey, CtEntry> =
-    LruHashMap::with_max_entries(capacity::CONNTRACK, 0);
+pub static CONNTRACK: HashMap<CtKey, CtEntry> = HashMap::with_max_entries(capacity::CONNTRACK, 0);
+
+/// Endpoint id -> conntrack entries the agent's sweep removed. Written by the agent only.
+#[map]
+pub static CT_RELEASED: HashMap<u32, u64> = HashMap::with_max_entries(capacity::ENDPOINTS, 0);
+
+/// Live conntrack entries per endpoint; set by the agent at load time (0: the default).
+#[unsafe(no_mangle)]
+pub static CT_QUOTA: u32 = 0;
 
 #[map]
 pub static FRAGMENTS: LruHashMap<FragKey, FragPorts> =
@@ -47,7 +55,8 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
-/// Endpoint id -> datapath-owned state (event rate limiter). Written by the datapath only.
+/// Endpoint id -> datapath-owned state (event rate limiter, conntrack accounting). Written by
+/// the datapath only; the agent's sweep removes the entries of endpoints that are gone.
 #[map]
 pub static EP_STATE: HashMap<u32, EndpointState> =
     HashMap::with_max_entries(capacity::ENDPOINTS, 0);
@@ -68,3 +77,20 @@ pub static EP_ADDRS: HashMap<PeerAddr, u32> = HashMap::with_max_entries(capacity
 #[map]
 pub static NODE_PORTS: HashMap<NodePortKey, NodePortTarget> =
     HashMap::with_max_entries(capacity::NODE_PORTS, 0);
+
+/// The endpoint's EP_STATE entry, created (with a full event bucket) if it has none yet. Never
+/// overwrites one another CPU created meanwhile: its counters would be lost.
+#[inline(always)]
+pub fn endpoint_state(endpoint: u32, now: u64) -> Option<*mut EndpointState> {
+    if let Some(s) = EP_STATE.get_ptr_mut(endpoint) {
+        return Some(s);
+    }
+    let fresh = EndpointState {
+        tokens: EVENT_BURST,
+        last_refill_ns: now,
+        ..EndpointState::default()
+    };
+    const BPF_NOEXIST: u64 = 1;
+    let _ = EP_STATE.insert(endpoint, fresh, BPF_NOEXIST);
+    EP_STATE.get_ptr_mut(endpoint)
+}

@@ -64,45 +64,58 @@ struct Ctx {
     now: u64,
 }
 
+/// The verdict event of a packet at this endpoint (`events::emit`). A call of its own: the
+/// event is built on the stack, and inlined at every call site its frame would push
+/// `handle`'s past the verifier's 512-byte limit.
+#[inline(never)]
+fn report(c: &Ctx, pkt: Option<&Packet>, verdict: u8, reason: Reason, rule: u32) {
+    emit(
+        c.ep.id, c.ifindex, c.dir, c.len, pkt, verdict, reason, rule, c.now,
+    );
+}
+
+/// Records `pkt` as the first packet of an allowed (or audited) flow, in the direction being
+/// judged. A call of its own, not inlined: its frame and `handle`'s together would pass the
+/// verifier's 512-byte stack limit.
+#[inline(never)]
+fn open_flow(c: &Ctx, pkt: &Packet, rule: u32, flags: u32) -> Result<(), Reason> {
+    let key = conntrack::forward_key(c.ep.id, c.dir, pkt);
+    conntrack::create(&key, rule, c.ep.revision, flags, c.len, c.now)
+}
+
 /// Drops a packet that the policy of direction `judged` (the packet's own direction, or for a
 /// re-checked flow the flow's original one) does not allow. Where that direction is audited,
 /// the packet passes and the event says "would drop". Hostile frames (malformed, spoofed,
-/// loopback, tunnel, non-IP from a pod) are never audited.
+/// loopback, tunnel, non-IP from a pod) and new flows conntrack has no room for are never
+/// audited: policy does not decide them.
 #[inline(always)]
 fn drop_packet(c: &Ctx, judged: u8, pkt: Option<&Packet>, reason: Reason) -> Result<i32, i32> {
-    // Hostile frames are never audited: they are not traffic policy could allow.
-    let hostile = matches!(
+    match drop_action(c, judged, pkt, reason) {
+        TC_ACT_OK => Ok(TC_ACT_OK),
+        action => Err(action),
+    }
+}
+
+/// `drop_packet`'s body, not inlined at each of its many call sites.
+#[inline(never)]
+fn drop_action(c: &Ctx, judged: u8, pkt: Option<&Packet>, reason: Reason) -> i32 {
+    let not_policy = matches!(
         reason,
-        Reason::Malformed | Reason::Spoofed | Reason::Loopback | Reason::Tunnel
+        Reason::Malformed
+            | Reason::Spoofed
+            | Reason::Loopback
+            | Reason::Tunnel
+            | Reason::CtQuota
+            | Reason::CtFull
     ) || (reason == Reason::NonIp && c.dir == DIR_EGRESS);
-    if c.ep.flags & audit_flag(judged) != 0 && !hostile {
+    if c.ep.flags & audit_flag(judged) != 0 && !not_policy {
         count_audit(reason);
-        emit(
-            c.ep.id,
-            c.ifindex,
-            c.dir,
-            c.len,
-            pkt,
-            VERDICT_AUDIT,
-            reason,
-            0,
-            c.now,
-        );
-        return Ok(TC_ACT_OK);
+        report(c, pkt, VERDICT_AUDIT, reason, 0);
+        return TC_ACT_OK;
     }
     count_drop(reason);
-    emit(
-        c.ep.id,
-        c.ifindex,
-        c.dir,
-        c.len,
-        pkt,
-        VERDICT_DROP,
-        reason,
-        0,
-        c.now,
-    );
-    Err(TC_ACT_SHOT)
+    report(c, pkt, VERDICT_DROP, reason, 0);
+    TC_ACT_SHOT
 }
 
 /// What a pod may never send, whatever its policy: a source that is not its own (IPv6
@@ -179,17 +192,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     };
     if ep.flags & EP_PENDING != 0 {
         count_drop(Reason::Pending);
-        emit(
-            ep.id,
-            ifindex,
-            dir,
-            c.len,
-            None,
-            VERDICT_DROP,
-            Reason::Pending,
-            0,
-            c.now,
-        );
+        report(&c, None, VERDICT_DROP, Reason::Pending, 0);
         return Err(TC_ACT_SHOT);
     }
     let pkt = match SCRATCH.get_ptr_mut(0) {
@@ -344,31 +347,25 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             v.reason
         };
         if ep.flags & audit_flag(dir) != 0 && opens_flow {
-            // The rest of an audited flow (and its replies) passes by conntrack, quietly.
-            let key = conntrack::forward_key(ep.id, dir, pkt);
-            conntrack::create(&key, 0, ep.revision, CT_FLAG_AUDIT, c.len, c.now);
+            // The rest of an audited flow (and its replies) passes by conntrack, quietly (if
+            // there is no room for it, each packet is audited on its own).
+            if open_flow(&c, pkt, 0, CT_FLAG_AUDIT).is_err() {
+                count(Counter::CtInsertFailed);
+            }
         }
         return drop_packet(&c, dir, Some(pkt), reason);
     }
-    // Node traffic needs no entry.
-    if v.reason != Reason::Host && opens_flow {
-        let key = conntrack::forward_key(ep.id, dir, pkt);
-        if !conntrack::create(&key, v.rule, ep.revision, 0, c.len, c.now) {
-            count(Counter::CtInsertFailed);
-        }
+    // Node traffic needs no entry. A flow that cannot be tracked is not let through: its
+    // replies would be dropped anyway, and an untracked flow escapes revalidation.
+    if v.reason != Reason::Host
+        && opens_flow
+        && let Err(reason) = open_flow(&c, pkt, v.rule, 0)
+    {
+        count(Counter::CtInsertFailed);
+        return drop_packet(&c, dir, Some(pkt), reason);
     }
     count(Counter::NewAllowed);
     count_rule(v.rule, c.len);
-    emit(
-        ep.id,
-        ifindex,
-        dir,
-        c.len,
-        Some(pkt),
-        VERDICT_ALLOW,
-        v.reason,
-        v.rule,
-        c.now,
-    );
+    report(&c, Some(pkt), VERDICT_ALLOW, v.reason, v.rule);
     Ok(TC_ACT_OK)
 }

@@ -377,7 +377,7 @@ pub fn dump_maps(maps: &Path) -> String {
     dump_hash!(map_names::ENDPOINTS, u32, EndpointInfo, Map::HashMap);
     dump_hash!(map_names::IDENTITIES, PeerAddr, u32, Map::HashMap);
     dump_hash!(map_names::EP_ADDRS, PeerAddr, u32, Map::HashMap);
-    dump_hash!(map_names::CONNTRACK, CtKey, CtEntry, Map::LruHashMap);
+    dump_hash!(map_names::CONNTRACK, CtKey, CtEntry, Map::HashMap);
     macro_rules! dump_trie {
         ($name:expr, $k:ty, $v:ty) => {
             let _ = writeln!(out, "== {}", $name);

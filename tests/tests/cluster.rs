@@ -789,6 +789,7 @@ fn program_upgrades_swap_atomically_under_traffic() {
     };
     let small = LoadOptions {
         max_entries: vec![("CONNTRACK", 65_536)],
+        ..Default::default()
     };
     let mut current = Some(generation(&small));
     let ip = |n: &str| pod(&node, n).ip(false);

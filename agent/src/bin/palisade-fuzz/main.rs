@@ -119,6 +119,8 @@ struct Datapaths {
     writer: MapWriter,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
     fragments: HashMap<MapData, FragKey, FragPorts>,
+    /// Empties conntrack the way the agent's sweep does (releasing the endpoints' quotas).
+    sweeper: palisade::ct_sweep::Sweeper,
 }
 
 impl Datapaths {
@@ -140,10 +142,7 @@ impl Datapaths {
     }
 
     fn clear_state(&mut self) -> Result<()> {
-        let keys: Vec<CtKey> = self.conntrack.keys().collect::<Result<_, _>>()?;
-        for k in keys {
-            let _ = self.conntrack.remove(&k);
-        }
+        self.sweeper.clear()?;
         let keys: Vec<FragKey> = self.fragments.keys().collect::<Result<_, _>>()?;
         for k in keys {
             let _ = self.fragments.remove(&k);
@@ -204,6 +203,7 @@ fn run() -> Result<ExitCode> {
     let (ep_ifindexes, spare) = ifindexes.split_at(MAX_ENDPOINTS);
 
     let mut dp = Datapath::load(&object, None).context("loading the datapath")?;
+    let sweeper = palisade::ct_sweep::Sweeper::new(&dp)?;
     let writer = MapWriter::new(&mut dp)?;
     let conntrack = HashMap::try_from(dp.take_map(map_names::CONNTRACK)?)?;
     let fragments = HashMap::try_from(dp.take_map(map_names::FRAGMENTS)?)?;
@@ -212,6 +212,7 @@ fn run() -> Result<ExitCode> {
         writer,
         conntrack,
         fragments,
+        sweeper,
     };
 
     let mut rng = Rng::new(args.seed);

@@ -381,6 +381,7 @@ fn in_process_pinned(
         socket: None,
         metrics_addr: None,
         history: 1000,
+        conntrack_per_pod: palisade_common::CT_QUOTA_DEFAULT,
     };
     // The agent runs its observers (verdict reader) on a current-thread runtime, as
     // `palisade run` does; they progress between changes.

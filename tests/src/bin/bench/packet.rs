@@ -28,10 +28,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use aya::{
-    maps::{HashMap, MapData},
-    programs::{TestRun, TestRunOptions},
-};
+use aya::programs::{TestRun, TestRunOptions};
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use palisade::{
     compile::{Compiler, LocalEndpoint},
@@ -41,7 +38,7 @@ use palisade::{
     model::{Object, Peer, Policy, PortMatch, PortSpec, Protocol, Rule, Store},
     state::PodRef,
 };
-use palisade_common::{CtEntry, CtKey, map_names};
+use palisade_common::CtKey;
 use serde_json::{Value, json};
 
 use crate::stats::{Figure, set};
@@ -302,7 +299,8 @@ fn make_flow(pkt: &mut [u8], v6: bool, i: u32) {
 struct Bench {
     dp: Datapath,
     _writer: MapWriter,
-    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    /// Removes the bench's flows as the agent's sweep does (releasing the endpoint's quota).
+    sweeper: palisade::ct_sweep::Sweeper,
 }
 
 impl Bench {
@@ -331,9 +329,8 @@ impl Bench {
     }
 
     fn clear_conntrack(&mut self, keys: &mut Vec<CtKey>) {
-        for k in keys.drain(..) {
-            let _ = self.conntrack.remove(&k);
-        }
+        let _ = self.sweeper.remove_flows(keys);
+        keys.clear();
     }
 }
 
@@ -457,6 +454,7 @@ pub fn run(cfg: &Config, object: &[u8], report: &mut Value) -> Result<()> {
             .context("the bench endpoint was not compiled")?
             .id;
         let mut dp = Datapath::load(object, None).context("loading the datapath")?;
+        let sweeper = palisade::ct_sweep::Sweeper::new(&dp)?;
         let mut writer = MapWriter::new(&mut dp)?;
         let t = Instant::now();
         let stats = writer.apply(&state);
@@ -466,11 +464,10 @@ pub fn run(cfg: &Config, object: &[u8], report: &mut Value) -> Result<()> {
             "{} map writes failed at scale {n}",
             stats.failed
         );
-        let conntrack = HashMap::try_from(dp.take_map(map_names::CONNTRACK)?)?;
         let mut b = Bench {
             dp,
             _writer: writer,
-            conntrack,
+            sweeper,
         };
         eprintln!(
             "bench: {n} rules per family: {} CIDRS and {} POLICY entries (compiled in {compile_ms:.0} ms, written in {write_ms:.0} ms)",
