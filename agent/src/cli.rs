@@ -556,6 +556,9 @@ pub fn stats_text(r: &StatsReport) -> String {
         "\nConntrack: {} entries ({} audit-only, {} closing)\n",
         r.conntrack.entries, r.conntrack.audited, r.conntrack.closing
     ));
+    for (pod, n) in &r.conntrack.top_holders {
+        s.push_str(&format!("  held by {pod}: {n}\n"));
+    }
     let e = &r.events;
     s.push_str(&format!(
         "Events: {} sent, {} suppressed by the rate limit, {} lost (ring buffer full); {} verdicts recorded, {} of {} kept\n",

@@ -196,7 +196,14 @@ pub struct ConntrackStats {
     pub audited: u64,
     /// TCP flows that saw FIN or RST.
     pub closing: u64,
+    /// The endpoints holding the most entries (pod, entries), most first: who to look at
+    /// when new flows drop for `conntrack-quota` or `conntrack-full`.
+    #[serde(default)]
+    pub top_holders: Vec<(String, u64)>,
 }
+
+/// Endpoints listed in `ConntrackStats::top_holders`.
+const TOP_HOLDERS: usize = 5;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventStats {
@@ -295,9 +302,11 @@ pub fn stats_report(hub: &Hub) -> StatsReport {
     }
 
     let mut ct = ConntrackStats::default();
+    let mut held: BTreeMap<u32, u64> = BTreeMap::new();
     for item in m.conntrack.iter() {
-        let Ok((_, e)) = item else { continue };
+        let Ok((k, e)) = item else { continue };
         ct.entries += 1;
+        *held.entry(k.endpoint).or_default() += 1;
         if e.flags & CT_FLAG_AUDIT != 0 {
             ct.audited += 1;
         }
@@ -305,6 +314,13 @@ pub fn stats_report(hub: &Hub) -> StatsReport {
             ct.closing += 1;
         }
     }
+    let mut held: Vec<(u32, u64)> = held.into_iter().collect();
+    held.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    ct.top_holders = held
+        .into_iter()
+        .take(TOP_HOLDERS)
+        .map(|(id, n)| (endpoint_name(&names, id), n))
+        .collect();
     let fragments = m.fragments.keys().filter(|k| k.is_ok()).count() as u64;
     let mut suppressed_by_endpoint = BTreeMap::new();
     let mut ep_states = 0u64;
@@ -312,12 +328,7 @@ pub fn stats_report(hub: &Hub) -> StatsReport {
         let Ok((id, st)) = item else { continue };
         ep_states += 1;
         if st.suppressed > 0 {
-            let name = names
-                .file
-                .endpoints
-                .get(&id)
-                .map(|m| m.pod.to_string())
-                .unwrap_or_else(|| format!("endpoint {id}"));
+            let name = endpoint_name(&names, id);
             suppressed_by_endpoint.insert(name, st.suppressed);
         }
     }
@@ -366,6 +377,16 @@ pub fn stats_report(hub: &Hub) -> StatsReport {
     r.reconcile = rec;
     r.problems = hub.problems.lock().expect("problems lock").clone();
     r
+}
+
+/// `namespace/name` of an endpoint id, or `endpoint N` for one that is gone.
+fn endpoint_name(names: &crate::verdicts::Names, id: u32) -> String {
+    names
+        .file
+        .endpoints
+        .get(&id)
+        .map(|m| m.pod.to_string())
+        .unwrap_or_else(|| format!("endpoint {id}"))
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
