@@ -609,3 +609,46 @@ fn a7_one_pod_cannot_evict_the_others_flows() {
         TC_ACT_OK
     );
 }
+
+/// A6, A7. A TCP flow nobody answered (a SYN to a closed port, a lone ACK the receiver
+/// discards) keeps a conntrack entry, and its pod's quota, for a minute, not an hour; once
+/// answered, the flow has the long timeout.
+#[test]
+fn a6_an_unanswered_tcp_flow_expires_in_a_minute() {
+    if !require_root() {
+        return;
+    }
+    let mut rig = Rig::new(&standard_state());
+    let key = |sport: u16| CtKey {
+        endpoint: EP,
+        src: peer_addr(POD.into()).addr,
+        dst: peer_addr(EXTERNAL.into()).addr,
+        sport,
+        dport: 443,
+        proto: PROTO_TCP,
+        dir: DIR_EGRESS,
+        family: AF_INET,
+        role: CT_ROLE_NONE,
+    };
+    // Egress to EXTERNAL is allowed; nothing from it is allowed in but replies.
+    assert_eq!(rig.egress(&tcp4(POD, EXTERNAL, 1000, 443, SYN)), TC_ACT_OK);
+    assert_eq!(rig.egress(&tcp4(POD, EXTERNAL, 1001, 443, SYN)), TC_ACT_OK);
+    assert_eq!(
+        rig.ingress(&tcp4(EXTERNAL, POD, 443, 1001, SYN_ACK)),
+        TC_ACT_OK
+    );
+    assert_ne!(flags(&rig, &key(1001)) & CT_FLAG_REPLIED, 0);
+    assert_eq!(flags(&rig, &key(1000)) & CT_FLAG_REPLIED, 0);
+    age(&mut rig, &key(1000), 61);
+    age(&mut rig, &key(1001), 61);
+    assert_eq!(
+        rig.ingress(&tcp4(EXTERNAL, POD, 443, 1000, SYN_ACK)),
+        TC_ACT_SHOT,
+        "an answer after a minute to a flow nobody had answered"
+    );
+    assert_eq!(
+        rig.ingress(&tcp4(EXTERNAL, POD, 443, 1001, ACK)),
+        TC_ACT_OK,
+        "an answered flow idle for a minute"
+    );
+}

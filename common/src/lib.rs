@@ -279,6 +279,10 @@ pub const CT_FLAG_FIN_REPLY: u32 = 1 << 3;
 /// The last packet seen was an RST. A later packet that is not one clears it (an RST the
 /// receiver ignored, RFC 5961, forged or out of window, does not end the flow's state).
 pub const CT_FLAG_RST: u32 = 1 << 4;
+/// A packet in the reply direction was seen. A TCP flow nobody answered (a SYN to a closed
+/// port, a lone ACK or RST the receiver discards) keeps the short timeout: else every such
+/// packet would hold a conntrack entry, of its pod's quota, for an hour.
+pub const CT_FLAG_REPLIED: u32 = 1 << 5;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -299,6 +303,8 @@ pub struct CtEntry {
 pub const CT_TIMEOUT_TCP_NS: u64 = 3600 * 1_000_000_000;
 pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
 pub const CT_TIMEOUT_OTHER_NS: u64 = 60 * 1_000_000_000;
+/// A TCP flow not answered yet (Cilium's `CT_SYN_TIMEOUT` is 60 s too).
+pub const CT_TIMEOUT_TCP_UNREPLIED_NS: u64 = 60 * 1_000_000_000;
 
 /// How long an entry of `proto` with `flags` lives without a packet (the datapath and the
 /// agent's sweep agree on it).
@@ -308,6 +314,8 @@ pub const fn ct_timeout_ns(proto: u8, flags: u32) -> u64 {
         CT_TIMEOUT_OTHER_NS
     } else if flags & CT_FLAG_CLOSING != 0 {
         CT_TIMEOUT_TCP_CLOSING_NS
+    } else if flags & CT_FLAG_REPLIED == 0 {
+        CT_TIMEOUT_TCP_UNREPLIED_NS
     } else {
         CT_TIMEOUT_TCP_NS
     }

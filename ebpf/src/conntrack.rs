@@ -11,9 +11,9 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use palisade_common::{
-    CT_FLAG_CLOSING, CT_FLAG_FIN_ORIGINAL, CT_FLAG_FIN_REPLY, CT_FLAG_RST, CT_QUOTA_DEFAULT,
-    CT_REFRESH_NS, CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, Reason, ct_live,
-    ct_reply_role, ct_timeout_ns,
+    CT_FLAG_CLOSING, CT_FLAG_FIN_ORIGINAL, CT_FLAG_FIN_REPLY, CT_FLAG_REPLIED, CT_FLAG_RST,
+    CT_QUOTA_DEFAULT, CT_REFRESH_NS, CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, Reason,
+    ct_live, ct_reply_role, ct_timeout_ns,
 };
 
 use crate::{
@@ -139,6 +139,11 @@ pub fn touch(e: *mut CtEntry, pkt: &Packet, original: bool, len: u32, now: u64) 
     if now.saturating_sub(e.last_seen_ns) > CT_REFRESH_NS {
         e.last_seen_ns = now;
     }
+    if !original && e.flags & CT_FLAG_REPLIED == 0 {
+        // The first answer: from now on the flow has the long timeout.
+        e.flags |= CT_FLAG_REPLIED;
+        e.last_seen_ns = now;
+    }
     if pkt.proto != PROTO_TCP {
         return;
     }
@@ -179,7 +184,7 @@ pub fn create(
     now: u64,
 ) -> Result<(), Reason> {
     let state = endpoint_state(key.endpoint, now).ok_or(Reason::CtFull)?;
-    let released = unsafe { CT_RELEASED.get(&key.endpoint) }
+    let released = unsafe { CT_RELEASED.get(key.endpoint) }
         .copied()
         .unwrap_or(0);
     let quota = match unsafe { core::ptr::read_volatile(&CT_QUOTA) } {
