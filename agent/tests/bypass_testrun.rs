@@ -1,8 +1,9 @@
 //! The review's bypass suspects that live in the programs themselves (datapath-review.md,
 //! Part A), each on crafted packets run by the kernel (BPF_PROG_TEST_RUN): hostile L2 frames
 //! (A3, A10), self-addressed packets from elsewhere (A4), TCP teardown (A6), ICMP roles and
-//! errors (A8), loopback and tunnel destinations (A12, A2). Where the kernel around the
-//! program decides the outcome, the netns tests (`tests/tests/bypass.rs`) show it end to end.
+//! errors (A8), loopback and tunnel destinations (A12, A2), conntrack fairness (A7). Where the
+//! kernel around the program decides the outcome, netns tests show it end to end (A2's DNAT:
+//! `tests/tests/relay.rs`; A1 and A5: `tests/tests/fail_closed.rs`).
 //! Needs root; under CI=true a missing privilege is a failure, not a skip.
 mod support;
 
