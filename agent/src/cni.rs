@@ -37,7 +37,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::compile::LocalEndpoint;
-use crate::datapath_model::peer_addr;
 use crate::interfaces::HostView;
 use crate::loader;
 use crate::model::Store;
@@ -639,7 +638,7 @@ fn provision(pin_dir: &Path, state_dir: &Path, rec: &Record) -> Result<()> {
         // Source address verification needs the pod's addresses.
         let mut addrs: HashMap<MapData, PeerAddr, u32> = open_hash(pin_dir, map_names::EP_ADDRS)?;
         for ip in &rec.ips {
-            let _ = addrs.insert(peer_addr(*ip), id, BPF_NOEXIST);
+            let _ = addrs.insert(PeerAddr::from_ip(*ip), id, BPF_NOEXIST);
         }
     }
     if let Err(e) = loader::attach_from_pins(pin_dir, rec.host_ifindex) {
@@ -682,8 +681,8 @@ fn unprovision(pin_dir: &Path, rec: &Record) {
         let _ = endpoints.remove(&rec.host_ifindex);
         if let Ok(mut addrs) = open_hash::<PeerAddr, u32>(pin_dir, map_names::EP_ADDRS) {
             for ip in &rec.ips {
-                if addrs.get(&peer_addr(*ip), 0).ok() == Some(info.id) {
-                    let _ = addrs.remove(&peer_addr(*ip));
+                if addrs.get(&PeerAddr::from_ip(*ip), 0).ok() == Some(info.id) {
+                    let _ = addrs.remove(&PeerAddr::from_ip(*ip));
                 }
             }
         }

@@ -28,11 +28,10 @@ use ipnetwork::IpNetwork;
 use palisade_common::{
     CIDR_CLASS_BIT, CIDR_CLASS_NONE, CidrKey, EndpointInfo, IDENTITY_FIRST_POD, IDENTITY_HOST,
     POLICY_FLAG_AUDIT, POLICY_KEY_ANY_PORT_BITS, POLICY_KEY_ANY_PROTO_BITS, POLICY_KEY_FULL_BITS,
-    PolicyKey, PolicyValue, audit_flag, isolated_flag,
+    PeerAddr, PolicyKey, PolicyValue, audit_flag, isolated_flag,
 };
 use serde::Serialize;
 
-use crate::datapath_model::peer_addr;
 use crate::model::{NamedPort, Peer, Policy, PortMatch, PortSpec, Protocol, Store};
 use crate::state::{
     CidrEntry, DesiredState, Direction, EndpointMeta, PodRef, PolicyEntry, RuleRef,
@@ -548,13 +547,15 @@ impl Compiler {
             // pod claiming one must not send as the node).
             for ip in &pod.ips {
                 if !host_addrs.contains(ip) {
-                    out.endpoint_addrs.entry(peer_addr(*ip)).or_insert(id);
+                    out.endpoint_addrs
+                        .entry(PeerAddr::from_ip(*ip))
+                        .or_insert(id);
                 }
             }
             // Its hostPorts: other pods' egress to the node on them is egress to this pod.
             for hp in &pod.host_ports {
                 for ip in pod.ips.iter().filter(|ip| !host_addrs.contains(ip)) {
-                    let addr = peer_addr(*ip);
+                    let addr = PeerAddr::from_ip(*ip);
                     out.node_ports
                         .entry(palisade_common::NodePortKey {
                             family: addr.family,
@@ -660,7 +661,7 @@ impl Compiler {
         owners.dedup_by_key(|(ip, _)| *ip);
         out.identities = owners
             .iter()
-            .map(|(ip, ix)| (peer_addr(*ip), index.idents[*ix].id))
+            .map(|(ip, ix)| (PeerAddr::from_ip(*ip), index.idents[*ix].id))
             .collect();
         index.ip_owner = owners.into_iter().collect();
         for (ix, pods) in pods_of.into_iter().enumerate() {
@@ -672,7 +673,7 @@ impl Compiler {
         // This node's addresses are never restricted, whatever else claims them.
         for ip in host_addrs {
             index.ip_owner.remove(ip);
-            out.identities.insert(peer_addr(*ip), IDENTITY_HOST);
+            out.identities.insert(PeerAddr::from_ip(*ip), IDENTITY_HOST);
         }
         index
     }

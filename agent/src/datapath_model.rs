@@ -13,23 +13,6 @@ use serde::Serialize;
 
 use crate::state::{CidrEntry, DesiredState, Direction, PolicyEntry};
 
-/// The map form of an address.
-pub fn peer_addr(ip: IpAddr) -> PeerAddr {
-    match ip {
-        IpAddr::V4(a) => PeerAddr::v4(a.octets()),
-        IpAddr::V6(a) => PeerAddr::v6(a.octets()),
-    }
-}
-
-/// The address of a map key (`None` for an unknown family).
-pub fn ip_of(family: u8, addr: &[u8; 16]) -> Option<IpAddr> {
-    match family {
-        AF_INET => Some(IpAddr::from([addr[0], addr[1], addr[2], addr[3]])),
-        AF_INET6 => Some(IpAddr::from(*addr)),
-        _ => None,
-    }
-}
-
 /// Why the model decided as it did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum ModelReason {
@@ -186,7 +169,7 @@ pub fn evaluate(
     }
     let identity = state
         .identities
-        .get(&peer_addr(peer))
+        .get(&PeerAddr::from_ip(peer))
         .copied()
         .unwrap_or(IDENTITY_NONE);
     let mut v = ModelVerdict::new(false, ModelReason::NoRuleMatched);
@@ -234,9 +217,11 @@ mod tests {
             },
         );
         s.identities
-            .insert(peer_addr("10.0.0.2".parse().unwrap()), 300);
-        s.identities
-            .insert(peer_addr("10.0.0.254".parse().unwrap()), IDENTITY_HOST);
+            .insert(PeerAddr::from_ip("10.0.0.2".parse().unwrap()), 300);
+        s.identities.insert(
+            PeerAddr::from_ip("10.0.0.254".parse().unwrap()),
+            IDENTITY_HOST,
+        );
         // identity 300: TCP 8000-8003 (one /94 block).
         s.policy.insert(
             PolicyEntry {

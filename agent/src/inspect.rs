@@ -20,12 +20,12 @@ use palisade_common::{
     CIDR_CLASS_BIT, CIDR_CLASS_NONE, CIDR_KEY_FIXED_BITS, CidrKey, EP_PENDING, EndpointInfo,
     IDENTITY_HOST, IDENTITY_NONE, POLICY_FLAG_AUDIT, POLICY_KEY_ANY_PORT_BITS,
     POLICY_KEY_FULL_BITS, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerAddr,
-    PolicyKey, PolicyValue, Reason, audit_flag, isolated_flag, map_names,
+    PolicyKey, PolicyValue, Reason, audit_flag, ip_of, isolated_flag, map_names,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    datapath_model::{self, ModelReason, ip_of, peer_addr},
+    datapath_model::{self, ModelReason},
     model::Store,
     state::{CidrEntry, DesiredState, Direction, EndpointMeta, PodRef, PolicyEntry, RuleRef},
 };
@@ -228,44 +228,11 @@ pub fn has_ports(proto: u8) -> bool {
 /// all in that direction is "default-deny" (its policies isolate it and allow nothing).
 pub fn reason_name(reason: Option<Reason>, no_allows: bool) -> &'static str {
     match reason {
-        Some(Reason::PolicyAllow) => "policy-allow",
-        Some(Reason::NotIsolated) => "not-isolated",
-        Some(Reason::Host) => "node-traffic",
         Some(Reason::NoRuleMatched) if no_allows => "default-deny",
-        Some(Reason::NoRuleMatched) => "no-rule-matched",
-        Some(Reason::Malformed) => "malformed",
-        Some(Reason::Pending) => "pending",
-        Some(Reason::Fragment) => "unknown-fragment",
-        Some(Reason::NonIp) => "non-ip",
-        Some(Reason::SelfTraffic) => "self",
-        Some(Reason::Spoofed) => "spoofed-source",
-        Some(Reason::UnknownEndpoint) => "unknown-endpoint",
-        Some(Reason::Loopback) => "loopback",
-        Some(Reason::Tunnel) => "tunnel",
-        Some(Reason::CtQuota) => "conntrack-quota",
-        Some(Reason::CtFull) => "conntrack-full",
+        Some(r) => r.name(),
         None => "unknown",
     }
 }
-
-/// Every reason, for counters.
-pub const REASONS: [Reason; 15] = [
-    Reason::PolicyAllow,
-    Reason::NotIsolated,
-    Reason::Host,
-    Reason::NoRuleMatched,
-    Reason::Malformed,
-    Reason::Pending,
-    Reason::Fragment,
-    Reason::NonIp,
-    Reason::SelfTraffic,
-    Reason::Spoofed,
-    Reason::UnknownEndpoint,
-    Reason::Loopback,
-    Reason::Tunnel,
-    Reason::CtQuota,
-    Reason::CtFull,
-];
 
 /// Which (endpoint, direction) have at least one allow entry.
 pub fn endpoints_with_allows(state: &DesiredState) -> BTreeSet<(u32, u8)> {
@@ -395,7 +362,7 @@ impl Snapshot {
     }
 
     pub fn is_node_address(&self, ip: &IpAddr) -> bool {
-        self.state.identities.get(&peer_addr(*ip)) == Some(&IDENTITY_HOST)
+        self.state.identities.get(&PeerAddr::from_ip(*ip)) == Some(&IDENTITY_HOST)
             || self.file.node_addresses.contains(ip)
     }
 

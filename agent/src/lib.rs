@@ -5,6 +5,7 @@
 // Pure logic: no kernel, no I/O beyond reading manifest files.
 pub mod compile;
 pub mod datapath_model;
+pub mod error;
 pub mod manifest;
 pub mod model;
 pub mod reference;

@@ -17,7 +17,7 @@ use anyhow::Result;
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
 use palisade_common::{
     AUDITED_BY_REASON, CT_FLAG_AUDIT, CT_FLAG_CLOSING, Counter as DpCounter, CtEntry, CtKey,
-    DROPPED_BY_REASON, EndpointState, FragKey, FragPorts, RuleStats, capacity, map_names,
+    DROPPED_BY_REASON, EndpointState, FragKey, FragPorts, Reason, RuleStats, capacity, map_names,
 };
 use prometheus_client::{
     encoding::text::{encode_eof, encode_registry},
@@ -34,7 +34,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::debug;
 
 use crate::{
-    inspect::{REASONS, RuleInfo, reason_name},
+    inspect::RuleInfo,
     loader::Datapath,
     verdicts::{Hub, Names, Problems, ReconcileInfo, Verdict},
 };
@@ -244,16 +244,14 @@ pub fn stats_report(hub: &Hub) -> StatsReport {
     for (c, name) in COUNTER_NAMES {
         r.counters.insert(name.to_string(), slot(c as u32));
     }
-    for reason in REASONS {
+    for reason in Reason::ALL {
         let d = slot(DROPPED_BY_REASON + reason as u32);
         if d > 0 {
-            r.drops_by_reason
-                .insert(reason_name(Some(reason), false).into(), d);
+            r.drops_by_reason.insert(reason.name().into(), d);
         }
         let a = slot(AUDITED_BY_REASON + reason as u32);
         if a > 0 {
-            r.would_drop_by_reason
-                .insert(reason_name(Some(reason), false).into(), a);
+            r.would_drop_by_reason.insert(reason.name().into(), a);
         }
     }
 

@@ -13,8 +13,9 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+pub use crate::error::{ConfigError, FieldError};
 use crate::selector::Selector;
 use crate::state::{Direction, PodRef};
 
@@ -26,73 +27,6 @@ pub const AUDIT_ANNOTATION: &str = "palisade.io/audit";
 pub const KEPT_POD_ANNOTATIONS: &[&str] = &["palisade.io/interface"];
 /// Namespace of objects that name none (as `kubectl apply` does without a context namespace).
 pub const DEFAULT_NAMESPACE: &str = "default";
-
-// ---------------------------------------------------------------------------------------------
-// Errors
-// ---------------------------------------------------------------------------------------------
-
-/// A problem with one field of an object, before the object is known (see `ConfigError`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FieldError {
-    pub field: String,
-    pub message: String,
-}
-
-impl FieldError {
-    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        FieldError {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-
-    pub fn on(self, object: impl Into<String>) -> ConfigError {
-        ConfigError {
-            object: object.into(),
-            field: self.field,
-            message: self.message,
-        }
-    }
-}
-
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.message)
-    }
-}
-
-/// A configuration error: which object (`NetworkPolicy ns/name`, `Pod ns/name`,
-/// `file x.yaml`, ...), which field (may be empty) and what is wrong.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
-pub struct ConfigError {
-    pub object: String,
-    pub field: String,
-    pub message: String,
-}
-
-impl ConfigError {
-    pub fn new(
-        object: impl Into<String>,
-        field: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
-        ConfigError {
-            object: object.into(),
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.field.is_empty() {
-            write!(f, "{}: {}", self.object, self.message)
-        } else {
-            write!(f, "{}: {}: {}", self.object, self.field, self.message)
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Objects

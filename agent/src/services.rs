@@ -29,10 +29,10 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use palisade_common::{
     CIDR_CLASS_BIT, EP_ISOLATED_EGRESS, IDENTITY_HOST, NodePortKey, NodePortTarget,
-    POLICY_FLAG_AUDIT, POLICY_KEY_FULL_BITS, PolicyKey, PolicyValue,
+    POLICY_FLAG_AUDIT, POLICY_KEY_FULL_BITS, PeerAddr, PolicyKey, PolicyValue, ip_of,
 };
 
-use crate::datapath_model::{self, peer_addr};
+use crate::datapath_model;
 use crate::model::{ConfigError, DEFAULT_NAMESPACE, Protocol};
 use crate::state::{DesiredState, Direction, PolicyEntry};
 
@@ -470,11 +470,11 @@ pub fn expand(
         // NetworkPolicy never restricts.
         let all_host = ports.iter().all(|(_, b)| !b.is_empty())
             && ports.iter().flat_map(|(_, b)| b).all(|(ip, _)| {
-                desired.identities.get(&peer_addr(*ip)).copied() == Some(IDENTITY_HOST)
+                desired.identities.get(&PeerAddr::from_ip(*ip)).copied() == Some(IDENTITY_HOST)
             })
             && !ports.is_empty();
         for vip in &svc.vips {
-            let addr = peer_addr(*vip);
+            let addr = PeerAddr::from_ip(*vip);
             match desired.identities.get(&addr).copied() {
                 // Pod addresses are never VIPs; an address that is both is a misconfiguration
                 // where the pod's identity wins.
@@ -499,7 +499,7 @@ pub fn expand(
                 let Some(vip) = svc.vips.iter().find(|v| v.is_ipv4() == family_v4) else {
                     continue;
                 };
-                let addr = peer_addr(*vip);
+                let addr = PeerAddr::from_ip(*vip);
                 node_ports.push((
                     NodePortKey {
                         family: addr.family,
@@ -584,7 +584,7 @@ pub fn expand(
     ids.retain(&keep);
     report.vips = vip_ids.len();
     for (vip, id) in vip_ids {
-        desired.identities.insert(peer_addr(vip), id);
+        desired.identities.insert(PeerAddr::from_ip(vip), id);
     }
     desired.node_ports.extend(node_ports);
     report.entries = entries.len();
@@ -607,7 +607,7 @@ fn own_address(desired: &DesiredState, ep_id: u32) -> Option<IpAddr> {
         .endpoint_addrs
         .iter()
         .find(|(_, id)| **id == ep_id)
-        .and_then(|(a, _)| datapath_model::ip_of(a.family, &a.addr))
+        .and_then(|(a, _)| ip_of(a.family, &a.addr))
 }
 
 /// An egress verdict (`value`: the allow entry that decided it, if one did).
@@ -643,7 +643,7 @@ impl<'d> Judge<'d> {
             if entry.key.dir != Direction::Egress.as_u8() {
                 continue;
             }
-            let Some(ip) = datapath_model::ip_of(entry.key.family, &entry.key.addr) else {
+            let Some(ip) = ip_of(entry.key.family, &entry.key.addr) else {
                 continue;
             };
             let (family, bits, _) = addr_bits(ip);
@@ -704,7 +704,7 @@ impl<'d> Judge<'d> {
         let identity = self
             .d
             .identities
-            .get(&peer_addr(peer))
+            .get(&PeerAddr::from_ip(peer))
             .copied()
             .unwrap_or(palisade_common::IDENTITY_NONE);
         if identity == IDENTITY_HOST {
@@ -985,7 +985,7 @@ spec:
         assert_eq!(
             w.desired
                 .identities
-                .get(&peer_addr("10.96.1.4".parse().unwrap())),
+                .get(&PeerAddr::from_ip("10.96.1.4".parse().unwrap())),
             Some(&IDENTITY_HOST)
         );
         assert!(w.report.errors.is_empty(), "{:?}", w.report.errors);

@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
 use palisade_common::{
-    DIR_INGRESS, Event, IDENTITY_HOST, Reason, VERDICT_ALLOW, VERDICT_AUDIT, map_names,
+    DIR_INGRESS, Event, IDENTITY_HOST, Reason, VERDICT_ALLOW, VERDICT_AUDIT, ip_of, map_names,
 };
 use serde::{Deserialize, Serialize};
 use tokio::{
@@ -31,7 +31,6 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    datapath_model::ip_of,
     inspect::{
         RuleInfo, StateFile, VerdictKind, endpoints_with_allows, has_ports, proto_name,
         reason_name, state_path, write_private,

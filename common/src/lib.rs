@@ -111,6 +111,28 @@ impl PeerAddr {
             addr,
         }
     }
+    pub const fn from_ip(ip: core::net::IpAddr) -> Self {
+        match ip {
+            core::net::IpAddr::V4(a) => PeerAddr::v4(a.octets()),
+            core::net::IpAddr::V6(a) => PeerAddr::v6(a.octets()),
+        }
+    }
+    /// The address (`None` for an unknown family).
+    pub fn ip(&self) -> Option<core::net::IpAddr> {
+        ip_of(self.family, &self.addr)
+    }
+}
+
+/// The address of a map key's family byte and 16 address bytes, IPv4 in the first four
+/// (`None` for an unknown family).
+pub fn ip_of(family: u8, addr: &[u8; 16]) -> Option<core::net::IpAddr> {
+    match family {
+        AF_INET => Some(core::net::IpAddr::from([
+            addr[0], addr[1], addr[2], addr[3],
+        ])),
+        AF_INET6 => Some(core::net::IpAddr::from(*addr)),
+        _ => None,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -414,6 +436,46 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, for counters.
+    pub const ALL: [Reason; 15] = [
+        Reason::PolicyAllow,
+        Reason::NotIsolated,
+        Reason::Host,
+        Reason::NoRuleMatched,
+        Reason::Malformed,
+        Reason::Pending,
+        Reason::Fragment,
+        Reason::NonIp,
+        Reason::SelfTraffic,
+        Reason::Spoofed,
+        Reason::UnknownEndpoint,
+        Reason::Loopback,
+        Reason::Tunnel,
+        Reason::CtQuota,
+        Reason::CtFull,
+    ];
+
+    /// The name the CLI and the metrics give the reason.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::PolicyAllow => "policy-allow",
+            Reason::NotIsolated => "not-isolated",
+            Reason::Host => "node-traffic",
+            Reason::NoRuleMatched => "no-rule-matched",
+            Reason::Malformed => "malformed",
+            Reason::Pending => "pending",
+            Reason::Fragment => "unknown-fragment",
+            Reason::NonIp => "non-ip",
+            Reason::SelfTraffic => "self",
+            Reason::Spoofed => "spoofed-source",
+            Reason::UnknownEndpoint => "unknown-endpoint",
+            Reason::Loopback => "loopback",
+            Reason::Tunnel => "tunnel",
+            Reason::CtQuota => "conntrack-quota",
+            Reason::CtFull => "conntrack-full",
+        }
+    }
+
     pub const fn from_u8(v: u8) -> Option<Reason> {
         Some(match v {
             1 => Reason::PolicyAllow,
@@ -562,6 +624,29 @@ mod user {
 mod tests {
     use super::*;
     use core::mem::size_of;
+
+    #[test]
+    fn every_reason_is_listed_once_with_its_own_name() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(Reason::from_u8(*r as u8), Some(*r));
+            for other in &Reason::ALL[i + 1..] {
+                assert_ne!(r.name(), other.name());
+            }
+        }
+        let known = (0..=u8::MAX)
+            .filter(|v| Reason::from_u8(*v).is_some())
+            .count();
+        assert_eq!(known, Reason::ALL.len());
+    }
+
+    #[test]
+    fn addresses_round_trip() {
+        for ip in ["10.1.2.3", "fd00::1", "::ffff:10.0.0.1"] {
+            let ip: core::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(PeerAddr::from_ip(ip).ip(), Some(ip));
+        }
+        assert_eq!(ip_of(0, &[0; 16]), None);
+    }
 
     #[test]
     fn layouts_have_no_implicit_padding() {

@@ -18,7 +18,7 @@ use palisade_common::{
 
 use crate::{
     maps::{CONNTRACK, CT_QUOTA, CT_RELEASED, endpoint_state},
-    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 pub enum Lookup {

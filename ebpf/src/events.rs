@@ -9,7 +9,7 @@ use palisade_common::{
 
 use crate::{
     maps::{COUNTERS, EVENTS, RULE_STATS, endpoint_state},
-    parse::Packet,
+    packet::Packet,
 };
 
 #[inline(always)]

@@ -1,13 +1,15 @@
 //! Palisade's datapath: TC programs on the host side of each pod's veth.
 //!
 //! `pod_veth` holds the two attach points; the shared logic lives in small modules in the
-//! order a packet meets them: `parse`, `conntrack`, `policy`, `events`. All state is in `maps`.
+//! order a packet meets them: `parse` (into a `packet`), `conntrack`, `policy`, `events`. All
+//! state is in `maps`.
 #![no_std]
 #![no_main]
 
 mod conntrack;
 mod events;
 mod maps;
+mod packet;
 mod parse;
 mod pod_veth;
 mod policy;

@@ -9,7 +9,7 @@ use palisade_common::{
     FragPorts, NodePortKey, NodePortTarget, PeerAddr, PolicyKey, PolicyValue, RuleStats, capacity,
 };
 
-use crate::parse::Packet;
+use crate::packet::Packet;
 
 /// Host-side ifindex -> endpoint. Written by the agent only.
 #[map]

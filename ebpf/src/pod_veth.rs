@@ -17,10 +17,11 @@ use crate::{
     conntrack::{self, Lookup},
     events::{count, count_audit, count_drop, count_rule, emit, now_ns},
     maps::{ENDPOINTS, EP_ADDRS, SCRATCH},
-    parse::{
-        self, Frame, KIND_ICMP_ERROR, KIND_NEIGHBOR, KIND_UNKNOWN_FRAGMENT, KIND_UNTRACKED,
-        ND_NEIGHBOR_ADVERT, ND_REDIRECT, ND_ROUTER_ADVERT, Packet,
+    packet::{
+        KIND_ICMP_ERROR, KIND_NEIGHBOR, KIND_UNKNOWN_FRAGMENT, KIND_UNTRACKED, ND_NEIGHBOR_ADVERT,
+        ND_REDIRECT, ND_ROUTER_ADVERT, Packet, empty_packet,
     },
+    parse::{self, Frame},
     policy,
 };
 
@@ -200,7 +201,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         Some(p) => unsafe { &mut *p },
         None => return Err(TC_ACT_SHOT),
     };
-    *pkt = parse::empty_packet(0);
+    *pkt = empty_packet(0);
     match parse::parse(ctx, pkt) {
         Ok(Frame::Ip) => {}
         Ok(Frame::Arp) => {

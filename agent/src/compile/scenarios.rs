@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use palisade_common::{
     CIDR_CLASS_BIT, CIDR_CLASS_NONE, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, IDENTITY_HOST,
-    PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerAddr, ip_of,
 };
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
@@ -359,15 +359,23 @@ fn table_default_deny_host_self_other_namespaces() {
         w.store.pods.len() - 1,
         "hostpod is no endpoint"
     );
-    assert!(!w.state.identities.contains_key(&peer_addr(ip("10.0.1.99"))));
-    assert!(!w.state.identities.contains_key(&peer_addr(ip("10.0.9.1"))));
+    assert!(
+        !w.state
+            .identities
+            .contains_key(&PeerAddr::from_ip(ip("10.0.1.99")))
+    );
+    assert!(
+        !w.state
+            .identities
+            .contains_key(&PeerAddr::from_ip(ip("10.0.9.1")))
+    );
     assert_eq!(
-        w.state.identities[&peer_addr(ip("10.9.9.9"))],
+        w.state.identities[&PeerAddr::from_ip(ip("10.9.9.9"))],
         IDENTITY_HOST
     );
     assert!(w.state.policy.is_empty() && w.state.cidrs.is_empty());
     // prod/web and dev/web look alike but live in different namespaces.
-    let ident = |a: &str| w.state.identities[&peer_addr(ip(a))];
+    let ident = |a: &str| w.state.identities[&PeerAddr::from_ip(ip(a))];
     assert_ne!(ident("10.0.1.1"), ident("10.0.2.1"));
     assert_eq!(ident("10.0.1.1"), ident("fd00::1:1"));
     assert_eq!(w.state.identity_pods[&ident("10.0.3.1")].len(), 1);
@@ -518,7 +526,7 @@ fn table_ip_blocks_with_excepts() {
         .iter()
         .filter(|(e, c)| e.key.endpoint == ep && **c == CIDR_CLASS_NONE)
         .map(|(e, _)| {
-            let ip = crate::datapath_model::ip_of(e.key.family, &e.key.addr).unwrap();
+            let ip = ip_of(e.key.family, &e.key.addr).unwrap();
             format!("{ip}/{}", e.prefix_len)
         })
         .collect();
@@ -1247,7 +1255,10 @@ fn relabelling_a_pod_changes_only_what_involves_it() {
     let mut w = world(&rich_policies());
     let before = w.state.clone();
     let api = w.endpoint_id("prod/api");
-    let api_ips = [peer_addr(ip("10.0.1.2")), peer_addr(ip("fd00::1:2"))];
+    let api_ips = [
+        PeerAddr::from_ip(ip("10.0.1.2")),
+        PeerAddr::from_ip(ip("fd00::1:2")),
+    ];
     let old_ident = before.identities[&api_ips[0]];
 
     let api_ref = PodRef {
