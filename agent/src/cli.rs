@@ -13,13 +13,12 @@ use anyhow::{Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 
 use crate::{
-    control::{Reply, Request, request, request_one},
+    api::{Filter, Reply, Request, StatsReport, Verdict},
+    control::{request, request_one},
     inspect::{
         DirectionPolicy, Explanation, PodPolicy, Query, Snapshot, Target, VerdictKind, parse_proto,
     },
-    metrics::StatsReport,
     state::Direction,
-    verdicts::{Filter, Verdict},
 };
 
 /// `--metrics-addr`: an address, or `off`.

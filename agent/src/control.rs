@@ -14,7 +14,6 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as TokioBufReader},
     net::{UnixListener, UnixStream},
@@ -23,43 +22,13 @@ use tokio::{
 use tracing::{debug, warn};
 
 use crate::{
-    metrics::{StatsReport, stats_report},
-    verdicts::{Filter, Hub, Verdict},
+    api::{Reply, Request},
+    hub::Hub,
+    stats::stats_report,
 };
 
 /// Where the agent listens by default.
 pub const DEFAULT_SOCKET: &str = "/run/palisade/palisade.sock";
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "request", rename_all = "snake_case")]
-pub enum Request {
-    Verdicts {
-        #[serde(default)]
-        filter: Filter,
-        #[serde(default)]
-        follow: bool,
-        /// At most this many of the most recent matching verdicts from the history.
-        #[serde(default)]
-        limit: Option<usize>,
-    },
-    Stats,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Reply {
-    Verdict(Box<Verdict>),
-    /// The history has been sent (without `follow`, the last line).
-    End,
-    /// A follower fell behind and this many verdicts were not sent to it.
-    Lagged {
-        missed: u64,
-    },
-    Stats(Box<StatsReport>),
-    Error {
-        message: String,
-    },
-}
 
 /// Creates the socket's directory (0700 if new), replaces a stale socket, binds, sets 0600.
 pub fn bind(path: &Path) -> Result<UnixListener> {

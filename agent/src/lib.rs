@@ -25,9 +25,14 @@ pub mod health;
 pub mod kube_source;
 pub mod services;
 
-// Observing: verdicts, the CLI socket and commands, metrics.
+// Observing: verdicts, the CLI socket and commands, metrics. `api` is what crosses the socket;
+// `hub` the state the observers share; `observe` starts them.
+pub mod api;
 pub mod cli;
 pub mod control;
+pub mod hub;
 pub mod inspect;
 pub mod metrics;
+pub mod observe;
+pub mod stats;
 pub mod verdicts;

@@ -14,13 +14,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
+    api::Problems,
     compile::Compiler,
     interfaces::HostView,
     loader::{self, Datapath},
     manifest::ManifestDir,
     maps::MapWriter,
     model::{ConfigError, Store},
-    verdicts::{ObserveConfig, Observer, Problems},
+    observe::{ObserveConfig, Observer},
 };
 
 #[derive(Clone, Debug)]
@@ -47,6 +48,18 @@ pub struct RunConfig {
     pub history: usize,
     /// Live conntrack entries per endpoint (`CT_QUOTA`).
     pub conntrack_per_pod: u32,
+}
+
+impl From<&RunConfig> for ObserveConfig {
+    fn from(cfg: &RunConfig) -> ObserveConfig {
+        ObserveConfig {
+            socket: cfg.socket.clone(),
+            metrics_addr: cfg.metrics_addr,
+            history: cfg.history,
+            pin_dir: cfg.pin_dir.clone(),
+            audit_all: cfg.audit,
+        }
+    }
 }
 
 /// What the agent reports after each reconcile.
@@ -136,7 +149,7 @@ impl Agent {
             .context("the conntrack sweep")?;
         let writer = MapWriter::new(&mut datapath)?;
         let source = ManifestDir::new(&cfg.manifests);
-        let observer = Observer::start(ObserveConfig::of(&cfg), &mut datapath)
+        let observer = Observer::start(ObserveConfig::from(&cfg), &mut datapath)
             .map_err(|e| error!("verdicts, CLI socket and metrics are off: {e:#}"))
             .ok();
         let mut compiler = Compiler::default();

@@ -1,0 +1,207 @@
+//! The observers, started from one place: the ring-buffer reader, the CLI socket and the
+//! metrics endpoint, all over one hub; after every reconcile `Observer::publish` updates the
+//! names, the state file beside the socket and the metrics.
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{MapData, RingBuf};
+use palisade_common::{Event, map_names};
+use tokio::io::{Interest, unix::AsyncFd};
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    api::{Problems, ReconcileInfo},
+    hub::Hub,
+    inspect::{StateFile, state_path, write_private},
+    loader::Datapath,
+    maps::ApplyStats,
+    metrics::{DatapathReader, Metrics},
+    model::Store,
+    state::DesiredState,
+    verdicts::{History, Names},
+};
+
+/// Where the agent serves its CLI and metrics.
+#[derive(Clone, Debug)]
+pub struct ObserveConfig {
+    /// The CLI's unix socket; `state.json` goes beside it. `None`: neither.
+    pub socket: Option<PathBuf>,
+    /// Prometheus endpoint. `None`: off.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Verdicts kept for the CLI.
+    pub history: usize,
+    pub pin_dir: PathBuf,
+    pub audit_all: bool,
+}
+
+/// The agent's observation side: verdict reader, CLI socket, metrics endpoint.
+pub struct Observer {
+    pub hub: Arc<Hub>,
+    cfg: ObserveConfig,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Observer {
+    /// Takes the event and counter maps from the datapath and starts the reader, the socket
+    /// server and the metrics endpoint on the current tokio runtime. A socket or metrics
+    /// address that cannot be bound is logged, not fatal: enforcement matters more.
+    pub fn start(cfg: ObserveConfig, dp: &mut Datapath) -> Result<Observer> {
+        let ring = RingBuf::try_from(dp.take_map(map_names::EVENTS)?)?;
+        let datapath = DatapathReader::new(dp)?;
+        let hub = Arc::new(Hub {
+            names: RwLock::new(Arc::new(Names::default())),
+            history: Mutex::new(History::new(cfg.history)),
+            metrics: Metrics::new(),
+            datapath,
+            undecodable: Default::default(),
+            last_reconcile: Mutex::new(None),
+            problems: Mutex::default(),
+        });
+        let mut tasks = vec![spawn_reader(ring, hub.clone())?];
+        if let Some(path) = &cfg.socket {
+            match crate::control::bind(path) {
+                Ok(listener) => {
+                    info!(socket = %path.display(), "serving the CLI");
+                    tasks.push(tokio::spawn(crate::control::serve(listener, hub.clone())));
+                }
+                Err(e) => error!("CLI socket {}: {e:#}", path.display()),
+            }
+        }
+        if let Some(addr) = cfg.metrics_addr {
+            match std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|_| l))
+                .and_then(tokio::net::TcpListener::from_std)
+            {
+                Ok(listener) => {
+                    info!(addr = %listener.local_addr().unwrap_or(addr), "serving metrics");
+                    tasks.push(tokio::spawn(crate::stats::serve(listener, hub.clone())));
+                }
+                Err(e) => error!("metrics endpoint {addr}: {e}"),
+            }
+        }
+        Ok(Observer { hub, cfg, tasks })
+    }
+
+    /// After a reconcile: new names for events, the state file for the CLI, metrics.
+    pub fn publish(
+        &self,
+        applied: &DesiredState,
+        store: &Store,
+        node_addresses: &[IpAddr],
+        started_at_unix_ms: u128,
+        stats: ApplyStats,
+    ) {
+        let file = StateFile::build(
+            applied,
+            store,
+            node_addresses,
+            &self.cfg.pin_dir,
+            self.cfg.audit_all,
+        );
+        if let Some(socket) = &self.cfg.socket {
+            let path = state_path(socket);
+            match serde_json::to_vec(&file) {
+                Ok(bytes) => {
+                    if let Err(e) = write_private(&path, &bytes) {
+                        warn!("state file: {e:#}");
+                    }
+                }
+                Err(e) => warn!("state file: {e}"),
+            }
+        }
+        let now = crate::inspect::unix_ms();
+        let elapsed_ms = now.saturating_sub(started_at_unix_ms as u64);
+        self.hub
+            .metrics
+            .observe_reconcile(Duration::from_millis(elapsed_ms), stats.changes() > 0);
+        self.hub.datapath.forget_rules(&file.rules);
+        *self.hub.last_reconcile.lock().expect("lock") = Some(ReconcileInfo {
+            at_unix_ms: now,
+            duration_ms: elapsed_ms,
+            endpoints: applied.endpoints.len(),
+            policy_entries: applied.policy.len(),
+            cidr_entries: applied.cidrs.len(),
+            identities: applied.identities.len(),
+            rules: file.rules.len(),
+            written: stats.written,
+            removed: stats.removed,
+            failed: stats.failed,
+        });
+        *self.hub.names.write().expect("names lock") = Arc::new(Names::new(file, applied));
+    }
+
+    pub fn set_problems(&self, problems: Problems) {
+        *self.hub.problems.lock().expect("problems lock") = problems;
+    }
+
+    pub fn socket(&self) -> Option<&Path> {
+        self.cfg.socket.as_deref()
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(s) = &self.cfg.socket {
+            let _ = std::fs::remove_file(s);
+        }
+    }
+}
+
+/// Reads the ring buffer whenever it has data and records every event.
+pub fn spawn_reader(ring: RingBuf<MapData>, hub: Arc<Hub>) -> Result<tokio::task::JoinHandle<()>> {
+    // SAFETY: the ring buffer owns its map fd, which stays open as long as the ring buffer
+    // (moved into the AsyncFd) lives.
+    let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(std::io::Error::from)
+        .context("polling the EVENTS ring buffer")?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let mut guard = match fd.readable_mut().await {
+                Ok(g) => g,
+                Err(e) => {
+                    error!("EVENTS ring buffer: {e}");
+                    return;
+                }
+            };
+            let ring = guard.get_inner_mut();
+            let mut n = 0usize;
+            let mut drained = false;
+            loop {
+                let Some(item) = ring.next() else {
+                    drained = true;
+                    break;
+                };
+                if item.len() < std::mem::size_of::<Event>() {
+                    hub.undecodable
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
+                // SAFETY: the record holds an `Event` written by the datapath (plain data).
+                let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                drop(item);
+                hub.record(&ev);
+                n += 1;
+                if n == 1024 {
+                    // Let the socket server and the main loop run during a flood; the fd
+                    // stays ready, so the rest is read on the next turn.
+                    break;
+                }
+            }
+            if drained {
+                guard.clear_ready();
+            }
+            if n > 0 {
+                debug!(events = n, "verdicts recorded");
+            }
+            tokio::task::yield_now().await;
+        }
+    }))
+}

@@ -1,0 +1,449 @@
+//! `palisade stats` and the Prometheus endpoint, from the hub: the datapath's counters read
+//! at each call, the agent's own registry, what is wrong now.
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use palisade_common::{
+    AUDITED_BY_REASON, CT_FLAG_AUDIT, CT_FLAG_CLOSING, Counter as DpCounter, DROPPED_BY_REASON,
+    Reason, capacity, map_names,
+};
+use prometheus_client::{
+    encoding::text::{encode_eof, encode_registry},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::debug;
+
+use crate::{
+    api::{ConntrackStats, EventStats, MapFill, PolicyStats, Problems, RuleCount, StatsReport},
+    hub::Hub,
+};
+
+type Labels = Vec<(String, String)>;
+
+/// Endpoints listed in `ConntrackStats::top_holders`.
+const TOP_HOLDERS: usize = 5;
+
+const COUNTER_NAMES: [(DpCounter, &str); 10] = [
+    (DpCounter::CtHit, "ct_hit"),
+    (DpCounter::NewAllowed, "new_allowed"),
+    (DpCounter::Dropped, "dropped"),
+    (DpCounter::Malformed, "malformed"),
+    (DpCounter::Audited, "would_drop"),
+    (DpCounter::EventsSent, "events_sent"),
+    (DpCounter::EventsSuppressed, "events_suppressed"),
+    (DpCounter::EventsLost, "events_lost"),
+    (DpCounter::CtInsertFailed, "ct_insert_failed"),
+    (DpCounter::Revalidated, "revalidated"),
+];
+
+/// Reads every datapath counter and the agent's own figures.
+pub fn stats_report(hub: &Hub) -> StatsReport {
+    let names = hub.names.read().expect("names lock").clone();
+    let mut r = StatsReport::default();
+    let m = hub.datapath.maps.lock().expect("maps lock");
+    let slot = |i: u32| -> u64 { m.counters.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
+    for (c, name) in COUNTER_NAMES {
+        r.counters.insert(name.to_string(), slot(c as u32));
+    }
+    for reason in Reason::ALL {
+        let d = slot(DROPPED_BY_REASON + reason as u32);
+        if d > 0 {
+            r.drops_by_reason.insert(reason.name().into(), d);
+        }
+        let a = slot(AUDITED_BY_REASON + reason as u32);
+        if a > 0 {
+            r.would_drop_by_reason.insert(reason.name().into(), a);
+        }
+    }
+
+    // Per rule, grouped by policy.
+    let mut by_policy: BTreeMap<String, PolicyStats> = BTreeMap::new();
+    let mut rule_entries = 0u64;
+    for item in m.rule_stats.iter() {
+        let Ok((id, per_cpu)) = item else { continue };
+        rule_entries += 1;
+        let packets: u64 = per_cpu.iter().map(|s| s.packets).sum();
+        let bytes: u64 = per_cpu.iter().map(|s| s.bytes).sum();
+        let (policy, rule, audit) = match names.file.rules.get(&id) {
+            Some(info) => (
+                info.policy_id(),
+                format!("{}[{}]", info.direction, info.index),
+                info.audit,
+            ),
+            None => ("(removed rules)".to_string(), format!("rule {id}"), false),
+        };
+        let p = by_policy.entry(policy.clone()).or_insert(PolicyStats {
+            policy,
+            audit,
+            ..PolicyStats::default()
+        });
+        p.packets += packets;
+        p.bytes += bytes;
+        p.rules.push(RuleCount {
+            id,
+            rule,
+            packets,
+            bytes,
+        });
+    }
+    // Policies in force with no traffic yet show up with zeros.
+    for info in names.file.rules.values() {
+        let id = info.policy_id();
+        by_policy.entry(id.clone()).or_insert(PolicyStats {
+            policy: id,
+            audit: info.audit,
+            ..PolicyStats::default()
+        });
+    }
+    r.policies = by_policy.into_values().collect();
+    for p in &mut r.policies {
+        p.rules.sort_by(|a, b| a.rule.cmp(&b.rule));
+    }
+
+    let mut ct = ConntrackStats::default();
+    let mut held: BTreeMap<u32, u64> = BTreeMap::new();
+    for item in m.conntrack.iter() {
+        let Ok((k, e)) = item else { continue };
+        ct.entries += 1;
+        *held.entry(k.endpoint).or_default() += 1;
+        if e.flags & CT_FLAG_AUDIT != 0 {
+            ct.audited += 1;
+        }
+        if e.flags & CT_FLAG_CLOSING != 0 {
+            ct.closing += 1;
+        }
+    }
+    let mut held: Vec<(u32, u64)> = held.into_iter().collect();
+    held.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    ct.top_holders = held
+        .into_iter()
+        .take(TOP_HOLDERS)
+        .map(|(id, n)| (endpoint_name(&names, id), n))
+        .collect();
+    let fragments = m.fragments.keys().filter(|k| k.is_ok()).count() as u64;
+    let mut suppressed_by_endpoint = BTreeMap::new();
+    let mut ep_states = 0u64;
+    for item in m.ep_state.iter() {
+        let Ok((id, st)) = item else { continue };
+        ep_states += 1;
+        if st.suppressed > 0 {
+            let name = endpoint_name(&names, id);
+            suppressed_by_endpoint.insert(name, st.suppressed);
+        }
+    }
+    drop(m);
+
+    let rec = hub.last_reconcile.lock().expect("lock").clone();
+    let fill = |map: &str, entries: u64, cap: u32| MapFill {
+        map: map.to_string(),
+        entries,
+        capacity: u64::from(cap),
+        fill: entries as f64 / f64::from(cap.max(1)),
+    };
+    let (eps, ids, cidrs, policy) = rec
+        .as_ref()
+        .map(|r| {
+            (
+                r.endpoints as u64,
+                r.identities as u64,
+                r.cidr_entries as u64,
+                r.policy_entries as u64,
+            )
+        })
+        .unwrap_or_default();
+    r.maps = vec![
+        fill(map_names::ENDPOINTS, eps, capacity::ENDPOINTS),
+        fill(map_names::IDENTITIES, ids, capacity::IDENTITIES),
+        fill(map_names::CIDRS, cidrs, capacity::CIDRS),
+        fill(map_names::POLICY, policy, capacity::POLICY),
+        fill(map_names::CONNTRACK, ct.entries, capacity::CONNTRACK),
+        fill(map_names::FRAGMENTS, fragments, capacity::FRAGMENTS),
+        fill(map_names::EP_STATE, ep_states, capacity::ENDPOINTS),
+        fill(map_names::RULE_STATS, rule_entries, capacity::RULE_STATS),
+    ];
+    r.conntrack = ct;
+    let history = hub.history.lock().expect("history lock");
+    r.events = EventStats {
+        sent: r.counters["events_sent"],
+        suppressed: r.counters["events_suppressed"],
+        lost: r.counters["events_lost"],
+        recorded: history.total(),
+        history: history.len(),
+        history_capacity: history.capacity(),
+        undecodable: hub.undecodable.load(std::sync::atomic::Ordering::Relaxed),
+        suppressed_by_endpoint,
+    };
+    r.reconcile = rec;
+    r.problems = hub.problems.lock().expect("problems lock").clone();
+    r
+}
+
+/// `namespace/name` of an endpoint id, or `endpoint N` for one that is gone.
+fn endpoint_name(names: &crate::verdicts::Names, id: u32) -> String {
+    names
+        .file
+        .endpoints
+        .get(&id)
+        .map(|m| m.pod.to_string())
+        .unwrap_or_else(|| format!("endpoint {id}"))
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The scrape: the agent's registry, then the datapath's figures, OpenMetrics text.
+/// One series per configuration error, labelled with its object and field (alert on
+/// `palisade_config_errors > 0`, read the message in `palisade stats`), and the failures that
+/// leave an endpoint failing closed.
+fn render_problems(reg: &mut Registry, p: &Problems) {
+    let config = Family::<Labels, Gauge>::default();
+    for e in &p.config_errors {
+        config
+            .get_or_create(&labels(&[("object", &e.object), ("field", &e.field)]))
+            .inc();
+    }
+    reg.register(
+        "palisade_config_error",
+        "Configuration errors now, by object and field (the object's last good version stays in force)",
+        config,
+    );
+    let total: Gauge = Gauge::default();
+    total.set(p.config_errors.len() as i64);
+    reg.register(
+        "palisade_config_errors",
+        "Configuration errors now (bad manifests and objects, failing watches)",
+        total,
+    );
+    let pending: Gauge = Gauge::default();
+    pending.set(p.pending_endpoints.len() as i64);
+    reg.register(
+        "palisade_pending_endpoints",
+        "Endpoints failing closed because their policy could not be written (a full map)",
+        pending,
+    );
+    let failures: Counter = Counter::default();
+    failures.inc_by(p.map_write_failures_total);
+    reg.register(
+        "palisade_map_write_failures",
+        "Map writes that failed since the agent started (each failed its endpoint closed)",
+        failures,
+    );
+}
+
+pub fn render(hub: &Hub, report: &StatsReport) -> String {
+    let mut reg = Registry::default();
+    let dp = Family::<Labels, Counter>::default();
+    for (name, v) in &report.counters {
+        dp.get_or_create(&labels(&[("counter", name)])).inc_by(*v);
+    }
+    reg.register(
+        "palisade_datapath_packets",
+        "Datapath counters: conntrack hits, new allowed flows, drops, would-drops, malformed packets, events, revalidations",
+        dp,
+    );
+    let drops = Family::<Labels, Counter>::default();
+    for (reason, v) in &report.drops_by_reason {
+        drops
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc_by(*v);
+    }
+    reg.register("palisade_drops", "Dropped packets by reason", drops);
+    let would = Family::<Labels, Counter>::default();
+    for (reason, v) in &report.would_drop_by_reason {
+        would
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc_by(*v);
+    }
+    reg.register(
+        "palisade_would_drops",
+        "Packets denied by audit policies only and let through, by reason",
+        would,
+    );
+    let pkts = Family::<Labels, Counter>::default();
+    let bytes = Family::<Labels, Counter>::default();
+    for p in &report.policies {
+        let (ns, name) = p.policy.split_once('/').unwrap_or(("", p.policy.as_str()));
+        for rule in &p.rules {
+            let l = labels(&[("namespace", ns), ("policy", name), ("rule", &rule.rule)]);
+            pkts.get_or_create(&l).inc_by(rule.packets);
+            bytes.get_or_create(&l).inc_by(rule.bytes);
+        }
+    }
+    reg.register(
+        "palisade_rule_packets",
+        "Packets let through per policy rule (first packets of the flows it allowed and every later packet of them)",
+        pkts,
+    );
+    reg.register(
+        "palisade_rule_bytes",
+        "Bytes let through per policy rule",
+        bytes,
+    );
+    let entries = Family::<Labels, Gauge>::default();
+    let caps = Family::<Labels, Gauge>::default();
+    let ratio = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    for m in &report.maps {
+        let l = labels(&[("map", &m.map)]);
+        entries.get_or_create(&l).set(m.entries as i64);
+        caps.get_or_create(&l).set(m.capacity as i64);
+        ratio.get_or_create(&l).set(m.fill);
+    }
+    reg.register("palisade_map_entries", "Entries in each BPF map", entries);
+    reg.register("palisade_map_capacity", "Capacity of each BPF map", caps);
+    reg.register(
+        "palisade_map_fill_ratio",
+        "Map pressure: entries / capacity",
+        ratio,
+    );
+    let ev = |v: u64| {
+        let c: Counter = Counter::default();
+        c.inc_by(v);
+        c
+    };
+    reg.register(
+        "palisade_events_suppressed",
+        "Verdict events refused by the per-endpoint rate limit",
+        ev(report.events.suppressed),
+    );
+    reg.register(
+        "palisade_events_lost",
+        "Verdict events lost because the ring buffer was full",
+        ev(report.events.lost),
+    );
+    reg.register(
+        "palisade_events_sent",
+        "Verdict events written to the ring buffer",
+        ev(report.events.sent),
+    );
+    let ct: Gauge = Gauge::default();
+    ct.set(report.conntrack.entries as i64);
+    reg.register("palisade_conntrack_entries", "Conntrack entries", ct);
+    render_problems(&mut reg, &report.problems);
+
+    let mut out = String::new();
+    let _ = encode_registry(&mut out, &hub.metrics.registry);
+    let _ = encode_registry(&mut out, &reg);
+    let _ = encode_eof(&mut out);
+    out
+}
+
+/// Serves `GET /metrics` (plain HTTP/1.1, one request per connection).
+pub async fn serve(listener: tokio::net::TcpListener, hub: Arc<Hub>) {
+    loop {
+        let (mut conn, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                debug!("metrics accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(1024);
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+                    let n = conn.read(&mut chunk).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            if !matches!(read, Ok(Ok(()))) {
+                return;
+            }
+            let line = String::from_utf8_lossy(&buf);
+            let mut parts = line.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, ctype, body) = if method != "GET" {
+                (
+                    "405 Method Not Allowed",
+                    "text/plain",
+                    "GET only\n".to_string(),
+                )
+            } else if path == "/metrics" || path.starts_with("/metrics?") {
+                let h = hub.clone();
+                match tokio::task::spawn_blocking(move || {
+                    let report = stats_report(&h);
+                    render(&h, &report)
+                })
+                .await
+                {
+                    Ok(text) => (
+                        "200 OK",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        text,
+                    ),
+                    Err(e) => ("500 Internal Server Error", "text/plain", format!("{e}\n")),
+                }
+            } else if path == "/" || path == "/healthz" {
+                ("200 OK", "text/plain", "palisade: see /metrics\n".into())
+            } else {
+                ("404 Not Found", "text/plain", "not found\n".into())
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(body.as_bytes()).await;
+            let _ = conn.shutdown().await;
+            debug!(%peer, path, "metrics request");
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ConfigError;
+
+    #[test]
+    fn configuration_errors_are_series_naming_object_and_field() {
+        let problems = Problems {
+            config_errors: vec![
+                ConfigError::new(
+                    "NetworkPolicy demo/c-ingress",
+                    "spec.ingress[0].from[0].ipBlock.cidr",
+                    "invalid CIDR",
+                ),
+                ConfigError::new("file bad.yaml", "", "invalid YAML"),
+            ],
+            errors: vec![],
+            pending_endpoints: vec!["demo/b (ifindex 7)".into()],
+            map_write_failures_total: 3,
+        };
+        let mut reg = Registry::default();
+        render_problems(&mut reg, &problems);
+        let mut out = String::new();
+        encode_registry(&mut out, &reg).unwrap();
+        for line in [
+            r#"palisade_config_error{object="NetworkPolicy demo/c-ingress",field="spec.ingress[0].from[0].ipBlock.cidr"} 1"#,
+            r#"palisade_config_error{object="file bad.yaml",field=""} 1"#,
+            "palisade_config_errors 2",
+            "palisade_pending_endpoints 1",
+            "palisade_map_write_failures_total 3",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} in\n{out}");
+        }
+        // All clear: the totals say so, and no stale series.
+        let mut reg = Registry::default();
+        render_problems(&mut reg, &Problems::default());
+        let mut out = String::new();
+        encode_registry(&mut out, &reg).unwrap();
+        assert!(
+            out.lines().any(|l| l == "palisade_config_errors 0"),
+            "{out}"
+        );
+        assert!(!out.contains("palisade_config_error{"), "{out}");
+    }
+}
