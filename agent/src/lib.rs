@@ -1,16 +1,15 @@
-//! Palisade's node agent as a library: the pure policy pipeline (manifests -> store -> compiled
-//! map entries, with a model of the datapath for explain and tests) and the edges that touch the
-//! kernel (loading and attaching the programs, writing the maps, finding pod interfaces).
+//! Palisade's node agent as a library: the edges that touch the kernel and the host (loading
+//! and attaching the programs, writing the maps, finding pod interfaces), the sources (files,
+//! the API server), and the observers. The policy engine itself is the pure `palisade-policy`
+//! crate, re-exported here under its module names.
 
-// Pure logic: no kernel, no I/O beyond reading manifest files.
-pub mod compile;
-pub mod datapath_model;
-pub mod error;
+// The policy engine (`palisade-policy`): no kernel, no I/O.
+pub use palisade_policy::{
+    compile, datapath_model, error, model, reference, selector, services, state,
+};
+
+// The standalone source: manifest files (parsing is `palisade_policy::manifest`).
 pub mod manifest;
-pub mod model;
-pub mod reference;
-pub mod selector;
-pub mod state;
 
 // Edges: BPF and the host.
 pub mod ct_sweep;
@@ -19,11 +18,10 @@ pub mod loader;
 pub mod maps;
 pub mod run;
 
-// Cluster mode, Services, the CNI plugin, probes.
+// Cluster mode, the CNI plugin, probes.
 pub mod cni;
 pub mod health;
 pub mod kube_source;
-pub mod services;
 
 // Observing: verdicts, the CLI socket and commands, metrics. `api` is what crosses the socket;
 // `hub` the state the observers share; `observe` starts them.

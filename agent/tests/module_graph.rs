@@ -1,5 +1,6 @@
-//! No module imports one that imports it back, in the agent and in the eBPF crate: the module
-//! graph (`use crate::…` and `crate::…` paths outside `#[cfg(test)] mod tests`) has no cycle.
+//! No module imports one that imports it back, in the agent, the policy crate and the eBPF
+//! crate: the module graph (`use crate::…` and `crate::…` paths outside `#[cfg(test)] mod
+//! tests`) has no cycle.
 //! A cycle is how "pure" logic ends up depending on I/O, and how a file stops being readable
 //! on its own.
 use std::{
@@ -136,6 +137,11 @@ fn assert_acyclic(crate_src: &Path) {
 #[test]
 fn the_agent_has_no_import_cycle() {
     assert_acyclic(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
+}
+
+#[test]
+fn the_policy_crate_has_no_import_cycle() {
+    assert_acyclic(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../policy/src"));
 }
 
 #[test]
