@@ -46,6 +46,17 @@ impl Drop for Bpffs {
 
 /// Creates and pins a hash map of the given layout (what an older datapath left behind).
 fn pin_foreign_map(path: &Path, key_size: u32, value_size: u32, max_entries: u32) {
+    pin_foreign_map_of_type(path, 1, key_size, value_size, max_entries)
+}
+
+/// `pin_foreign_map` of BPF map type `map_type` (1 hash, 9 LRU hash).
+fn pin_foreign_map_of_type(
+    path: &Path,
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) {
     #[repr(C)]
     struct Create {
         map_type: u32,
@@ -56,7 +67,7 @@ fn pin_foreign_map(path: &Path, key_size: u32, value_size: u32, max_entries: u32
         rest: [u32; 27],
     }
     let mut attr = Create {
-        map_type: 1,
+        map_type,
         key_size,
         value_size,
         max_entries,
@@ -197,4 +208,57 @@ fn a_capacity_change_carries_entries_over() {
         HashMap::try_from(dp.take_map(map_names::CONNTRACK).unwrap()).unwrap();
     assert_eq!(ct.get(&key, 0).unwrap().packets, 5, "the flow carried over");
     assert!(dp.finish_upgrade().iter().all(|l| l.contains("0 more")));
+}
+
+/// Before conntrack had quotas, CONNTRACK was an LRU hash. The new datapath's plain hash
+/// replaces it and takes its entries: established flows keep their replies across the upgrade.
+#[test]
+fn an_lru_conntrack_of_an_older_agent_is_carried_into_the_hash() {
+    if !require_root() {
+        return;
+    }
+    let fs = Bpffs::new("upgrade-lru");
+    let pins = fs.pin_dir();
+    let obj = object();
+    let ct_pin = map_pin_path(&pins, map_names::CONNTRACK);
+    let (key_size, value_size) = (
+        std::mem::size_of::<CtKey>() as u32,
+        std::mem::size_of::<CtEntry>() as u32,
+    );
+    pin_foreign_map_of_type(&ct_pin, 9, key_size, value_size, 4096);
+    let key = CtKey {
+        endpoint: 3,
+        src: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        dst: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        sport: 40000,
+        dport: 80,
+        proto: 6,
+        dir: 1,
+        family: 4,
+        role: 0,
+    };
+    {
+        let old = aya::maps::Map::from_map_data(MapData::from_pin(&ct_pin).unwrap()).unwrap();
+        let mut old: aya::maps::HashMap<MapData, CtKey, CtEntry> =
+            aya::maps::HashMap::try_from(old).unwrap();
+        let entry = CtEntry {
+            packets: 9,
+            ..Default::default()
+        };
+        old.insert(key, entry, 0).unwrap();
+    }
+    let mut dp = Datapath::load(&obj, Some(&pins)).unwrap();
+    let report = dp.replaced_maps().join("\n");
+    assert!(
+        report.contains("CONNTRACK") && report.contains("1 entries copied"),
+        "{report}"
+    );
+    assert_eq!(
+        pinned_map_layout(&ct_pin).unwrap().map_type,
+        1,
+        "a plain hash now"
+    );
+    let ct: HashMap<MapData, CtKey, CtEntry> =
+        HashMap::try_from(dp.take_map(map_names::CONNTRACK).unwrap()).unwrap();
+    assert_eq!(ct.get(&key, 0).unwrap().packets, 9, "the flow carried over");
 }
