@@ -1,7 +1,6 @@
 //! Manifest text to objects: YAML documents (several per file, `kind: List` too) or one JSON
 //! value, decoded into the store's objects and the Services and EndpointSlices that `services`
 //! reads. Reading files and deciding when to trust them is the agent's (`manifest::ManifestDir`).
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -40,15 +39,8 @@ pub fn parse_file(
             .map_err(|e| ConfigError::new(&label, "", format!("invalid JSON: {e}")))?;
         docs.push(v);
     } else {
-        for doc in serde_yaml::Deserializer::from_str(text) {
-            let mut v = serde_yaml::Value::deserialize(doc)
-                .map_err(|e| ConfigError::new(&label, "", format!("invalid YAML: {e}")))?;
-            v.apply_merge()
-                .map_err(|e| ConfigError::new(&label, "", format!("invalid YAML: {e}")))?;
-            let v = serde_json::to_value(&v)
-                .map_err(|e| ConfigError::new(&label, "", format!("unsupported YAML: {e}")))?;
-            docs.push(v);
-        }
+        docs = yaml_documents(text)
+            .map_err(|e| ConfigError::new(&label, "", format!("invalid YAML: {e}")))?;
     }
     let mut objects = Vec::new();
     let mut ignored = Vec::new();
@@ -60,6 +52,27 @@ pub fn parse_file(
         decode(&origin, v, true, &mut objects, &mut ignored)?;
     }
     Ok((objects, ignored))
+}
+
+/// The YAML documents of `text` as JSON values (an empty document is `null`). Scalars are read
+/// as YAML 1.2 core (`yes`, `y`, `0755` and `1_000` stay strings: namespace names and label
+/// values, as serde_yaml read them) and merge keys (`<<`) are expanded. The parser's budget
+/// keeps its alias-bomb limits; its size limits are raised to what a directory of manifests
+/// can hold (the default stops at 1 024 documents).
+pub fn yaml_documents(text: &str) -> Result<Vec<Value>, serde_saphyr::Error> {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = 1 << 20;
+    budget.max_events = 1 << 30;
+    budget.max_nodes = 1 << 28;
+    budget.max_total_scalar_bytes = 1 << 30;
+    let mut options = serde_saphyr::Options::default();
+    options.strict_booleans = true;
+    options.leading_zero_numbers_as_strings = true;
+    options.underscored_numbers_as_strings = true;
+    options.budget = Some(budget);
+    // One line, naming line and column: the message goes into the status and `palisade stats`.
+    options.with_snippet = false;
+    serde_saphyr::from_multiple_with_options(text, options)
 }
 
 /// Parses manifest text that is not from a file (tests, tools): YAML documents or JSON. The
@@ -197,6 +210,32 @@ mod tests {
 
     const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a, labels: {team: x}}\n";
     const NP: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: a}\nspec: {podSelector: {}}\n";
+
+    /// What the YAML reader must do for manifests: several documents, empty ones skipped,
+    /// merge keys expanded, strings that YAML 1.1 would read as booleans kept as strings (label
+    /// values), bad YAML an error naming the file.
+    #[test]
+    fn yaml_documents_as_manifests_need_them() {
+        let (items, ignored) = parse_file("x.yaml", "# only a comment\n", false).unwrap();
+        assert!(items.is_empty() && ignored.is_empty());
+        let (items, _) =
+            parse_file("x.yaml", &format!("---\n{NS}---\n---\n{NP}---\n"), false).unwrap();
+        assert_eq!(items.len(), 2);
+        let merged = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: m\n  labels:\n    <<: {team: x, on: yes, mode: '0755'}\n    id: 0755\n";
+        let objs = parse_str(merged).unwrap();
+        let Object::Namespace(ns) = &objs[0] else {
+            panic!("{objs:?}")
+        };
+        let labels = ns.metadata.labels.clone().unwrap();
+        assert_eq!(labels.get("team").map(String::as_str), Some("x"));
+        assert_eq!(labels.get("on").map(String::as_str), Some("yes"));
+        assert_eq!(labels.get("id").map(String::as_str), Some("0755"));
+        let e = parse_file("bad.yaml", "kind: [unclosed\n", false).unwrap_err();
+        assert!(
+            e.to_string().starts_with("file bad.yaml: invalid YAML"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn parse_str_reads_documents() {

@@ -834,7 +834,7 @@ mod tests {
     use super::*;
 
     fn policy(yaml: &str) -> Result<Policy, ConfigError> {
-        let np: NetworkPolicy = serde_yaml::from_str(yaml).unwrap();
+        let np: NetworkPolicy = serde_saphyr::from_str(yaml).unwrap();
         Policy::from_k8s(&np)
     }
 
@@ -977,7 +977,7 @@ mod tests {
     }
 
     fn np_obj(yaml: &str) -> Object {
-        Object::NetworkPolicy(Box::new(serde_yaml::from_str(yaml).unwrap()))
+        Object::NetworkPolicy(Box::new(serde_saphyr::from_str(yaml).unwrap()))
     }
 
     #[test]
@@ -1037,7 +1037,7 @@ mod tests {
 
     #[test]
     fn pods_and_namespaces() {
-        let pod: Pod = serde_yaml::from_str(
+        let pod: Pod = serde_saphyr::from_str(
             r#"
 metadata:
   name: p
@@ -1088,7 +1088,7 @@ status:
         assert_eq!(info.node_name.as_deref(), Some("n1"));
         assert_eq!(info.annotations.len(), 1);
 
-        let ns: Namespace = serde_yaml::from_str("metadata: {name: a, labels: {t: x}}").unwrap();
+        let ns: Namespace = serde_saphyr::from_str("metadata: {name: a, labels: {t: x}}").unwrap();
         s.apply(Object::Namespace(Box::new(ns))).unwrap();
         assert_eq!(s.namespace_labels("a")[NAMESPACE_NAME_LABEL], "a");
         assert_eq!(s.namespace_labels("a")["t"], "x");
