@@ -285,28 +285,29 @@ impl MapWriter {
     }
 
     pub fn apply(&mut self, desired: &DesiredState) -> ApplyStats {
-        let mut stats = ApplyStats::default();
         self.failures.clear();
-        // Endpoints whose policy entries change get a new revision (conntrack re-checks their
-        // flows); endpoints whose entries cannot be written fail closed.
-        let mut touched: BTreeSet<u32> = BTreeSet::new();
-        let mut failed: BTreeSet<u32> = BTreeSet::new();
-        let mut identities_changed = false;
-        // An identity that could be neither changed nor removed: every endpoint fails closed.
-        let mut identity_stuck = false;
+        let mut p = Pass::default();
+        self.write_changes(desired, &mut p);
+        self.remove_stale(desired, &mut p);
+        self.write_endpoints(desired, &mut p);
+        self.remove_gone_endpoints(desired, &mut p);
+        p.stats
+    }
 
+    /// Phase 1: additions and changes.
+    fn write_changes(&mut self, desired: &DesiredState, p: &mut Pass) {
         // 1. Additions and changes.
         for (addr, id, old) in changed(&desired.identities, &self.applied.identities) {
             let (addr, id) = (&addr, &id);
-            identities_changed |= old.is_some();
+            p.identities_changed |= old.is_some();
             match self.identities.insert(*addr, *id, 0) {
                 Ok(()) => {
                     self.applied.identities.insert(*addr, *id);
-                    stats.written += 1;
+                    p.stats.written += 1;
                 }
                 Err(e) => {
-                    stats.failed += 1;
-                    let mut msg = format!("insert {addr:?} -> {id} failed: {}", describe(&e));
+                    p.stats.failed += 1;
+                    let mut msg = format!("insert {addr:?} -> {id} p.failed: {}", describe(&e));
                     if old.is_some() {
                         // The old identity must not keep its allows: no identity allows less.
                         match self.identities.remove(addr) {
@@ -318,9 +319,9 @@ impl MapWriter {
                                 self.applied.identities.remove(addr);
                             }
                             Err(e) => {
-                                identity_stuck = true;
+                                p.identity_stuck = true;
                                 msg.push_str(&format!(
-                                    "; removing its old identity failed too ({}): every endpoint fails closed",
+                                    "; removing its old identity p.failed too ({}): every endpoint fails closed",
                                     describe(&e)
                                 ));
                             }
@@ -338,16 +339,16 @@ impl MapWriter {
             match self.endpoint_addrs.insert(*addr, *id, 0) {
                 Ok(()) => {
                     self.applied.endpoint_addrs.insert(*addr, *id);
-                    stats.written += 1;
+                    p.stats.written += 1;
                 }
                 Err(e) => {
-                    stats.failed += 1;
-                    failed.insert(*id);
+                    p.stats.failed += 1;
+                    p.failed.insert(*id);
                     if let Some(old) = old {
                         // The address's previous owner must not keep it.
-                        failed.insert(old);
+                        p.failed.insert(old);
                     }
-                    let msg = format!("insert {addr:?} failed: {}", describe(&e));
+                    let msg = format!("insert {addr:?} p.failed: {}", describe(&e));
                     self.fail(desired, map_names::EP_ADDRS, Some(*id), msg);
                 }
             }
@@ -367,12 +368,12 @@ impl MapWriter {
             match self.node_ports.insert(*key, *target, 0) {
                 Ok(()) => {
                     self.applied.node_ports.insert(*key, *target);
-                    stats.written += 1;
+                    p.stats.written += 1;
                 }
                 Err(e) => {
-                    stats.failed += 1;
-                    failed.extend(egress_isolated.iter().copied());
-                    let msg = format!("insert {key:?} failed: {}", describe(&e));
+                    p.stats.failed += 1;
+                    p.failed.extend(egress_isolated.iter().copied());
+                    let msg = format!("insert {key:?} p.failed: {}", describe(&e));
                     self.fail(desired, map_names::NODE_PORTS, None, msg);
                 }
             }
@@ -380,12 +381,12 @@ impl MapWriter {
         let stale = stale_keys(&self.applied.node_ports, &desired.node_ports);
         for key in stale {
             match self.node_ports.remove(&key) {
-                Ok(()) => stats.removed += 1,
+                Ok(()) => p.stats.removed += 1,
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => {
-                    stats.failed += 1;
-                    failed.extend(egress_isolated.iter().copied());
-                    let msg = format!("remove of {key:?} failed: {}", describe(&e));
+                    p.stats.failed += 1;
+                    p.failed.extend(egress_isolated.iter().copied());
+                    let msg = format!("remove of {key:?} p.failed: {}", describe(&e));
                     self.fail(desired, map_names::NODE_PORTS, None, msg);
                     continue;
                 }
@@ -397,17 +398,17 @@ impl MapWriter {
             .map(|(e, c, _)| (e, c))
             .collect();
         for (entry, class) in cidr_changes {
-            touched.insert(entry.key.endpoint);
+            p.touched.insert(entry.key.endpoint);
             let key = Key::new(CIDR_KEY_FIXED_BITS + entry.prefix_len, entry.key);
             match self.cidrs.insert(&key, class, 0) {
                 Ok(()) => {
                     self.applied.cidrs.insert(entry, class);
-                    stats.written += 1;
+                    p.stats.written += 1;
                 }
                 Err(e) => {
-                    failed.insert(entry.key.endpoint);
-                    stats.failed += 1;
-                    let msg = format!("insert failed: {}", describe(&e));
+                    p.failed.insert(entry.key.endpoint);
+                    p.stats.failed += 1;
+                    let msg = format!("insert p.failed: {}", describe(&e));
                     self.fail(desired, map_names::CIDRS, Some(entry.key.endpoint), msg);
                 }
             }
@@ -417,35 +418,39 @@ impl MapWriter {
             .map(|(e, v, _)| (e, v))
             .collect();
         for (entry, value) in policy_changes {
-            touched.insert(entry.key.endpoint);
+            p.touched.insert(entry.key.endpoint);
             let key = Key::new(entry.prefix_len, entry.key);
             match self.policy.insert(&key, value, 0) {
                 Ok(()) => {
                     self.applied.policy.insert(entry, value);
-                    stats.written += 1;
+                    p.stats.written += 1;
                 }
                 Err(e) => {
-                    failed.insert(entry.key.endpoint);
-                    stats.failed += 1;
-                    let msg = format!("insert failed: {}", describe(&e));
+                    p.failed.insert(entry.key.endpoint);
+                    p.stats.failed += 1;
+                    let msg = format!("insert p.failed: {}", describe(&e));
                     self.fail(desired, map_names::POLICY, Some(entry.key.endpoint), msg);
                 }
             }
         }
+    }
+
+    /// Phase 2: stale entries.
+    fn remove_stale(&mut self, desired: &DesiredState, p: &mut Pass) {
         // 2. Stale entries go before endpoint revisions are bumped, so that a flow re-checked
         //    under the new revision can never see an allow that is being removed. An entry
         //    that cannot be removed stays known (and is retried by the next apply); its
         //    endpoint fails closed meanwhile.
         let stale = stale_keys(&self.applied.policy, &desired.policy);
         for entry in stale {
-            touched.insert(entry.key.endpoint);
+            p.touched.insert(entry.key.endpoint);
             match self.policy.remove(&Key::new(entry.prefix_len, entry.key)) {
-                Ok(()) => stats.removed += 1,
+                Ok(()) => p.stats.removed += 1,
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => {
-                    failed.insert(entry.key.endpoint);
-                    stats.failed += 1;
-                    let msg = format!("remove of a stale allow failed: {}", describe(&e));
+                    p.failed.insert(entry.key.endpoint);
+                    p.stats.failed += 1;
+                    let msg = format!("remove of a stale allow p.failed: {}", describe(&e));
                     self.fail(desired, map_names::POLICY, Some(entry.key.endpoint), msg);
                     continue;
                 }
@@ -454,15 +459,15 @@ impl MapWriter {
         }
         let stale = stale_keys(&self.applied.cidrs, &desired.cidrs);
         for entry in stale {
-            touched.insert(entry.key.endpoint);
+            p.touched.insert(entry.key.endpoint);
             let key = Key::new(CIDR_KEY_FIXED_BITS + entry.prefix_len, entry.key);
             match self.cidrs.remove(&key) {
-                Ok(()) => stats.removed += 1,
+                Ok(()) => p.stats.removed += 1,
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => {
-                    failed.insert(entry.key.endpoint);
-                    stats.failed += 1;
-                    let msg = format!("remove of a stale prefix failed: {}", describe(&e));
+                    p.failed.insert(entry.key.endpoint);
+                    p.stats.failed += 1;
+                    let msg = format!("remove of a stale prefix p.failed: {}", describe(&e));
                     self.fail(desired, map_names::CIDRS, Some(entry.key.endpoint), msg);
                     continue;
                 }
@@ -478,12 +483,12 @@ impl MapWriter {
             .collect();
         for (addr, id) in stale {
             match self.endpoint_addrs.remove(&addr) {
-                Ok(()) => stats.removed += 1,
+                Ok(()) => p.stats.removed += 1,
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => {
-                    failed.insert(id);
-                    stats.failed += 1;
-                    let msg = format!("remove of {addr:?} failed: {}", describe(&e));
+                    p.failed.insert(id);
+                    p.stats.failed += 1;
+                    let msg = format!("remove of {addr:?} p.failed: {}", describe(&e));
                     self.fail(desired, map_names::EP_ADDRS, Some(id), msg);
                     continue;
                 }
@@ -492,15 +497,15 @@ impl MapWriter {
         }
         let stale = stale_keys(&self.applied.identities, &desired.identities);
         for addr in stale {
-            identities_changed = true;
+            p.identities_changed = true;
             match self.identities.remove(&addr) {
-                Ok(()) => stats.removed += 1,
+                Ok(()) => p.stats.removed += 1,
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => {
-                    identity_stuck = true;
-                    stats.failed += 1;
+                    p.identity_stuck = true;
+                    p.stats.failed += 1;
                     let msg = format!(
-                        "remove of {addr:?} failed: {}: every endpoint fails closed",
+                        "remove of {addr:?} p.failed: {}: every endpoint fails closed",
                         describe(&e)
                     );
                     self.fail(desired, map_names::IDENTITIES, None, msg);
@@ -509,6 +514,10 @@ impl MapWriter {
             }
             self.applied.identities.remove(&addr);
         }
+    }
+
+    /// Phase 3: ENDPOINTS, with revisions and fail-closed flags.
+    fn write_endpoints(&mut self, desired: &DesiredState, p: &mut Pass) {
         // 3. Endpoints. An endpoint id behind two interfaces gets one new revision.
         let mut bumped: BTreeMap<u32, u32> = BTreeMap::new();
         for (ifindex, want) in &desired.endpoints {
@@ -516,13 +525,13 @@ impl MapWriter {
             let mut info = *want;
             let mut revision = self.revisions.get(&want.id).copied().unwrap_or(0);
             let was = revision;
-            let fails_closed = identity_stuck || failed.contains(&want.id);
+            let fails_closed = p.identity_stuck || p.failed.contains(&want.id);
             let flags_changed = current.map(|c| c.flags) != Some(want.flags);
             if let Some(r) = bumped.get(&want.id) {
                 revision = *r;
             } else if revision == 0
-                || touched.contains(&want.id)
-                || identities_changed
+                || p.touched.contains(&want.id)
+                || p.identities_changed
                 || flags_changed
                 || fails_closed
             {
@@ -548,11 +557,12 @@ impl MapWriter {
                     if revision != was {
                         self.next_revision = self.next_revision.wrapping_add(1).max(1);
                     }
-                    stats.written += 1;
+                    p.stats.written += 1;
                 }
                 Err(e) => {
-                    stats.failed += 1;
-                    let mut msg = format!("insert for ifindex {ifindex} failed: {}", describe(&e));
+                    p.stats.failed += 1;
+                    let mut msg =
+                        format!("insert for ifindex {ifindex} p.failed: {}", describe(&e));
                     // Without an entry the attached programs drop everything; an old entry
                     // (other flags, older revision) must not stay in force.
                     if current.is_some() {
@@ -564,7 +574,7 @@ impl MapWriter {
                                 self.applied.endpoints.remove(ifindex);
                             }
                             Err(e) => msg.push_str(&format!(
-                                "; removing its old entry failed too: {}",
+                                "; removing its old entry p.failed too: {}",
                                 describe(&e)
                             )),
                         }
@@ -573,7 +583,10 @@ impl MapWriter {
                 }
             }
         }
+    }
 
+    /// Phase 4: endpoints that are gone, and the names the observers read.
+    fn remove_gone_endpoints(&mut self, desired: &DesiredState, p: &mut Pass) {
         // 4. Endpoints that are gone.
         let stale: Vec<u32> = self
             .applied
@@ -589,7 +602,7 @@ impl MapWriter {
                 self.revisions.remove(&info.id);
             }
             match self.endpoints.remove(&ifindex) {
-                Ok(()) => stats.removed += 1,
+                Ok(()) => p.stats.removed += 1,
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => warn!(ifindex, "ENDPOINTS remove: {e}"),
             }
@@ -604,8 +617,21 @@ impl MapWriter {
         if self.applied.identity_pods != desired.identity_pods {
             self.applied.identity_pods = desired.identity_pods.clone();
         }
-        stats
     }
+}
+
+/// What one `apply` carries from phase to phase.
+#[derive(Default)]
+struct Pass {
+    stats: ApplyStats,
+    /// Endpoints whose policy entries change: they get a new revision (conntrack re-checks
+    /// their flows).
+    touched: BTreeSet<u32>,
+    /// Endpoints whose entries could not be written: they fail closed.
+    failed: BTreeSet<u32>,
+    identities_changed: bool,
+    /// An identity that could be neither changed nor removed: every endpoint fails closed.
+    identity_stuck: bool,
 }
 
 #[cfg(test)]
