@@ -275,10 +275,25 @@ struct CniError {
     details: String,
 }
 
+/// The agent has not loaded the datapath yet (a node starting up): under `initialPolicy: deny`
+/// the pod cannot be enforced from its first packet, so ADD fails with the CNI
+/// specification's code 11, "try again later", and the runtime retries.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} is missing: the agent has not loaded the datapath")]
+struct DatapathNotLoaded(String);
+
+/// CNI error code 11: a transient condition, retry later.
+const CNI_TRY_AGAIN_LATER: u32 = 11;
+
 impl From<anyhow::Error> for CniError {
     fn from(e: anyhow::Error) -> Self {
+        let code = if e.chain().any(|c| c.is::<DatapathNotLoaded>()) {
+            CNI_TRY_AGAIN_LATER
+        } else {
+            999
+        };
         CniError {
-            code: 999,
+            code,
             msg: e.to_string(),
             details: format!("{e:#}"),
         }
@@ -596,10 +611,7 @@ fn provision(pin_dir: &Path, state_dir: &Path, rec: &Record) -> Result<()> {
     for p in [loader::TO_POD, loader::FROM_POD] {
         let path = loader::program_pin_path(pin_dir, p);
         if !path.exists() {
-            bail!(
-                "{} is missing: the agent has not loaded the datapath",
-                path.display()
-            );
+            return Err(DatapathNotLoaded(path.display().to_string()).into());
         }
     }
     let id = provisional_id(rec.host_ifindex);

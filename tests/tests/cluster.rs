@@ -309,6 +309,35 @@ fn wait_real_entry(pin_dir: &std::path::Path, ifindex: u32, timeout: Duration) -
     }
 }
 
+/// Before the agent has loaded the datapath, ADD under `initialPolicy: deny` fails with the
+/// CNI specification's "try again later" (11), so the runtime retries instead of giving up;
+/// under `allow` it passes, unenforced.
+#[test]
+fn cni_add_before_the_datapath_is_loaded_says_try_again_later() {
+    if !require_root() {
+        return;
+    }
+    let node = demo_node(&["a"], false);
+    let work = WorkDir::new("cni-early");
+    let (pin_dir, cni_dir) = (work.path().join("no-pins"), work.path().join("cni"));
+    let bin = agent_binary();
+    let a = pod(&node, "a");
+    let err = run_cni(&node, &bin, "ADD", a, &pin_dir, &cni_dir, "deny")
+        .expect_err("ADD must fail without a datapath under initialPolicy deny")
+        .to_string();
+    let start = err.find('{').expect("a CNI error object on stdout");
+    let end = err.rfind('}').unwrap() + 1;
+    let v: serde_json::Value = serde_json::from_str(&err[start..end]).expect(&err);
+    assert_eq!(v["code"], 11, "{v}");
+    assert!(
+        v["msg"].as_str().unwrap().contains("initialPolicy deny"),
+        "{v}"
+    );
+    let out = run_cni(&node, &bin, "ADD", a, &pin_dir, &cni_dir, "allow").expect("ADD, allow");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ADD prints a result");
+    assert_eq!(v["ips"][0]["address"], format!("{}/32", a.ip(false)));
+}
+
 #[test]
 fn cni_add_enforces_from_the_first_packet() {
     if !require_root() {
