@@ -45,9 +45,9 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
         Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
     }
     // Created with no access for group and others, then set exactly.
-    let old = unsafe { libc::umask(0o177) };
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
     let listener = UnixListener::bind(path);
-    unsafe { libc::umask(old) };
+    nix::sys::stat::umask(old);
     let listener = listener.with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
@@ -55,8 +55,7 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
 
 /// Accepts CLI connections until the task is aborted.
 pub async fn serve(listener: UnixListener, hub: Arc<Hub>) {
-    // SAFETY: geteuid has no preconditions.
-    let own_uid = unsafe { libc::geteuid() };
+    let own_uid = nix::unistd::geteuid().as_raw();
     loop {
         let (conn, _) = match listener.accept().await {
             Ok(c) => c,

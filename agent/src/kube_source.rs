@@ -553,16 +553,9 @@ pub async fn drive(
 /// Kernels before 5.11 charge BPF maps to the locked-memory limit, which container runtimes
 /// set low (the DaemonSet grants SYS_RESOURCE for this). Later kernels charge the cgroup.
 fn raise_memlock_limit() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit with a valid struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        tracing::debug!(
-            "RLIMIT_MEMLOCK stays as it is: {}",
-            std::io::Error::last_os_error()
-        );
+    use nix::sys::resource::{RLIM_INFINITY, Resource, setrlimit};
+    if let Err(e) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
+        tracing::debug!("RLIMIT_MEMLOCK stays as it is: {e}");
     }
 }
 

@@ -6,7 +6,6 @@
 //! program of each pinned link atomically, so enforcement never lapses.
 use std::{
     collections::BTreeMap,
-    ffi::CStr,
     fs, io,
     path::{Path, PathBuf},
 };
@@ -953,17 +952,9 @@ fn layouts_compatible(have: &MapLayout, want: &MapLayout) -> bool {
 
 /// The interface name of `ifindex` in the current network namespace.
 pub fn ifname(ifindex: u32) -> Result<String> {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
-    if p.is_null() {
-        bail!(
-            "no interface with ifindex {ifindex}: {}",
-            io::Error::last_os_error()
-        );
-    }
-    Ok(unsafe { CStr::from_ptr(buf.as_ptr()) }
-        .to_string_lossy()
-        .into_owned())
+    let name = nix::net::if_::if_indextoname(ifindex)
+        .with_context(|| format!("no interface with ifindex {ifindex}"))?;
+    Ok(name.to_string_lossy().into_owned())
 }
 
 /// Mounts a bpffs at `dir` unless one is there already (as Cilium does; these machines boot
