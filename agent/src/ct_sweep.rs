@@ -16,25 +16,19 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, Map, MapData, MapError};
-use palisade_common::{CtEntry, CtKey, EndpointInfo, EndpointState, ct_timeout_ns, map_names};
+use aya::maps::{HashMap, Map, MapData};
+use palisade_common::{CtEntry, CtKey, EndpointInfo, EndpointState, ct_expired, map_names};
 use tracing::{debug, warn};
 
-use crate::loader::Datapath;
+use crate::{loader::Datapath, maps::is_not_found};
 
 /// How often the sweep runs. An expired entry holds its endpoint's quota at most this much
 /// longer than its timeout.
 pub const INTERVAL: Duration = Duration::from_secs(10);
 
-/// The datapath's clock: CLOCK_MONOTONIC at tick resolution.
+/// The datapath's clock: CLOCK_MONOTONIC at tick resolution (`bpf_ktime_get_coarse_ns`).
 pub fn datapath_now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    crate::loader::clock_ns(libc::CLOCK_MONOTONIC_COARSE)
 }
 
 /// What one sweep did.
@@ -57,11 +51,6 @@ pub struct Sweeper {
     endpoints: HashMap<MapData, u32, EndpointInfo>,
     /// What CT_RELEASED holds (this sweeper is its only writer).
     released_by: BTreeMap<u32, u64>,
-}
-
-fn not_found(e: &MapError) -> bool {
-    matches!(e, MapError::KeyNotFound | MapError::ElementNotFound)
-        || matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
 }
 
 impl Sweeper {
@@ -115,7 +104,7 @@ impl Sweeper {
                 break;
             }
             *remaining.entry(key.endpoint).or_default() += 1;
-            if now_ns.saturating_sub(entry.last_seen_ns) > ct_timeout_ns(key.proto, entry.flags) {
+            if ct_expired(key.proto, &entry, now_ns) {
                 expired.push(key);
             } else if !before.contains(&key.endpoint) {
                 strays.push(key);
@@ -126,19 +115,17 @@ impl Sweeper {
         for key in &expired {
             // Still expired (a packet after the read would have found it expired too, but a
             // packet that passed just before it may have refreshed it).
-            let still = match self.conntrack.get(key, 0) {
-                Ok(e) => now_ns.saturating_sub(e.last_seen_ns) > ct_timeout_ns(key.proto, e.flags),
-                Err(_) => false,
-            };
-            if still && self.remove(key)? {
+            let still = self
+                .conntrack
+                .get(key, 0)
+                .is_ok_and(|e| ct_expired(key.proto, &e, now_ns));
+            if still && self.remove(key, &mut freed)? {
                 stats.expired += 1;
-                *freed.entry(key.endpoint).or_default() += 1;
             }
         }
         for key in strays.iter().filter(|k| !after.contains(&k.endpoint)) {
-            if self.remove(key)? {
+            if self.remove(key, &mut freed)? {
                 stats.orphaned += 1;
-                *freed.entry(key.endpoint).or_default() += 1;
             }
         }
         self.release(&freed)?;
@@ -154,12 +141,12 @@ impl Sweeper {
             }
             match self.ep_state.remove(&id) {
                 Ok(()) => stats.endpoints_forgotten += 1,
-                Err(e) if not_found(&e) => {}
+                Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(e).with_context(|| format!("EP_STATE: endpoint {id}")),
             }
             match self.released.remove(&id) {
                 Ok(()) => {}
-                Err(e) if not_found(&e) => {}
+                Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(e).with_context(|| format!("CT_RELEASED: endpoint {id}")),
             }
             self.released_by.remove(&id);
@@ -173,9 +160,7 @@ impl Sweeper {
     pub fn remove_flows(&mut self, keys: &[CtKey]) -> Result<u64> {
         let mut freed: BTreeMap<u32, u64> = BTreeMap::new();
         for key in keys {
-            if self.remove(key)? {
-                *freed.entry(key.endpoint).or_default() += 1;
-            }
+            self.remove(key, &mut freed)?;
         }
         self.release(&freed)?;
         Ok(freed.values().sum())
@@ -198,11 +183,15 @@ impl Sweeper {
         Ok(())
     }
 
-    /// Removes `key`; true if this call removed it (the datapath may have been first).
-    fn remove(&mut self, key: &CtKey) -> Result<bool> {
+    /// Removes `key`, counting it in `freed` under its endpoint; true if this call removed it
+    /// (the datapath may have been first).
+    fn remove(&mut self, key: &CtKey, freed: &mut BTreeMap<u32, u64>) -> Result<bool> {
         match self.conntrack.remove(key) {
-            Ok(()) => Ok(true),
-            Err(e) if not_found(&e) => Ok(false),
+            Ok(()) => {
+                *freed.entry(key.endpoint).or_default() += 1;
+                Ok(true)
+            }
+            Err(e) if is_not_found(&e) => Ok(false),
             Err(e) => Err(e).with_context(|| format!("CONNTRACK: endpoint {}", key.endpoint)),
         }
     }

@@ -950,6 +950,17 @@ fn layouts_compatible(have: &MapLayout, want: &MapLayout) -> bool {
         && have.map_flags & want.map_flags == want.map_flags
 }
 
+/// `clock` now, in nanoseconds (the datapath's timestamps are CLOCK_MONOTONIC).
+pub fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// The interface name of `ifindex` in the current network namespace.
 pub fn ifname(ifindex: u32) -> Result<String> {
     let name = nix::net::if_::if_indextoname(ifindex)

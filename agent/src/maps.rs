@@ -133,7 +133,7 @@ fn take(dp: &mut Datapath, name: &str) -> Result<Map> {
 }
 
 /// A removal that found nothing to remove did what it was asked.
-fn is_not_found(e: &MapError) -> bool {
+pub(crate) fn is_not_found(e: &MapError) -> bool {
     match e {
         MapError::KeyNotFound => true,
         MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),

@@ -226,20 +226,10 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// The wall-clock time (ms since the epoch) of a `bpf_ktime_get_ns` timestamp.
 pub fn wall_ms_of(ktime_ns: u64) -> u64 {
-    let mono = clock_ns(libc::CLOCK_MONOTONIC);
-    let real = clock_ns(libc::CLOCK_REALTIME);
+    let mono = crate::loader::clock_ns(libc::CLOCK_MONOTONIC);
+    let real = crate::loader::clock_ns(libc::CLOCK_REALTIME);
     real.saturating_sub(mono.saturating_sub(ktime_ns)) / 1_000_000
 }
 

@@ -620,17 +620,7 @@ fn a6_an_unanswered_tcp_flow_expires_in_a_minute() {
         return;
     }
     let mut rig = Rig::new(&standard_state());
-    let key = |sport: u16| CtKey {
-        endpoint: EP,
-        src: peer_addr(POD.into()).addr,
-        dst: peer_addr(EXTERNAL.into()).addr,
-        sport,
-        dport: 443,
-        proto: PROTO_TCP,
-        dir: DIR_EGRESS,
-        family: AF_INET,
-        role: CT_ROLE_NONE,
-    };
+    let key = |sport: u16| support::tcp4_ct_key(EP, DIR_EGRESS, (POD, sport), (EXTERNAL, 443));
     // Egress to EXTERNAL is allowed; nothing from it is allowed in but replies.
     assert_eq!(rig.egress(&tcp4(POD, EXTERNAL, 1000, 443, SYN)), TC_ACT_OK);
     assert_eq!(rig.egress(&tcp4(POD, EXTERNAL, 1001, 443, SYN)), TC_ACT_OK);

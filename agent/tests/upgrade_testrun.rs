@@ -3,6 +3,7 @@
 //! maps that match are adopted with their contents; a plain restart replaces nothing.
 mod support;
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, MapData};
@@ -11,8 +12,18 @@ use palisade::loader::{
 };
 use palisade::maps::MapWriter;
 use palisade::state::DesiredState;
-use palisade_common::{CtEntry, CtKey, EP_ISOLATED_INGRESS, EndpointInfo, map_names};
-use support::{object, require_root};
+use palisade_common::{CtEntry, CtKey, DIR_EGRESS, EP_ISOLATED_INGRESS, EndpointInfo, map_names};
+use support::{object, require_root, tcp4_ct_key};
+
+/// The flow both generations of an upgrade must know: endpoint 3's egress TCP connection.
+fn tracked_flow() -> CtKey {
+    tcp4_ct_key(
+        3,
+        DIR_EGRESS,
+        (Ipv4Addr::new(10, 0, 0, 1), 40000),
+        (Ipv4Addr::new(10, 0, 0, 2), 80),
+    )
+}
 
 /// A private bpffs, unmounted on drop.
 struct Bpffs(PathBuf);
@@ -160,17 +171,7 @@ fn a_capacity_change_carries_entries_over() {
         },
     );
     assert_eq!(w.apply(&desired).failed, 0);
-    let key = CtKey {
-        endpoint: 3,
-        src: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        dst: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        sport: 40000,
-        dport: 80,
-        proto: 6,
-        dir: 1,
-        family: 4,
-        role: 0,
-    };
+    let key = tracked_flow();
     let entry = CtEntry {
         packets: 5,
         revision: 1,
@@ -226,17 +227,7 @@ fn an_lru_conntrack_of_an_older_agent_is_carried_into_the_hash() {
         std::mem::size_of::<CtEntry>() as u32,
     );
     pin_foreign_map_of_type(&ct_pin, 9, key_size, value_size, 4096);
-    let key = CtKey {
-        endpoint: 3,
-        src: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        dst: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        sport: 40000,
-        dport: 80,
-        proto: 6,
-        dir: 1,
-        family: 4,
-        role: 0,
-    };
+    let key = tracked_flow();
     {
         let old = aya::maps::Map::from_map_data(MapData::from_pin(&ct_pin).unwrap()).unwrap();
         let mut old: aya::maps::HashMap<MapData, CtKey, CtEntry> =

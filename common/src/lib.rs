@@ -343,6 +343,12 @@ pub const fn ct_timeout_ns(proto: u8, flags: u32) -> u64 {
     }
 }
 
+/// Whether `entry` (of a flow of `proto`) has idled past its timeout at `now_ns`.
+#[inline(always)]
+pub const fn ct_expired(proto: u8, entry: &CtEntry, now_ns: u64) -> bool {
+    now_ns.saturating_sub(entry.last_seen_ns) > ct_timeout_ns(proto, entry.flags)
+}
+
 /// Live conntrack entries an endpoint may hold unless the agent sets another quota: a
 /// quarter of the table, so that a pod flooding new flows leaves three quarters to the rest.
 pub const CT_QUOTA_DEFAULT: u32 = capacity::CONNTRACK / 4;

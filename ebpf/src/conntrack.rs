@@ -12,12 +12,12 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use palisade_common::{
     CT_FLAG_CLOSING, CT_FLAG_FIN_ORIGINAL, CT_FLAG_FIN_REPLY, CT_FLAG_REPLIED, CT_FLAG_RST,
-    CT_QUOTA_DEFAULT, CT_REFRESH_NS, CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, Reason,
-    ct_live, ct_reply_role, ct_timeout_ns,
+    CT_REFRESH_NS, CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, Reason,
+    ct_expired, ct_live, ct_reply_role,
 };
 
 use crate::{
-    maps::{CONNTRACK, CT_QUOTA, CT_RELEASED, endpoint_state},
+    maps::{CONNTRACK, CT_QUOTA, CT_RELEASED, EP_STATE, endpoint_state},
     packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -69,7 +69,7 @@ fn load(counter: *mut u64) -> u64 {
 #[inline(always)]
 fn delete(key: &CtKey) {
     if CONNTRACK.remove(key).is_ok()
-        && let Some(state) = crate::maps::EP_STATE.get_ptr_mut(key.endpoint)
+        && let Some(state) = EP_STATE.get_ptr_mut(key.endpoint)
     {
         add_one(unsafe { &raw mut (*state).ct_closed });
     }
@@ -79,8 +79,7 @@ fn delete(key: &CtKey) {
 #[inline(always)]
 fn live(key: &CtKey, now: u64) -> Option<*mut CtEntry> {
     let e = CONNTRACK.get_ptr_mut(key)?;
-    let (last_seen, flags) = unsafe { ((*e).last_seen_ns, (*e).flags) };
-    if now.saturating_sub(last_seen) > ct_timeout_ns(key.proto, flags) {
+    if ct_expired(key.proto, unsafe { &*e }, now) {
         delete(key);
         return None;
     }
@@ -187,10 +186,7 @@ pub fn create(
     let released = unsafe { CT_RELEASED.get(key.endpoint) }
         .copied()
         .unwrap_or(0);
-    let quota = match unsafe { core::ptr::read_volatile(&CT_QUOTA) } {
-        0 => CT_QUOTA_DEFAULT,
-        q => q,
-    };
+    let quota = unsafe { core::ptr::read_volatile(&CT_QUOTA) };
     let (opened, closed) = unsafe { (&raw mut (*state).ct_opened, &raw mut (*state).ct_closed) };
     // Racing CPUs of one endpoint may each see room for one more: the quota is exact to
     // within the number of CPUs, the accounting exactly.

@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use palisade_common::{
-    COUNTER_SLOTS, CidrKey, CtEntry, CtKey, EVENT_BURST, EndpointInfo, EndpointState, FragKey,
+    COUNTER_SLOTS, CT_QUOTA_DEFAULT, CidrKey, CtEntry, CtKey, EVENT_BURST, EndpointInfo, EndpointState, FragKey,
     FragPorts, NodePortKey, NodePortTarget, PeerAddr, PolicyKey, PolicyValue, RuleStats, capacity,
 };
 
@@ -41,9 +41,9 @@ pub static CONNTRACK: HashMap<CtKey, CtEntry> = HashMap::with_max_entries(capaci
 #[map]
 pub static CT_RELEASED: HashMap<u32, u64> = HashMap::with_max_entries(capacity::ENDPOINTS, 0);
 
-/// Live conntrack entries per endpoint; set by the agent at load time (0: the default).
+/// Live conntrack entries per endpoint; the agent sets it at load time.
 #[unsafe(no_mangle)]
-pub static CT_QUOTA: u32 = 0;
+pub static CT_QUOTA: u32 = CT_QUOTA_DEFAULT;
 
 #[map]
 pub static FRAGMENTS: LruHashMap<FragKey, FragPorts> =
