@@ -12,8 +12,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use palisade_common::{
     CT_FLAG_CLOSING, CT_FLAG_FIN_ORIGINAL, CT_FLAG_FIN_REPLY, CT_FLAG_REPLIED, CT_FLAG_RST,
-    CT_REFRESH_NS, CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, Reason,
-    ct_expired, ct_live, ct_reply_role,
+    CT_REFRESH_NS, CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, Reason, ct_expired, ct_live,
+    ct_reply_role,
 };
 
 use crate::{

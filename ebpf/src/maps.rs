@@ -5,8 +5,9 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use palisade_common::{
-    COUNTER_SLOTS, CT_QUOTA_DEFAULT, CidrKey, CtEntry, CtKey, EVENT_BURST, EndpointInfo, EndpointState, FragKey,
-    FragPorts, NodePortKey, NodePortTarget, PeerAddr, PolicyKey, PolicyValue, RuleStats, capacity,
+    COUNTER_SLOTS, CT_QUOTA_DEFAULT, CidrKey, CtEntry, CtKey, EVENT_BURST, EndpointInfo,
+    EndpointState, FragKey, FragPorts, NodePortKey, NodePortTarget, PeerAddr, PolicyKey,
+    PolicyValue, RuleStats, capacity,
 };
 
 use crate::packet::Packet;
