@@ -38,9 +38,12 @@ use serde_json::{Value, json};
 
 use crate::compile::LocalEndpoint;
 use crate::interfaces::HostView;
-use crate::loader;
 use crate::model::Store;
 use crate::state::PodRef;
+use palisade_datapath::{
+    loader::{FROM_POD, TO_POD},
+    pins,
+};
 
 /// The plugin's binary name (the `type` in the CNI configuration).
 pub const PLUGIN_TYPE: &str = "palisade-cni";
@@ -416,7 +419,7 @@ fn run_plugin(command: &str, stdin: &str) -> Result<Option<String>, CniError> {
                 .ok()
                 .and_then(|t| serde_json::from_str(&t).ok())
                 .ok_or_else(|| anyhow!("no record {}", path.display()))?;
-            if !loader::links_attached(&pin_dir, rec.host_ifindex) {
+            if !pins::links_attached(&pin_dir, rec.host_ifindex) {
                 return Err(anyhow!(
                     "the programs are not attached to {} (ifindex {})",
                     rec.host_ifname,
@@ -427,8 +430,8 @@ fn run_plugin(command: &str, stdin: &str) -> Result<Option<String>, CniError> {
             Ok(None)
         }
         "STATUS" => {
-            for p in [loader::TO_POD, loader::FROM_POD] {
-                let path = loader::program_pin_path(&pin_dir, p);
+            for p in [TO_POD, FROM_POD] {
+                let path = pins::program_pin_path(&pin_dir, p);
                 if !path.exists() {
                     return Err(CniError {
                         code: 50, // plugin not available
@@ -590,7 +593,7 @@ fn open_hash<K: aya::Pod, V: aya::Pod>(
     pin_dir: &Path,
     name: &str,
 ) -> Result<HashMap<MapData, K, V>> {
-    let path = loader::map_pin_path(pin_dir, name);
+    let path = pins::map_pin_path(pin_dir, name);
     let data = MapData::from_pin(&path)
         .with_context(|| format!("opening {} (is the agent running?)", path.display()))?;
     // Checks key and value sizes against the pinned map: a plugin of another version than
@@ -608,8 +611,8 @@ fn same_pod_recorded(state_dir: &Path, rec: &Record) -> bool {
 
 /// The provisional entry, then the programs.
 fn provision(pin_dir: &Path, state_dir: &Path, rec: &Record) -> Result<()> {
-    for p in [loader::TO_POD, loader::FROM_POD] {
-        let path = loader::program_pin_path(pin_dir, p);
+    for p in [TO_POD, FROM_POD] {
+        let path = pins::program_pin_path(pin_dir, p);
         if !path.exists() {
             return Err(DatapathNotLoaded(path.display().to_string()).into());
         }
@@ -653,11 +656,11 @@ fn provision(pin_dir: &Path, state_dir: &Path, rec: &Record) -> Result<()> {
             let _ = addrs.insert(PeerAddr::from_ip(*ip), id, BPF_NOEXIST);
         }
     }
-    if let Err(e) = loader::attach_from_pins(pin_dir, rec.host_ifindex) {
+    if let Err(e) = pins::attach_from_pins(pin_dir, rec.host_ifindex) {
         if wrote_entry {
             let _ = endpoints.remove(&rec.host_ifindex);
         }
-        return Err(e);
+        return Err(e.into());
     }
     Ok(())
 }
@@ -700,7 +703,7 @@ fn unprovision(pin_dir: &Path, rec: &Record) {
         }
     }
     if netlink::link_by_index(rec.host_ifindex).is_ok_and(|l| l.name == rec.host_ifname) {
-        loader::remove_link_pins(pin_dir, rec.host_ifindex);
+        pins::remove_link_pins(pin_dir, rec.host_ifindex);
     }
 }
 

@@ -12,10 +12,7 @@ pub use palisade_policy::{
 pub mod manifest;
 
 // Edges: BPF and the host.
-pub mod ct_sweep;
 pub mod interfaces;
-pub mod loader;
-pub mod maps;
 pub mod run;
 
 // Cluster mode, the CNI plugin, probes.

@@ -5,9 +5,9 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use palisade::{
     cli,
-    loader::Datapath,
     run::{RunConfig, SourceOptions, run_standalone_with},
 };
+use palisade_datapath::Datapath;
 use tracing_subscriber::EnvFilter;
 
 #[cfg(palisade_ebpf_missing)]

@@ -21,7 +21,9 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{api::Verdict, inspect::RuleInfo, loader::Datapath, verdicts::Names};
+use palisade_datapath::Datapath;
+
+use crate::{api::Verdict, inspect::RuleInfo, verdicts::Names};
 
 type Labels = Vec<(String, String)>;
 

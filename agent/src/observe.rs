@@ -14,12 +14,12 @@ use palisade_common::{Event, map_names};
 use tokio::io::{Interest, unix::AsyncFd};
 use tracing::{debug, error, info, warn};
 
+use palisade_datapath::{Datapath, writer::ApplyStats};
+
 use crate::{
     api::{Problems, ReconcileInfo},
     hub::Hub,
     inspect::{StateFile, state_path, write_private},
-    loader::Datapath,
-    maps::ApplyStats,
     metrics::{DatapathReader, Metrics},
     model::Store,
     state::DesiredState,

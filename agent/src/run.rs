@@ -13,13 +13,13 @@ use anyhow::{Context, Result};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
+use palisade_datapath::{Datapath, MapWriter, loader, pins};
+
 use crate::{
     api::Problems,
     compile::Compiler,
     interfaces::HostView,
-    loader::{self, Datapath},
     manifest::ManifestDir,
-    maps::MapWriter,
     model::{ConfigError, Store},
     observe::{ObserveConfig, Observer},
 };
@@ -114,7 +114,7 @@ pub struct Agent {
     /// Verdict reader, CLI socket, metrics (absent if the event maps could not be taken).
     observer: Option<Observer>,
     /// The conntrack sweep's thread (stops with the agent).
-    _ct_sweep: crate::ct_sweep::SweepHandle,
+    _ct_sweep: palisade_datapath::ct_sweep::SweepHandle,
     /// Services and EndpointSlices (Service VIPs in egress policy: `services`), set by the
     /// source before `enforce`.
     services: crate::services::ServiceStore,
@@ -129,7 +129,7 @@ pub struct Agent {
 impl Agent {
     pub fn start(cfg: RunConfig, object: &[u8]) -> Result<Self> {
         if let Some(parent) = cfg.pin_dir.parent() {
-            loader::ensure_bpffs(parent)?;
+            pins::ensure_bpffs(parent)?;
         }
         let opts = loader::LoadOptions {
             ct_quota: Some(cfg.conntrack_per_pod),
@@ -144,8 +144,8 @@ impl Agent {
             );
         }
         // Before the writer and readers take the object's map handles.
-        let ct_sweep = crate::ct_sweep::Sweeper::new(&datapath)
-            .and_then(|s| s.spawn(crate::ct_sweep::INTERVAL))
+        let ct_sweep = palisade_datapath::ct_sweep::Sweeper::new(&datapath)
+            .and_then(|s| s.spawn(palisade_datapath::ct_sweep::INTERVAL))
             .context("the conntrack sweep")?;
         let writer = MapWriter::new(&mut datapath)?;
         let source = ManifestDir::new(&cfg.manifests);

@@ -228,8 +228,8 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 /// The wall-clock time (ms since the epoch) of a `bpf_ktime_get_ns` timestamp.
 pub fn wall_ms_of(ktime_ns: u64) -> u64 {
-    let mono = crate::loader::clock_ns(libc::CLOCK_MONOTONIC);
-    let real = crate::loader::clock_ns(libc::CLOCK_REALTIME);
+    let mono = palisade_datapath::clock_ns(libc::CLOCK_MONOTONIC);
+    let real = palisade_datapath::clock_ns(libc::CLOCK_REALTIME);
     real.saturating_sub(mono.saturating_sub(ktime_ns)) / 1_000_000
 }
 

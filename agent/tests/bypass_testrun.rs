@@ -10,8 +10,8 @@ mod support;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::programs::{TestRun, TestRunOptions};
-use palisade::loader::{FROM_POD, TO_POD};
 use palisade_common::*;
+use palisade_datapath::loader::{FROM_POD, TO_POD};
 use support::{
     ACK, EP, EXTERNAL, IFINDEX, NODE, OTHER, PEER, PEER6, POD, POD6, Rig, SYN, SYN_ACK, TC_ACT_OK,
     TC_ACT_SHOT, eth, ipv4, ipv6, l4, peer_addr, require_root, standard_state, tcp4,
@@ -516,11 +516,14 @@ fn a7_one_pod_cannot_evict_the_others_flows() {
         },
     );
     state.endpoint_addrs.insert(peer_addr(POD_B.into()), EP_B);
-    let mut dp =
-        palisade::loader::Datapath::load_with(&support::object(), None, &Default::default())
-            .expect("load datapath");
-    let mut sweeper = palisade::ct_sweep::Sweeper::new(&dp).expect("sweeper");
-    let mut writer = palisade::maps::MapWriter::new(&mut dp).expect("writer");
+    let mut dp = palisade_datapath::loader::Datapath::load_with(
+        &support::object(),
+        None,
+        &Default::default(),
+    )
+    .expect("load datapath");
+    let mut sweeper = palisade_datapath::ct_sweep::Sweeper::new(&dp).expect("sweeper");
+    let mut writer = palisade_datapath::writer::MapWriter::new(&mut dp).expect("writer");
     assert_eq!(writer.apply(&state).failed, 0);
     let counters: aya::maps::PerCpuArray<_, u64> =
         aya::maps::PerCpuArray::try_from(dp.take_map(map_names::COUNTERS).unwrap()).unwrap();
@@ -578,7 +581,8 @@ fn a7_one_pod_cannot_evict_the_others_flows() {
     assert_eq!(run(b, TO_POD, &udp4(PEER, POD_B, 53, 5353)), TC_ACT_OK);
 
     // The sweep, a minute later than now: A's UDP entries expired; B's connection did not.
-    let later = palisade::ct_sweep::datapath_now_ns() + CT_TIMEOUT_OTHER_NS + 1_000_000_000;
+    let later =
+        palisade_datapath::ct_sweep::datapath_now_ns() + CT_TIMEOUT_OTHER_NS + 1_000_000_000;
     let started = std::time::Instant::now();
     let swept = sweeper.sweep(later).expect("sweep");
     eprintln!("sweep: {swept:?} in {:?}", started.elapsed());
@@ -601,7 +605,7 @@ fn a7_one_pod_cannot_evict_the_others_flows() {
     without_a.endpoints.remove(&a);
     assert_eq!(writer.apply(&without_a).failed, 0);
     let swept = sweeper
-        .sweep(palisade::ct_sweep::datapath_now_ns())
+        .sweep(palisade_datapath::ct_sweep::datapath_now_ns())
         .expect("sweep");
     assert_eq!((swept.expired, swept.orphaned), (0, 1), "{swept:?}");
     assert_eq!(swept.endpoints_forgotten, 1, "{swept:?}");

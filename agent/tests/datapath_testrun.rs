@@ -5,8 +5,8 @@ mod support;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use palisade::loader::Datapath;
 use palisade_common::*;
+use palisade_datapath::loader::Datapath;
 use support::{
     ACK, EP, EXTERNAL, IFINDEX, NODE, OTHER, PEER, PEER_ID, PEER6, POD, POD6, Rig, SYN, SYN_ACK,
     TC_ACT_OK, TC_ACT_SHOT, eth, ipv4, ipv4_fragment, ipv6, l4, object, policy_entry, require_root,

@@ -9,12 +9,12 @@ use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
-use palisade::{
-    loader::{Datapath, FROM_POD, LoadOptions, TO_POD},
-    maps::MapWriter,
-    state::DesiredState,
-};
+use palisade::state::DesiredState;
 use palisade_common::*;
+use palisade_datapath::{
+    loader::{Datapath, FROM_POD, LoadOptions, TO_POD},
+    writer::MapWriter,
+};
 use support::{
     EP, PEER, PEER_ID, POD, SYN, SYN_ACK, TC_ACT_OK as OK, TC_ACT_SHOT as SHOT, allow_tcp_port,
     cidr4, endpoint_state, ipv4_fragment, load_with, peer_addr, private_interfaces, require_root,
@@ -93,6 +93,18 @@ fn full_policy_map_fails_closed_and_recovers() {
             .iter()
             .any(|f| f.map == map_names::POLICY && f.endpoint == Some(EP)),
         "failure names the map and the endpoint: {failures:?}"
+    );
+    // What the operator reads (log, `palisade status`, metrics): the map, what failed, the
+    // kernel's answer, and that the endpoint fails closed.
+    let shown = failures
+        .iter()
+        .find(|f| f.map == map_names::POLICY)
+        .unwrap()
+        .to_string();
+    assert!(
+        shown.starts_with(&format!("endpoint id {EP}: POLICY insert failed: "))
+            && shown.ends_with(": failing closed (EP_PENDING)"),
+        "{shown}"
     );
     let dropped_pending = rig.counter(DROPPED_BY_REASON + Reason::Pending as u32);
     for (port, what) in [

@@ -290,8 +290,8 @@ mod datapath {
     //! The real programs on the maps the writer filled (root only).
     use super::*;
     use crate::support::{SYN, load, tcp4, test_run};
-    use palisade::loader::{Datapath, TO_POD};
-    use palisade::maps::MapWriter;
+    use palisade_datapath::loader::{Datapath, TO_POD};
+    use palisade_datapath::writer::MapWriter;
 
     pub fn require_root() -> bool {
         crate::support::root_or("not root: checking the store and the compiled state only")

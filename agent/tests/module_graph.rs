@@ -1,5 +1,5 @@
-//! No module imports one that imports it back, in the agent, the policy crate and the eBPF
-//! crate: the module graph (`use crate::…` and `crate::…` paths outside `#[cfg(test)] mod
+//! No module imports one that imports it back, in the agent, the policy, datapath and eBPF
+//! crates and the fuzzer: the module graph (`use crate::…` and `crate::…` paths outside `#[cfg(test)] mod
 //! tests`) has no cycle.
 //! A cycle is how "pure" logic ends up depending on I/O, and how a file stops being readable
 //! on its own.
@@ -142,6 +142,16 @@ fn the_agent_has_no_import_cycle() {
 #[test]
 fn the_policy_crate_has_no_import_cycle() {
     assert_acyclic(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../policy/src"));
+}
+
+#[test]
+fn the_datapath_crate_has_no_import_cycle() {
+    assert_acyclic(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../datapath/src"));
+}
+
+#[test]
+fn the_fuzzer_has_no_import_cycle() {
+    assert_acyclic(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/src"));
 }
 
 #[test]

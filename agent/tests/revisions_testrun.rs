@@ -6,11 +6,9 @@
 //! revision 2 and isolated it. Real programs, BPF_PROG_TEST_RUN; needs root (CI=true: no skip).
 mod support;
 
-use palisade::{
-    loader::{FROM_POD, TO_POD},
-    state::DesiredState,
-};
+use palisade::state::DesiredState;
 use palisade_common::*;
+use palisade_datapath::loader::{FROM_POD, TO_POD};
 use support::{
     ACK, PEER, POD, SYN, TC_ACT_OK as OK, TC_ACT_SHOT as SHOT, endpoint_state, load,
     private_interfaces, require_root, tcp4, test_run_on,

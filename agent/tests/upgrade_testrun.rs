@@ -7,12 +7,14 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, MapData};
-use palisade::loader::{
-    Datapath, LoadOptions, map_pin_path, object_map_layouts, pinned_map_layout,
-};
-use palisade::maps::MapWriter;
 use palisade::state::DesiredState;
 use palisade_common::{CtEntry, CtKey, DIR_EGRESS, EP_ISOLATED_INGRESS, EndpointInfo, map_names};
+use palisade_datapath::writer::MapWriter;
+use palisade_datapath::{
+    loader::{Datapath, LoadOptions},
+    pins::map_pin_path,
+    upgrade::{object_map_layouts, pinned_map_layout},
+};
 use support::{object, require_root, tcp4_ct_key};
 
 /// The flow both generations of an upgrade must know: endpoint 3's egress TCP connection.
@@ -125,7 +127,7 @@ fn a_changed_layout_is_replaced_never_adopted() {
     let fs = Bpffs::new("upgrade-layout");
     let pins = fs.pin_dir();
     let obj = object();
-    let want = object_map_layouts(&obj, &LoadOptions::default()).unwrap();
+    let want = object_map_layouts(&obj, &LoadOptions::default().max_entries).unwrap();
     // An EP_STATE of another shape (value 8 bytes instead of 24) left by "an older version".
     let ep_state = map_pin_path(&pins, map_names::EP_STATE);
     pin_foreign_map(&ep_state, 4, 8, 16);

@@ -767,10 +767,13 @@ fn link_prog_id(pin: &std::path::Path) -> u32 {
 fn program_upgrades_swap_atomically_under_traffic() {
     use palisade::{
         compile::{Compiler, LocalEndpoint},
-        loader::{Datapath, LoadOptions, link_pin_path},
-        maps::MapWriter,
         model::Store,
         state::PodRef,
+    };
+    use palisade_datapath::{
+        loader::{Datapath, LoadOptions},
+        pins::link_pin_path,
+        writer::MapWriter,
     };
     if !require_root() {
         return;

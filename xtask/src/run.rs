@@ -73,19 +73,12 @@ pub fn test(with_conformance: bool) -> Result<()> {
 /// Packets `cargo xtask test` fuzzes (`cargo xtask fuzz` defaults to a million).
 const FUZZ_PACKETS_IN_TEST: u64 = 50_000;
 
-/// Runs the packet fuzzer (`agent/src/bin/palisade-fuzz`) against the eBPF object.
+/// Runs the packet fuzzer (`fuzz/`) against the eBPF object.
 pub fn fuzz(packets: u64, seed: u64, release: bool) -> Result<()> {
     let obj = crate::build::build_ebpf()?;
     require_root("cargo xtask fuzz")?;
     let mut cmd = cargo();
-    cmd.args([
-        "run",
-        "--quiet",
-        "-p",
-        "palisade-agent",
-        "--bin",
-        "palisade-fuzz",
-    ]);
+    cmd.args(["run", "--quiet", "-p", "palisade-fuzz"]);
     if release {
         cmd.arg("--release");
     }

@@ -11,16 +11,16 @@ use aya::{
     maps::{MapData, PerCpuArray},
     programs::{TestRun, TestRunOptions},
 };
-use palisade::{
-    loader::{Datapath, FROM_POD, LoadOptions, TO_POD},
-    maps::MapWriter,
-    state::{CidrEntry, DesiredState, PolicyEntry},
-};
+use palisade::state::{CidrEntry, DesiredState, PolicyEntry};
 use palisade_common::{
     AF_INET, CIDR_CLASS_BIT, CIDR_CLASS_NONE, CidrKey, Counter, CtEntry, CtKey, DIR_EGRESS,
     DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EndpointInfo, IDENTITY_HOST,
     POLICY_KEY_ANY_PORT_BITS, POLICY_KEY_ANY_PROTO_BITS, POLICY_KEY_FULL_BITS, PROTO_SCTP,
     PROTO_TCP, PROTO_UDP, PeerAddr, PolicyKey, PolicyValue, map_names,
+};
+use palisade_datapath::{
+    loader::{Datapath, FROM_POD, LoadOptions, TO_POD},
+    writer::MapWriter,
 };
 
 pub const TC_ACT_OK: u32 = 0;

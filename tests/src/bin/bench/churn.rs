@@ -29,9 +29,7 @@ use aya::maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
 use palisade::{
     compile::Compiler,
     interfaces::HostView,
-    loader::Datapath,
     manifest::parse_str,
-    maps::MapWriter,
     model::{Kind, Object, ObjectKey, Store},
     run::{Agent, RunConfig},
 };
@@ -39,6 +37,7 @@ use palisade_common::{
     DIR_INGRESS, EndpointInfo, POLICY_KEY_FULL_BITS, PROTO_TCP, PeerAddr, PolicyKey, PolicyValue,
     map_names,
 };
+use palisade_datapath::{loader::Datapath, writer::MapWriter};
 use palisade_tests::{
     agent::AgentProcess,
     rig::{Node, NodeSpec, PodSpec},

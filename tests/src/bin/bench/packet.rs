@@ -32,13 +32,15 @@ use aya::programs::{TestRun, TestRunOptions};
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use palisade::{
     compile::{Compiler, LocalEndpoint},
-    loader::{Datapath, FROM_POD, TO_POD},
     manifest::parse_str,
-    maps::MapWriter,
     model::{Object, Peer, Policy, PortMatch, PortSpec, Protocol, Rule, Store},
     state::PodRef,
 };
 use palisade_common::CtKey;
+use palisade_datapath::{
+    loader::{Datapath, FROM_POD, TO_POD},
+    writer::MapWriter,
+};
 use serde_json::{Value, json};
 
 use crate::stats::{Figure, set};
@@ -300,7 +302,7 @@ struct Bench {
     dp: Datapath,
     _writer: MapWriter,
     /// Removes the bench's flows as the agent's sweep does (releasing the endpoint's quota).
-    sweeper: palisade::ct_sweep::Sweeper,
+    sweeper: palisade_datapath::ct_sweep::Sweeper,
 }
 
 impl Bench {
@@ -454,7 +456,7 @@ pub fn run(cfg: &Config, object: &[u8], report: &mut Value) -> Result<()> {
             .context("the bench endpoint was not compiled")?
             .id;
         let mut dp = Datapath::load(object, None).context("loading the datapath")?;
-        let sweeper = palisade::ct_sweep::Sweeper::new(&dp)?;
+        let sweeper = palisade_datapath::ct_sweep::Sweeper::new(&dp)?;
         let mut writer = MapWriter::new(&mut dp)?;
         let t = Instant::now();
         let stats = writer.apply(&state);

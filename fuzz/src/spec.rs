@@ -1,5 +1,5 @@
 //! The second oracle: is a packet the datapath let through *justified* by NetworkPolicy and the
-//! documented exceptions, read from the spec alone (`palisade::reference`)?
+//! documented exceptions, read from the spec alone (`palisade_policy::reference`)?
 //!
 //! It shares none of the model's (nor the datapath's) conntrack machinery: no keys, roles,
 //! closing states or revisions. A flow is a conversation the spec allowed its opener to start,

@@ -1,7 +1,7 @@
 //! `palisade-fuzz`: random and malformed packets through the real datapath programs
 //! (BPF_PROG_TEST_RUN, one run per packet) under random policies, each verdict compared with
 //! what the rules say it must be (`model`: an independent packet parser, conntrack and fragment
-//! model, and NetworkPolicy semantics from `palisade::reference`).
+//! model, and NetworkPolicy semantics from `palisade_policy::reference`).
 //!
 //! A **bypass** is a packet the datapath lets through that the model drops, or that the
 //! second oracle (`spec`: the plain spec reading, with no conntrack machinery of its own)
@@ -24,11 +24,11 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{HashMap, MapData};
 use aya::programs::{TestRun, TestRunOptions};
 use clap::Parser;
-use palisade::compile::Compiler;
-use palisade::loader::{Datapath, FROM_POD, TO_POD};
-use palisade::maps::MapWriter;
-use palisade::state::DesiredState;
 use palisade_common::{CtEntry, CtKey, DIR_INGRESS, FragKey, FragPorts, map_names};
+use palisade_datapath::loader::{Datapath, FROM_POD, TO_POD};
+use palisade_datapath::writer::MapWriter;
+use palisade_policy::compile::Compiler;
+use palisade_policy::state::DesiredState;
 
 use crate::cluster::Cluster;
 use crate::model::{Ep, Frame, Model, Policy, Why};
@@ -120,7 +120,7 @@ struct Datapaths {
     conntrack: HashMap<MapData, CtKey, CtEntry>,
     fragments: HashMap<MapData, FragKey, FragPorts>,
     /// Empties conntrack the way the agent's sweep does (releasing the endpoints' quotas).
-    sweeper: palisade::ct_sweep::Sweeper,
+    sweeper: palisade_datapath::ct_sweep::Sweeper,
 }
 
 impl Datapaths {
@@ -203,7 +203,7 @@ fn run() -> Result<ExitCode> {
     let (ep_ifindexes, spare) = ifindexes.split_at(MAX_ENDPOINTS);
 
     let mut dp = Datapath::load(&object, None).context("loading the datapath")?;
-    let sweeper = palisade::ct_sweep::Sweeper::new(&dp)?;
+    let sweeper = palisade_datapath::ct_sweep::Sweeper::new(&dp)?;
     let writer = MapWriter::new(&mut dp)?;
     let conntrack = HashMap::try_from(dp.take_map(map_names::CONNTRACK)?)?;
     let fragments = HashMap::try_from(dp.take_map(map_names::FRAGMENTS)?)?;

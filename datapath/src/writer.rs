@@ -15,7 +15,6 @@
 //!   traffic of an attached interface without one (`Reason::UnknownEndpoint`).
 use std::collections::{BTreeMap, BTreeSet};
 
-use anyhow::{Context, Result};
 use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
 use palisade_common::{
     CIDR_KEY_FIXED_BITS, CidrKey, CtEntry, CtKey, EP_ISOLATED_EGRESS, EP_PENDING, EndpointInfo,
@@ -24,7 +23,12 @@ use palisade_common::{
 use serde::Serialize;
 use tracing::{error, warn};
 
-use crate::{loader::Datapath, state::DesiredState};
+use palisade_policy::state::{CidrEntry, DesiredState, PolicyEntry};
+
+use crate::{
+    error::{DatapathError, Result},
+    loader::Datapath,
+};
 
 /// What one `apply` changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -128,12 +132,12 @@ fn stale_keys<K: Ord + Copy, V>(applied: &BTreeMap<K, V>, desired: &BTreeMap<K, 
     out
 }
 
-fn take(dp: &mut Datapath, name: &str) -> Result<Map> {
-    dp.take_map(name)
+fn take<T: TryFrom<Map, Error = MapError>>(dp: &mut Datapath, name: &str) -> Result<T> {
+    T::try_from(dp.take_map(name)?).map_err(DatapathError::map(name, "taking it"))
 }
 
 /// A removal that found nothing to remove did what it was asked.
-pub(crate) fn is_not_found(e: &MapError) -> bool {
+pub fn is_not_found(e: &MapError) -> bool {
     match e {
         MapError::KeyNotFound => true,
         MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
@@ -152,12 +156,12 @@ impl MapWriter {
     /// Takes the policy maps out of the datapath. Entries already in them (pinned maps of an
     /// earlier agent) are read back, so the first `apply` only writes the difference.
     pub fn new(dp: &mut Datapath) -> Result<Self> {
-        let endpoints = HashMap::try_from(take(dp, map_names::ENDPOINTS)?)?;
-        let identities = HashMap::try_from(take(dp, map_names::IDENTITIES)?)?;
-        let endpoint_addrs = HashMap::try_from(take(dp, map_names::EP_ADDRS)?)?;
-        let node_ports = HashMap::try_from(take(dp, map_names::NODE_PORTS)?)?;
-        let cidrs = LpmTrie::try_from(take(dp, map_names::CIDRS)?)?;
-        let policy = LpmTrie::try_from(take(dp, map_names::POLICY)?)?;
+        let endpoints = take(dp, map_names::ENDPOINTS)?;
+        let identities = take(dp, map_names::IDENTITIES)?;
+        let endpoint_addrs = take(dp, map_names::EP_ADDRS)?;
+        let node_ports = take(dp, map_names::NODE_PORTS)?;
+        let cidrs = take(dp, map_names::CIDRS)?;
+        let policy = take(dp, map_names::POLICY)?;
         let mut w = MapWriter {
             endpoints,
             identities,
@@ -171,13 +175,15 @@ impl MapWriter {
             failures: Vec::new(),
             failures_total: 0,
         };
-        w.read_back().context("reading pinned maps")?;
+        w.read_back()?;
         // Above every revision in use, conntrack entries of removed endpoints included.
         let mut max = w.revisions.values().copied().max().unwrap_or(0);
         if let Some(ct) = dp.map(map_names::CONNTRACK) {
-            let ct: HashMap<&MapData, CtKey, CtEntry> = HashMap::try_from(ct)?;
+            let ct: HashMap<&MapData, CtKey, CtEntry> = HashMap::try_from(ct)
+                .map_err(DatapathError::map(map_names::CONNTRACK, "opening it"))?;
             for item in ct.iter() {
-                let (_, e) = item?;
+                let (_, e) =
+                    item.map_err(DatapathError::map(map_names::CONNTRACK, "reading it back"))?;
                 max = max.max(e.revision);
             }
         }
@@ -187,33 +193,39 @@ impl MapWriter {
 
     fn read_back(&mut self) -> Result<()> {
         for item in self.endpoints.iter() {
-            let (ifindex, info) = item?;
+            let (ifindex, info) =
+                item.map_err(DatapathError::map(map_names::ENDPOINTS, "reading it back"))?;
             self.revisions.insert(info.id, info.revision);
             self.applied.endpoints.insert(ifindex, info);
         }
         for item in self.identities.iter() {
-            let (addr, id) = item?;
+            let (addr, id) =
+                item.map_err(DatapathError::map(map_names::IDENTITIES, "reading it back"))?;
             self.applied.identities.insert(addr, id);
         }
         for item in self.endpoint_addrs.iter() {
-            let (addr, id) = item?;
+            let (addr, id) =
+                item.map_err(DatapathError::map(map_names::EP_ADDRS, "reading it back"))?;
             self.applied.endpoint_addrs.insert(addr, id);
         }
         for item in self.node_ports.iter() {
-            let (key, target) = item?;
+            let (key, target) =
+                item.map_err(DatapathError::map(map_names::NODE_PORTS, "reading it back"))?;
             self.applied.node_ports.insert(key, target);
         }
         for item in self.cidrs.iter() {
-            let (key, class) = item?;
-            let entry = crate::state::CidrEntry {
+            let (key, class) =
+                item.map_err(DatapathError::map(map_names::CIDRS, "reading it back"))?;
+            let entry = CidrEntry {
                 key: key.data(),
                 prefix_len: key.prefix_len() - CIDR_KEY_FIXED_BITS,
             };
             self.applied.cidrs.insert(entry, class);
         }
         for item in self.policy.iter() {
-            let (key, value) = item?;
-            let entry = crate::state::PolicyEntry {
+            let (key, value) =
+                item.map_err(DatapathError::map(map_names::POLICY, "reading it back"))?;
+            let entry = PolicyEntry {
                 key: key.data(),
                 prefix_len: key.prefix_len(),
             };
@@ -307,7 +319,7 @@ impl MapWriter {
                 }
                 Err(e) => {
                     p.stats.failed += 1;
-                    let mut msg = format!("insert {addr:?} -> {id} p.failed: {}", describe(&e));
+                    let mut msg = format!("insert {addr:?} -> {id} failed: {}", describe(&e));
                     if old.is_some() {
                         // The old identity must not keep its allows: no identity allows less.
                         match self.identities.remove(addr) {
@@ -321,7 +333,7 @@ impl MapWriter {
                             Err(e) => {
                                 p.identity_stuck = true;
                                 msg.push_str(&format!(
-                                    "; removing its old identity p.failed too ({}): every endpoint fails closed",
+                                    "; removing its old identity failed too ({}): every endpoint fails closed",
                                     describe(&e)
                                 ));
                             }
@@ -348,7 +360,7 @@ impl MapWriter {
                         // The address's previous owner must not keep it.
                         p.failed.insert(old);
                     }
-                    let msg = format!("insert {addr:?} p.failed: {}", describe(&e));
+                    let msg = format!("insert {addr:?} failed: {}", describe(&e));
                     self.fail(desired, map_names::EP_ADDRS, Some(*id), msg);
                 }
             }
@@ -373,7 +385,7 @@ impl MapWriter {
                 Err(e) => {
                     p.stats.failed += 1;
                     p.failed.extend(egress_isolated.iter().copied());
-                    let msg = format!("insert {key:?} p.failed: {}", describe(&e));
+                    let msg = format!("insert {key:?} failed: {}", describe(&e));
                     self.fail(desired, map_names::NODE_PORTS, None, msg);
                 }
             }
@@ -386,7 +398,7 @@ impl MapWriter {
                 Err(e) => {
                     p.stats.failed += 1;
                     p.failed.extend(egress_isolated.iter().copied());
-                    let msg = format!("remove of {key:?} p.failed: {}", describe(&e));
+                    let msg = format!("remove of {key:?} failed: {}", describe(&e));
                     self.fail(desired, map_names::NODE_PORTS, None, msg);
                     continue;
                 }
@@ -408,7 +420,7 @@ impl MapWriter {
                 Err(e) => {
                     p.failed.insert(entry.key.endpoint);
                     p.stats.failed += 1;
-                    let msg = format!("insert p.failed: {}", describe(&e));
+                    let msg = format!("insert failed: {}", describe(&e));
                     self.fail(desired, map_names::CIDRS, Some(entry.key.endpoint), msg);
                 }
             }
@@ -428,7 +440,7 @@ impl MapWriter {
                 Err(e) => {
                     p.failed.insert(entry.key.endpoint);
                     p.stats.failed += 1;
-                    let msg = format!("insert p.failed: {}", describe(&e));
+                    let msg = format!("insert failed: {}", describe(&e));
                     self.fail(desired, map_names::POLICY, Some(entry.key.endpoint), msg);
                 }
             }
@@ -450,7 +462,7 @@ impl MapWriter {
                 Err(e) => {
                     p.failed.insert(entry.key.endpoint);
                     p.stats.failed += 1;
-                    let msg = format!("remove of a stale allow p.failed: {}", describe(&e));
+                    let msg = format!("remove of a stale allow failed: {}", describe(&e));
                     self.fail(desired, map_names::POLICY, Some(entry.key.endpoint), msg);
                     continue;
                 }
@@ -467,7 +479,7 @@ impl MapWriter {
                 Err(e) => {
                     p.failed.insert(entry.key.endpoint);
                     p.stats.failed += 1;
-                    let msg = format!("remove of a stale prefix p.failed: {}", describe(&e));
+                    let msg = format!("remove of a stale prefix failed: {}", describe(&e));
                     self.fail(desired, map_names::CIDRS, Some(entry.key.endpoint), msg);
                     continue;
                 }
@@ -488,7 +500,7 @@ impl MapWriter {
                 Err(e) => {
                     p.failed.insert(id);
                     p.stats.failed += 1;
-                    let msg = format!("remove of {addr:?} p.failed: {}", describe(&e));
+                    let msg = format!("remove of {addr:?} failed: {}", describe(&e));
                     self.fail(desired, map_names::EP_ADDRS, Some(id), msg);
                     continue;
                 }
@@ -505,7 +517,7 @@ impl MapWriter {
                     p.identity_stuck = true;
                     p.stats.failed += 1;
                     let msg = format!(
-                        "remove of {addr:?} p.failed: {}: every endpoint fails closed",
+                        "remove of {addr:?} failed: {}: every endpoint fails closed",
                         describe(&e)
                     );
                     self.fail(desired, map_names::IDENTITIES, None, msg);
@@ -561,8 +573,7 @@ impl MapWriter {
                 }
                 Err(e) => {
                     p.stats.failed += 1;
-                    let mut msg =
-                        format!("insert for ifindex {ifindex} p.failed: {}", describe(&e));
+                    let mut msg = format!("insert for ifindex {ifindex} failed: {}", describe(&e));
                     // Without an entry the attached programs drop everything; an old entry
                     // (other flags, older revision) must not stay in force.
                     if current.is_some() {
@@ -574,7 +585,7 @@ impl MapWriter {
                                 self.applied.endpoints.remove(ifindex);
                             }
                             Err(e) => msg.push_str(&format!(
-                                "; removing its old entry p.failed too: {}",
+                                "; removing its old entry failed too: {}",
                                 describe(&e)
                             )),
                         }

@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use palisade::compile::LocalEndpoint;
-use palisade::model::{NamedPort, NamespaceInfo, Object, PodInfo, Protocol, Store};
-use palisade::state::PodRef;
+use palisade_policy::compile::LocalEndpoint;
+use palisade_policy::model::{NamedPort, NamespaceInfo, Object, PodInfo, Protocol, Store};
+use palisade_policy::state::PodRef;
 use serde_json::{Value, json};
 
 use crate::rng::Rng;
@@ -262,7 +262,8 @@ impl Cluster {
         let base = *rng.pick(&pool);
         let len = *rng.pick(lens);
         let net = |a: IpAddr, l: u8| ipnetwork::IpNetwork::new(a, l).expect("valid prefix");
-        let cidr = palisade::model::parse_cidr(&net(base, len).to_string()).expect("valid cidr");
+        let cidr =
+            palisade_policy::model::parse_cidr(&net(base, len).to_string()).expect("valid cidr");
         let mut except = Vec::new();
         if len < bits {
             for _ in 0..rng.range(0, 3) {
@@ -271,7 +272,7 @@ impl Cluster {
                 let a = *rng.pick(&inside);
                 let l = rng.range(u64::from(len) + 1, u64::from(bits)) as u8;
                 except.push(
-                    palisade::model::parse_cidr(&net(a, l).to_string())
+                    palisade_policy::model::parse_cidr(&net(a, l).to_string())
                         .expect("valid cidr")
                         .to_string(),
                 );

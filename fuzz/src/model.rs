@@ -1,6 +1,6 @@
 //! What the datapath must do with a packet, written from the rules (ARCHITECTURE.md, "Packet
 //! rules") rather than from the eBPF code: an independent parser over the frame's bytes, a
-//! conntrack and fragment table, and NetworkPolicy semantics from `palisade::reference` (the
+//! conntrack and fragment table, and NetworkPolicy semantics from `palisade_policy::reference` (the
 //! plain reading of the spec, not the compiled maps).
 //!
 //! Conntrack is modelled exactly (forward and reply keys per endpoint and direction, echo
@@ -9,13 +9,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use palisade::model::Store;
-use palisade::reference::{self, Endpoint};
-use palisade::state::{Direction, PodRef};
 use palisade_common::{
     AF_INET, AF_INET6, DIR_EGRESS, DIR_INGRESS, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
     PROTO_UDP,
 };
+use palisade_policy::model::Store;
+use palisade_policy::reference::{self, Endpoint};
+use palisade_policy::state::{Direction, PodRef};
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;

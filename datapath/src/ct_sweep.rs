@@ -15,12 +15,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use palisade_common::{CtEntry, CtKey, EndpointInfo, EndpointState, ct_expired, map_names};
 use tracing::{debug, warn};
 
-use crate::{loader::Datapath, maps::is_not_found};
+use crate::{
+    error::{DatapathError, Result},
+    loader::Datapath,
+    writer::is_not_found,
+};
 
 /// How often the sweep runs. An expired entry holds its endpoint's quota at most this much
 /// longer than its timeout.
@@ -28,7 +31,7 @@ pub const INTERVAL: Duration = Duration::from_secs(10);
 
 /// The datapath's clock: CLOCK_MONOTONIC at tick resolution (`bpf_ktime_get_coarse_ns`).
 pub fn datapath_now_ns() -> u64 {
-    crate::loader::clock_ns(libc::CLOCK_MONOTONIC_COARSE)
+    crate::sys::clock_ns(libc::CLOCK_MONOTONIC_COARSE)
 }
 
 /// What one sweep did.
@@ -57,19 +60,25 @@ impl Sweeper {
     /// Opens handles of its own on the maps it works on (call before the readers take the
     /// object's handles) and reads back what an earlier agent released.
     pub fn new(dp: &Datapath) -> Result<Sweeper> {
-        let open = |name: &str| -> Result<Map> { Ok(Map::from_map_data(dp.open_map(name)?)?) };
-        let released: HashMap<MapData, u32, u64> =
-            HashMap::try_from(open(map_names::CT_RELEASED)?)?;
+        fn open<K: aya::Pod, V: aya::Pod>(
+            dp: &Datapath,
+            name: &str,
+        ) -> Result<HashMap<MapData, K, V>> {
+            Map::from_map_data(dp.open_map(name)?)
+                .and_then(HashMap::try_from)
+                .map_err(DatapathError::map(name, "opening it for the sweep"))
+        }
+        let released: HashMap<MapData, u32, u64> = open(dp, map_names::CT_RELEASED)?;
         let mut released_by = BTreeMap::new();
         for item in released.iter() {
-            let (id, n) = item.context("reading CT_RELEASED")?;
+            let (id, n) = item.map_err(DatapathError::map(map_names::CT_RELEASED, "reading it"))?;
             released_by.insert(id, n);
         }
         Ok(Sweeper {
-            conntrack: HashMap::try_from(open(map_names::CONNTRACK)?)?,
-            ep_state: HashMap::try_from(open(map_names::EP_STATE)?)?,
+            conntrack: open(dp, map_names::CONNTRACK)?,
+            ep_state: open(dp, map_names::EP_STATE)?,
             released,
-            endpoints: HashMap::try_from(open(map_names::ENDPOINTS)?)?,
+            endpoints: open(dp, map_names::ENDPOINTS)?,
             released_by,
         })
     }
@@ -77,7 +86,7 @@ impl Sweeper {
     fn endpoint_ids(&self) -> Result<BTreeSet<u32>> {
         let mut ids = BTreeSet::new();
         for item in self.endpoints.iter() {
-            let (_, info) = item.context("reading ENDPOINTS")?;
+            let (_, info) = item.map_err(DatapathError::map(map_names::ENDPOINTS, "reading it"))?;
             ids.insert(info.id);
         }
         Ok(ids)
@@ -142,12 +151,12 @@ impl Sweeper {
             match self.ep_state.remove(&id) {
                 Ok(()) => stats.endpoints_forgotten += 1,
                 Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(e).with_context(|| format!("EP_STATE: endpoint {id}")),
+                Err(e) => return Err(entry_error(map_names::EP_STATE, id, "removing", e)),
             }
             match self.released.remove(&id) {
                 Ok(()) => {}
                 Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(e).with_context(|| format!("CT_RELEASED: endpoint {id}")),
+                Err(e) => return Err(entry_error(map_names::CT_RELEASED, id, "removing", e)),
             }
             self.released_by.remove(&id);
         }
@@ -178,7 +187,7 @@ impl Sweeper {
             *total += n;
             self.released
                 .insert(*id, *total, 0)
-                .with_context(|| format!("CT_RELEASED: endpoint {id}"))?;
+                .map_err(|e| entry_error(map_names::CT_RELEASED, *id, "writing", e))?;
         }
         Ok(())
     }
@@ -192,7 +201,12 @@ impl Sweeper {
                 Ok(true)
             }
             Err(e) if is_not_found(&e) => Ok(false),
-            Err(e) => Err(e).with_context(|| format!("CONNTRACK: endpoint {}", key.endpoint)),
+            Err(e) => Err(entry_error(
+                map_names::CONNTRACK,
+                key.endpoint,
+                "removing a flow",
+                e,
+            )),
         }
     }
 
@@ -213,12 +227,26 @@ impl Sweeper {
                             ms = started.elapsed().as_millis() as u64,
                             "conntrack swept"
                         ),
-                        Err(e) => warn!("conntrack sweep: {e:#}"),
+                        Err(e) => warn!("conntrack sweep: {e}"),
                     }
                 }
             })
-            .context("starting the conntrack sweep")?;
+            .map_err(DatapathError::Thread)?;
         Ok(SweepHandle { _stop: tx })
+    }
+}
+
+fn entry_error(
+    map: &'static str,
+    endpoint: u32,
+    doing: &'static str,
+    cause: aya::maps::MapError,
+) -> DatapathError {
+    DatapathError::MapEntry {
+        map,
+        endpoint,
+        doing,
+        cause: Box::new(cause),
     }
 }
 
