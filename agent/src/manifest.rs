@@ -417,7 +417,7 @@ mod tests {
         let Object::Pod(pod) = &objects[0] else {
             panic!("a pod")
         };
-        let full: k8s_openapi::api::core::v1::Pod = serde_yaml::from_str(text).unwrap();
+        let full: k8s_openapi::api::core::v1::Pod = serde_saphyr::from_str(text).unwrap();
         let (_, expected, _) = crate::model::PodInfo::from_k8s(&full).unwrap();
         let info = pod.info().expect("converted");
         assert_eq!(info, &expected);

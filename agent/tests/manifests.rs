@@ -9,7 +9,6 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -35,10 +34,9 @@ fn documents(dir: &Path) -> Vec<(String, Value)> {
             continue;
         }
         let text = std::fs::read_to_string(&path).unwrap();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let v = serde_yaml::Value::deserialize(doc)
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            let v: Value = serde_json::to_value(v).unwrap();
+        let docs = palisade_policy::manifest::yaml_documents(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        for v in docs {
             if !v.is_null() {
                 out.push((path.display().to_string(), v));
             }

@@ -20,7 +20,7 @@ use palisade_tests::{
     rig::{Node, NodeSpec, PodSpec, Proto},
 };
 use serde::Deserialize;
-use serde_yaml::Value;
+use serde_json::Value;
 
 #[derive(Parser)]
 #[command(about = "Run NetworkPolicy conformance cases on the netns rig")]
@@ -203,18 +203,18 @@ impl World {
     fn expand(&self, v: &Value) -> Result<Value> {
         Ok(match v {
             Value::String(s) => Value::String(self.expand_str(s)?),
-            Value::Sequence(items) => Value::Sequence(
+            Value::Array(items) => Value::Array(
                 items
                     .iter()
                     .map(|i| self.expand(i))
                     .collect::<Result<_>>()?,
             ),
-            Value::Mapping(m) => {
-                let mut out = serde_yaml::Mapping::new();
+            Value::Object(m) => {
+                let mut out = serde_json::Map::new();
                 for (k, v) in m {
                     out.insert(k.clone(), self.expand(v)?);
                 }
-                Value::Mapping(out)
+                Value::Object(out)
             }
             other => other.clone(),
         })
@@ -264,6 +264,16 @@ impl World {
 
 /// Replaces `path` atomically with `docs`; no documents: the file goes (an empty file keeps
 /// its last good objects, by design).
+/// A case file, read as the agent reads YAML (1.2: `y` and `n`, namespace names here, are
+/// strings, not booleans).
+fn read_case(text: &str) -> Result<Case> {
+    let doc = palisade_policy::manifest::yaml_documents(text)?
+        .into_iter()
+        .next()
+        .context("an empty case file")?;
+    Ok(serde_json::from_value(doc)?)
+}
+
 fn write_docs(path: &Path, docs: &[serde_json::Value]) -> Result<()> {
     if docs.is_empty() {
         return match std::fs::remove_file(path) {
@@ -274,7 +284,7 @@ fn write_docs(path: &Path, docs: &[serde_json::Value]) -> Result<()> {
     let mut text = String::new();
     for d in docs {
         text.push_str("---\n");
-        text.push_str(&serde_yaml::to_string(d)?);
+        text.push_str(&serde_saphyr::to_string(d)?);
     }
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)?;
@@ -577,7 +587,7 @@ fn main() -> ExitCode {
         let started = Instant::now();
         let case: Case = match std::fs::read_to_string(&file)
             .map_err(anyhow::Error::from)
-            .and_then(|t| serde_yaml::from_str(&t).map_err(anyhow::Error::from))
+            .and_then(|t| read_case(&t))
         {
             Ok(c) => c,
             Err(e) => {

@@ -14,8 +14,7 @@ use palisade_tests::{
     agent::AgentProcess,
     rig::{Node, NodeSpec, PodSpec, ProbeSpec, Proto},
 };
-use serde::Deserialize;
-use serde_yaml::Value;
+use serde_json::Value;
 
 #[derive(Parser)]
 struct Args {
@@ -99,14 +98,9 @@ const SERVED: &[u16] = &[80, 5432, 8080, 9090];
 
 fn documents(path: &std::path::Path) -> Result<Vec<Value>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-    let mut docs = Vec::new();
-    for d in serde_yaml::Deserializer::from_str(&text) {
-        let v = Value::deserialize(d)?;
-        if !v.is_null() {
-            docs.push(v);
-        }
-    }
-    Ok(docs)
+    let docs = palisade_policy::manifest::yaml_documents(&text)
+        .with_context(|| format!("{}", path.display()))?;
+    Ok(docs.into_iter().filter(|v| !v.is_null()).collect())
 }
 
 fn run(args: &Args) -> Result<bool> {
@@ -158,10 +152,9 @@ fn run(args: &Args) -> Result<bool> {
     for (pod, name) in pods.iter().zip(&names) {
         let mut pod = pod.clone();
         let ip = ips[name].to_string();
-        pod["status"] =
-            serde_yaml::from_str(&format!("{{podIP: '{ip}', podIPs: [{{ip: '{ip}'}}]}}"))?;
+        pod["status"] = serde_json::json!({"podIP": ip, "podIPs": [{"ip": ip}]});
         text.push_str("---\n");
-        text.push_str(&serde_yaml::to_string(&pod)?);
+        text.push_str(&serde_saphyr::to_string(&pod)?);
     }
     std::fs::write(manifests.join("pods.yaml"), text)?;
     for (n, ip) in &ips {

@@ -100,7 +100,11 @@ impl FakeApi {
 
     /// Creates or replaces an object (a YAML or JSON document with kind and metadata).
     pub fn apply(&self, doc: &str) {
-        let mut v: Value = serde_yaml::from_str(doc).expect("a YAML object");
+        let mut v: Value = palisade_policy::manifest::yaml_documents(doc)
+            .expect("YAML")
+            .into_iter()
+            .next()
+            .expect("a YAML object");
         let kind = v["kind"].as_str().expect("kind").to_string();
         let resource = resource_of(&kind).to_string();
         let ns = v["metadata"]["namespace"]
