@@ -1,0 +1,113 @@
+//! The store: everything policy is computed from.
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use super::{Kind, NamespaceInfo, Object, ObjectKey, PodInfo, Policy, meta_key, named_key};
+use crate::error::ConfigError;
+use crate::state::PodRef;
+
+/// Everything policy is computed from.
+#[derive(Clone, Debug, Default)]
+pub struct Store {
+    pub namespaces: BTreeMap<String, NamespaceInfo>,
+    pub pods: BTreeMap<PodRef, PodInfo>,
+    /// Keyed by (namespace, name).
+    pub policies: BTreeMap<(String, String), Policy>,
+    /// Current errors, per object (objects without a usable name under an empty name).
+    errors: BTreeMap<ObjectKey, Vec<ConfigError>>,
+}
+
+impl Store {
+    /// A store holding `objects` (errors in `errors()`).
+    pub fn from_objects(objects: impl IntoIterator<Item = Object>) -> Store {
+        let mut s = Store::default();
+        s.replace_all(objects);
+        s
+    }
+
+    /// Makes the store hold exactly `objects`, except that a policy that fails validation keeps
+    /// its previous good version (if any). Returns the errors, which replace `errors()`.
+    pub fn replace_all(&mut self, objects: impl IntoIterator<Item = Object>) -> Vec<ConfigError> {
+        let mut old_policies = std::mem::take(&mut self.policies);
+        self.namespaces.clear();
+        self.pods.clear();
+        self.errors.clear();
+        for obj in objects {
+            if let Object::NetworkPolicy(np) = &obj {
+                let key = meta_key(Kind::NetworkPolicy, &np.metadata);
+                if let Some(old) = old_policies.remove(&(key.namespace, key.name)) {
+                    self.policies
+                        .insert((old.namespace.clone(), old.name.clone()), old);
+                }
+            }
+            // Errors are recorded by `apply`.
+            let _ = self.apply(obj);
+        }
+        self.errors().into_iter().cloned().collect()
+    }
+
+    /// Adds or replaces one object. On error the object is not applied (a pod is applied
+    /// without the parts in error) and the error is also kept in `errors()` until the object is
+    /// applied successfully or removed.
+    pub fn apply(&mut self, obj: Object) -> Result<(), ConfigError> {
+        let key = obj.key();
+        let result = match obj {
+            Object::Namespace(ns) => named_key(Kind::Namespace, &ns.metadata).map(|k| {
+                let labels = ns.metadata.labels.clone().unwrap_or_default();
+                self.namespaces
+                    .insert(k.name.clone(), NamespaceInfo::new(&k.name, labels));
+                Vec::new()
+            }),
+            Object::Pod(pod) => pod.converted.map(|(r, info, errs)| {
+                self.pods.insert(r, info);
+                errs
+            }),
+            Object::NetworkPolicy(np) => Policy::from_k8s(&np).map(|p| {
+                self.policies
+                    .insert((p.namespace.clone(), p.name.clone()), p);
+                Vec::new()
+            }),
+        };
+        let errs = result.unwrap_or_else(|e| vec![e]);
+        let first = errs.first().cloned();
+        if errs.is_empty() {
+            self.errors.remove(&key);
+        } else {
+            self.errors.insert(key, errs);
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Removes an object (and its errors).
+    pub fn remove(&mut self, key: &ObjectKey) {
+        match key.kind {
+            Kind::Namespace => {
+                self.namespaces.remove(&key.name);
+            }
+            Kind::Pod => {
+                self.pods.remove(&PodRef {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                });
+            }
+            Kind::NetworkPolicy => {
+                self.policies
+                    .remove(&(key.namespace.clone(), key.name.clone()));
+            }
+        }
+        self.errors.remove(key);
+    }
+
+    /// Current configuration errors, by object.
+    pub fn errors(&self) -> Vec<&ConfigError> {
+        self.errors.values().flatten().collect()
+    }
+
+    /// A namespace's labels; a namespace the store does not hold has only its name label.
+    pub fn namespace_labels(&self, ns: &str) -> Cow<'_, BTreeMap<String, String>> {
+        match self.namespaces.get(ns) {
+            Some(info) => Cow::Borrowed(&info.labels),
+            None => Cow::Owned(NamespaceInfo::new(ns, BTreeMap::new()).labels),
+        }
+    }
+}
