@@ -15,12 +15,11 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use aya::maps::{HashMap as BpfHashMap, LpmTrie, Map, MapData};
 use palisade_common::{
-    CIDR_CLASS_BIT, CIDR_CLASS_NONE, CIDR_KEY_FIXED_BITS, CidrKey, EP_PENDING, EndpointInfo,
-    IDENTITY_HOST, IDENTITY_NONE, POLICY_FLAG_AUDIT, POLICY_KEY_ANY_PORT_BITS,
-    POLICY_KEY_FULL_BITS, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerAddr,
-    PolicyKey, PolicyValue, Reason, audit_flag, ip_of, isolated_flag, map_names,
+    CIDR_CLASS_BIT, CIDR_CLASS_NONE, EP_PENDING, EndpointInfo, IDENTITY_HOST, IDENTITY_NONE,
+    POLICY_FLAG_AUDIT, POLICY_KEY_ANY_PORT_BITS, POLICY_KEY_FULL_BITS, PROTO_ICMP, PROTO_ICMPV6,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerAddr, PolicyValue, Reason, audit_flag, ip_of,
+    isolated_flag,
 };
 use serde::{Deserialize, Serialize};
 
@@ -247,57 +246,10 @@ pub fn endpoints_with_allows(state: &DesiredState) -> BTreeSet<(u32, u8)> {
 // Pinned maps
 // ---------------------------------------------------------------------------------------------
 
-fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map> {
-    let path = pin_dir.join("maps").join(name);
-    let data = MapData::from_pin(&path).with_context(|| {
-        format!(
-            "opening pinned map {} (is the agent running, and are you root?)",
-            path.display()
-        )
-    })?;
-    Ok(Map::from_map_data(data)?)
-}
-
 /// The policy maps' entries, read from the pins under `pin_dir`.
 pub fn read_pinned_maps(pin_dir: &Path) -> Result<DesiredState> {
-    let mut s = DesiredState::default();
-    let endpoints: BpfHashMap<MapData, u32, EndpointInfo> =
-        BpfHashMap::try_from(open_pinned(pin_dir, map_names::ENDPOINTS)?)?;
-    for item in endpoints.iter() {
-        let (ifindex, info) = item?;
-        s.endpoints.insert(ifindex, info);
-    }
-    let identities: BpfHashMap<MapData, PeerAddr, u32> =
-        BpfHashMap::try_from(open_pinned(pin_dir, map_names::IDENTITIES)?)?;
-    for item in identities.iter() {
-        let (addr, id) = item?;
-        s.identities.insert(addr, id);
-    }
-    let cidrs: LpmTrie<MapData, CidrKey, u32> =
-        LpmTrie::try_from(open_pinned(pin_dir, map_names::CIDRS)?)?;
-    for item in cidrs.iter() {
-        let (key, class) = item?;
-        s.cidrs.insert(
-            CidrEntry {
-                key: key.data(),
-                prefix_len: key.prefix_len() - CIDR_KEY_FIXED_BITS,
-            },
-            class,
-        );
-    }
-    let policy: LpmTrie<MapData, PolicyKey, PolicyValue> =
-        LpmTrie::try_from(open_pinned(pin_dir, map_names::POLICY)?)?;
-    for item in policy.iter() {
-        let (key, value) = item?;
-        s.policy.insert(
-            PolicyEntry {
-                key: key.data(),
-                prefix_len: key.prefix_len(),
-            },
-            value,
-        );
-    }
-    Ok(s)
+    palisade_datapath::pinned::read_policy_maps(pin_dir)
+        .context("is the agent running, and are you root?")
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ pub enum DatapathError {
         doing: &'static str,
         cause: Box<MapError>,
     },
+    #[error("opening pinned map {path}: {cause}")]
+    Pinned { path: PathBuf, cause: Box<MapError> },
     #[error("map {map}: {why}")]
     MapKind { map: String, why: &'static str },
     #[error("attaching {program} to {ifname} (ifindex {ifindex}): {cause}")]

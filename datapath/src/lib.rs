@@ -4,12 +4,13 @@
 //! here talks to the kernel; what to write comes from the pure `palisade-policy` crate.
 //!
 //! Modules: `loader` (the object and its attachments), `pins` (the pin directory the agent and
-//! the CNI plugin share), `upgrade` (which pinned maps an object may adopt), `writer` (the
+//! the CNI plugin share), `pinned` (reading another process's pinned maps), `upgrade` (which pinned maps an object may adopt), `writer` (the
 //! policy maps), `ct_sweep` (conntrack expiry and quota accounting), `sys` (the raw BPF
 //! syscalls aya does not wrap).
 pub mod ct_sweep;
 pub mod error;
 pub mod loader;
+pub mod pinned;
 pub mod pins;
 mod sys;
 pub mod upgrade;

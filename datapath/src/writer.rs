@@ -23,7 +23,7 @@ use palisade_common::{
 use serde::Serialize;
 use tracing::{error, warn};
 
-use palisade_policy::state::{CidrEntry, DesiredState, PolicyEntry};
+use palisade_policy::state::DesiredState;
 
 use crate::{
     error::{DatapathError, Result},
@@ -192,16 +192,15 @@ impl MapWriter {
     }
 
     fn read_back(&mut self) -> Result<()> {
-        for item in self.endpoints.iter() {
-            let (ifindex, info) =
-                item.map_err(DatapathError::map(map_names::ENDPOINTS, "reading it back"))?;
+        crate::pinned::read_policy_entries(
+            &self.endpoints,
+            &self.identities,
+            &self.cidrs,
+            &self.policy,
+            &mut self.applied,
+        )?;
+        for info in self.applied.endpoints.values() {
             self.revisions.insert(info.id, info.revision);
-            self.applied.endpoints.insert(ifindex, info);
-        }
-        for item in self.identities.iter() {
-            let (addr, id) =
-                item.map_err(DatapathError::map(map_names::IDENTITIES, "reading it back"))?;
-            self.applied.identities.insert(addr, id);
         }
         for item in self.endpoint_addrs.iter() {
             let (addr, id) =
@@ -212,24 +211,6 @@ impl MapWriter {
             let (key, target) =
                 item.map_err(DatapathError::map(map_names::NODE_PORTS, "reading it back"))?;
             self.applied.node_ports.insert(key, target);
-        }
-        for item in self.cidrs.iter() {
-            let (key, class) =
-                item.map_err(DatapathError::map(map_names::CIDRS, "reading it back"))?;
-            let entry = CidrEntry {
-                key: key.data(),
-                prefix_len: key.prefix_len() - CIDR_KEY_FIXED_BITS,
-            };
-            self.applied.cidrs.insert(entry, class);
-        }
-        for item in self.policy.iter() {
-            let (key, value) =
-                item.map_err(DatapathError::map(map_names::POLICY, "reading it back"))?;
-            let entry = PolicyEntry {
-                key: key.data(),
-                prefix_len: key.prefix_len(),
-            };
-            self.applied.policy.insert(entry, value);
         }
         Ok(())
     }

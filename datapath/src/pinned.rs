@@ -1,0 +1,76 @@
+//! The maps as another process finds them pinned: the CLI (`policy show`, `explain`) and the
+//! CNI plugin open the agent's pins; the agent itself holds the object's handles.
+use std::path::Path;
+
+use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError};
+use palisade_common::{
+    CIDR_KEY_FIXED_BITS, CidrKey, EndpointInfo, PeerAddr, PolicyKey, PolicyValue, map_names,
+};
+use palisade_policy::state::{CidrEntry, DesiredState, PolicyEntry};
+
+use crate::{
+    error::{DatapathError, Result},
+    pins::map_pin_path,
+};
+
+/// Map `name` pinned under `pin_dir`, as the map type `T` (`HashMap`, `LpmTrie`, ...).
+pub fn open<T: TryFrom<Map, Error = MapError>>(pin_dir: &Path, name: &str) -> Result<T> {
+    let path = map_pin_path(pin_dir, name);
+    MapData::from_pin(&path)
+        .and_then(|data| T::try_from(Map::from_map_data(data)?))
+        .map_err(|cause| DatapathError::Pinned {
+            path,
+            cause: Box::new(cause),
+        })
+}
+
+/// The policy maps' entries (ENDPOINTS, IDENTITIES, CIDRS, POLICY), read from the pins under
+/// `pin_dir`.
+pub fn read_policy_maps(pin_dir: &Path) -> Result<DesiredState> {
+    let mut state = DesiredState::default();
+    read_policy_entries(
+        &open(pin_dir, map_names::ENDPOINTS)?,
+        &open(pin_dir, map_names::IDENTITIES)?,
+        &open(pin_dir, map_names::CIDRS)?,
+        &open(pin_dir, map_names::POLICY)?,
+        &mut state,
+    )?;
+    Ok(state)
+}
+
+/// Decodes the policy maps into `state`: what the CLI reads from the pins and what a new
+/// `MapWriter` reads back from an earlier agent's maps.
+pub(crate) fn read_policy_entries(
+    endpoints: &HashMap<MapData, u32, EndpointInfo>,
+    identities: &HashMap<MapData, PeerAddr, u32>,
+    cidrs: &LpmTrie<MapData, CidrKey, u32>,
+    policy: &LpmTrie<MapData, PolicyKey, PolicyValue>,
+    state: &mut DesiredState,
+) -> Result<()> {
+    let reading = |map: &'static str| DatapathError::map(map, "reading it");
+    for item in endpoints.iter() {
+        let (ifindex, info) = item.map_err(reading(map_names::ENDPOINTS))?;
+        state.endpoints.insert(ifindex, info);
+    }
+    for item in identities.iter() {
+        let (addr, id) = item.map_err(reading(map_names::IDENTITIES))?;
+        state.identities.insert(addr, id);
+    }
+    for item in cidrs.iter() {
+        let (key, class) = item.map_err(reading(map_names::CIDRS))?;
+        let entry = CidrEntry {
+            key: key.data(),
+            prefix_len: key.prefix_len() - CIDR_KEY_FIXED_BITS,
+        };
+        state.cidrs.insert(entry, class);
+    }
+    for item in policy.iter() {
+        let (key, value) = item.map_err(reading(map_names::POLICY))?;
+        let entry = PolicyEntry {
+            key: key.data(),
+            prefix_len: key.prefix_len(),
+        };
+        state.policy.insert(entry, value);
+    }
+    Ok(())
+}
