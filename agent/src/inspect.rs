@@ -1072,7 +1072,7 @@ pub struct Step {
 mod tests {
     use super::*;
 
-    use palisade_common::POLICY_KEY_ANY_PROTO_BITS;
+    use palisade_common::{CidrKey, POLICY_KEY_ANY_PROTO_BITS, PolicyKey};
 
     #[test]
     fn port_ranges_from_prefixes() {
