@@ -1,0 +1,194 @@
+//! Reading the enforced state back, for `palisade policy show` and `palisade explain`.
+//!
+//! The maps are the truth: the CLI opens the pinned ENDPOINTS, IDENTITIES, CIDRS and POLICY
+//! maps and decodes them. What the maps cannot say (which pod an endpoint id is, which policy
+//! a rule id came from, which pods carry an identity, pod addresses) the agent writes after
+//! every reconcile to `state.json` beside its socket ([`StateFile`]); bpffs holds no regular
+//! files. `explain` runs `datapath_model` (the datapath's twin) over what was read, so it
+//! answers from the entries the programs use, not from a recompilation.
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    model::Store,
+    state::{DesiredState, Direction, EndpointMeta, PodRef, RuleRef},
+};
+
+mod names;
+mod output;
+mod snapshot;
+
+pub use names::*;
+pub use output::*;
+pub use snapshot::*;
+
+/// The file beside the socket that names what the maps hold.
+pub const STATE_FILE: &str = "state.json";
+
+/// Where the agent whose socket is `socket` keeps its state file.
+pub fn state_path(socket: &Path) -> PathBuf {
+    socket.with_file_name(STATE_FILE)
+}
+
+/// A rule id, decoded: `spec.<direction>[index]` of a policy, and whether that policy audits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleInfo {
+    pub id: u32,
+    pub namespace: String,
+    pub policy: String,
+    pub direction: Direction,
+    pub index: usize,
+    /// The policy is in audit mode (annotation or `run --audit`).
+    pub audit: bool,
+}
+
+impl RuleInfo {
+    /// `namespace/name` of the policy.
+    pub fn policy_id(&self) -> String {
+        format!("{}/{}", self.namespace, self.policy)
+    }
+}
+
+impl fmt::Display for RuleInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{} {}[{}]",
+            self.namespace, self.policy, self.direction, self.index
+        )?;
+        if self.audit {
+            f.write_str(" (audit)")?;
+        }
+        Ok(())
+    }
+}
+
+/// A pod and its addresses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodAddrs {
+    pub pod: String,
+    pub ips: Vec<IpAddr>,
+}
+
+/// What the agent writes beside its socket after every reconcile.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateFile {
+    /// Where the maps are pinned.
+    pub pin_dir: PathBuf,
+    pub written_at_unix_ms: u64,
+    /// `palisade run --audit`.
+    pub audit_all: bool,
+    /// Rule id -> rule.
+    pub rules: BTreeMap<u32, RuleInfo>,
+    /// Endpoint id -> pod, interface, policies in force.
+    pub endpoints: BTreeMap<u32, EndpointMeta>,
+    /// Identity -> pods that carry it.
+    pub identities: BTreeMap<u32, Vec<PodRef>>,
+    /// Every pod with an address, cluster-wide.
+    pub pods: Vec<PodAddrs>,
+    /// This node's addresses.
+    pub node_addresses: Vec<IpAddr>,
+}
+
+impl StateFile {
+    /// The names for `applied` (what the map writer wrote), from the store it was compiled from.
+    pub fn build(
+        applied: &DesiredState,
+        store: &Store,
+        node_addresses: &[IpAddr],
+        pin_dir: &Path,
+        audit_all: bool,
+    ) -> StateFile {
+        let rules = applied
+            .rules
+            .iter()
+            .map(|(id, r)| {
+                let audit = audit_all
+                    || store
+                        .policies
+                        .get(&(r.namespace.clone(), r.policy.clone()))
+                        .is_some_and(|p| p.audit);
+                (*id, rule_info(*id, r, audit))
+            })
+            .collect();
+        let pods = store
+            .pods
+            .iter()
+            .filter(|(_, p)| !p.ips.is_empty() && !p.host_network)
+            .map(|(r, p)| PodAddrs {
+                pod: r.to_string(),
+                ips: p.ips.clone(),
+            })
+            .collect();
+        StateFile {
+            pin_dir: pin_dir.to_path_buf(),
+            written_at_unix_ms: unix_ms(),
+            audit_all,
+            rules,
+            endpoints: applied.endpoint_meta.clone(),
+            identities: applied.identity_pods.clone(),
+            pods,
+            node_addresses: node_addresses.to_vec(),
+        }
+    }
+
+    /// Address -> pod (`namespace/name`).
+    pub fn ip_owners(&self) -> HashMap<IpAddr, String> {
+        let mut out = HashMap::new();
+        for p in &self.pods {
+            for ip in &p.ips {
+                out.entry(*ip).or_insert_with(|| p.pod.clone());
+            }
+        }
+        out
+    }
+}
+
+fn rule_info(id: u32, r: &RuleRef, audit: bool) -> RuleInfo {
+    RuleInfo {
+        id,
+        namespace: r.namespace.clone(),
+        policy: r.policy.clone(),
+        direction: r.direction,
+        index: r.index,
+        audit,
+    }
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, mode 0600.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    drop(f);
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// The policy maps' entries, read from the pins under `pin_dir`.
+pub fn read_pinned_maps(pin_dir: &Path) -> Result<DesiredState> {
+    palisade_datapath::pinned::read_policy_maps(pin_dir)
+        .context("is the agent running, and are you root?")
+}
