@@ -237,7 +237,7 @@ const WEB_IF: u32 = 1;
 const CLIENT_IF: u32 = 2;
 
 /// Compiles the state for this node's endpoints (web on `lo`, client beside it) with the
-/// Services expanded, as `Agent::enforce` does.
+/// Services expanded, as `Agent::reconcile` does.
 fn compile(
     state: &ClusterState,
     compiler: &mut Compiler,
