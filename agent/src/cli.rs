@@ -21,17 +21,20 @@ use crate::{
     state::Direction,
 };
 
-/// `--metrics-addr`: an address, or `off`.
+/// `--admin-addr`: an address, or `off`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MetricsAddr(pub Option<std::net::SocketAddr>);
+pub struct AdminAddr(pub Option<std::net::SocketAddr>);
 
-pub fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+pub fn parse_admin_addr(s: &str) -> Result<AdminAddr, String> {
     if s.eq_ignore_ascii_case("off") || s.is_empty() {
-        return Ok(MetricsAddr(None));
+        return Ok(AdminAddr(None));
     }
-    s.parse()
-        .map(|a| MetricsAddr(Some(a)))
-        .map_err(|e| format!("{s:?}: {e} (an address like 0.0.0.0:9090, or off)"))
+    s.parse().map(|a| AdminAddr(Some(a))).map_err(|e| {
+        format!(
+            "{s:?}: {e} (an address like {}, or off)",
+            crate::admin::DEFAULT_ADDR
+        )
+    })
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]

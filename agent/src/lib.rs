@@ -8,23 +8,27 @@ pub use palisade_policy::{
     compile, datapath_model, error, model, reference, selector, services, state,
 };
 
-// The standalone source: manifest files (parsing is `palisade_policy::manifest`).
+// The manifest directory the standalone source reads (parsing is `palisade_policy::manifest`).
 pub mod manifest;
 
 // Edges: BPF and the host.
 pub mod interfaces;
-pub mod run;
 
-// Cluster mode, the CNI plugin, probes.
+// The main loop and its sources (files, the API server), and the reconcile step they feed.
+pub mod reconcile;
+pub mod source;
+
+// The CNI plugin.
 pub mod cni;
-pub mod health;
-pub mod kube_source;
 
-// Observing: verdicts, the CLI socket and commands, metrics. `api` is what crosses the socket;
-// `hub` the state the observers share; `observe` starts them.
+// Observing: verdicts, the CLI socket and commands, metrics and probes. `api` is what crosses
+// the socket; `hub` the state the observers share; `admin` the HTTP server; `observe` starts
+// them.
+pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod control;
+pub mod health;
 pub mod hub;
 pub mod inspect;
 pub mod metrics;

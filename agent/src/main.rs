@@ -5,7 +5,12 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use palisade::{
     cli,
-    run::{RunConfig, SourceOptions, run_standalone_with},
+    reconcile::RunConfig,
+    source::{
+        self,
+        files::FileSource,
+        kube::{ClusterConfig, KubeSource},
+    },
 };
 use palisade_datapath::Datapath;
 use tracing_subscriber::EnvFilter;
@@ -53,9 +58,10 @@ enum Command {
         /// /run/palisade/cni in cluster mode, off in standalone mode.
         #[arg(long, value_name = "DIR|off")]
         cni_state_dir: Option<String>,
-        /// Liveness and readiness endpoint (`/healthz`, `/readyz`; `off` to disable).
-        #[arg(long, value_name = "ADDR|off", default_value = "0.0.0.0:9091", value_parser = cli::parse_metrics_addr)]
-        health_addr: cli::MetricsAddr,
+        /// The admin HTTP server: Prometheus metrics (`/metrics`), liveness and readiness
+        /// (`/healthz`, `/readyz`); `off` to disable.
+        #[arg(long, value_name = "ADDR|off", default_value = palisade::admin::DEFAULT_ADDR, value_parser = cli::parse_admin_addr)]
+        admin_addr: cli::AdminAddr,
         /// Pin directory for maps and links (on a bpffs; mounted if absent).
         #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/palisade")]
         pin_dir: PathBuf,
@@ -71,9 +77,6 @@ enum Command {
         /// Audit mode node-wide: every policy's denials are recorded as "would drop" and pass.
         #[arg(long)]
         audit: bool,
-        /// Prometheus metrics endpoint (`off` to disable).
-        #[arg(long, value_name = "ADDR|off", default_value = "0.0.0.0:9090", value_parser = cli::parse_metrics_addr)]
-        metrics_addr: cli::MetricsAddr,
         /// Verdicts kept for `palisade verdicts`.
         #[arg(long, value_name = "N", default_value_t = palisade::verdicts::DEFAULT_HISTORY)]
         history: usize,
@@ -154,13 +157,12 @@ fn main() -> Result<()> {
             manifests,
             kubeconfig,
             cni_state_dir,
-            health_addr,
+            admin_addr,
             pin_dir,
             node_name,
             poll_ms,
             status_file,
             audit,
-            metrics_addr,
             history,
             conntrack_per_pod,
         } => {
@@ -172,14 +174,10 @@ fn main() -> Result<()> {
                 }
                 None => None,
             };
-            let cluster = manifests
-                .is_none()
-                .then(|| palisade::kube_source::ClusterConfig {
-                    kubeconfig,
-                    node_name: node_name.clone().unwrap_or_default(),
-                    cni_state_dir: cni_state_dir.clone(),
-                    health_addr: health_addr.0,
-                });
+            let cluster = manifests.is_none().then(|| ClusterConfig {
+                kubeconfig,
+                node_name: node_name.clone().unwrap_or_default(),
+            });
             if cluster.as_ref().is_some_and(|c| c.node_name.is_empty()) {
                 anyhow::bail!(
                     "cluster mode needs the node's name: --node-name or NODE_NAME (the \
@@ -187,36 +185,35 @@ fn main() -> Result<()> {
                 );
             }
             let cfg = RunConfig {
-                manifests: manifests.unwrap_or_default(),
                 pin_dir,
                 node_name,
-                poll: Duration::from_millis(poll_ms),
                 host_poll: Duration::from_secs(1),
                 status_file,
                 audit,
                 socket: Some(cli.socket),
-                metrics_addr: metrics_addr.0,
+                admin_addr: admin_addr.0,
                 history,
                 conntrack_per_pod,
+                cni_state_dir,
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            match cluster {
-                Some(cluster) => rt.block_on(palisade::kube_source::run_cluster(
-                    cfg,
-                    cluster,
-                    EBPF_OBJECT,
-                )),
-                None => rt.block_on(run_standalone_with(
-                    cfg,
-                    EBPF_OBJECT,
-                    SourceOptions {
-                        cni_state_dir,
-                        health_addr: health_addr.0,
-                    },
-                )),
-            }
+            rt.block_on(async {
+                match (cluster, manifests) {
+                    (Some(cluster), _) => {
+                        let kube = KubeSource::connect(&cluster).await?;
+                        source::run(cfg, kube, EBPF_OBJECT).await
+                    }
+                    (None, dir) => {
+                        let files = FileSource::new(
+                            dir.unwrap_or_default(),
+                            Duration::from_millis(poll_ms),
+                        );
+                        source::run(cfg, files, EBPF_OBJECT).await
+                    }
+                }
+            })
         }
         Command::Verdicts(a) => cli::verdicts(&cli.socket, &a),
         Command::Policy(a) => cli::policy(&cli.socket, &a),

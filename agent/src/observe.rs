@@ -1,6 +1,6 @@
-//! The observers, started from one place: the ring-buffer reader, the CLI socket and the
-//! metrics endpoint, all over one hub; after every reconcile `Observer::publish` updates the
-//! names, the state file beside the socket and the metrics.
+//! The observers, started from one place: the ring-buffer reader, the CLI socket and the admin
+//! HTTP server (`/metrics`, `/healthz`, `/readyz`), all over one hub; after every reconcile
+//! `Observer::publish` updates the names, the state file beside the socket and the metrics.
 use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
@@ -17,7 +17,9 @@ use tracing::{debug, error, info, warn};
 use palisade_datapath::{Datapath, writer::ApplyStats};
 
 use crate::{
+    admin::AdminServer,
     api::{Problems, ReconcileInfo},
+    health::Health,
     hub::Hub,
     inspect::{StateFile, state_path, write_private},
     metrics::{DatapathReader, Metrics},
@@ -26,31 +28,34 @@ use crate::{
     verdicts::{History, Names},
 };
 
-/// Where the agent serves its CLI and metrics.
+/// Where the agent serves its CLI, metrics and probes.
 #[derive(Clone, Debug)]
 pub struct ObserveConfig {
     /// The CLI's unix socket; `state.json` goes beside it. `None`: neither.
     pub socket: Option<PathBuf>,
-    /// Prometheus endpoint. `None`: off.
-    pub metrics_addr: Option<SocketAddr>,
+    /// The admin HTTP server (`/metrics`, `/healthz`, `/readyz`). `None`: off.
+    pub admin_addr: Option<SocketAddr>,
     /// Verdicts kept for the CLI.
     pub history: usize,
     pub pin_dir: PathBuf,
     pub audit_all: bool,
 }
 
-/// The agent's observation side: verdict reader, CLI socket, metrics endpoint.
+/// The agent's observation side: verdict reader, CLI socket, admin server.
 pub struct Observer {
     pub hub: Arc<Hub>,
     cfg: ObserveConfig,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Stops with the observer.
+    _admin: Option<AdminServer>,
 }
 
 impl Observer {
-    /// Takes the event and counter maps from the datapath and starts the reader, the socket
-    /// server and the metrics endpoint on the current tokio runtime. A socket or metrics
-    /// address that cannot be bound is logged, not fatal: enforcement matters more.
-    pub fn start(cfg: ObserveConfig, dp: &mut Datapath) -> Result<Observer> {
+    /// Takes the event and counter maps from the datapath and starts the reader and the socket
+    /// server on the current tokio runtime, and the admin server (`/metrics`, and `health`'s
+    /// probes) on a thread of its own. A socket or admin address that cannot be bound is
+    /// logged, not fatal: enforcement matters more.
+    pub fn start(cfg: ObserveConfig, dp: &mut Datapath, health: Health) -> Result<Observer> {
         let ring = RingBuf::try_from(dp.take_map(map_names::EVENTS)?)?;
         let datapath = DatapathReader::new(dp)?;
         let hub = Arc::new(Hub {
@@ -72,19 +77,18 @@ impl Observer {
                 Err(e) => error!("CLI socket {}: {e:#}", path.display()),
             }
         }
-        if let Some(addr) = cfg.metrics_addr {
-            match std::net::TcpListener::bind(addr)
-                .and_then(|l| l.set_nonblocking(true).map(|_| l))
-                .and_then(tokio::net::TcpListener::from_std)
-            {
-                Ok(listener) => {
-                    info!(addr = %listener.local_addr().unwrap_or(addr), "serving metrics");
-                    tasks.push(tokio::spawn(crate::stats::serve(listener, hub.clone())));
-                }
-                Err(e) => error!("metrics endpoint {addr}: {e}"),
-            }
-        }
-        Ok(Observer { hub, cfg, tasks })
+        let admin = cfg.admin_addr.and_then(|addr| {
+            let h = hub.clone();
+            AdminServer::start(addr, Arc::new(move || crate::stats::scrape(&h)), health)
+                .map_err(|e| error!("admin server on {addr}: {e}"))
+                .ok()
+        });
+        Ok(Observer {
+            hub,
+            cfg,
+            tasks,
+            _admin: admin,
+        })
     }
 
     /// After a reconcile: new names for events, the state file for the CLI, metrics.

@@ -1,6 +1,6 @@
-//! `palisade stats` and the Prometheus endpoint, from the hub: the datapath's counters read
-//! at each call, the agent's own registry, what is wrong now.
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+//! `palisade stats` and the `/metrics` text (served by `admin`), from the hub: the datapath's
+//! counters read at each call, the agent's own registry, what is wrong now.
+use std::collections::BTreeMap;
 
 use palisade_common::{
     AUDITED_BY_REASON, CT_FLAG_AUDIT, CT_FLAG_CLOSING, Counter as DpCounter, DROPPED_BY_REASON,
@@ -11,8 +11,6 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tracing::debug;
 
 use crate::{
     api::{ConntrackStats, EventStats, MapFill, PolicyStats, Problems, RuleCount, StatsReport},
@@ -332,74 +330,10 @@ pub fn render(hub: &Hub, report: &StatsReport) -> String {
     out
 }
 
-/// Serves `GET /metrics` (plain HTTP/1.1, one request per connection).
-pub async fn serve(listener: tokio::net::TcpListener, hub: Arc<Hub>) {
-    loop {
-        let (mut conn, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                debug!("metrics accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let hub = hub.clone();
-        tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(1024);
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                let mut chunk = [0u8; 1024];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-                    let n = conn.read(&mut chunk).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                Ok::<_, std::io::Error>(())
-            })
-            .await;
-            if !matches!(read, Ok(Ok(()))) {
-                return;
-            }
-            let line = String::from_utf8_lossy(&buf);
-            let mut parts = line.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let (status, ctype, body) = if method != "GET" {
-                (
-                    "405 Method Not Allowed",
-                    "text/plain",
-                    "GET only\n".to_string(),
-                )
-            } else if path == "/metrics" || path.starts_with("/metrics?") {
-                let h = hub.clone();
-                match tokio::task::spawn_blocking(move || {
-                    let report = stats_report(&h);
-                    render(&h, &report)
-                })
-                .await
-                {
-                    Ok(text) => (
-                        "200 OK",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        text,
-                    ),
-                    Err(e) => ("500 Internal Server Error", "text/plain", format!("{e}\n")),
-                }
-            } else if path == "/" || path == "/healthz" {
-                ("200 OK", "text/plain", "palisade: see /metrics\n".into())
-            } else {
-                ("404 Not Found", "text/plain", "not found\n".into())
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = conn.write_all(head.as_bytes()).await;
-            let _ = conn.write_all(body.as_bytes()).await;
-            let _ = conn.shutdown().await;
-            debug!(%peer, path, "metrics request");
-        });
-    }
+/// What `GET /metrics` answers: the datapath's counters read now, rendered with the agent's
+/// registry (OpenMetrics text). Reads every counter map: call it off the main loop.
+pub fn scrape(hub: &Hub) -> String {
+    render(hub, &stats_report(hub))
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use http_body::Frame;
 use http_body_util::StreamBody;
 use palisade::compile::{Compiler, LocalEndpoint};
 use palisade::datapath_model::evaluate;
-use palisade::kube_source::{ClusterState, Source, watch_all};
+use palisade::source::kube::{ClusterState, Watch, watch_all};
 use palisade::state::{DesiredState, Direction, PodRef};
 use palisade_common::{PROTO_TCP, PROTO_UDP};
 
@@ -196,7 +196,7 @@ fn client(replay: &Replay) -> kube::Client {
 /// Feeds the watches into the state until `done` holds (or fails after `timeout`).
 async fn until(
     state: &mut ClusterState,
-    updates: &mut (impl futures::Stream<Item = palisade::kube_source::Update> + Unpin),
+    updates: &mut (impl futures::Stream<Item = palisade::source::kube::Update> + Unpin),
     timeout: Duration,
     what: &str,
     done: impl Fn(&ClusterState) -> bool,
@@ -237,7 +237,7 @@ const WEB_IF: u32 = 1;
 const CLIENT_IF: u32 = 2;
 
 /// Compiles the state for this node's endpoints (web on `lo`, client beside it) with the
-/// Services expanded, as `Agent::enforce` does.
+/// Services expanded, as `Agent::reconcile` does.
 fn compile(
     state: &ClusterState,
     compiler: &mut Compiler,
@@ -415,7 +415,7 @@ async fn replayed_api_drives_compiler_and_maps() {
         "watching again from the re-list's version: {:?}",
         replay.requests.lock().unwrap()
     );
-    assert!(state.synced(Source::Pods));
+    assert!(state.synced(Watch::Pods));
     assert_eq!(
         state.store.policies.len(),
         2,

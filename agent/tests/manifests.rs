@@ -235,11 +235,11 @@ fn daemonset_has_what_the_agent_needs() {
         "spec.nodeName"
     );
     let args = agent.args.clone().unwrap();
-    let health = args
+    let admin = args
         .iter()
-        .find_map(|a| a.strip_prefix("--health-addr="))
+        .find_map(|a| a.strip_prefix("--admin-addr="))
         .unwrap();
-    let port: i32 = health.rsplit(':').next().unwrap().parse().unwrap();
+    let port: i32 = admin.rsplit(':').next().unwrap().parse().unwrap();
     for (probe, path) in [
         (agent.liveness_probe.clone().unwrap(), "/healthz"),
         (agent.readiness_probe.clone().unwrap(), "/readyz"),
@@ -251,6 +251,12 @@ fn daemonset_has_what_the_agent_needs() {
             k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port)
         );
     }
+    // The same port serves the metrics: declared, and where the scrape annotations point.
+    let ports = agent.ports.clone().unwrap();
+    assert!(ports.iter().any(|p| p.container_port == port), "{ports:?}");
+    let annotations = spec.template.metadata.unwrap().annotations.unwrap();
+    assert_eq!(annotations["prometheus.io/port"], port.to_string());
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
     let requests = agent.resources.clone().unwrap().requests.unwrap();
     assert!(requests.contains_key("cpu") && requests.contains_key("memory"));
     let mounts: Vec<String> = agent
@@ -329,8 +335,8 @@ fn daemonset_commands_parse() {
     let mut argv = agent.args.clone().unwrap();
     // Everything the DaemonSet passes must parse; the run stops at the missing kubeconfig.
     argv.push(format!("--kubeconfig={}", tmp.join("none").display()));
-    argv.retain(|a| !a.starts_with("--health-addr") && !a.starts_with("--metrics-addr"));
-    argv.extend(["--health-addr=off".into(), "--metrics-addr=off".into()]);
+    argv.retain(|a| !a.starts_with("--admin-addr"));
+    argv.push("--admin-addr=off".into());
     let out = std::process::Command::new(bin)
         .args(&argv)
         .env("NODE_NAME", "node-1")

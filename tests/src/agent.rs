@@ -11,7 +11,7 @@ use crate::rig::Node;
 use anyhow::{Context, Result, bail};
 
 /// What the agent writes to its status file after every reconcile.
-pub use palisade::run::Status;
+pub use palisade::reconcile::Status;
 
 /// A test's work directory (for the agent's bpffs, status file, log and socket) with an empty
 /// `manifests/` in it; removed on drop.

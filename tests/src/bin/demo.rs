@@ -240,7 +240,8 @@ fn run(args: &Args) -> Result<bool> {
     ])?;
     show(&["stats"])?;
     println!(
-        "\n$ curl -s http://127.0.0.1:9090/metrics | grep -E 'verdicts|drops|rule_packets'   # (in the node)"
+        "\n$ curl -s http://127.0.0.1:{}/metrics | grep -E 'verdicts|drops|rule_packets'   # (in the node)",
+        palisade::admin::DEFAULT_PORT
     );
     match node.in_netns(metrics) {
         Ok(Ok(text)) => {
@@ -276,7 +277,7 @@ fn run(args: &Args) -> Result<bool> {
 fn metrics() -> Result<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(
-        &std::net::SocketAddr::from(([127, 0, 0, 1], 9090)),
+        &std::net::SocketAddr::from(([127, 0, 0, 1], palisade::admin::DEFAULT_PORT)),
         Duration::from_secs(2),
     )?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;

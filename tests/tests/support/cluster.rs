@@ -362,7 +362,8 @@ pub struct ClusterAgent {
     pub log: PathBuf,
     pub cni_dir: PathBuf,
     args: Vec<String>,
-    pub health: SocketAddr,
+    /// The admin server (`/metrics`, `/healthz`, `/readyz`).
+    pub admin: SocketAddr,
 }
 
 impl ClusterAgent {
@@ -372,7 +373,7 @@ impl ClusterAgent {
         let pin_dir = bpffs.path().join("palisade");
         let cni_dir = work.join("cni");
         let status = work.join("status.json");
-        let health: SocketAddr = "127.0.0.1:9091".parse().unwrap();
+        let admin = SocketAddr::from(([127, 0, 0, 1], palisade::admin::DEFAULT_PORT));
         let args: Vec<String> = vec![
             "run".into(),
             "--kubeconfig".into(),
@@ -387,10 +388,8 @@ impl ClusterAgent {
             work.join("run/palisade.sock").display().to_string(),
             "--cni-state-dir".into(),
             cni_dir.display().to_string(),
-            "--health-addr".into(),
-            health.to_string(),
-            "--metrics-addr".into(),
-            "off".into(),
+            "--admin-addr".into(),
+            admin.to_string(),
         ];
         let mut a = ClusterAgent {
             child: None,
@@ -400,7 +399,7 @@ impl ClusterAgent {
             log: work.join("agent.log"),
             cni_dir,
             args,
-            health,
+            admin,
         };
         a.spawn(node, agent)?;
         Ok(a)
@@ -466,9 +465,9 @@ impl ClusterAgent {
         }
     }
 
-    /// `GET path` on the health endpoint, from inside the node: the status code.
+    /// `GET path` on the admin server, from inside the node: the status code.
     pub fn probe_health(&self, node: &Node, path: &str) -> Option<u16> {
-        let addr = self.health;
+        let addr = self.admin;
         let path = path.to_string();
         node.in_netns(move || -> Option<u16> {
             use std::io::Read;

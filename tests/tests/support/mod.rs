@@ -127,13 +127,13 @@ impl Setup {
             .unwrap_or_else(|e| panic!("{e:#}; agent log: {}", self.agent.log_path().display()))
     }
 
-    /// `GET /metrics` from the agent's default metrics address, in the node's namespace.
+    /// `GET /metrics` from the agent's default admin address, in the node's namespace.
     pub fn metrics(&self) -> String {
         use std::io::{Read, Write};
         self.node
             .in_netns(|| -> std::io::Result<String> {
                 let mut s = std::net::TcpStream::connect_timeout(
-                    &std::net::SocketAddr::from(([127, 0, 0, 1], 9090)),
+                    &std::net::SocketAddr::from(([127, 0, 0, 1], palisade::admin::DEFAULT_PORT)),
                     Duration::from_secs(2),
                 )?;
                 s.set_read_timeout(Some(Duration::from_secs(5)))?;

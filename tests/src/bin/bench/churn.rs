@@ -1,16 +1,16 @@
 //! Policy churn and memory, with 1 000 policies and 10 000 pods (100 on this node).
 //!
 //! The rig makes a node of 100 pods. On a thread inside the node's network namespace, the
-//! agent's own pipeline (`Agent::enforce`: read the host's interfaces and routes, compile,
+//! agent's own pipeline (`Agent::reconcile`: read the host's interfaces and routes, compile,
 //! write the difference to the pinned maps, attach new endpoints) runs the way a cluster
 //! source drives it: an object arrives, the store takes it, the agent enforces. The churn
-//! figure is the time from the change's arrival (before `Store::apply`/`remove`) to `enforce`
+//! figure is the time from the change's arrival (before `Store::apply`/`remove`) to `reconcile`
 //! returning, when every map write has been made; each change is then checked in the kernel's
 //! maps (outside the timed part). Changes cycle through: a policy's port changes, a pod is
 //! added, a pod is relabelled (a new identity), a policy is added, the pod is deleted, the
 //! policy is deleted, each in a different namespace.
 //!
-//! A full resync is a re-list: a new store built from every object, and `enforce` on it.
+//! A full resync is a re-list: a new store built from every object, and `reconcile` on it.
 //!
 //! Memory: the real agent binary (release) runs standalone on the same manifests in the same
 //! node; its resident set (VmRSS, and the peak VmHWM) is read after its first reconcile and
@@ -31,7 +31,8 @@ use palisade::{
     interfaces::HostView,
     manifest::parse_str,
     model::{Kind, Object, ObjectKey, Store},
-    run::{Agent, RunConfig},
+    reconcile::{Agent, RunConfig, View},
+    services::ServiceStore,
 };
 use palisade_common::{
     DIR_INGRESS, EndpointInfo, POLICY_KEY_FULL_BITS, PROTO_TCP, PeerAddr, PolicyKey, PolicyValue,
@@ -62,6 +63,19 @@ fn unix_ms() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis())
+}
+
+/// `store` as a source hands it over: no Services, no errors, nothing missing.
+fn view_of(store: &Store) -> View<'_> {
+    static NO_SERVICES: std::sync::LazyLock<ServiceStore> =
+        std::sync::LazyLock::new(ServiceStore::default);
+    View {
+        store,
+        services: &NO_SERVICES,
+        errors: Vec::new(),
+        incomplete: Vec::new(),
+        started_at_unix_ms: unix_ms(),
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -355,7 +369,7 @@ fn in_process(
     let bpffs = work.join("bpffs-inproc");
     std::fs::create_dir_all(&bpffs)?;
     let pin_dir = bpffs.join("palisade");
-    let result = in_process_pinned(cfg, obj, objects, work, &pin_dir, ifindexes);
+    let result = in_process_pinned(cfg, obj, objects, &pin_dir, ifindexes);
     // Dropping the pins detaches the links and frees the maps.
     let _ = nix::mount::umount2(&bpffs, nix::mount::MntFlags::MNT_DETACH);
     result
@@ -365,22 +379,20 @@ fn in_process_pinned(
     cfg: &Config,
     obj: &[u8],
     objects: Vec<Object>,
-    work: &Path,
     pin_dir: &Path,
     ifindexes: &[u32],
 ) -> Result<InProcess> {
     let run_cfg = RunConfig {
-        manifests: work.join("manifests"),
         pin_dir: pin_dir.to_path_buf(),
         node_name: Some(NODE_NAME.to_string()),
-        poll: Duration::from_millis(100),
         host_poll: Duration::from_secs(1),
         status_file: None,
         audit: false,
         socket: None,
-        metrics_addr: None,
+        admin_addr: None,
         history: 1000,
         conntrack_per_pod: palisade_common::CT_QUOTA_DEFAULT,
+        cni_state_dir: None,
     };
     // The agent runs its observers (verdict reader) on a current-thread runtime, as
     // `palisade run` does; they progress between changes.
@@ -399,7 +411,7 @@ fn in_process_pinned(
         store.errors()
     );
     let mut agent = Agent::start(run_cfg, obj)?;
-    agent.enforce(&store, Vec::new(), unix_ms())?;
+    agent.reconcile(view_of(&store))?;
     let cold_ms = ms(t.elapsed());
     let agent_heap = heap_bytes().saturating_sub(heap0 + store_heap);
     let applied = agent.applied();
@@ -464,7 +476,7 @@ fn in_process_pinned(
         for _ in 0..cfg.changes_per_round {
             let t = Instant::now();
             let (label, checks) = churn.next(&mut store, &mut objs, &kernel)?;
-            agent.enforce(&store, Vec::new(), unix_ms())?;
+            agent.reconcile(view_of(&store))?;
             let dt = ms(t.elapsed());
             for check in &checks {
                 kernel
@@ -488,7 +500,7 @@ fn in_process_pinned(
     for _ in 0..cfg.resyncs {
         let t = Instant::now();
         let fresh = Store::from_objects(objs.map.values().cloned());
-        agent.enforce(&fresh, Vec::new(), unix_ms())?;
+        agent.reconcile(view_of(&fresh))?;
         resync.push(ms(t.elapsed()));
         store = fresh;
         idle();

@@ -581,7 +581,7 @@ pub fn markdown(r: &Value) -> String {
          rig's veths), 1 000 policies (per namespace: default deny, seven app-to-app policies \
          with pod, namespace and named-port peers, an egress policy with namespace selectors and \
          an ipBlock with excepts, a policy of 16 partner CIDRs); maps: {}. The agent's pipeline \
-         (`Agent::enforce`: read interfaces and routes, compile, write the difference, attach) \
+         (`Agent::reconcile`: read interfaces and routes, compile, write the difference, attach) \
          runs in the node's namespace as a cluster source drives it; a change is timed from its \
          arrival (before the store takes it) until every map write is made, then checked in the \
          kernel's maps. Changes cycle through policy update, pod add, pod relabel (new \

@@ -1,5 +1,7 @@
-//! The agent's main loop in standalone mode: manifests from a directory, re-read on change,
-//! compiled and written to the maps; pods' interfaces followed as they come and go.
+//! The reconcile step every source feeds (`source`): a `View` of the configuration (a store
+//! of objects, the Services, what is wrong with them) is compiled for this node's endpoints
+//! against the host as it is now, written to the maps, attached, published to the observers,
+//! and reported (status file, `palisade stats`, metrics).
 //!
 //! Bad input never loosens enforcement: a file that fails to parse keeps its last good objects,
 //! a policy that fails validation keeps its last good version (see `model`), and the errors are
@@ -10,7 +12,6 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use palisade_datapath::{Datapath, MapWriter, loader, pins};
@@ -18,22 +19,21 @@ use palisade_datapath::{Datapath, MapWriter, loader, pins};
 use crate::{
     api::Problems,
     compile::Compiler,
+    health::Health,
     interfaces::HostView,
-    manifest::ManifestDir,
     model::{ConfigError, Store},
     observe::{ObserveConfig, Observer},
+    services::ServiceStore,
 };
 
+/// How the agent runs, whatever its source.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
-    pub manifests: PathBuf,
     /// Where maps and links are pinned; must be on a bpffs (mounted if it is not).
     pub pin_dir: PathBuf,
     /// Only pods scheduled on this node are endpoints (all pods with a local interface when
     /// absent).
     pub node_name: Option<String>,
-    /// How often the manifest directory is checked for changes.
-    pub poll: Duration,
     /// How often interfaces, addresses and routes are re-read.
     pub host_poll: Duration,
     /// Where to write a JSON status after every reconcile (for tests and probes).
@@ -42,24 +42,44 @@ pub struct RunConfig {
     pub audit: bool,
     /// The CLI socket (`state.json` goes beside it); `None`: no socket.
     pub socket: Option<PathBuf>,
-    /// The Prometheus endpoint; `None`: off.
-    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The admin HTTP server (`/metrics`, `/healthz`, `/readyz`); `None`: off.
+    pub admin_addr: Option<std::net::SocketAddr>,
     /// Verdicts kept for `palisade verdicts`.
     pub history: usize,
     /// Live conntrack entries per endpoint (`CT_QUOTA`).
     pub conntrack_per_pod: u32,
+    /// Where the CNI plugin records the interfaces it provisions (`cni`); `None`: no plugin.
+    pub cni_state_dir: Option<PathBuf>,
 }
 
 impl From<&RunConfig> for ObserveConfig {
     fn from(cfg: &RunConfig) -> ObserveConfig {
         ObserveConfig {
             socket: cfg.socket.clone(),
-            metrics_addr: cfg.metrics_addr,
+            admin_addr: cfg.admin_addr,
             history: cfg.history,
             pin_dir: cfg.pin_dir.clone(),
             audit_all: cfg.audit,
         }
     }
+}
+
+/// One view of the configuration, as a source holds it: what a reconcile enforces.
+#[derive(Debug)]
+pub struct View<'a> {
+    pub store: &'a Store,
+    /// Services and EndpointSlices (Service VIPs in egress policy: `services`).
+    pub services: &'a ServiceStore,
+    /// What is wrong with this view, each naming its object and field.
+    pub errors: Vec<ConfigError>,
+    /// What this view lacks for want of a last good version (objects that never parsed or
+    /// validated since the agent started). On the first reconcile of an agent that adopted
+    /// pinned enforcement, an incomplete view is not applied: the pinned state (the last good
+    /// configuration of the agent before) stays in force until the configuration is complete,
+    /// rather than losing, say, a deny policy that fails validation after a restart.
+    pub incomplete: Vec<String>,
+    /// When the source began reading this view, ms since the Unix epoch.
+    pub started_at_unix_ms: u128,
 }
 
 /// What the agent reports after each reconcile.
@@ -98,8 +118,6 @@ pub struct Agent {
     cfg: RunConfig,
     datapath: Datapath,
     writer: MapWriter,
-    source: ManifestDir,
-    store: Store,
     compiler: Compiler,
     host: HostView,
     first: bool,
@@ -107,20 +125,16 @@ pub struct Agent {
     /// loop reconciles again without waiting for a change.
     retry: bool,
     repairs_total: u64,
-    /// See `hold_if_incomplete`.
-    incomplete: Vec<String>,
     /// When endpoints failing closed for a full map are tried again.
     retry_at: Option<Instant>,
-    /// Verdict reader, CLI socket, metrics (absent if the event maps could not be taken).
+    /// Verdict reader, CLI socket, admin server (absent if the event maps could not be taken).
     observer: Option<Observer>,
+    /// What `/healthz` and `/readyz` answer (the admin server's; the main loop sets it).
+    health: Health,
     /// The conntrack sweep's thread (stops with the agent).
     _ct_sweep: palisade_datapath::ct_sweep::SweepHandle,
-    /// Services and EndpointSlices (Service VIPs in egress policy: `services`), set by the
-    /// source before `enforce`.
-    services: crate::services::ServiceStore,
+    /// The identities of Service VIPs (`services::expand`), kept across reconciles.
     service_ids: crate::services::ServiceIds,
-    /// Where the CNI plugin records the interfaces it provisions (`cni`).
-    cni_state_dir: Option<PathBuf>,
     cni_seen: Vec<(std::ffi::OsString, Option<std::time::SystemTime>)>,
     /// Interfaces with a CNI record at the last reconcile.
     cni_provisioned: std::collections::BTreeSet<u32>,
@@ -148,9 +162,10 @@ impl Agent {
             .and_then(|s| s.spawn(palisade_datapath::ct_sweep::INTERVAL))
             .context("the conntrack sweep")?;
         let writer = MapWriter::new(&mut datapath)?;
-        let source = ManifestDir::new(&cfg.manifests);
-        let observer = Observer::start(ObserveConfig::from(&cfg), &mut datapath)
-            .map_err(|e| error!("verdicts, CLI socket and metrics are off: {e:#}"))
+        let health = Health::default();
+        health.beat();
+        let observer = Observer::start(ObserveConfig::from(&cfg), &mut datapath, health.clone())
+            .map_err(|e| error!("verdicts, CLI socket and the admin server are off: {e:#}"))
             .ok();
         let mut compiler = Compiler::default();
         compiler.audit_all = cfg.audit;
@@ -158,98 +173,39 @@ impl Agent {
             cfg,
             datapath,
             writer,
-            source,
-            store: Store::default(),
             compiler,
             host: HostView::default(),
             first: true,
             retry: false,
             repairs_total: 0,
-            incomplete: Vec::new(),
             retry_at: None,
             observer,
+            health,
             _ct_sweep: ct_sweep,
-            services: Default::default(),
             service_ids: Default::default(),
-            cni_state_dir: None,
             cni_seen: Vec::new(),
             cni_provisioned: Default::default(),
         })
     }
 
-    /// Re-reads the manifests (standalone source) and enforces them. With `settled` (the
-    /// directory's fingerprint seen unchanged over a poll), a file that differs from it keeps
-    /// its last good objects: see `ManifestDir::load_settled`.
-    pub fn reconcile(&mut self, settled: Option<&crate::manifest::Fingerprint>) -> Result<()> {
-        let started_at_unix_ms = unix_ms();
-        let loaded = self.source.load_settled(settled);
-        let mut errors: Vec<ConfigError> = loaded.errors;
-        let policies: Vec<_> = loaded
-            .objects
-            .iter()
-            .filter(|o| matches!(o, crate::model::Object::NetworkPolicy(_)))
-            .map(|o| o.key())
-            .collect();
-        errors.extend(self.store.replace_all(loaded.objects));
-        errors.extend(unresolved_named_ports(&self.store));
-        let (services, service_errors) = crate::services::ServiceStore::from_manifests(
-            &loaded.services,
-            &loaded.endpoint_slices,
-        );
-        errors.extend(service_errors);
-        self.set_services(services);
-        // What this view of the configuration lacks for want of a last good version: files
-        // that never parsed, policies that never validated (since this agent started).
-        let mut incomplete: Vec<String> = loaded
-            .failed
-            .iter()
-            .map(|f| format!("{f} does not parse"))
-            .collect();
-        incomplete.extend(
-            policies
-                .iter()
-                .filter(|k| {
-                    !self
-                        .store
-                        .policies
-                        .contains_key(&(k.namespace.clone(), k.name.clone()))
-                })
-                .map(|k| format!("{k} is invalid")),
-        );
-        self.hold_if_incomplete(incomplete);
-        let store = std::mem::take(&mut self.store);
-        let result = self.enforce(&store, errors, started_at_unix_ms);
-        self.store = store;
-        result
-    }
-
-    /// Tells the next `enforce` what its store lacks (objects that never parsed or validated,
-    /// so have no last good version). On the first reconcile of an agent that adopted pinned
-    /// enforcement, an incomplete store is not applied: the pinned state (the last good
-    /// configuration of the agent before) stays in force until the configuration is complete,
-    /// rather than losing, say, a deny policy that fails validation after a restart.
-    pub fn hold_if_incomplete(&mut self, missing: Vec<String>) {
-        self.incomplete = missing;
-    }
-
-    /// The one pipeline every source feeds: reads the host, compiles `store` for this node's
-    /// endpoints, attaches new endpoints, writes what changed, detaches what is gone.
-    pub fn enforce(
-        &mut self,
-        store: &Store,
-        config_errors: Vec<ConfigError>,
-        started_at_unix_ms: u128,
-    ) -> Result<()> {
+    /// The one pipeline every source feeds: reads the host, compiles the view's store for this
+    /// node's endpoints, attaches new endpoints, writes what changed, detaches what is gone.
+    pub fn reconcile(&mut self, view: View<'_>) -> Result<()> {
         let started = Instant::now();
+        let View {
+            store,
+            services,
+            errors: config,
+            incomplete,
+            started_at_unix_ms,
+        } = view;
         self.retry = false;
         self.retry_at = None;
-        for e in &config_errors {
+        for e in &config {
             error!("{e}");
         }
-        let config = config_errors;
         let mut errors: Vec<String> = config.iter().map(|e| e.to_string()).collect();
         let config_errors = config.len();
-        let incomplete = std::mem::take(&mut self.incomplete);
         let adopted = self.writer.applied();
         if self.first && !incomplete.is_empty() && !adopted.endpoints.is_empty() {
             let msg = format!(
@@ -278,7 +234,7 @@ impl Agent {
         self.host = HostView::read().context("reading interfaces and routes")?;
         // Pods the CNI plugin provisioned: their interface, and their addresses before the
         // API server reports them.
-        let records = match &self.cni_state_dir {
+        let records = match &self.cfg.cni_state_dir {
             Some(dir) => crate::cni::Records::read(dir, &self.host),
             None => crate::cni::Records::default(),
         };
@@ -318,7 +274,7 @@ impl Agent {
             .compile(store, &endpoints, &self.host.addresses);
         let expanded = crate::services::expand(
             &mut desired,
-            &self.services,
+            services,
             &mut self.service_ids,
             self.cfg.node_name.as_deref(),
         );
@@ -503,7 +459,7 @@ impl Agent {
         self.writer.applied()
     }
 
-    /// The check both sources run every `host_poll`: whether the host's interfaces or routes
+    /// The check the main loop runs every `host_poll`: whether the host's interfaces or routes
     /// changed, pins had to be put back (`repair`) or failed work is due again; any of them
     /// wants a reconcile.
     pub fn poll_host(&mut self) -> bool {
@@ -532,19 +488,14 @@ impl Agent {
         &mut self.datapath
     }
 
-    /// The Services the next `enforce` applies (see `services`).
-    pub fn set_services(&mut self, services: crate::services::ServiceStore) {
-        self.services = services;
-    }
-
-    /// Where the CNI plugin records what it provisioned (see `cni`); `None`: no plugin.
-    pub fn set_cni_state_dir(&mut self, dir: Option<PathBuf>) {
-        self.cni_state_dir = dir;
+    /// What `/healthz` and `/readyz` answer: the main loop beats it and sets readiness.
+    pub fn health(&self) -> Health {
+        self.health.clone()
     }
 
     /// Whether the CNI plugin added or removed records since the last call.
     pub fn cni_records_changed(&mut self) -> bool {
-        let Some(dir) = &self.cni_state_dir else {
+        let Some(dir) = &self.cfg.cni_state_dir else {
             return false;
         };
         let mut seen: Vec<_> = std::fs::read_dir(dir)
@@ -567,55 +518,8 @@ impl Agent {
     }
 }
 
-/// Named ports that no pod declares (with that protocol): valid, as the API server accepts
-/// them, but they match nothing, which is rarely what was meant.
-pub(crate) fn unresolved_named_ports(store: &Store) -> Vec<ConfigError> {
-    use crate::model::PortMatch;
-    use crate::state::Direction;
-    let declared: std::collections::BTreeSet<(&str, crate::model::Protocol)> = store
-        .pods
-        .values()
-        .flat_map(|p| {
-            p.container_ports
-                .iter()
-                .map(|n| (n.name.as_str(), n.protocol))
-        })
-        .collect();
-    let mut out = Vec::new();
-    for p in store.policies.values() {
-        for dir in Direction::BOTH {
-            for (i, rule) in p.rules(dir).unwrap_or_default().iter().enumerate() {
-                for (k, port) in rule.ports.iter().flatten().enumerate() {
-                    if let PortMatch::Named(name) = &port.port
-                        && !declared.contains(&(name.as_str(), port.protocol))
-                    {
-                        out.push(ConfigError::new(
-                            format!("NetworkPolicy {}/{}", p.namespace, p.name),
-                            format!("spec.{dir}[{i}].ports[{k}].port"),
-                            format!(
-                                "no pod declares a {} port named {name:?}: it matches nothing",
-                                port.protocol
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Hands the heap a reconcile freed (parsed manifests, compiled state, diffs) back to the
-/// kernel: glibc keeps it mapped otherwise, and the agent's resident set would stay at its peak.
-pub(crate) fn release_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-fn unix_ms() -> u128 {
+/// Milliseconds since the Unix epoch (the status file's timestamps).
+pub(crate) fn unix_ms() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
@@ -631,91 +535,3 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// How often endpoints that fail closed because a map is full are written again.
 const PENDING_RETRY: Duration = Duration::from_secs(30);
-
-/// Runs until SIGTERM or SIGINT. Pinned maps and links stay: enforcement goes on while no agent
-/// runs, and the next agent adopts them.
-pub async fn run_standalone(cfg: RunConfig, object: &[u8]) -> Result<()> {
-    run_standalone_with(cfg, object, SourceOptions::default()).await
-}
-
-/// What both sources take beside `RunConfig`.
-#[derive(Clone, Debug, Default)]
-pub struct SourceOptions {
-    /// Where the CNI plugin records the interfaces it provisions (`None`: no plugin).
-    pub cni_state_dir: Option<PathBuf>,
-    /// `/healthz` and `/readyz` (`None`: off).
-    pub health_addr: Option<std::net::SocketAddr>,
-}
-
-/// `run_standalone`, with the CNI plugin's records and the health endpoint.
-pub async fn run_standalone_with(cfg: RunConfig, object: &[u8], opts: SourceOptions) -> Result<()> {
-    let health = crate::health::Health::default();
-    health.beat();
-    if let Some(addr) = opts.health_addr {
-        health.serve(addr);
-    }
-    let mut agent = Agent::start(cfg.clone(), object)?;
-    agent.set_cni_state_dir(opts.cni_state_dir.clone());
-    let notify = match &opts.cni_state_dir {
-        Some(dir) => crate::cni::bind_notify(dir)
-            .map_err(|e| error!("CNI wake-ups are off (the records are still read): {e:#}"))
-            .ok(),
-        None => None,
-    };
-    let mut notify_buf = [0u8; 64];
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut tick = tokio::time::interval(cfg.poll);
-    let mut fingerprint = None;
-    let mut previous = None;
-    let mut last_host_read = Instant::now() - cfg.host_poll;
-    info!(manifests = %cfg.manifests.display(), pin_dir = %cfg.pin_dir.display(), "standalone agent running");
-    loop {
-        let mut woken = false;
-        tokio::select! {
-            _ = tick.tick() => {}
-            r = async {
-                match &notify {
-                    Some(s) => s.recv(&mut notify_buf).await,
-                    None => std::future::pending().await,
-                }
-            } => woken = r.is_ok(),
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-        }
-        health.beat();
-        let cni_changed = agent.cni_records_changed() || woken;
-        let fp = agent.source.fingerprint();
-        // Manifests are read once they have stayed the same for a poll, so that a file being
-        // written in place (truncated, then filled) is not taken half-way. Every reconcile
-        // reads them against the last settled fingerprint, those the host or the CNI plugin
-        // cause too: a file that changed since keeps its last good objects until it settles.
-        // (Writing a temporary file and renaming it over the old one avoids the question.)
-        let settled = previous.as_ref() == Some(&fp);
-        previous = Some(fp.clone());
-        let mut host_wants_reconcile = false;
-        if last_host_read.elapsed() >= cfg.host_poll {
-            last_host_read = Instant::now();
-            host_wants_reconcile = agent.poll_host();
-        }
-        let manifests_changed = settled && fingerprint.as_ref() != Some(&fp);
-        if manifests_changed {
-            fingerprint = Some(fp);
-        }
-        if fingerprint.is_none() {
-            continue; // the first reconcile waits for settled manifests
-        }
-        if manifests_changed || host_wants_reconcile || cni_changed {
-            match agent.reconcile(fingerprint.as_ref()) {
-                Ok(()) => health.set_ready(true),
-                Err(e) => {
-                    error!("reconcile failed: {e:#}");
-                    health.set_ready(false);
-                }
-            }
-            release_freed_memory();
-        }
-    }
-    info!("stopping; pinned maps and links keep enforcing");
-    Ok(())
-}

@@ -2,8 +2,8 @@
 //! dropped watch they resume from the last resource version, on `410 Gone` they list again,
 //! and every error backs off exponentially) feed Namespaces, Pods (cluster-wide: peers are
 //! selected across namespaces), NetworkPolicies, Services and EndpointSlices into the same
-//! `model::Store` the standalone source fills, and the same `Agent::enforce` compiles and writes
-//! it: one pipeline, two sources.
+//! `model::Store` the standalone source fills (`ClusterState`), and the main loop (`source`)
+//! reconciles it as it does the files: one loop, two sources.
 //!
 //! The store keeps only what policy needs (`PodInfo`: labels, addresses, named ports, node,
 //! hostNetwork; namespace labels; validated policies; Service VIPs and ports; EndpointSlice
@@ -16,6 +16,7 @@
 //! the pinned maps keep enforcing the last good state.
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -25,17 +26,15 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
-use crate::health::Health;
 use crate::model::{ConfigError, Kind, Object, ObjectKey, Store};
-use crate::run::{Agent, RunConfig};
+use crate::reconcile::{RunConfig, View, unix_ms};
 use crate::services::{self, ServiceStore};
 
 /// The five watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Source {
+pub enum Watch {
     Namespaces,
     Pods,
     NetworkPolicies,
@@ -43,22 +42,22 @@ pub enum Source {
     EndpointSlices,
 }
 
-impl Source {
-    pub const ALL: [Source; 5] = [
-        Source::Namespaces,
-        Source::Pods,
-        Source::NetworkPolicies,
-        Source::Services,
-        Source::EndpointSlices,
+impl Watch {
+    pub const ALL: [Watch; 5] = [
+        Watch::Namespaces,
+        Watch::Pods,
+        Watch::NetworkPolicies,
+        Watch::Services,
+        Watch::EndpointSlices,
     ];
 
     pub fn as_str(self) -> &'static str {
         match self {
-            Source::Namespaces => "namespaces",
-            Source::Pods => "pods",
-            Source::NetworkPolicies => "networkpolicies",
-            Source::Services => "services",
-            Source::EndpointSlices => "endpointslices",
+            Watch::Namespaces => "namespaces",
+            Watch::Pods => "pods",
+            Watch::NetworkPolicies => "networkpolicies",
+            Watch::Services => "services",
+            Watch::EndpointSlices => "endpointslices",
         }
     }
 }
@@ -72,12 +71,12 @@ pub enum Update {
     Service(Box<watcher::Event<Service>>),
     Slice(Box<watcher::Event<EndpointSlice>>),
     /// The watch failed (it backs off and resumes or re-lists by itself).
-    Failed(Source, String),
+    Failed(Watch, String),
 }
 
 fn watch<K>(
     api: Api<K>,
-    source: Source,
+    source: Watch,
     wrap: fn(watcher::Event<K>) -> Update,
 ) -> impl Stream<Item = Update> + Send + 'static
 where
@@ -97,30 +96,30 @@ where
 
 /// Every watch the agent needs, merged.
 pub fn watch_all(client: Client) -> impl Stream<Item = Update> + Send + 'static {
-    let pods = watch(Api::<Pod>::all(client.clone()), Source::Pods, |e| {
+    let pods = watch(Api::<Pod>::all(client.clone()), Watch::Pods, |e| {
         Update::Pod(Box::new(e))
     });
     futures::stream::select_all([
         watch(
             Api::<Namespace>::all(client.clone()),
-            Source::Namespaces,
+            Watch::Namespaces,
             |e| Update::Namespace(Box::new(e)),
         )
         .boxed(),
         pods.boxed(),
         watch(
             Api::<NetworkPolicy>::all(client.clone()),
-            Source::NetworkPolicies,
+            Watch::NetworkPolicies,
             |e| Update::Policy(Box::new(e)),
         )
         .boxed(),
-        watch(Api::<Service>::all(client.clone()), Source::Services, |e| {
+        watch(Api::<Service>::all(client.clone()), Watch::Services, |e| {
             Update::Service(Box::new(e))
         })
         .boxed(),
         watch(
             Api::<EndpointSlice>::all(client),
-            Source::EndpointSlices,
+            Watch::EndpointSlices,
             |e| Update::Slice(Box::new(e)),
         )
         .boxed(),
@@ -140,26 +139,24 @@ pub struct ClusterState {
     pub store: Store,
     pub services: ServiceStore,
     /// Watches that have completed a list at least once.
-    synced: BTreeSet<Source>,
+    synced: BTreeSet<Watch>,
     /// Watches in the middle of a (re)list: the keys listed so far.
-    listing: BTreeMap<Source, BTreeSet<Key>>,
+    listing: BTreeMap<Watch, BTreeSet<Key>>,
     /// Every key each watch holds (valid or not), so a re-list can remove what it no longer
     /// lists, invalid objects included.
-    known: BTreeMap<Source, BTreeSet<Key>>,
+    known: BTreeMap<Watch, BTreeSet<Key>>,
     /// The last error of each watch, until it delivers again.
-    failing: BTreeMap<Source, String>,
-    /// Bumped when the Services change (the agent copies them only then).
-    pub services_generation: u64,
+    failing: BTreeMap<Watch, String>,
     /// Events handled, and re-lists completed (for tests and the log).
     pub events: u64,
     pub relists: u64,
 }
 
-fn object_key(source: Source, key: &Key) -> Option<ObjectKey> {
+fn object_key(source: Watch, key: &Key) -> Option<ObjectKey> {
     let kind = match source {
-        Source::Namespaces => Kind::Namespace,
-        Source::Pods => Kind::Pod,
-        Source::NetworkPolicies => Kind::NetworkPolicy,
+        Watch::Namespaces => Kind::Namespace,
+        Watch::Pods => Kind::Pod,
+        Watch::NetworkPolicies => Kind::NetworkPolicy,
         _ => return None,
     };
     let namespace = if kind == Kind::Namespace {
@@ -196,15 +193,15 @@ fn change<K>(e: watcher::Event<K>) -> Change<K> {
 impl ClusterState {
     /// Every watch has listed, and none is re-listing: the store is a whole view.
     pub fn ready(&self) -> bool {
-        self.synced.len() == Source::ALL.len() && self.listing.is_empty()
+        self.synced.len() == Watch::ALL.len() && self.listing.is_empty()
     }
 
-    pub fn synced(&self, source: Source) -> bool {
+    pub fn synced(&self, source: Watch) -> bool {
         self.synced.contains(&source)
     }
 
     /// Watches that are failing now, with their last error.
-    pub fn failing(&self) -> &BTreeMap<Source, String> {
+    pub fn failing(&self) -> &BTreeMap<Watch, String> {
         &self.failing
     }
 
@@ -218,38 +215,26 @@ impl ClusterState {
                 false
             }
             Update::Namespace(e) => {
-                self.model_event(Source::Namespaces, *e, |o| Object::Namespace(Box::new(o)))
+                self.model_event(Watch::Namespaces, *e, |o| Object::Namespace(Box::new(o)))
             }
-            Update::Pod(e) => self.model_event(Source::Pods, *e, Object::from),
-            Update::Policy(e) => self.model_event(Source::NetworkPolicies, *e, |o| {
+            Update::Pod(e) => self.model_event(Watch::Pods, *e, Object::from),
+            Update::Policy(e) => self.model_event(Watch::NetworkPolicies, *e, |o| {
                 Object::NetworkPolicy(Box::new(o))
             }),
-            Update::Service(e) => {
-                let changed = self.service_event(Source::Services, *e, |s, o| {
-                    let _ = s.apply_service(o);
-                });
-                if changed {
-                    self.services_generation += 1;
-                }
-                changed
-            }
-            Update::Slice(e) => {
-                let changed = self.service_event(Source::EndpointSlices, *e, |s, o| {
-                    let _ = s.apply_slice(o);
-                });
-                if changed {
-                    self.services_generation += 1;
-                }
-                changed
-            }
+            Update::Service(e) => self.service_event(Watch::Services, *e, |s, o| {
+                let _ = s.apply_service(o);
+            }),
+            Update::Slice(e) => self.service_event(Watch::EndpointSlices, *e, |s, o| {
+                let _ = s.apply_slice(o);
+            }),
         }
     }
 
-    fn begin(&mut self, source: Source) {
+    fn begin(&mut self, source: Watch) {
         self.listing.insert(source, BTreeSet::new());
     }
 
-    fn touch(&mut self, source: Source, key: Key, listed: bool) {
+    fn touch(&mut self, source: Watch, key: Key, listed: bool) {
         self.failing.remove(&source);
         if listed && let Some(l) = self.listing.get_mut(&source) {
             l.insert(key.clone());
@@ -258,7 +243,7 @@ impl ClusterState {
     }
 
     /// Ends a list: what the watch held and did not list is gone.
-    fn finish(&mut self, source: Source) -> Vec<Key> {
+    fn finish(&mut self, source: Watch) -> Vec<Key> {
         self.failing.remove(&source);
         let listed = self.listing.remove(&source).unwrap_or_default();
         let known = self.known.entry(source).or_default();
@@ -275,7 +260,7 @@ impl ClusterState {
 
     fn model_event<K: Resource>(
         &mut self,
-        source: Source,
+        source: Watch,
         e: watcher::Event<K>,
         wrap: fn(K) -> Object,
     ) -> bool {
@@ -315,11 +300,11 @@ impl ClusterState {
 
     fn service_event<K: Resource>(
         &mut self,
-        source: Source,
+        source: Watch,
         e: watcher::Event<K>,
         apply: fn(&mut ServiceStore, &K),
     ) -> bool {
-        let kind = if source == Source::Services {
+        let kind = if source == Watch::Services {
             services::Kind::Service
         } else {
             services::Kind::EndpointSlice
@@ -362,11 +347,11 @@ impl ClusterState {
     /// agent keeps the pinned enforcement rather than enforce without them.
     pub fn incomplete(&self) -> Vec<String> {
         self.known
-            .get(&Source::NetworkPolicies)
+            .get(&Watch::NetworkPolicies)
             .into_iter()
             .flatten()
             .filter(|k| {
-                let ns = object_key(Source::NetworkPolicies, k)
+                let ns = object_key(Watch::NetworkPolicies, k)
                     .map(|o| o.namespace)
                     .unwrap_or_default();
                 !self.store.policies.contains_key(&(ns, k.1.clone()))
@@ -379,7 +364,7 @@ impl ClusterState {
     pub fn errors(&self) -> Vec<ConfigError> {
         let mut out: Vec<ConfigError> = self.store.errors().into_iter().cloned().collect();
         out.extend(self.services.errors().into_iter().cloned());
-        out.extend(crate::run::unresolved_named_ports(&self.store));
+        out.extend(super::unresolved_named_ports(&self.store));
         out
     }
 
@@ -405,10 +390,6 @@ pub struct ClusterConfig {
     pub kubeconfig: Option<PathBuf>,
     /// `spec.nodeName` of this node's pods (`NODE_NAME`, from the downward API).
     pub node_name: String,
-    /// Where the CNI plugin records the interfaces it provisions (`None`: no plugin).
-    pub cni_state_dir: Option<PathBuf>,
-    /// `/healthz` and `/readyz` (`None`: off).
-    pub health_addr: Option<std::net::SocketAddr>,
 }
 
 /// A client from a kubeconfig file, or the in-cluster service account.
@@ -429,125 +410,101 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
     Client::try_from(config).context("creating the API client")
 }
 
-/// Runs the agent against the API server until SIGTERM or SIGINT.
-pub async fn run_cluster(cfg: RunConfig, cluster: ClusterConfig, object: &[u8]) -> Result<()> {
-    let health = Health::default();
-    health.beat();
-    if let Some(addr) = cluster.health_addr {
-        health.serve(addr);
-    }
-    let client = client(cluster.kubeconfig.as_deref()).await?;
-    raise_memlock_limit();
-    let mut agent = Agent::start(cfg.clone(), object)?;
-    agent.set_cni_state_dir(cluster.cni_state_dir.clone());
-    info!(
-        node = cluster.node_name,
-        pin_dir = %cfg.pin_dir.display(),
-        "cluster agent running; waiting for every watch to list"
-    );
-    drive(&mut agent, &cfg, &cluster, watch_all(client), &health).await
+/// How often the loop goes round without an event.
+const TICK: Duration = Duration::from_millis(200);
+
+/// The API server as a `Source`: the watches' events into a `ClusterState`.
+pub struct KubeSource {
+    node_name: String,
+    updates: Pin<Box<dyn Stream<Item = Update> + Send>>,
+    state: ClusterState,
+    /// When the loop last said what it waits for.
+    reported_waiting: Instant,
 }
 
-/// The cluster loop: events into the state, a reconcile whenever the state is whole and
-/// something changed (a burst of events is one reconcile), host changes and repairs as in
-/// standalone mode, CNI wake-ups.
-pub async fn drive(
-    agent: &mut Agent,
-    cfg: &RunConfig,
-    cluster: &ClusterConfig,
-    updates: impl Stream<Item = Update> + Send + 'static,
-    health: &Health,
-) -> Result<()> {
-    let mut updates = Box::pin(updates);
-    let mut state = ClusterState::default();
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let notify = match &cluster.cni_state_dir {
-        Some(dir) => match crate::cni::bind_notify(dir) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                error!("CNI wake-ups are off (the records are still read): {e:#}");
-                None
-            }
-        },
-        None => None,
-    };
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    let mut last_host_read = Instant::now();
-    let mut dirty = false;
-    let mut services_generation = u64::MAX;
-    let mut reported_waiting = Instant::now();
-    let mut buf = [0u8; 64];
-    loop {
-        tokio::select! {
-            u = updates.next() => match u {
-                Some(u) => dirty |= state.handle(u),
-                None => anyhow::bail!("the watches ended"),
-            },
-            r = async {
-                match &notify {
-                    Some(s) => s.recv(&mut buf).await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                if r.is_ok() {
-                    dirty = true;
-                }
-            }
-            _ = tick.tick() => {}
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-        }
-        // A burst of events is one reconcile.
-        while let Some(Some(u)) = updates.next().now_or_never() {
-            dirty |= state.handle(u);
-        }
-        health.beat();
-        if last_host_read.elapsed() >= cfg.host_poll {
-            last_host_read = Instant::now();
-            dirty |= agent.poll_host();
-            // Records of pods that came and went without a wake-up.
-            dirty |= agent.cni_records_changed();
-        }
-        if !state.ready() {
-            if reported_waiting.elapsed() > Duration::from_secs(10) {
-                reported_waiting = Instant::now();
-                let waiting: Vec<&str> = Source::ALL
-                    .iter()
-                    .filter(|s| !state.synced(**s))
-                    .map(|s| s.as_str())
-                    .collect();
-                warn!(
-                    ?waiting,
-                    failing = ?state.failing(),
-                    "not enforcing until every watch has listed (the pinned state stays in force)"
-                );
-            }
-            continue;
-        }
-        if !dirty {
-            continue;
-        }
-        dirty = false;
-        if services_generation != state.services_generation {
-            services_generation = state.services_generation;
-            agent.set_services(state.services.clone());
-        }
-        let started = unix_ms();
-        let mut errors = state.errors();
-        errors.extend(state.watch_errors());
-        agent.hold_if_incomplete(state.incomplete());
-        match agent.enforce(&state.store, errors, started) {
-            Ok(()) => health.set_ready(true),
-            Err(e) => {
-                error!("reconcile failed: {e:#}");
-                health.set_ready(false);
-            }
-        }
-        crate::run::release_freed_memory();
+impl KubeSource {
+    /// Every watch the agent needs (`watch_all`), on the API server `cluster` names.
+    pub async fn connect(cluster: &ClusterConfig) -> Result<KubeSource> {
+        let client = client(cluster.kubeconfig.as_deref()).await?;
+        raise_memlock_limit();
+        Ok(KubeSource::new(&cluster.node_name, watch_all(client)))
     }
-    info!("stopping; pinned maps and links keep enforcing");
-    Ok(())
+
+    /// The source over any stream of watch events (tests replay recorded ones).
+    pub fn new(
+        node_name: &str,
+        updates: impl Stream<Item = Update> + Send + 'static,
+    ) -> KubeSource {
+        KubeSource {
+            node_name: node_name.to_string(),
+            updates: Box::pin(updates),
+            state: ClusterState::default(),
+            reported_waiting: Instant::now(),
+        }
+    }
+}
+
+impl super::Source for KubeSource {
+    fn tick(&self) -> Duration {
+        TICK
+    }
+
+    fn started(&self, cfg: &RunConfig) {
+        info!(
+            node = self.node_name,
+            pin_dir = %cfg.pin_dir.display(),
+            "cluster agent running; waiting for every watch to list"
+        );
+    }
+
+    async fn event(&mut self) -> Result<bool> {
+        match self.updates.next().await {
+            Some(u) => Ok(self.state.handle(u)),
+            None => anyhow::bail!("the watches ended"),
+        }
+    }
+
+    /// A burst of events is one reconcile.
+    fn poll(&mut self) -> bool {
+        let mut changed = false;
+        while let Some(Some(u)) = self.updates.next().now_or_never() {
+            changed |= self.state.handle(u);
+        }
+        changed
+    }
+
+    fn ready(&mut self) -> bool {
+        if self.state.ready() {
+            return true;
+        }
+        if self.reported_waiting.elapsed() > Duration::from_secs(10) {
+            self.reported_waiting = Instant::now();
+            let waiting: Vec<&str> = Watch::ALL
+                .iter()
+                .filter(|s| !self.state.synced(**s))
+                .map(|s| s.as_str())
+                .collect();
+            warn!(
+                ?waiting,
+                failing = ?self.state.failing(),
+                "not enforcing until every watch has listed (the pinned state stays in force)"
+            );
+        }
+        false
+    }
+
+    fn view(&mut self) -> View<'_> {
+        let started_at_unix_ms = unix_ms();
+        let mut errors = self.state.errors();
+        errors.extend(self.state.watch_errors());
+        View {
+            store: &self.state.store,
+            services: &self.state.services,
+            errors,
+            incomplete: self.state.incomplete(),
+            started_at_unix_ms,
+        }
+    }
 }
 
 /// Kernels before 5.11 charge BPF maps to the locked-memory limit, which container runtimes
@@ -557,11 +514,4 @@ fn raise_memlock_limit() {
     if let Err(e) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
         tracing::debug!("RLIMIT_MEMLOCK stays as it is: {e}");
     }
-}
-
-fn unix_ms() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
 }

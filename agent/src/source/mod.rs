@@ -1,0 +1,163 @@
+//! The agent's main loop, one for every source of configuration: `files` (a manifest
+//! directory, polled) and `kube` (the API server, watched).
+//!
+//! Shaped like a kube-rs controller: a source keeps a store of the objects it has been shown
+//! (watch events, files read), the loop asks it for a `View` whenever something changed and
+//! hands that to the reconcile step (`reconcile::Agent::reconcile`: compile, write the maps,
+//! publish to the observers, report problems); health, metrics and logs stay at the edges.
+//! What else wants a reconcile is the same for every source and is watched here: the host's
+//! interfaces and routes (and pins removed by hand, failed work due again), and the CNI
+//! plugin's records (and its wake-ups).
+//!
+//! Bad input never loosens enforcement: a view that is not whole is not enforced
+//! (`Source::ready`), a reconcile that fails leaves the maps as they were, and meanwhile the
+//! pinned maps keep enforcing the last good state.
+pub mod files;
+pub mod kube;
+
+use std::{
+    future::Future,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info};
+
+use crate::{
+    model::{ConfigError, Store},
+    reconcile::{Agent, RunConfig, View},
+};
+
+/// Where the desired configuration comes from.
+pub trait Source {
+    /// How often the loop goes round when nothing wakes it (and calls `poll`).
+    fn tick(&self) -> Duration;
+
+    /// Logged once the datapath is loaded and the loop starts.
+    fn started(&self, cfg: &RunConfig);
+
+    /// Waits for the source's next event and takes it into the store; `Ok(true)` if the view
+    /// changed. A source that is only polled has none (the future never completes). An error
+    /// ends the loop: the source is gone.
+    fn event(&mut self) -> impl Future<Output = Result<bool>>;
+
+    /// On every turn of the loop: takes in what is pending without waiting (a burst of events
+    /// is one reconcile) or what a poll finds; true if the view changed.
+    fn poll(&mut self) -> bool;
+
+    /// Whether the view is whole enough to enforce (a source that is not says why in the log,
+    /// now and then). Until it is, nothing is enforced: the pinned state stays in force.
+    fn ready(&mut self) -> bool;
+
+    /// The view to enforce now.
+    fn view(&mut self) -> View<'_>;
+}
+
+/// Runs the agent on `source` until SIGTERM or SIGINT. Pinned maps and links stay: enforcement
+/// goes on while no agent runs, and the next agent adopts them.
+pub async fn run(cfg: RunConfig, mut source: impl Source, object: &[u8]) -> Result<()> {
+    let mut agent = Agent::start(cfg.clone(), object)?;
+    let health = agent.health();
+    let notify = match &cfg.cni_state_dir {
+        Some(dir) => crate::cni::bind_notify(dir)
+            .map_err(|e| error!("CNI wake-ups are off (the records are still read): {e:#}"))
+            .ok(),
+        None => None,
+    };
+    let mut notify_buf = [0u8; 64];
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(source.tick());
+    // The host is read on the first turn, then every `host_poll`.
+    let mut host_read: Option<Instant> = None;
+    // Something changed since the last reconcile.
+    let mut dirty = false;
+    source.started(&cfg);
+    loop {
+        tokio::select! {
+            changed = source.event() => dirty |= changed?,
+            woken = async {
+                match &notify {
+                    Some(s) => s.recv(&mut notify_buf).await,
+                    None => std::future::pending().await,
+                }
+            } => dirty |= woken.is_ok(),
+            _ = tick.tick() => {}
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+        health.beat();
+        dirty |= source.poll();
+        // Records of pods the CNI plugin added or removed, also without a wake-up.
+        dirty |= agent.cni_records_changed();
+        if host_read.is_none_or(|t| t.elapsed() >= cfg.host_poll) {
+            host_read = Some(Instant::now());
+            dirty |= agent.poll_host();
+        }
+        if !source.ready() {
+            continue; // `dirty` stays: the first whole view is enforced
+        }
+        if !std::mem::take(&mut dirty) {
+            continue;
+        }
+        match agent.reconcile(source.view()) {
+            Ok(()) => health.set_ready(true),
+            Err(e) => {
+                error!("reconcile failed: {e:#}");
+                health.set_ready(false);
+            }
+        }
+        release_freed_memory();
+    }
+    info!("stopping; pinned maps and links keep enforcing");
+    Ok(())
+}
+
+/// Named ports that no pod declares (with that protocol): valid, as the API server accepts
+/// them, but they match nothing, which is rarely what was meant.
+pub(crate) fn unresolved_named_ports(store: &Store) -> Vec<ConfigError> {
+    use crate::model::PortMatch;
+    use crate::state::Direction;
+    let declared: std::collections::BTreeSet<(&str, crate::model::Protocol)> = store
+        .pods
+        .values()
+        .flat_map(|p| {
+            p.container_ports
+                .iter()
+                .map(|n| (n.name.as_str(), n.protocol))
+        })
+        .collect();
+    let mut out = Vec::new();
+    for p in store.policies.values() {
+        for dir in Direction::BOTH {
+            for (i, rule) in p.rules(dir).unwrap_or_default().iter().enumerate() {
+                for (k, port) in rule.ports.iter().flatten().enumerate() {
+                    if let PortMatch::Named(name) = &port.port
+                        && !declared.contains(&(name.as_str(), port.protocol))
+                    {
+                        out.push(ConfigError::new(
+                            format!("NetworkPolicy {}/{}", p.namespace, p.name),
+                            format!("spec.{dir}[{i}].ports[{k}].port"),
+                            format!(
+                                "no pod declares a {} port named {name:?}: it matches nothing",
+                                port.protocol
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Hands the heap a reconcile freed (parsed manifests, compiled state, diffs) back to the
+/// kernel: glibc keeps it mapped otherwise, and the agent's resident set would stay at its peak.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
