@@ -5,11 +5,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    inspect::{RuleInfo, VerdictKind},
-    model::ConfigError,
-    state::Direction,
-};
+use crate::inspect::{RuleInfo, VerdictKind};
+use palisade_policy::{model::ConfigError, state::Direction};
 
 // ---------------------------------------------------------------------------------------------
 // The socket

@@ -18,8 +18,8 @@ use crate::{
     inspect::{
         DirectionPolicy, Explanation, PodPolicy, Query, Snapshot, Target, VerdictKind, parse_proto,
     },
-    state::Direction,
 };
+use palisade_policy::state::Direction;
 
 /// `--admin-addr`: an address, or `off`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -599,7 +599,7 @@ mod tests {
         );
         r.problems
             .config_errors
-            .push(crate::model::ConfigError::new(
+            .push(palisade_policy::model::ConfigError::new(
                 "NetworkPolicy demo/c-ingress",
                 "spec.ingress[0].ports[0].port",
                 "no pod declares a TCP port named \"nosuch\": it matches nothing",

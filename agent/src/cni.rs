@@ -36,14 +36,14 @@ use palisade_common::{EP_PENDING, EndpointInfo, PeerAddr, map_names};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::compile::LocalEndpoint;
 use crate::interfaces::HostView;
-use crate::model::Store;
-use crate::state::PodRef;
 use palisade_datapath::{
     loader::{FROM_POD, TO_POD},
     pins,
 };
+use palisade_policy::compile::LocalEndpoint;
+use palisade_policy::model::Store;
+use palisade_policy::state::PodRef;
 
 /// The plugin's binary name (the `type` in the CNI configuration).
 pub const PLUGIN_TYPE: &str = "palisade-cni";
@@ -1131,7 +1131,7 @@ mod tests {
             .unwrap();
         }
         let store = Store::from_objects(
-            crate::manifest::parse_str(
+            palisade_policy::manifest::parse_str(
                 "apiVersion: v1\nkind: Pod\nmetadata: {name: new, namespace: x}\nspec: {nodeName: n1, containers: []}\n\
                  ---\napiVersion: v1\nkind: Pod\nmetadata: {name: stale, namespace: x}\nspec: {nodeName: n1, containers: []}\nstatus: {phase: Succeeded, podIP: 10.0.0.2}\n\
                  ---\napiVersion: v1\nkind: Pod\nmetadata: {name: reuser, namespace: x}\nspec: {nodeName: n2, containers: []}\nstatus: {podIP: 10.0.0.2}\n\

@@ -22,7 +22,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
-use crate::{compile::LocalEndpoint, model::Store};
+use palisade_policy::{compile::LocalEndpoint, model::Store};
 
 /// Annotation that names a pod's host-side interface explicitly.
 pub const INTERFACE_ANNOTATION: &str = "palisade.io/interface";
@@ -179,12 +179,12 @@ impl HostView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Store;
+    use palisade_policy::model::Store;
 
     #[test]
     fn routes_count_only_through_veths() {
         let store = Store::from_objects(
-            crate::manifest::parse_str(
+            palisade_policy::manifest::parse_str(
                 "apiVersion: v1\nkind: Pod\nmetadata: {name: routed, namespace: x}\nspec: {containers: []}\nstatus: {podIP: 10.0.0.1}\n\
                  ---\napiVersion: v1\nkind: Pod\nmetadata: {name: bridged, namespace: x}\nspec: {containers: []}\nstatus: {podIP: 10.0.0.2}\n\
                  ---\napiVersion: v1\nkind: Pod\nmetadata: {name: named, namespace: x, annotations: {palisade.io/interface: tap0}}\nspec: {containers: []}\nstatus: {podIP: 10.0.0.3}\n\

@@ -1,12 +1,6 @@
-//! Palisade's node agent as a library: the edges that touch the kernel and the host (loading
-//! and attaching the programs, writing the maps, finding pod interfaces), the sources (files,
-//! the API server), and the observers. The policy engine itself is the pure `palisade-policy`
-//! crate, re-exported here under its module names.
-
-// The policy engine (`palisade-policy`): no kernel, no I/O.
-pub use palisade_policy::{
-    compile, datapath_model, error, model, reference, selector, services, state,
-};
+//! Palisade's node agent as a library: the sources (files, the API server) and the one main
+//! loop, the reconcile step, the host view, the CNI plugin, and the observers. The policy engine is the pure `palisade-policy` crate and
+//! the kernel side the `palisade-datapath` crate; this crate joins them.
 
 // The manifest directory the standalone source reads (parsing is `palisade_policy::manifest`).
 pub mod manifest;

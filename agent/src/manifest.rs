@@ -32,9 +32,8 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use palisade_policy::manifest::{Item, Sourced, parse_file};
-pub use palisade_policy::manifest::{parse_services, parse_str};
 
-use crate::model::{ConfigError, Object};
+use palisade_policy::model::{ConfigError, Object};
 
 /// What one `load` read.
 #[derive(Clone, Debug, Default)]
@@ -261,7 +260,7 @@ impl ManifestDir {
         }
 
         // First definition wins.
-        let mut seen: HashMap<crate::model::ObjectKey, &str> = HashMap::new();
+        let mut seen: HashMap<palisade_policy::model::ObjectKey, &str> = HashMap::new();
         let mut objects = Vec::new();
         let mut services = Vec::new();
         let mut endpoint_slices = Vec::new();
@@ -304,7 +303,8 @@ impl ManifestDir {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Kind, Store};
+    use palisade_policy::manifest::parse_str;
+    use palisade_policy::model::{Kind, Store};
 
     struct TempDir(PathBuf);
     impl TempDir {
@@ -418,7 +418,7 @@ mod tests {
             panic!("a pod")
         };
         let full: k8s_openapi::api::core::v1::Pod = serde_saphyr::from_str(text).unwrap();
-        let (_, expected, _) = crate::model::PodInfo::from_k8s(&full).unwrap();
+        let (_, expected, _) = palisade_policy::model::PodInfo::from_k8s(&full).unwrap();
         let info = pod.info().expect("converted");
         assert_eq!(info, &expected);
         assert_eq!(info.labels["app"], "web");

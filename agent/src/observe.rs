@@ -23,10 +23,9 @@ use crate::{
     hub::Hub,
     inspect::{StateFile, state_path, write_private},
     metrics::{DatapathReader, Metrics},
-    model::Store,
-    state::DesiredState,
     verdicts::{History, Names},
 };
+use palisade_policy::{model::Store, state::DesiredState};
 
 /// Where the agent serves its CLI, metrics and probes.
 #[derive(Clone, Debug)]

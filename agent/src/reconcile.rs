@@ -18,11 +18,13 @@ use palisade_datapath::{Datapath, MapWriter, loader, pins};
 
 use crate::{
     api::Problems,
-    compile::Compiler,
     health::Health,
     interfaces::HostView,
-    model::{ConfigError, Store},
     observe::{ObserveConfig, Observer},
+};
+use palisade_policy::{
+    compile::Compiler,
+    model::{ConfigError, Store},
     services::ServiceStore,
 };
 
@@ -134,7 +136,7 @@ pub struct Agent {
     /// The conntrack sweep's thread (stops with the agent).
     _ct_sweep: palisade_datapath::ct_sweep::SweepHandle,
     /// The identities of Service VIPs (`services::expand`), kept across reconciles.
-    service_ids: crate::services::ServiceIds,
+    service_ids: palisade_policy::services::ServiceIds,
     cni_seen: Vec<(std::ffi::OsString, Option<std::time::SystemTime>)>,
     /// Interfaces with a CNI record at the last reconcile.
     cni_provisioned: std::collections::BTreeSet<u32>,
@@ -272,7 +274,7 @@ impl Agent {
         let mut desired = self
             .compiler
             .compile(store, &endpoints, &self.host.addresses);
-        let expanded = crate::services::expand(
+        let expanded = palisade_policy::services::expand(
             &mut desired,
             services,
             &mut self.service_ids,
@@ -388,7 +390,7 @@ impl Agent {
     /// (a DEL says the pod is gone). One line per fenced interface.
     fn fence_vanished(
         &self,
-        desired: &mut crate::state::DesiredState,
+        desired: &mut palisade_policy::state::DesiredState,
         released: &std::collections::BTreeSet<u32>,
     ) -> Vec<String> {
         let present: std::collections::BTreeSet<u32> = self.host.links.values().copied().collect();
@@ -455,7 +457,7 @@ impl Agent {
     }
 
     /// What the maps hold now, with rule and endpoint metadata (for the CLI).
-    pub fn applied(&self) -> &crate::state::DesiredState {
+    pub fn applied(&self) -> &palisade_policy::state::DesiredState {
         self.writer.applied()
     }
 

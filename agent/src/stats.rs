@@ -339,7 +339,7 @@ pub fn scrape(hub: &Hub) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ConfigError;
+    use palisade_policy::model::ConfigError;
 
     #[test]
     fn configuration_errors_are_series_naming_object_and_field() {

@@ -22,8 +22,8 @@ use tokio::sync::broadcast;
 use crate::{
     api::{Filter, FlowEnd, Verdict},
     inspect::{StateFile, VerdictKind, endpoints_with_allows, has_ports, proto_name, reason_name},
-    state::{DesiredState, Direction},
 };
+use palisade_policy::state::{DesiredState, Direction};
 
 /// Verdicts kept by default.
 pub const DEFAULT_HISTORY: usize = 10_000;
@@ -323,8 +323,8 @@ mod tests {
 
     #[test]
     fn decode_names_pods_rules_and_isolating_policies() {
-        use crate::state::{EndpointMeta, PodRef};
         use palisade_common::{DIR_EGRESS, PROTO_TCP, PeerAddr, VERDICT_DROP};
+        use palisade_policy::state::{EndpointMeta, PodRef};
         let mut file = StateFile::default();
         file.pods.push(crate::inspect::PodAddrs {
             pod: "shop/frontend".into(),

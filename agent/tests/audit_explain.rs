@@ -2,16 +2,16 @@
 //! kernel: the same decoding the CLI does on the pinned maps, on the map writer's input).
 use std::net::IpAddr;
 
-use palisade::{
-    compile::{Compiler, LocalEndpoint},
-    inspect::{PeerView, Query, Snapshot, StateFile, Target, VerdictKind},
-    manifest::parse_str,
-    model::Store,
-    state::{DesiredState, PodRef},
-};
+use palisade::inspect::{PeerView, Query, Snapshot, StateFile, Target, VerdictKind};
 use palisade_common::{
     EP_AUDIT_EGRESS, EP_AUDIT_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, POLICY_FLAG_AUDIT,
     PROTO_TCP, PROTO_UDP,
+};
+use palisade_policy::{
+    compile::{Compiler, LocalEndpoint},
+    manifest::parse_str,
+    model::Store,
+    state::{DesiredState, PodRef},
 };
 
 const CLUSTER: &str = r#"

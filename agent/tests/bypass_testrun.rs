@@ -23,7 +23,7 @@ const PSH_ACK: u8 = 0x18;
 const FIN_ACK: u8 = 0x11;
 
 /// The standard endpoint with no isolation at all: what most pods are.
-fn open_state() -> palisade::state::DesiredState {
+fn open_state() -> palisade_policy::state::DesiredState {
     let mut s = standard_state();
     s.endpoints.get_mut(&IFINDEX).unwrap().flags = 0;
     s

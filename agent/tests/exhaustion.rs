@@ -9,12 +9,12 @@ use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
-use palisade::state::DesiredState;
 use palisade_common::*;
 use palisade_datapath::{
     loader::{Datapath, FROM_POD, LoadOptions, TO_POD},
     writer::MapWriter,
 };
+use palisade_policy::state::DesiredState;
 use support::{
     EP, PEER, PEER_ID, POD, SYN, SYN_ACK, TC_ACT_OK as OK, TC_ACT_SHOT as SHOT, allow_tcp_port,
     cidr4, endpoint_state, ipv4_fragment, load_with, peer_addr, private_interfaces, require_root,

@@ -17,11 +17,11 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use http_body::Frame;
 use http_body_util::StreamBody;
-use palisade::compile::{Compiler, LocalEndpoint};
-use palisade::datapath_model::evaluate;
 use palisade::source::kube::{ClusterState, Watch, watch_all};
-use palisade::state::{DesiredState, Direction, PodRef};
 use palisade_common::{PROTO_TCP, PROTO_UDP};
+use palisade_policy::compile::{Compiler, LocalEndpoint};
+use palisade_policy::datapath_model::evaluate;
+use palisade_policy::state::{DesiredState, Direction, PodRef};
 
 type Body = StreamBody<BoxStream<'static, Result<Frame<Bytes>, Infallible>>>;
 
@@ -241,7 +241,7 @@ const CLIENT_IF: u32 = 2;
 fn compile(
     state: &ClusterState,
     compiler: &mut Compiler,
-    ids: &mut palisade::services::ServiceIds,
+    ids: &mut palisade_policy::services::ServiceIds,
 ) -> DesiredState {
     let eps = vec![
         LocalEndpoint {
@@ -255,7 +255,7 @@ fn compile(
     ];
     let node: IpAddr = "172.18.0.2".parse().unwrap();
     let mut d = compiler.compile(&state.store, &eps, &[node]);
-    let r = palisade::services::expand(&mut d, &state.services, ids, Some("node-1"));
+    let r = palisade_policy::services::expand(&mut d, &state.services, ids, Some("node-1"));
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     d
 }
@@ -362,7 +362,7 @@ async fn replayed_api_drives_compiler_and_maps() {
     assert_eq!(state.services.services.len(), 2);
 
     let mut compiler = Compiler::default();
-    let mut ids = palisade::services::ServiceIds::default();
+    let mut ids = palisade_policy::services::ServiceIds::default();
     let d1 = compile(&state, &mut compiler, &mut ids);
     assert!(web_from(&d1, CLIENT, 8080), "web-ingress: client on http");
     assert!(web_from(&d1, SCANNER, 8080), "allow-scanner");

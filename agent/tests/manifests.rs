@@ -136,10 +136,12 @@ fn every_manifest_parses_into_its_type() {
             "no {k} among the manifests: {kinds:?}"
         );
     }
-    let mut store = palisade::model::Store::default();
+    let mut store = palisade_policy::model::Store::default();
     for p in &policies {
         store
-            .apply(palisade::model::Object::NetworkPolicy(Box::new(p.clone())))
+            .apply(palisade_policy::model::Object::NetworkPolicy(Box::new(
+                p.clone(),
+            )))
             .unwrap_or_else(|e| panic!("example policy: {e}"));
     }
 }

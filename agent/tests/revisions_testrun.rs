@@ -6,9 +6,9 @@
 //! revision 2 and isolated it. Real programs, BPF_PROG_TEST_RUN; needs root (CI=true: no skip).
 mod support;
 
-use palisade::state::DesiredState;
 use palisade_common::*;
 use palisade_datapath::loader::{FROM_POD, TO_POD};
+use palisade_policy::state::DesiredState;
 use support::{
     ACK, PEER, POD, SYN, TC_ACT_OK as OK, TC_ACT_SHOT as SHOT, endpoint_state, load,
     private_interfaces, require_root, tcp4, test_run_on,
@@ -76,9 +76,9 @@ fn revisions_stay_monotonic_across_removal() {
 /// would number it 1).
 #[test]
 fn a_restarted_compiler_keeps_adopted_endpoint_ids() {
-    use palisade::compile::{Compiler, LocalEndpoint};
-    use palisade::model::Store;
-    use palisade::state::PodRef;
+    use palisade_policy::compile::{Compiler, LocalEndpoint};
+    use palisade_policy::model::Store;
+    use palisade_policy::state::PodRef;
     let pod = |name: &str, ip: &str| {
         format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: d}}\n\
@@ -86,7 +86,7 @@ fn a_restarted_compiler_keeps_adopted_endpoint_ids() {
         )
     };
     let text = [pod("x", "10.0.0.1"), pod("y", "10.0.0.2")].join("---\n");
-    let store = Store::from_objects(palisade::manifest::parse_str(&text).unwrap());
+    let store = Store::from_objects(palisade_policy::manifest::parse_str(&text).unwrap());
     let ep = |name: &str, ifindex| LocalEndpoint {
         pod: PodRef {
             namespace: "d".into(),

@@ -7,7 +7,6 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, MapData};
-use palisade::state::DesiredState;
 use palisade_common::{CtEntry, CtKey, DIR_EGRESS, EP_ISOLATED_INGRESS, EndpointInfo, map_names};
 use palisade_datapath::writer::MapWriter;
 use palisade_datapath::{
@@ -15,6 +14,7 @@ use palisade_datapath::{
     pins::map_pin_path,
     upgrade::{object_map_layouts, pinned_map_layout},
 };
+use palisade_policy::state::DesiredState;
 use support::{object, require_root, tcp4_ct_key};
 
 /// The flow both generations of an upgrade must know: endpoint 3's egress TCP connection.

@@ -5,12 +5,12 @@
 mod support;
 
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
-use palisade::state::DesiredState;
 use palisade_common::*;
 use palisade_datapath::{
     loader::{Datapath, FROM_POD, TO_POD},
     writer::MapWriter,
 };
+use palisade_policy::state::DesiredState;
 use support::{
     ACK, EP, EXTERNAL, OTHER, PEER, PEER_ID, POD, SYN, SYN_ACK, TC_ACT_OK, TC_ACT_SHOT,
     allow_tcp_port, endpoint_state, load, require_root, tcp4, tcp4_ct_key, test_run,

@@ -765,15 +765,15 @@ fn link_prog_id(pin: &std::path::Path) -> u32 {
 
 #[test]
 fn program_upgrades_swap_atomically_under_traffic() {
-    use palisade::{
-        compile::{Compiler, LocalEndpoint},
-        model::Store,
-        state::PodRef,
-    };
     use palisade_datapath::{
         loader::{Datapath, LoadOptions},
         pins::link_pin_path,
         writer::MapWriter,
+    };
+    use palisade_policy::{
+        compile::{Compiler, LocalEndpoint},
+        model::Store,
+        state::PodRef,
     };
     if !require_root() {
         return;
@@ -789,7 +789,7 @@ fn program_upgrades_swap_atomically_under_traffic() {
     }
     text.push_str("---\n");
     text.push_str(CLUSTER_POLICIES);
-    let store = Store::from_objects(palisade::manifest::parse_str(&text).unwrap());
+    let store = Store::from_objects(palisade_policy::manifest::parse_str(&text).unwrap());
     let endpoints: Vec<LocalEndpoint> = ["a", "b", "c"]
         .iter()
         .map(|n| LocalEndpoint {

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::{
+use palisade_policy::{
     model::Store,
     state::{DesiredState, Direction, EndpointMeta, PodRef, RuleRef},
 };

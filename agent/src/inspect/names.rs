@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use anyhow::{Result, anyhow};
 use palisade_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Reason};
 
-use crate::state::DesiredState;
+use palisade_policy::state::DesiredState;
 
 pub fn proto_name(proto: u8) -> String {
     match proto {

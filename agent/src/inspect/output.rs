@@ -5,7 +5,7 @@ use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::RuleInfo;
-use crate::state::Direction;
+use palisade_policy::state::Direction;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum VerdictKind {

@@ -17,7 +17,7 @@ use super::{
     StateFile, Step, Target, VerdictKind, endpoints_with_allows, has_ports, proto_name,
     read_pinned_maps, reason_name, state_path,
 };
-use crate::{
+use palisade_policy::{
     datapath_model::{self, ModelReason},
     state::{CidrEntry, DesiredState, Direction, EndpointMeta, PolicyEntry, RuleRef},
 };

@@ -12,8 +12,10 @@ use tracing::info;
 
 use crate::{
     manifest::{Fingerprint, ManifestDir},
-    model::{Object, Store},
     reconcile::{RunConfig, View, unix_ms},
+};
+use palisade_policy::{
+    model::{Object, Store},
     services::ServiceStore,
 };
 

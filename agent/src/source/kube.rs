@@ -28,9 +28,9 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
-use crate::model::{ConfigError, Kind, Object, ObjectKey, Store};
 use crate::reconcile::{RunConfig, View, unix_ms};
-use crate::services::{self, ServiceStore};
+use palisade_policy::model::{ConfigError, Kind, Object, ObjectKey, Store};
+use palisade_policy::services::{self, ServiceStore};
 
 /// The five watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -162,7 +162,7 @@ fn object_key(source: Watch, key: &Key) -> Option<ObjectKey> {
     let namespace = if kind == Kind::Namespace {
         String::new()
     } else if key.0.is_empty() {
-        crate::model::DEFAULT_NAMESPACE.to_string()
+        palisade_policy::model::DEFAULT_NAMESPACE.to_string()
     } else {
         key.0.clone()
     };
@@ -311,7 +311,7 @@ impl ClusterState {
         };
         let fix = |k: Key| {
             if k.0.is_empty() {
-                (crate::model::DEFAULT_NAMESPACE.to_string(), k.1)
+                (palisade_policy::model::DEFAULT_NAMESPACE.to_string(), k.1)
             } else {
                 k
             }

@@ -24,10 +24,8 @@ use anyhow::Result;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
 
-use crate::{
-    model::{ConfigError, Store},
-    reconcile::{Agent, RunConfig, View},
-};
+use crate::reconcile::{Agent, RunConfig, View};
+use palisade_policy::model::{ConfigError, Store};
 
 /// Where the desired configuration comes from.
 pub trait Source {
@@ -117,9 +115,9 @@ pub async fn run(cfg: RunConfig, mut source: impl Source, object: &[u8]) -> Resu
 /// Named ports that no pod declares (with that protocol): valid, as the API server accepts
 /// them, but they match nothing, which is rarely what was meant.
 pub(crate) fn unresolved_named_ports(store: &Store) -> Vec<ConfigError> {
-    use crate::model::PortMatch;
-    use crate::state::Direction;
-    let declared: std::collections::BTreeSet<(&str, crate::model::Protocol)> = store
+    use palisade_policy::model::PortMatch;
+    use palisade_policy::state::Direction;
+    let declared: std::collections::BTreeSet<(&str, palisade_policy::model::Protocol)> = store
         .pods
         .values()
         .flat_map(|p| {

@@ -11,7 +11,6 @@ use aya::{
     maps::{MapData, PerCpuArray},
     programs::{TestRun, TestRunOptions},
 };
-use palisade::state::{CidrEntry, DesiredState, PolicyEntry};
 use palisade_common::{
     AF_INET, CIDR_CLASS_BIT, CIDR_CLASS_NONE, CidrKey, Counter, CtEntry, CtKey, DIR_EGRESS,
     DIR_INGRESS, EP_ISOLATED_EGRESS, EP_ISOLATED_INGRESS, EndpointInfo, IDENTITY_HOST,
@@ -22,6 +21,7 @@ use palisade_datapath::{
     loader::{Datapath, FROM_POD, LoadOptions, TO_POD},
     writer::MapWriter,
 };
+use palisade_policy::state::{CidrEntry, DesiredState, PolicyEntry};
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;

@@ -27,18 +27,20 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use aya::maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
 use palisade::{
-    compile::Compiler,
     interfaces::HostView,
-    manifest::parse_str,
-    model::{Kind, Object, ObjectKey, Store},
     reconcile::{Agent, RunConfig, View},
-    services::ServiceStore,
 };
 use palisade_common::{
     DIR_INGRESS, EndpointInfo, POLICY_KEY_FULL_BITS, PROTO_TCP, PeerAddr, PolicyKey, PolicyValue,
     map_names,
 };
 use palisade_datapath::{loader::Datapath, writer::MapWriter};
+use palisade_policy::{
+    compile::Compiler,
+    manifest::parse_str,
+    model::{Kind, Object, ObjectKey, Store},
+    services::ServiceStore,
+};
 use palisade_tests::{
     agent::AgentProcess,
     rig::{Node, NodeSpec, PodSpec},

@@ -30,16 +30,16 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use aya::programs::{TestRun, TestRunOptions};
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
-use palisade::{
-    compile::{Compiler, LocalEndpoint},
-    manifest::parse_str,
-    model::{Object, Peer, Policy, PortMatch, PortSpec, Protocol, Rule, Store},
-    state::PodRef,
-};
 use palisade_common::CtKey;
 use palisade_datapath::{
     loader::{Datapath, FROM_POD, TO_POD},
     writer::MapWriter,
+};
+use palisade_policy::{
+    compile::{Compiler, LocalEndpoint},
+    manifest::parse_str,
+    model::{Object, Peer, Policy, PortMatch, PortSpec, Protocol, Rule, Store},
+    state::PodRef,
 };
 use serde_json::{Value, json};
 
