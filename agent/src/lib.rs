@@ -16,6 +16,7 @@ pub mod ct_sweep;
 pub mod interfaces;
 pub mod loader;
 pub mod maps;
+pub mod netlink;
 pub mod run;
 
 // Cluster mode, the CNI plugin, probes.
