@@ -250,11 +250,9 @@ mod tests {
         std::thread::spawn(|| {
             // The thread, and the server's thread it starts, in a namespace of their own.
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
-            let up = std::process::Command::new("ip")
-                .args(["link", "set", "lo", "up"])
-                .status()
-                .expect("ip");
-            assert!(up.success(), "ip link set lo up");
+            let mut nl = palisade_datapath::netlink::Netlink::new().expect("netlink");
+            let lo = nl.link_by_name("lo").expect("lo").index;
+            nl.set_link_up(lo).expect("lo up");
             let health = Health::default();
             health.beat();
             let server = AdminServer::start(

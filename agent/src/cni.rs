@@ -39,7 +39,7 @@ use serde_json::{Value, json};
 use crate::interfaces::HostView;
 use palisade_datapath::{
     loader::{FROM_POD, TO_POD},
-    pins,
+    netlink, pins,
 };
 use palisade_policy::compile::LocalEndpoint;
 use palisade_policy::model::Store;
@@ -509,29 +509,30 @@ fn prev_host_ifaces(prev: &Value) -> Vec<String> {
 
 /// The host-side veth of the pod's interface, and how it was found.
 fn host_veth(netns: &str, ifname: &str, prev: &Value) -> Result<(u32, String, &'static str)> {
+    let mut host = netlink::Netlink::new()?;
     let mut why = Vec::new();
     if !netns.is_empty() {
         match netlink::link_in_netns(Path::new(netns), ifname) {
             Ok(pod_side) => match pod_side.link {
-                Some(peer) => match netlink::link_by_index(peer) {
+                Some(peer) => match host.link_by_index(peer) {
                     // The host side's own peer must be the pod's interface: a veth pair.
-                    Ok(host) if host.link == Some(pod_side.index) => {
-                        return Ok((host.index, host.name, "netns-peer"));
+                    Ok(link) if link.link == Some(pod_side.index) => {
+                        return Ok((link.index, link.name, "netns-peer"));
                     }
-                    Ok(host) => why.push(format!(
+                    Ok(link) => why.push(format!(
                         "ifindex {peer} ({}) is not the peer of {ifname} in the pod",
-                        host.name
+                        link.name
                     )),
-                    Err(e) => why.push(format!("host ifindex {peer}: {e}")),
+                    Err(e) => why.push(format!("host side: {e}")),
                 },
                 None => why.push(format!("{ifname} in the pod has no peer (not a veth)")),
             },
-            Err(e) => why.push(format!("{ifname} in {netns}: {e}")),
+            Err(e) => why.push(e.to_string()),
         }
     }
-    let veths: Vec<netlink::LinkInfo> = prev_host_ifaces(prev)
+    let veths: Vec<netlink::Link> = prev_host_ifaces(prev)
         .iter()
-        .filter_map(|n| netlink::link_by_name(n).ok())
+        .filter_map(|n| host.link_by_name(n).ok())
         .filter(|l| l.kind.as_deref() == Some("veth"))
         .collect();
     if let [only] = veths.as_slice() {
@@ -860,205 +861,6 @@ pub fn install(opts: &InstallOptions) -> Result<String> {
         PLUGIN_TYPE,
         out_path.display()
     ))
-}
-
-// ---------------------------------------------------------------------------------------------
-// rtnetlink, just enough: a link's index, name, kind and peer (`IFLA_LINK`)
-// ---------------------------------------------------------------------------------------------
-
-mod netlink {
-    use std::fs::File;
-    use std::io;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use std::path::Path;
-
-    #[derive(Clone, Debug)]
-    pub struct LinkInfo {
-        pub index: u32,
-        pub name: String,
-        /// `IFLA_LINK`: for a veth, the peer's ifindex (in the peer's namespace).
-        pub link: Option<u32>,
-        /// `IFLA_INFO_KIND` (`veth`, `bridge`, ...).
-        pub kind: Option<String>,
-    }
-
-    const RTM_NEWLINK: u16 = 16;
-    const RTM_GETLINK: u16 = 18;
-    const NLMSG_ERROR: u16 = 2;
-    const NLM_F_REQUEST: u16 = 1;
-    const IFLA_IFNAME: u16 = 3;
-    const IFLA_LINK: u16 = 5;
-    const IFLA_LINKINFO: u16 = 18;
-    const IFLA_INFO_KIND: u16 = 1;
-
-    fn align(n: usize) -> usize {
-        (n + 3) & !3
-    }
-
-    fn request(index: u32, name: Option<&str>) -> io::Result<LinkInfo> {
-        // SAFETY: plain socket(2); the descriptor is owned below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut msg = vec![0u8; 16 + 16];
-        msg[4..6].copy_from_slice(&RTM_GETLINK.to_ne_bytes());
-        msg[6..8].copy_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-        msg[8..12].copy_from_slice(&1u32.to_ne_bytes());
-        // struct ifinfomsg: family, pad, type, index, flags, change.
-        msg[16] = libc::AF_UNSPEC as u8;
-        msg[20..24].copy_from_slice(&(index as i32).to_ne_bytes());
-        if let Some(name) = name {
-            let payload = name.len() + 1;
-            let attr_len = 4 + payload;
-            let mut attr = vec![0u8; align(attr_len)];
-            attr[0..2].copy_from_slice(&(attr_len as u16).to_ne_bytes());
-            attr[2..4].copy_from_slice(&IFLA_IFNAME.to_ne_bytes());
-            attr[4..4 + name.len()].copy_from_slice(name.as_bytes());
-            msg.extend_from_slice(&attr);
-        }
-        let len = msg.len() as u32;
-        msg[0..4].copy_from_slice(&len.to_ne_bytes());
-        // SAFETY: msg is a valid buffer of msg.len() bytes.
-        let sent = unsafe {
-            libc::send(
-                fd.as_raw_fd(),
-                msg.as_ptr() as *const libc::c_void,
-                msg.len(),
-                0,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut buf = vec![0u8; 32 * 1024];
-        // SAFETY: buf is a valid writable buffer of buf.len() bytes.
-        let n = unsafe {
-            libc::recv(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                0,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        parse(&buf[..n as usize])
-    }
-
-    fn u16_at(b: &[u8], at: usize) -> u16 {
-        u16::from_ne_bytes([b[at], b[at + 1]])
-    }
-
-    fn u32_at(b: &[u8], at: usize) -> u32 {
-        u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-    }
-
-    fn parse(b: &[u8]) -> io::Result<LinkInfo> {
-        let bad = || io::Error::new(io::ErrorKind::InvalidData, "short netlink reply");
-        if b.len() < 16 {
-            return Err(bad());
-        }
-        let len = (u32_at(b, 0) as usize).min(b.len());
-        let ty = u16_at(b, 4);
-        if ty == NLMSG_ERROR {
-            if b.len() < 20 {
-                return Err(bad());
-            }
-            let errno = -(u32_at(b, 16) as i32);
-            return Err(io::Error::from_raw_os_error(errno));
-        }
-        if ty != RTM_NEWLINK || len < 32 {
-            return Err(bad());
-        }
-        let mut info = LinkInfo {
-            index: u32_at(b, 20),
-            name: String::new(),
-            link: None,
-            kind: None,
-        };
-        let mut at = 32;
-        while at + 4 <= len {
-            let alen = u16_at(b, at) as usize;
-            let aty = u16_at(b, at + 2) & 0x3fff;
-            if alen < 4 || at + alen > len {
-                break;
-            }
-            let data = &b[at + 4..at + alen];
-            match aty {
-                IFLA_IFNAME => {
-                    info.name = String::from_utf8_lossy(data)
-                        .trim_end_matches('\0')
-                        .to_string()
-                }
-                IFLA_LINK if data.len() >= 4 => info.link = Some(u32_at(data, 0)),
-                IFLA_LINKINFO => {
-                    let mut i = 0;
-                    while i + 4 <= data.len() {
-                        let l = u16_at(data, i) as usize;
-                        if l < 4 || i + l > data.len() {
-                            break;
-                        }
-                        if u16_at(data, i + 2) & 0x3fff == IFLA_INFO_KIND {
-                            info.kind = Some(
-                                String::from_utf8_lossy(&data[i + 4..i + l])
-                                    .trim_end_matches('\0')
-                                    .to_string(),
-                            );
-                        }
-                        i += align(l);
-                    }
-                }
-                _ => {}
-            }
-            at += align(alen);
-        }
-        Ok(info)
-    }
-
-    pub fn link_by_index(index: u32) -> io::Result<LinkInfo> {
-        request(index, None)
-    }
-
-    pub fn link_by_name(name: &str) -> io::Result<LinkInfo> {
-        request(0, Some(name))
-    }
-
-    /// `name` as seen inside the network namespace at `netns` (asked on a thread that enters
-    /// it, so this process stays where it is).
-    pub fn link_in_netns(netns: &Path, name: &str) -> io::Result<LinkInfo> {
-        let ns = File::open(netns)?;
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(io::Error::from)?;
-                link_by_name(name)
-            })
-            .join()
-            .map_err(|_| io::Error::other("netns thread panicked"))?
-        })
-    }
-
-    #[cfg(test)]
-    mod tests {
-        #[test]
-        fn loopback() {
-            let lo = super::link_by_name("lo").expect("lo");
-            assert_eq!(lo.index, 1);
-            assert_eq!(lo.name, "lo");
-            assert_eq!(super::link_by_index(1).unwrap().name, "lo");
-            assert!(super::link_by_name("no-such-link0").is_err());
-        }
-    }
 }
 
 #[cfg(test)]

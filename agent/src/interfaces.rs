@@ -12,78 +12,16 @@
 //! bridge, flannel and other bridged layouts (the pod's veth is a bridge port, the route goes
 //! to the bridge) need the CNI plugin (2); a route through anything but a veth (a bridge, a
 //! tunnel, Cilium's `cilium_host`) is never taken for a pod's interface. Reads the kernel's
-//! tables through iproute2's JSON output.
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    process::{Command, Stdio},
-};
+//! tables over rtnetlink (`palisade_datapath::netlink`): links, addresses and the routes of table main.
+use std::{collections::BTreeMap, net::IpAddr};
 
-use anyhow::{Context, Result, bail};
-use serde::Deserialize;
+use anyhow::Result;
 
+use palisade_datapath::netlink::{Address, Link, Netlink, Route, RouteType};
 use palisade_policy::{compile::LocalEndpoint, model::Store};
 
 /// Annotation that names a pod's host-side interface explicitly.
 pub const INTERFACE_ANNOTATION: &str = "palisade.io/interface";
-
-#[derive(Deserialize)]
-struct Link {
-    ifindex: u32,
-    ifname: String,
-    #[serde(default)]
-    addr_info: Vec<AddrInfo>,
-    #[serde(default)]
-    linkinfo: Option<LinkKind>,
-}
-
-#[derive(Deserialize)]
-struct LinkKind {
-    info_kind: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct AddrInfo {
-    local: Option<IpAddr>,
-}
-
-#[derive(Deserialize)]
-struct Route {
-    dst: String,
-    dev: Option<String>,
-}
-
-/// Runs `ip -j <args>` for each of `commands` at once (each is a process start: together they
-/// take one start's time, not three) and returns their outputs in order.
-fn ip_json(commands: &[&[&str]]) -> Result<Vec<String>> {
-    let children = commands
-        .iter()
-        .map(|args| {
-            Command::new("ip")
-                .arg("-j")
-                .args(*args)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("running ip (iproute2)")
-        })
-        .collect::<Result<Vec<_>>>()?;
-    children
-        .into_iter()
-        .zip(commands)
-        .map(|(child, args)| {
-            let out = child.wait_with_output().context("running ip (iproute2)")?;
-            if !out.status.success() {
-                bail!(
-                    "ip {} failed: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-            Ok(String::from_utf8(out.stdout)?)
-        })
-        .collect()
-}
 
 /// A snapshot of this host's interfaces, addresses and host routes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -99,44 +37,51 @@ pub struct HostView {
 }
 
 impl HostView {
+    /// This host's view, in three dumps over one rtnetlink socket.
     pub fn read() -> Result<Self> {
-        let outputs = ip_json(&[
-            &["-d", "addr", "show"],
-            &["-4", "route", "show", "table", "main"],
-            &["-6", "route", "show", "table", "main"],
-        ])?;
-        let links: Vec<Link> =
-            serde_json::from_str(&outputs[0]).context("parsing `ip -j -d addr show`")?;
+        let mut nl = Netlink::new()?;
+        let links = nl.links()?;
+        let addresses = nl.addresses()?;
+        let routes = nl.routes()?;
+        Ok(Self::from_dumps(&links, &addresses, &routes))
+    }
+
+    /// What `ip -j -d addr show` and `ip -j -4/-6 route show table main` give: the addresses
+    /// of the links listed (`local`, sorted, deduplicated), and as host routes those with an
+    /// output device and a destination of /32 or /128 (the default route has no destination,
+    /// a prefix route a shorter prefix). Like iproute2, IPv6 routes of type `local` in table
+    /// main are left out; a device the link dump does not list is named `if<index>`.
+    fn from_dumps(links: &[Link], addresses: &[Address], routes: &[Route]) -> Self {
         let mut view = HostView::default();
+        let mut names = BTreeMap::new();
         for l in links {
-            view.addresses
-                .extend(l.addr_info.iter().filter_map(|a| a.local));
-            if let Some(kind) = l.linkinfo.and_then(|k| k.info_kind) {
-                view.kinds.insert(l.ifname.clone(), kind);
+            names.insert(l.index, l.name.clone());
+            if let Some(kind) = &l.kind {
+                view.kinds.insert(l.name.clone(), kind.clone());
             }
-            view.links.insert(l.ifname, l.ifindex);
+            view.links.insert(l.name.clone(), l.index);
         }
+        view.addresses = addresses
+            .iter()
+            .filter(|a| names.contains_key(&a.index))
+            .map(|a| a.address)
+            .collect();
         view.addresses.sort();
         view.addresses.dedup();
-        for output in &outputs[1..] {
-            let routes: Vec<Route> =
-                serde_json::from_str(output).context("parsing `ip -j route show`")?;
-            for r in routes {
-                let Some(dev) = r.dev else { continue };
-                let (addr, len) = match r.dst.split_once('/') {
-                    Some((a, l)) => (a, l.parse::<u8>().unwrap_or(0)),
-                    None => (r.dst.as_str(), 255),
-                };
-                let Ok(addr) = addr.parse::<IpAddr>() else {
-                    continue;
-                };
-                let host_len = if addr.is_ipv4() { 32 } else { 128 };
-                if len == 255 || len == host_len {
-                    view.host_routes.insert(addr, dev);
-                }
+        for r in routes {
+            if r.ipv6 && r.kind == RouteType::Local {
+                continue;
             }
+            let (Some(oif), Some(dst)) = (r.oif, r.host_destination()) else {
+                continue;
+            };
+            let dev = names
+                .get(&oif)
+                .cloned()
+                .unwrap_or_else(|| format!("if{oif}"));
+            view.host_routes.insert(dst, dev);
         }
-        Ok(view)
+        view
     }
 
     /// The local endpoints among the store's pods: pods that are not hostNetwork, that are
@@ -180,6 +125,78 @@ impl HostView {
 mod tests {
     use super::*;
     use palisade_policy::model::Store;
+
+    #[test]
+    fn host_routes_are_the_32s_and_128s_through_a_device() {
+        let link = |index: u32, name: &str, kind: Option<&str>| Link {
+            index,
+            name: name.into(),
+            link: None,
+            kind: kind.map(String::from),
+        };
+        let addr = |index: u32, a: &str| Address {
+            index,
+            address: a.parse().unwrap(),
+            prefix_len: 24,
+        };
+        let route = |dst: Option<&str>, len: u8, oif: Option<u32>, kind: RouteType| {
+            let destination: Option<IpAddr> = dst.map(|d| d.parse().unwrap());
+            Route {
+                ipv6: destination.is_some_and(|d| d.is_ipv6()),
+                destination,
+                prefix_len: len,
+                oif,
+                kind,
+            }
+        };
+        let uni = RouteType::Unicast;
+        let v = HostView::from_dumps(
+            &[link(1, "lo", None), link(4, "veth0", Some("veth"))],
+            &[
+                addr(4, "10.0.0.1"),
+                addr(1, "127.0.0.1"),
+                addr(4, "10.0.0.1"),
+                addr(9, "10.9.9.9"), // a link the dump did not list
+            ],
+            &[
+                route(Some("10.0.0.2"), 32, Some(4), uni),
+                route(Some("fd00::2"), 128, Some(4), uni),
+                route(Some("10.0.0.3"), 32, Some(7), uni),
+                route(Some("10.0.1.0"), 24, Some(4), uni),
+                route(None, 0, Some(4), uni), // the default route: no RTA_DST
+                route(Some("10.0.0.4"), 32, None, RouteType::BlackHole),
+                route(Some("10.0.0.5"), 32, Some(4), RouteType::Local),
+                route(Some("fd00::5"), 128, Some(4), RouteType::Local),
+            ],
+        );
+        assert_eq!(
+            v.links,
+            [("lo".to_string(), 1), ("veth0".to_string(), 4)].into()
+        );
+        assert_eq!(v.kinds, [("veth0".to_string(), "veth".to_string())].into());
+        assert_eq!(
+            v.addresses,
+            vec![
+                "10.0.0.1".parse::<IpAddr>().unwrap(),
+                "127.0.0.1".parse().unwrap()
+            ]
+        );
+        let routes: Vec<(String, String)> = v
+            .host_routes
+            .iter()
+            .map(|(a, d)| (a.to_string(), d.clone()))
+            .collect();
+        let want = [
+            ("10.0.0.2", "veth0"),
+            ("10.0.0.3", "if7"),
+            ("10.0.0.5", "veth0"),
+            ("fd00::2", "veth0"),
+        ];
+        assert_eq!(
+            routes,
+            want.map(|(a, d)| (a.to_string(), d.to_string())).to_vec()
+        );
+    }
 
     #[test]
     fn routes_count_only_through_veths() {

@@ -6,10 +6,12 @@
 //! Modules: `loader` (the object and its attachments), `pins` (the pin directory the agent and
 //! the CNI plugin share), `pinned` (reading another process's pinned maps), `upgrade` (which pinned maps an object may adopt), `writer` (the
 //! policy maps), `ct_sweep` (conntrack expiry and quota accounting), `sys` (the raw BPF
-//! syscalls aya does not wrap).
+//! syscalls aya does not wrap), `netlink` (links, addresses and routes over rtnetlink, for the
+//! host view and the CNI plugin).
 pub mod ct_sweep;
 pub mod error;
 pub mod loader;
+pub mod netlink;
 pub mod pinned;
 pub mod pins;
 mod sys;
