@@ -1,0 +1,116 @@
+//! The CLI commands of the `palisade` binary, one file per verb: `verdicts`, `policy show`,
+//! `explain`, `stats`. This module holds what they share: `--output`, the agent's address
+//! flags, durations and table rows.
+//!
+//! `verdicts` and `stats` ask the running agent over its unix socket (`control`); `policy
+//! show` and `explain` read the pinned maps themselves, named through the agent's state file
+//! (`inspect`), so they show what the datapath enforces, even while the agent is restarting.
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::ValueEnum;
+
+mod explain;
+mod policy;
+mod stats;
+mod verdicts;
+
+pub use explain::{ExplainArgs, explain, explain_text};
+pub use policy::{PolicyArgs, PolicyCommand, policy, policy_text};
+pub use stats::{StatsArgs, stats, stats_text};
+pub use verdicts::{VerdictsArgs, verdicts, verdicts_table};
+
+/// `--admin-addr`: an address, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdminAddr(pub Option<std::net::SocketAddr>);
+
+pub fn parse_admin_addr(s: &str) -> Result<AdminAddr, String> {
+    if s.eq_ignore_ascii_case("off") || s.is_empty() {
+        return Ok(AdminAddr(None));
+    }
+    s.parse().map(|a| AdminAddr(Some(a))).map_err(|e| {
+        format!(
+            "{s:?}: {e} (an address like {}, or off)",
+            crate::admin::DEFAULT_ADDR
+        )
+    })
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+/// `30s`, `5m`, `1h30m`, `500ms`, `2d`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(n));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err("empty duration".into());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!("bad duration {s:?} (e.g. 30s, 5m, 1h30m)"));
+        }
+        let n: u64 = rest[..digits].parse().map_err(|e| format!("{s:?}: {e}"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        total += match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            "d" => Duration::from_secs(n * 86_400),
+            _ => return Err(format!("bad unit {unit:?} in {s:?} (ms, s, m, h, d)")),
+        };
+    }
+    Ok(total)
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// One table row: every cell but the last padded to its column's width.
+pub(crate) fn row(cells: &[String], widths: &[usize]) -> String {
+    let mut s = String::new();
+    for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+        if i + 1 == cells.len() {
+            s.push_str(c);
+        } else {
+            s.push_str(&format!("{c:<w$}  ", w = *w));
+        }
+    }
+    s.trim_end().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}
