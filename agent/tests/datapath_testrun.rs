@@ -408,3 +408,157 @@ fn verifier_accepts_both_programs() {
         assert!(n > 100, "{} looks empty ({n})", p.name);
     }
 }
+
+/// `pkt` (IPv4, IHL 5) with four bytes of options (NOP, NOP, NOP, end): the same packet to
+/// every rule, but one the parser's fast path leaves to the slow one.
+fn with_ipv4_options(pkt: &[u8]) -> Vec<u8> {
+    let mut p = pkt[..14 + 20].to_vec();
+    p[14] = 0x46;
+    let tot_len = u16::from_be_bytes([p[16], p[17]]) + 4;
+    p[16..18].copy_from_slice(&tot_len.to_be_bytes());
+    p.extend([1u8, 1, 1, 0]);
+    p.extend_from_slice(&pkt[14 + 20..]);
+    p
+}
+
+/// `pkt` (IPv6, no extension header) behind an empty destination-options header.
+fn with_ipv6_dest_options(pkt: &[u8]) -> Vec<u8> {
+    let mut p = pkt[..14 + 40].to_vec();
+    let next = p[14 + 6];
+    p[14 + 6] = 60;
+    let payload = u16::from_be_bytes([p[18], p[19]]) + 8;
+    p[18..20].copy_from_slice(&payload.to_be_bytes());
+    p.extend([next, 0, 1, 4, 0, 0, 0, 0]);
+    p.extend_from_slice(&pkt[14 + 40..]);
+    p
+}
+
+/// TCP and UDP over IPv4 without options and IPv6 without extension headers are parsed in
+/// place (direct packet access); everything else through `bpf_skb_load_bytes`. The two must
+/// read one packet alike: the same verdicts, on good and on lying packets, and the same flow
+/// (a flow opened through one path is found through the other).
+#[test]
+fn fast_and_slow_parsing_agree() {
+    if !require_root() {
+        return;
+    }
+    let udp4 = |src, dst, sport, dport| ipv4(src, dst, PROTO_UDP, &l4(PROTO_UDP, sport, dport, 0));
+    let tcp6 = |src, dst, sport, dport, flags| {
+        ipv6(src, dst, PROTO_TCP, &l4(PROTO_TCP, sport, dport, flags))
+    };
+    let lie_tot_len = |mut p: Vec<u8>| {
+        p[16..18].copy_from_slice(&300u16.to_be_bytes());
+        p
+    };
+    let short_tcp = |mut p: Vec<u8>| {
+        // The IPv4 header claims 12 bytes of TCP: fewer than a TCP header.
+        p[16..18].copy_from_slice(&32u16.to_be_bytes());
+        p.truncate(14 + 32);
+        p
+    };
+    let lie_payload6 = |mut p: Vec<u8>| {
+        p[18..20].copy_from_slice(&500u16.to_be_bytes());
+        p
+    };
+    let mapped: Ipv6Addr = "::ffff:10.244.0.11".parse().unwrap();
+    let rig = Rig::new(&standard_state());
+    let v4: Vec<(&str, Vec<u8>, u32)> = vec![
+        ("allowed TCP", tcp4(PEER, POD, 41000, 80, SYN), TC_ACT_OK),
+        ("denied port", tcp4(PEER, POD, 41001, 81, SYN), TC_ACT_SHOT),
+        ("denied peer", tcp4(OTHER, POD, 41002, 80, SYN), TC_ACT_SHOT),
+        ("allowed UDP", udp4(PEER, POD, 41003, 53), TC_ACT_OK),
+        (
+            "UDP, unknown peer",
+            udp4(EXTERNAL, POD, 41004, 53),
+            TC_ACT_SHOT,
+        ),
+        (
+            "tot_len beyond the packet",
+            lie_tot_len(tcp4(PEER, POD, 41005, 80, SYN)),
+            TC_ACT_SHOT,
+        ),
+        (
+            "TCP shorter than its header",
+            short_tcp(tcp4(PEER, POD, 41006, 80, SYN)),
+            TC_ACT_SHOT,
+        ),
+    ];
+    for (what, pkt, want) in &v4 {
+        assert_eq!(rig.ingress(pkt), *want, "{what}, fast path");
+        let slow = with_ipv4_options(pkt);
+        assert_eq!(rig.ingress(&slow), *want, "{what}, with IPv4 options");
+    }
+    let v6: Vec<(&str, Vec<u8>, u32)> = vec![
+        ("allowed TCP", tcp6(PEER6, POD6, 42000, 443, SYN), TC_ACT_OK),
+        (
+            "denied port",
+            tcp6(PEER6, POD6, 42001, 444, SYN),
+            TC_ACT_SHOT,
+        ),
+        (
+            "payload length beyond the packet",
+            lie_payload6(tcp6(PEER6, POD6, 42002, 443, SYN)),
+            TC_ACT_SHOT,
+        ),
+        (
+            "IPv4-mapped source",
+            tcp6(mapped, POD6, 42003, 443, SYN),
+            TC_ACT_SHOT,
+        ),
+    ];
+    for (what, pkt, want) in &v6 {
+        assert_eq!(rig.ingress(pkt), *want, "{what}, fast path");
+        let slow = with_ipv6_dest_options(pkt);
+        assert_eq!(
+            rig.ingress(&slow),
+            *want,
+            "{what}, with an extension header"
+        );
+    }
+    // One flow, its packets through either path: opened by a SYN with options, answered and
+    // continued without, and the other way round; IPv6 likewise.
+    let flow = |sport| {
+        (
+            tcp4(PEER, POD, sport, 80, SYN),
+            tcp4(POD, PEER, 80, sport, SYN_ACK),
+            tcp4(PEER, POD, sport, 80, ACK),
+        )
+    };
+    let (syn, syn_ack, ack) = flow(43000);
+    assert_eq!(rig.ingress(&with_ipv4_options(&syn)), TC_ACT_OK);
+    assert_eq!(rig.egress(&syn_ack), TC_ACT_OK, "reply, fast path");
+    assert_eq!(rig.ingress(&ack), TC_ACT_OK, "established, fast path");
+    let (syn, syn_ack, ack) = flow(43001);
+    assert_eq!(rig.ingress(&syn), TC_ACT_OK);
+    assert_eq!(
+        rig.egress(&with_ipv4_options(&syn_ack)),
+        TC_ACT_OK,
+        "reply, slow path"
+    );
+    assert_eq!(
+        rig.ingress(&with_ipv4_options(&ack)),
+        TC_ACT_OK,
+        "established, slow path"
+    );
+    assert_eq!(
+        rig.egress(&tcp4(POD, PEER, 80, 43002, SYN_ACK)),
+        TC_ACT_SHOT,
+        "no flow: no reply"
+    );
+    let syn6 = tcp6(PEER6, POD6, 44000, 443, SYN);
+    assert_eq!(rig.ingress(&with_ipv6_dest_options(&syn6)), TC_ACT_OK);
+    assert_eq!(
+        rig.egress(&tcp6(POD6, PEER6, 443, 44000, SYN_ACK)),
+        TC_ACT_OK,
+        "IPv6 reply, fast path"
+    );
+    let syn6 = tcp6(PEER6, POD6, 44001, 443, SYN);
+    assert_eq!(rig.ingress(&syn6), TC_ACT_OK);
+    assert_eq!(
+        rig.egress(&with_ipv6_dest_options(&tcp6(
+            POD6, PEER6, 443, 44001, SYN_ACK
+        ))),
+        TC_ACT_OK,
+        "IPv6 reply, slow path"
+    );
+}

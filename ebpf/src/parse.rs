@@ -1,14 +1,20 @@
 //! Packet parsing: Ethernet, IPv4, IPv6 with a bounded extension-header walk, and the first
 //! bytes of TCP, UDP, SCTP, ICMP and ICMPv6 (including the packet embedded in ICMP errors).
 //!
-//! Headers are read with `bpf_skb_load_bytes` (one call per header, not per field), which works
-//! on non-linear skbs too. Every length field is checked against what the packet really holds:
+//! Most packets are TCP or UDP over IPv4 without options or IPv6 without extension headers,
+//! with their headers in the skb's linear area: `fast` reads those in place (direct packet
+//! access, one bounds check per header). Everything else (options, extension headers, ICMP,
+//! fragments, ARP, headers beyond the linear area, anything the fast path doubts) is read
+//! here with `bpf_skb_load_bytes` (one call per header, not per field), which works on
+//! non-linear skbs too. Every length field is checked against what the packet really holds:
 //! a header that claims more than the packet has is `Malformed`, never guessed.
 use aya_ebpf::{cty::c_void, helpers::bpf_skb_load_bytes, programs::TcContext};
 use palisade_common::{
     AF_INET, AF_INET6, CT_ROLE_REQUEST, CT_ROLE_RESPONSE, FragKey, FragPorts, PROTO_ICMP,
     PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
+
+mod fast;
 
 use crate::{
     maps::FRAGMENTS,
@@ -159,6 +165,9 @@ fn has_ports(proto: u8) -> bool {
 /// the stack small).
 #[inline(never)]
 pub fn parse(ctx: &TcContext, p: &mut Packet) -> Result<Frame, Malformed> {
+    if fast::parse(ctx, p) {
+        return Ok(Frame::Ip);
+    }
     let ethertype = u16::from_be(load::<u16>(ctx, p, 12)?);
     match ethertype {
         ETH_P_IP => parse_ipv4(ctx, p).map(|_| Frame::Ip),
