@@ -647,3 +647,79 @@ fn a6_an_unanswered_tcp_flow_expires_in_a_minute() {
         "an answered flow idle for a minute"
     );
 }
+
+/// Source verification with more addresses than the endpoint's entry holds inline (one IPv4,
+/// two IPv6): every own address is a valid source, the extra ones through EP_ADDRS, a foreign
+/// one is spoofed; an address that moves to another endpoint stops being this one's.
+#[test]
+fn every_own_address_is_a_source_and_a_moved_one_is_not() {
+    if !require_root() {
+        return;
+    }
+    let v4b = Ipv4Addr::new(10, 244, 0, 50);
+    let v6 = |last: u16| Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, last);
+    let mut state = open_state();
+    state.endpoint_addrs.insert(peer_addr(v4b.into()), EP);
+    for last in [0x20, 0x21] {
+        state.endpoint_addrs.insert(peer_addr(v6(last).into()), EP);
+    }
+    let mut rig = Rig::new(&state);
+    let dst6 = v6(0x99);
+    let own4 = [POD, v4b];
+    let own6 = [POD6, v6(0x20), v6(0x21)];
+    for src in own4 {
+        assert_eq!(rig.egress(&udp4(src, PEER, 5000, 80)), TC_ACT_OK, "{src}");
+    }
+    for src in own6 {
+        assert_eq!(rig.egress(&udp6(src, dst6, 5000, 80)), TC_ACT_OK, "{src}");
+    }
+    let spoofed = drops(&rig, Reason::Spoofed);
+    assert_eq!(
+        rig.egress(&udp4(Ipv4Addr::new(10, 244, 0, 51), PEER, 5000, 80)),
+        TC_ACT_SHOT
+    );
+    assert_eq!(rig.egress(&udp6(v6(0x22), dst6, 5000, 80)), TC_ACT_SHOT);
+    assert_eq!(drops(&rig, Reason::Spoofed), spoofed + 2);
+
+    // The entry holds what fits and says that more is in EP_ADDRS.
+    // The writer holds ENDPOINTS; open it again by id, through the program that uses it.
+    let ids = rig.dp.program(FROM_POD).info().unwrap().map_ids().unwrap();
+    let data = ids
+        .unwrap()
+        .into_iter()
+        .map(|id| aya::maps::MapData::from_id(id).unwrap())
+        .find(|m| m.info().unwrap().name_as_str() == Some(map_names::ENDPOINTS))
+        .unwrap();
+    let endpoints: aya::maps::HashMap<_, u32, EndpointInfo> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+    let info = endpoints.get(&IFINDEX, 0).unwrap();
+    assert_eq!((info.n_ipv4, info.n_ipv6), (1, 2));
+    assert_ne!(info.flags & EP_MORE_ADDRS, 0);
+
+    // Each address moves, in turn, to another endpoint: inline or not, it is no longer a source.
+    let moved: Vec<std::net::IpAddr> = own4
+        .iter()
+        .map(|a| (*a).into())
+        .chain(own6.iter().map(|a| (*a).into()))
+        .collect();
+    for addr in &moved {
+        let mut s = state.clone();
+        s.endpoint_addrs.insert(peer_addr(*addr), EP + 1);
+        assert_eq!(rig.writer.apply(&s).failed, 0);
+        let verdict = match addr {
+            std::net::IpAddr::V4(a) => rig.egress(&udp4(*a, PEER, 5000, 80)),
+            std::net::IpAddr::V6(a) => rig.egress(&udp6(*a, dst6, 5000, 80)),
+        };
+        assert_eq!(verdict, TC_ACT_SHOT, "{addr} moved to another endpoint");
+        for other in moved.iter().filter(|o| *o != addr) {
+            let verdict = match other {
+                std::net::IpAddr::V4(a) => rig.egress(&udp4(*a, PEER, 5000, 80)),
+                std::net::IpAddr::V6(a) => rig.egress(&udp6(*a, dst6, 5000, 80)),
+            };
+            assert_eq!(
+                verdict, TC_ACT_OK,
+                "{other} is still own after {addr} moved"
+            );
+        }
+    }
+}

@@ -149,8 +149,7 @@ fn full_map_affects_only_the_endpoint_that_needs_more() {
         EndpointInfo {
             id: EP2,
             flags: EP_ISOLATED_INGRESS,
-            revision: 0,
-            _pad: 0,
+            ..EndpointInfo::default()
         },
     );
     s.endpoint_addrs.insert(peer_addr(POD2.into()), EP2);
@@ -271,8 +270,7 @@ fn endpoint_without_entry_fails_closed() {
         EndpointInfo {
             id: EP2,
             flags: 0,
-            revision: 0,
-            _pad: 0,
+            ..EndpointInfo::default()
         },
     );
     s.endpoint_addrs.insert(peer_addr(POD2.into()), EP2);

@@ -37,6 +37,8 @@ pub const EP_AUDIT_INGRESS: u32 = 1 << 3;
 pub const EP_AUDIT_EGRESS: u32 = 1 << 4;
 /// Both directions audited.
 pub const EP_AUDIT: u32 = EP_AUDIT_INGRESS | EP_AUDIT_EGRESS;
+/// The endpoint has own addresses beyond those inline in its entry: look them up in EP_ADDRS.
+pub const EP_MORE_ADDRS: u32 = 1 << 5;
 
 #[inline(always)]
 pub const fn isolated_flag(dir: u8) -> u32 {
@@ -67,7 +69,40 @@ pub struct EndpointInfo {
     /// an older revision are re-checked against the current policy on their next packet, so a
     /// revoked allow takes effect on established flows too.
     pub revision: u32,
-    pub _pad: u32,
+    /// How many of `ipv4` (0 or 1) and `ipv6` (0 to 2) hold the endpoint's own addresses.
+    pub n_ipv4: u8,
+    pub n_ipv6: u8,
+    pub _pad: [u8; 2],
+    /// The endpoint's own addresses (those EP_ADDRS gives to its id), inline so that source
+    /// address verification costs compares, not a lookup; a pod with more sets
+    /// `EP_MORE_ADDRS` and the rest are found in EP_ADDRS only.
+    pub ipv4: [u8; 4],
+    pub ipv6: [[u8; 16]; 2],
+}
+
+impl EndpointInfo {
+    /// Adds `addr` to the inline addresses, or sets `EP_MORE_ADDRS` when they are full.
+    pub fn add_own_address(&mut self, addr: &PeerAddr) {
+        if addr.family == AF_INET && self.n_ipv4 == 0 {
+            self.ipv4.copy_from_slice(&addr.addr[..4]);
+            self.n_ipv4 = 1;
+        } else if addr.family == AF_INET6 && (self.n_ipv6 as usize) < self.ipv6.len() {
+            self.ipv6[self.n_ipv6 as usize] = addr.addr;
+            self.n_ipv6 += 1;
+        } else {
+            self.flags |= EP_MORE_ADDRS;
+        }
+    }
+
+    /// Whether `addr` is among the inline addresses (`EP_MORE_ADDRS`: EP_ADDRS may hold more).
+    #[inline(always)]
+    pub fn has_inline_address(&self, family: u8, addr: &[u8; 16]) -> bool {
+        if family == AF_INET {
+            self.n_ipv4 != 0 && addr[..4] == self.ipv4
+        } else {
+            (self.n_ipv6 > 0 && *addr == self.ipv6[0]) || (self.n_ipv6 > 1 && *addr == self.ipv6[1])
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -656,7 +691,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<EndpointInfo>(), 16);
+        assert_eq!(size_of::<EndpointInfo>(), 52);
         assert_eq!(size_of::<PeerAddr>(), 20);
         assert_eq!(size_of::<CidrKey>(), 24);
         assert_eq!(size_of::<PolicyKey>(), 12);

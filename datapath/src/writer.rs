@@ -17,8 +17,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
 use palisade_common::{
-    CIDR_KEY_FIXED_BITS, CidrKey, CtEntry, CtKey, EP_ISOLATED_EGRESS, EP_PENDING, EndpointInfo,
-    NodePortKey, NodePortTarget, PeerAddr, PolicyKey, PolicyValue, map_names,
+    CIDR_KEY_FIXED_BITS, CidrKey, CtEntry, CtKey, EP_ISOLATED_EGRESS, EP_MORE_ADDRS, EP_PENDING,
+    EndpointInfo, NodePortKey, NodePortTarget, PeerAddr, PolicyKey, PolicyValue, map_names,
 };
 use serde::Serialize;
 use tracing::{error, warn};
@@ -513,13 +513,23 @@ impl MapWriter {
     fn write_endpoints(&mut self, desired: &DesiredState, p: &mut Pass) {
         // 3. Endpoints. An endpoint id behind two interfaces gets one new revision.
         let mut bumped: BTreeMap<u32, u32> = BTreeMap::new();
+        // The endpoints' own addresses, as EP_ADDRS holds them now (phases 1 and 2 wrote it),
+        // go inline in their entries: the source check compares before it looks up. When an
+        // address moves between two live endpoints, EP_ADDRS says so from phase 1 while the
+        // losing endpoint's inline copy lasts until its entry is rewritten below: microseconds
+        // in which both may send from it. The kernel's IPAM hands an address out again only
+        // after the old sandbox is gone, so no live pod holds it then.
+        let mut own: BTreeMap<u32, Vec<PeerAddr>> = BTreeMap::new();
+        for (addr, id) in &self.applied.endpoint_addrs {
+            own.entry(*id).or_default().push(*addr);
+        }
         for (ifindex, want) in &desired.endpoints {
             let current = self.applied.endpoints.get(ifindex).copied();
-            let mut info = *want;
+            let mut info = with_own_addresses(want, own.get(&want.id));
             let mut revision = self.revisions.get(&want.id).copied().unwrap_or(0);
             let was = revision;
             let fails_closed = p.identity_stuck || p.failed.contains(&want.id);
-            let flags_changed = current.map(|c| c.flags) != Some(want.flags);
+            let flags_changed = current.map(|c| c.flags) != Some(info.flags);
             if let Some(r) = bumped.get(&want.id) {
                 revision = *r;
             } else if revision == 0
@@ -624,6 +634,20 @@ struct Pass {
     identities_changed: bool,
     /// An identity that could be neither changed nor removed: every endpoint fails closed.
     identity_stuck: bool,
+}
+
+/// `want` with its inline addresses (and `EP_MORE_ADDRS`) set from `addrs` alone.
+fn with_own_addresses(want: &EndpointInfo, addrs: Option<&Vec<PeerAddr>>) -> EndpointInfo {
+    let mut info = EndpointInfo {
+        id: want.id,
+        flags: want.flags & !EP_MORE_ADDRS,
+        revision: want.revision,
+        ..EndpointInfo::default()
+    };
+    for addr in addrs.into_iter().flatten() {
+        info.add_own_address(addr);
+    }
+    info
 }
 
 #[cfg(test)]

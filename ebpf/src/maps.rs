@@ -34,6 +34,12 @@ pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::with_max_entries(c
 #[map]
 pub static SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
 
+/// The judged packet's endpoint entry, copied once per packet (one per CPU): a snapshot the
+/// whole verdict reads, which a concurrent update of ENDPOINTS cannot change, and off the
+/// 512-byte BPF stack.
+#[map]
+pub static EP_SCRATCH: PerCpuArray<EndpointInfo> = PerCpuArray::with_max_entries(1, 0);
+
 /// Tracked flows: a plain hash, so no flow is ever evicted for another (`common`, CONNTRACK).
 #[map]
 pub static CONNTRACK: HashMap<CtKey, CtEntry> = HashMap::with_max_entries(capacity::CONNTRACK, 0);

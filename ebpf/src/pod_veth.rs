@@ -8,15 +8,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use palisade_common::{
-    AF_INET6, CT_FLAG_AUDIT, CT_ROLE_RESPONSE, Counter, DIR_EGRESS, DIR_INGRESS, EP_PENDING,
-    EndpointInfo, PROTO_UDP, PeerAddr, Reason, VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP,
-    audit_flag, isolated_flag,
+    AF_INET6, CT_FLAG_AUDIT, CT_ROLE_RESPONSE, Counter, DIR_EGRESS, DIR_INGRESS, EP_MORE_ADDRS,
+    EP_PENDING, EndpointInfo, PROTO_UDP, PeerAddr, Reason, VERDICT_ALLOW, VERDICT_AUDIT,
+    VERDICT_DROP, audit_flag, isolated_flag,
 };
 
 use crate::{
     conntrack::{self, Lookup},
     events::{count, count_audit, count_drop, count_rule, emit, now_ns},
-    maps::{ENDPOINTS, EP_ADDRS, SCRATCH},
+    maps::{ENDPOINTS, EP_ADDRS, EP_SCRATCH, SCRATCH},
     packet::{
         KIND_ICMP_ERROR, KIND_NEIGHBOR, KIND_UNKNOWN_FRAGMENT, KIND_UNTRACKED, ND_NEIGHBOR_ADVERT,
         ND_REDIRECT, ND_ROUTER_ADVERT, Packet, empty_packet,
@@ -46,9 +46,16 @@ fn peer(dir: u8, src: &[u8; 16], dst: &[u8; 16]) -> [u8; 16] {
     if dir == DIR_INGRESS { *src } else { *dst }
 }
 
-/// Is `addr` one of the endpoint's own addresses?
+/// Is `addr` one of the endpoint's own addresses? Compares with those inline in its entry;
+/// looks up EP_ADDRS only for an endpoint with more.
 #[inline(always)]
 fn own_address(ep: &EndpointInfo, family: u8, addr: &[u8; 16]) -> bool {
+    if ep.has_inline_address(family, addr) {
+        return true;
+    }
+    if ep.flags & EP_MORE_ADDRS == 0 {
+        return false;
+    }
     let key = PeerAddr {
         family,
         _pad: [0; 3],
@@ -57,8 +64,9 @@ fn own_address(ep: &EndpointInfo, family: u8, addr: &[u8; 16]) -> bool {
     matches!(unsafe { EP_ADDRS.get(key) }, Some(id) if *id == ep.id)
 }
 
-struct Ctx {
-    ep: EndpointInfo,
+struct Ctx<'a> {
+    /// The endpoint's entry (a per-CPU copy: `maps::EP_SCRATCH`).
+    ep: &'a EndpointInfo,
     ifindex: u32,
     dir: u8,
     len: u32,
@@ -177,13 +185,18 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     // The agent attaches the programs to endpoints only, after writing their entry, and
     // removes the entry only to detach them: an attached interface without an entry is one
     // whose entry could not be written. Fail closed.
-    let ep = match unsafe { ENDPOINTS.get(ifindex) } {
-        Some(ep) => *ep,
+    let Some(ep) = EP_SCRATCH.get_ptr_mut(0) else {
+        return Err(TC_ACT_SHOT);
+    };
+    // SAFETY: per-CPU slot, and a program runs to completion on its CPU.
+    let ep = unsafe { &mut *ep };
+    match unsafe { ENDPOINTS.get(ifindex) } {
+        Some(entry) => *ep = *entry,
         None => {
             count_drop(Reason::UnknownEndpoint);
             return Err(TC_ACT_SHOT);
         }
-    };
+    }
     let c = Ctx {
         ep,
         ifindex,
@@ -191,7 +204,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         len: ctx.len(),
         now: now_ns(),
     };
-    if ep.flags & EP_PENDING != 0 {
+    if c.ep.flags & EP_PENDING != 0 {
         count_drop(Reason::Pending);
         report(&c, None, VERDICT_DROP, Reason::Pending, 0);
         return Err(TC_ACT_SHOT);
@@ -209,7 +222,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             // link (bridge ports) it could take another pod's traffic.
             if dir == DIR_EGRESS
                 && pkt.claimed != [0; 16]
-                && !own_address(&ep, pkt.family, &pkt.claimed)
+                && !own_address(c.ep, pkt.family, &pkt.claimed)
             {
                 return drop_packet(&c, dir, None, Reason::Spoofed);
             }
@@ -219,7 +232,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             // A pod sends IP and ARP only (Cilium drops the rest too). VLAN-tagged frames
             // above all: the kernel strips priority tags around the TC hook and delivers the
             // IP packet inside, which would never be judged nor its source checked.
-            if dir == DIR_INGRESS && ep.flags & isolated_flag(dir) == 0 {
+            if dir == DIR_INGRESS && c.ep.flags & isolated_flag(dir) == 0 {
                 return Ok(TC_ACT_OK);
             }
             return drop_packet(&c, dir, None, Reason::NonIp);
@@ -230,7 +243,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         }
     }
     if dir == DIR_EGRESS
-        && let Err(reason) = egress_guard(&ep, pkt)
+        && let Err(reason) = egress_guard(c.ep, pkt)
     {
         return drop_packet(&c, dir, Some(pkt), reason);
     }
@@ -240,7 +253,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
 
     let tracked = pkt.kind != KIND_UNTRACKED;
     let lookup = if tracked {
-        conntrack::lookup(ep.id, dir, pkt, c.now)
+        conntrack::lookup(c.ep.id, dir, pkt, c.now)
     } else {
         Lookup::Miss
     };
@@ -250,7 +263,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             // who knows a tuple could otherwise hold its entry open forever.
             let refresh = pkt.kind != KIND_ICMP_ERROR;
             let original = key.dir == dir;
-            if unsafe { (*entry).revision } == ep.revision {
+            if unsafe { (*entry).revision } == c.ep.revision {
                 count(Counter::CtHit);
                 count_rule(unsafe { (*entry).rule }, c.len);
                 if refresh {
@@ -262,7 +275,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             // against the current policy.
             count(Counter::Revalidated);
             let v = policy::evaluate(
-                &ep,
+                c.ep,
                 key.dir,
                 key.family,
                 &peer(key.dir, &key.src, &key.dst),
@@ -271,7 +284,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             );
             if v.allowed {
                 unsafe {
-                    (*entry).revision = ep.revision;
+                    (*entry).revision = c.ep.revision;
                     (*entry).rule = v.rule;
                     (*entry).flags &= !CT_FLAG_AUDIT;
                 }
@@ -281,11 +294,11 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
                 }
                 return Ok(TC_ACT_OK);
             }
-            if ep.flags & audit_flag(key.dir) != 0 {
+            if c.ep.flags & audit_flag(key.dir) != 0 {
                 // Still only audited: the flow stays tracked as "would drop", recorded once
                 // per policy change rather than once per packet.
                 unsafe {
-                    (*entry).revision = ep.revision;
+                    (*entry).revision = c.ep.revision;
                     (*entry).rule = 0;
                     (*entry).flags |= CT_FLAG_AUDIT;
                 }
@@ -303,7 +316,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     if pkt.kind == KIND_ICMP_ERROR {
         // Not about any tracked flow: judge it as the ICMP packet it is.
         let v = policy::evaluate(
-            &ep,
+            c.ep,
             dir,
             pkt.family,
             &peer(dir, &pkt.outer_src, &pkt.outer_dst),
@@ -322,7 +335,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     // through this same veth. `src == dst` from anywhere else (IPv6 has no martian check for
     // it) is judged like any other packet.
     if pkt.src == pkt.dst
-        && own_address(&ep, pkt.family, &pkt.dst)
+        && own_address(c.ep, pkt.family, &pkt.dst)
         && (dir == DIR_EGRESS || unsafe { (*ctx.skb.skb).ingress_ifindex } == ifindex)
     {
         return Ok(TC_ACT_OK);
@@ -334,7 +347,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     // reply the pod sent).
     let opens_flow = tracked && pkt.kind != KIND_UNKNOWN_FRAGMENT && pkt.role != CT_ROLE_RESPONSE;
     let v = policy::evaluate(
-        &ep,
+        c.ep,
         dir,
         pkt.family,
         &peer(dir, &pkt.src, &pkt.dst),
@@ -347,7 +360,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         } else {
             v.reason
         };
-        if ep.flags & audit_flag(dir) != 0 && opens_flow {
+        if c.ep.flags & audit_flag(dir) != 0 && opens_flow {
             // The rest of an audited flow (and its replies) passes by conntrack, quietly (if
             // there is no room for it, each packet is audited on its own).
             if open_flow(&c, pkt, 0, CT_FLAG_AUDIT).is_err() {

@@ -539,8 +539,7 @@ impl Compiler {
                 EndpointInfo {
                     id,
                     flags,
-                    revision: 0,
-                    _pad: 0,
+                    ..EndpointInfo::default()
                 },
             );
             // The pod's own addresses, for source address verification (never the node's: a

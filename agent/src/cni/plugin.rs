@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData, MapError};
-use palisade_common::{EP_PENDING, EndpointInfo, PeerAddr, map_names};
+use palisade_common::{EP_MORE_ADDRS, EP_PENDING, EndpointInfo, PeerAddr, map_names};
 use palisade_datapath::{FROM_POD, TO_POD, netlink, pins};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -387,12 +387,13 @@ fn provision(pin_dir: &Path, state_dir: &Path, rec: &Record) -> Result<(), Provi
         open_hash(pin_dir, map_names::ENDPOINTS)?;
     let info = EndpointInfo {
         id,
+        // Under allow, the pod's addresses are those of EP_ADDRS that the plugin could claim
+        // for it (never one another endpoint holds), so its source check looks there.
         flags: match rec.initial_policy {
             InitialPolicy::Deny => EP_PENDING,
-            InitialPolicy::Allow => 0,
+            InitialPolicy::Allow => EP_MORE_ADDRS,
         },
-        revision: 0,
-        _pad: 0,
+        ..EndpointInfo::default()
     };
     const BPF_NOEXIST: u64 = 1;
     let mut wrote_entry = false;

@@ -162,8 +162,7 @@ pub fn endpoint_state(
         EndpointInfo {
             id: EP,
             flags,
-            revision: 0,
-            _pad: 0,
+            ..EndpointInfo::default()
         },
     );
     s.identities.insert(peer_addr(PEER.into()), PEER_ID);
