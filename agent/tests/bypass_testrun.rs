@@ -276,17 +276,15 @@ fn a8_icmp_requests_are_never_replies_and_errors_do_not_refresh() {
     // about the flow) but leaves the idle time alone.
     let out = udp4(POD, EXTERNAL, 40000, 53);
     assert_eq!(rig.egress(&out), TC_ACT_OK);
-    let key = CtKey {
-        endpoint: EP,
-        src: peer_addr(POD.into()).addr,
-        dst: peer_addr(EXTERNAL.into()).addr,
-        sport: 40000,
-        dport: 53,
-        proto: PROTO_UDP,
-        dir: DIR_EGRESS,
-        family: AF_INET,
-        role: CT_ROLE_NONE,
-    };
+    let key = CtKey::new(
+        EP,
+        DIR_EGRESS,
+        AF_INET,
+        PROTO_UDP,
+        (peer_addr(POD.into()).addr, 40000),
+        (peer_addr(EXTERNAL.into()).addr, 53),
+        CT_ROLE_NONE,
+    );
     age(&mut rig, &key, 50);
     let entry = rig.conntrack.get(&key, 0).expect("entry");
     let mut icmp = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
@@ -325,17 +323,15 @@ fn a6_teardown_is_per_direction_and_an_ignored_rst_does_not_end_a_flow() {
     // The pod (client) may connect to EXTERNAL; EXTERNAL may not connect to it.
     let mut rig = Rig::new(&standard_state());
     let (cport, sport) = (40000u16, 80u16);
-    let key = CtKey {
-        endpoint: EP,
-        src: peer_addr(POD.into()).addr,
-        dst: peer_addr(EXTERNAL.into()).addr,
-        sport: cport,
-        dport: sport,
-        proto: PROTO_TCP,
-        dir: DIR_EGRESS,
-        family: AF_INET,
-        role: CT_ROLE_NONE,
-    };
+    let key = CtKey::new(
+        EP,
+        DIR_EGRESS,
+        AF_INET,
+        PROTO_TCP,
+        (peer_addr(POD.into()).addr, cport),
+        (peer_addr(EXTERNAL.into()).addr, sport),
+        CT_ROLE_NONE,
+    );
     let out = |rig: &Rig, f| rig.egress(&tcp4(POD, EXTERNAL, cport, sport, f));
     let back = |rig: &Rig, f| rig.ingress(&tcp4(EXTERNAL, POD, sport, cport, f));
     assert_eq!(out(&rig, SYN), TC_ACT_OK);

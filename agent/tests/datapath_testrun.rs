@@ -172,6 +172,28 @@ fn a_syn_is_never_a_reply() {
         TC_ACT_OK,
         "the reply of the pod's own packets"
     );
+
+    // Where ingress policy allows the SYN, the new connection takes the tuple over: its entry
+    // is the peer's connection to the pod, judged (and revalidated) as ingress by rule 1.
+    let mut state = standard_state();
+    state.policy.insert(
+        policy_entry(PEER_ID, DIR_EGRESS, 0, 0, POLICY_KEY_ANY_PROTO_BITS),
+        PolicyValue { rule: 6, flags: 0 },
+    );
+    let rig = Rig::new(&state);
+    assert_eq!(rig.egress(&tcp4(POD, PEER, 80, 40000, SYN_ACK)), TC_ACT_OK);
+    let key = tcp4_ct_key(EP, DIR_INGRESS, (PEER, 40000), (POD, 80));
+    let e = rig.conntrack.get(&key, 0).expect("the pod's flow");
+    assert_eq!((e.dir, e.rule), (DIR_EGRESS, 6));
+    assert_eq!(rig.ingress(&tcp4(PEER, POD, 40000, 80, SYN)), TC_ACT_OK);
+    let e = rig.conntrack.get(&key, 0).expect("the peer's connection");
+    assert_eq!((e.dir, e.rule, e.packets), (DIR_INGRESS, 1, 1));
+    assert_eq!(rig.egress(&tcp4(POD, PEER, 80, 40000, SYN_ACK)), TC_ACT_OK);
+    assert_eq!(
+        rig.conntrack.get(&key, 0).unwrap().packets,
+        2,
+        "a reply now"
+    );
 }
 
 #[test]

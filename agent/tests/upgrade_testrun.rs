@@ -187,12 +187,12 @@ fn a_capacity_change_carries_entries_over() {
     drop(w);
     drop(dp);
 
-    // Generation 2, CONNTRACK at its real capacity: a new map with the flow in it; the other
+    // Generation 2, CT_FLOWS at its real capacity: a new map with the flow in it; the other
     // maps adopted with their contents.
     let mut dp = Datapath::load(&obj, Some(&pins)).unwrap();
     let report = dp.replaced_maps().join("\n");
     assert!(
-        report.contains("CONNTRACK") && report.contains("1 entries copied"),
+        report.contains(map_names::CONNTRACK) && report.contains("1 entries copied"),
         "{report}"
     );
     assert_eq!(dp.replaced_maps().len(), 1, "{report}");
@@ -213,45 +213,95 @@ fn a_capacity_change_carries_entries_over() {
     assert!(dp.finish_upgrade().iter().all(|l| l.contains("0 more")));
 }
 
-/// Before conntrack had quotas, CONNTRACK was an LRU hash. The new datapath's plain hash
-/// replaces it and takes its entries: established flows keep their replies across the upgrade.
+/// Datapaths before CT_FLOWS tracked flows in CONNTRACK, a key per direction (an LRU hash
+/// before conntrack had quotas). The new datapath translates its flows, keyed from the pod's
+/// side: the reply of an established flow still passes where ingress policy alone would drop it.
 #[test]
-fn an_lru_conntrack_of_an_older_agent_is_carried_into_the_hash() {
+fn a_legacy_conntrack_is_translated_and_its_replies_still_pass() {
     if !require_root() {
         return;
     }
-    let fs = Bpffs::new("upgrade-lru");
+    let fs = Bpffs::new("upgrade-legacy-ct");
     let pins = fs.pin_dir();
     let obj = object();
-    let ct_pin = map_pin_path(&pins, map_names::CONNTRACK);
-    let (key_size, value_size) = (
-        std::mem::size_of::<CtKey>() as u32,
-        std::mem::size_of::<CtEntry>() as u32,
-    );
-    pin_foreign_map_of_type(&ct_pin, 9, key_size, value_size, 4096);
-    let key = tracked_flow();
-    {
-        let old = aya::maps::Map::from_map_data(MapData::from_pin(&ct_pin).unwrap()).unwrap();
-        let mut old: aya::maps::HashMap<MapData, CtKey, CtEntry> =
-            aya::maps::HashMap::try_from(old).unwrap();
-        let entry = CtEntry {
-            packets: 9,
-            ..Default::default()
+    let legacy_pin = map_pin_path(&pins, map_names::LEGACY_CONNTRACK);
+    let (pod, peer) = (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
+    for lru in [true, false] {
+        // CONNTRACK as the old datapath left it: endpoint 3's egress flow pod:40000 -> peer:80.
+        pin_foreign_map_of_type(&legacy_pin, if lru { 9 } else { 1 }, 44, 48, 4096);
+        let mut key = [0u8; 44];
+        key[0..4].copy_from_slice(&3u32.to_ne_bytes());
+        key[4..8].copy_from_slice(&pod.octets());
+        key[20..24].copy_from_slice(&peer.octets());
+        key[36..38].copy_from_slice(&40000u16.to_ne_bytes());
+        key[38..40].copy_from_slice(&80u16.to_ne_bytes());
+        key[40] = palisade_common::PROTO_TCP;
+        key[41] = DIR_EGRESS;
+        key[42] = palisade_common::AF_INET;
+        let mut value = [0u8; 48];
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
         };
-        old.insert(key, entry, 0).unwrap();
+        // SAFETY: clock_gettime writes the timespec it is given.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+        value[0..8].copy_from_slice(&now.to_ne_bytes()); // created
+        value[8..16].copy_from_slice(&now.to_ne_bytes()); // last seen
+        value[16..24].copy_from_slice(&9u64.to_ne_bytes()); // packets
+        value[40..44].copy_from_slice(&palisade_common::CT_FLAG_REPLIED.to_ne_bytes());
+        {
+            let old = aya::maps::Map::from_map_data(MapData::from_pin(&legacy_pin).unwrap());
+            let mut old: HashMap<MapData, [u8; 44], [u8; 48]> =
+                HashMap::try_from(old.unwrap()).unwrap();
+            old.insert(key, value, 0).unwrap();
+        }
+        let mut dp = Datapath::load(&obj, Some(&pins)).unwrap();
+        let report = dp.replaced_maps().join("\n");
+        assert!(
+            report.contains("CONNTRACK") && report.contains("1 flows translated"),
+            "{report}"
+        );
+        assert!(!legacy_pin.exists(), "the legacy pin is gone");
+        // Endpoint 3 on lo, isolated for ingress with no rule: only conntrack admits the reply.
+        let mut w = MapWriter::new(&mut dp).unwrap();
+        let mut desired = DesiredState::default();
+        desired.endpoints.insert(
+            support::IFINDEX,
+            EndpointInfo {
+                id: 3,
+                flags: EP_ISOLATED_INGRESS,
+                ..Default::default()
+            },
+        );
+        assert_eq!(w.apply(&desired).failed, 0);
+        {
+            let ct: HashMap<&MapData, CtKey, CtEntry> =
+                HashMap::try_from(dp.map(map_names::CONNTRACK).unwrap()).unwrap();
+            let e = ct
+                .get(&tracked_flow(), 0)
+                .expect("the flow, keyed from the pod's side");
+            assert_eq!((e.packets, e.dir), (9, DIR_EGRESS));
+        }
+        let reply = support::tcp4(peer, pod, 80, 40000, support::ACK);
+        assert_eq!(
+            support::test_run(&dp, palisade_datapath::loader::TO_POD, &reply),
+            support::TC_ACT_OK,
+            "the reply of a translated flow (lru: {lru})"
+        );
+        let unknown = support::tcp4(peer, pod, 80, 40001, support::ACK);
+        assert_eq!(
+            support::test_run(&dp, palisade_datapath::loader::TO_POD, &unknown),
+            support::TC_ACT_SHOT,
+            "a packet of no flow"
+        );
+        assert!(
+            dp.finish_upgrade()
+                .iter()
+                .any(|l| l.contains("0 more flows"))
+        );
+        drop(w);
+        drop(dp);
+        let _ = std::fs::remove_dir_all(&pins);
     }
-    let mut dp = Datapath::load(&obj, Some(&pins)).unwrap();
-    let report = dp.replaced_maps().join("\n");
-    assert!(
-        report.contains("CONNTRACK") && report.contains("1 entries copied"),
-        "{report}"
-    );
-    assert_eq!(
-        pinned_map_layout(&ct_pin).unwrap().map_type,
-        1,
-        "a plain hash now"
-    );
-    let ct: HashMap<MapData, CtKey, CtEntry> =
-        HashMap::try_from(dp.take_map(map_names::CONNTRACK).unwrap()).unwrap();
-    assert_eq!(ct.get(&key, 0).unwrap().packets, 9, "the flow carried over");
 }

@@ -270,7 +270,7 @@ pub struct PolicyValue {
 }
 
 // ---------------------------------------------------------------------------------------------
-// CONNTRACK: HashMap<CtKey, CtEntry>   (CT_RELEASED: HashMap<u32 endpoint id, u64>)
+// CT_FLOWS: HashMap<CtKey, CtEntry>   (CT_RELEASED: HashMap<u32 endpoint id, u64>)
 // ---------------------------------------------------------------------------------------------
 //
 // A plain (not LRU) hash: an entry leaves the table only when its flow ends or idles past its
@@ -288,23 +288,74 @@ pub struct PolicyValue {
 // `CT_RELEASED`. A removal counts only where the kernel says it removed the entry, so an
 // entry removed by two parties at once is counted once.
 
-/// A flow as first seen by one endpoint in one direction (the "original" direction).
-/// Replies are found by swapping the tuple and flipping the direction.
+/// A flow of one endpoint, keyed from the pod's side: both directions of the flow (its
+/// packets and their replies) have the same key, so one lookup finds the flow whichever way a
+/// packet travels. The direction the flow was first seen in is in its entry (`CtEntry::dir`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
     pub endpoint: u32,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    pub sport: u16,
-    pub dport: u16,
+    /// The pod's address: the source of its egress, the destination of its ingress.
+    pub pod: [u8; 16],
+    pub peer: [u8; 16],
+    pub pod_port: u16,
+    pub peer_port: u16,
     pub proto: u8,
-    pub dir: u8,
     pub family: u8,
-    /// `CT_ROLE_*`: which side of a request/response protocol without ports (ICMP echo) the
-    /// packet is; flipped in the reply key, so that a request is never taken for the reply of
-    /// a request that went the other way (echo id 0 included).
+    /// `CT_ROLE_*` of the flow's packets that leave the pod (ICMP echo: whether the pod sent
+    /// the request or the response), so that a request is never taken for the reply of a
+    /// request that went the other way (echo id 0 included).
     pub role: u8,
+    pub _pad: u8,
+}
+
+impl CtKey {
+    /// The key of a packet `src:sport -> dst:dport` seen by `endpoint` in `dir`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub const fn new(
+        endpoint: u32,
+        dir: u8,
+        family: u8,
+        proto: u8,
+        (src, sport): ([u8; 16], u16),
+        (dst, dport): ([u8; 16], u16),
+        role: u8,
+    ) -> CtKey {
+        let egress = dir == DIR_EGRESS;
+        CtKey {
+            endpoint,
+            pod: if egress { src } else { dst },
+            peer: if egress { dst } else { src },
+            pod_port: if egress { sport } else { dport },
+            peer_port: if egress { dport } else { sport },
+            proto,
+            family,
+            role: if egress { role } else { ct_reply_role(role) },
+            _pad: 0,
+        }
+    }
+
+    /// The flow's first packet as `(src, sport), (dst, dport)`, for a flow first seen in
+    /// `dir`.
+    #[inline(always)]
+    pub const fn original(&self, dir: u8) -> (([u8; 16], u16), ([u8; 16], u16)) {
+        if dir == DIR_EGRESS {
+            ((self.pod, self.pod_port), (self.peer, self.peer_port))
+        } else {
+            ((self.peer, self.peer_port), (self.pod, self.pod_port))
+        }
+    }
+
+    /// The destination port of the flow's first packet, for a flow first seen in `dir`.
+    #[inline(always)]
+    pub const fn original_dport(&self, dir: u8) -> u16 {
+        if dir == DIR_EGRESS {
+            self.peer_port
+        } else {
+            self.pod_port
+        }
+    }
 }
 
 /// A packet with no request/response role (TCP, UDP, SCTP).
@@ -353,7 +404,10 @@ pub struct CtEntry {
     /// Endpoint revision the verdict was taken under.
     pub revision: u32,
     pub flags: u32,
-    pub _pad: u32,
+    /// The direction the flow was first seen in (`DIR_*`): its "original" direction, which
+    /// policy judged and revalidation judges again.
+    pub dir: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Idle timeouts, nanoseconds.
@@ -617,7 +671,11 @@ pub mod map_names {
     pub const IDENTITIES: &str = "IDENTITIES";
     pub const CIDRS: &str = "CIDRS";
     pub const POLICY: &str = "POLICY";
-    pub const CONNTRACK: &str = "CONNTRACK";
+    /// Tracked flows. Named `CT_FLOWS` since its key is the pod's side of the flow; the
+    /// earlier `CONNTRACK` (a key per direction) is translated on upgrade.
+    pub const CONNTRACK: &str = "CT_FLOWS";
+    /// The conntrack map of datapaths before `CT_FLOWS`.
+    pub const LEGACY_CONNTRACK: &str = "CONNTRACK";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const EVENTS: &str = "EVENTS";
     pub const COUNTERS: &str = "COUNTERS";

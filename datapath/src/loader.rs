@@ -27,7 +27,7 @@ use crate::{
     error::{DatapathError, Result},
     pins::{PinGuard, link_pin_path, pin_program, program_pin_path},
     sys::{self, ifname},
-    upgrade::{COPYABLE_MAP_TYPES, Replaced, same_kind, unpin_incompatible_maps},
+    upgrade::{COPYABLE_MAP_TYPES, LegacyConntrack, Replaced, same_kind, unpin_incompatible_maps},
 };
 
 pub use crate::pins::{FROM_POD, TO_POD};
@@ -67,6 +67,8 @@ pub struct Datapath {
     upgrade_report: Vec<String>,
     /// Replaced maps whose entries are copied once more when the links are swapped.
     second_pass: Vec<Replaced>,
+    /// The conntrack map of a datapath before `CT_FLOWS`, translated once more likewise.
+    legacy_ct: Option<LegacyConntrack>,
 }
 
 /// Capacity overrides for `Datapath::load_with` (exhaustion tests load the datapath with tiny
@@ -179,6 +181,35 @@ impl Datapath {
             warn!("{line}");
             upgrade_report.push(line);
         }
+        // A datapath before CT_FLOWS tracked flows in CONNTRACK, a key per direction: its
+        // flows are translated (replies of established flows keep passing across the swap).
+        let mut legacy_ct = None;
+        if let Some(dir) = pin_dir
+            && let Some(legacy) = LegacyConntrack::unpin(&dir.join("maps"))?
+        {
+            let mut line = format!(
+                "map {}: the conntrack map of an earlier datapath (a key per direction) \
+                 is replaced by {}",
+                map_names::LEGACY_CONNTRACK,
+                map_names::CONNTRACK
+            );
+            if legacy.translatable() {
+                match Self::translate_legacy(&legacy, dir, false) {
+                    Ok(n) => {
+                        line.push_str(&format!("; {n} flows translated"));
+                        legacy_ct = Some(legacy);
+                    }
+                    Err(e) => line.push_str(&format!("; translating its flows failed: {e}")),
+                }
+            } else {
+                line.push_str(&format!(
+                    "; its layout ({}) is not one this datapath can read: its flows are dropped",
+                    legacy.layout
+                ));
+            }
+            warn!("{line}");
+            upgrade_report.push(line);
+        }
         let mut map_pins = Vec::new();
         for (name, path) in &map_paths {
             match PinGuard::open(path) {
@@ -193,7 +224,19 @@ impl Datapath {
             map_pins,
             upgrade_report,
             second_pass,
+            legacy_ct,
         })
+    }
+
+    /// Translates `legacy`'s flows into the `CT_FLOWS` pinned under `pin_dir`.
+    fn translate_legacy(
+        legacy: &LegacyConntrack,
+        pin_dir: &Path,
+        only_new: bool,
+    ) -> io::Result<u32> {
+        let new = sys::obj_get(&pin_dir.join("maps").join(map_names::CONNTRACK))?;
+        let limit = sys::map_layout(&new)?.max_entries;
+        legacy.translate_into(&new, limit, only_new)
     }
 
     /// Pinned maps of an earlier datapath that were replaced because their layout changed,
@@ -207,6 +250,18 @@ impl Datapath {
     /// lets the old maps go. Returns what it did.
     pub fn finish_upgrade(&mut self) -> Vec<String> {
         let mut out = Vec::new();
+        if let (Some(legacy), Some(dir)) = (self.legacy_ct.take(), self.pin_dir.as_deref()) {
+            out.push(match Self::translate_legacy(&legacy, dir, true) {
+                Ok(n) => format!(
+                    "map {}: {n} more flows translated after the swap",
+                    map_names::LEGACY_CONNTRACK
+                ),
+                Err(e) => format!(
+                    "map {}: translating after the swap failed: {e}",
+                    map_names::LEGACY_CONNTRACK
+                ),
+            });
+        }
         for r in std::mem::take(&mut self.second_pass) {
             match sys::obj_get(&r.path)
                 .and_then(|new| sys::copy_entries(&r.old_fd, &new, &r.old, r.new.max_entries, true))

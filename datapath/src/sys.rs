@@ -97,7 +97,21 @@ pub fn copy_entries(
     limit: u32,
     only_new: bool,
 ) -> io::Result<u32> {
+    copy_entries_with(from, to, layout, limit, only_new, |_, _| {})
+}
+
+/// `copy_entries`, each entry passed through `translate` (key and value in place, at the
+/// sizes of `layout`, which both maps share) on its way.
+pub fn copy_entries_with(
+    from: &OwnedFd,
+    to: &OwnedFd,
+    layout: &MapLayout,
+    limit: u32,
+    only_new: bool,
+    mut translate: impl FnMut(&mut [u8], &mut [u8]),
+) -> io::Result<u32> {
     let mut key = vec![0u8; layout.key_size as usize];
+    let mut out_key = vec![0u8; layout.key_size as usize];
     let mut next = vec![0u8; layout.key_size as usize];
     let mut value = vec![0u8; layout.value_size as usize];
     let mut first = true;
@@ -127,10 +141,12 @@ pub fn copy_entries(
         if sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).is_err() {
             continue;
         }
+        out_key.copy_from_slice(&key);
+        translate(&mut out_key, &mut value);
         let mut attr = ElemAttr {
             map_fd: to.as_raw_fd() as u32,
             _pad: 0,
-            key: key.as_ptr() as u64,
+            key: out_key.as_ptr() as u64,
             value: value.as_ptr() as u64,
             // BPF_NOEXIST: never over what the new programs wrote themselves.
             flags: u64::from(only_new),

@@ -6,6 +6,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use palisade_common::{CtEntry, CtKey, map_names};
+
 use crate::{
     error::{DatapathError, Result},
     sys,
@@ -111,4 +113,81 @@ fn layouts_compatible(have: &MapLayout, want: &MapLayout) -> bool {
         && have.value_size == want.value_size
         && have.max_entries == want.max_entries
         && have.map_flags & want.map_flags == want.map_flags
+}
+
+/// The key of `CONNTRACK`, the conntrack map of datapaths before `CT_FLOWS`: a flow in the
+/// direction it was first seen in (its replies were found by swapping the tuple). Its value
+/// was today's `CtEntry` with the direction's bytes zero.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LegacyCtKey {
+    endpoint: u32,
+    src: [u8; 16],
+    dst: [u8; 16],
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    dir: u8,
+    family: u8,
+    role: u8,
+}
+
+/// A legacy `CONNTRACK` map found among the pins: its pin is removed at once (no datapath
+/// reads it again once the links are swapped), its descriptor kept to translate from.
+pub(crate) struct LegacyConntrack {
+    pub(crate) old_fd: OwnedFd,
+    pub(crate) layout: MapLayout,
+}
+
+impl LegacyConntrack {
+    /// Unpins `maps_dir`'s legacy `CONNTRACK`, if there is one.
+    pub(crate) fn unpin(maps_dir: &Path) -> Result<Option<LegacyConntrack>> {
+        let path = maps_dir.join(map_names::LEGACY_CONNTRACK);
+        let Ok(old_fd) = sys::obj_get(&path) else {
+            return Ok(None);
+        };
+        let layout =
+            sys::map_layout(&old_fd).map_err(DatapathError::io("reading the layout of", &path))?;
+        fs::remove_file(&path).map_err(DatapathError::io("removing the legacy pin", &path))?;
+        Ok(Some(LegacyConntrack { old_fd, layout }))
+    }
+
+    /// Whether its entries can be read as `LegacyCtKey` and `CtEntry`.
+    pub(crate) fn translatable(&self) -> bool {
+        self.layout.key_size as usize == size_of::<LegacyCtKey>()
+            && self.layout.value_size as usize == size_of::<CtEntry>()
+            && size_of::<LegacyCtKey>() == size_of::<CtKey>()
+    }
+
+    /// Copies its flows into `to` (a `CT_FLOWS`), each keyed from the pod's side with its
+    /// direction in its entry; at most `limit`, and with `only_new` none over an entry the new
+    /// programs wrote. Returns how many were copied.
+    pub(crate) fn translate_into(
+        &self,
+        to: &OwnedFd,
+        limit: u32,
+        only_new: bool,
+    ) -> std::io::Result<u32> {
+        sys::copy_entries_with(&self.old_fd, to, &self.layout, limit, only_new, |k, v| {
+            // SAFETY: `translatable`: the buffers have exactly these types' sizes, and both
+            // are plain data.
+            let old: LegacyCtKey = unsafe { std::ptr::read_unaligned(k.as_ptr().cast()) };
+            let mut entry: CtEntry = unsafe { std::ptr::read_unaligned(v.as_ptr().cast()) };
+            let key = CtKey::new(
+                old.endpoint,
+                old.dir,
+                old.family,
+                old.proto,
+                (old.src, old.sport),
+                (old.dst, old.dport),
+                old.role,
+            );
+            entry.dir = old.dir;
+            entry._pad = [0; 3];
+            unsafe {
+                std::ptr::write_unaligned(k.as_mut_ptr().cast(), key);
+                std::ptr::write_unaligned(v.as_mut_ptr().cast(), entry);
+            }
+        })
+    }
 }

@@ -1,55 +1,46 @@
-//! Connection tracking, per endpoint and direction.
+//! Connection tracking, per endpoint.
 //!
-//! An allowed new flow is recorded under the endpoint that evaluated it, with the direction it
-//! was first seen in. Its later packets match the same key ("forward"); its replies match the
-//! swapped tuple in the opposite direction ("reply"). Keying by endpoint keeps the two ends of
-//! a pod-to-pod flow on one node apart: the source's egress verdict never stands in for the
-//! destination's ingress verdict.
+//! An allowed new flow is recorded under the endpoint that evaluated it, keyed from the pod's
+//! side (`CtKey`: the pod's address and port, the peer's), with the direction it was first
+//! seen in in its entry. Its later packets and its replies have the same key: one lookup finds
+//! the flow either way. Keying by endpoint keeps the two ends of a pod-to-pod flow on one node
+//! apart: the source's egress verdict never stands in for the destination's ingress verdict.
 //!
 //! The table never evicts: each endpoint holds at most its quota of entries, and every
-//! insertion and removal here is counted in the endpoint's EP_STATE (`common`, CONNTRACK).
+//! insertion and removal here is counted in the endpoint's EP_STATE (`common`, CT_FLOWS).
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use palisade_common::{
     CT_FLAG_CLOSING, CT_FLAG_FIN_ORIGINAL, CT_FLAG_FIN_REPLY, CT_FLAG_REPLIED, CT_FLAG_RST,
-    CT_REFRESH_NS, CtEntry, CtKey, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, Reason, ct_expired, ct_live,
-    ct_reply_role,
+    CT_REFRESH_NS, CtEntry, CtKey, PROTO_TCP, Reason, ct_expired, ct_live,
 };
 
 use crate::{
-    maps::{CONNTRACK, CT_QUOTA, CT_RELEASED, EP_STATE, endpoint_state},
+    maps::{CT_FLOWS, CT_QUOTA, CT_RELEASED, EP_STATE, endpoint_state},
     packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 pub enum Lookup {
     Miss,
-    /// The entry, the key it is stored under (the flow's original direction).
+    /// The flow's key is taken by a flow the other way (the pod's own SYN-ACK from this port,
+    /// say): this SYN starts a new flow, which replaces it if policy allows it.
+    Occupied,
+    /// The entry and its key.
     Hit(*mut CtEntry, CtKey),
 }
 
+/// The key of `pkt`'s flow at `endpoint`, which sees it in `dir`.
 #[inline(always)]
-pub fn opposite(dir: u8) -> u8 {
-    if dir == DIR_INGRESS {
-        DIR_EGRESS
-    } else {
-        DIR_INGRESS
-    }
-}
-
-/// The key of `pkt` as the first packet of a flow seen by `endpoint` in `dir`.
-#[inline(always)]
-pub fn forward_key(endpoint: u32, dir: u8, pkt: &Packet) -> CtKey {
-    CtKey {
+pub fn flow_key(endpoint: u32, dir: u8, pkt: &Packet) -> CtKey {
+    CtKey::new(
         endpoint,
-        src: pkt.src,
-        dst: pkt.dst,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
         dir,
-        family: pkt.family,
-        role: pkt.role,
-    }
+        pkt.family,
+        pkt.proto,
+        (pkt.src, pkt.sport),
+        (pkt.dst, pkt.dport),
+        pkt.role,
+    )
 }
 
 /// `*counter += 1`, atomically: every CPU counts into the same EP_STATE entry.
@@ -68,7 +59,7 @@ fn load(counter: *mut u64) -> u64 {
 /// Removes `key`'s entry, counting it only if this call removed it.
 #[inline(always)]
 fn delete(key: &CtKey) {
-    if CONNTRACK.remove(key).is_ok()
+    if CT_FLOWS.remove(key).is_ok()
         && let Some(state) = EP_STATE.get_ptr_mut(key.endpoint)
     {
         add_one(unsafe { &raw mut (*state).ct_closed });
@@ -78,7 +69,7 @@ fn delete(key: &CtKey) {
 /// Returns a live entry for `key`; stale entries are removed.
 #[inline(always)]
 fn live(key: &CtKey, now: u64) -> Option<*mut CtEntry> {
-    let e = CONNTRACK.get_ptr_mut(key)?;
+    let e = CT_FLOWS.get_ptr_mut(key)?;
     if ct_expired(key.proto, unsafe { &*e }, now) {
         delete(key);
         return None;
@@ -88,38 +79,26 @@ fn live(key: &CtKey, now: u64) -> Option<*mut CtEntry> {
 
 #[inline(always)]
 pub fn lookup(endpoint: u32, dir: u8, pkt: &Packet, now: u64) -> Lookup {
-    let key = forward_key(endpoint, dir, pkt);
+    let key = flow_key(endpoint, dir, pkt);
+    let Some(e) = live(&key, now) else {
+        return Lookup::Miss;
+    };
     // A SYN without ACK opens a connection in its own direction: it is never a reply.
     let syn_only = pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if let Some(e) = live(&key, now) {
+    if syn_only {
+        if unsafe { (*e).dir } != dir {
+            // Taking it for a reply would let an entry the pod's own packets created (a
+            // SYN-ACK from its port, say) admit a new connection to that port past its
+            // ingress policy; the SYN is judged by policy instead.
+            return Lookup::Occupied;
+        }
         // A new SYN on a closing connection's tuple starts a new flow: evaluate it afresh.
-        if syn_only && unsafe { (*e).flags } & CT_FLAG_CLOSING != 0 {
+        if unsafe { (*e).flags } & CT_FLAG_CLOSING != 0 {
             delete(&key);
             return Lookup::Miss;
         }
-        return Lookup::Hit(e, key);
     }
-    if syn_only {
-        // Matching it against the opposite direction's entries would let an entry the pod's
-        // own packets created (a SYN-ACK from its port, say) admit a new connection to that
-        // port past its ingress policy; the SYN is judged by policy instead.
-        return Lookup::Miss;
-    }
-    let reply = CtKey {
-        endpoint,
-        src: pkt.dst,
-        dst: pkt.src,
-        sport: pkt.dport,
-        dport: pkt.sport,
-        proto: pkt.proto,
-        dir: opposite(dir),
-        family: pkt.family,
-        role: ct_reply_role(pkt.role),
-    };
-    match live(&reply, now) {
-        Some(e) => Lookup::Hit(e, reply),
-        None => Lookup::Miss,
-    }
+    Lookup::Hit(e, key)
 }
 
 /// Accounts a packet of a tracked flow; `original`: the packet travels in the direction the
@@ -176,6 +155,7 @@ pub fn touch(e: *mut CtEntry, pkt: &Packet, original: bool, len: u32, now: u64) 
 #[inline(always)]
 pub fn create(
     key: &CtKey,
+    dir: u8,
     rule: u32,
     revision: u32,
     flags: u32,
@@ -201,11 +181,12 @@ pub fn create(
         rule,
         revision,
         flags,
-        _pad: 0,
+        dir,
+        _pad: [0; 3],
     };
     const BPF_NOEXIST: u64 = 1;
     const EEXIST: i32 = 17;
-    match CONNTRACK.insert(key, entry, BPF_NOEXIST) {
+    match CT_FLOWS.insert(key, entry, BPF_NOEXIST) {
         Ok(()) => {
             add_one(opened);
             Ok(())

@@ -40,9 +40,10 @@ pub static SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static EP_SCRATCH: PerCpuArray<EndpointInfo> = PerCpuArray::with_max_entries(1, 0);
 
-/// Tracked flows: a plain hash, so no flow is ever evicted for another (`common`, CONNTRACK).
+/// Tracked flows, keyed from the pod's side: a plain hash, so no flow is ever evicted for
+/// another (`common`, CT_FLOWS).
 #[map]
-pub static CONNTRACK: HashMap<CtKey, CtEntry> = HashMap::with_max_entries(capacity::CONNTRACK, 0);
+pub static CT_FLOWS: HashMap<CtKey, CtEntry> = HashMap::with_max_entries(capacity::CONNTRACK, 0);
 
 /// Endpoint id -> conntrack entries the agent's sweep removed. Written by the agent only.
 #[map]

@@ -87,9 +87,13 @@ fn report(c: &Ctx, pkt: Option<&Packet>, verdict: u8, reason: Reason, rule: u32)
 /// judged. A call of its own, not inlined: its frame and `handle`'s together would pass the
 /// verifier's 512-byte stack limit.
 #[inline(never)]
-fn open_flow(c: &Ctx, pkt: &Packet, rule: u32, flags: u32) -> Result<(), Reason> {
-    let key = conntrack::forward_key(c.ep.id, c.dir, pkt);
-    conntrack::create(&key, rule, c.ep.revision, flags, c.len, c.now)
+fn open_flow(c: &Ctx, pkt: &Packet, rule: u32, flags: u32, occupied: bool) -> Result<(), Reason> {
+    let key = conntrack::flow_key(c.ep.id, c.dir, pkt);
+    if occupied {
+        // The flow the other way that held this key is over: this SYN starts another.
+        conntrack::remove(&key);
+    }
+    conntrack::create(&key, c.dir, rule, c.ep.revision, flags, c.len, c.now)
 }
 
 /// Drops a packet that the policy of direction `judged` (the packet's own direction, or for a
@@ -257,12 +261,14 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     } else {
         Lookup::Miss
     };
+    let occupied = matches!(lookup, Lookup::Occupied);
     match lookup {
         Lookup::Hit(entry, key) => {
             // An ICMP error about a flow passes with it but does not keep it alive: anyone
             // who knows a tuple could otherwise hold its entry open forever.
             let refresh = pkt.kind != KIND_ICMP_ERROR;
-            let original = key.dir == dir;
+            let flow_dir = unsafe { (*entry).dir };
+            let original = flow_dir == dir;
             if unsafe { (*entry).revision } == c.ep.revision {
                 count(Counter::CtHit);
                 count_rule(unsafe { (*entry).rule }, c.len);
@@ -276,11 +282,11 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             count(Counter::Revalidated);
             let v = policy::evaluate(
                 c.ep,
-                key.dir,
+                flow_dir,
                 key.family,
-                &peer(key.dir, &key.src, &key.dst),
+                &key.peer,
                 key.proto,
-                key.dport,
+                key.original_dport(flow_dir),
             );
             if v.allowed {
                 unsafe {
@@ -294,7 +300,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
                 }
                 return Ok(TC_ACT_OK);
             }
-            if c.ep.flags & audit_flag(key.dir) != 0 {
+            if c.ep.flags & audit_flag(flow_dir) != 0 {
                 // Still only audited: the flow stays tracked as "would drop", recorded once
                 // per policy change rather than once per packet.
                 unsafe {
@@ -305,12 +311,12 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
                 if refresh {
                     conntrack::touch(entry, pkt, original, c.len, c.now);
                 }
-                return drop_packet(&c, key.dir, Some(pkt), v.reason);
+                return drop_packet(&c, flow_dir, Some(pkt), v.reason);
             }
             conntrack::remove(&key);
-            return drop_packet(&c, key.dir, Some(pkt), v.reason);
+            return drop_packet(&c, flow_dir, Some(pkt), v.reason);
         }
-        Lookup::Miss => {}
+        Lookup::Miss | Lookup::Occupied => {}
     }
 
     if pkt.kind == KIND_ICMP_ERROR {
@@ -363,7 +369,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         if c.ep.flags & audit_flag(dir) != 0 && opens_flow {
             // The rest of an audited flow (and its replies) passes by conntrack, quietly (if
             // there is no room for it, each packet is audited on its own).
-            if open_flow(&c, pkt, 0, CT_FLAG_AUDIT).is_err() {
+            if open_flow(&c, pkt, 0, CT_FLAG_AUDIT, occupied).is_err() {
                 count(Counter::CtInsertFailed);
             }
         }
@@ -373,7 +379,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     // replies would be dropped anyway, and an untracked flow escapes revalidation.
     if v.reason != Reason::Host
         && opens_flow
-        && let Err(reason) = open_flow(&c, pkt, v.rule, 0)
+        && let Err(reason) = open_flow(&c, pkt, v.rule, 0, occupied)
     {
         count(Counter::CtInsertFailed);
         return drop_packet(&c, dir, Some(pkt), reason);

@@ -890,6 +890,9 @@ impl Model {
                 // "Would drop": passes, and the flow is tracked (not an untracked kind nor a
                 // fragment of unknown ports).
                 if tracked && pkt.kind != Kind::UnknownFragment && pkt.role != ROLE_RESPONSE {
+                    // A flow the other way on this tuple (only a SYN gets here past one) is
+                    // over: one entry per tuple, as the datapath keys flows from the pod's side.
+                    self.ct.remove(&rev);
                     self.ct.insert(fwd, Teardown::default());
                 }
                 return (true, Why::Audited);
@@ -899,6 +902,9 @@ impl Model {
         let host = d.host;
         // Only a request opens an echo flow.
         if !host && pkt.kind != Kind::UnknownFragment && tracked && pkt.role != ROLE_RESPONSE {
+            // A flow the other way on this tuple (only a SYN gets here past one) is
+            // over: one entry per tuple, as the datapath keys flows from the pod's side.
+            self.ct.remove(&rev);
             self.ct.insert(fwd, Teardown::default());
         }
         let why = if host {

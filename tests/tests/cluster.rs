@@ -820,7 +820,7 @@ fn program_upgrades_swap_atomically_under_traffic() {
         .unwrap()
     };
     let small = LoadOptions {
-        max_entries: vec![("CONNTRACK", 65_536)],
+        max_entries: vec![("CT_FLOWS", 65_536)],
         ..Default::default()
     };
     let mut current = Some(generation(&small));
@@ -849,7 +849,7 @@ fn program_upgrades_swap_atomically_under_traffic() {
         let (stop, sent, wrong, slow, node, expect) = (&stop, &sent, &wrong, &slow, &node, &expect);
         let prober = scope.spawn(move || probe_continuously(node, expect, stop, sent, slow, wrong));
         for round in 0..20 {
-            // Round 10 changes a map's layout (CONNTRACK's capacity): a new map, the entries
+            // Round 10 changes a map's layout (CT_FLOWS's capacity): a new map, the entries
             // copied, then the links swapped to programs that use it.
             let opts = if round < 10 {
                 small.clone()
@@ -862,7 +862,7 @@ fn program_upgrades_swap_atomically_under_traffic() {
                     next.0
                         .replaced_maps()
                         .iter()
-                        .any(|r| r.contains("CONNTRACK") && r.contains("copied")),
+                        .any(|r| r.contains("CT_FLOWS") && r.contains("copied")),
                     "{:?}",
                     next.0.replaced_maps()
                 );
@@ -890,7 +890,7 @@ fn program_upgrades_swap_atomically_under_traffic() {
     let wrong = wrong.into_inner().unwrap();
     let distinct: std::collections::BTreeSet<_> = prog_ids.iter().collect();
     eprintln!(
-        "{swaps} program swaps (one with a changed CONNTRACK layout) under continuous probes: {} \
+        "{swaps} program swaps (one with a changed CT_FLOWS layout) under continuous probes: {} \
          probes sent, {} wrong ({} allowed probes asked again after a 300 ms miss); link \
          programs {prog_ids:?}",
         sent.load(Ordering::Relaxed),

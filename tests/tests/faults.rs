@@ -292,7 +292,7 @@ fn pins_removed_by_hand_are_repaired() {
     let pin_dir = s.agent.pin_dir().to_path_buf();
     let b_if = s.pod("b").host_ifindex;
     let link = pin_dir.join("links").join(format!("{b_if}-to_pod"));
-    let map = pin_dir.join("maps").join("CONNTRACK");
+    let map = pin_dir.join("maps").join("CT_FLOWS");
     assert!(link.exists() && map.exists());
     let before = s.agent.status().expect("status").repairs_total;
 

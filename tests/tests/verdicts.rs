@@ -304,7 +304,7 @@ fn cli_names_pods_ports_verdicts_and_policies() {
         .iter()
         .map(|m| m["map"].as_str().unwrap())
         .collect();
-    for m in ["ENDPOINTS", "POLICY", "CIDRS", "IDENTITIES", "CONNTRACK"] {
+    for m in ["ENDPOINTS", "POLICY", "CIDRS", "IDENTITIES", "CT_FLOWS"] {
         assert!(maps.contains(&m), "{maps:?}");
     }
     assert!(st["events"]["recorded"].as_u64().unwrap() >= 4);

@@ -193,25 +193,23 @@ pub fn cidr4(endpoint: u32, dir: u8, addr: [u8; 4], prefix_len: u32) -> CidrEntr
     }
 }
 
-/// The conntrack key of the TCP/IPv4 flow `src:sport -> dst:dport` of `endpoint`, in the
-/// direction `dir` it was first seen in.
+/// The conntrack key of the TCP/IPv4 flow `src:sport -> dst:dport` of `endpoint`, seen in
+/// direction `dir`.
 pub fn tcp4_ct_key(
     endpoint: u32,
     dir: u8,
     (src, sport): (Ipv4Addr, u16),
     (dst, dport): (Ipv4Addr, u16),
 ) -> CtKey {
-    CtKey {
+    CtKey::new(
         endpoint,
-        src: PeerAddr::v4(src.octets()).addr,
-        dst: PeerAddr::v4(dst.octets()).addr,
-        sport,
-        dport,
-        proto: PROTO_TCP,
         dir,
-        family: AF_INET,
-        role: 0,
-    }
+        AF_INET,
+        PROTO_TCP,
+        (PeerAddr::v4(src.octets()).addr, sport),
+        (PeerAddr::v4(dst.octets()).addr, dport),
+        0,
+    )
 }
 
 // ---- the usual endpoint ----

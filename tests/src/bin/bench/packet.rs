@@ -349,17 +349,15 @@ fn ct_key(pkt: &[u8], v6: bool) -> CtKey {
     let n = if v6 { 16 } else { 4 };
     src[..n].copy_from_slice(&pkt[s..s + n]);
     dst[..n].copy_from_slice(&pkt[d..d + n]);
-    CtKey {
-        endpoint: 0, // filled in by the caller
-        src,
-        dst,
-        sport: u16::from_be_bytes([pkt[l4], pkt[l4 + 1]]),
-        dport: u16::from_be_bytes([pkt[l4 + 2], pkt[l4 + 3]]),
-        proto: palisade_common::PROTO_TCP,
-        dir: palisade_common::DIR_INGRESS,
+    CtKey::new(
+        0, // filled in by the caller
+        palisade_common::DIR_INGRESS,
         family,
-        role: 0,
-    }
+        palisade_common::PROTO_TCP,
+        (src, u16::from_be_bytes([pkt[l4], pkt[l4 + 1]])),
+        (dst, u16::from_be_bytes([pkt[l4 + 2], pkt[l4 + 3]])),
+        0,
+    )
 }
 
 /// The test-run machinery's own cost: the mean ns per run of a program that only returns
