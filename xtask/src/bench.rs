@@ -1,7 +1,7 @@
-//! `cargo xtask bench [--quick]`: installs what the benchmarks need (iperf3, ipset, iptables;
+//! `cargo xtask bench [--quick]`: installs what the benchmarks need (iperf3, ipset, iptables, nft;
 //! matplotlib in a virtualenv under target/bench), builds the datapath, the agent and the
 //! benchmark runner in release mode, runs it (tests/src/bin/bench) and draws the plot.
-//! Writes target/bench/report.json, report.md and plot.png.
+//! Writes target/bench/report.json, report.md, plot.png and per_packet.png.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -71,6 +71,7 @@ pub fn bench(quick: bool, extra: &[String]) -> Result<()> {
         ("iperf3", "iperf3"),
         ("ipset", "ipset"),
         ("iptables", "iptables"),
+        ("nft", "nftables"),
         ("taskset", "util-linux"),
     ])?;
     let python = plot_python(&out)?;

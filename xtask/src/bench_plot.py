@@ -1,5 +1,9 @@
-"""Draws the benchmark report's figures: plot.py REPORT_JSON OUT_PNG (run by `cargo xtask bench`)."""
+"""Draws the benchmark report's figures: plot.py REPORT_JSON OUT_PNG (run by `cargo xtask bench`).
+
+Writes OUT_PNG (every section) and, beside it, per_packet.png (the per-packet BPF test-run
+figures against the number of rules, one line per path)."""
 import json
+import os
 import sys
 
 import matplotlib
@@ -10,8 +14,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 report = json.load(open(sys.argv[1]))
 out = sys.argv[2]
 
-VARIANTS = ["baseline", "palisade", "ipset", "iptables"]
-COLORS = {"baseline": "#777777", "palisade": "#1f77b4", "ipset": "#ff7f0e", "iptables": "#d62728"}
+VARIANTS = ["baseline", "palisade", "ipset", "iptables", "nftables"]
+COLORS = {
+    "baseline": "#777777",
+    "palisade": "#1f77b4",
+    "ipset": "#ff7f0e",
+    "iptables": "#d62728",
+    "nftables": "#2ca02c",
+}
 
 
 def fig(path):
@@ -68,7 +78,7 @@ rules = report.get("config", {}).get("throughput_rules", [10, 1000, 10000])
 
 
 def bars(ax, metric, title, ylabel, scale=1.0):
-    width = 0.2
+    width = 0.8 / len(VARIANTS)
     for i, v in enumerate(VARIANTS):
         xs, ys, errs = [], [], []
         for j, n in enumerate(rules):
@@ -76,7 +86,7 @@ def bars(ax, metric, title, ylabel, scale=1.0):
             lo = minimum("throughput.{}.{}.{}".format(metric, v, n))
             if m is None:
                 continue
-            xs.append(j + (i - 1.5) * width)
+            xs.append(j + (i - (len(VARIANTS) - 1) / 2) * width)
             ys.append(m * scale)
             errs.append(max(0.0, (m - lo) * scale) if lo is not None else 0.0)
         ax.bar(xs, ys, width, color=COLORS[v], label=v, yerr=[errs, [0] * len(errs)], capsize=2)
@@ -130,3 +140,45 @@ ax.set_title("Memory (BPF maps: kernel accounting)")
 fig_.tight_layout(rect=[0, 0, 1, 0.96])
 fig_.savefig(out, dpi=110)
 print("plot: wrote " + out)
+
+# per_packet.png: ns per packet (BPF test run) against the number of rules, one line per path.
+paths = [
+    ("ns_per_packet.ct_hit", "o", "established"),
+    ("ns_per_packet_detail.ct_reply", "D", "established, reply"),
+    ("ns_per_packet.new_allow", "s", "new allowed"),
+    ("ns_per_packet.new_deny", "^", "new denied"),
+]
+fig2, ax = plt.subplots(figsize=(9, 6))
+drawn = 0
+for base, marker, label in paths:
+    for fam, ls in (("ipv4", "-"), ("ipv6", "--")):
+        per_scale = fig("{}.{}".format(base, fam)) or {}
+        pts = sorted(
+            (int(n), f["median"])
+            for n, f in per_scale.items()
+            if n.isdigit() and isinstance(f, dict) and f.get("median") is not None
+        )
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker=marker, label="{} {}".format(label, fam))
+            drawn += 1
+floor = med("ns_per_packet_detail.empty_program")
+if floor is not None:
+    ax.axhline(floor, color="#777777", lw=0.8, ls=":")
+    ax.text(1, floor + 2, "empty program (test-run floor) {:.0f} ns".format(floor), color="#777777", fontsize=8)
+ax.set_xscale("log")
+ax.set_ylim(bottom=0)
+ax.set_xlabel("ipBlock rules per family on the endpoint (log)")
+ax.set_ylabel("ns per packet (BPF test run, median)")
+ax.set_title(
+    "Per-packet cost by path ({} run, Linux {}, {})".format(
+        report.get("mode", "?"), machine.get("kernel", "?"), machine.get("date", "?")
+    )
+)
+if drawn:
+    ax.legend(fontsize=8)
+else:
+    ax.text(0.5, 0.5, "no per-packet figures in this report", transform=ax.transAxes, ha="center")
+fig2.tight_layout()
+out2 = os.path.join(os.path.dirname(out), "per_packet.png")
+fig2.savefig(out2, dpi=110)
+print("plot: wrote " + out2)

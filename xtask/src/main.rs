@@ -42,8 +42,8 @@ enum Command {
     /// fmt --check and clippy -D warnings on the workspace.
     Lint,
     /// Benchmarks against the alternatives (per-packet cost, throughput, churn, memory):
-    /// target/bench/report.json, report.md and plot.png. Needs root; installs iperf3, ipset,
-    /// iptables and (in a virtualenv) matplotlib if missing.
+    /// target/bench/report.json, report.md, plot.png and per_packet.png. Needs root; installs
+    /// iperf3, ipset, iptables, nftables and (in a virtualenv) matplotlib if missing.
     Bench {
         /// Fewer repeats and shorter runs (every figure is still measured).
         #[arg(long)]

@@ -3,10 +3,11 @@
 //!
 //! 1. per-packet cost of the real programs by BPF program test runs (`packet`);
 //! 2. throughput and latency between two pods of the netns rig: no enforcement, Palisade,
-//!    iptables + ipset (kube-router) and a linear iptables chain (`throughput`);
+//!    iptables + ipset (kube-router), a linear iptables chain and nftables with an interval set
+//!    (`throughput`);
 //! 3. policy churn, resync and memory with 1 000 policies and 10 000 pods (`churn`).
 //!
-//! Needs root; iperf3, ipset and iptables (xtask installs them).
+//! Needs root; iperf3, ipset, iptables and nft (xtask installs them).
 mod churn;
 mod cluster;
 mod packet;
@@ -116,6 +117,7 @@ fn machine(root: &Path) -> Value {
         "iptables": command_output("iptables", &["-V"]),
         "iperf3": command_output("iperf3", &["-v"]),
         "ipset": command_output("ipset", &["-v"]),
+        "nft": command_output("nft", &["-v"]),
         "loadavg_start": throughput::loadavg(),
     })
 }

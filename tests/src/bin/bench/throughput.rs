@@ -1,4 +1,4 @@
-//! Throughput and latency between two pods of the netns rig, under four regimes:
+//! Throughput and latency between two pods of the netns rig, under five regimes:
 //!
 //! * `baseline`: nothing enforces;
 //! * `palisade`: the agent (release build), the server pod isolated for ingress and the client
@@ -8,9 +8,13 @@
 //!   `RELATED,ESTABLISHED -j ACCEPT` first, then per pod a chain that checks the ports and
 //!   matches the peer against a `hash:net` ipset of the same N CIDRs;
 //! * `iptables`: the same chains with the ipset replaced by N `-s/-d CIDR -j RETURN` rules, the
-//!   matching one last (a linear chain).
+//!   matching one last (a linear chain);
+//! * `nftables`: the ipset scheme written natively in nftables (a table of its own, see
+//!   [`nft_rules`]): `ct state established,related accept` in a forward-hook chain, then per
+//!   pod a chain whose one allow rule checks the ports and the peer against an interval set
+//!   (`flags interval`) of the same N CIDRs, then `drop`.
 //!
-//! For each number of rules the four variants get a node each (so no conntrack or nftables
+//! For each number of rules the five variants get a node each (so no conntrack or nftables
 //! state leaks from one to another), checked to enforce before anything is measured: a
 //! connection to a port no rule allows must time out (with no enforcement it is refused at
 //! once). The agent is stopped once it has enforced (its pinned programs and maps go on
@@ -22,7 +26,7 @@
 //! round trip, µs) and with one connection per request (`crr_us`, every request a new flow);
 //! both ends spin on their sockets (a virtual CPU waking from idle takes tens of µs).
 //! The receiving side runs on CPU 0, the sending side (and with it the veth's softirq work:
-//! routing, BPF programs, iptables) on CPU 1.
+//! routing, BPF programs, iptables or nftables) on CPU 1.
 use std::{
     fmt::Write as _,
     io::{ErrorKind, Read, Write},
@@ -53,7 +57,7 @@ use crate::{
     stats::{Figure, set},
 };
 
-pub const VARIANTS: [&str; 4] = ["baseline", "palisade", "ipset", "iptables"];
+pub const VARIANTS: [&str; 5] = ["baseline", "palisade", "ipset", "iptables", "nftables"];
 pub const METRICS: [&str; 4] = ["tcp_gbps", "udp_pps", "rr_us", "crr_us"];
 const IPERF_PORT: u16 = 5201;
 const RR_PORT: u16 = 7000;
@@ -155,6 +159,39 @@ fn iptables_rules(n: usize, client: Ipv4Addr, server: Ipv4Addr, ipset: bool) -> 
     }
     t.push_str("COMMIT\n");
     (t, sets)
+}
+
+/// The table of the `nftables` variant, in the node's namespace.
+const NFT_TABLE: &str = "inet palisade_bench";
+
+/// `nft -f` input of the `nftables` variant: the `ipset` variant's semantics in native
+/// nftables, in one script (sets and their elements included, so that 100 000 CIDRs load in
+/// about a second). A base chain in the forward hook accepts established and related packets,
+/// then sends the client's packets to its egress chain and the server's to its ingress chain;
+/// each has one allow rule (ports TCP 5201 and 7000, UDP 5201, and the peer in an interval set
+/// of [`cidrs`], the same N CIDRs as the ipset, the peer's /32 last) and then drops.
+fn nft_rules(n: usize, client: Ipv4Addr, server: Ipv4Addr) -> String {
+    let mut t = format!("table {NFT_TABLE} {{\n");
+    for (chain, peer_field, peer, seed) in [
+        ("client_egress", "daddr", server, 12),
+        ("server_ingress", "saddr", client, 11),
+    ] {
+        let _ = write!(
+            t,
+            "\tset {chain}_peers {{\n\t\ttype ipv4_addr; flags interval;\n\t\telements = {{ {} }}\n\t}}\n\
+             \tchain {chain} {{\n\
+             \t\tmeta l4proto . th dport {{ tcp . {IPERF_PORT}, tcp . {RR_PORT}, udp . {IPERF_PORT} }} \
+             ip {peer_field} @{chain}_peers return\n\t\tdrop\n\t}}\n",
+            cidrs(n, peer, seed).join(", ")
+        );
+    }
+    let _ = write!(
+        t,
+        "\tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\
+         \t\tct state established,related accept\n\
+         \t\tip saddr {client} jump client_egress\n\t\tip daddr {server} jump server_ingress\n\t}}\n}}\n"
+    );
+    t
 }
 
 fn run_with_stdin(mut cmd: Command, input: &str, what: &str) -> Result<()> {
@@ -436,6 +473,8 @@ struct Setup {
     _iperf: palisade_tests::ChildGuard,
     client: palisade_tests::Pod,
     server: Ipv4Addr,
+    /// The `nftables` variant: its table is deleted on drop.
+    nft_table: bool,
     node: Node,
 }
 
@@ -444,6 +483,16 @@ impl Drop for Setup {
         // The server thread lives in the node's namespaces: stop it before they go.
         self.rr.take();
         self.agent.take();
+        // The ipset and iptables state goes with the node's namespace; the nftables table is
+        // deleted explicitly (it would go the same way).
+        if self.nft_table {
+            let _ = self
+                .node
+                .command("nft")
+                .args(["delete", "table"])
+                .args(NFT_TABLE.split(' '))
+                .output();
+        }
     }
 }
 
@@ -500,6 +549,15 @@ fn setup(variant: &str, rules: usize, agent_bin: &Path, work: &Path) -> Result<S
             c.arg("--noflush");
             run_with_stdin(c, &rules_text, "iptables-restore")?;
         }
+        "nftables" => {
+            let mut c = node.command("nft");
+            c.args(["-f", "-"]);
+            run_with_stdin(
+                c,
+                &nft_rules(rules, client.ipv4, server.ipv4),
+                "nft -f (install it: apt-get install nftables)",
+            )?;
+        }
         other => bail!("unknown variant {other}"),
     }
     let enforced = closed_port_dropped(&client.netns_name, server.ipv4)?;
@@ -514,6 +572,7 @@ fn setup(variant: &str, rules: usize, agent_bin: &Path, work: &Path) -> Result<S
         _iperf: iperf,
         client,
         server: server.ipv4,
+        nft_table: variant == "nftables",
         node,
     })
 }
@@ -585,7 +644,7 @@ pub fn run(cfg: &Config, agent_bin: &Path, work: &Path, report: &mut Value) -> R
     let mut ratios = vec![vec![vec![Figure::default(); nr]; VARIANTS.len()]; METRICS.len()];
     let mut log = Vec::new();
     for (ri, &rules) in cfg.rules.iter().enumerate() {
-        // All four variants stay up side by side; each cycle measures each of them once, so
+        // All the variants stay up side by side; each cycle measures each of them once, so
         // a change of the machine's load hits them alike.
         let t = Instant::now();
         let setups: Vec<Setup> = VARIANTS
@@ -596,11 +655,12 @@ pub fn run(cfg: &Config, agent_bin: &Path, work: &Path, report: &mut Value) -> R
             })
             .collect::<Result<_>>()?;
         eprintln!(
-            "bench: throughput with {rules} rules: four nodes set up and checked in {:.0} s",
+            "bench: throughput with {rules} rules: {} nodes set up and checked in {:.0} s",
+            VARIANTS.len(),
             t.elapsed().as_secs_f64()
         );
         for cycle in 0..cfg.repeats {
-            let mut this_cycle = [[f64::NAN; 4]; 4];
+            let mut this_cycle = [[f64::NAN; METRICS.len()]; VARIANTS.len()];
             // Rotate the order every cycle.
             for k in 0..VARIANTS.len() {
                 let vi = (k + cycle + ri) % VARIANTS.len();
