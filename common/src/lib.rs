@@ -210,42 +210,83 @@ pub struct NodePortTarget {
 }
 
 // ---------------------------------------------------------------------------------------------
-// CIDRS: LpmTrie<CidrKey, u32 class>   (ipBlock prefixes, per endpoint and direction)
+// CIDRS: HashMap<CidrKey, u32 class>   (ipBlock prefixes, per endpoint and direction)
+// POLICY: HashMap<PolicyKey, PolicyValue>   (allow entries)
+// PREFIX_LENGTHS: HashMap<PrefixLengthsKey, PrefixLengths>
 // ---------------------------------------------------------------------------------------------
+//
+// Both CIDRS and POLICY answer a longest-prefix match, as one exact hash per prefix length: a
+// key carries its prefix length and is masked to it, and PREFIX_LENGTHS lists, per endpoint
+// and direction, the lengths its entries use. A lookup probes those lengths longest first and
+// stops at the first hit, which is the longest match. Its cost depends on how many lengths an
+// endpoint uses (real policies: a handful), never on how many entries there are, where an LPM
+// trie walks about log2(entries) nodes.
 
-/// Bits of a `CidrKey` that are always matched exactly (endpoint, dir, family, padding).
-pub const CIDR_KEY_FIXED_BITS: u32 = 64;
-
-/// LPM key: the fixed 64 bits select the endpoint, direction and address family; the address
-/// bits follow, so the prefix length is `64 + cidr length`. The agent flattens every ipBlock of
-/// an endpoint's policies (cidr and except holes) into disjoint-or-nested prefixes whose value
-/// is the class of rules that cover exactly that prefix, so one longest-prefix match answers
-/// "which ipBlock rules contain this address", excepts included.
+/// Hash key of a CIDRS entry: the fixed fields select the endpoint, direction and address
+/// family; `addr` is masked to `prefix_len` bits (0..=32 for IPv4, 0..=128 for IPv6). The
+/// agent flattens every ipBlock of an endpoint's policies (cidr and except holes) into
+/// disjoint-or-nested prefixes whose value is the class of rules that cover exactly that
+/// prefix, so the longest match answers "which ipBlock rules contain this address", excepts
+/// included.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CidrKey {
     pub endpoint: u32,
     pub dir: u8,
     pub family: u8,
-    pub _pad: [u8; 2],
+    /// Address bits that count. In the compiler's `CidrEntry` it is 0 and the entry holds
+    /// the length beside the key (`CidrEntry::map_key` puts it in).
+    pub prefix_len: u8,
+    pub _pad: u8,
     pub addr: [u8; 16],
 }
 
-// ---------------------------------------------------------------------------------------------
-// POLICY: LpmTrie<PolicyKey, PolicyValue>
-// ---------------------------------------------------------------------------------------------
+/// `CIDR_MASKS[l]`: the mask of a /l prefix over the 16 address bytes (IPv4: the first 4).
+pub static CIDR_MASKS: [[u8; 16]; 129] = {
+    let mut out = [[0u8; 16]; 129];
+    let mut l: usize = 0;
+    while l <= 128 {
+        let mut b = 0;
+        while b < 16 {
+            let kept = if l >= 8 * (b + 1) {
+                8
+            } else {
+                l.saturating_sub(8 * b)
+            };
+            out[l][b] = if kept == 0 { 0 } else { 0xffu8 << (8 - kept) };
+            b += 1;
+        }
+        l += 1;
+    }
+    out
+};
 
-/// Bits of a `PolicyKey` before the protocol: endpoint, peer, dir, padding.
+impl CidrKey {
+    /// `self` masked to `prefix_len` address bits (at most 128), with that length in the key.
+    #[inline(always)]
+    pub fn masked(mut self, prefix_len: u32) -> CidrKey {
+        let mask = &CIDR_MASKS[prefix_len as usize];
+        for (a, m) in self.addr.iter_mut().zip(mask) {
+            *a &= m;
+        }
+        self.prefix_len = prefix_len as u8;
+        self
+    }
+}
+
+/// Prefix length of a POLICY key that matches any protocol (endpoint, peer, dir, padding:
+/// the bits before the protocol).
 pub const POLICY_KEY_ANY_PROTO_BITS: u32 = 72;
 /// Prefix length that matches one protocol, any port.
 pub const POLICY_KEY_ANY_PORT_BITS: u32 = 80;
 /// Prefix length of a full key (one protocol, one port).
 pub const POLICY_KEY_FULL_BITS: u32 = 96;
 
-/// LPM key for allow entries. Protocol and port come last so that "any protocol", "any port
-/// of a protocol" and aligned port ranges are prefixes of the full key: a range `[a, b]` is
-/// stored as the few power-of-two blocks that cover it. The port is big-endian so that its
-/// high bits come first.
+/// Hash key of an allow entry, a prefix of (endpoint, peer, dir, proto, port): its length is
+/// `POLICY_KEY_ANY_PROTO_BITS` (any protocol: `proto` and `port_be` are 0),
+/// `POLICY_KEY_ANY_PORT_BITS` (one protocol, any port), up to `POLICY_KEY_FULL_BITS` (one
+/// port); in between, an aligned block of ports, so a range `[a, b]` is stored as the few
+/// power-of-two blocks that cover it. The port is big-endian, so its high bits come first.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyKey {
@@ -256,6 +297,116 @@ pub struct PolicyKey {
     pub proto: u8,
     /// Destination port, network byte order.
     pub port_be: u16,
+    /// 72..=96. In the compiler's `PolicyEntry` it is 0 and the entry holds the length beside
+    /// the key (`PolicyEntry::map_key` puts it in).
+    pub prefix_len: u8,
+    pub _pad: [u8; 3],
+}
+
+/// What of the protocol and the port a POLICY prefix keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyMask {
+    pub proto: u8,
+    /// Network byte order.
+    pub port_be: u16,
+}
+
+/// `POLICY_MASKS[l - POLICY_KEY_ANY_PROTO_BITS]`: the mask of a prefix of `l` bits (72..=96).
+pub static POLICY_MASKS: [PolicyMask; 25] = {
+    let mut out = [PolicyMask {
+        proto: 0,
+        port_be: 0,
+    }; 25];
+    let mut i = 0;
+    while i < 25 {
+        let l = POLICY_KEY_ANY_PROTO_BITS + i as u32;
+        if l >= POLICY_KEY_ANY_PORT_BITS {
+            let port_bits = l - POLICY_KEY_ANY_PORT_BITS;
+            let port: u16 = if port_bits == 0 {
+                0
+            } else {
+                u16::MAX << (16 - port_bits)
+            };
+            out[i] = PolicyMask {
+                proto: u8::MAX,
+                port_be: port.to_be(),
+            };
+        }
+        i += 1;
+    }
+    out
+};
+
+impl PolicyKey {
+    /// `self` masked to `prefix_len` bits (72..=96), with that length in the key.
+    #[inline(always)]
+    pub fn masked(mut self, prefix_len: u32) -> PolicyKey {
+        let mask = POLICY_MASKS[(prefix_len - POLICY_KEY_ANY_PROTO_BITS) as usize];
+        self.proto &= mask.proto;
+        self.port_be &= mask.port_be;
+        self.prefix_len = prefix_len as u8;
+        self
+    }
+}
+
+/// An endpoint and a direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PrefixLengthsKey {
+    pub endpoint: u32,
+    pub dir: u8,
+    pub _pad: [u8; 3],
+}
+
+/// The prefix lengths an endpoint's entries use in one direction, as bit sets: a lookup probes
+/// exactly these, longest first. Bit `j` of a set stands for the `j`-th length from the
+/// longest, so the lowest set bit is the longest length left to probe (isolated and counted
+/// without a branch: the verifier explores every branch of every probe).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PrefixLengths {
+    /// POLICY: bit `j` = prefix length `POLICY_KEY_FULL_BITS - j` (j in 0..=24).
+    pub policy: u32,
+    pub _pad: u32,
+    /// CIDRS, IPv4: bit `j` = /(32 - j) (j in 0..=32).
+    pub v4: u64,
+    /// CIDRS, IPv6: bit `j` of word `w` = /(128 - 64 w - j) (word 2: /0 alone).
+    pub v6: [u64; 3],
+}
+
+impl PrefixLengths {
+    pub const fn is_empty(&self) -> bool {
+        self.policy == 0 && self.v4 == 0 && self.v6[0] == 0 && self.v6[1] == 0 && self.v6[2] == 0
+    }
+
+    /// Adds a POLICY prefix length (72..=96).
+    pub fn add_policy(&mut self, prefix_len: u32) {
+        self.policy |= 1 << (POLICY_KEY_FULL_BITS - prefix_len);
+    }
+
+    /// Adds a CIDRS prefix length of `family`.
+    pub fn add_cidr(&mut self, family: u8, prefix_len: u32) {
+        if family == AF_INET {
+            self.v4 |= 1 << (32 - prefix_len);
+        } else {
+            let j = 128 - prefix_len;
+            self.v6[(j / 64) as usize] |= 1 << (j % 64);
+        }
+    }
+
+    /// Every length of either.
+    pub fn union(&self, other: &PrefixLengths) -> PrefixLengths {
+        PrefixLengths {
+            policy: self.policy | other.policy,
+            _pad: 0,
+            v4: self.v4 | other.v4,
+            v6: [
+                self.v6[0] | other.v6[0],
+                self.v6[1] | other.v6[1],
+                self.v6[2] | other.v6[2],
+            ],
+        }
+    }
 }
 
 /// The allow entry is audited only: a policy in audit mode records instead of enforcing.
@@ -671,6 +822,7 @@ pub mod map_names {
     pub const IDENTITIES: &str = "IDENTITIES";
     pub const CIDRS: &str = "CIDRS";
     pub const POLICY: &str = "POLICY";
+    pub const PREFIX_LENGTHS: &str = "PREFIX_LENGTHS";
     /// Tracked flows. Named `CT_FLOWS` since its key is the pod's side of the flow; the
     /// earlier `CONNTRACK` (a key per direction) is translated on upgrade.
     pub const CONNTRACK: &str = "CT_FLOWS";
@@ -692,6 +844,8 @@ pub mod capacity {
     pub const IDENTITIES: u32 = 131_072;
     pub const CIDRS: u32 = 262_144;
     pub const POLICY: u32 = 524_288;
+    /// Two directions per endpoint.
+    pub const PREFIX_LENGTHS: u32 = 2 * ENDPOINTS;
     pub const CONNTRACK: u32 = 262_144;
     pub const FRAGMENTS: u32 = 8192;
     pub const EVENTS_BYTES: u32 = 1 << 20;
@@ -710,6 +864,8 @@ mod user {
     unsafe impl aya::Pod for CidrKey {}
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for PrefixLengthsKey {}
+    unsafe impl aya::Pod for PrefixLengths {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for FragKey {}
@@ -748,11 +904,55 @@ mod tests {
     }
 
     #[test]
+    fn keys_are_masked_to_their_prefix() {
+        let k = CidrKey {
+            addr: [10, 1, 2, 3, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x80],
+            ..CidrKey::default()
+        };
+        assert_eq!(k.masked(32).addr[..5], [10, 1, 2, 3, 0]);
+        assert_eq!(k.masked(12).addr[..4], [10, 0, 0, 0]);
+        assert_eq!(k.masked(12).prefix_len, 12);
+        assert_eq!(k.masked(0).addr, [0; 16]);
+        assert_eq!(k.masked(128).addr, k.addr);
+        assert_eq!(k.masked(127).addr[15], 0x80);
+        assert_eq!(k.masked(33).addr[4], 0x80);
+        let p = PolicyKey {
+            proto: PROTO_TCP,
+            port_be: 0x1234u16.to_be(),
+            ..PolicyKey::default()
+        };
+        assert_eq!(p.masked(POLICY_KEY_FULL_BITS).port_be, 0x1234u16.to_be());
+        assert_eq!(
+            p.masked(POLICY_KEY_FULL_BITS - 4).port_be,
+            0x1230u16.to_be()
+        );
+        assert_eq!(p.masked(POLICY_KEY_ANY_PORT_BITS).port_be, 0);
+        assert_eq!(p.masked(POLICY_KEY_ANY_PORT_BITS).proto, PROTO_TCP);
+        assert_eq!(p.masked(POLICY_KEY_ANY_PROTO_BITS).proto, 0);
+        let mut l = PrefixLengths::default();
+        l.add_cidr(AF_INET6, 128);
+        l.add_cidr(AF_INET6, 64);
+        l.add_cidr(AF_INET, 32);
+        l.add_policy(POLICY_KEY_FULL_BITS);
+        assert_eq!(l.v6, [1, 1, 0]);
+        assert_eq!(l.v4, 1);
+        assert_eq!(l.policy, 1);
+        l.add_cidr(AF_INET6, 0);
+        l.add_cidr(AF_INET, 0);
+        l.add_policy(POLICY_KEY_ANY_PROTO_BITS);
+        assert_eq!(l.v6, [1, 1, 1]);
+        assert_eq!(l.v4, 1 | 1 << 32);
+        assert_eq!(l.policy, 1 | 1 << 24);
+    }
+
+    #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<EndpointInfo>(), 52);
         assert_eq!(size_of::<PeerAddr>(), 20);
         assert_eq!(size_of::<CidrKey>(), 24);
-        assert_eq!(size_of::<PolicyKey>(), 12);
+        assert_eq!(size_of::<PolicyKey>(), 16);
+        assert_eq!(size_of::<PrefixLengthsKey>(), 8);
+        assert_eq!(size_of::<PrefixLengths>(), 40);
         assert_eq!(size_of::<PolicyValue>(), 8);
         assert_eq!(size_of::<CtKey>(), 44);
         assert_eq!(size_of::<CtEntry>(), 48);
@@ -762,7 +962,6 @@ mod tests {
         assert_eq!(size_of::<RuleStats>(), 16);
         const { assert!(DROPPED_BY_REASON + 16 <= AUDITED_BY_REASON) };
         const { assert!(AUDITED_BY_REASON + 16 <= COUNTER_SLOTS) };
-        assert_eq!(CIDR_KEY_FIXED_BITS as usize, 8 * 8);
-        assert_eq!(POLICY_KEY_FULL_BITS as usize, 8 * size_of::<PolicyKey>());
+        assert_eq!(POLICY_KEY_ANY_PROTO_BITS as usize, 8 * 9);
     }
 }

@@ -32,11 +32,12 @@ use crate::{
 
 pub use crate::pins::{FROM_POD, TO_POD};
 
-pub const MAP_NAMES: [&str; 13] = [
+pub const MAP_NAMES: [&str; 14] = [
     map_names::ENDPOINTS,
     map_names::IDENTITIES,
     map_names::CIDRS,
     map_names::POLICY,
+    map_names::PREFIX_LENGTHS,
     map_names::CONNTRACK,
     map_names::FRAGMENTS,
     map_names::EVENTS,

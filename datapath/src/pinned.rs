@@ -2,10 +2,8 @@
 //! CNI plugin open the agent's pins; the agent itself holds the object's handles.
 use std::path::Path;
 
-use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError};
-use palisade_common::{
-    CIDR_KEY_FIXED_BITS, CidrKey, EndpointInfo, PeerAddr, PolicyKey, PolicyValue, map_names,
-};
+use aya::maps::{HashMap, Map, MapData, MapError};
+use palisade_common::{CidrKey, EndpointInfo, PeerAddr, PolicyKey, PolicyValue, map_names};
 use palisade_policy::state::{CidrEntry, DesiredState, PolicyEntry};
 
 use crate::{
@@ -13,7 +11,7 @@ use crate::{
     pins::map_pin_path,
 };
 
-/// Map `name` pinned under `pin_dir`, as the map type `T` (`HashMap`, `LpmTrie`, ...).
+/// Map `name` pinned under `pin_dir`, as the map type `T` (`HashMap`, `PerCpuArray`, ...).
 pub fn open<T: TryFrom<Map, Error = MapError>>(pin_dir: &Path, name: &str) -> Result<T> {
     let path = map_pin_path(pin_dir, name);
     MapData::from_pin(&path)
@@ -43,8 +41,8 @@ pub fn read_policy_maps(pin_dir: &Path) -> Result<DesiredState> {
 pub(crate) fn read_policy_entries(
     endpoints: &HashMap<MapData, u32, EndpointInfo>,
     identities: &HashMap<MapData, PeerAddr, u32>,
-    cidrs: &LpmTrie<MapData, CidrKey, u32>,
-    policy: &LpmTrie<MapData, PolicyKey, PolicyValue>,
+    cidrs: &HashMap<MapData, CidrKey, u32>,
+    policy: &HashMap<MapData, PolicyKey, PolicyValue>,
     state: &mut DesiredState,
 ) -> Result<()> {
     let reading = |map: &'static str| DatapathError::map(map, "reading it");
@@ -58,19 +56,11 @@ pub(crate) fn read_policy_entries(
     }
     for item in cidrs.iter() {
         let (key, class) = item.map_err(reading(map_names::CIDRS))?;
-        let entry = CidrEntry {
-            key: key.data(),
-            prefix_len: key.prefix_len() - CIDR_KEY_FIXED_BITS,
-        };
-        state.cidrs.insert(entry, class);
+        state.cidrs.insert(CidrEntry::from_map_key(key), class);
     }
     for item in policy.iter() {
         let (key, value) = item.map_err(reading(map_names::POLICY))?;
-        let entry = PolicyEntry {
-            key: key.data(),
-            prefix_len: key.prefix_len(),
-        };
-        state.policy.insert(entry, value);
+        state.policy.insert(PolicyEntry::from_map_key(key), value);
     }
     Ok(())
 }

@@ -15,15 +15,16 @@
 //!   traffic of an attached interface without one (`Reason::UnknownEndpoint`).
 use std::collections::{BTreeMap, BTreeSet};
 
-use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
+use aya::maps::{HashMap, Map, MapData, MapError};
 use palisade_common::{
-    CIDR_KEY_FIXED_BITS, CidrKey, CtEntry, CtKey, EP_ISOLATED_EGRESS, EP_MORE_ADDRS, EP_PENDING,
-    EndpointInfo, NodePortKey, NodePortTarget, PeerAddr, PolicyKey, PolicyValue, map_names,
+    CidrKey, CtEntry, CtKey, EP_ISOLATED_EGRESS, EP_MORE_ADDRS, EP_PENDING, EndpointInfo,
+    NodePortKey, NodePortTarget, PeerAddr, PolicyKey, PolicyValue, PrefixLengths, PrefixLengthsKey,
+    map_names,
 };
 use serde::Serialize;
 use tracing::{error, warn};
 
-use palisade_policy::state::DesiredState;
+use palisade_policy::state::{DesiredState, prefix_lengths};
 
 use crate::{
     error::{DatapathError, Result},
@@ -81,10 +82,16 @@ pub struct MapWriter {
     identities: HashMap<MapData, PeerAddr, u32>,
     endpoint_addrs: HashMap<MapData, PeerAddr, u32>,
     node_ports: HashMap<MapData, NodePortKey, NodePortTarget>,
-    cidrs: LpmTrie<MapData, CidrKey, u32>,
-    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    cidrs: HashMap<MapData, CidrKey, u32>,
+    policy: HashMap<MapData, PolicyKey, PolicyValue>,
+    prefix_lengths: HashMap<MapData, PrefixLengthsKey, PrefixLengths>,
     /// What the maps hold now (as far as this writer knows).
     applied: DesiredState,
+    /// What PREFIX_LENGTHS holds now (derived from what CIDRS and POLICY hold, or their union
+    /// with what they are about to hold).
+    applied_lengths: BTreeMap<PrefixLengthsKey, PrefixLengths>,
+    /// Whether PREFIX_LENGTHS was checked whole against CIDRS and POLICY (the first apply).
+    lengths_checked: bool,
     /// Current revision per endpoint id.
     revisions: BTreeMap<u32, u32>,
     /// The next revision handed out. Revisions come from one counter for all endpoints and
@@ -162,6 +169,7 @@ impl MapWriter {
         let node_ports = take(dp, map_names::NODE_PORTS)?;
         let cidrs = take(dp, map_names::CIDRS)?;
         let policy = take(dp, map_names::POLICY)?;
+        let prefix_lengths = take(dp, map_names::PREFIX_LENGTHS)?;
         let mut w = MapWriter {
             endpoints,
             identities,
@@ -169,7 +177,10 @@ impl MapWriter {
             node_ports,
             cidrs,
             policy,
+            prefix_lengths,
             applied: DesiredState::default(),
+            applied_lengths: BTreeMap::new(),
+            lengths_checked: false,
             revisions: BTreeMap::new(),
             next_revision: 1,
             failures: Vec::new(),
@@ -211,6 +222,13 @@ impl MapWriter {
             let (key, target) =
                 item.map_err(DatapathError::map(map_names::NODE_PORTS, "reading it back"))?;
             self.applied.node_ports.insert(key, target);
+        }
+        for item in self.prefix_lengths.iter() {
+            let (key, lengths) = item.map_err(DatapathError::map(
+                map_names::PREFIX_LENGTHS,
+                "reading it back",
+            ))?;
+            self.applied_lengths.insert(key, lengths);
         }
         Ok(())
     }
@@ -281,7 +299,12 @@ impl MapWriter {
         self.failures.clear();
         let mut p = Pass::default();
         self.write_changes(desired, &mut p);
+        // A prefix length is listed (for the union of the old and the new entries) before an
+        // endpoint's flags can make its new entries matter, and unlisted only once its last
+        // entry is gone.
+        self.write_prefix_lengths(desired, &mut p);
         self.remove_stale(desired, &mut p);
+        self.write_prefix_lengths(desired, &mut p);
         self.write_endpoints(desired, &mut p);
         self.remove_gone_endpoints(desired, &mut p);
         p.stats
@@ -392,8 +415,7 @@ impl MapWriter {
             .collect();
         for (entry, class) in cidr_changes {
             p.touched.insert(entry.key.endpoint);
-            let key = Key::new(CIDR_KEY_FIXED_BITS + entry.prefix_len, entry.key);
-            match self.cidrs.insert(&key, class, 0) {
+            match self.cidrs.insert(entry.map_key(), class, 0) {
                 Ok(()) => {
                     self.applied.cidrs.insert(entry, class);
                     p.stats.written += 1;
@@ -412,8 +434,7 @@ impl MapWriter {
             .collect();
         for (entry, value) in policy_changes {
             p.touched.insert(entry.key.endpoint);
-            let key = Key::new(entry.prefix_len, entry.key);
-            match self.policy.insert(&key, value, 0) {
+            match self.policy.insert(entry.map_key(), value, 0) {
                 Ok(()) => {
                     self.applied.policy.insert(entry, value);
                     p.stats.written += 1;
@@ -428,6 +449,64 @@ impl MapWriter {
         }
     }
 
+    /// PREFIX_LENGTHS of the endpoints whose CIDRS or POLICY entries changed (of every
+    /// endpoint in the first apply: an earlier agent's maps are checked whole), from what
+    /// those maps hold now.
+    fn write_prefix_lengths(&mut self, desired: &DesiredState, p: &mut Pass) {
+        let mut want = BTreeMap::new();
+        let mut have = BTreeMap::new();
+        if self.lengths_checked {
+            for &ep in &p.touched {
+                want.extend(prefix_lengths(
+                    &self.applied.cidrs,
+                    &self.applied.policy,
+                    Some(ep),
+                ));
+                let bounds = |endpoint| PrefixLengthsKey {
+                    endpoint,
+                    ..PrefixLengthsKey::default()
+                };
+                have.extend(
+                    self.applied_lengths
+                        .range(bounds(ep)..bounds(ep.saturating_add(1)))
+                        .map(|(k, v)| (*k, *v)),
+                );
+            }
+        } else {
+            want = prefix_lengths(&self.applied.cidrs, &self.applied.policy, None);
+            have = self.applied_lengths.clone();
+            self.lengths_checked = true;
+        }
+        for (key, lengths, _) in changed(&want, &have) {
+            match self.prefix_lengths.insert(key, lengths, 0) {
+                Ok(()) => {
+                    self.applied_lengths.insert(key, lengths);
+                    p.stats.written += 1;
+                }
+                Err(e) => {
+                    p.failed.insert(key.endpoint);
+                    p.stats.failed += 1;
+                    let msg = format!("insert failed: {}", describe(&e));
+                    self.fail(desired, map_names::PREFIX_LENGTHS, Some(key.endpoint), msg);
+                }
+            }
+        }
+        for key in stale_keys(&have, &want) {
+            match self.prefix_lengths.remove(&key) {
+                Ok(()) => p.stats.removed += 1,
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    p.failed.insert(key.endpoint);
+                    p.stats.failed += 1;
+                    let msg = format!("remove failed: {}", describe(&e));
+                    self.fail(desired, map_names::PREFIX_LENGTHS, Some(key.endpoint), msg);
+                    continue;
+                }
+            }
+            self.applied_lengths.remove(&key);
+        }
+    }
+
     /// Phase 2: stale entries.
     fn remove_stale(&mut self, desired: &DesiredState, p: &mut Pass) {
         // 2. Stale entries go before endpoint revisions are bumped, so that a flow re-checked
@@ -437,7 +516,7 @@ impl MapWriter {
         let stale = stale_keys(&self.applied.policy, &desired.policy);
         for entry in stale {
             p.touched.insert(entry.key.endpoint);
-            match self.policy.remove(&Key::new(entry.prefix_len, entry.key)) {
+            match self.policy.remove(&entry.map_key()) {
                 Ok(()) => p.stats.removed += 1,
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => {
@@ -453,8 +532,7 @@ impl MapWriter {
         let stale = stale_keys(&self.applied.cidrs, &desired.cidrs);
         for entry in stale {
             p.touched.insert(entry.key.endpoint);
-            let key = Key::new(CIDR_KEY_FIXED_BITS + entry.prefix_len, entry.key);
-            match self.cidrs.remove(&key) {
+            match self.cidrs.remove(&entry.map_key()) {
                 Ok(()) => p.stats.removed += 1,
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => {

@@ -2,12 +2,12 @@
 //! documents each one.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use palisade_common::{
     COUNTER_SLOTS, CT_QUOTA_DEFAULT, CidrKey, CtEntry, CtKey, EVENT_BURST, EndpointInfo,
     EndpointState, FragKey, FragPorts, NodePortKey, NodePortTarget, PeerAddr, PolicyKey,
-    PolicyValue, RuleStats, capacity,
+    PolicyValue, PrefixLengths, PrefixLengthsKey, RuleStats, capacity,
 };
 
 use crate::packet::Packet;
@@ -21,13 +21,19 @@ pub static ENDPOINTS: HashMap<u32, EndpointInfo> =
 #[map]
 pub static IDENTITIES: HashMap<PeerAddr, u32> = HashMap::with_max_entries(capacity::IDENTITIES, 0);
 
-/// (endpoint, direction, ipBlock prefix) -> CIDR class.
+/// (endpoint, direction, ipBlock prefix and its length) -> CIDR class.
 #[map]
-pub static CIDRS: LpmTrie<CidrKey, u32> = LpmTrie::with_max_entries(capacity::CIDRS, 0);
+pub static CIDRS: HashMap<CidrKey, u32> = HashMap::with_max_entries(capacity::CIDRS, 0);
 
-/// (endpoint, peer, direction, protocol, port prefix) -> allowing rule.
+/// (endpoint, peer, direction, protocol, port prefix and its length) -> allowing rule.
 #[map]
-pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::with_max_entries(capacity::POLICY, 0);
+pub static POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::with_max_entries(capacity::POLICY, 0);
+
+/// (endpoint, direction) -> the prefix lengths its CIDRS and POLICY entries use: the probes a
+/// longest-prefix match makes. Written by the agent only.
+#[map]
+pub static PREFIX_LENGTHS: HashMap<PrefixLengthsKey, PrefixLengths> =
+    HashMap::with_max_entries(capacity::PREFIX_LENGTHS, 0);
 
 /// Scratch space for the packet being judged (one per CPU): keeps the parsed packet off the
 /// 512-byte BPF stack.

@@ -414,6 +414,7 @@ fn put(
             dir: dir.as_u8(),
             proto: pk.proto,
             port_be: pk.port.to_be(),
+            ..PolicyKey::default()
         },
         prefix_len: pk.prefix_len,
     };
@@ -944,8 +945,8 @@ impl Compiler {
                     } else {
                         palisade_common::AF_INET
                     },
-                    _pad: [0; 2],
                     addr,
+                    ..CidrKey::default()
                 };
                 out.cidrs.insert(
                     CidrEntry {

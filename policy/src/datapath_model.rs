@@ -6,8 +6,8 @@ use std::net::IpAddr;
 
 use palisade_common::{
     AF_INET, AF_INET6, CIDR_CLASS_NONE, CidrKey, EP_PENDING, IDENTITY_HOST, IDENTITY_NONE,
-    POLICY_KEY_ANY_PORT_BITS, POLICY_KEY_ANY_PROTO_BITS, POLICY_KEY_FULL_BITS, PeerAddr, PolicyKey,
-    PolicyValue, Reason, isolated_flag,
+    POLICY_KEY_ANY_PROTO_BITS, POLICY_KEY_FULL_BITS, PeerAddr, PolicyKey, PolicyValue, Reason,
+    isolated_flag,
 };
 use serde::Serialize;
 
@@ -77,25 +77,16 @@ pub fn policy_lookup(
     proto: u8,
     port: u16,
 ) -> Option<(PolicyEntry, PolicyValue)> {
+    let full = PolicyKey {
+        endpoint,
+        peer,
+        dir: dir.as_u8(),
+        proto,
+        port_be: port.to_be(),
+        ..PolicyKey::default()
+    };
     for prefix_len in (POLICY_KEY_ANY_PROTO_BITS..=POLICY_KEY_FULL_BITS).rev() {
-        let port_bits = prefix_len.saturating_sub(POLICY_KEY_ANY_PORT_BITS);
-        let port_mask = if port_bits == 0 {
-            0
-        } else {
-            u16::MAX << (16 - port_bits)
-        };
-        let key = PolicyKey {
-            endpoint,
-            peer,
-            dir: dir.as_u8(),
-            proto: if prefix_len >= POLICY_KEY_ANY_PORT_BITS {
-                proto
-            } else {
-                0
-            },
-            port_be: (port & port_mask).to_be(),
-        };
-        let entry = PolicyEntry { key, prefix_len };
+        let entry = PolicyEntry::new(full, prefix_len);
         if let Some(v) = state.policy.get(&entry) {
             return Some((entry, *v));
         }
@@ -110,32 +101,19 @@ pub fn cidr_lookup(
     dir: Direction,
     addr: IpAddr,
 ) -> Option<(CidrEntry, u32)> {
-    let (family, bits, full): (u8, u32, u128) = match addr {
-        IpAddr::V4(a) => (AF_INET, 32, u128::from(u32::from(a))),
-        IpAddr::V6(a) => (AF_INET6, 128, u128::from(a)),
+    let (family, bits) = match addr {
+        IpAddr::V4(_) => (AF_INET, 32),
+        IpAddr::V6(_) => (AF_INET6, 128),
+    };
+    let full = CidrKey {
+        endpoint,
+        dir: dir.as_u8(),
+        family,
+        addr: PeerAddr::from_ip(addr).addr,
+        ..CidrKey::default()
     };
     for prefix_len in (0..=bits).rev() {
-        let masked = if prefix_len == 0 {
-            0
-        } else {
-            full & ((u128::MAX << (128 - prefix_len)) >> (128 - bits))
-        };
-        let mut bytes = [0u8; 16];
-        if bits == 32 {
-            bytes[..4].copy_from_slice(&(masked as u32).to_be_bytes());
-        } else {
-            bytes = masked.to_be_bytes();
-        }
-        let entry = CidrEntry {
-            key: CidrKey {
-                endpoint,
-                dir: dir.as_u8(),
-                family,
-                _pad: [0; 2],
-                addr: bytes,
-            },
-            prefix_len,
-        };
+        let entry = CidrEntry::new(full, prefix_len);
         if let Some(class) = state.cidrs.get(&entry) {
             return Some((entry, *class));
         }
@@ -231,6 +209,7 @@ mod tests {
                     dir: 0,
                     proto: PROTO_TCP,
                     port_be: 8000u16.to_be(),
+                    ..PolicyKey::default()
                 },
                 prefix_len: 94,
             },
@@ -242,8 +221,8 @@ mod tests {
                 endpoint: 1,
                 dir: 0,
                 family: AF_INET,
-                _pad: [0; 2],
                 addr: [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                ..CidrKey::default()
             },
             prefix_len: len,
         };
@@ -257,6 +236,7 @@ mod tests {
                     dir: 0,
                     proto: 0,
                     port_be: 0,
+                    ..PolicyKey::default()
                 },
                 prefix_len: POLICY_KEY_ANY_PROTO_BITS,
             },

@@ -570,6 +570,7 @@ pub fn expand(
                             dir: Direction::Egress.as_u8(),
                             proto,
                             port_be: port.port.to_be(),
+                            ..PolicyKey::default()
                         },
                         prefix_len: POLICY_KEY_FULL_BITS,
                     },

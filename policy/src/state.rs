@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use palisade_common::{CidrKey, EndpointInfo, PeerAddr, PolicyKey, PolicyValue};
+use palisade_common::{
+    CidrKey, EndpointInfo, PeerAddr, PolicyKey, PolicyValue, PrefixLengths, PrefixLengthsKey,
+};
 use serde::{Deserialize, Serialize};
 
 /// A pod, by namespace and name.
@@ -77,21 +79,125 @@ impl fmt::Display for RuleRef {
     }
 }
 
-/// An LPM entry of CIDRS: `key.addr` is masked to `prefix_len` address bits
-/// (0..=32 for IPv4, 0..=128 for IPv6); the trie prefix is `CIDR_KEY_FIXED_BITS + prefix_len`.
+/// A prefix of CIDRS: `key.addr` is masked to `prefix_len` address bits (0..=32 for IPv4,
+/// 0..=128 for IPv6). `key.prefix_len` is 0 here; the map's key carries the length
+/// (`map_key`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CidrEntry {
     pub key: CidrKey,
     pub prefix_len: u32,
 }
 
-/// An LPM entry of POLICY: `key` is masked to `prefix_len` bits of the whole key, one of
+impl CidrEntry {
+    /// The entry of `key` masked to `prefix_len`.
+    pub fn new(key: CidrKey, prefix_len: u32) -> CidrEntry {
+        CidrEntry {
+            key: CidrKey {
+                prefix_len: 0,
+                ..key.masked(prefix_len)
+            },
+            prefix_len,
+        }
+    }
+
+    /// The CIDRS key.
+    pub fn map_key(&self) -> CidrKey {
+        CidrKey {
+            prefix_len: self.prefix_len as u8,
+            ..self.key
+        }
+    }
+
+    /// The entry of a CIDRS key.
+    pub fn from_map_key(key: CidrKey) -> CidrEntry {
+        CidrEntry::new(key, u32::from(key.prefix_len))
+    }
+}
+
+/// A prefix of POLICY: `key` is masked to `prefix_len` bits of the whole key, one of
 /// `POLICY_KEY_ANY_PROTO_BITS` (any protocol), `POLICY_KEY_ANY_PORT_BITS` (one protocol,
 /// any port), up to `POLICY_KEY_FULL_BITS` (one port; in between: an aligned port block).
+/// `key.prefix_len` is 0 here; the map's key carries the length (`map_key`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyEntry {
     pub key: PolicyKey,
     pub prefix_len: u32,
+}
+
+impl PolicyEntry {
+    /// The entry of `key` masked to `prefix_len`.
+    pub fn new(key: PolicyKey, prefix_len: u32) -> PolicyEntry {
+        PolicyEntry {
+            key: PolicyKey {
+                prefix_len: 0,
+                ..key.masked(prefix_len)
+            },
+            prefix_len,
+        }
+    }
+
+    /// The POLICY key.
+    pub fn map_key(&self) -> PolicyKey {
+        PolicyKey {
+            prefix_len: self.prefix_len as u8,
+            ..self.key
+        }
+    }
+
+    /// The entry of a POLICY key.
+    pub fn from_map_key(key: PolicyKey) -> PolicyEntry {
+        PolicyEntry::new(key, u32::from(key.prefix_len))
+    }
+}
+
+/// The prefix lengths CIDRS and POLICY entries use, per endpoint and direction
+/// (PREFIX_LENGTHS), of one endpoint or of all (`None`).
+pub fn prefix_lengths(
+    cidrs: &BTreeMap<CidrEntry, u32>,
+    policy: &BTreeMap<PolicyEntry, PolicyValue>,
+    endpoint: Option<u32>,
+) -> BTreeMap<PrefixLengthsKey, PrefixLengths> {
+    let mut out: BTreeMap<PrefixLengthsKey, PrefixLengths> = BTreeMap::new();
+    let key = |endpoint, dir| PrefixLengthsKey {
+        endpoint,
+        dir,
+        _pad: [0; 3],
+    };
+    let (first, last) = match endpoint {
+        Some(ep) => (ep, ep),
+        None => (0, u32::MAX),
+    };
+    let cidr_bound = |endpoint| CidrEntry {
+        key: CidrKey {
+            endpoint,
+            ..CidrKey::default()
+        },
+        prefix_len: 0,
+    };
+    let policy_bound = |endpoint| PolicyEntry {
+        key: PolicyKey {
+            endpoint,
+            ..PolicyKey::default()
+        },
+        prefix_len: 0,
+    };
+    for e in cidrs.range(cidr_bound(first)..).map(|(e, _)| e) {
+        if e.key.endpoint > last {
+            break;
+        }
+        out.entry(key(e.key.endpoint, e.key.dir))
+            .or_default()
+            .add_cidr(e.key.family, e.prefix_len);
+    }
+    for e in policy.range(policy_bound(first)..).map(|(e, _)| e) {
+        if e.key.endpoint > last {
+            break;
+        }
+        out.entry(key(e.key.endpoint, e.key.dir))
+            .or_default()
+            .add_policy(e.prefix_len);
+    }
+    out
 }
 
 /// A local endpoint as the compiler saw it: which pod, which host interface.

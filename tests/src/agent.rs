@@ -344,9 +344,10 @@ impl AgentProcess {
 
 /// The pinned maps under `maps` as text, one entry per line.
 pub fn dump_maps(maps: &Path) -> String {
-    use aya::maps::{HashMap, LpmTrie, Map, MapData};
+    use aya::maps::{HashMap, Map, MapData};
     use palisade_common::{
-        CidrKey, CtEntry, CtKey, EndpointInfo, PeerAddr, PolicyKey, PolicyValue, map_names,
+        CidrKey, CtEntry, CtKey, EndpointInfo, PeerAddr, PolicyKey, PolicyValue, PrefixLengths,
+        PrefixLengthsKey, map_names,
     };
     use std::fmt::Write;
     let mut out = String::new();
@@ -378,32 +379,14 @@ pub fn dump_maps(maps: &Path) -> String {
     dump_hash!(map_names::IDENTITIES, PeerAddr, u32, Map::HashMap);
     dump_hash!(map_names::EP_ADDRS, PeerAddr, u32, Map::HashMap);
     dump_hash!(map_names::CONNTRACK, CtKey, CtEntry, Map::HashMap);
-    macro_rules! dump_trie {
-        ($name:expr, $k:ty, $v:ty) => {
-            let _ = writeln!(out, "== {}", $name);
-            match open($name) {
-                Ok(d) => match LpmTrie::<MapData, $k, $v>::try_from(Map::LpmTrie(d)) {
-                    Ok(m) => {
-                        for item in m.iter() {
-                            let Ok((k, v)) = item else {
-                                let _ = writeln!(out, "(unreadable entry)");
-                                continue;
-                            };
-                            let _ = writeln!(out, "{:?}/{} => {v:?}", k.data(), k.prefix_len());
-                        }
-                    }
-                    Err(e) => {
-                        let _ = writeln!(out, "({e})");
-                    }
-                },
-                Err(e) => {
-                    let _ = writeln!(out, "({e})");
-                }
-            }
-        };
-    }
-    dump_trie!(map_names::POLICY, PolicyKey, PolicyValue);
-    dump_trie!(map_names::CIDRS, CidrKey, u32);
+    dump_hash!(map_names::POLICY, PolicyKey, PolicyValue, Map::HashMap);
+    dump_hash!(map_names::CIDRS, CidrKey, u32, Map::HashMap);
+    dump_hash!(
+        map_names::PREFIX_LENGTHS,
+        PrefixLengthsKey,
+        PrefixLengths,
+        Map::HashMap
+    );
     out
 }
 

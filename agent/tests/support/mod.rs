@@ -144,6 +144,7 @@ pub fn allow_tcp_port(endpoint: u32, peer: u32, dir: u8, port: u16) -> PolicyEnt
             dir,
             proto: PROTO_TCP,
             port_be: port.to_be(),
+            ..PolicyKey::default()
         },
         prefix_len: POLICY_KEY_FULL_BITS,
     }
@@ -186,8 +187,8 @@ pub fn cidr4(endpoint: u32, dir: u8, addr: [u8; 4], prefix_len: u32) -> CidrEntr
             endpoint,
             dir,
             family: AF_INET,
-            _pad: [0; 2],
             addr: PeerAddr::v4(addr).addr,
+            ..CidrKey::default()
         },
         prefix_len,
     }
@@ -231,27 +232,18 @@ pub struct Rig {
 }
 
 pub fn policy_entry(peer: u32, dir: u8, proto: u8, port: u16, prefix_len: u32) -> PolicyEntry {
-    // Mask the port to the prefix, as the compiler does.
-    let port_bits = prefix_len.saturating_sub(POLICY_KEY_ANY_PORT_BITS);
-    let mask: u16 = if port_bits == 0 {
-        0
-    } else {
-        u16::MAX << (16 - port_bits)
-    };
-    PolicyEntry {
-        key: PolicyKey {
+    // Masked to the prefix, as the compiler does.
+    PolicyEntry::new(
+        PolicyKey {
             endpoint: EP,
             peer,
             dir,
-            proto: if prefix_len <= POLICY_KEY_ANY_PROTO_BITS {
-                0
-            } else {
-                proto
-            },
-            port_be: (port & mask).to_be(),
+            proto,
+            port_be: port.to_be(),
+            ..PolicyKey::default()
         },
         prefix_len,
-    }
+    )
 }
 
 /// An endpoint on `lo`, isolated both ways, with a few allow entries:

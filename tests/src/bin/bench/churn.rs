@@ -25,7 +25,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use aya::maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
+use aya::maps::{HashMap, Map, MapData};
 use palisade::{
     interfaces::HostView,
     reconcile::{Agent, RunConfig, View},
@@ -115,7 +115,7 @@ enum Check {
 struct KernelMaps {
     endpoints: HashMap<MapData, u32, EndpointInfo>,
     identities: HashMap<MapData, PeerAddr, u32>,
-    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    policy: HashMap<MapData, PolicyKey, PolicyValue>,
 }
 
 fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map> {
@@ -129,7 +129,7 @@ impl KernelMaps {
         Ok(KernelMaps {
             endpoints: HashMap::try_from(open_pinned(pin_dir, map_names::ENDPOINTS)?)?,
             identities: HashMap::try_from(open_pinned(pin_dir, map_names::IDENTITIES)?)?,
-            policy: LpmTrie::try_from(open_pinned(pin_dir, map_names::POLICY)?)?,
+            policy: HashMap::try_from(open_pinned(pin_dir, map_names::POLICY)?)?,
         })
     }
 
@@ -169,10 +169,11 @@ impl KernelMaps {
                     dir: DIR_INGRESS,
                     proto: PROTO_TCP,
                     port_be: port.to_be(),
+                    ..PolicyKey::default()
                 };
                 let hit = self
                     .policy
-                    .get(&Key::new(POLICY_KEY_FULL_BITS, key), 0)
+                    .get(&key.masked(POLICY_KEY_FULL_BITS), 0)
                     .is_ok();
                 ensure!(
                     hit == allowed,
