@@ -584,3 +584,81 @@ fn fast_and_slow_parsing_agree() {
         "IPv6 reply, slow path"
     );
 }
+
+/// Nested ipBlocks of every prefix length of both families (/0 to /32, /0 to /128), each class
+/// opening one port: a flow to an address inside the /l prefix and outside the /(l+1) one is
+/// allowed on exactly that prefix's port. Every length is probed, longest first, including
+/// both ends of each bit set and the boundaries between the words of an IPv6 set.
+#[test]
+fn every_prefix_length_is_probed_longest_first() {
+    if !require_root() {
+        return;
+    }
+    use palisade_policy::state::{CidrEntry, DesiredState};
+    let base4 = u32::from(Ipv4Addr::new(203, 0, 113, 77));
+    let base6 = u128::from(Ipv6Addr::new(0x2001, 0xdb8, 0xa5a5, 0x5a5a, 1, 2, 3, 4));
+    let port = |l: u32| 1000 + l as u16;
+    let mut s: DesiredState = standard_state();
+    s.cidrs.clear();
+    s.policy.retain(|e, _| e.key.dir != DIR_EGRESS);
+    for l in 0..=128u32 {
+        let class = CIDR_CLASS_BIT | (10 + l);
+        let key6 = CidrKey {
+            endpoint: EP,
+            dir: DIR_EGRESS,
+            family: AF_INET6,
+            addr: base6.to_be_bytes(),
+            ..CidrKey::default()
+        };
+        s.cidrs.insert(CidrEntry::new(key6, l), class);
+        if l <= 32 {
+            let key4 = CidrKey {
+                family: AF_INET,
+                addr: PeerAddr::v4(base4.to_be_bytes()).addr,
+                ..key6
+            };
+            // IPv4 prefixes have classes of their own (the maps are per family anyway).
+            s.cidrs.insert(CidrEntry::new(key4, l), class | 0x1000);
+            s.policy.insert(
+                policy_entry(class | 0x1000, DIR_EGRESS, PROTO_TCP, port(l), 96),
+                PolicyValue {
+                    rule: 2000 + l,
+                    flags: 0,
+                },
+            );
+        }
+        s.policy.insert(
+            policy_entry(class, DIR_EGRESS, PROTO_TCP, port(l), 96),
+            PolicyValue {
+                rule: 1000 + l,
+                flags: 0,
+            },
+        );
+    }
+    let rig = Rig::new(&s);
+    // Inside /l, outside /(l+1): flip bit l (counted from the top) of the base address.
+    for l in 0..=32u32 {
+        let addr = if l == 32 {
+            base4
+        } else {
+            base4 ^ (1 << (31 - l))
+        };
+        let dst = Ipv4Addr::from(addr);
+        for (p, want) in [(port(l), TC_ACT_OK), (port(l) + 1, TC_ACT_SHOT)] {
+            let got = rig.egress(&tcp4(POD, dst, 41000, p, SYN));
+            assert_eq!(got, want, "IPv4 /{l}: {dst} port {p}");
+        }
+    }
+    for l in 0..=128u32 {
+        let addr = if l == 128 {
+            base6
+        } else {
+            base6 ^ (1 << (127 - l))
+        };
+        let dst = Ipv6Addr::from(addr);
+        for (p, want) in [(port(l), TC_ACT_OK), (port(l) + 1, TC_ACT_SHOT)] {
+            let pkt = ipv6(POD6, dst, PROTO_TCP, &l4(PROTO_TCP, 41000, p, SYN));
+            assert_eq!(rig.egress(&pkt), want, "IPv6 /{l}: {dst} port {p}");
+        }
+    }
+}
