@@ -10,7 +10,7 @@
 use std::{collections::BTreeMap, sync::Mutex, time::Duration};
 
 use anyhow::Result;
-use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuValues};
 use palisade_common::{CtEntry, CtKey, EndpointState, FragKey, FragPorts, RuleStats, map_names};
 use prometheus_client::{
     metrics::{
@@ -96,7 +96,9 @@ pub struct DatapathReader {
 
 pub(crate) struct ReaderMaps {
     pub(crate) counters: PerCpuArray<MapData, u64>,
-    pub(crate) rule_stats: PerCpuHashMap<MapData, u32, RuleStats>,
+    pub(crate) rule_stats: PerCpuArray<MapData, RuleStats>,
+    /// Stats slot -> the rule it counts for, as of the last `forget_rules`.
+    slot_owners: BTreeMap<u16, u32>,
     pub(crate) conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub(crate) ep_state: HashMap<MapData, u32, EndpointState>,
     pub(crate) fragments: HashMap<MapData, FragKey, FragPorts>,
@@ -107,7 +109,8 @@ impl DatapathReader {
         Ok(DatapathReader {
             maps: Mutex::new(ReaderMaps {
                 counters: PerCpuArray::try_from(dp.take_map(map_names::COUNTERS)?)?,
-                rule_stats: PerCpuHashMap::try_from(dp.take_map(map_names::RULE_STATS)?)?,
+                rule_stats: PerCpuArray::try_from(dp.take_map(map_names::RULE_STATS)?)?,
+                slot_owners: BTreeMap::new(),
                 conntrack: HashMap::try_from(dp.take_map(map_names::CONNTRACK)?)?,
                 ep_state: HashMap::try_from(dp.take_map(map_names::EP_STATE)?)?,
                 fragments: HashMap::try_from(dp.take_map(map_names::FRAGMENTS)?)?,
@@ -115,18 +118,27 @@ impl DatapathReader {
         })
     }
 
-    /// Removes the counters of rules that no longer exist (ids are not reused before the id
-    /// space runs out, so these would only fill the map).
+    /// Zeroes the stats slots of rules that no longer exist, and of slots now given to another
+    /// rule (the compiler hands a freed slot out again only once every other is taken).
     pub fn forget_rules(&self, rules: &BTreeMap<u32, RuleInfo>) {
         let mut m = self.maps.lock().expect("maps lock");
-        let stale: Vec<u32> = m
-            .rule_stats
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !rules.contains_key(k))
+        let owners: BTreeMap<u16, u32> = rules
+            .values()
+            .filter(|r| r.slot != 0)
+            .map(|r| (r.slot, r.id))
             .collect();
-        for k in stale {
-            let _ = m.rule_stats.remove(&k);
+        let stale: Vec<u16> = m
+            .slot_owners
+            .iter()
+            .filter(|(slot, rule)| owners.get(slot) != Some(rule))
+            .map(|(slot, _)| *slot)
+            .collect();
+        let cpus = aya::util::nr_cpus().unwrap_or(1);
+        for slot in stale {
+            if let Ok(zero) = PerCpuValues::try_from(vec![RuleStats::default(); cpus]) {
+                let _ = m.rule_stats.set(u32::from(slot), zero, 0);
+            }
         }
+        m.slot_owners = owners;
     }
 }

@@ -58,19 +58,22 @@ pub fn stats_report(hub: &Hub) -> StatsReport {
     // Per rule, grouped by policy.
     let mut by_policy: BTreeMap<String, PolicyStats> = BTreeMap::new();
     let mut rule_entries = 0u64;
-    for item in m.rule_stats.iter() {
-        let Ok((id, per_cpu)) = item else { continue };
+    for info in names.file.rules.values().filter(|r| r.slot != 0) {
         rule_entries += 1;
+        let Ok(per_cpu) = m.rule_stats.get(&u32::from(info.slot), 0) else {
+            continue;
+        };
         let packets: u64 = per_cpu.iter().map(|s| s.packets).sum();
         let bytes: u64 = per_cpu.iter().map(|s| s.bytes).sum();
-        let (policy, rule, audit) = match names.file.rules.get(&id) {
-            Some(info) => (
-                info.policy_id(),
-                format!("{}[{}]", info.direction, info.index),
-                info.audit,
-            ),
-            None => ("(removed rules)".to_string(), format!("rule {id}"), false),
-        };
+        if packets == 0 {
+            continue;
+        }
+        let id = info.id;
+        let (policy, rule, audit) = (
+            info.policy_id(),
+            format!("{}[{}]", info.direction, info.index),
+            info.audit,
+        );
         let p = by_policy.entry(policy.clone()).or_insert(PolicyStats {
             policy,
             audit,

@@ -357,6 +357,7 @@ mod tests {
                 direction: Direction::Ingress,
                 index: 0,
                 audit: false,
+                slot: 0,
             },
         );
         let names = Names::new(file, &DesiredState::default());

@@ -178,7 +178,11 @@ fn a_syn_is_never_a_reply() {
     let mut state = standard_state();
     state.policy.insert(
         policy_entry(PEER_ID, DIR_EGRESS, 0, 0, POLICY_KEY_ANY_PROTO_BITS),
-        PolicyValue { rule: 6, flags: 0 },
+        PolicyValue {
+            rule: 6,
+            flags: 0,
+            ..PolicyValue::default()
+        },
     );
     let rig = Rig::new(&state);
     assert_eq!(rig.egress(&tcp4(POD, PEER, 80, 40000, SYN_ACK)), TC_ACT_OK);
@@ -624,6 +628,7 @@ fn every_prefix_length_is_probed_longest_first() {
                 PolicyValue {
                     rule: 2000 + l,
                     flags: 0,
+                    ..PolicyValue::default()
                 },
             );
         }
@@ -632,6 +637,7 @@ fn every_prefix_length_is_probed_longest_first() {
             PolicyValue {
                 rule: 1000 + l,
                 flags: 0,
+                ..PolicyValue::default()
             },
         );
     }

@@ -155,7 +155,11 @@ fn full_map_affects_only_the_endpoint_that_needs_more() {
     s.endpoint_addrs.insert(peer_addr(POD2.into()), EP2);
     s.policy.insert(
         allow_tcp_port(EP2, PEER_ID, DIR_INGRESS, 80),
-        PolicyValue { rule: 50, flags: 0 },
+        PolicyValue {
+            rule: 50,
+            flags: 0,
+            ..PolicyValue::default()
+        },
     );
     // EP2's entry sorts after EP's in the write order: write it first so it is the one that
     // fits (the point is that one endpoint's overflow leaves the other enforced as written).

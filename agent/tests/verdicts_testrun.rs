@@ -4,7 +4,7 @@
 //! reason and rule. Needs root; under CI=true a missing privilege is a failure, not a skip.
 mod support;
 
-use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use palisade_common::*;
 use palisade_datapath::{
     loader::{Datapath, FROM_POD, TO_POD},
@@ -33,6 +33,8 @@ fn state() -> DesiredState {
         PolicyValue {
             rule: RULE,
             flags: 0,
+            slot: RULE as u16,
+            _pad: 0,
         },
     );
     s
@@ -42,7 +44,7 @@ struct Rig {
     dp: Datapath,
     _writer: MapWriter,
     counters: PerCpuArray<MapData, u64>,
-    rule_stats: PerCpuHashMap<MapData, u32, RuleStats>,
+    rule_stats: PerCpuArray<MapData, RuleStats>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
     events: RingBuf<MapData>,
 }
@@ -54,7 +56,7 @@ impl Rig {
         let take = |dp: &mut Datapath, name| dp.take_map(name).unwrap();
         Rig {
             counters: PerCpuArray::try_from(take(&mut dp, map_names::COUNTERS)).unwrap(),
-            rule_stats: PerCpuHashMap::try_from(take(&mut dp, map_names::RULE_STATS)).unwrap(),
+            rule_stats: PerCpuArray::try_from(take(&mut dp, map_names::RULE_STATS)).unwrap(),
             conntrack: HashMap::try_from(take(&mut dp, map_names::CONNTRACK)).unwrap(),
             events: RingBuf::try_from(take(&mut dp, map_names::EVENTS)).unwrap(),
             dp,
@@ -70,9 +72,10 @@ impl Rig {
         support::counter(&self.counters, i)
     }
 
-    fn rule(&self, rule: u32) -> (u64, u64) {
+    /// Packets and bytes of the rule of stats slot `slot`.
+    fn rule(&self, slot: u32) -> (u64, u64) {
         self.rule_stats
-            .get(&rule, 0)
+            .get(&slot, 0)
             .map(|v| {
                 (
                     v.iter().map(|s| s.packets).sum(),
@@ -113,7 +116,10 @@ fn rule_counters_count_new_flows_and_conntrack_hits() {
         TC_ACT_SHOT
     );
     assert_eq!(rig.rule(RULE).0, 3);
-    assert_eq!(rig.rule_stats.keys().count(), 1);
+    let counted = (0..capacity::RULE_STATS)
+        .filter(|slot| rig.rule(*slot).0 > 0)
+        .count();
+    assert_eq!(counted, 1, "one slot counted, the allowing rule's");
 }
 
 #[test]

@@ -418,6 +418,9 @@ pub struct PolicyValue {
     /// Rule id (the agent maps it back to namespace/name and rule index); never 0.
     pub rule: u32,
     pub flags: u32,
+    /// The rule's RULE_STATS slot (0: the rule has none and is not counted).
+    pub slot: u16,
+    pub _pad: u16,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -558,7 +561,9 @@ pub struct CtEntry {
     /// The direction the flow was first seen in (`DIR_*`): its "original" direction, which
     /// policy judged and revalidation judges again.
     pub dir: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// `rule`'s RULE_STATS slot (0: not counted).
+    pub slot: u16,
 }
 
 /// Idle timeouts, nanoseconds.
@@ -787,8 +792,14 @@ pub const AUDITED_BY_REASON: u32 = 32;
 pub const COUNTER_SLOTS: u32 = 48;
 
 // ---------------------------------------------------------------------------------------------
-// RULE_STATS: PerCpuHashMap<u32 rule id, RuleStats>
+// RULE_STATS: PerCpuArray<RuleStats>, indexed by a rule's stats slot
 // ---------------------------------------------------------------------------------------------
+//
+// Every packet a rule lets through is counted, so the count sits on the per-packet path: an
+// array the verifier inlines (an index and a bounds check) costs a fraction of a hash lookup,
+// and a per-CPU slot keeps each CPU on its own cache line. Slots are dense numbers the compiler
+// gives rules (`PolicyValue::slot`, copied into a flow's `CtEntry::slot`): at most
+// `capacity::RULE_STATS - 1` rules of a node are counted; slot 0 takes what no slot counts.
 
 /// Packets and bytes let through by one rule (per CPU): the first packet of every flow the rule
 /// allowed and every later packet of those flows (conntrack hits, both directions).
@@ -953,7 +964,7 @@ mod tests {
         assert_eq!(size_of::<PolicyKey>(), 16);
         assert_eq!(size_of::<PrefixLengthsKey>(), 8);
         assert_eq!(size_of::<PrefixLengths>(), 40);
-        assert_eq!(size_of::<PolicyValue>(), 8);
+        assert_eq!(size_of::<PolicyValue>(), 12);
         assert_eq!(size_of::<CtKey>(), 44);
         assert_eq!(size_of::<CtEntry>(), 48);
         assert_eq!(size_of::<FragKey>(), 40);

@@ -183,7 +183,8 @@ impl LegacyConntrack {
                 old.role,
             );
             entry.dir = old.dir;
-            entry._pad = [0; 3];
+            entry._pad = 0;
+            entry.slot = 0;
             unsafe {
                 std::ptr::write_unaligned(k.as_mut_ptr().cast(), key);
                 std::ptr::write_unaligned(v.as_mut_ptr().cast(), entry);

@@ -688,6 +688,9 @@ impl MapWriter {
             }
         }
         // Comparing first is cheaper than cloning (no allocation), and these rarely change.
+        if self.applied.rule_slots != desired.rule_slots {
+            self.applied.rule_slots = desired.rule_slots.clone();
+        }
         if self.applied.rules != desired.rules {
             self.applied.rules = desired.rules.clone();
         }

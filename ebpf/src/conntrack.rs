@@ -156,7 +156,7 @@ pub fn touch(e: *mut CtEntry, pkt: &Packet, original: bool, len: u32, now: u64) 
 pub fn create(
     key: &CtKey,
     dir: u8,
-    rule: u32,
+    (rule, slot): (u32, u16),
     revision: u32,
     flags: u32,
     len: u32,
@@ -182,7 +182,8 @@ pub fn create(
         revision,
         flags,
         dir,
-        _pad: [0; 3],
+        _pad: 0,
+        slot,
     };
     const BPF_NOEXIST: u64 = 1;
     const EEXIST: i32 = 17;

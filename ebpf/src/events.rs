@@ -4,7 +4,6 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use palisade_common::{
     AUDITED_BY_REASON, Counter, DROPPED_BY_REASON, EVENT_BURST, EVENT_RATE_PER_SEC, Event, Reason,
-    RuleStats,
 };
 
 use crate::{
@@ -38,23 +37,13 @@ pub fn count_audit(reason: Reason) {
     count_slot(AUDITED_BY_REASON + reason as u32);
 }
 
-/// A packet let through by `rule` (0: no rule decided, not counted).
+/// A packet let through by the rule of stats slot `slot` (0: no rule, or one without a slot).
 #[inline(always)]
-pub fn count_rule(rule: u32, len: u32) {
-    if rule == 0 {
-        return;
-    }
-    match RULE_STATS.get_ptr_mut(rule) {
-        Some(s) => unsafe {
+pub fn count_rule(slot: u16, len: u32) {
+    if let Some(s) = RULE_STATS.get_ptr_mut(u32::from(slot)) {
+        unsafe {
             (*s).packets += 1;
-            (*s).bytes += len as u64;
-        },
-        None => {
-            let fresh = RuleStats {
-                packets: 1,
-                bytes: len as u64,
-            };
-            let _ = RULE_STATS.insert(rule, fresh, 0);
+            (*s).bytes += u64::from(len);
         }
     }
 }

@@ -2,7 +2,7 @@
 //! documents each one.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use palisade_common::{
     COUNTER_SLOTS, CT_QUOTA_DEFAULT, CidrKey, CtEntry, CtKey, EVENT_BURST, EndpointInfo,
@@ -75,11 +75,11 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SL
 pub static EP_STATE: HashMap<u32, EndpointState> =
     HashMap::with_max_entries(capacity::ENDPOINTS, 0);
 
-/// Rule id -> packets and bytes it let through (per CPU). Written by the datapath; the agent
-/// reads it and removes the entries of rules that no longer exist.
+/// A rule's stats slot -> packets and bytes it let through (per CPU). Written by the datapath;
+/// the agent reads it and zeroes the slots of rules that are gone.
 #[map]
-pub static RULE_STATS: PerCpuHashMap<u32, RuleStats> =
-    PerCpuHashMap::with_max_entries(capacity::RULE_STATS, 0);
+pub static RULE_STATS: PerCpuArray<RuleStats> =
+    PerCpuArray::with_max_entries(capacity::RULE_STATS, 0);
 
 /// Addresses of this node's endpoints -> endpoint id: source address verification and self
 /// traffic. Written by the agent only.

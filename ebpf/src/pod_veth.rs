@@ -22,7 +22,7 @@ use crate::{
         ND_REDIRECT, ND_ROUTER_ADVERT, Packet, empty_packet,
     },
     parse::{self, Frame},
-    policy,
+    policy::{self, Verdict},
 };
 
 #[classifier]
@@ -83,16 +83,21 @@ fn report(c: &Ctx, pkt: Option<&Packet>, verdict: u8, reason: Reason, rule: u32)
     );
 }
 
-/// Records `pkt` as the first packet of an allowed (or audited) flow, in the direction being
-/// judged. A call of its own, not inlined: its frame and `handle`'s together would pass the
-/// verifier's 512-byte stack limit.
+/// Records `pkt` as the first packet of a flow in the direction being judged: allowed by `v`,
+/// or (`None`) denied and let through by audit mode. A call of its own, not inlined: its frame
+/// and `handle`'s together would pass the verifier's 512-byte stack limit (and a BPF call
+/// takes at most five arguments).
 #[inline(never)]
-fn open_flow(c: &Ctx, pkt: &Packet, rule: u32, flags: u32, occupied: bool) -> Result<(), Reason> {
+fn open_flow(c: &Ctx, pkt: &Packet, v: Option<&Verdict>, occupied: bool) -> Result<(), Reason> {
     let key = conntrack::flow_key(c.ep.id, c.dir, pkt);
     if occupied {
         // The flow the other way that held this key is over: this SYN starts another.
         conntrack::remove(&key);
     }
+    let (rule, flags) = match v {
+        Some(v) => ((v.rule, v.slot), 0),
+        None => ((0, 0), CT_FLAG_AUDIT),
+    };
     conntrack::create(&key, c.dir, rule, c.ep.revision, flags, c.len, c.now)
 }
 
@@ -271,7 +276,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             let original = flow_dir == dir;
             if unsafe { (*entry).revision } == c.ep.revision {
                 count(Counter::CtHit);
-                count_rule(unsafe { (*entry).rule }, c.len);
+                count_rule(unsafe { (*entry).slot }, c.len);
                 if refresh {
                     conntrack::touch(entry, pkt, original, c.len, c.now);
                 }
@@ -292,9 +297,10 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
                 unsafe {
                     (*entry).revision = c.ep.revision;
                     (*entry).rule = v.rule;
+                    (*entry).slot = v.slot;
                     (*entry).flags &= !CT_FLAG_AUDIT;
                 }
-                count_rule(v.rule, c.len);
+                count_rule(v.slot, c.len);
                 if refresh {
                     conntrack::touch(entry, pkt, original, c.len, c.now);
                 }
@@ -306,6 +312,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
                 unsafe {
                     (*entry).revision = c.ep.revision;
                     (*entry).rule = 0;
+                    (*entry).slot = 0;
                     (*entry).flags |= CT_FLAG_AUDIT;
                 }
                 if refresh {
@@ -330,7 +337,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             0,
         );
         if v.allowed {
-            count_rule(v.rule, c.len);
+            count_rule(v.slot, c.len);
             return Ok(TC_ACT_OK);
         }
         return drop_packet(&c, dir, Some(pkt), v.reason);
@@ -369,7 +376,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         if c.ep.flags & audit_flag(dir) != 0 && opens_flow {
             // The rest of an audited flow (and its replies) passes by conntrack, quietly (if
             // there is no room for it, each packet is audited on its own).
-            if open_flow(&c, pkt, 0, CT_FLAG_AUDIT, occupied).is_err() {
+            if open_flow(&c, pkt, None, occupied).is_err() {
                 count(Counter::CtInsertFailed);
             }
         }
@@ -379,13 +386,13 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     // replies would be dropped anyway, and an untracked flow escapes revalidation.
     if v.reason != Reason::Host
         && opens_flow
-        && let Err(reason) = open_flow(&c, pkt, v.rule, 0, occupied)
+        && let Err(reason) = open_flow(&c, pkt, Some(&v), occupied)
     {
         count(Counter::CtInsertFailed);
         return drop_packet(&c, dir, Some(pkt), reason);
     }
     count(Counter::NewAllowed);
-    count_rule(v.rule, c.len);
+    count_rule(v.slot, c.len);
     report(&c, Some(pkt), VERDICT_ALLOW, v.reason, v.rule);
     Ok(TC_ACT_OK)
 }

@@ -32,16 +32,27 @@ pub struct Verdict {
     pub reason: Reason,
     /// The allowing rule, 0 when none.
     pub rule: u32,
+    /// Its RULE_STATS slot.
+    pub slot: u16,
 }
 
 #[inline(always)]
-fn allow(reason: Reason, rule: u32) -> Verdict {
+fn allow(reason: Reason, v: PolicyValue) -> Verdict {
     Verdict {
         allowed: true,
         reason,
-        rule,
+        rule: v.rule,
+        slot: v.slot,
     }
 }
+
+/// An allow no rule decided.
+const NO_RULE: PolicyValue = PolicyValue {
+    rule: 0,
+    flags: 0,
+    slot: 0,
+    _pad: 0,
+};
 
 /// Is `addr` one of this node's own addresses (`IDENTITY_HOST`)?
 #[inline(always)]
@@ -64,7 +75,7 @@ pub fn evaluate(
     port: u16,
 ) -> Verdict {
     if ep.flags & isolated_flag(dir) == 0 {
-        return allow(Reason::NotIsolated, 0);
+        return allow(Reason::NotIsolated, NO_RULE);
     }
     let identity = identity_of(family, peer);
     if identity == IDENTITY_HOST {
@@ -78,12 +89,12 @@ pub fn evaluate(
                 let t = *t;
                 let target = identity_of(family, &t.addr);
                 if target == IDENTITY_HOST {
-                    return allow(Reason::Host, 0);
+                    return allow(Reason::Host, NO_RULE);
                 }
                 return lookup(ep, dir, family, &t.addr, target, proto, t.port);
             }
         }
-        return allow(Reason::Host, 0);
+        return allow(Reason::Host, NO_RULE);
     }
     lookup(ep, dir, family, peer, identity, proto, port)
 }
@@ -233,6 +244,7 @@ fn lookup(
         allowed: false,
         reason: Reason::NoRuleMatched,
         rule: 0,
+        slot: 0,
     };
     let key = PrefixLengthsKey {
         endpoint: ep.id,
@@ -247,13 +259,13 @@ fn lookup(
     if identity != IDENTITY_NONE
         && let Some(v) = policy_match(ep, dir, identity, proto, port_be, lengths.policy)
     {
-        return allow(Reason::PolicyAllow, v.rule);
+        return allow(Reason::PolicyAllow, v);
     }
     if let Some(class) = cidr_match(ep, dir, family, peer, lengths)
         && class != CIDR_CLASS_NONE
         && let Some(v) = policy_match(ep, dir, class, proto, port_be, lengths.policy)
     {
-        return allow(Reason::PolicyAllow, v.rule);
+        return allow(Reason::PolicyAllow, v);
     }
     deny
 }

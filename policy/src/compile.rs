@@ -213,6 +213,18 @@ impl<K: Hash + Eq + Clone> Interner<K> {
         id
     }
 
+    /// `intern`, or `None` when every id of the range is live.
+    fn try_intern(&mut self, key: &K) -> Option<u32> {
+        let span = u64::from(self.last - self.first) + 1;
+        if !self.ids.contains_key(key)
+            && self.next > u64::from(self.last)
+            && self.live.len() as u64 >= span
+        {
+            return None;
+        }
+        Some(self.intern(key))
+    }
+
     fn alloc(&mut self) -> u32 {
         if self.next <= u64::from(self.last) {
             self.next += 1;
@@ -281,6 +293,8 @@ pub struct Compiler {
     endpoints: Interner<PodRef>,
     identities: Interner<IdentityKey>,
     rules: Interner<RuleRef>,
+    /// Rule id -> RULE_STATS slot (dense, 1..capacity::RULE_STATS).
+    stats_slots: Interner<u32>,
     classes: Interner<ClassKey>,
     /// Node-wide audit mode (`palisade run --audit`): every policy is treated as an audit
     /// policy.
@@ -293,6 +307,7 @@ impl Default for Compiler {
             endpoints: Interner::new(1, u32::MAX),
             identities: Interner::new(IDENTITY_FIRST_POD, CIDR_CLASS_BIT - 1),
             rules: Interner::new(1, u32::MAX),
+            stats_slots: Interner::new(1, palisade_common::capacity::RULE_STATS - 1),
             classes: Interner::new(1, CIDR_CLASS_BIT - 1),
             audit_all: false,
         }
@@ -421,7 +436,10 @@ fn put(
     policy
         .entry(entry)
         .and_modify(|v| v.rule = v.rule.min(rule))
-        .or_insert(PolicyValue { rule, flags: 0 });
+        .or_insert(PolicyValue {
+            rule,
+            ..PolicyValue::default()
+        });
 }
 
 impl Compiler {
@@ -457,6 +475,7 @@ impl Compiler {
         self.endpoints.begin();
         self.identities.begin();
         self.rules.begin();
+        self.stats_slots.begin();
         self.classes.begin();
         let mut out = DesiredState::default();
         let index = self.identities_of(store, host_addrs, &mut out);
@@ -586,9 +605,20 @@ impl Compiler {
                 out.rules.insert(v.rule, r.clone());
             }
         }
+        // Stats slots for the rules in use, in rule order (older rules first when they run
+        // out); a rule keeps its slot for as long as it is in use.
+        for &rule in out.rules.keys() {
+            if let Some(slot) = self.stats_slots.try_intern(&rule) {
+                out.rule_slots.insert(rule, slot as u16);
+            }
+        }
+        for v in out.policy.values_mut() {
+            v.slot = out.rule_slots.get(&v.rule).copied().unwrap_or(0);
+        }
         self.endpoints.finish();
         self.identities.finish();
         self.rules.finish();
+        self.stats_slots.finish();
         self.classes.finish();
         out
     }
@@ -1069,6 +1099,14 @@ mod tests {
         assert_eq!(i.intern(&"b"), 11);
         i.finish();
         assert_eq!(i.len(), 3);
+        // Stats slots: a full range answers None instead of failing.
+        i.begin();
+        for k in ["b", "c", "d"] {
+            assert!(i.try_intern(&k).is_some());
+        }
+        assert_eq!(i.try_intern(&"e"), None, "every slot is live");
+        assert_eq!(i.try_intern(&"c"), Some(12), "a live key keeps its slot");
+        i.finish();
     }
 
     #[test]

@@ -213,7 +213,11 @@ mod tests {
                 },
                 prefix_len: 94,
             },
-            PolicyValue { rule: 5, flags: 0 },
+            PolicyValue {
+                rule: 5,
+                flags: 0,
+                ..PolicyValue::default()
+            },
         );
         // 10.0.0.0/8 -> class 1 (any protocol), except 10.1.0.0/16.
         let cidr = |a: [u8; 4], len| CidrEntry {
@@ -240,7 +244,11 @@ mod tests {
                 },
                 prefix_len: POLICY_KEY_ANY_PROTO_BITS,
             },
-            PolicyValue { rule: 9, flags: 0 },
+            PolicyValue {
+                rule: 9,
+                flags: 0,
+                ..PolicyValue::default()
+            },
         );
         s
     }

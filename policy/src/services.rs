@@ -577,6 +577,8 @@ pub fn expand(
                     PolicyValue {
                         rule,
                         flags: if audit { POLICY_FLAG_AUDIT } else { 0 },
+                        slot: desired.rule_slots.get(&rule).copied().unwrap_or(0),
+                        _pad: 0,
                     },
                 ));
             }
@@ -594,7 +596,10 @@ pub fn expand(
             .policy
             .entry(e)
             .and_modify(|old| {
-                old.rule = old.rule.min(v.rule);
+                if v.rule < old.rule {
+                    old.rule = v.rule;
+                    old.slot = v.slot;
+                }
                 old.flags &= v.flags;
             })
             .or_insert(v);

@@ -240,6 +240,9 @@ pub struct DesiredState {
     pub policy: BTreeMap<PolicyEntry, PolicyValue>,
     /// Rule ids used in `policy`, decoded.
     pub rules: BTreeMap<u32, RuleRef>,
+    /// Rule id -> its RULE_STATS slot (`PolicyValue::slot`); a rule without one (past
+    /// `capacity::RULE_STATS - 1` rules) is not counted.
+    pub rule_slots: BTreeMap<u32, u16>,
     /// Endpoint id -> what it is.
     pub endpoint_meta: BTreeMap<u32, EndpointMeta>,
     /// Identity id -> the pods that carry it (for naming peers in verdicts).

@@ -47,6 +47,9 @@ pub struct RuleInfo {
     pub index: usize,
     /// The policy is in audit mode (annotation or `run --audit`).
     pub audit: bool,
+    /// Its RULE_STATS slot (0: not counted).
+    #[serde(default)]
+    pub slot: u16,
 }
 
 impl RuleInfo {
@@ -115,7 +118,8 @@ impl StateFile {
                         .policies
                         .get(&(r.namespace.clone(), r.policy.clone()))
                         .is_some_and(|p| p.audit);
-                (*id, rule_info(*id, r, audit))
+                let slot = applied.rule_slots.get(id).copied().unwrap_or(0);
+                (*id, rule_info(*id, r, audit, slot))
             })
             .collect();
         let pods = store
@@ -151,7 +155,7 @@ impl StateFile {
     }
 }
 
-fn rule_info(id: u32, r: &RuleRef, audit: bool) -> RuleInfo {
+fn rule_info(id: u32, r: &RuleRef, audit: bool, slot: u16) -> RuleInfo {
     RuleInfo {
         id,
         namespace: r.namespace.clone(),
@@ -159,6 +163,7 @@ fn rule_info(id: u32, r: &RuleRef, audit: bool) -> RuleInfo {
         direction: r.direction,
         index: r.index,
         audit,
+        slot,
     }
 }
 

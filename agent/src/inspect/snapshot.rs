@@ -248,6 +248,7 @@ impl Snapshot {
                     direction: dir,
                     index: 0,
                     audit: audit_flag,
+                    slot: 0,
                 }),
                 peer,
                 protocol: (proto != 0).then(|| proto_name(proto)),

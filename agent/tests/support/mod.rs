@@ -174,6 +174,8 @@ pub fn endpoint_state(
             PolicyValue {
                 rule: 1 + i as u32,
                 flags: 0,
+                slot: 1 + i as u16,
+                _pad: 0,
             },
         );
     }
@@ -260,7 +262,15 @@ pub fn standard_state() -> DesiredState {
     s.identities.insert(peer_addr(NODE.into()), IDENTITY_HOST);
     s.endpoint_addrs.insert(peer_addr(POD6.into()), EP);
     let allow = |s: &mut DesiredState, e: PolicyEntry, rule: u32| {
-        s.policy.insert(e, PolicyValue { rule, flags: 0 });
+        s.policy.insert(
+            e,
+            PolicyValue {
+                rule,
+                flags: 0,
+                slot: rule as u16,
+                _pad: 0,
+            },
+        );
     };
     allow(
         &mut s,

@@ -183,8 +183,15 @@ impl World {
     }
 }
 
-/// Every LPM key has zero bits beyond its prefix; classes and identities are in range.
+/// Every prefix key has zero bits beyond its prefix (and 0 in its own `prefix_len`, which the
+/// entry holds); classes and identities are in range; every allow counts into its rule's
+/// stats slot, a slot per rule.
 fn check_masked(s: &DesiredState) {
+    let mut slots = std::collections::BTreeSet::new();
+    for (rule, slot) in &s.rule_slots {
+        assert!(s.rules.contains_key(rule) && *slot != 0);
+        assert!(slots.insert(*slot), "slot {slot} given twice");
+    }
     for (e, v) in &s.policy {
         let k = e.key;
         assert!((POLICY_KEY_ANY_PROTO_BITS..=POLICY_KEY_FULL_BITS).contains(&e.prefix_len));
@@ -198,6 +205,8 @@ fn check_masked(s: &DesiredState) {
         }
         assert!(k.peer >= IDENTITY_FIRST_POD, "{e:?}");
         assert!(v.rule != 0 && s.rules.contains_key(&v.rule), "{e:?} {v:?}");
+        assert_eq!(k.prefix_len, 0);
+        assert_eq!(Some(&v.slot), s.rule_slots.get(&v.rule), "{e:?} {v:?}");
     }
     for (e, class) in &s.cidrs {
         assert!(*class & CIDR_CLASS_BIT != 0);
@@ -207,6 +216,7 @@ fn check_masked(s: &DesiredState) {
             128
         };
         assert!(e.prefix_len <= bits);
+        assert_eq!(e.key.prefix_len, 0);
         let addr = u128::from_be_bytes(e.key.addr);
         let addr = if bits == 32 { addr >> 96 } else { addr };
         let host_bits = u128::MAX
