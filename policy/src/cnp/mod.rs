@@ -12,3 +12,6 @@ pub mod reference;
 
 pub use model::*;
 pub use nodes::NodeInfo;
+
+#[cfg(test)]
+mod conformance;
