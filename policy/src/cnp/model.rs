@@ -358,7 +358,7 @@ fn parse_rules<'r, R>(
     if rules.len() > MAX_RULES {
         return Err(FieldError::new(
             field,
-            format!("must have at most {MAX_RULES} rules (has {})", rules.len()),
+            format!("must have at most {MAX_RULES} items (has {})", rules.len()),
         ));
     }
     rules
@@ -398,12 +398,12 @@ fn parse_rule(field: &str, index: usize, r: RuleParts<'_>) -> Result<TierRule, F
     };
     let peers_field = format!("{field}.{}", r.peers_field);
     let peers = r.peers?.ok_or_else(|| required(&peers_field))?;
-    check_count(&peers_field, peers.len(), MAX_PEERS, "peer")?;
+    check_count(&peers_field, peers.len(), MAX_PEERS)?;
     let ports = match r.protocols {
         None => None,
         Some(protocols) => {
             let f = format!("{field}.protocols");
-            check_count(&f, protocols.len(), MAX_PROTOCOLS, "entry")?;
+            check_count(&f, protocols.len(), MAX_PROTOCOLS)?;
             Some(
                 protocols
                     .iter()
@@ -423,16 +423,13 @@ fn parse_rule(field: &str, index: usize, r: RuleParts<'_>) -> Result<TierRule, F
 }
 
 /// `1..=max` items.
-fn check_count(field: &str, n: usize, max: usize, what: &str) -> Result<(), FieldError> {
+fn check_count(field: &str, n: usize, max: usize) -> Result<(), FieldError> {
     if n == 0 {
-        Err(FieldError::new(
-            field,
-            format!("must have at least 1 {what}"),
-        ))
+        Err(FieldError::new(field, "must have at least 1 item"))
     } else if n > max {
         Err(FieldError::new(
             field,
-            format!("must have at most {max} (has {n})"),
+            format!("must have at most {max} items (has {n})"),
         ))
     } else {
         Ok(())
@@ -543,7 +540,7 @@ fn parse_peer_field(field: &str, p: PeerField<'_>) -> Result<TierPeer, FieldErro
         PeerField::Nodes(s) => TierPeer::Nodes(Selector::from_k8s(s, &format!("{field}.nodes"))?),
         PeerField::Networks(list) => {
             let f = format!("{field}.networks");
-            check_count(&f, list.len(), MAX_NETWORKS, "CIDR")?;
+            check_count(&f, list.len(), MAX_NETWORKS)?;
             let mut nets = Vec::new();
             for (k, s) in list.iter().enumerate() {
                 let fk = format!("{f}[{k}]");
@@ -567,7 +564,7 @@ fn parse_peer_field(field: &str, p: PeerField<'_>) -> Result<TierPeer, FieldErro
         }
         PeerField::DomainNames(list) => {
             let f = format!("{field}.domainNames");
-            check_count(&f, list.len(), MAX_DOMAIN_NAMES, "name")?;
+            check_count(&f, list.len(), MAX_DOMAIN_NAMES)?;
             let mut names = Vec::new();
             for (k, s) in list.iter().enumerate() {
                 let fk = format!("{f}[{k}]");
@@ -983,7 +980,7 @@ mod tests {
                 list(26, |_| NS.into())
             )),
             "spec.egress[0].to",
-            "at most 25 (has 26)",
+            "at most 25 items (has 26)",
         );
         assert!(
             egress(&format!(
@@ -1004,13 +1001,13 @@ mod tests {
         refused(
             rules(&list(26, |_| rule.clone()), "[]"),
             "spec.ingress",
-            "at most 25 rules (has 26)",
+            "at most 25 items (has 26)",
         );
         let rule = format!("{{action: Deny, to: [{NS}]}}");
         refused(
             rules("[]", &list(26, |_| rule.clone())),
             "spec.egress",
-            "at most 25 rules",
+            "at most 25 items",
         );
         let p = rules("[]", &list(25, |_| rule.clone())).unwrap();
         assert_eq!(p.egress.len(), 25);
@@ -1175,7 +1172,7 @@ mod tests {
         refused(
             nets(&list(26, |i| format!("10.0.{i}.0/24"))),
             "spec.egress[0].to[0].networks",
-            "at most 25 (has 26)",
+            "at most 25 items (has 26)",
         );
         assert!(nets(&list(25, |i| format!("10.0.{i}.0/24"))).is_ok());
         // Host bits are zeroed (isCIDR admits them), then duplicates merge.
@@ -1293,7 +1290,7 @@ mod tests {
                 many(26)
             )),
             "spec.ingress[0].protocols",
-            "at most 25 (has 26)",
+            "at most 25 items (has 26)",
         );
         assert!(
             ingress(&format!(
