@@ -5,6 +5,7 @@
 //! checks the compiler). No kernel, no file system, no async: the agent does the I/O.
 #![forbid(unsafe_code)]
 
+pub mod cnp;
 pub mod compile;
 pub mod datapath_model;
 pub mod error;

@@ -1,0 +1,338 @@
+//! Upstream's ClusterNetworkPolicy conformance suite, as data (`shared/conformance/cnp/cases`,
+//! schema v2, see its README): every ClusterNetworkPolicy it applies must validate, and every
+//! probe must get the suite's verdict from `reference`, decided by the rule its trace names.
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::raw;
+use super::reference::{self, Labels, NpVerdict, Packet, PeerFacts, PodFacts};
+use super::{ClusterNetworkPolicy, NodeInfo};
+use crate::model::{NamedPort, NamespaceInfo, Object, PodInfo, Protocol, Store};
+use crate::reference::Endpoint;
+use crate::state::{Direction, PodRef};
+
+/// The cases; missing is a failure, not a skip.
+fn case_files() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/cnp/cases");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 69,
+        "{} cases in {}",
+        files.len(),
+        dir.display()
+    );
+    files
+}
+
+fn read_case(file: &Path) -> Value {
+    let text = std::fs::read_to_string(file).unwrap();
+    let case = crate::manifest::yaml_documents(&text).unwrap().remove(0);
+    assert_eq!(case["schema_version"], 2, "{}", file.display());
+    case
+}
+
+/// Expands `{{ip ns/pod}}` and `{{node-ip node}}` (README §3).
+fn expand(text: &str, addrs: &BTreeMap<String, IpAddr>) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let end = start + rest[start..].find("}}").expect("unterminated placeholder");
+        let words: Vec<&str> = rest[start + 2..end].split_whitespace().collect();
+        match words.as_slice() {
+            ["ip" | "node-ip", what] => out.push_str(&addrs[*what].to_string()),
+            other => panic!("unknown placeholder {other:?}"),
+        }
+        rest = &rest[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The case's topology: namespaces and pods in a NetworkPolicy store, nodes, and an address for
+/// every pod (`ns/pod`) and node (host-networked pods have their node's).
+struct Topology {
+    store: Store,
+    nodes: Vec<NodeInfo>,
+    addrs: BTreeMap<String, IpAddr>,
+}
+
+fn topology(case: &Value) -> Topology {
+    let mut store = Store::default();
+    for (ns, v) in case["namespaces"].as_object().unwrap() {
+        let labels = serde_json::from_value(v["labels"].clone()).unwrap();
+        store
+            .namespaces
+            .insert(ns.clone(), NamespaceInfo::new(ns, labels));
+    }
+    let mut addrs = BTreeMap::new();
+    let mut nodes = Vec::new();
+    for (i, n) in case["nodes"].as_array().unwrap().iter().enumerate() {
+        let name = n["name"].as_str().unwrap().to_string();
+        let ip = IpAddr::from([192, 168, 0, 1 + i as u8]);
+        addrs.insert(name.clone(), ip);
+        nodes.push(NodeInfo {
+            name,
+            labels: serde_json::from_value(n["labels"].clone()).unwrap(),
+            addresses: vec![ip],
+        });
+    }
+    for (i, p) in case["pods"].as_array().unwrap().iter().enumerate() {
+        let pod = PodRef {
+            namespace: p["namespace"].as_str().unwrap().into(),
+            name: p["name"].as_str().unwrap().into(),
+        };
+        let host_network = p["host_network"].as_bool().unwrap();
+        let node = p["node"].as_str();
+        let ip = match (host_network, node) {
+            (true, Some(node)) => {
+                *addrs
+                    .entry(node.to_string())
+                    .or_insert(IpAddr::from([192, 168, 1, 1 + i as u8]))
+            }
+            (true, None) => panic!("{pod}: host-networked without a node"),
+            (false, _) => IpAddr::from([10, 244, 0, 1 + i as u8]),
+        };
+        addrs.insert(pod.to_string(), ip);
+        let mut info = PodInfo {
+            labels: serde_json::from_value(p["labels"].clone()).unwrap(),
+            ips: vec![ip],
+            host_network,
+            node_name: node.map(str::to_string),
+            ..PodInfo::default()
+        };
+        for port in p["ports"].as_array().unwrap() {
+            // Only declared containerPorts have names a policy can use.
+            if let (Some(true), Some(name)) = (port["declared"].as_bool(), port["name"].as_str()) {
+                info.container_ports.push(NamedPort {
+                    name: name.into(),
+                    port: port["port"].as_u64().unwrap() as u16,
+                    protocol: Protocol::parse(port["protocol"].as_str().unwrap()).unwrap(),
+                });
+            }
+        }
+        info.container_ports.sort();
+        store.pods.insert(pod, info);
+    }
+    Topology {
+        store,
+        nodes,
+        addrs,
+    }
+}
+
+/// Every object of `policies`, by id, placeholders expanded.
+fn policy_objects(case: &Value, addrs: &BTreeMap<String, IpAddr>) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    for p in case["policies"].as_array().unwrap() {
+        // Anything beyond the object (say, an expectation that it is refused) is unread here.
+        let keys: Vec<&String> = p.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["id", "object"], "{}: unread fields", case["name"]);
+        let text = expand(&serde_json::to_string(&p["object"]).unwrap(), addrs);
+        out.insert(
+            p["id"].as_str().unwrap().to_string(),
+            serde_json::from_str(&text).unwrap(),
+        );
+    }
+    out
+}
+
+/// Reads and validates a ClusterNetworkPolicy. Nothing of it may be ignored: written back, the
+/// raw object must be the one read.
+fn validate(object: &Value) -> ClusterNetworkPolicy {
+    let raw: raw::ClusterNetworkPolicy = serde_path_to_error::deserialize(object)
+        .unwrap_or_else(|e| panic!("{}: {e}", object["metadata"]["name"]));
+    assert_eq!(
+        &serde_json::to_value(&raw).unwrap(),
+        object,
+        "a field was dropped"
+    );
+    ClusterNetworkPolicy::from_raw(&raw).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn every_conformance_policy_validates() {
+    let mut checked = 0;
+    for file in case_files() {
+        let case = read_case(&file);
+        let t = topology(&case);
+        for (id, object) in policy_objects(&case, &t.addrs) {
+            if object["kind"] == raw::KIND {
+                let p = validate(&object);
+                assert_eq!(id.split('#').next(), Some(p.name.as_str()));
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 100, "{checked} ClusterNetworkPolicies");
+}
+
+/// `Admin p#3 egress[0] 'x' Pass; NetworkPolicy np -> allow` without the version suffixes and
+/// the NetworkPolicy's name, which `reference` does not know.
+fn normalize_trace(trace: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let mut words = trace.split_whitespace().peekable();
+    while let Some(w) = words.next() {
+        let w = match w.split_once('#') {
+            Some((name, n)) if n.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => w,
+        };
+        out.push(w);
+        if w == "NetworkPolicy" && words.peek().is_some_and(|n| *n != "->") {
+            words.next();
+        }
+    }
+    out.join(" ")
+}
+
+#[test]
+fn conformance_probes_through_the_reference() {
+    let mut probes = 0;
+    let mut failures = Vec::new();
+    for file in case_files() {
+        let case = read_case(&file);
+        let name = case["name"].as_str().unwrap();
+        let Topology {
+            mut store,
+            nodes,
+            addrs,
+        } = topology(&case);
+        let objects = policy_objects(&case, &addrs);
+        let mut cnps: BTreeMap<String, ClusterNetworkPolicy> = BTreeMap::new();
+        for step in case["steps"].as_array().unwrap() {
+            for a in step["actions"].as_array().unwrap() {
+                let field = |k: &str| a[k].as_str().unwrap();
+                match field("action") {
+                    "create_policy" | "update_policy" => {
+                        let object = &objects[field("policy")];
+                        if object["kind"] == raw::KIND {
+                            let p = validate(object);
+                            cnps.insert(p.name.clone(), p);
+                        } else {
+                            let np = serde_json::from_value(object.clone()).unwrap();
+                            store.apply(Object::NetworkPolicy(Box::new(np))).unwrap();
+                        }
+                    }
+                    "delete_policy" => {
+                        let (ns, np) = field("policy").split_once('/').unwrap();
+                        assert_eq!(field("kind"), "NetworkPolicy");
+                        store.policies.remove(&(ns.to_string(), np.to_string()));
+                    }
+                    "set_namespace_labels" => {
+                        let ns = field("namespace");
+                        let labels = serde_json::from_value(a["labels"].clone()).unwrap();
+                        store
+                            .namespaces
+                            .insert(ns.to_string(), NamespaceInfo::new(ns, labels));
+                    }
+                    other => panic!("{name}: unknown action {other}"),
+                }
+            }
+            let policies: Vec<ClusterNetworkPolicy> = cnps.values().cloned().collect();
+            for probe in step["probes"].as_array().unwrap() {
+                probes += 1;
+                let pod_ref = |k: &str| {
+                    let (ns, pod) = probe[k].as_str().unwrap().split_once('/').unwrap();
+                    PodRef {
+                        namespace: ns.into(),
+                        name: pod.into(),
+                    }
+                };
+                let (src, dst) = (pod_ref("from"), pod_ref("to"));
+                let target: IpAddr = expand(probe["target"].as_str().unwrap(), &addrs)
+                    .parse()
+                    .unwrap();
+                assert_eq!(store.pods[&dst].ips, [target], "{name}: target");
+                let proto = Protocol::parse(probe["protocol"].as_str().unwrap()).unwrap();
+                let packet = Packet {
+                    proto: proto.number(),
+                    port: probe["port"].as_u64().unwrap() as u16,
+                };
+                // NetworkPolicy's view: a host-networked pod is its node's address.
+                let endpoint = |pod: &PodRef| {
+                    let info = &store.pods[pod];
+                    if info.host_network {
+                        Endpoint::Host(info.ips[0])
+                    } else {
+                        Endpoint::Pod {
+                            pod: pod.clone(),
+                            ip: info.ips[0],
+                        }
+                    }
+                };
+                let (src_ep, dst_ep) = (endpoint(&src), endpoint(&dst));
+                let ns_labels: BTreeMap<&PodRef, Labels> = [&src, &dst]
+                    .into_iter()
+                    .map(|p| (p, store.namespace_labels(&p.namespace).into_owned()))
+                    .collect();
+                let facts = |p: &PodRef| PodFacts::new(&ns_labels[p], &store.pods[p]);
+                let peer = |p: &PodRef| {
+                    let ip = store.pods[p].ips[0];
+                    PeerFacts {
+                        pod: Some(facts(p)),
+                        node_labels: nodes
+                            .iter()
+                            .find(|n| n.addresses.contains(&ip))
+                            .map(|n| &n.labels),
+                        ..PeerFacts::address(ip)
+                    }
+                };
+                let direction = |dir, subject: &PodRef, other: &PodRef| {
+                    let np = NpVerdict::from_reference(
+                        &store,
+                        dir,
+                        &src_ep,
+                        &dst_ep,
+                        packet.proto,
+                        packet.port,
+                    );
+                    let v = reference::verdict(
+                        &policies,
+                        dir,
+                        np,
+                        &facts(subject),
+                        &peer(other),
+                        packet,
+                    );
+                    let trace = if store.pods[subject].host_network {
+                        assert!(v.allowed);
+                        let end = match dir {
+                            Direction::Egress => "source",
+                            Direction::Ingress => "destination",
+                        };
+                        format!("{end} is host-networked: not a CNP/NP subject")
+                    } else {
+                        v.to_string()
+                    };
+                    (v.allowed, trace)
+                };
+                let (e_ok, e_trace) = direction(Direction::Egress, &src, &dst);
+                let (i_ok, i_trace) = direction(Direction::Ingress, &dst, &src);
+                let got = if e_ok && i_ok { "allow" } else { "deny" };
+                let trace = format!("egress: {e_trace} | ingress: {i_trace}");
+                let want_trace = normalize_trace(probe["model_trace"].as_str().unwrap());
+                if got != probe["expect"] || normalize_trace(&trace) != want_trace {
+                    failures.push(format!(
+                        "{name} line {}: {src} -> {dst} {proto}/{}: got {got} ({trace}), want {} ({want_trace})",
+                        probe["line"], packet.port, probe["expect"]
+                    ));
+                }
+            }
+        }
+    }
+    assert!(probes >= 190, "{probes} probes");
+    assert!(
+        failures.is_empty(),
+        "{} of {probes} probes:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
