@@ -1,4 +1,4 @@
-//! Upstream's ClusterNetworkPolicy conformance suite, as data (`shared/conformance/cnp/cases`,
+//! Upstream's ClusterNetworkPolicy conformance suite, as data (`tests/conformance/cnp/cases`, copied from
 //! schema v2, see its README): every ClusterNetworkPolicy it applies must validate, and every
 //! probe must get the suite's verdict from `reference`, decided by the rule its trace names.
 use std::collections::BTreeMap;
@@ -16,7 +16,7 @@ use crate::state::{Direction, PodRef};
 
 /// The cases; missing is a failure, not a skip.
 fn case_files() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/cnp/cases");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance/cnp/cases");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
