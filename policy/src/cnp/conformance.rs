@@ -1,4 +1,4 @@
-//! Upstream's ClusterNetworkPolicy conformance suite, as data (`tests/conformance/cnp/cases`, copied from
+//! Upstream's ClusterNetworkPolicy conformance suite, as data (`tests/conformance/cnp/cases`,
 //! schema v2, see its README): every ClusterNetworkPolicy it applies must validate, and every
 //! probe must get the suite's verdict from `reference`, decided by the rule its trace names.
 use std::collections::BTreeMap;
