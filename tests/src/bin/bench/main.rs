@@ -11,6 +11,7 @@
 mod churn;
 mod cluster;
 mod packet;
+mod primitives;
 mod report;
 mod stats;
 mod throughput;

@@ -360,45 +360,6 @@ fn ct_key(pkt: &[u8], v6: bool) -> CtKey {
     )
 }
 
-/// The test-run machinery's own cost: the mean ns per run of a program that only returns
-/// (`r0 = 0; exit`), loaded and run through the raw bpf(2) syscall, on the same kind of packet.
-/// Every figure includes it; in production a TCX dispatch replaces it.
-fn empty_program_ns(pkt: &[u8], repeat: u32) -> Result<f64> {
-    // BPF_ALU64 | BPF_MOV | BPF_K r0 = 0; BPF_JMP | BPF_EXIT.
-    let insns: [u64; 2] = [0xb7, 0x95];
-    let license = b"GPL\0";
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&3u32.to_ne_bytes()); // BPF_PROG_TYPE_SCHED_CLS
-    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
-    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
-    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-    // SAFETY: BPF_PROG_LOAD with a zeroed attr holding valid pointers to live buffers.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 5, attr.as_ptr(), attr.len()) };
-    if fd < 0 {
-        bail!(
-            "loading the empty program: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    let fd = fd as i32;
-    let mut attr = [0u8; 80];
-    attr[0..4].copy_from_slice(&(fd as u32).to_ne_bytes());
-    attr[8..12].copy_from_slice(&(pkt.len() as u32).to_ne_bytes());
-    attr[16..24].copy_from_slice(&(pkt.as_ptr() as u64).to_ne_bytes());
-    attr[32..36].copy_from_slice(&repeat.to_ne_bytes());
-    // SAFETY: BPF_PROG_TEST_RUN on our own program fd; data_in points at `pkt`.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, 10, attr.as_mut_ptr(), attr.len()) };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: closing the fd we own.
-    unsafe { libc::close(fd) };
-    if rc < 0 {
-        bail!("test run of the empty program: {err}");
-    }
-    Ok(f64::from(u32::from_ne_bytes(
-        attr[36..40].try_into().expect("4 bytes"),
-    )))
-}
-
 /// Pins the calling thread to one CPU (test runs execute on the caller's CPU).
 pub fn pin_to_cpu(cpu: usize) {
     let mut set = nix::sched::CpuSet::new();
@@ -532,13 +493,18 @@ pub fn run(cfg: &Config, object: &[u8], report: &mut Value) -> Result<()> {
     let pkt = tcp_packet(POD4.into(), NODE4.into(), 1, 2, ACK);
     let mut floor = Figure::default();
     for _ in 0..cfg.repeats.max(3) {
-        floor.push(empty_program_ns(&pkt, cfg.runs)?);
+        floor.push(crate::primitives::empty_program_ns(&pkt, cfg.runs)?);
     }
     eprintln!(
         "bench:   test-run floor (empty program): {:.0} ns",
         floor.median()
     );
     set(report, "ns_per_packet_detail.empty_program", floor.json());
+    // The building blocks alone, above that floor: what the paths are made of.
+    for (name, fig) in crate::primitives::measure(&pkt, cfg.runs, cfg.repeats.max(3))? {
+        eprintln!("bench:   {name}: {:.1} ns", fig.median());
+        set(report, &format!("ns_per_primitive.{name}"), fig.json());
+    }
     // Verifier statistics of the programs measured.
     let dp = Datapath::load(object, None)?;
     for p in dp.program_stats() {

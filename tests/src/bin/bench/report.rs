@@ -253,47 +253,92 @@ pub fn limits(r: &Value) -> Vec<(&'static str, String)> {
     let num = |path: &str| get(r, path).and_then(Value::as_f64).unwrap_or(f64::NAN);
     let med = |path: &str| median_at(r, path).unwrap_or(f64::NAN);
     let floor = med("ns_per_packet_detail.empty_program");
+    let p = |name: &str| med(&format!("ns_per_primitive.{name}"));
+    let worst_ct = families()
+        .into_iter()
+        .flat_map(|fam| {
+            SCALES.into_iter().flat_map(move |n| {
+                [
+                    format!("ns_per_packet.ct_hit.{fam}.{n}"),
+                    format!("ns_per_packet_detail.ct_reply.{fam}.{n}"),
+                ]
+            })
+        })
+        .filter_map(|path| median_at(r, &path))
+        .fold(f64::NAN, f64::max);
     vec![
         (
             "ct",
             format!(
-                "the test-run machinery alone costs {floor:.0} ns here (an empty program, \
-                 `ns_per_packet_detail.empty_program`), and the established path's mandatory \
-                 work exceeds the rest of the budget on this VM: the endpoint lookup (a hash, \
-                 ~16 ns in a micro-program), the conntrack lookup (44-byte key: jhash and \
-                 compare, ~25 ns), three `bpf_skb_load_bytes` header copies (~14 ns each), the \
-                 per-rule packet counter (a per-CPU hash lookup on every packet, ~16 ns) and, \
-                 on the reply direction, the source-address check (EP_ADDRS, a 20-byte-key \
-                 hash). Fixed in this change: the clock (`bpf_ktime_get_ns` reads the TSC, ~35 \
-                 ns per packet in this guest; the coarse clock costs ~13 ns and every use is in \
-                 milliseconds or more) and byte/halfword-wise moves of the parsed packet \
-                 (aligned to 8); about -30 ns per packet together. Reaching 60 ns needs direct \
-                 packet access for the headers, an array instead of a hash for ENDPOINTS, a \
-                 smaller conntrack key and per-flow instead of per-rule counting."
+                "the test-run machinery alone costs {floor:.0} ns here (an empty program). \
+                 Measured alone in this run, above that floor (section 1, building blocks): the \
+                 endpoint lookup (a hash with a 4-byte key) {u:.1} ns, the conntrack lookup \
+                 (CT_FLOWS' 44-byte key) {c44:.1} ns, the coarse clock {clk:.1} ns, a per-CPU \
+                 array lookup {pa:.1} ns, of which an established packet makes four (packet and \
+                 endpoint scratch, COUNTERS, RULE_STATS). Floor, endpoint, conntrack and clock \
+                 alone come to {base:.0} ns, and with the four arrays {arrays:.0} ns, before \
+                 parsing (direct packet access), the copy of the endpoint's entry, the source \
+                 check and the flow's bookkeeping; the worst established packet measured \
+                 {worst:.0} ns. What is left to take, measured the same way: an IPv4 conntrack \
+                 key of 16 bytes in a map of its own ({c16:.1} ns instead of {c44:.1}), jiffies \
+                 instead of the coarse clock ({jf:.1} instead of {clk:.1}), and the endpoint in \
+                 an array indexed by ifindex (an array lookup instead of the {u:.1} ns hash): \
+                 together about {gain:.0} ns, which leaves the floor and the conntrack lookup \
+                 alone near 60 ns on this machine.",
+                u = p("hash_u32_key"),
+                c44 = p("hash_44_byte_key"),
+                c16 = p("hash_16_byte_key"),
+                clk = p("clock_coarse"),
+                jf = p("jiffies64"),
+                pa = p("percpu_array"),
+                base = floor + p("hash_u32_key") + p("hash_44_byte_key") + p("clock_coarse"),
+                arrays = floor
+                    + p("hash_u32_key")
+                    + p("hash_44_byte_key")
+                    + p("clock_coarse")
+                    + 4.0 * p("percpu_array"),
+                worst = worst_ct,
+                gain = (p("hash_44_byte_key") - p("hash_16_byte_key"))
+                    + (p("clock_coarse") - p("jiffies64"))
+                    + (p("hash_u32_key") - p("percpu_array")),
             ),
         ),
         (
             "new",
             format!(
-                "a new flow makes 8-10 map operations (endpoint, conntrack forward and reply \
-                 misses, identity, identity policy, CIDR trie, CIDR policy, the event token \
-                 bucket, the per-rule counter and, when allowed, the insert into the LRU \
-                 conntrack table), each a helper call with hashing on cold cache lines; on this \
-                 VM that is ~{:.0} ns for a denied flow at 100 rules and ~{:.0} ns for an \
-                 allowed one (its single-run measurement also pays colder caches: compare the \
-                 method check above). 250 ns needs fewer lookups per new flow (identity and \
-                 CIDR in one lookup, one policy lookup), not tuning.",
-                med("ns_per_packet.new_deny.ipv4.100"),
-                med("ns_per_packet.new_allow.ipv4.100"),
+                "a new denied flow makes at least eight hash lookups, none of which can be \
+                 skipped: the endpoint (4-byte key, {u:.1} ns alone), the conntrack miss \
+                 (44-byte key, {c44:.1} ns), the peer's identity (20-byte key, {h20:.1} ns), \
+                 the endpoint's prefix lengths (8-byte key), a POLICY probe for the identity \
+                 (16-byte key, {h16:.1} ns), a CIDRS probe (24-byte key) per prefix length \
+                 until one hits, a POLICY probe for the CIDR's class and the event token bucket \
+                 (EP_STATE, 4-byte key), plus the clock ({clk:.1} ns): with the floor, about \
+                 {deny:.0} ns measured piece by piece, against {deny_ipv4:.0} ns for the whole \
+                 program at 1 rule (IPv4). 150 ns would need fewer of them (the identity and \
+                 the CIDR in one lookup, the policy verdict inline in the CIDR entry). An \
+                 allowed flow adds the conntrack insert, and the bench measures it one flow per \
+                 test run, so on cold caches: the timer overhead is corrected, the cache state \
+                 is not (compare the method checks).",
+                u = p("hash_u32_key"),
+                c44 = p("hash_44_byte_key"),
+                h20 = p("hash_20_byte_key"),
+                h16 = p("hash_16_byte_key"),
+                clk = p("clock_coarse"),
+                deny = floor
+                    + 3.0 * p("hash_u32_key")
+                    + p("hash_44_byte_key")
+                    + 2.0 * p("hash_20_byte_key")
+                    + 2.0 * p("hash_16_byte_key")
+                    + p("clock_coarse"),
+                deny_ipv4 = med("ns_per_packet.new_deny.ipv4.1"),
             ),
         ),
         (
             "flat",
-            "ipBlocks are matched by two LPM tries (CIDRS, then POLICY keyed by the CIDR's \
-             class); the kernel's trie walks about log2(N) nodes, so 100 000 random prefixes add \
-             ~17 levels of pointer chasing to each lookup. The cost grows logarithmically, not \
-             linearly, but is not flat; flat needs a hash per prefix length present (a few in \
-             practice) in place of the trie."
+            "CIDRS and POLICY are one hash per prefix length, probed longest first among the \
+             lengths the endpoint uses (`PREFIX_LENGTHS`): the number of probes does not grow \
+             with the number of rules, but a bigger table has colder buckets, and the bench's \
+             scales differ in how many entries share the cache with the probed ones."
                 .to_string(),
         ),
         (
@@ -510,6 +555,21 @@ pub fn markdown(r: &Value) -> String {
                 }
             }
         }
+    }
+    let _ = writeln!(
+        m,
+        "\nBuilding blocks, each alone in a program of a few instructions, on the same CPU and \
+         packet, above the empty program (ns per packet): what the paths above are made of.\n"
+    );
+    let _ = writeln!(m, "| Block | Stands for | ns |\n|---|---|---|");
+    for p in crate::primitives::PRIMITIVES {
+        let _ = writeln!(
+            m,
+            "| `{}` | {} | {} |",
+            p.name,
+            p.what,
+            cell(r, &format!("ns_per_primitive.{}", p.name))
+        );
     }
     let _ = writeln!(
         m,
