@@ -668,3 +668,50 @@ fn every_prefix_length_is_probed_longest_first() {
         }
     }
 }
+
+/// ENDPOINT_SLOTS: an endpoint whose slot another endpoint holds (ifindexes 4097 and 1 share
+/// slot 1; 4097 came first and keeps it) is read from ENDPOINTS, with its own flags; once the
+/// holder is gone, the slot is the endpoint's own. The two endpoints decide differently, so a
+/// slot read without its tag check would show.
+#[test]
+fn an_endpoint_whose_slot_another_holds_is_read_from_endpoints() {
+    if !require_root() {
+        return;
+    }
+    use palisade_policy::state::DesiredState;
+    let other = IFINDEX + capacity::ENDPOINTS;
+    assert_eq!(endpoint_slot(other), endpoint_slot(IFINDEX));
+    let unisolated = |s: &mut DesiredState, ifindex| {
+        s.endpoints.insert(
+            ifindex,
+            EndpointInfo {
+                id: 77,
+                ..EndpointInfo::default()
+            },
+        );
+    };
+    let (dp, mut writer) = support::load();
+    // First only the other endpoint, not isolated: it takes the slot.
+    let mut first = standard_state();
+    first.endpoints.clear();
+    unisolated(&mut first, other);
+    assert_eq!(writer.apply(&first).failed, 0);
+    // Then the usual endpoint on `lo` too, isolated: it must be read from ENDPOINTS.
+    let mut both = standard_state();
+    unisolated(&mut both, other);
+    assert_eq!(writer.apply(&both).failed, 0);
+    let denied = tcp4(OTHER, POD, 40010, 80, SYN);
+    let run = |pkt: &[u8]| support::test_run(&dp, palisade_datapath::loader::TO_POD, pkt);
+    assert_eq!(run(&denied), TC_ACT_SHOT, "isolated, read from ENDPOINTS");
+    assert_eq!(run(&tcp4(PEER, POD, 40011, 80, SYN)), TC_ACT_OK);
+    // The holder leaves: the slot becomes the endpoint's, with the same verdicts.
+    assert_eq!(writer.apply(&standard_state()).failed, 0);
+    assert_eq!(run(&denied), TC_ACT_SHOT, "isolated, read from its slot");
+    assert_eq!(run(&tcp4(PEER, POD, 40012, 80, SYN)), TC_ACT_OK);
+    // And an unisolated entry in the slot is read as such.
+    let mut open = standard_state();
+    open.endpoints.clear();
+    unisolated(&mut open, IFINDEX);
+    assert_eq!(writer.apply(&open).failed, 0);
+    assert_eq!(run(&denied), TC_ACT_OK, "not isolated, from its slot");
+}

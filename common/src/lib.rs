@@ -106,6 +106,31 @@ impl EndpointInfo {
 }
 
 // ---------------------------------------------------------------------------------------------
+// ENDPOINT_SLOTS: Array<EndpointSlot>, indexed by `endpoint_slot(ifindex)`
+// ---------------------------------------------------------------------------------------------
+//
+// ENDPOINTS looked up without hashing: slot `ifindex % capacity::ENDPOINTS` holds the entry of
+// one endpoint whose ifindex maps there, tagged with that ifindex. A packet whose ifindex
+// matches the tag reads its entry from the slot (an inlined array access); any other reads
+// ENDPOINTS, which always holds every endpoint (two live ifindexes sharing a slot, an entry the
+// CNI plugin wrote). The agent keeps the slots a copy of what it wrote to ENDPOINTS, rewritten
+// at the end of every apply; the plugin clears a slot tagged with an ifindex it provisions.
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointSlot {
+    /// The host-side ifindex whose entry this is; 0: an empty slot.
+    pub ifindex: u32,
+    pub info: EndpointInfo,
+}
+
+/// The ENDPOINT_SLOTS index of `ifindex`.
+#[inline(always)]
+pub const fn endpoint_slot(ifindex: u32) -> u32 {
+    ifindex & (capacity::ENDPOINTS - 1)
+}
+
+// ---------------------------------------------------------------------------------------------
 // IDENTITIES: HashMap<PeerAddr, u32 identity>   (exact pod and node addresses)
 // ---------------------------------------------------------------------------------------------
 
@@ -830,6 +855,7 @@ pub struct EndpointState {
 /// Map names, as the eBPF object defines them and the agent pins them.
 pub mod map_names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const ENDPOINT_SLOTS: &str = "ENDPOINT_SLOTS";
     pub const IDENTITIES: &str = "IDENTITIES";
     pub const CIDRS: &str = "CIDRS";
     pub const POLICY: &str = "POLICY";
@@ -851,6 +877,7 @@ pub mod map_names {
 
 /// Map capacities, shared so the agent can report fill levels.
 pub mod capacity {
+    /// A power of two: ENDPOINT_SLOTS is indexed by `ifindex % ENDPOINTS`.
     pub const ENDPOINTS: u32 = 4096;
     pub const IDENTITIES: u32 = 131_072;
     pub const CIDRS: u32 = 262_144;
@@ -869,6 +896,7 @@ pub mod capacity {
 mod user {
     use super::*;
     unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for EndpointSlot {}
     unsafe impl aya::Pod for PeerAddr {}
     unsafe impl aya::Pod for NodePortKey {}
     unsafe impl aya::Pod for NodePortTarget {}
@@ -959,6 +987,8 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<EndpointInfo>(), 52);
+        assert_eq!(size_of::<EndpointSlot>(), 56);
+        const { assert!(capacity::ENDPOINTS.is_power_of_two()) };
         assert_eq!(size_of::<PeerAddr>(), 20);
         assert_eq!(size_of::<CidrKey>(), 24);
         assert_eq!(size_of::<PolicyKey>(), 16);

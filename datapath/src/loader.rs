@@ -32,8 +32,9 @@ use crate::{
 
 pub use crate::pins::{FROM_POD, TO_POD};
 
-pub const MAP_NAMES: [&str; 14] = [
+pub const MAP_NAMES: [&str; 15] = [
     map_names::ENDPOINTS,
+    map_names::ENDPOINT_SLOTS,
     map_names::IDENTITIES,
     map_names::CIDRS,
     map_names::POLICY,

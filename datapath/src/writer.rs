@@ -15,11 +15,11 @@
 //!   traffic of an attached interface without one (`Reason::UnknownEndpoint`).
 use std::collections::{BTreeMap, BTreeSet};
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use palisade_common::{
     CidrKey, CtEntry, CtKey, EP_ISOLATED_EGRESS, EP_MORE_ADDRS, EP_PENDING, EndpointInfo,
-    NodePortKey, NodePortTarget, PeerAddr, PolicyKey, PolicyValue, PrefixLengths, PrefixLengthsKey,
-    map_names,
+    EndpointSlot, NodePortKey, NodePortTarget, PeerAddr, PolicyKey, PolicyValue, PrefixLengths,
+    PrefixLengthsKey, capacity, endpoint_slot, map_names,
 };
 use serde::Serialize;
 use tracing::{error, warn};
@@ -79,6 +79,9 @@ impl std::fmt::Display for MapFailure {
 
 pub struct MapWriter {
     endpoints: HashMap<MapData, u32, EndpointInfo>,
+    endpoint_slots: Array<MapData, EndpointSlot>,
+    /// What ENDPOINT_SLOTS holds (its non-empty slots).
+    applied_slots: BTreeMap<u32, EndpointSlot>,
     identities: HashMap<MapData, PeerAddr, u32>,
     endpoint_addrs: HashMap<MapData, PeerAddr, u32>,
     node_ports: HashMap<MapData, NodePortKey, NodePortTarget>,
@@ -164,6 +167,7 @@ impl MapWriter {
     /// earlier agent) are read back, so the first `apply` only writes the difference.
     pub fn new(dp: &mut Datapath) -> Result<Self> {
         let endpoints = take(dp, map_names::ENDPOINTS)?;
+        let endpoint_slots = take(dp, map_names::ENDPOINT_SLOTS)?;
         let identities = take(dp, map_names::IDENTITIES)?;
         let endpoint_addrs = take(dp, map_names::EP_ADDRS)?;
         let node_ports = take(dp, map_names::NODE_PORTS)?;
@@ -172,6 +176,8 @@ impl MapWriter {
         let prefix_lengths = take(dp, map_names::PREFIX_LENGTHS)?;
         let mut w = MapWriter {
             endpoints,
+            endpoint_slots,
+            applied_slots: BTreeMap::new(),
             identities,
             endpoint_addrs,
             node_ports,
@@ -222,6 +228,18 @@ impl MapWriter {
             let (key, target) =
                 item.map_err(DatapathError::map(map_names::NODE_PORTS, "reading it back"))?;
             self.applied.node_ports.insert(key, target);
+        }
+        for index in 0..capacity::ENDPOINTS {
+            let slot = self
+                .endpoint_slots
+                .get(&index, 0)
+                .map_err(DatapathError::map(
+                    map_names::ENDPOINT_SLOTS,
+                    "reading it back",
+                ))?;
+            if slot.ifindex != 0 {
+                self.applied_slots.insert(index, slot);
+            }
         }
         for item in self.prefix_lengths.iter() {
             let (key, lengths) = item.map_err(DatapathError::map(
@@ -307,6 +325,7 @@ impl MapWriter {
         self.write_prefix_lengths(desired, &mut p);
         self.write_endpoints(desired, &mut p);
         self.remove_gone_endpoints(desired, &mut p);
+        self.write_endpoint_slots(desired, &mut p);
         p.stats
     }
 
@@ -504,6 +523,53 @@ impl MapWriter {
                 }
             }
             self.applied_lengths.remove(&key);
+        }
+    }
+
+    /// Phase 5: ENDPOINT_SLOTS, a copy of what ENDPOINTS now holds. A slot stays with the
+    /// endpoint that has it while it lives; a free one goes to the lowest ifindex that maps to
+    /// it (the others are read from ENDPOINTS); an emptied slot is zeroed.
+    fn write_endpoint_slots(&mut self, desired: &DesiredState, p: &mut Pass) {
+        let mut want: BTreeMap<u32, EndpointSlot> = BTreeMap::new();
+        for (&index, slot) in &self.applied_slots {
+            if let Some(&info) = self.applied.endpoints.get(&slot.ifindex) {
+                let ifindex = slot.ifindex;
+                want.insert(index, EndpointSlot { ifindex, info });
+            }
+        }
+        for (&ifindex, &info) in &self.applied.endpoints {
+            want.entry(endpoint_slot(ifindex))
+                .or_insert(EndpointSlot { ifindex, info });
+        }
+        let empty = EndpointSlot::default();
+        let changes: Vec<(u32, EndpointSlot)> = changed(&want, &self.applied_slots)
+            .into_iter()
+            .map(|(index, slot, _)| (index, slot))
+            .chain(
+                stale_keys(&self.applied_slots, &want)
+                    .into_iter()
+                    .map(|index| (index, empty)),
+            )
+            .collect();
+        for (index, slot) in changes {
+            match self.endpoint_slots.set(index, slot, 0) {
+                Ok(()) => {
+                    p.stats.written += 1;
+                    if slot.ifindex == 0 {
+                        self.applied_slots.remove(&index);
+                    } else {
+                        self.applied_slots.insert(index, slot);
+                    }
+                }
+                Err(e) => {
+                    // An array's update fails only for an index out of range, which
+                    // `endpoint_slot` rules out; reported all the same.
+                    p.stats.failed += 1;
+                    let msg = format!("set of slot {index} failed: {}", describe(&e));
+                    let endpoint = (slot.ifindex != 0).then_some(slot.info.id);
+                    self.fail(desired, map_names::ENDPOINT_SLOTS, endpoint, msg);
+                }
+            }
         }
     }
 

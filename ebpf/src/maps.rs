@@ -2,20 +2,28 @@
 //! documents each one.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use palisade_common::{
     COUNTER_SLOTS, CT_QUOTA_DEFAULT, CidrKey, CtEntry, CtKey, EVENT_BURST, EndpointInfo,
+    EndpointSlot,
     EndpointState, FragKey, FragPorts, NodePortKey, NodePortTarget, PeerAddr, PolicyKey,
     PolicyValue, PrefixLengths, PrefixLengthsKey, RuleStats, capacity,
 };
 
 use crate::packet::Packet;
 
-/// Host-side ifindex -> endpoint. Written by the agent only.
+/// Host-side ifindex -> endpoint, every endpoint. Written by the agent (the CNI plugin writes
+/// provisional entries).
 #[map]
 pub static ENDPOINTS: HashMap<u32, EndpointInfo> =
     HashMap::with_max_entries(capacity::ENDPOINTS, 0);
+
+/// `endpoint_slot(ifindex)` -> an endpoint's entry tagged with its ifindex: ENDPOINTS without
+/// the hash, for the endpoint the slot's tag names (`common`, ENDPOINT_SLOTS). Written by the
+/// agent.
+#[map]
+pub static ENDPOINT_SLOTS: Array<EndpointSlot> = Array::with_max_entries(capacity::ENDPOINTS, 0);
 
 /// Exact pod and node addresses -> identity.
 #[map]

@@ -10,13 +10,13 @@ use aya_ebpf::{
 use palisade_common::{
     AF_INET6, CT_FLAG_AUDIT, CT_ROLE_RESPONSE, Counter, DIR_EGRESS, DIR_INGRESS, EP_MORE_ADDRS,
     EP_PENDING, EndpointInfo, PROTO_UDP, PeerAddr, Reason, VERDICT_ALLOW, VERDICT_AUDIT,
-    VERDICT_DROP, audit_flag, isolated_flag,
+    VERDICT_DROP, audit_flag, endpoint_slot, isolated_flag,
 };
 
 use crate::{
     conntrack::{self, Lookup},
     events::{count, count_audit, count_drop, count_rule, emit, now_ns},
-    maps::{ENDPOINTS, EP_ADDRS, EP_SCRATCH, SCRATCH},
+    maps::{ENDPOINT_SLOTS, ENDPOINTS, EP_ADDRS, EP_SCRATCH, SCRATCH},
     packet::{
         KIND_ICMP_ERROR, KIND_NEIGHBOR, KIND_UNKNOWN_FRAGMENT, KIND_UNTRACKED, ND_NEIGHBOR_ADVERT,
         ND_REDIRECT, ND_ROUTER_ADVERT, Packet, empty_packet,
@@ -199,12 +199,15 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     };
     // SAFETY: per-CPU slot, and a program runs to completion on its CPU.
     let ep = unsafe { &mut *ep };
-    match unsafe { ENDPOINTS.get(ifindex) } {
-        Some(entry) => *ep = *entry,
-        None => {
-            count_drop(Reason::UnknownEndpoint);
-            return Err(TC_ACT_SHOT);
-        }
+    match ENDPOINT_SLOTS.get(endpoint_slot(ifindex)) {
+        Some(slot) if slot.ifindex == ifindex => *ep = slot.info,
+        _ => match unsafe { ENDPOINTS.get(ifindex) } {
+            Some(entry) => *ep = *entry,
+            None => {
+                count_drop(Reason::UnknownEndpoint);
+                return Err(TC_ACT_SHOT);
+            }
+        },
     }
     let c = Ctx {
         ep,

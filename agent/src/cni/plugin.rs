@@ -6,8 +6,10 @@ use std::io::{self, Read, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, Map, MapData, MapError};
-use palisade_common::{EP_MORE_ADDRS, EP_PENDING, EndpointInfo, PeerAddr, map_names};
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use palisade_common::{
+    EP_MORE_ADDRS, EP_PENDING, EndpointInfo, EndpointSlot, PeerAddr, endpoint_slot, map_names,
+};
 use palisade_datapath::{FROM_POD, TO_POD, netlink, pins};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -349,6 +351,29 @@ fn write_record(state_dir: &Path, rec: &Record) -> Result<(), CniError> {
     Ok(())
 }
 
+/// Clears the ENDPOINT_SLOTS slot tagged with `ifindex`, if there is one: the agent's copy of
+/// the entry of an interface that had this ifindex before, which the programs would read
+/// instead of the provisional entry in ENDPOINTS.
+fn clear_endpoint_slot(pin_dir: &Path, ifindex: u32) -> Result<(), ProvisionError> {
+    let map = map_names::ENDPOINT_SLOTS;
+    let Ok(data) = MapData::from_pin(pins::map_pin_path(pin_dir, map)) else {
+        // A datapath from before ENDPOINT_SLOTS: nothing to clear.
+        return Ok(());
+    };
+    let mut slots: Array<MapData, EndpointSlot> = Array::try_from(Map::Array(data))
+        .map_err(|source| ProvisionError::MapLayout { map, source })?;
+    let index = endpoint_slot(ifindex);
+    if slots.get(&index, 0).is_ok_and(|s| s.ifindex == ifindex) {
+        slots
+            .set(index, EndpointSlot::default(), 0)
+            .map_err(|source| ProvisionError::WriteEntry {
+                doing: "clearing a leftover ENDPOINT_SLOTS entry",
+                source,
+            })?;
+    }
+    Ok(())
+}
+
 fn open_hash<K: aya::Pod, V: aya::Pod>(
     pin_dir: &Path,
     map: &'static str,
@@ -420,6 +445,10 @@ fn provision(pin_dir: &Path, state_dir: &Path, rec: &Record) -> Result<(), Provi
                 source,
             });
         }
+    }
+    if wrote_entry && let Err(e) = clear_endpoint_slot(pin_dir, rec.host_ifindex) {
+        let _ = endpoints.remove(&rec.host_ifindex);
+        return Err(e);
     }
     if rec.initial_policy == InitialPolicy::Allow && wrote_entry {
         // Source address verification needs the pod's addresses.
