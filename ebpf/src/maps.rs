@@ -6,9 +6,8 @@ use aya_ebpf::{
 };
 use palisade_common::{
     COUNTER_SLOTS, CT_QUOTA_DEFAULT, CidrKey, CtEntry, CtKey, EVENT_BURST, EndpointInfo,
-    EndpointSlot,
-    EndpointState, FragKey, FragPorts, NodePortKey, NodePortTarget, PeerAddr, PolicyKey,
-    PolicyValue, PrefixLengths, PrefixLengthsKey, RuleStats, capacity,
+    EndpointSlot, EndpointState, FragKey, FragPorts, NodePortKey, NodePortTarget, PeerAddr,
+    PolicyKey, PolicyValue, PrefixLengths, PrefixLengthsKey, RuleStats, capacity,
 };
 
 use crate::packet::Packet;
