@@ -28,13 +28,20 @@ pub static ENDPOINT_SLOTS: Array<EndpointSlot> = Array::with_max_entries(capacit
 #[map]
 pub static IDENTITIES: HashMap<PeerAddr, u32> = HashMap::with_max_entries(capacity::IDENTITIES, 0);
 
+/// CIDRS and POLICY allocate an element when the agent writes it: they are sized for the
+/// largest policies and mostly empty, and preallocated they would hold ~60 MiB of kernel
+/// memory for nothing. Lookups cost the same; only the agent's writes allocate.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
 /// (endpoint, direction, ipBlock prefix and its length) -> CIDR class.
 #[map]
-pub static CIDRS: HashMap<CidrKey, u32> = HashMap::with_max_entries(capacity::CIDRS, 0);
+pub static CIDRS: HashMap<CidrKey, u32> =
+    HashMap::with_max_entries(capacity::CIDRS, BPF_F_NO_PREALLOC);
 
 /// (endpoint, peer, direction, protocol, port prefix and its length) -> allowing rule.
 #[map]
-pub static POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::with_max_entries(capacity::POLICY, 0);
+pub static POLICY: HashMap<PolicyKey, PolicyValue> =
+    HashMap::with_max_entries(capacity::POLICY, BPF_F_NO_PREALLOC);
 
 /// (endpoint, direction) -> the prefix lengths its CIDRS and POLICY entries use: the probes a
 /// longest-prefix match makes. Written by the agent only.
