@@ -715,3 +715,55 @@ fn an_endpoint_whose_slot_another_holds_is_read_from_endpoints() {
     assert_eq!(writer.apply(&open).failed, 0);
     assert_eq!(run(&denied), TC_ACT_OK, "not isolated, from its slot");
 }
+
+/// A policy change that swaps the prefix lengths an endpoint uses (an ipBlock /24 becomes a
+/// /16, a port becomes a range, and back) takes effect in one apply each way: the new lengths
+/// are probed, and an address or port only the old ones covered is denied again.
+#[test]
+fn prefix_lengths_follow_the_entries_across_changes() {
+    if !require_root() {
+        return;
+    }
+    use palisade_policy::state::DesiredState;
+    let class = CIDR_CLASS_BIT | 7;
+    let with = |len: u32, port_len: u32| {
+        let mut s: DesiredState = standard_state();
+        s.cidrs.clear();
+        s.policy.retain(|e, _| e.key.dir != DIR_EGRESS);
+        s.cidrs
+            .insert(support::cidr4(EP, DIR_EGRESS, [198, 51, 0, 0], len), class);
+        s.policy.insert(
+            policy_entry(class, DIR_EGRESS, PROTO_TCP, 8000, port_len),
+            PolicyValue {
+                rule: 9,
+                flags: 0,
+                ..PolicyValue::default()
+            },
+        );
+        s
+    };
+    let (dp, mut writer) = support::load();
+    let run = |pkt: &[u8]| support::test_run(&dp, palisade_datapath::loader::FROM_POD, pkt);
+    let near = Ipv4Addr::new(198, 51, 0, 9); // inside the /24 and the /16
+    let far = Ipv4Addr::new(198, 51, 77, 9); // inside the /16 only
+    let mut sport = 42000;
+    let mut probe = |dst: Ipv4Addr, port: u16| {
+        sport += 1;
+        run(&tcp4(POD, dst, sport, port, SYN))
+    };
+    // /24, port 8000 exactly.
+    assert_eq!(writer.apply(&with(24, 96)).failed, 0);
+    assert_eq!(probe(near, 8000), TC_ACT_OK);
+    assert_eq!(probe(far, 8000), TC_ACT_SHOT, "outside the /24");
+    assert_eq!(probe(near, 8001), TC_ACT_SHOT, "another port");
+    // /16, ports 8000-8007 (a block of 8).
+    assert_eq!(writer.apply(&with(16, 93)).failed, 0);
+    assert_eq!(probe(far, 8000), TC_ACT_OK, "inside the /16");
+    assert_eq!(probe(near, 8007), TC_ACT_OK, "inside the port block");
+    assert_eq!(probe(far, 8008), TC_ACT_SHOT, "past the port block");
+    // Back: what only the /16 and the block opened is closed again.
+    assert_eq!(writer.apply(&with(24, 96)).failed, 0);
+    assert_eq!(probe(far, 8000), TC_ACT_SHOT, "the /16 is gone");
+    assert_eq!(probe(near, 8007), TC_ACT_SHOT, "the block is gone");
+    assert_eq!(probe(near, 8000), TC_ACT_OK);
+}
