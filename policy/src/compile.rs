@@ -1043,7 +1043,7 @@ fn select(
 }
 
 #[cfg(test)]
-mod scenarios;
+pub(crate) mod scenarios;
 
 #[cfg(test)]
 mod tests {

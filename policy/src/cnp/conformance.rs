@@ -10,25 +10,15 @@ use serde_json::Value;
 use super::raw;
 use super::reference::{self, Labels, NpVerdict, Packet, PeerFacts, PodFacts};
 use super::{ClusterNetworkPolicy, NodeInfo};
+use crate::compile::scenarios::{conformance_case_files, expand_placeholders};
 use crate::model::{NamedPort, NamespaceInfo, Object, PodInfo, Protocol, Store};
 use crate::reference::Endpoint;
 use crate::state::{Direction, PodRef};
 
 /// The cases; missing is a failure, not a skip.
 fn case_files() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance/cnp/cases");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
-    assert!(
-        files.len() >= 69,
-        "{} cases in {}",
-        files.len(),
-        dir.display()
-    );
+    let files = conformance_case_files("cnp/cases");
+    assert!(files.len() >= 69, "{} cases", files.len());
     files
 }
 
@@ -37,24 +27,6 @@ fn read_case(file: &Path) -> Value {
     let case = crate::manifest::yaml_documents(&text).unwrap().remove(0);
     assert_eq!(case["schema_version"], 2, "{}", file.display());
     case
-}
-
-/// Expands `{{ip ns/pod}}` and `{{node-ip node}}` (README §3).
-fn expand(text: &str, addrs: &BTreeMap<String, IpAddr>) -> String {
-    let mut out = String::new();
-    let mut rest = text;
-    while let Some(start) = rest.find("{{") {
-        out.push_str(&rest[..start]);
-        let end = start + rest[start..].find("}}").expect("unterminated placeholder");
-        let words: Vec<&str> = rest[start + 2..end].split_whitespace().collect();
-        match words.as_slice() {
-            ["ip" | "node-ip", what] => out.push_str(&addrs[*what].to_string()),
-            other => panic!("unknown placeholder {other:?}"),
-        }
-        rest = &rest[end + 2..];
-    }
-    out.push_str(rest);
-    out
 }
 
 /// The case's topology: namespaces and pods in a NetworkPolicy store, nodes, and an address for
@@ -136,7 +108,7 @@ fn policy_objects(case: &Value, addrs: &BTreeMap<String, IpAddr>) -> BTreeMap<St
         // Anything beyond the object (say, an expectation that it is refused) is unread here.
         let keys: Vec<&String> = p.as_object().unwrap().keys().collect();
         assert_eq!(keys, ["id", "object"], "{}: unread fields", case["name"]);
-        let text = expand(&serde_json::to_string(&p["object"]).unwrap(), addrs);
+        let text = expand_placeholders(&serde_json::to_string(&p["object"]).unwrap(), addrs);
         out.insert(
             p["id"].as_str().unwrap().to_string(),
             serde_json::from_str(&text).unwrap(),
@@ -247,7 +219,7 @@ fn conformance_probes_through_the_reference() {
                     }
                 };
                 let (src, dst) = (pod_ref("from"), pod_ref("to"));
-                let target: IpAddr = expand(probe["target"].as_str().unwrap(), &addrs)
+                let target: IpAddr = expand_placeholders(probe["target"].as_str().unwrap(), &addrs)
                     .parse()
                     .unwrap();
                 assert_eq!(store.pods[&dst].ips, [target], "{name}: target");

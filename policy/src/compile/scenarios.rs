@@ -1542,8 +1542,24 @@ fn scale_hundred_thousand_cidrs_in_one_policy() {
 // The upstream e2e cases (tests/conformance, as data), through compiler, model and reference
 // ---------------------------------------------------------------------------------------------
 
-/// Expands `{{ip ns/pod}}` and `{{cidr ns/pod len}}` (see tests/conformance/README.md).
-fn expand_placeholders(text: &str, ips: &BTreeMap<String, IpAddr>) -> String {
+/// The `.yaml` case files under `tests/conformance/<sub>` (relative to the repository), sorted;
+/// a missing directory is a failure, not a skip.
+pub(crate) fn conformance_case_files(sub: &str) -> Vec<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/conformance")
+        .join(sub);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Expands `{{ip ns/pod}}`, `{{cidr ns/pod len}}` (tests/conformance/README.md) and
+/// `{{node-ip node}}` (tests/conformance/cnp/README.md).
+pub(crate) fn expand_placeholders(text: &str, ips: &BTreeMap<String, IpAddr>) -> String {
     let mut out = String::new();
     let mut rest = text;
     while let Some(start) = rest.find("{{") {
@@ -1551,7 +1567,7 @@ fn expand_placeholders(text: &str, ips: &BTreeMap<String, IpAddr>) -> String {
         let end = start + rest[start..].find("}}").expect("unterminated placeholder");
         let words: Vec<&str> = rest[start + 2..end].split_whitespace().collect();
         match words.as_slice() {
-            ["ip", pod] => out.push_str(&ips[*pod].to_string()),
+            ["ip" | "node-ip", what] => out.push_str(&ips[*what].to_string()),
             ["cidr", pod, len] => {
                 let net = ipnetwork::IpNetwork::new(ips[*pod], len.parse().unwrap()).unwrap();
                 out.push_str(&format!("{}/{}", net.network(), net.prefix()));
@@ -1566,13 +1582,7 @@ fn expand_placeholders(text: &str, ips: &BTreeMap<String, IpAddr>) -> String {
 
 #[test]
 fn upstream_conformance_cases() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance/cases");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
+    let files = conformance_case_files("cases");
     assert!(files.len() >= 30, "{} cases", files.len());
     let mut failures = Vec::new();
     let mut pairs = 0;
