@@ -400,10 +400,6 @@ pub struct PrefixLengths {
 }
 
 impl PrefixLengths {
-    pub const fn is_empty(&self) -> bool {
-        self.policy == 0 && self.v4 == 0 && self.v6[0] == 0 && self.v6[1] == 0 && self.v6[2] == 0
-    }
-
     /// Adds a POLICY prefix length (72..=96).
     pub fn add_policy(&mut self, prefix_len: u32) {
         self.policy |= 1 << (POLICY_KEY_FULL_BITS - prefix_len);
@@ -416,20 +412,6 @@ impl PrefixLengths {
         } else {
             let j = 128 - prefix_len;
             self.v6[(j / 64) as usize] |= 1 << (j % 64);
-        }
-    }
-
-    /// Every length of either.
-    pub fn union(&self, other: &PrefixLengths) -> PrefixLengths {
-        PrefixLengths {
-            policy: self.policy | other.policy,
-            _pad: 0,
-            v4: self.v4 | other.v4,
-            v6: [
-                self.v6[0] | other.v6[0],
-                self.v6[1] | other.v6[1],
-                self.v6[2] | other.v6[2],
-            ],
         }
     }
 }

@@ -203,40 +203,36 @@ impl<K: Hash + Eq + Clone> Interner<K> {
     }
 
     fn intern(&mut self, key: &K) -> u32 {
-        if let Some(e) = self.ids.get_mut(key) {
-            e.1 = self.generation;
-            return e.0;
-        }
-        let id = self.alloc();
-        self.ids.insert(key.clone(), (id, self.generation));
-        self.live.insert(id);
-        id
+        self.try_intern(key).expect("id space exhausted")
     }
 
     /// `intern`, or `None` when every id of the range is live.
     fn try_intern(&mut self, key: &K) -> Option<u32> {
-        let span = u64::from(self.last - self.first) + 1;
-        if !self.ids.contains_key(key)
-            && self.next > u64::from(self.last)
-            && self.live.len() as u64 >= span
-        {
-            return None;
+        if let Some(e) = self.ids.get_mut(key) {
+            e.1 = self.generation;
+            return Some(e.0);
         }
-        Some(self.intern(key))
+        let id = self.alloc()?;
+        self.ids.insert(key.clone(), (id, self.generation));
+        self.live.insert(id);
+        Some(id)
     }
 
-    fn alloc(&mut self) -> u32 {
+    /// A fresh id, else a released one; `None` when every id of the range is live.
+    fn alloc(&mut self) -> Option<u32> {
         if self.next <= u64::from(self.last) {
             self.next += 1;
-            return (self.next - 1) as u32;
+            return Some((self.next - 1) as u32);
         }
         let span = u64::from(self.last - self.first) + 1;
-        assert!((self.live.len() as u64) < span, "id space exhausted");
+        if self.live.len() as u64 >= span {
+            return None;
+        }
         loop {
             let id = self.reuse_cursor;
             self.reuse_cursor = if id == self.last { self.first } else { id + 1 };
             if !self.live.contains(&id) {
-                return id;
+                return Some(id);
             }
         }
     }
@@ -398,14 +394,9 @@ fn all_v6() -> IpNetwork {
 
 /// Flags the allow entries of `endpoint` in `dir` as coming from audit policies.
 fn mark_audit(policy: &mut BTreeMap<PolicyEntry, PolicyValue>, endpoint: u32, dir: Direction) {
-    let bound = |endpoint: u32| PolicyEntry {
-        key: PolicyKey {
-            endpoint,
-            ..PolicyKey::default()
-        },
-        prefix_len: 0,
-    };
-    let range = policy.range_mut(bound(endpoint)..bound(endpoint.saturating_add(1)));
+    let range = policy.range_mut(
+        PolicyEntry::first_of(endpoint)..PolicyEntry::first_of(endpoint.saturating_add(1)),
+    );
     for (entry, value) in range {
         if entry.key.dir == dir.as_u8() {
             value.flags |= POLICY_FLAG_AUDIT;

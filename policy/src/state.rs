@@ -112,6 +112,17 @@ impl CidrEntry {
     pub fn from_map_key(key: CidrKey) -> CidrEntry {
         CidrEntry::new(key, u32::from(key.prefix_len))
     }
+
+    /// A bound below every entry of `endpoint` (entries sort by endpoint first).
+    pub fn first_of(endpoint: u32) -> CidrEntry {
+        CidrEntry {
+            key: CidrKey {
+                endpoint,
+                ..CidrKey::default()
+            },
+            prefix_len: 0,
+        }
+    }
 }
 
 /// A prefix of POLICY: `key` is masked to `prefix_len` bits of the whole key, one of
@@ -148,6 +159,17 @@ impl PolicyEntry {
     pub fn from_map_key(key: PolicyKey) -> PolicyEntry {
         PolicyEntry::new(key, u32::from(key.prefix_len))
     }
+
+    /// A bound below every entry of `endpoint` (entries sort by endpoint first).
+    pub fn first_of(endpoint: u32) -> PolicyEntry {
+        PolicyEntry {
+            key: PolicyKey {
+                endpoint,
+                ..PolicyKey::default()
+            },
+            prefix_len: 0,
+        }
+    }
 }
 
 /// The prefix lengths CIDRS and POLICY entries use, per endpoint and direction
@@ -167,21 +189,7 @@ pub fn prefix_lengths(
         Some(ep) => (ep, ep),
         None => (0, u32::MAX),
     };
-    let cidr_bound = |endpoint| CidrEntry {
-        key: CidrKey {
-            endpoint,
-            ..CidrKey::default()
-        },
-        prefix_len: 0,
-    };
-    let policy_bound = |endpoint| PolicyEntry {
-        key: PolicyKey {
-            endpoint,
-            ..PolicyKey::default()
-        },
-        prefix_len: 0,
-    };
-    for e in cidrs.range(cidr_bound(first)..).map(|(e, _)| e) {
+    for e in cidrs.range(CidrEntry::first_of(first)..).map(|(e, _)| e) {
         if e.key.endpoint > last {
             break;
         }
@@ -189,7 +197,7 @@ pub fn prefix_lengths(
             .or_default()
             .add_cidr(e.key.family, e.prefix_len);
     }
-    for e in policy.range(policy_bound(first)..).map(|(e, _)| e) {
+    for e in policy.range(PolicyEntry::first_of(first)..).map(|(e, _)| e) {
         if e.key.endpoint > last {
             break;
         }
