@@ -142,6 +142,8 @@ fn decode(
     let want_version = match kind.as_str() {
         "Namespace" | "Pod" | "List" => "v1",
         "NetworkPolicy" => "networking.k8s.io/v1",
+        "ClusterNetworkPolicy" => crate::cnp::raw::API_VERSION,
+        "Node" => "v1",
         "Service" => "v1",
         "EndpointSlice" => "discovery.k8s.io/v1",
         _ => {
@@ -195,6 +197,8 @@ fn decode(
         )?)),
         "Service" => Item::Service(typed(&label, &v)?),
         "EndpointSlice" => Item::EndpointSlice(typed(&label, &v)?),
+        "ClusterNetworkPolicy" => Item::Object(Object::ClusterNetworkPolicy(typed(&label, &v)?)),
+        "Node" => Item::Object(Object::Node(typed(&label, &v)?)),
         _ => Item::Object(Object::NetworkPolicy(typed(&label, &v)?)),
     };
     objects.push(Sourced {

@@ -15,7 +15,7 @@ use crate::{
     reconcile::{RunConfig, View, unix_ms},
 };
 use palisade_policy::{
-    model::{Object, Store},
+    model::{Kind, Object, Store},
     services::ServiceStore,
 };
 
@@ -85,7 +85,12 @@ impl super::Source for FileSource {
         let policies: Vec<_> = loaded
             .objects
             .iter()
-            .filter(|o| matches!(o, Object::NetworkPolicy(_)))
+            .filter(|o| {
+                matches!(
+                    o,
+                    Object::NetworkPolicy(_) | Object::ClusterNetworkPolicy(_)
+                )
+            })
             .map(|o| o.key())
             .collect();
         errors.extend(self.store.replace_all(loaded.objects));
@@ -104,11 +109,14 @@ impl super::Source for FileSource {
         incomplete.extend(
             policies
                 .iter()
-                .filter(|k| {
-                    !self
+                .filter(|k| match k.kind {
+                    Kind::ClusterNetworkPolicy => {
+                        !self.store.cluster_policies.contains_key(&k.name)
+                    }
+                    _ => !self
                         .store
                         .policies
-                        .contains_key(&(k.namespace.clone(), k.name.clone()))
+                        .contains_key(&(k.namespace.clone(), k.name.clone())),
                 })
                 .map(|k| format!("{k} is invalid")),
         );

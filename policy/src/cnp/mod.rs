@@ -2,9 +2,8 @@
 //! validation into the model (`model`), the nodes its `nodes` peers select (`nodes`), and the
 //! plain reading of its precedence over NetworkPolicy (`reference`), the oracle a compiler will
 //! be checked against.
-//!
-//! Not wired in: the kind is no `model::Object`, and the manifest reader, the store, the compiler
-//! and the agent ignore it. A ClusterNetworkPolicy accepted but not enforced would fail open.
+//! The store holds validated policies (`Store::cluster_policies`) and nodes; the compiler
+//! resolves their tiers into map data (`compile`).
 pub mod model;
 pub mod nodes;
 pub mod raw;

@@ -1,11 +1,12 @@
-//! The store: namespaces, pods and validated NetworkPolicies, reduced to what policy needs.
+//! The store: namespaces, pods, nodes, validated NetworkPolicies and ClusterNetworkPolicies,
+//! reduced to what policy needs.
 //!
 //! Policies are validated and normalized on the way in (`Policy::from_k8s`). A policy that fails
 //! validation never replaces a good one: the last good version of that policy stays in force and
 //! the error is recorded (`Store::errors`) with the object and field it concerns.
 use std::fmt;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
@@ -39,6 +40,18 @@ pub enum Kind {
     Namespace,
     Pod,
     NetworkPolicy,
+    ClusterNetworkPolicy,
+    Node,
+}
+
+impl Kind {
+    /// Cluster-scoped kinds have no namespace (`ObjectKey::namespace` is empty).
+    pub fn cluster_scoped(self) -> bool {
+        matches!(
+            self,
+            Kind::Namespace | Kind::ClusterNetworkPolicy | Kind::Node
+        )
+    }
 }
 
 impl fmt::Display for Kind {
@@ -57,7 +70,7 @@ pub struct ObjectKey {
 
 impl fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.kind == Kind::Namespace {
+        if self.kind.cluster_scoped() {
             write!(f, "{} {}", self.kind, self.name)
         } else {
             write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
@@ -73,6 +86,8 @@ pub enum Object {
     /// when their optional fields are empty; a cluster has many).
     Pod(Box<PodObject>),
     NetworkPolicy(Box<NetworkPolicy>),
+    ClusterNetworkPolicy(Box<crate::cnp::raw::ClusterNetworkPolicy>),
+    Node(Box<Node>),
 }
 
 /// A pod as read, reduced to what policy needs (`PodInfo`) and the problems of its fields.
@@ -105,7 +120,7 @@ impl From<Pod> for Object {
 pub(crate) fn meta_key(kind: Kind, meta: &ObjectMeta) -> ObjectKey {
     ObjectKey {
         kind,
-        namespace: if kind == Kind::Namespace {
+        namespace: if kind.cluster_scoped() {
             String::new()
         } else {
             meta.namespace
@@ -123,6 +138,8 @@ impl Object {
             Object::Namespace(o) => meta_key(Kind::Namespace, &o.metadata),
             Object::Pod(o) => o.key.clone(),
             Object::NetworkPolicy(o) => meta_key(Kind::NetworkPolicy, &o.metadata),
+            Object::ClusterNetworkPolicy(o) => meta_key(Kind::ClusterNetworkPolicy, &o.metadata),
+            Object::Node(o) => meta_key(Kind::Node, &o.metadata),
         }
     }
 }
@@ -131,7 +148,7 @@ impl Object {
 pub(crate) fn named_key(kind: Kind, meta: &ObjectMeta) -> Result<ObjectKey, ConfigError> {
     let key = meta_key(kind, meta);
     if key.name.is_empty() {
-        let object = if kind == Kind::Namespace {
+        let object = if kind.cluster_scoped() {
             format!("{kind} <unnamed>")
         } else {
             format!("{kind} {}/<unnamed>", key.namespace)

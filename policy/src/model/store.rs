@@ -3,6 +3,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use super::{Kind, NamespaceInfo, Object, ObjectKey, PodInfo, Policy, meta_key, named_key};
+use crate::cnp::{ClusterNetworkPolicy, NodeInfo};
 use crate::error::ConfigError;
 use crate::state::PodRef;
 
@@ -13,6 +14,10 @@ pub struct Store {
     pub pods: BTreeMap<PodRef, PodInfo>,
     /// Keyed by (namespace, name).
     pub policies: BTreeMap<(String, String), Policy>,
+    /// Validated ClusterNetworkPolicies, by name.
+    pub cluster_policies: BTreeMap<String, ClusterNetworkPolicy>,
+    /// Nodes (for `nodes` peers), by name.
+    pub nodes: BTreeMap<String, NodeInfo>,
     /// Current errors, per object (objects without a usable name under an empty name).
     errors: BTreeMap<ObjectKey, Vec<ConfigError>>,
 }
@@ -25,20 +30,32 @@ impl Store {
         s
     }
 
-    /// Makes the store hold exactly `objects`, except that a policy that fails validation keeps
-    /// its previous good version (if any). Returns the errors, which replace `errors()`.
+    /// Makes the store hold exactly `objects`, except that a policy (NetworkPolicy or
+    /// ClusterNetworkPolicy) that fails validation keeps its previous good version (if any).
+    /// Returns the errors, which replace `errors()`.
     pub fn replace_all(&mut self, objects: impl IntoIterator<Item = Object>) -> Vec<ConfigError> {
         let mut old_policies = std::mem::take(&mut self.policies);
+        let mut old_cluster_policies = std::mem::take(&mut self.cluster_policies);
         self.namespaces.clear();
         self.pods.clear();
+        self.nodes.clear();
         self.errors.clear();
         for obj in objects {
-            if let Object::NetworkPolicy(np) = &obj {
-                let key = meta_key(Kind::NetworkPolicy, &np.metadata);
-                if let Some(old) = old_policies.remove(&(key.namespace, key.name)) {
-                    self.policies
-                        .insert((old.namespace.clone(), old.name.clone()), old);
+            match &obj {
+                Object::NetworkPolicy(np) => {
+                    let key = meta_key(Kind::NetworkPolicy, &np.metadata);
+                    if let Some(old) = old_policies.remove(&(key.namespace, key.name)) {
+                        self.policies
+                            .insert((old.namespace.clone(), old.name.clone()), old);
+                    }
                 }
+                Object::ClusterNetworkPolicy(cnp) => {
+                    let key = meta_key(Kind::ClusterNetworkPolicy, &cnp.metadata);
+                    if let Some(old) = old_cluster_policies.remove(&key.name) {
+                        self.cluster_policies.insert(old.name.clone(), old);
+                    }
+                }
+                _ => {}
             }
             // Errors are recorded by `apply`.
             let _ = self.apply(obj);
@@ -67,6 +84,14 @@ impl Store {
                     .insert((p.namespace.clone(), p.name.clone()), p);
                 Vec::new()
             }),
+            Object::ClusterNetworkPolicy(cnp) => ClusterNetworkPolicy::from_raw(&cnp).map(|p| {
+                self.cluster_policies.insert(p.name.clone(), p);
+                Vec::new()
+            }),
+            Object::Node(node) => NodeInfo::from_k8s(&node).map(|(info, errs)| {
+                self.nodes.insert(info.name.clone(), info);
+                errs
+            }),
         };
         let errs = result.unwrap_or_else(|e| vec![e]);
         let first = errs.first().cloned();
@@ -93,6 +118,12 @@ impl Store {
             Kind::NetworkPolicy => {
                 self.policies
                     .remove(&(key.namespace.clone(), key.name.clone()));
+            }
+            Kind::ClusterNetworkPolicy => {
+                self.cluster_policies.remove(&key.name);
+            }
+            Kind::Node => {
+                self.nodes.remove(&key.name);
             }
         }
         self.errors.remove(key);
