@@ -1,5 +1,6 @@
 //! Probes: can this pod reach that address and port over TCP, UDP or SCTP? Every probe is
-//! bounded by its timeout, and [`probe_many`] runs all of its probes at once.
+//! bounded by its timeout, and [`probe_many`] runs all of its probes at once;
+//! [`probe_outcomes`] also tells a timeout from a refusal ([`Outcome`]).
 //!
 //! - TCP: connect, write one byte, read it back (the rig's servers echo). A refused connection
 //!   fails at once.
@@ -71,27 +72,10 @@ pub fn probe_from_netns(
 /// Runs every probe concurrently (one thread each); results in the order of `specs`. A batch
 /// takes about as long as its longest timeout.
 pub fn probe_many(specs: &[ProbeSpec<'_>]) -> Vec<bool> {
-    std::thread::scope(|s| {
-        let handles: Vec<_> = specs
-            .iter()
-            .map(|spec| {
-                std::thread::Builder::new()
-                    .name("probe".into())
-                    .stack_size(256 * 1024)
-                    .spawn_scoped(s, move || {
-                        netns::enter(&spec.from.netns_name).is_ok()
-                            && probe_here(spec.to, spec.port, spec.proto, spec.timeout)
-                    })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| match h {
-                Ok(h) => h.join().unwrap_or(false),
-                Err(_) => false,
-            })
-            .collect()
-    })
+    probe_outcomes(specs)
+        .into_iter()
+        .map(Outcome::connected)
+        .collect()
 }
 
 /// Every probe at once ([`probe_many`]), then the ones expected to pass (`expect[i]`) that did
@@ -146,14 +130,87 @@ pub fn count_probes(n: u64) {
     }
 }
 
+/// What one probe saw: a deny that NetworkPolicy-style conformance accepts is a
+/// [`Outcome::TimedOut`] (the traffic silently dropped), never a refusal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// TCP connected and echoed, UDP echoed, SCTP answered the INIT with an INIT-ACK.
+    Connected,
+    /// No answer before the timeout (nor an error from the network).
+    TimedOut,
+    /// The network said no: a TCP RST, an ICMP error (port or host unreachable, prohibited),
+    /// an SCTP ABORT.
+    Refused,
+    /// The probe could not be made here (entering the namespace, a socket, a send failed).
+    Error,
+}
+
+impl Outcome {
+    pub fn connected(self) -> bool {
+        self == Outcome::Connected
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Connected => "connected",
+            Outcome::TimedOut => "timed out",
+            Outcome::Refused => "refused",
+            Outcome::Error => "probe error",
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Runs every probe concurrently, as [`probe_many`], and says what each saw.
+pub fn probe_outcomes(specs: &[ProbeSpec<'_>]) -> Vec<Outcome> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = specs
+            .iter()
+            .map(|spec| {
+                std::thread::Builder::new()
+                    .name("probe".into())
+                    .stack_size(256 * 1024)
+                    .spawn_scoped(s, move || {
+                        if netns::enter(&spec.from.netns_name).is_err() {
+                            return Outcome::Error;
+                        }
+                        probe_outcome_here(spec.to, spec.port, spec.proto, spec.timeout)
+                    })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h {
+                Ok(h) => h.join().unwrap_or(Outcome::Error),
+                Err(_) => Outcome::Error,
+            })
+            .collect()
+    })
+}
+
 /// Probes from the calling thread's network namespace.
 pub fn probe_here(to: IpAddr, port: u16, proto: Proto, timeout: Duration) -> bool {
+    probe_outcome_here(to, port, proto, timeout).connected()
+}
+
+/// Probes from the calling thread's network namespace, and says what it saw.
+pub fn probe_outcome_here(to: IpAddr, port: u16, proto: Proto, timeout: Duration) -> Outcome {
     count_probes(1);
     let deadline = Instant::now() + timeout;
     match proto {
         Proto::Tcp => tcp(to, port, timeout, deadline),
         Proto::Udp => udp(to, port, deadline),
-        Proto::Sctp => sctp::handshake(to, port, deadline).unwrap_or(false),
+        Proto::Sctp => match sctp::handshake_answer(to, port, deadline) {
+            Ok(sctp::Answer::InitAck) => Outcome::Connected,
+            Ok(sctp::Answer::Abort) => Outcome::Refused,
+            Ok(sctp::Answer::Silence) => Outcome::TimedOut,
+            Err(_) => Outcome::Error,
+        },
     }
 }
 
@@ -162,53 +219,78 @@ fn left(deadline: Instant) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
 }
 
-fn tcp(to: IpAddr, port: u16, timeout: Duration, deadline: Instant) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&SocketAddr::new(to, port), timeout) else {
-        return false;
-    };
-    let Some(rest) = left(deadline) else {
-        return false;
-    };
-    if s.set_write_timeout(Some(rest)).is_err() || s.set_read_timeout(Some(rest)).is_err() {
-        return false;
+/// A socket error as an outcome: a timeout is silence, an answer from the network (RST, ICMP)
+/// a refusal, anything else a local error.
+fn io_outcome(e: &std::io::Error) -> Outcome {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        TimedOut | WouldBlock => Outcome::TimedOut,
+        ConnectionRefused | ConnectionReset | ConnectionAborted | HostUnreachable
+        | NetworkUnreachable => Outcome::Refused,
+        _ => match e.raw_os_error() {
+            // ICMP "administratively prohibited" and friends.
+            Some(libc::EACCES | libc::EPERM | libc::EPROTO | libc::ENOPROTOOPT) => Outcome::Refused,
+            _ => Outcome::Error,
+        },
     }
-    let _ = s.set_nodelay(true);
-    if s.write_all(b"?").is_err() {
-        return false;
-    }
-    let mut b = [0u8; 1];
-    matches!(s.read(&mut b), Ok(1))
 }
 
-fn udp(to: IpAddr, port: u16, deadline: Instant) -> bool {
+fn tcp(to: IpAddr, port: u16, timeout: Duration, deadline: Instant) -> Outcome {
+    let mut s = match TcpStream::connect_timeout(&SocketAddr::new(to, port), timeout) {
+        Ok(s) => s,
+        Err(e) => return io_outcome(&e),
+    };
+    let Some(rest) = left(deadline) else {
+        return Outcome::TimedOut;
+    };
+    if s.set_write_timeout(Some(rest)).is_err() || s.set_read_timeout(Some(rest)).is_err() {
+        return Outcome::Error;
+    }
+    let _ = s.set_nodelay(true);
+    if let Err(e) = s.write_all(b"?") {
+        return io_outcome(&e);
+    }
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(1) => Outcome::Connected,
+        // Closed without the echo.
+        Ok(_) => Outcome::Refused,
+        Err(e) => io_outcome(&e),
+    }
+}
+
+fn udp(to: IpAddr, port: u16, deadline: Instant) -> Outcome {
     let bind: SocketAddr = match to {
         IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
     let Ok(sock) = UdpSocket::bind(bind) else {
-        return false;
+        return Outcome::Error;
     };
     // Connected: only that address and port can answer, and ICMP errors surface.
     if sock.connect((to, port)).is_err() {
-        return false;
+        return Outcome::Error;
     }
     let token = format!("palisade-probe {:016x}", sctp::random_u64());
-    if sock.send(token.as_bytes()).is_err() {
-        return false;
+    if let Err(e) = sock.send(token.as_bytes()) {
+        return match io_outcome(&e) {
+            Outcome::TimedOut => Outcome::Error,
+            o => o,
+        };
     }
     let mut buf = [0u8; 256];
     while let Some(rest) = left(deadline) {
         if sock.set_read_timeout(Some(rest)).is_err() {
-            return false;
+            return Outcome::Error;
         }
         match sock.recv(&mut buf) {
-            Ok(n) if &buf[..n] == token.as_bytes() => return true,
+            Ok(n) if &buf[..n] == token.as_bytes() => return Outcome::Connected,
             Ok(_) => continue,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return false,
+            Err(e) => return io_outcome(&e),
         }
     }
-    false
+    Outcome::TimedOut
 }
 
 /// A steady stream of UDP datagrams from one pod to `to:port` (a rig echo server), one every

@@ -25,10 +25,16 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{netns, server::Servers};
+use crate::{
+    netns,
+    server::{Bind, Servers},
+};
 pub use crate::{
     netns::{command_in, in_netns},
-    probe::{ProbeSpec, Proto, probe, probe_expecting, probe_from_netns, probe_many},
+    probe::{
+        Outcome, ProbeSpec, Proto, probe, probe_expecting, probe_from_netns, probe_many,
+        probe_outcomes,
+    },
 };
 
 /// The gateway every pod routes through (on every host-side veth, as ptp does).
@@ -522,6 +528,22 @@ impl Node {
         Ok(())
     }
 
+    /// Starts servers for every (port, protocol) in one pod only (see [`Node::serve`]).
+    pub fn serve_pod(&self, pod: &Pod, ports: &[(u16, Proto)]) -> Result<()> {
+        self.servers
+            .serve(&pod.netns_name, ports, self.ipv6)
+            .with_context(|| format!("servers of pod {}", pod.name))
+    }
+
+    /// Starts servers for every (port, protocol) in the node's own namespace, bound to the
+    /// node's addresses ([`Node::node_ips`]), as a host-networked pod serves: probes to a node
+    /// address get their answers from that address. They stop when the node is dropped.
+    pub fn serve_host(&self, ports: &[(u16, Proto)]) -> Result<()> {
+        self.servers
+            .serve_at(&self.netns_name, ports, &Bind::Addrs(self.node_ips()))
+            .context("host-network servers of the node")
+    }
+
     /// One probe from `from` (see [`probe`]).
     pub fn probe(
         &self,
@@ -542,6 +564,11 @@ impl Node {
     /// Every probe at once (see [`probe_many`]).
     pub fn probe_many(&self, specs: &[ProbeSpec<'_>]) -> Vec<bool> {
         probe_many(specs)
+    }
+
+    /// Every probe at once, with what each saw (see [`probe_outcomes`]).
+    pub fn probe_outcomes(&self, specs: &[ProbeSpec<'_>]) -> Vec<Outcome> {
+        probe_outcomes(specs)
     }
 }
 

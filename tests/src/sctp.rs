@@ -369,9 +369,41 @@ pub fn recv_from<'b>(fd: &OwnedFd, buf: &'b mut [u8]) -> io::Result<Received<'b>
     }
 }
 
+/// Binds a raw SCTP socket to `addr`: it then receives only packets to that address, and its
+/// packets leave from it.
+pub fn bind(fd: &OwnedFd, addr: IpAddr) -> io::Result<()> {
+    match addr {
+        IpAddr::V4(a) => {
+            nix::sys::socket::bind(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(a, 0)))
+        }
+        IpAddr::V6(a) => nix::sys::socket::bind(
+            fd.as_raw_fd(),
+            &SockaddrIn6::from(SocketAddrV6::new(a, 0, 0, 0)),
+        ),
+    }
+    .map_err(io::Error::from)
+}
+
+/// How the peer answered an INIT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// The matching INIT-ACK.
+    InitAck,
+    /// An ABORT for our INIT (no listener, or a refusal).
+    Abort,
+    /// Nothing before the deadline.
+    Silence,
+}
+
 /// Sends an INIT from the calling thread's network namespace and waits until `deadline` for
 /// the matching INIT-ACK: from `to`, ports swapped, verification tag = our initiate tag.
 pub fn handshake(to: IpAddr, port: u16, deadline: std::time::Instant) -> io::Result<bool> {
+    Ok(handshake_answer(to, port, deadline)? == Answer::InitAck)
+}
+
+/// As [`handshake`], telling an ABORT (from `to`, ports swapped, verification tag = our
+/// initiate tag, or the T bit set) from silence.
+pub fn handshake_answer(to: IpAddr, port: u16, deadline: std::time::Instant) -> io::Result<Answer> {
     let fd = raw_socket(to.is_ipv6())?;
     let initiate_tag = random_u32().max(1);
     let src_port = 1024 + (random_u32() % (65536 - 1024)) as u16;
@@ -387,10 +419,10 @@ pub fn handshake(to: IpAddr, port: u16, deadline: std::time::Instant) -> io::Res
     loop {
         let now = std::time::Instant::now();
         if now >= deadline {
-            return Ok(false);
+            return Ok(Answer::Silence);
         }
         if !wait_readable(&fd, deadline - now)? {
-            return Ok(false);
+            return Ok(Answer::Silence);
         }
         loop {
             let rx = match recv_from(&fd, &mut buf) {
@@ -409,7 +441,16 @@ pub fn handshake(to: IpAddr, port: u16, deadline: std::time::Instant) -> io::Res
                 && p.vtag == initiate_tag
                 && InitFields::parse(p.chunk_value).is_some()
             {
-                return Ok(true);
+                return Ok(Answer::InitAck);
+            }
+            // RFC 9260 8.4 and 8.5.1: an ABORT answering an INIT carries the INIT's initiate
+            // tag, or sets the T bit (reflected tag).
+            if p.chunk_type == CHUNK_ABORT
+                && p.sport == port
+                && p.dport == src_port
+                && (p.vtag == initiate_tag || p.chunk_flags & 1 != 0)
+            {
+                return Ok(Answer::Abort);
             }
         }
     }

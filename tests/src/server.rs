@@ -13,7 +13,7 @@
 use std::{
     collections::BTreeSet,
     io::{self, Read, Write},
-    net::{TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv6Addr, TcpListener, TcpStream, UdpSocket},
     os::fd::{AsRawFd, OwnedFd, RawFd},
     sync::{
         Arc, Mutex,
@@ -69,6 +69,18 @@ impl Listener {
     }
 }
 
+/// Where a namespace's servers listen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Bind {
+    /// Every address of the namespace: TCP and UDP dual-stack, SCTP over IPv4, and over IPv6
+    /// too if `ipv6`.
+    Any { ipv6: bool },
+    /// These addresses only (one socket per address and port), as a host-networked server
+    /// bound to its node's address: replies then leave from the address that was asked, even
+    /// where routing would pick another source (a node's veths carry the pods' gateway).
+    Addrs(Vec<IpAddr>),
+}
+
 /// The servers of one node: a stop flag and every thread serving or echoing.
 #[derive(Default)]
 pub struct Servers {
@@ -83,6 +95,11 @@ impl Servers {
     /// Starts serving `ports` in network namespace `netns` (`ipv6`: also answer SCTP over IPv6;
     /// TCP and UDP sockets are dual-stack anyway). Fails if a port is already served there.
     pub fn serve(&self, netns: &str, ports: &[(u16, Proto)], ipv6: bool) -> Result<()> {
+        self.serve_at(netns, ports, &Bind::Any { ipv6 })
+    }
+
+    /// As [`Servers::serve`], with the sockets bound as `bind` says.
+    pub fn serve_at(&self, netns: &str, ports: &[(u16, Proto)], bind: &Bind) -> Result<()> {
         let ports: BTreeSet<(u16, Proto)> = ports.iter().copied().collect();
         let sctp_ports: BTreeSet<u16> = ports
             .iter()
@@ -98,32 +115,47 @@ impl Servers {
                 bail!("SCTP port {p} is already served in {netns}");
             }
         }
+        // [::] with IPV6_V6ONLY off (the default in a new netns) takes IPv4 too.
+        let any: [IpAddr; 1] = [Ipv6Addr::UNSPECIFIED.into()];
+        let (stream_addrs, sctp_addrs): (&[IpAddr], Vec<Option<IpAddr>>) = match bind {
+            Bind::Any { ipv6 } => (&any, {
+                let mut v = vec![None];
+                if *ipv6 {
+                    v.push(Some(Ipv6Addr::UNSPECIFIED.into()));
+                }
+                v
+            }),
+            Bind::Addrs(addrs) => (addrs, addrs.iter().copied().map(Some).collect()),
+        };
         let listeners = netns::in_netns(netns, || -> Result<Vec<Listener>> {
             let mut v = Vec::new();
             for (port, proto) in &ports {
-                // [::] with IPV6_V6ONLY off (the default in a new netns) takes IPv4 too.
-                match proto {
-                    Proto::Tcp => {
-                        let l = TcpListener::bind(("::", *port))
-                            .with_context(|| format!("TCP port {port}"))?;
-                        l.set_nonblocking(true)?;
-                        v.push(Listener::Tcp(l));
+                for addr in stream_addrs {
+                    match proto {
+                        Proto::Tcp => {
+                            let l = TcpListener::bind((*addr, *port))
+                                .with_context(|| format!("TCP port {port} on {addr}"))?;
+                            l.set_nonblocking(true)?;
+                            v.push(Listener::Tcp(l));
+                        }
+                        Proto::Udp => {
+                            let s = UdpSocket::bind((*addr, *port))
+                                .with_context(|| format!("UDP port {port} on {addr}"))?;
+                            s.set_nonblocking(true)?;
+                            v.push(Listener::Udp(s));
+                        }
+                        Proto::Sctp => {}
                     }
-                    Proto::Udp => {
-                        let s = UdpSocket::bind(("::", *port))
-                            .with_context(|| format!("UDP port {port}"))?;
-                        s.set_nonblocking(true)?;
-                        v.push(Listener::Udp(s));
-                    }
-                    Proto::Sctp => {}
                 }
             }
             if !sctp_ports.is_empty() {
-                for v6 in [false, true] {
-                    if v6 && !ipv6 {
-                        continue;
-                    }
+                for addr in &sctp_addrs {
+                    // `None`: an unbound IPv4 socket; an unspecified IPv6 address: unbound too.
+                    let v6 = addr.is_some_and(|a| a.is_ipv6());
                     let fd = sctp::raw_socket(v6).context("raw SCTP socket")?;
+                    if let Some(a) = addr.filter(|a| !a.is_unspecified()) {
+                        sctp::bind(&fd, a).with_context(|| format!("raw SCTP socket on {a}"))?;
+                    }
                     v.push(Listener::Sctp {
                         fd,
                         ports: sctp_ports.clone(),

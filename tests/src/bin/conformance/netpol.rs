@@ -1,20 +1,17 @@
-//! Conformance runner: the upstream Kubernetes NetworkPolicy e2e cases (as data, schema in
-//! tests/conformance/README.md) on the netns rig, with the standalone agent fed by files.
+//! Schema v1: the upstream Kubernetes NetworkPolicy e2e cases (tests/conformance/README.md).
 //!
 //! For each case: a node of 9 pod namespaces (x/a … z/c) serving the case's ports, a fresh
 //! bpffs and agent; each step's actions rewrite the manifest files; after the agent has
 //! reconciled them, every probe's 72-pair matrix is compared with the expectation, retried for
-//! a bounded convergence window. Ends with `N passed, M failed`; non-zero exit on any failure.
+//! a bounded convergence window.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
-    path::{Path, PathBuf},
-    process::ExitCode,
-    time::{Duration, Instant, SystemTime},
+    path::Path,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
 use palisade_tests::{
     agent::AgentProcess,
     rig::{Node, NodeSpec, PodSpec, Proto},
@@ -22,36 +19,14 @@ use palisade_tests::{
 use serde::Deserialize;
 use serde_json::Value;
 
-#[derive(Parser)]
-#[command(about = "Run NetworkPolicy conformance cases on the netns rig")]
-struct Args {
-    /// The palisade agent binary.
-    #[arg(long)]
-    agent: PathBuf,
-    /// Directory of case files.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/conformance/cases"))]
-    cases: PathBuf,
-    /// Only cases whose name contains this.
-    #[arg(long)]
-    filter: Option<String>,
-    /// Give pods IPv6 addresses and probe over IPv6.
-    #[arg(long)]
-    ipv6: bool,
-    /// Per-probe timeout in milliseconds.
-    #[arg(long, default_value_t = 800)]
-    probe_timeout_ms: u64,
-    /// How long a mismatching matrix is retried before the probe fails, in milliseconds.
-    #[arg(long, default_value_t = 6000)]
-    converge_ms: u64,
-    /// Also compute every probe's matrix with `palisade explain` (from the pinned maps) and
-    /// fail the probe if it differs from the probed one.
-    #[arg(long)]
-    check_explain: bool,
-}
+use crate::{
+    Args,
+    common::{self, Addresses, write_docs},
+};
 
 #[derive(Deserialize)]
-struct Case {
-    name: String,
+pub struct Case {
+    pub name: String,
     served: Served,
     namespaces: BTreeMap<String, NamespaceDef>,
     pods: Vec<PodDef>,
@@ -140,22 +115,14 @@ struct Expect {
     deny: Vec<(String, String)>,
 }
 
-fn proto(name: &str) -> Result<Proto> {
-    Ok(match name.to_ascii_uppercase().as_str() {
-        "TCP" => Proto::Tcp,
-        "UDP" => Proto::Udp,
-        "SCTP" => Proto::Sctp,
-        other => bail!("unknown protocol {other}"),
-    })
-}
-
 /// The cluster as the files describe it, rewritten after every action.
 struct World {
     namespaces: BTreeMap<String, NamespaceDef>,
     pods: Vec<PodDef>,
     /// Current policies by namespace/name.
     policies: BTreeMap<String, Value>,
-    ips: BTreeMap<String, IpAddr>,
+    /// The pods' addresses (`ns/pod`), for placeholders and probes.
+    addresses: Addresses,
 }
 
 impl World {
@@ -174,7 +141,7 @@ impl World {
             }));
         }
         for p in &self.pods {
-            let ip = self.ips[&Self::pod_key(p)].to_string();
+            let ip = self.addresses.pods[&Self::pod_key(p)].to_string();
             let ports: Vec<_> = p
                 .ports
                 .iter()
@@ -197,107 +164,6 @@ impl World {
             .collect();
         write_docs(&dir.join("policies.yaml"), &policies)
     }
-
-    /// Expands `{{ip ns/pod}}` and `{{cidr ns/pod len}}` in every string of a policy. In IPv6
-    /// mode, `{{ip ns/pod}}/32` becomes `<ip>/128`, as upstream does for IPv6 pods.
-    fn expand(&self, v: &Value) -> Result<Value> {
-        Ok(match v {
-            Value::String(s) => Value::String(self.expand_str(s)?),
-            Value::Array(items) => Value::Array(
-                items
-                    .iter()
-                    .map(|i| self.expand(i))
-                    .collect::<Result<_>>()?,
-            ),
-            Value::Object(m) => {
-                let mut out = serde_json::Map::new();
-                for (k, v) in m {
-                    out.insert(k.clone(), self.expand(v)?);
-                }
-                Value::Object(out)
-            }
-            other => other.clone(),
-        })
-    }
-
-    fn expand_str(&self, s: &str) -> Result<String> {
-        let mut out = String::new();
-        let mut rest = s;
-        while let Some(start) = rest.find("{{") {
-            out.push_str(&rest[..start]);
-            let end = rest[start..]
-                .find("}}")
-                .with_context(|| format!("unclosed placeholder in {s:?}"))?
-                + start;
-            let inner: Vec<&str> = rest[start + 2..end].split_whitespace().collect();
-            rest = &rest[end + 2..];
-            match inner.as_slice() {
-                ["ip", pod] => {
-                    let ip = *self
-                        .ips
-                        .get(*pod)
-                        .with_context(|| format!("no pod {pod}"))?;
-                    out.push_str(&ip.to_string());
-                    if ip.is_ipv6()
-                        && let Some(r) = rest.strip_prefix("/32")
-                    {
-                        out.push_str("/128");
-                        rest = r;
-                    }
-                }
-                ["cidr", pod, len] => {
-                    let ip = *self
-                        .ips
-                        .get(*pod)
-                        .with_context(|| format!("no pod {pod}"))?;
-                    let len: u8 = len.parse()?;
-                    let net = ipnetwork::IpNetwork::new(ip, len)?;
-                    out.push_str(&format!("{}/{}", net.network(), len));
-                }
-                _ => bail!("unknown placeholder in {s:?}"),
-            }
-        }
-        out.push_str(rest);
-        Ok(out)
-    }
-}
-
-/// Replaces `path` atomically with `docs`; no documents: the file goes (an empty file keeps
-/// its last good objects, by design).
-/// A case file, read as the agent reads YAML (1.2: `y` and `n`, namespace names here, are
-/// strings, not booleans).
-fn read_case(text: &str) -> Result<Case> {
-    let doc = palisade_policy::manifest::yaml_documents(text)?
-        .into_iter()
-        .next()
-        .context("an empty case file")?;
-    Ok(serde_json::from_value(doc)?)
-}
-
-fn write_docs(path: &Path, docs: &[serde_json::Value]) -> Result<()> {
-    if docs.is_empty() {
-        return match std::fs::remove_file(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
-        };
-    }
-    let mut text = String::new();
-    for d in docs {
-        text.push_str("---\n");
-        text.push_str(&serde_saphyr::to_string(d)?);
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
-struct CaseResult {
-    name: String,
-    probes: usize,
-    failed_probes: usize,
-    elapsed: Duration,
-    error: Option<String>,
 }
 
 fn render(columns: &[String], blocked: &BTreeSet<(String, String)>) -> String {
@@ -319,7 +185,8 @@ fn render(columns: &[String], blocked: &BTreeSet<(String, String)>) -> String {
     s
 }
 
-fn run_case(args: &Args, case: &Case, work: &Path) -> Result<(usize, usize)> {
+/// Runs one case on a fresh node and agent: (probes, failed probes).
+pub fn run(args: &Args, case: &Case, work: &Path) -> Result<(usize, usize)> {
     let pod_names: Vec<String> = case.pods.iter().map(World::pod_key).collect();
     let spec = NodeSpec {
         pods: pod_names
@@ -334,7 +201,7 @@ fn run_case(args: &Args, case: &Case, work: &Path) -> Result<(usize, usize)> {
     let mut served = Vec::new();
     for port in &case.served.ports {
         for p in &case.served.protocols {
-            served.push((*port, proto(p)?));
+            served.push((*port, common::proto(p)?));
         }
     }
     node.serve(&served).context("starting servers")?;
@@ -347,7 +214,10 @@ fn run_case(args: &Args, case: &Case, work: &Path) -> Result<(usize, usize)> {
         namespaces: case.namespaces.clone(),
         pods: case.pods.clone(),
         policies: BTreeMap::new(),
-        ips,
+        addresses: Addresses {
+            pods: ips,
+            nodes: BTreeMap::new(),
+        },
     };
     let manifests = work.join("manifests");
     std::fs::create_dir_all(&manifests)?;
@@ -394,9 +264,10 @@ fn run_case(args: &Args, case: &Case, work: &Path) -> Result<(usize, usize)> {
                     let name = obj["metadata"]["name"]
                         .as_str()
                         .context("policy without name")?;
-                    world
-                        .policies
-                        .insert(format!("{ns}/{name}"), world.expand(obj)?);
+                    let obj = world
+                        .addresses
+                        .expand(obj, &format!("policies[id={policy}].object"))?;
+                    world.policies.insert(format!("{ns}/{name}"), obj);
                 }
                 Action::DeleteAllPolicies { .. } => world.policies.clear(),
                 Action::AddNamespaceLabels { namespace, labels } => {
@@ -423,7 +294,7 @@ fn run_case(args: &Args, case: &Case, work: &Path) -> Result<(usize, usize)> {
         agent.wait_reconciled(written, pod_names.len(), Duration::from_secs(20))?;
         for probe in &step.probes {
             probes += 1;
-            let p = proto(&probe.protocol)?;
+            let p = common::proto(&probe.protocol)?;
             let expected: BTreeSet<(String, String)> = probe.expect.deny.iter().cloned().collect();
             let attempts = (args.converge_ms / args.probe_timeout_ms.max(1)).max(1) as usize;
             let observed = probe_matrix(
@@ -539,7 +410,7 @@ fn probe_matrix(
             .iter()
             .map(|(fi, _, _, to)| palisade_tests::rig::ProbeSpec {
                 from: &node.pods()[*fi],
-                to: world.ips[to],
+                to: world.addresses.pods[to],
                 port,
                 proto,
                 timeout,
@@ -557,110 +428,4 @@ fn probe_matrix(
         }
     }
     Ok(blocked)
-}
-
-fn main() -> ExitCode {
-    let args = Args::parse();
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("conformance needs root (BPF, TCX, network namespaces)");
-        return ExitCode::FAILURE;
-    }
-    let mut files: Vec<PathBuf> = match std::fs::read_dir(&args.cases) {
-        Ok(rd) => rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-            .collect(),
-        Err(e) => {
-            eprintln!("{}: {e}", args.cases.display());
-            return ExitCode::FAILURE;
-        }
-    };
-    files.sort();
-    let family = if args.ipv6 { "IPv6" } else { "IPv4" };
-    println!(
-        "conformance ({family}), cases from {}",
-        args.cases.display()
-    );
-    println!("{:<48} {:>6} {:>8}  result", "case", "probes", "seconds");
-    let mut results = Vec::new();
-    for file in files {
-        let started = Instant::now();
-        let case: Case = match std::fs::read_to_string(&file)
-            .map_err(anyhow::Error::from)
-            .and_then(|t| read_case(&t))
-        {
-            Ok(c) => c,
-            Err(e) => {
-                let name = file.display().to_string();
-                println!(
-                    "{name:<48} {:>6} {:>8}  ERROR cannot read case: {e:#}",
-                    0, "-"
-                );
-                results.push(CaseResult {
-                    name,
-                    probes: 0,
-                    failed_probes: 0,
-                    elapsed: started.elapsed(),
-                    error: Some(format!("cannot read case: {e:#}")),
-                });
-                continue;
-            }
-        };
-        if let Some(f) = &args.filter
-            && !case.name.contains(f.as_str())
-        {
-            continue;
-        }
-        let work = std::env::temp_dir().join(format!(
-            "palisade-conformance-{}-{}",
-            std::process::id(),
-            case.name
-        ));
-        let _ = std::fs::remove_dir_all(&work);
-        let outcome = std::fs::create_dir_all(&work)
-            .map_err(anyhow::Error::from)
-            .and_then(|_| run_case(&args, &case, &work));
-        let r = match outcome {
-            Ok((probes, failed)) => CaseResult {
-                name: case.name.clone(),
-                probes,
-                failed_probes: failed,
-                elapsed: started.elapsed(),
-                error: None,
-            },
-            Err(e) => CaseResult {
-                name: case.name.clone(),
-                probes: 0,
-                failed_probes: 0,
-                elapsed: started.elapsed(),
-                error: Some(format!("{e:#}")),
-            },
-        };
-        let verdict = match (&r.error, r.failed_probes) {
-            (Some(e), _) => format!("ERROR {e}"),
-            (None, 0) => "pass".to_string(),
-            (None, n) => format!("FAIL ({n} probes)"),
-        };
-        println!(
-            "{:<48} {:>6} {:>8.1}  {verdict}",
-            r.name,
-            r.probes,
-            r.elapsed.as_secs_f64()
-        );
-        if r.error.is_none() && r.failed_probes == 0 {
-            let _ = std::fs::remove_dir_all(&work);
-        }
-        results.push(r);
-    }
-    let passed = results
-        .iter()
-        .filter(|r| r.error.is_none() && r.failed_probes == 0)
-        .count();
-    let failed = results.len() - passed;
-    println!("{passed} passed, {failed} failed");
-    if failed == 0 && passed > 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
 }

@@ -1,0 +1,204 @@
+//! Conformance runner: upstream policy conformance cases, as data, on the netns rig with the
+//! standalone agent fed by files. Each file is a case, run on a fresh node and agent; its
+//! `schema_version` says which suite it belongs to:
+//!
+//! - 1: the Kubernetes NetworkPolicy e2e cases (tests/conformance/README.md), [`netpol`];
+//! - 2: the ClusterNetworkPolicy conformance cases (tests/conformance/cnp/README.md), [`cnp`].
+//!
+//! Prints a line per case and ends with `N passed, M failed`; non-zero exit on any failure (or
+//! when no case ran).
+mod cnp;
+mod common;
+mod netpol;
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "Run NetworkPolicy and ClusterNetworkPolicy conformance cases on the netns rig")]
+pub struct Args {
+    /// The palisade agent binary.
+    #[arg(long)]
+    agent: PathBuf,
+    /// Directory of case files (schema v1 or v2, see the READMEs under tests/conformance).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/conformance/cases"))]
+    cases: PathBuf,
+    /// Only cases whose name contains this.
+    #[arg(long)]
+    filter: Option<String>,
+    /// Give pods IPv6 addresses and probe over IPv6.
+    #[arg(long)]
+    ipv6: bool,
+    /// Per-probe timeout in milliseconds (a deny must time out: it costs this much).
+    #[arg(long, default_value_t = 800)]
+    probe_timeout_ms: u64,
+    /// How long a mismatching probe (or schema v1 matrix) is retried before it fails, in
+    /// milliseconds.
+    #[arg(long, default_value_t = 6000)]
+    converge_ms: u64,
+    /// Also compute every probe with `palisade explain` (from the pinned maps) and fail the
+    /// probe if it differs from the probed one.
+    #[arg(long)]
+    check_explain: bool,
+}
+
+/// A case file, by schema.
+enum Case {
+    NetworkPolicy(netpol::Case),
+    ClusterNetworkPolicy(cnp::Case),
+}
+
+impl Case {
+    fn read(file: &Path) -> Result<Case> {
+        let text = std::fs::read_to_string(file)?;
+        let doc = common::first_document(&text)?;
+        Ok(match common::schema_version(&doc)? {
+            1 => Case::NetworkPolicy(common::decode(doc)?),
+            2 => Case::ClusterNetworkPolicy(cnp::Case::from_document(doc)?),
+            v => bail!("schema_version: {v} is not one this runner reads (1, 2)"),
+        })
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Case::NetworkPolicy(c) => &c.name,
+            Case::ClusterNetworkPolicy(c) => &c.name,
+        }
+    }
+
+    /// Runs the case: (probes, failed probes).
+    fn run(&self, args: &Args, work: &Path) -> Result<(usize, usize)> {
+        match self {
+            Case::NetworkPolicy(c) => netpol::run(args, c, work),
+            Case::ClusterNetworkPolicy(c) => cnp::run(args, c, work),
+        }
+    }
+}
+
+struct CaseResult {
+    name: String,
+    probes: usize,
+    failed_probes: usize,
+    elapsed: Duration,
+    error: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("conformance needs root (BPF, TCX, network namespaces)");
+        return ExitCode::FAILURE;
+    }
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(&args.cases) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .collect(),
+        Err(e) => {
+            eprintln!("{}: {e}", args.cases.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    files.sort();
+    // Case names are their file names: the column fits the longest.
+    let width = files
+        .iter()
+        .filter_map(|f| f.file_stem())
+        .map(|s| s.len())
+        .max()
+        .unwrap_or(0)
+        .max(48);
+    let family = if args.ipv6 { "IPv6" } else { "IPv4" };
+    println!(
+        "conformance ({family}), cases from {}",
+        args.cases.display()
+    );
+    println!(
+        "{:<width$} {:>6} {:>8}  result",
+        "case", "probes", "seconds"
+    );
+    let mut results = Vec::new();
+    for file in files {
+        let started = Instant::now();
+        let case = match Case::read(&file) {
+            Ok(c) => c,
+            Err(e) => {
+                let name = file.display().to_string();
+                println!(
+                    "{name:<width$} {:>6} {:>8}  ERROR cannot read case: {e:#}",
+                    0, "-"
+                );
+                results.push(CaseResult {
+                    name,
+                    probes: 0,
+                    failed_probes: 0,
+                    elapsed: started.elapsed(),
+                    error: Some(format!("cannot read case: {e:#}")),
+                });
+                continue;
+            }
+        };
+        if let Some(f) = &args.filter
+            && !case.name().contains(f.as_str())
+        {
+            continue;
+        }
+        let work = std::env::temp_dir().join(format!(
+            "palisade-conformance-{}-{}",
+            std::process::id(),
+            case.name()
+        ));
+        let _ = std::fs::remove_dir_all(&work);
+        let outcome = std::fs::create_dir_all(&work)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| case.run(&args, &work));
+        let r = match outcome {
+            Ok((probes, failed)) => CaseResult {
+                name: case.name().to_string(),
+                probes,
+                failed_probes: failed,
+                elapsed: started.elapsed(),
+                error: None,
+            },
+            Err(e) => CaseResult {
+                name: case.name().to_string(),
+                probes: 0,
+                failed_probes: 0,
+                elapsed: started.elapsed(),
+                error: Some(format!("{e:#}")),
+            },
+        };
+        let verdict = match (&r.error, r.failed_probes) {
+            (Some(e), _) => format!("ERROR {e}"),
+            (None, 0) => "pass".to_string(),
+            (None, n) => format!("FAIL ({n} probes)"),
+        };
+        println!(
+            "{:<width$} {:>6} {:>8.1}  {verdict}",
+            r.name,
+            r.probes,
+            r.elapsed.as_secs_f64()
+        );
+        if r.error.is_none() && r.failed_probes == 0 {
+            let _ = std::fs::remove_dir_all(&work);
+        }
+        results.push(r);
+    }
+    let passed = results
+        .iter()
+        .filter(|r| r.error.is_none() && r.failed_probes == 0)
+        .count();
+    let failed = results.len() - passed;
+    println!("{passed} passed, {failed} failed");
+    if failed == 0 && passed > 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
