@@ -235,10 +235,78 @@ fn io_outcome(e: &std::io::Error) -> Outcome {
     }
 }
 
+/// A TCP connect within `timeout`. Unlike `TcpStream::connect_timeout`, a connect that times
+/// out reports the ICMP error it got meanwhile, if any: an ICMP error that arrives while the
+/// connecting thread holds the socket (on a local path it can, within the connect call) is
+/// kept only as the socket's soft error, and the SYN is retried after a second, past the
+/// timeout.
+fn tcp_connect(to: SocketAddr, timeout: Duration) -> Result<TcpStream, Outcome> {
+    use nix::{
+        errno::Errno,
+        sys::socket::{
+            AddressFamily, SockFlag, SockType, SockaddrStorage, connect, getsockopt, socket,
+            sockopt::SocketError,
+        },
+    };
+    use std::os::fd::AsRawFd;
+    let family = match to {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|_| Outcome::Error)?;
+    let errno_outcome = |e: i32| io_outcome(&std::io::Error::from_raw_os_error(e));
+    match connect(fd.as_raw_fd(), &SockaddrStorage::from(to)) {
+        Ok(()) | Err(Errno::EINPROGRESS) => {}
+        Err(e) => return Err(errno_outcome(e as i32)),
+    }
+    let deadline = Instant::now() + timeout;
+    let socket_error = || getsockopt(&fd, SocketError).map_err(|_| Outcome::Error);
+    loop {
+        let Some(rest) = left(deadline) else {
+            return Err(match socket_error()? {
+                0 => Outcome::TimedOut,
+                e => errno_outcome(e),
+            });
+        };
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let ms = rest.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd.
+        match unsafe { libc::poll(&mut pfd, 1, ms) } {
+            0 => continue,
+            n if n < 0 => {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Outcome::Error);
+            }
+            _ => {
+                return match socket_error()? {
+                    0 => {
+                        let s = TcpStream::from(fd);
+                        s.set_nonblocking(false).map_err(|_| Outcome::Error)?;
+                        Ok(s)
+                    }
+                    e => Err(errno_outcome(e)),
+                };
+            }
+        }
+    }
+}
+
 fn tcp(to: IpAddr, port: u16, timeout: Duration, deadline: Instant) -> Outcome {
-    let mut s = match TcpStream::connect_timeout(&SocketAddr::new(to, port), timeout) {
+    let mut s = match tcp_connect(SocketAddr::new(to, port), timeout) {
         Ok(s) => s,
-        Err(e) => return io_outcome(&e),
+        Err(outcome) => return outcome,
     };
     let Some(rest) = left(deadline) else {
         return Outcome::TimedOut;

@@ -1,5 +1,6 @@
 //! The rig itself, with no enforcer attached: every ordered pair connects over TCP, UDP and
-//! SCTP, IPv4 and IPv6; unserved ports do not; probes run concurrently; commands and threads
+//! SCTP, IPv4 and IPv6; unserved ports do not; probes run concurrently and tell a timeout from
+//! a refusal; the node serves on its own addresses; commands and threads
 //! run in the right namespace; namespaces disappear on drop, panics included; rigs created in
 //! parallel never collide. Needs root (under CI=true, a missing root is a failure).
 use std::{
@@ -10,7 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use palisade_tests::rig::{Node, NodeSpec, Pod, PodSpec, ProbeSpec, Proto, require_root};
+use palisade_tests::{
+    rig::{Node, NodeSpec, Outcome, Pod, PodSpec, ProbeSpec, Proto, require_root},
+    sctp,
+};
 
 const TIMEOUT: Duration = Duration::from_millis(500);
 const SERVED: u16 = 80;
@@ -613,4 +617,136 @@ fn stale_namespaces_of_dead_processes_are_removed() {
     assert!(added, "ip netns add {stale}");
     let _n = node(&["a"], false);
     assert!(!ip_netns_list().contains(&stale), "stale {stale} removed");
+}
+
+/// What a probe saw: connected; refused by an RST, an ICMP error or an SCTP ABORT; timed out
+/// where packets vanish (a blackhole route).
+fn outcomes(ipv6: bool) {
+    let n = served_node(&["x-a", "x-b"], ipv6);
+    let (a, b) = (&n.pods()[0], &n.pods()[1]);
+    // Packets to these vanish on the node, or get an ICMP "administratively prohibited".
+    let (hole, prohibited): (IpAddr, IpAddr) = if ipv6 {
+        ("fd00:99::1".parse().unwrap(), "fd00:99::2".parse().unwrap())
+    } else {
+        ("10.99.0.1".parse().unwrap(), "10.99.0.2".parse().unwrap())
+    };
+    for (kind, addr) in [("blackhole", hole), ("prohibit", prohibited)] {
+        let out = n
+            .command("ip")
+            .args(["route", "add", kind, &addr.to_string()])
+            .output()
+            .expect("ip route");
+        assert!(out.status.success(), "{kind} {addr}: {out:?}");
+    }
+    // An SCTP endpoint in b that aborts every INIT to ABORTED.
+    const ABORTED: u16 = 82;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fd = b.in_netns(|| sctp::raw_socket(ipv6)).unwrap().unwrap();
+    let aborter = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if !sctp::wait_readable(&fd, Duration::from_millis(50)).unwrap_or(false) {
+                    continue;
+                }
+                while let Ok(rx) = sctp::recv_from(&fd, &mut buf) {
+                    let Some(p) = sctp::parse(rx.sctp) else {
+                        continue;
+                    };
+                    if p.is_init() && p.dport == ABORTED {
+                        let tag = p.init_fields().unwrap().initiate_tag;
+                        let abort = sctp::abort_packet(p.dport, p.sport, tag);
+                        let _ = sctp::send_to(&fd, &abort, rx.src);
+                    }
+                }
+            }
+        })
+    };
+    let to = b.ip(ipv6);
+    let cases = [
+        (to, SERVED, Proto::Tcp, Outcome::Connected),
+        (to, SERVED, Proto::Udp, Outcome::Connected),
+        (to, SERVED, Proto::Sctp, Outcome::Connected),
+        (to, UNSERVED, Proto::Tcp, Outcome::Refused),
+        (to, UNSERVED, Proto::Udp, Outcome::Refused),
+        // The rig's SCTP servers ignore INITs to ports they do not serve.
+        (to, UNSERVED, Proto::Sctp, Outcome::TimedOut),
+        (to, ABORTED, Proto::Sctp, Outcome::Refused),
+        (hole, SERVED, Proto::Tcp, Outcome::TimedOut),
+        (hole, SERVED, Proto::Udp, Outcome::TimedOut),
+        (hole, SERVED, Proto::Sctp, Outcome::TimedOut),
+        (prohibited, SERVED, Proto::Tcp, Outcome::Refused),
+        (prohibited, SERVED, Proto::Udp, Outcome::Refused),
+    ];
+    let specs: Vec<ProbeSpec<'_>> = cases
+        .iter()
+        .map(|&(to, port, proto, _)| ProbeSpec {
+            from: a,
+            to,
+            port,
+            proto,
+            timeout: TIMEOUT,
+        })
+        .collect();
+    let got = n.probe_outcomes(&specs);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    aborter.join().unwrap();
+    let wrong: Vec<String> = cases
+        .iter()
+        .zip(got)
+        .filter(|((.., want), got)| got != want)
+        .map(|((to, port, proto, want), got)| format!("{to} {proto}/{port}: {got}, want {want}"))
+        .collect();
+    assert!(wrong.is_empty(), "from {}: {wrong:#?}", a.name);
+}
+
+#[test]
+fn outcomes_tell_timeouts_from_refusals_ipv4() {
+    if require_root() {
+        outcomes(false);
+    }
+}
+
+#[test]
+fn outcomes_tell_timeouts_from_refusals_ipv6() {
+    if require_root() {
+        outcomes(true);
+    }
+}
+
+/// Servers in the node's own namespace, bound to its addresses (a host-networked pod): pods
+/// reach them on the node's address over TCP, UDP and SCTP, the answers coming from that
+/// address although the route back to a pod leaves by a veth that carries the gateway.
+#[test]
+fn host_servers_answer_from_the_node_address() {
+    if !require_root() {
+        return;
+    }
+    const HOST_PORT: u16 = 34345;
+    let n = node(&["x-a"], true);
+    n.serve_host(&[
+        (HOST_PORT, Proto::Tcp),
+        (HOST_PORT, Proto::Udp),
+        (HOST_PORT, Proto::Sctp),
+    ])
+    .expect("host servers");
+    let a = &n.pods()[0];
+    for v6 in [false, true] {
+        for proto in Proto::ALL {
+            let to = n.node_ip(v6);
+            assert_eq!(
+                n.probe_outcomes(&[ProbeSpec {
+                    from: a,
+                    to,
+                    port: HOST_PORT,
+                    proto,
+                    timeout: TIMEOUT,
+                }]),
+                [Outcome::Connected],
+                "{} -> {to} {proto}/{HOST_PORT}",
+                a.name
+            );
+        }
+    }
 }

@@ -162,6 +162,18 @@ struct PolicyVersion<'c> {
     place: String,
 }
 
+impl PolicyVersion<'_> {
+    /// `ClusterNetworkPolicy default`, `NetworkPolicy ns/name`.
+    fn describe(&self) -> String {
+        let (kind, namespace, name) = &self.key;
+        if namespace.is_empty() {
+            format!("{kind} {name}")
+        } else {
+            format!("{kind} {namespace}/{name}")
+        }
+    }
+}
+
 impl Case {
     pub fn from_document(doc: Value) -> Result<Case> {
         let case: Case = common::decode(doc)?;
@@ -205,26 +217,48 @@ impl Case {
             }
         }
         let versions = self.policy_versions()?;
+        // The objects that exist as the steps go: a create needs its object absent, an update
+        // or a delete present.
+        let mut existing: BTreeSet<&ObjectKey> = BTreeSet::new();
         for (s, step) in self.steps.iter().enumerate() {
             for (a, action) in step.actions.iter().enumerate() {
                 let place = format!("steps[{s}].actions[{a}]");
+                let version = |policy: &str| {
+                    versions
+                        .get(policy)
+                        .with_context(|| format!("{place}.policy: no policy {policy}"))
+                };
                 match action {
                     Action::CreatePolicy { policy, kind }
                     | Action::DeletePolicy { policy, kind } => {
-                        let v = versions
-                            .get(policy.as_str())
-                            .with_context(|| format!("{place}.policy: no policy {policy}"))?;
+                        let v = version(policy)?;
                         ensure!(
                             v.kind == kind,
                             "{place}.kind: {kind}, but {} is a {}",
                             v.place,
                             v.kind
                         );
+                        if matches!(action, Action::CreatePolicy { .. }) {
+                            ensure!(
+                                existing.insert(&v.key),
+                                "{place}: creates {policy}, but {} exists then",
+                                v.describe()
+                            );
+                        } else {
+                            ensure!(
+                                existing.remove(&v.key),
+                                "{place}: deletes {policy}, but no {} exists then",
+                                v.describe()
+                            );
+                        }
                     }
                     Action::UpdatePolicy { policy } => {
-                        versions
-                            .get(policy.as_str())
-                            .with_context(|| format!("{place}.policy: no policy {policy}"))?;
+                        let v = version(policy)?;
+                        ensure!(
+                            existing.contains(&v.key),
+                            "{place}: updates {policy}, but no {} exists then",
+                            v.describe()
+                        );
                     }
                     Action::SetNamespaceLabels { namespace, .. } => {
                         ensure!(
@@ -412,47 +446,23 @@ impl Cluster<'_> {
         })
     }
 
-    /// Applies one action (checked by `Case::check`, so only a replayed state can fail here:
-    /// creating what exists, updating or deleting what does not).
+    /// Applies one action (`Case::check` made sure that what it creates is absent and what it
+    /// updates or deletes present).
     fn apply(
         &mut self,
         action: &Action,
         versions: &BTreeMap<&str, PolicyVersion<'_>>,
-        place: &str,
     ) -> Result<()> {
         match action {
             Action::CreatePolicy { policy, .. } | Action::UpdatePolicy { policy } => {
                 let v = &versions[policy.as_str()];
-                let exists = self.policies.contains_key(&v.key);
-                let create = matches!(action, Action::CreatePolicy { .. });
-                if create && exists {
-                    bail!(
-                        "{place}: creates {policy}, but a {} {} exists",
-                        v.kind,
-                        v.key.2
-                    );
-                }
-                if !create && !exists {
-                    bail!(
-                        "{place}: updates {policy}, but no {} {} exists",
-                        v.kind,
-                        v.key.2
-                    );
-                }
                 let object = self
                     .addresses
                     .expand(v.object, &format!("{}.object", v.place))?;
                 self.policies.insert(v.key.clone(), object);
             }
             Action::DeletePolicy { policy, .. } => {
-                let v = &versions[policy.as_str()];
-                if self.policies.remove(&v.key).is_none() {
-                    bail!(
-                        "{place}: deletes {policy}, but no {} {} exists",
-                        v.kind,
-                        v.key.2
-                    );
-                }
+                self.policies.remove(&versions[policy.as_str()].key);
             }
             Action::SetNamespaceLabels { namespace, labels } => {
                 self.namespace_labels
@@ -614,8 +624,8 @@ pub fn run(args: &Args, case: &Case, work: &Path) -> Result<(usize, usize)> {
 
     let (mut probes, mut failed) = (0, 0);
     for (s, step) in case.steps.iter().enumerate() {
-        for (a, action) in step.actions.iter().enumerate() {
-            cluster.apply(action, &versions, &format!("steps[{s}].actions[{a}]"))?;
+        for action in &step.actions {
+            cluster.apply(action, &versions)?;
         }
         if !step.actions.is_empty() {
             let written = SystemTime::now();
@@ -823,5 +833,131 @@ fn explain(agent: &AgentProcess, r: &Resolved<'_>, ipv6: bool) -> Result<bool> {
         Some("dropped") => Ok(true),
         Some("allowed" | "would-drop") => Ok(false),
         other => bail!("explain {}: unexpected verdict {other:?}", r.describe()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small case: one pod of each kind, one policy, the steps given.
+    fn case(steps: Value) -> Value {
+        json!({
+            "schema_version": 2,
+            "name": "small",
+            "namespaces": {"x": {"labels": {"kubernetes.io/metadata.name": "x"}}},
+            "nodes": [{"name": "node-1", "labels": {}, "address": "{{node-ip node-1}}"}],
+            "pods": [
+                {"namespace": "x", "name": "a", "client_container": "c", "host_network": false,
+                 "ports": [{"port": 80, "protocol": "TCP", "name": "web", "declared": true, "container": "s"}]},
+                {"namespace": "x", "name": "h", "client_container": "c", "host_network": true, "node": "node-1",
+                 "ports": [{"port": 34345, "protocol": "UDP", "declared": false, "container": "s"}]},
+            ],
+            "policies": [
+                {"id": "p", "object": {"apiVersion": CNP_API_VERSION, "kind": "ClusterNetworkPolicy",
+                                       "metadata": {"name": "p"}, "spec": {}}},
+                {"id": "x/np", "object": {"apiVersion": NP_API_VERSION, "kind": "NetworkPolicy",
+                                          "metadata": {"name": "np", "namespace": "x"}, "spec": {}}},
+            ],
+            "steps": steps,
+        })
+    }
+
+    fn error(steps: Value) -> String {
+        match Case::from_document(case(steps)) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn a_good_case_reads() {
+        let c = Case::from_document(case(json!([
+            {"description": "create", "actions": [
+                {"action": "create_policy", "policy": "p", "kind": "ClusterNetworkPolicy"},
+                {"action": "create_policy", "policy": "x/np", "kind": "NetworkPolicy"}]},
+            {"description": "probe", "actions": [
+                {"action": "update_policy", "policy": "p"},
+                {"action": "delete_policy", "policy": "x/np", "kind": "NetworkPolicy"},
+                {"action": "set_namespace_labels", "namespace": "x", "labels": {"a": "b"}}],
+             "probes": [
+                {"from": "x/a", "to": "x/h", "target": "{{node-ip node-1}}", "protocol": "UDP",
+                 "port": 34345, "expect": "allow"},
+                {"from": "x/h", "to": "x/a", "target": "{{ip x/a}}", "protocol": "tcp",
+                 "port": 80, "expect": "deny"}]},
+        ])))
+        .unwrap();
+        assert_eq!(c.steps[1].probes[1].protocol, Proto::Tcp);
+        assert_eq!(c.steps[1].probes[1].expect, Expect::Deny);
+    }
+
+    #[test]
+    fn bad_cases_name_the_field() {
+        let create =
+            json!({"action": "create_policy", "policy": "p", "kind": "ClusterNetworkPolicy"});
+        for (steps, want) in [
+            (
+                json!([{"description": "d", "actions": [{"action": "update_policy", "policy": "p"}]}]),
+                "steps[0].actions[0]: updates p, but no ClusterNetworkPolicy p exists then",
+            ),
+            (
+                json!([{"description": "d", "actions": [create, create]}]),
+                "steps[0].actions[1]: creates p, but ClusterNetworkPolicy p exists then",
+            ),
+            (
+                json!([{"description": "d", "actions": [
+                    {"action": "delete_policy", "policy": "x/np", "kind": "NetworkPolicy"}]}]),
+                "steps[0].actions[0]: deletes x/np, but no NetworkPolicy x/np exists then",
+            ),
+            (
+                json!([{"description": "d", "actions": [
+                    {"action": "create_policy", "policy": "p", "kind": "NetworkPolicy"}]}]),
+                "steps[0].actions[0].kind: NetworkPolicy, but policies[0] (id p) is a ClusterNetworkPolicy",
+            ),
+            (
+                json!([{"description": "d", "actions": [{"action": "create_policy", "policy": "q", "kind": "NetworkPolicy"}]}]),
+                "steps[0].actions[0].policy: no policy q",
+            ),
+            (
+                json!([{"description": "d", "actions": [{"action": "label_pod", "pod": "x/a"}]}]),
+                "steps[0].actions[0].action: unknown variant `label_pod`",
+            ),
+            (
+                json!([{"description": "d", "probes": [{"from": "x/a", "to": "x/a", "target": "{{ip x/a}}",
+                    "protocol": "TCP", "port": 81, "expect": "deny"}]}]),
+                "steps[0].probes[0]: x/a does not serve TCP/81",
+            ),
+            (
+                json!([{"description": "d", "probes": [{"from": "x/b", "to": "x/a", "target": "{{ip x/a}}",
+                    "protocol": "TCP", "port": 80, "expect": "deny"}]}]),
+                "steps[0].probes[0].from: no pod x/b",
+            ),
+            (
+                json!([{"description": "d", "probes": [{"from": "x/a", "to": "x/a", "target": "{{ip x/a}}",
+                    "protocol": "ICMP", "port": 80, "expect": "deny"}]}]),
+                "steps[0].probes[0].protocol: unknown protocol ICMP",
+            ),
+            (
+                json!([{"description": "d", "probes": [{"from": "x/a", "to": "x/a", "target": "{{ip x/a}}",
+                    "protocol": "TCP", "port": 80, "expect": "maybe"}]}]),
+                "steps[0].probes[0].expect: unknown variant `maybe`",
+            ),
+        ] {
+            let got = error(steps);
+            assert!(
+                got.starts_with(want),
+                "{got}\n  does not start with\n{want}"
+            );
+        }
+        let mut c = case(json!([]));
+        c["policies"][1]["object"]["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("namespace");
+        let e = format!("{:#}", Case::from_document(c).err().unwrap());
+        assert_eq!(
+            e,
+            "policies[1] (id x/np).object.metadata.namespace: missing for a NetworkPolicy"
+        );
     }
 }

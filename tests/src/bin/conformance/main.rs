@@ -202,3 +202,38 @@ fn main() -> ExitCode {
         ExitCode::FAILURE
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every shipped case reads (and, for schema v2, passes the checks), as its schema.
+    #[test]
+    fn shipped_cases_read() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("conformance");
+        for (dir, schema, at_least) in [("cases", 1, 36), ("cnp/cases", 2, 69)] {
+            let mut n = 0;
+            for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_none_or(|e| e != "yaml") {
+                    continue;
+                }
+                let case =
+                    Case::read(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                let got = match case {
+                    Case::NetworkPolicy(_) => 1,
+                    Case::ClusterNetworkPolicy(_) => 2,
+                };
+                assert_eq!(got, schema, "{}", path.display());
+                assert_eq!(
+                    Some(case.name()),
+                    path.file_stem().and_then(|s| s.to_str()),
+                    "{}",
+                    path.display()
+                );
+                n += 1;
+            }
+            assert!(n >= at_least, "{dir}: {n} cases");
+        }
+    }
+}
