@@ -24,18 +24,21 @@ enum Command {
         #[arg(long)]
         release: bool,
     },
-    /// Run every test: unit, BPF program test runs, netns tests, conformance (IPv4 and IPv6).
+    /// Run every test: unit, BPF program test runs, netns tests, NetworkPolicy and
+    /// ClusterNetworkPolicy conformance (IPv4 and IPv6).
     Test {
-        /// Skip the conformance suite.
+        /// Skip the conformance suites.
         #[arg(long)]
         no_conformance: bool,
     },
     /// Create a demo node of netns pods, run the standalone agent with manifests/examples,
     /// send allowed and denied traffic and show what happened.
     Demo,
-    /// Run the upstream NetworkPolicy e2e cases on the netns rig.
+    /// Run the upstream NetworkPolicy e2e cases on the netns rig (the ClusterNetworkPolicy
+    /// ones with --cases tests/conformance/cnp/cases).
     Conformance {
-        /// Extra arguments for the runner (--cases DIR, --filter NAME, --ipv6).
+        /// Extra arguments for the runner (--cases DIR, --filter NAME, --ipv6,
+        /// --check-explain).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

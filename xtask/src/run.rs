@@ -54,14 +54,27 @@ pub fn test(with_conformance: bool) -> Result<()> {
     )?;
     fuzz(FUZZ_PACKETS_IN_TEST, 1, false)?;
     if with_conformance {
-        run(
-            &mut tests_bin("conformance", &agent, &[]),
-            "conformance (IPv4)",
-        )?;
-        run(
-            &mut tests_bin("conformance", &agent, &["--ipv6".to_string()]),
-            "conformance (IPv6)",
-        )?;
+        let cnp_cases = root().join(CNP_CASES).display().to_string();
+        for (what, args) in [
+            ("conformance (IPv4)", vec![]),
+            ("conformance (IPv6)", vec!["--ipv6"]),
+            (
+                "conformance, ClusterNetworkPolicy (IPv4)",
+                vec!["--cases", &cnp_cases],
+            ),
+            (
+                "conformance, ClusterNetworkPolicy (IPv6)",
+                vec!["--cases", &cnp_cases, "--ipv6"],
+            ),
+        ] {
+            let args: Vec<String> = args.into_iter().map(String::from).collect();
+            let started = Instant::now();
+            run(&mut tests_bin("conformance", &agent, &args), what)?;
+            eprintln!(
+                "xtask: {what} took {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
     }
     eprintln!(
         "xtask: all tests passed in {:.0} s",
@@ -110,11 +123,36 @@ pub fn demo() -> Result<()> {
     )
 }
 
+/// The ClusterNetworkPolicy cases (schema v2), relative to the repository.
+const CNP_CASES: &str = "tests/conformance/cnp/cases";
+
 pub fn conformance(args: &[String]) -> Result<()> {
     require_root("cargo xtask conformance")?;
     crate::setup::ensure_packages(&crate::setup::TEST_PACKAGES[..1])?;
     let agent = build_all(false)?;
-    run(&mut tests_bin("conformance", &agent, args), "conformance")
+    let args = absolute_cases(args, &std::env::current_dir()?);
+    run(&mut tests_bin("conformance", &agent, &args), "conformance")
+}
+
+/// The runner starts in the repository's root: a relative `--cases DIR` (or `--cases=DIR`) is
+/// made absolute against `cwd`, where `cargo xtask` was called.
+fn absolute_cases(args: &[String], cwd: &Path) -> Vec<String> {
+    let absolute = |dir: &str| cwd.join(dir).display().to_string();
+    let mut out = Vec::with_capacity(args.len());
+    let mut iter = args.iter();
+    while let Some(a) = iter.next() {
+        if a == "--cases" {
+            out.push(a.clone());
+            if let Some(dir) = iter.next() {
+                out.push(absolute(dir));
+            }
+        } else if let Some(dir) = a.strip_prefix("--cases=") {
+            out.push(format!("--cases={}", absolute(dir)));
+        } else {
+            out.push(a.clone());
+        }
+    }
+    out
 }
 
 pub fn lint() -> Result<()> {
@@ -151,4 +189,24 @@ pub fn lint() -> Result<()> {
         ebpf_clippy.env_remove(var);
     }
     run(&mut ebpf_clippy, "cargo clippy -D warnings (ebpf)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_cases_are_made_absolute() {
+        let cwd = Path::new("/repo/tests");
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            absolute_cases(&args(&["--cases", "conformance/cnp/cases", "--ipv6"]), cwd),
+            args(&["--cases", "/repo/tests/conformance/cnp/cases", "--ipv6"])
+        );
+        assert_eq!(
+            absolute_cases(&args(&["--cases=/abs", "--filter", "x"]), cwd),
+            args(&["--cases=/abs", "--filter", "x"])
+        );
+        assert_eq!(absolute_cases(&args(&["--cases"]), cwd), args(&["--cases"]));
+    }
 }
