@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use palisade_tests::{
     agent::AgentProcess,
-    rig::{Node, NodeSpec, Outcome, Pod, PodSpec, ProbeSpec, Proto},
+    rig::{NODE_IP_V4, NODE_IP_V6, Node, NodeSpec, Outcome, Pod, PodSpec, ProbeSpec, Proto},
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -359,12 +359,12 @@ impl Case {
 }
 
 /// The cluster as the steps leave it, written to the manifest directory after each step.
-struct Cluster<'c> {
-    case: &'c Case,
-    addresses: Addresses,
+struct Cluster<'a> {
+    case: &'a Case,
+    addresses: &'a Addresses,
     node_ip: IpAddr,
     /// The pods the rig runs (optional ones left out).
-    pods: Vec<&'c PodDef>,
+    pods: Vec<&'a PodDef>,
     namespace_labels: BTreeMap<String, Labels>,
     /// Current policy objects (placeholders expanded), by kind, namespace and name.
     policies: BTreeMap<ObjectKey, Value>,
@@ -502,103 +502,128 @@ impl Resolved<'_> {
     }
 }
 
-/// Runs one case on a fresh node and agent: (probes, failed probes).
-pub fn run(args: &Args, case: &Case, work: &Path) -> Result<(usize, usize)> {
-    let versions = case.policy_versions()?;
-    let pods: Vec<&PodDef> = case.pods.iter().filter(|p| !p.optional).collect();
-    let netns_pods: Vec<&PodDef> = pods.iter().copied().filter(|p| !p.host_network).collect();
-    let node = Node::new(NodeSpec {
-        pods: netns_pods
-            .iter()
-            .map(|p| PodSpec {
-                name: p.name.clone(),
-            })
-            .collect(),
-        ipv6: args.ipv6,
-    })
-    .context("creating the netns node")?;
-    let node_ip = node.node_ip(args.ipv6);
-    // A host-networked client probes from the node's own namespace, with its addresses.
-    let host_client = Pod {
-        name: case.nodes[0].name.clone(),
-        index: node.pods().len(),
-        netns_name: node.netns_name.clone(),
-        ipv4: match node_ip {
-            IpAddr::V4(a) => a,
-            IpAddr::V6(_) => palisade_tests::rig::NODE_IP_V4,
-        },
-        ipv6: match node_ip {
-            IpAddr::V6(a) => Some(a),
-            IpAddr::V4(_) => None,
-        },
-        host_ifname: String::new(),
-        host_ifindex: 0,
-    };
-    let mut addresses = Addresses::default();
-    addresses.nodes.insert(case.nodes[0].name.clone(), node_ip);
-    let mut host_ports = BTreeSet::new();
-    for p in &pods {
-        if p.host_network {
+/// The case placed on a rig node: its netns pods serving their ports, the host-networked
+/// pods' ports served on the node's address, and every pod's and node's address.
+struct Placed<'c> {
+    node: Node,
+    /// The pods of the case the rig runs (optional ones left out).
+    pods: Vec<&'c PodDef>,
+    /// Those in network namespaces of their own, in the order of `node.pods()`.
+    netns_pods: Vec<&'c PodDef>,
+    /// A host-networked client's stand-in: the node's own namespace and addresses.
+    host_client: Pod,
+    addresses: Addresses,
+}
+
+impl<'c> Placed<'c> {
+    fn new(case: &'c Case, ipv6: bool) -> Result<Placed<'c>> {
+        let pods: Vec<&PodDef> = case.pods.iter().filter(|p| !p.optional).collect();
+        let netns_pods: Vec<&PodDef> = pods.iter().copied().filter(|p| !p.host_network).collect();
+        let node = Node::new(NodeSpec {
+            pods: netns_pods
+                .iter()
+                .map(|p| PodSpec {
+                    name: p.name.clone(),
+                })
+                .collect(),
+            ipv6,
+        })
+        .context("creating the netns node")?;
+        let node_ip = node.node_ip(ipv6);
+        let host_client = Pod {
+            name: case.nodes[0].name.clone(),
+            index: node.pods().len(),
+            netns_name: node.netns_name.clone(),
+            ipv4: NODE_IP_V4,
+            ipv6: ipv6.then_some(NODE_IP_V6),
+            host_ifname: String::new(),
+            host_ifindex: 0,
+        };
+        let mut addresses = Addresses::default();
+        addresses.nodes.insert(case.nodes[0].name.clone(), node_ip);
+        let mut host_ports = BTreeSet::new();
+        for p in pods.iter().filter(|p| p.host_network) {
             addresses.pods.insert(Case::pod_key(p), node_ip);
             host_ports.extend(p.ports.iter().map(|pd| (pd.port, pd.protocol)));
         }
-    }
-    for (p, rig_pod) in netns_pods.iter().zip(node.pods()) {
-        addresses
-            .pods
-            .insert(Case::pod_key(p), rig_pod.ip(args.ipv6));
-        let ports: Vec<(u16, Proto)> = p.ports.iter().map(|pd| (pd.port, pd.protocol)).collect();
-        node.serve_pod(rig_pod, &ports)
-            .with_context(|| format!("servers of {}", Case::pod_key(p)))?;
-    }
-    if !host_ports.is_empty() {
-        node.serve_host(&host_ports.into_iter().collect::<Vec<_>>())?;
-    }
-    let node_address = addresses
-        .expand_str(&case.nodes[0].address)
-        .context("nodes[0].address")?;
-    ensure!(
-        node_address.parse::<IpAddr>() == Ok(node_ip),
-        "nodes[0].address: {node_address:?} is not the rig node's address {node_ip}"
-    );
-
-    // Every probe, resolved once (the target checked against the destination's address).
-    let mut resolved: Vec<Vec<Resolved<'_>>> = Vec::new();
-    for (s, step) in case.steps.iter().enumerate() {
-        let mut probes = Vec::new();
-        for (i, def) in step.probes.iter().enumerate() {
-            let place = format!("steps[{s}].probes[{i}]");
-            let target = addresses
-                .expand_str(&def.target)
-                .with_context(|| format!("{place}.target"))?;
-            let target: IpAddr = target
-                .parse()
-                .with_context(|| format!("{place}.target: {target:?} is not an address"))?;
-            ensure!(
-                addresses.pods.get(&def.to) == Some(&target),
-                "{place}.target: {target} is not the address of {}",
-                def.to
-            );
-            let (from, from_host) =
-                match netns_pods.iter().position(|p| Case::pod_key(p) == def.from) {
-                    Some(i) => (&node.pods()[i], false),
-                    None => (&host_client, true),
-                };
-            probes.push(Resolved {
-                from,
-                from_host,
-                target,
-                def,
-            });
+        for (p, rig_pod) in netns_pods.iter().zip(node.pods()) {
+            addresses.pods.insert(Case::pod_key(p), rig_pod.ip(ipv6));
+            let ports: Vec<(u16, Proto)> =
+                p.ports.iter().map(|pd| (pd.port, pd.protocol)).collect();
+            node.serve_pod(rig_pod, &ports)
+                .with_context(|| format!("servers of {}", Case::pod_key(p)))?;
         }
-        resolved.push(probes);
+        if !host_ports.is_empty() {
+            node.serve_host(&host_ports.into_iter().collect::<Vec<_>>())?;
+        }
+        let node_address = addresses
+            .expand_str(&case.nodes[0].address)
+            .context("nodes[0].address")?;
+        ensure!(
+            node_address.parse::<IpAddr>() == Ok(node_ip),
+            "nodes[0].address: {node_address:?} is not the rig node's address {node_ip}"
+        );
+        Ok(Placed {
+            node,
+            pods,
+            netns_pods,
+            host_client,
+            addresses,
+        })
     }
 
+    /// Every step's probes, resolved: the target expanded and checked to be the address of
+    /// the destination, the client a rig pod or the host client.
+    fn resolve<'p>(&'p self, case: &'p Case) -> Result<Vec<Vec<Resolved<'p>>>> {
+        let mut steps = Vec::new();
+        for (s, step) in case.steps.iter().enumerate() {
+            let mut probes = Vec::new();
+            for (i, def) in step.probes.iter().enumerate() {
+                let place = format!("steps[{s}].probes[{i}]");
+                let target = self
+                    .addresses
+                    .expand_str(&def.target)
+                    .with_context(|| format!("{place}.target"))?;
+                let target: IpAddr = target
+                    .parse()
+                    .with_context(|| format!("{place}.target: {target:?} is not an address"))?;
+                ensure!(
+                    self.addresses.pods.get(&def.to) == Some(&target),
+                    "{place}.target: {target} is not the address of {}",
+                    def.to
+                );
+                let (from, from_host) = match self
+                    .netns_pods
+                    .iter()
+                    .position(|p| Case::pod_key(p) == def.from)
+                {
+                    Some(i) => (&self.node.pods()[i], false),
+                    None => (&self.host_client, true),
+                };
+                probes.push(Resolved {
+                    from,
+                    from_host,
+                    target,
+                    def,
+                });
+            }
+            steps.push(probes);
+        }
+        Ok(steps)
+    }
+}
+
+/// Runs one case on a fresh node and agent: (probes, failed probes).
+pub fn run(args: &Args, case: &Case, work: &Path) -> Result<(usize, usize)> {
+    let versions = case.policy_versions()?;
+    let placed = Placed::new(case, args.ipv6)?;
+    let resolved = placed.resolve(case)?;
+    let endpoints = placed.netns_pods.len();
     let mut cluster = Cluster {
         case,
-        addresses,
-        node_ip,
-        pods: pods.clone(),
+        addresses: &placed.addresses,
+        node_ip: placed.node.node_ip(args.ipv6),
+        pods: placed.pods.clone(),
         namespace_labels: case
             .namespaces
             .iter()
@@ -610,8 +635,8 @@ pub fn run(args: &Args, case: &Case, work: &Path) -> Result<(usize, usize)> {
     std::fs::create_dir_all(&manifests)?;
     cluster.write(&manifests)?;
     let since = SystemTime::now();
-    let mut agent = AgentProcess::start(&node, &args.agent, &manifests, work)?;
-    let status = agent.wait_reconciled(since, netns_pods.len(), Duration::from_secs(20))?;
+    let mut agent = AgentProcess::start(&placed.node, &args.agent, &manifests, work)?;
+    let status = agent.wait_reconciled(since, endpoints, Duration::from_secs(20))?;
     ensure!(
         status.errors.is_empty(),
         "the agent reports errors with no policy: {:?}; log: {}",
@@ -620,7 +645,7 @@ pub fn run(args: &Args, case: &Case, work: &Path) -> Result<(usize, usize)> {
     );
 
     let timeout = Duration::from_millis(args.probe_timeout_ms);
-    baseline(&node, &resolved, timeout)?;
+    baseline(&placed.node, &resolved, timeout)?;
 
     let (mut probes, mut failed) = (0, 0);
     for (s, step) in case.steps.iter().enumerate() {
@@ -630,8 +655,7 @@ pub fn run(args: &Args, case: &Case, work: &Path) -> Result<(usize, usize)> {
         if !step.actions.is_empty() {
             let written = SystemTime::now();
             cluster.write(&manifests)?;
-            let status =
-                agent.wait_reconciled(written, netns_pods.len(), Duration::from_secs(20))?;
+            let status = agent.wait_reconciled(written, endpoints, Duration::from_secs(20))?;
             ensure!(
                 status.errors.is_empty(),
                 "step {} ({}): the agent reports errors: {:?}; log: {}",
@@ -646,65 +670,65 @@ pub fn run(args: &Args, case: &Case, work: &Path) -> Result<(usize, usize)> {
             continue;
         }
         probes += step_probes.len();
-        let outcomes = probe_step(&node, step_probes, timeout, args.converge_ms);
+        let outcomes = probe_step(&placed.node, step_probes, timeout, args.converge_ms);
         let explained = if args.check_explain {
-            Some(
-                step_probes
-                    .iter()
-                    .map(|r| explain(&agent, r, args.ipv6))
-                    .collect::<Result<Vec<_>>>()?,
-            )
+            let dropped = step_probes
+                .iter()
+                .map(|r| explain(&agent, r, args.ipv6))
+                .collect::<Result<Vec<_>>>()?;
+            Some(dropped)
         } else {
             None
         };
         for (i, (r, outcome)) in step_probes.iter().zip(&outcomes).enumerate() {
-            let holds = r.def.expect.holds(*outcome);
-            // `explain` says dropped exactly when the probe timed out.
-            let explain_disagrees = explained
-                .as_ref()
-                .is_some_and(|e| e[i] != (*outcome == Outcome::TimedOut));
-            if holds && !explain_disagrees {
-                continue;
+            let explained = explained.as_ref().map(|e| e[i]);
+            if !judge(
+                &format!("step {} ({}), probe {}", s + 1, step.description, i + 1),
+                r,
+                *outcome,
+                explained,
+            ) {
+                failed += 1;
+                println!("    agent log: {}", agent.log_path().display());
             }
-            failed += 1;
-            let line = r
-                .def
-                .line
-                .map(|l| format!(", line {l}"))
-                .unwrap_or_default();
-            if !holds {
-                println!(
-                    "  step {} ({}), probe {} ({}{line}): MISMATCH: expected {}, got {}",
-                    s + 1,
-                    step.description,
-                    i + 1,
-                    r.describe(),
-                    r.def.expect.as_str(),
-                    outcome
-                );
-            }
-            if let Some(e) = &explained
-                && explain_disagrees
-            {
-                println!(
-                    "  step {} ({}), probe {} ({}{line}): EXPLAIN DISAGREES WITH THE DATAPATH: probed {}, explain says {}",
-                    s + 1,
-                    step.description,
-                    i + 1,
-                    r.describe(),
-                    outcome,
-                    if e[i] { "dropped" } else { "allowed" }
-                );
-            }
-            if let Some(trace) = &r.def.model_trace {
-                println!("    model: {trace}");
-            }
-            println!("    agent log: {}", agent.log_path().display());
         }
     }
     drop(agent);
-    drop(node);
+    drop(placed);
     Ok((probes, failed))
+}
+
+/// Whether a probe's outcome is what it expects and, if `explain` was asked (`Some(dropped)`),
+/// whether `explain` says dropped exactly when the probe timed out; prints what is wrong.
+fn judge(place: &str, r: &Resolved<'_>, outcome: Outcome, explained: Option<bool>) -> bool {
+    let holds = r.def.expect.holds(outcome);
+    let explain_disagrees =
+        explained.is_some_and(|dropped| dropped != (outcome == Outcome::TimedOut));
+    if holds && !explain_disagrees {
+        return true;
+    }
+    let line = r
+        .def
+        .line
+        .map(|l| format!(", line {l}"))
+        .unwrap_or_default();
+    let what = format!("{place} ({}{line})", r.describe());
+    if !holds {
+        println!(
+            "  {what}: MISMATCH: expected {}, got {outcome}",
+            r.def.expect.as_str()
+        );
+    }
+    if let Some(dropped) = explained.filter(|_| explain_disagrees) {
+        println!(
+            "  {what}: EXPLAIN DISAGREES WITH THE DATAPATH: probed {outcome}, explain says {}",
+            if dropped { "dropped" } else { "allowed" }
+        );
+    }
+    if let Some(trace) = &r.def.model_trace {
+        println!("    model: {trace}");
+    }
+    false
 }
 
 /// With no policy, every probe of the file must connect (servers up, agent attached): up to 10
