@@ -33,7 +33,9 @@ use palisade_common::{
 };
 use serde::Serialize;
 
-use crate::cnp::{Action, ClusterNetworkPolicy, Subject, Tier, TierPeer, TierPort, TierRule};
+use crate::model::cluster::{
+    Action, ClusterNetworkPolicy, NodeInfo, Subject, Tier, TierPeer, TierPort, TierRule,
+};
 use crate::model::{NamedPort, Peer, Policy, PortMatch, PortSpec, Protocol, Store};
 use crate::state::{
     CidrEntry, DesiredState, Direction, EndpointMeta, PodRef, PolicyEntry, RuleRef, TierRuleInfo,
@@ -1289,7 +1291,7 @@ impl Compiler {
 /// Rules per direction of one ClusterNetworkPolicy, at most (`cnp::MAX_RULES`): a rule's rank
 /// is its policy's position times this, plus its index.
 const RULES_PER_RANK: u32 = 32;
-const _: () = assert!(crate::cnp::MAX_RULES as u32 <= RULES_PER_RANK);
+const _: () = assert!(crate::model::cluster::MAX_RULES as u32 <= RULES_PER_RANK);
 
 /// A ClusterNetworkPolicy rule that applies to an endpoint in one direction.
 struct CompiledTierRule<'p> {
@@ -1318,7 +1320,7 @@ fn selects(
 /// Per-compile caches.
 struct Ctx<'i, 's> {
     index: &'i Index<'s>,
-    nodes: &'s BTreeMap<String, crate::cnp::NodeInfo>,
+    nodes: &'s BTreeMap<String, NodeInfo>,
     /// (policy, direction, rule, peer) -> selected identities.
     selections: HashMap<(usize, Direction, usize, usize), Rc<Vec<usize>>>,
     /// The same by the peer's content: (the policy's namespace when the peer has no namespace

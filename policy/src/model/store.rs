@@ -2,8 +2,8 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
+use super::cluster::{ClusterNetworkPolicy, NodeInfo};
 use super::{Kind, NamespaceInfo, Object, ObjectKey, PodInfo, Policy, meta_key, named_key};
-use crate::cnp::{ClusterNetworkPolicy, NodeInfo};
 use crate::error::ConfigError;
 use crate::state::PodRef;
 
