@@ -23,7 +23,9 @@
 //! stops holding back enforcement (NetworkPolicy is enforced as before) and goes on retrying
 //! with the watcher's backoff (at most 30 s apart), quietly; once the CRD is installed the
 //! list succeeds and its policies are enforced from then on. A 404 after the watch had listed
-//! (the CRD deleted, and every ClusterNetworkPolicy with it) removes the ones it held.
+//! removes nothing: only lists and watch events change the store. (Deleting the CRD deletes
+//! its objects first, which the watch delivers; a 404 while an API server restarts, before its
+//! CRDs are served again, must not lift the policies in force.)
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -395,28 +397,20 @@ impl ClusterState {
         self.listing.insert(source, BTreeSet::new());
     }
 
-    /// An optional watch's resource is not served: nothing of it exists. The first time (and
-    /// the first time again after it was installed) says so; the retries are quiet.
+    /// An optional watch's resource is not served. The first time (and the first time again
+    /// after it was served) says so; the retries are quiet. What the watch holds stays: a list
+    /// that did not happen removes nothing (see the module's documentation).
     fn not_installed_event(&mut self, source: Watch, e: &str) -> bool {
         self.failing.remove(&source);
         self.listing.remove(&source);
-        let gone = self.known.remove(&source).unwrap_or_default();
-        for key in &gone {
-            if let Some(ok) = object_key(source, key) {
-                self.store.remove(&ok);
-            }
-        }
         let first = self.absent.insert(source);
         if first {
-            warn!(
-                watch = source.as_str(),
-                removed = gone.len(),
-                "{CNP_NOT_INSTALLED}"
-            );
+            warn!(watch = source.as_str(), "{CNP_NOT_INSTALLED}");
         } else {
             debug!(watch = source.as_str(), "still not installed: {e}");
         }
-        first || !gone.is_empty()
+        // Readiness may have changed.
+        first
     }
 
     fn touch(&mut self, source: Watch, key: Key, listed: bool) {
@@ -858,19 +852,35 @@ mod tests {
     }
 
     #[test]
-    fn a_deleted_crd_takes_its_policies_with_it() {
+    fn a_404_after_listing_lifts_no_policy() {
         let mut s = listed_but_cnp();
         s.handle(list_event(Watch::ClusterNetworkPolicies, false));
         s.handle(applied(cnp("a", 1), true));
         s.handle(list_event(Watch::ClusterNetworkPolicies, true));
         s.handle(applied(cnp("b", 2), false));
         assert_eq!(s.store.cluster_policies.len(), 2);
-        // The watch ends, the re-list finds no such resource.
+        // A re-list finds no such resource (an API server restarting, its CRDs not served yet):
+        // the policies stay in force, and enforcement goes on.
         s.handle(list_event(Watch::ClusterNetworkPolicies, false));
         assert!(s.handle(not_installed()));
         assert!(s.ready());
+        assert_eq!(s.store.cluster_policies.len(), 2);
+        // Deleting the CRD deletes its objects, and the watch says so.
+        s.handle(Update::ClusterPolicy(Box::new(Event::Delete(cnp("a", 1)))));
+        assert!(
+            !s.not_installed(Watch::ClusterNetworkPolicies),
+            "served again"
+        );
+        s.handle(Update::ClusterPolicy(Box::new(Event::Delete(cnp("b", 2)))));
         assert!(s.store.cluster_policies.is_empty());
-        assert!(s.incomplete().is_empty());
+        // Served again, a re-list that no longer holds one removes it, as any re-list does.
+        s.handle(list_event(Watch::ClusterNetworkPolicies, false));
+        s.handle(applied(cnp("c", 3), true));
+        s.handle(list_event(Watch::ClusterNetworkPolicies, true));
+        s.handle(list_event(Watch::ClusterNetworkPolicies, false));
+        s.handle(list_event(Watch::ClusterNetworkPolicies, true));
+        assert!(s.store.cluster_policies.is_empty());
+        assert!(s.ready());
     }
 
     #[test]
