@@ -346,6 +346,8 @@ mod tests {
                 egress_policies: vec![],
                 ingress_audit_ignored: vec![],
                 egress_audit_ignored: vec![],
+                ingress_cluster_policies: vec![],
+                egress_cluster_policies: vec![],
             },
         );
         file.rules.insert(
@@ -358,6 +360,7 @@ mod tests {
                 index: 0,
                 audit: false,
                 slot: 0,
+                tier: None,
             },
         );
         let names = Names::new(file, &DesiredState::default());

@@ -34,7 +34,7 @@ fn state() -> DesiredState {
             rule: RULE,
             flags: 0,
             slot: RULE as u16,
-            _pad: 0,
+            ..PolicyValue::default()
         },
     );
     s

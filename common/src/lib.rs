@@ -39,6 +39,14 @@ pub const EP_AUDIT_EGRESS: u32 = 1 << 4;
 pub const EP_AUDIT: u32 = EP_AUDIT_INGRESS | EP_AUDIT_EGRESS;
 /// The endpoint has own addresses beyond those inline in its entry: look them up in EP_ADDRS.
 pub const EP_MORE_ADDRS: u32 = 1 << 5;
+/// ClusterNetworkPolicy rules apply to the pod's ingress: its new flows are evaluated (Admin
+/// tier, NetworkPolicy if isolated, Baseline tier, default allow) even where no NetworkPolicy
+/// isolates it.
+pub const EP_TIERED_INGRESS: u32 = 1 << 6;
+/// As `EP_TIERED_INGRESS`, for egress.
+pub const EP_TIERED_EGRESS: u32 = 1 << 7;
+/// Either direction tiered.
+pub const EP_TIERED: u32 = EP_TIERED_INGRESS | EP_TIERED_EGRESS;
 
 #[inline(always)]
 pub const fn isolated_flag(dir: u8) -> u32 {
@@ -46,6 +54,15 @@ pub const fn isolated_flag(dir: u8) -> u32 {
         EP_ISOLATED_INGRESS
     } else {
         EP_ISOLATED_EGRESS
+    }
+}
+
+#[inline(always)]
+pub const fn tiered_flag(dir: u8) -> u32 {
+    if dir == DIR_INGRESS {
+        EP_TIERED_INGRESS
+    } else {
+        EP_TIERED_EGRESS
     }
 }
 
@@ -419,15 +436,72 @@ impl PrefixLengths {
 /// The allow entry is audited only: a policy in audit mode records instead of enforcing.
 pub const POLICY_FLAG_AUDIT: u32 = 1 << 0;
 
+/// No rule of the tier matches (`TierMatch::action`).
+pub const TIER_ACTION_NONE: u8 = 0;
+/// The rule accepts: allowed, the rest of the direction's evaluation is skipped.
+pub const TIER_ACTION_ACCEPT: u8 = 1;
+/// The rule denies: dropped silently.
+pub const TIER_ACTION_DENY: u8 = 2;
+/// The rule passes: the rest of its tier is skipped and evaluation goes to the next stage.
+pub const TIER_ACTION_PASS: u8 = 3;
+
+/// One ClusterNetworkPolicy tier's answer for a POLICY key: the first rule of the tier (in
+/// precedence order: priority, then name, then rule order) whose peer and ports contain the key.
+/// Of the two answers a new flow finds (its peer's identity, its peer's CIDR class), the lower
+/// `rank` decides.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TierMatch {
+    /// The rule's position in its tier's precedence order; `u32::MAX` with `TIER_ACTION_NONE`.
+    pub rank: u32,
+    /// Rule id (0: none).
+    pub rule: u32,
+    /// The rule's RULE_STATS slot.
+    pub slot: u16,
+    /// `TIER_ACTION_*`.
+    pub action: u8,
+    pub _pad: u8,
+}
+
+impl TierMatch {
+    pub const NONE: TierMatch = TierMatch {
+        rank: u32::MAX,
+        rule: 0,
+        slot: 0,
+        action: TIER_ACTION_NONE,
+        _pad: 0,
+    };
+
+    /// The one of `self` and `other` that decides first.
+    #[inline(always)]
+    pub fn first(self, other: TierMatch) -> TierMatch {
+        if other.rank < self.rank { other } else { self }
+    }
+}
+
+impl Default for TierMatch {
+    fn default() -> Self {
+        TierMatch::NONE
+    }
+}
+
+/// What POLICY says of a key: the NetworkPolicy allow (`rule`, 0 when none) and each tier's
+/// first matching rule. The compiler flattens port prefixes: the value of a key resolves every
+/// rule whose ports contain it, so the longest matching key answers for all shorter ones.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyValue {
-    /// Rule id (the agent maps it back to namespace/name and rule index); never 0.
+    /// NetworkPolicy rule id that allows the key (the agent maps it back to namespace/name and
+    /// rule index); 0: no NetworkPolicy rule does.
     pub rule: u32,
     pub flags: u32,
     /// The rule's RULE_STATS slot (0: the rule has none and is not counted).
     pub slot: u16,
     pub _pad: u16,
+    /// The Admin tier's first matching rule.
+    pub admin: TierMatch,
+    /// The Baseline tier's first matching rule.
+    pub baseline: TierMatch,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -691,11 +765,17 @@ pub enum Reason {
     CtQuota = 14,
     /// A new flow when the conntrack table is full.
     CtFull = 15,
+    /// A ClusterNetworkPolicy rule (Admin or Baseline tier) accepted the flow (`Event::rule`
+    /// names it).
+    TierAccept = 16,
+    /// A ClusterNetworkPolicy rule (Admin or Baseline tier) denied the flow (`Event::rule`
+    /// names it).
+    TierDeny = 17,
 }
 
 impl Reason {
     /// Every reason, for counters.
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 17] = [
         Reason::PolicyAllow,
         Reason::NotIsolated,
         Reason::Host,
@@ -711,6 +791,8 @@ impl Reason {
         Reason::Tunnel,
         Reason::CtQuota,
         Reason::CtFull,
+        Reason::TierAccept,
+        Reason::TierDeny,
     ];
 
     /// The name the CLI and the metrics give the reason.
@@ -731,6 +813,8 @@ impl Reason {
             Reason::Tunnel => "tunnel",
             Reason::CtQuota => "conntrack-quota",
             Reason::CtFull => "conntrack-full",
+            Reason::TierAccept => "tier-accept",
+            Reason::TierDeny => "tier-deny",
         }
     }
 
@@ -751,6 +835,8 @@ impl Reason {
             13 => Reason::Tunnel,
             14 => Reason::CtQuota,
             15 => Reason::CtFull,
+            16 => Reason::TierAccept,
+            17 => Reason::TierDeny,
             _ => return None,
         })
     }
@@ -795,8 +881,8 @@ pub enum Counter {
 /// First slot of the drops-by-reason counters (indexed by `Reason as u32`).
 pub const DROPPED_BY_REASON: u32 = 16;
 /// First slot of the audited-by-reason counters (indexed by `Reason as u32`).
-pub const AUDITED_BY_REASON: u32 = 32;
-pub const COUNTER_SLOTS: u32 = 48;
+pub const AUDITED_BY_REASON: u32 = 48;
+pub const COUNTER_SLOTS: u32 = 80;
 
 // ---------------------------------------------------------------------------------------------
 // RULE_STATS: PerCpuArray<RuleStats>, indexed by a rule's stats slot
@@ -976,15 +1062,17 @@ mod tests {
         assert_eq!(size_of::<PolicyKey>(), 16);
         assert_eq!(size_of::<PrefixLengthsKey>(), 8);
         assert_eq!(size_of::<PrefixLengths>(), 40);
-        assert_eq!(size_of::<PolicyValue>(), 12);
+        assert_eq!(size_of::<TierMatch>(), 12);
+        assert_eq!(size_of::<PolicyValue>(), 36);
         assert_eq!(size_of::<CtKey>(), 44);
         assert_eq!(size_of::<CtEntry>(), 48);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<Event>(), 72);
         assert_eq!(size_of::<EndpointState>(), 40);
         assert_eq!(size_of::<RuleStats>(), 16);
-        const { assert!(DROPPED_BY_REASON + 16 <= AUDITED_BY_REASON) };
-        const { assert!(AUDITED_BY_REASON + 16 <= COUNTER_SLOTS) };
+        const { assert!(DROPPED_BY_REASON + 32 <= AUDITED_BY_REASON) };
+        const { assert!(AUDITED_BY_REASON + 32 <= COUNTER_SLOTS) };
+        assert!(Reason::ALL.iter().all(|r| (*r as u32) < 32));
         assert_eq!(POLICY_KEY_ANY_PROTO_BITS as usize, 8 * 9);
     }
 }

@@ -54,6 +54,13 @@ pub static PREFIX_LENGTHS: HashMap<PrefixLengthsKey, PrefixLengths> =
 #[map]
 pub static SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
 
+/// The two POLICY entries a new flow's verdict combines (its peer's identity's, its peer's
+/// CIDR class's), copied here (one pair per CPU): off the stack, and whether a lookup hit or
+/// missed leaves no trace in the verifier's state (two paths that would double at every later
+/// branch).
+#[map]
+pub static MATCH_SCRATCH: PerCpuArray<[PolicyValue; 2]> = PerCpuArray::with_max_entries(1, 0);
+
 /// The judged packet's endpoint entry, copied once per packet (one per CPU): a snapshot the
 /// whole verdict reads, which a concurrent update of ENDPOINTS cannot change, and off the
 /// 512-byte BPF stack.

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use palisade_common::{
     AF_INET6, CT_FLAG_AUDIT, CT_ROLE_RESPONSE, Counter, DIR_EGRESS, DIR_INGRESS, EP_MORE_ADDRS,
-    EP_PENDING, EndpointInfo, PROTO_UDP, PeerAddr, Reason, VERDICT_ALLOW, VERDICT_AUDIT,
+    EP_PENDING, EP_TIERED, EndpointInfo, PROTO_UDP, PeerAddr, Reason, VERDICT_ALLOW, VERDICT_AUDIT,
     VERDICT_DROP, audit_flag, endpoint_slot, isolated_flag,
 };
 
@@ -108,15 +108,28 @@ fn open_flow(c: &Ctx, pkt: &Packet, v: Option<&Verdict>, occupied: bool) -> Resu
 /// audited: policy does not decide them.
 #[inline(always)]
 fn drop_packet(c: &Ctx, judged: u8, pkt: Option<&Packet>, reason: Reason) -> Result<i32, i32> {
-    match drop_action(c, judged, pkt, reason) {
+    match drop_action(c, judged, pkt, reason, 0) {
         TC_ACT_OK => Ok(TC_ACT_OK),
         action => Err(action),
     }
 }
 
-/// `drop_packet`'s body, not inlined at each of its many call sites.
+/// `drop_packet` for a flow policy does not allow, naming the rule that denied it if one did
+/// (a ClusterNetworkPolicy Deny rule: never audited by NetworkPolicy's audit mode, and counted
+/// in the rule's stats slot).
+#[inline(always)]
+fn deny_packet(c: &Ctx, judged: u8, pkt: Option<&Packet>, v: &Verdict) -> Result<i32, i32> {
+    let rule = (u64::from(v.rule) << 16) | u64::from(v.slot);
+    match drop_action(c, judged, pkt, v.reason, rule) {
+        TC_ACT_OK => Ok(TC_ACT_OK),
+        action => Err(action),
+    }
+}
+
+/// `drop_packet`'s body, not inlined at each of its many call sites. `rule`: the denying rule
+/// id above its 16-bit stats slot, 0 when none.
 #[inline(never)]
-fn drop_action(c: &Ctx, judged: u8, pkt: Option<&Packet>, reason: Reason) -> i32 {
+fn drop_action(c: &Ctx, judged: u8, pkt: Option<&Packet>, reason: Reason, rule: u64) -> i32 {
     let not_policy = matches!(
         reason,
         Reason::Malformed
@@ -125,6 +138,7 @@ fn drop_action(c: &Ctx, judged: u8, pkt: Option<&Packet>, reason: Reason) -> i32
             | Reason::Tunnel
             | Reason::CtQuota
             | Reason::CtFull
+            | Reason::TierDeny
     ) || (reason == Reason::NonIp && c.dir == DIR_EGRESS);
     if c.ep.flags & audit_flag(judged) != 0 && !not_policy {
         count_audit(reason);
@@ -132,7 +146,10 @@ fn drop_action(c: &Ctx, judged: u8, pkt: Option<&Packet>, reason: Reason) -> i32
         return TC_ACT_OK;
     }
     count_drop(reason);
-    report(c, pkt, VERDICT_DROP, reason, 0);
+    if rule != 0 {
+        count_rule(rule as u16, c.len);
+    }
+    report(c, pkt, VERDICT_DROP, reason, (rule >> 16) as u32);
     TC_ACT_SHOT
 }
 
@@ -309,7 +326,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
                 }
                 return Ok(TC_ACT_OK);
             }
-            if c.ep.flags & audit_flag(flow_dir) != 0 {
+            if c.ep.flags & audit_flag(flow_dir) != 0 && v.reason != Reason::TierDeny {
                 // Still only audited: the flow stays tracked as "would drop", recorded once
                 // per policy change rather than once per packet.
                 unsafe {
@@ -321,10 +338,10 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
                 if refresh {
                     conntrack::touch(entry, pkt, original, c.len, c.now);
                 }
-                return drop_packet(&c, flow_dir, Some(pkt), v.reason);
+                return deny_packet(&c, flow_dir, Some(pkt), &v);
             }
             conntrack::remove(&key);
-            return drop_packet(&c, flow_dir, Some(pkt), v.reason);
+            return deny_packet(&c, flow_dir, Some(pkt), &v);
         }
         Lookup::Miss | Lookup::Occupied => {}
     }
@@ -343,7 +360,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             count_rule(v.slot, c.len);
             return Ok(TC_ACT_OK);
         }
-        return drop_packet(&c, dir, Some(pkt), v.reason);
+        return deny_packet(&c, dir, Some(pkt), &v);
     }
 
     // The pod's traffic to itself (through a service hairpin) is never restricted: on the way
@@ -371,23 +388,23 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         pkt.dport,
     );
     if !v.allowed {
-        let reason = if pkt.kind == KIND_UNKNOWN_FRAGMENT {
-            Reason::Fragment
-        } else {
-            v.reason
-        };
-        if c.ep.flags & audit_flag(dir) != 0 && opens_flow {
+        if pkt.kind == KIND_UNKNOWN_FRAGMENT && v.reason != Reason::TierDeny {
+            return drop_packet(&c, dir, Some(pkt), Reason::Fragment);
+        }
+        if c.ep.flags & audit_flag(dir) != 0 && opens_flow && v.reason != Reason::TierDeny {
             // The rest of an audited flow (and its replies) passes by conntrack, quietly (if
             // there is no room for it, each packet is audited on its own).
             if open_flow(&c, pkt, None, occupied).is_err() {
                 count(Counter::CtInsertFailed);
             }
         }
-        return drop_packet(&c, dir, Some(pkt), reason);
+        return deny_packet(&c, dir, Some(pkt), &v);
     }
-    // Node traffic needs no entry. A flow that cannot be tracked is not let through: its
-    // replies would be dropped anyway, and an untracked flow escapes revalidation.
-    if v.reason != Reason::Host
+    // Node traffic needs no entry, unless ClusterNetworkPolicy rules apply to the pod (the
+    // replies of what the node opens must pass where tier rules would judge them). A flow
+    // that cannot be tracked is not let through: its replies would be dropped anyway, and an
+    // untracked flow escapes revalidation.
+    if (v.reason != Reason::Host || c.ep.flags & EP_TIERED != 0)
         && opens_flow
         && let Err(reason) = open_flow(&c, pkt, Some(&v), occupied)
     {

@@ -2,18 +2,23 @@
 //! longest-prefix matches in POLICY and CIDRS, each a hash probe per prefix length the
 //! endpoint uses (`common`, CIDRS and POLICY), whatever the number of policies.
 //!
-//! Precedence, in order:
-//! 1. an endpoint not isolated in this direction allows everything;
-//! 2. the node's own addresses (IDENTITY_HOST) are always allowed, except a pod's egress to a
-//!    port the node DNATs onward (NODE_PORTS: a NodePort, a hostPort), which is judged as
-//!    egress to where the DNAT leads (a ClusterIP and its port, a pod and its container port);
-//! 3. an allow entry for the peer's pod identity;
-//! 4. an allow entry for the CIDR class of the longest ipBlock prefix containing the peer
-//!    (pod addresses included: ipBlock matches every address inside it);
-//! 5. otherwise the flow is not allowed.
+//! Precedence per direction (ClusterNetworkPolicy's, with NetworkPolicy in the middle):
+//! 1. an endpoint neither isolated by NetworkPolicy nor selected by a ClusterNetworkPolicy in
+//!    this direction allows everything;
+//! 2. a pod's egress to a port the node DNATs onward (NODE_PORTS: a NodePort, a hostPort) is
+//!    judged as egress to where the DNAT leads (a ClusterIP and its port, a pod and its
+//!    container port);
+//! 3. the Admin tier: of the two entries found (the peer's pod identity, the CIDR class of the
+//!    longest CIDRS prefix containing the peer), the lower-ranked Admin rule decides: Accept
+//!    allows, Deny drops; Pass, or no Admin rule, goes on;
+//! 4. NetworkPolicy, if it isolates the endpoint: the node's own addresses (IDENTITY_HOST) are
+//!    allowed, then either entry's allow allows, else the flow is dropped (where NetworkPolicy
+//!    is audited only, the Baseline tier is still asked whether it drops for real);
+//! 5. the Baseline tier, as the Admin tier;
+//! 6. otherwise allowed.
 //!
-//! NetworkPolicy has no deny rules, so any match allows and the order of 3 and 4 only decides
-//! which rule is reported.
+//! The compiler resolved each entry's answer per tier (first matching rule, port prefixes
+//! flattened), so a new flow compares two ranks whatever the number of policies.
 // Keys are passed to `get` by reference: passed by value, LLVM once laid the CIDRS probe out so
 // that a path read a register a helper call had clobbered (harmless to LLVM, "R4 !read_ok" to
 // the verifier). `verifier_accepts_both_programs` guards it.
@@ -22,37 +27,68 @@
 use palisade_common::{
     AF_INET, CIDR_CLASS_NONE, CIDR_MASKS, CidrKey, DIR_EGRESS, EndpointInfo, IDENTITY_HOST,
     IDENTITY_NONE, NodePortKey, POLICY_KEY_FULL_BITS, POLICY_MASKS, PeerAddr, PolicyKey,
-    PolicyValue, PrefixLengths, PrefixLengthsKey, Reason, isolated_flag,
+    PolicyValue, PrefixLengths, PrefixLengthsKey, Reason, TIER_ACTION_ACCEPT, TIER_ACTION_DENY,
+    TierMatch, audit_flag, isolated_flag, tiered_flag,
 };
 
-use crate::maps::{CIDRS, IDENTITIES, NODE_PORTS, POLICY, PREFIX_LENGTHS};
+use crate::maps::{CIDRS, IDENTITIES, MATCH_SCRATCH, NODE_PORTS, POLICY, PREFIX_LENGTHS};
 
 pub struct Verdict {
     pub allowed: bool,
     pub reason: Reason,
-    /// The allowing rule, 0 when none.
+    /// The deciding rule (a NetworkPolicy allow, a tier's Accept or Deny), 0 when none.
     pub rule: u32,
     /// Its RULE_STATS slot.
     pub slot: u16,
 }
 
 #[inline(always)]
-fn allow(reason: Reason, v: PolicyValue) -> Verdict {
+fn allow(reason: Reason, rule: u32, slot: u16) -> Verdict {
     Verdict {
         allowed: true,
         reason,
-        rule: v.rule,
-        slot: v.slot,
+        rule,
+        slot,
     }
 }
 
-/// An allow no rule decided.
-const NO_RULE: PolicyValue = PolicyValue {
+/// No entry: no rule of any kind.
+static NO_ENTRY: PolicyValue = PolicyValue {
     rule: 0,
     flags: 0,
     slot: 0,
     _pad: 0,
+    admin: TierMatch::NONE,
+    baseline: TierMatch::NONE,
 };
+
+#[inline(always)]
+fn deny(reason: Reason, rule: u32, slot: u16) -> Verdict {
+    Verdict {
+        allowed: false,
+        reason,
+        rule,
+        slot,
+    }
+}
+
+/// Of two tier answers, the one that decides first (in place: no copy on the stack).
+#[inline(always)]
+fn first<'a>(a: &'a TierMatch, b: &'a TierMatch) -> &'a TierMatch {
+    if b.rank < a.rank { b } else { a }
+}
+
+/// A tier's decision, if its first matching rule accepts or denies.
+#[inline(always)]
+fn tier_decides(m: &TierMatch) -> Option<Verdict> {
+    if m.action == TIER_ACTION_ACCEPT {
+        return Some(allow(Reason::TierAccept, m.rule, m.slot));
+    }
+    if m.action == TIER_ACTION_DENY {
+        return Some(deny(Reason::TierDeny, m.rule, m.slot));
+    }
+    None
+}
 
 /// Is `addr` one of this node's own addresses (`IDENTITY_HOST`)?
 #[inline(always)]
@@ -65,6 +101,8 @@ pub fn is_node_address(family: u8, addr: &[u8; 16]) -> bool {
     matches!(unsafe { IDENTITIES.get(key) }, Some(id) if *id == IDENTITY_HOST)
 }
 
+/// The verdict for a new flow (or a re-checked one) at endpoint `ep`, in direction `dir`, with
+/// `peer` the other end's address and `port` the destination port.
 #[inline(always)]
 pub fn evaluate(
     ep: &EndpointInfo,
@@ -74,29 +112,68 @@ pub fn evaluate(
     proto: u8,
     port: u16,
 ) -> Verdict {
-    if ep.flags & isolated_flag(dir) == 0 {
-        return allow(Reason::NotIsolated, NO_RULE);
+    let query =
+        u64::from(dir) | u64::from(family) << 8 | u64::from(proto) << 16 | u64::from(port) << 32;
+    let packed = evaluate_packed(ep, peer, query);
+    Verdict {
+        allowed: packed & 1 != 0,
+        reason: Reason::from_u8((packed >> 8) as u8).unwrap_or(Reason::NoRuleMatched),
+        slot: (packed >> 16) as u16,
+        rule: (packed >> 32) as u32,
+    }
+}
+
+/// `evaluate`'s body: a call of its own, not inlined at its three call sites (each copy's
+/// frame would add to the handler's past the 512-byte stack limit). A BPF call takes at most
+/// five arguments and returns one register, so the query and the verdict are packed: `query`
+/// is dir | family << 8 | proto << 16 | port << 32, the result allowed | reason << 8 |
+/// slot << 16 | rule << 32.
+#[inline(never)]
+fn evaluate_packed(ep: &EndpointInfo, peer: &[u8; 16], query: u64) -> u64 {
+    let v = evaluate_inner(
+        ep,
+        query as u8,
+        (query >> 8) as u8,
+        peer,
+        (query >> 16) as u8,
+        (query >> 32) as u16,
+    );
+    u64::from(v.allowed)
+        | u64::from(v.reason as u8) << 8
+        | u64::from(v.slot) << 16
+        | u64::from(v.rule) << 32
+}
+
+#[inline(always)]
+fn evaluate_inner(
+    ep: &EndpointInfo,
+    dir: u8,
+    family: u8,
+    peer: &[u8; 16],
+    proto: u8,
+    port: u16,
+) -> Verdict {
+    let tiered = ep.flags & tiered_flag(dir) != 0;
+    if ep.flags & isolated_flag(dir) == 0 && !tiered {
+        return allow(Reason::NotIsolated, 0, 0);
     }
     let identity = identity_of(family, peer);
-    if identity == IDENTITY_HOST {
-        if dir == DIR_EGRESS {
-            let key = NodePortKey {
-                family,
-                proto,
-                port_be: port.to_be(),
-            };
-            if let Some(t) = unsafe { NODE_PORTS.get(key) } {
-                let t = *t;
-                let target = identity_of(family, &t.addr);
-                if target == IDENTITY_HOST {
-                    return allow(Reason::Host, NO_RULE);
-                }
-                return lookup(ep, dir, family, &t.addr, target, proto, t.port);
-            }
+    if identity == IDENTITY_HOST && dir == DIR_EGRESS {
+        let key = NodePortKey {
+            family,
+            proto,
+            port_be: port.to_be(),
+        };
+        if let Some(t) = unsafe { NODE_PORTS.get(key) } {
+            let t = *t;
+            let target = identity_of(family, &t.addr);
+            return decide(ep, dir, family, &t.addr, target, proto, t.port, tiered);
         }
-        return allow(Reason::Host, NO_RULE);
     }
-    lookup(ep, dir, family, peer, identity, proto, port)
+    if identity == IDENTITY_HOST && !tiered {
+        return allow(Reason::Host, 0, 0);
+    }
+    decide(ep, dir, family, peer, identity, proto, port, tiered)
 }
 
 #[inline(always)]
@@ -132,7 +209,7 @@ fn policy_match(
     proto: u8,
     port_be: u16,
     lengths: u32,
-) -> Option<PolicyValue> {
+) -> Option<&'static PolicyValue> {
     let mut bits = u64::from(lengths);
     for _ in 0..POLICY_MASKS.len() {
         if bits == 0 {
@@ -155,7 +232,7 @@ fn policy_match(
             _pad: [0; 3],
         };
         if let Some(v) = unsafe { POLICY.get(&key) } {
-            return Some(*v);
+            return Some(v);
         }
     }
     None
@@ -229,9 +306,10 @@ fn cidr_match(
     cidr_match_word(&full, 0, lengths.v6[2] & 1)
 }
 
-/// Steps 3-5 for `peer` (of `identity`).
+/// Steps 3-6 for `peer` (of `identity`).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn lookup(
+fn decide(
     ep: &EndpointInfo,
     dir: u8,
     family: u8,
@@ -239,33 +317,65 @@ fn lookup(
     identity: u32,
     proto: u8,
     port: u16,
+    tiered: bool,
 ) -> Verdict {
-    let deny = Verdict {
-        allowed: false,
-        reason: Reason::NoRuleMatched,
-        rule: 0,
-        slot: 0,
+    let isolated = ep.flags & isolated_flag(dir) != 0;
+    let Some(found) = MATCH_SCRATCH.get_ptr_mut(0) else {
+        return deny(Reason::NoRuleMatched, 0, 0);
     };
+    // SAFETY: per-CPU slot, and a program runs to completion on its CPU.
+    let found = unsafe { &mut *found };
+    found[0] = NO_ENTRY;
+    found[1] = NO_ENTRY;
     let key = PrefixLengthsKey {
         endpoint: ep.id,
         dir,
         _pad: [0; 3],
     };
-    // No lengths: the endpoint has no entries in this direction.
-    let Some(lengths) = (unsafe { PREFIX_LENGTHS.get(&key) }) else {
-        return deny;
-    };
     let port_be = port.to_be();
-    if identity != IDENTITY_NONE
-        && let Some(v) = policy_match(ep, dir, identity, proto, port_be, lengths.policy)
-    {
-        return allow(Reason::PolicyAllow, v);
+    // No lengths: the endpoint has no entries in this direction.
+    if let Some(lengths) = unsafe { PREFIX_LENGTHS.get(&key) } {
+        if identity != IDENTITY_NONE
+            && identity != IDENTITY_HOST
+            && let Some(v) = policy_match(ep, dir, identity, proto, port_be, lengths.policy)
+        {
+            found[0] = *v;
+        }
+        if let Some(class) = cidr_match(ep, dir, family, peer, lengths)
+            && class != CIDR_CLASS_NONE
+            && let Some(v) = policy_match(ep, dir, class, proto, port_be, lengths.policy)
+        {
+            found[1] = *v;
+        }
     }
-    if let Some(class) = cidr_match(ep, dir, family, peer, lengths)
-        && class != CIDR_CLASS_NONE
-        && let Some(v) = policy_match(ep, dir, class, proto, port_be, lengths.policy)
-    {
-        return allow(Reason::PolicyAllow, v);
+    let (by_identity, by_cidr) = (&found[0], &found[1]);
+    if tiered && let Some(v) = tier_decides(first(&by_identity.admin, &by_cidr.admin)) {
+        return v;
     }
-    deny
+    if isolated {
+        if identity == IDENTITY_HOST {
+            return allow(Reason::Host, 0, 0);
+        }
+        if by_identity.rule != 0 {
+            return allow(Reason::PolicyAllow, by_identity.rule, by_identity.slot);
+        }
+        if by_cidr.rule != 0 {
+            return allow(Reason::PolicyAllow, by_cidr.rule, by_cidr.slot);
+        }
+        // NetworkPolicy denies. Where it is only audited, it does not decide: the Baseline
+        // tier may still drop for real; otherwise the caller records "would drop".
+        if !tiered || ep.flags & audit_flag(dir) == 0 {
+            return deny(Reason::NoRuleMatched, 0, 0);
+        }
+    }
+    if tiered
+        && let Some(v) = tier_decides(first(&by_identity.baseline, &by_cidr.baseline))
+        && (!v.allowed || !isolated)
+    {
+        return v;
+    }
+    if isolated {
+        return deny(Reason::NoRuleMatched, 0, 0);
+    }
+    allow(Reason::NotIsolated, 0, 0)
 }

@@ -26,15 +26,17 @@ use std::rc::Rc;
 
 use ipnetwork::IpNetwork;
 use palisade_common::{
-    CIDR_CLASS_BIT, CIDR_CLASS_NONE, CidrKey, EndpointInfo, IDENTITY_FIRST_POD, IDENTITY_HOST,
-    POLICY_FLAG_AUDIT, POLICY_KEY_ANY_PORT_BITS, POLICY_KEY_ANY_PROTO_BITS, POLICY_KEY_FULL_BITS,
-    PeerAddr, PolicyKey, PolicyValue, audit_flag, isolated_flag,
+    CIDR_CLASS_BIT, CIDR_CLASS_NONE, CidrKey, EP_TIERED, EndpointInfo, IDENTITY_FIRST_POD,
+    IDENTITY_HOST, POLICY_FLAG_AUDIT, POLICY_KEY_ANY_PORT_BITS, POLICY_KEY_ANY_PROTO_BITS,
+    POLICY_KEY_FULL_BITS, PeerAddr, PolicyKey, PolicyValue, TIER_ACTION_ACCEPT, TIER_ACTION_DENY,
+    TIER_ACTION_PASS, TierMatch, audit_flag, isolated_flag, tiered_flag,
 };
 use serde::Serialize;
 
+use crate::cnp::{Action, ClusterNetworkPolicy, Subject, Tier, TierPeer, TierPort, TierRule};
 use crate::model::{NamedPort, Peer, Policy, PortMatch, PortSpec, Protocol, Store};
 use crate::state::{
-    CidrEntry, DesiredState, Direction, EndpointMeta, PodRef, PolicyEntry, RuleRef,
+    CidrEntry, DesiredState, Direction, EndpointMeta, PodRef, PolicyEntry, RuleRef, TierRuleInfo,
 };
 
 /// A pod with an interface on this node.
@@ -153,6 +155,52 @@ impl PortPlan {
         plan.named.sort();
         plan.named.dedup();
         plan
+    }
+
+    /// The plan of a ClusterNetworkPolicy rule's `protocols`. A named port has no protocol of
+    /// its own: it matches the named container port whatever its protocol.
+    fn for_tier(
+        ports: Option<&[TierPort]>,
+        dir: Direction,
+        endpoint_ports: &[NamedPort],
+    ) -> PortPlan {
+        let mut plan = PortPlan::default();
+        let Some(ports) = ports else {
+            plan.fixed.push(PortKey::ANY);
+            return plan;
+        };
+        for p in ports {
+            match (p, dir) {
+                (TierPort::Port { proto, first, last }, _) => {
+                    let end = (last > first).then_some(*last);
+                    numeric_keys(*proto, &PortMatch::Number(*first), end, &mut plan.fixed);
+                }
+                (TierPort::NamedPort(n), Direction::Ingress) => {
+                    for cp in endpoint_ports.iter().filter(|cp| cp.name == *n) {
+                        plan.fixed
+                            .push(PortKey::port(cp.protocol.number(), cp.port));
+                    }
+                }
+                (TierPort::NamedPort(n), Direction::Egress) => {
+                    for proto in Protocol::ALL {
+                        plan.named.push((n.clone(), proto));
+                    }
+                }
+            }
+        }
+        plan.fixed.sort();
+        plan.fixed.dedup();
+        plan.named.sort();
+        plan.named.dedup();
+        plan
+    }
+
+    /// The plan without its named ports (for addresses, which have none).
+    fn without_names(&self) -> PortPlan {
+        PortPlan {
+            fixed: self.fixed.clone(),
+            named: Vec::new(),
+        }
     }
 
     /// The named ports resolved on a peer's container ports.
@@ -280,8 +328,40 @@ struct IdentityKey {
     ports: Vec<NamedPort>,
 }
 
-/// A class's content: its POLICY port keys, each with the lowest rule that allows it.
-type ClassKey = Vec<(PortKey, u32)>;
+/// A class's content: its POLICY port keys, each with what the class's rules say of it.
+type ClassKey = Vec<(PortKey, PolicyValue)>;
+
+/// What one rule contributes to the POLICY values of the keys it covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Contribution {
+    /// A NetworkPolicy rule allows.
+    Allow(u32),
+    /// A ClusterNetworkPolicy rule of a tier.
+    Tier(Tier, TierMatch),
+}
+
+/// Adds a rule's contribution to a value: the lowest NetworkPolicy rule id allows (the one
+/// reported), and in each tier the first rule by rank decides.
+fn merge(v: &mut PolicyValue, c: Contribution) {
+    match c {
+        Contribution::Allow(rule) => {
+            if v.rule == 0 || rule < v.rule {
+                v.rule = rule;
+            }
+        }
+        Contribution::Tier(Tier::Admin, m) => v.admin = v.admin.first(m),
+        Contribution::Tier(Tier::Baseline, m) => v.baseline = v.baseline.first(m),
+    }
+}
+
+/// `merge` of everything `other` says.
+fn merge_value(v: &mut PolicyValue, other: &PolicyValue) {
+    if other.rule != 0 {
+        merge(v, Contribution::Allow(other.rule));
+    }
+    v.admin = v.admin.first(other.admin);
+    v.baseline = v.baseline.first(other.baseline);
+}
 
 /// Compiles the store into map entries; holds the id tables between compiles.
 #[derive(Debug)]
@@ -348,7 +428,7 @@ struct Element<'p> {
 
 /// One rule as it appears in an endpoint's CIDR classes.
 struct Member {
-    rule: u32,
+    contribution: Contribution,
     plan: Rc<PortPlan>,
 }
 
@@ -404,14 +484,14 @@ fn mark_audit(policy: &mut BTreeMap<PolicyEntry, PolicyValue>, endpoint: u32, di
     }
 }
 
-/// Inserts an allow entry, keeping the lowest rule id when two rules give the same key.
+/// Adds a rule's contribution to the entry of a key.
 fn put(
     policy: &mut BTreeMap<PolicyEntry, PolicyValue>,
     endpoint: u32,
     peer: u32,
     dir: Direction,
     pk: PortKey,
-    rule: u32,
+    contribution: Contribution,
 ) {
     let entry = PolicyEntry {
         key: PolicyKey {
@@ -424,13 +504,37 @@ fn put(
         },
         prefix_len: pk.prefix_len,
     };
-    policy
-        .entry(entry)
-        .and_modify(|v| v.rule = v.rule.min(rule))
-        .or_insert(PolicyValue {
-            rule,
-            ..PolicyValue::default()
-        });
+    merge(policy.entry(entry).or_default(), contribution);
+}
+
+/// Flattens port prefixes: the value of each key of `endpoint` also says what every shorter
+/// key of the same peer says (a rule for any port, for one protocol, for a port block that
+/// contains it). A lookup finds the longest key only, and "first matching rule" must hold for
+/// it. NetworkPolicy alone needs none of this (any allow allows), so only endpoints with tier
+/// rules are flattened.
+fn flatten_ports(policy: &mut BTreeMap<PolicyEntry, PolicyValue>, endpoint: u32) {
+    let range = PolicyEntry::first_of(endpoint)..PolicyEntry::first_of(endpoint.saturating_add(1));
+    let own: Vec<(PolicyEntry, PolicyValue)> = policy.range(range).map(|(e, v)| (*e, *v)).collect();
+    if own.len() < 2 {
+        return;
+    }
+    let snapshot: HashMap<PolicyEntry, PolicyValue> = own.iter().copied().collect();
+    for (entry, mut value) in own {
+        let mut changed = false;
+        for len in POLICY_KEY_ANY_PROTO_BITS..entry.prefix_len {
+            if len > POLICY_KEY_ANY_PROTO_BITS && len < POLICY_KEY_ANY_PORT_BITS {
+                continue;
+            }
+            if let Some(outer) = snapshot.get(&PolicyEntry::new(entry.key, len)) {
+                let before = value;
+                merge_value(&mut value, outer);
+                changed |= value != before;
+            }
+        }
+        if changed {
+            policy.insert(entry, value);
+        }
+    }
 }
 
 impl Compiler {
@@ -479,11 +583,24 @@ impl Compiler {
 
         let mut eps: Vec<&LocalEndpoint> = endpoints.iter().collect();
         eps.sort_by(|a, b| (a.ifindex, &a.pod).cmp(&(b.ifindex, &b.pod)));
+        // ClusterNetworkPolicies in precedence order (tier, priority, name); a rule's rank is
+        // its policy's position there, then its index. Audit ones are not enforced (see
+        // `ClusterNetworkPolicy::audit`).
+        let mut cluster: Vec<(usize, &ClusterNetworkPolicy)> = Vec::new();
+        let mut sorted: Vec<&ClusterNetworkPolicy> = store
+            .cluster_policies
+            .values()
+            .filter(|p| !p.audit && !self.audit_all)
+            .collect();
+        sorted.sort_by(|a, b| a.precedence_key().cmp(&b.precedence_key()));
+        cluster.extend(sorted.into_iter().enumerate());
         let mut ctx = Ctx {
             index: &index,
+            nodes: &store.nodes,
             selections: HashMap::new(),
             by_content: HashMap::new(),
             rule_ids: HashMap::new(),
+            tier_rule_ids: HashMap::new(),
             rule_refs: HashMap::new(),
         };
         let mut done: HashSet<u32> = HashSet::new();
@@ -501,6 +618,8 @@ impl Compiler {
             let mut flags = 0;
             let mut names = [Vec::new(), Vec::new()];
             let mut audit_ignored = [Vec::new(), Vec::new()];
+            let ns_labels = store.namespace_labels(&ep.pod.namespace);
+            let mut cluster_names = [Vec::new(), Vec::new()];
             for (d, dir) in Direction::BOTH.into_iter().enumerate() {
                 let selecting: Vec<(usize, &Policy)> = by_ns
                     .get(ep.pod.namespace.as_str())
@@ -509,8 +628,19 @@ impl Compiler {
                     .filter(|(_, p)| p.rules(dir).is_some() && p.pod_selector.matches(&pod.labels))
                     .copied()
                     .collect();
-                if selecting.is_empty() {
+                let tier_rules = self.tier_rules(&mut ctx, &cluster, dir, &ns_labels, &pod.labels);
+                if selecting.is_empty() && tier_rules.is_empty() {
                     continue;
+                }
+                if !tier_rules.is_empty() {
+                    flags |= tiered_flag(dir.as_u8());
+                    cluster_names[d] = cluster
+                        .iter()
+                        .filter(|(_, p)| {
+                            !p.rules(dir).is_empty() && selects(&p.subject, &ns_labels, &pod.labels)
+                        })
+                        .map(|(_, p)| p.name.clone())
+                        .collect();
                 }
                 // Audit (ARCHITECTURE.md, "Audit mode"): enforcing policies alone decide where
                 // there are any; audit policies decide, as "would drop", only where they alone
@@ -519,12 +649,14 @@ impl Compiler {
                 let (audit, enforcing): (Vec<_>, Vec<_>) = selecting
                     .into_iter()
                     .partition(|(_, p)| audit_all || p.audit);
-                let audited = enforcing.is_empty();
+                let audited = enforcing.is_empty() && !audit.is_empty();
                 if !audited {
                     audit_ignored[d] = audit.iter().map(|(_, p)| p.id()).collect();
                 }
                 let selecting = if audited { audit } else { enforcing };
-                flags |= isolated_flag(dir.as_u8());
+                if !selecting.is_empty() {
+                    flags |= isolated_flag(dir.as_u8());
+                }
                 if audited {
                     flags |= audit_flag(dir.as_u8());
                 }
@@ -537,12 +669,16 @@ impl Compiler {
                         dir,
                         &pod.container_ports,
                         &selecting,
+                        &tier_rules,
                         &mut out,
                     );
                     if audited {
                         mark_audit(&mut out.policy, id, dir);
                     }
                 }
+            }
+            if flags & EP_TIERED != 0 && !done.contains(&id) {
+                flatten_ports(&mut out.policy, id);
             }
             done.insert(id);
             out.endpoints.insert(
@@ -581,6 +717,7 @@ impl Compiler {
             }
             let [ingress_policies, egress_policies] = names;
             let [ingress_audit_ignored, egress_audit_ignored] = audit_ignored;
+            let [ingress_cluster_policies, egress_cluster_policies] = cluster_names;
             out.endpoint_meta.entry(id).or_insert(EndpointMeta {
                 pod: ep.pod.clone(),
                 ifindex: ep.ifindex,
@@ -588,12 +725,16 @@ impl Compiler {
                 egress_policies,
                 ingress_audit_ignored,
                 egress_audit_ignored,
+                ingress_cluster_policies,
+                egress_cluster_policies,
             });
         }
 
         for v in out.policy.values() {
-            if let Some(r) = ctx.rule_refs.get(&v.rule) {
-                out.rules.insert(v.rule, r.clone());
+            for rule in [v.rule, v.admin.rule, v.baseline.rule] {
+                if let Some(r) = ctx.rule_refs.get(&rule) {
+                    out.rules.insert(rule, r.clone());
+                }
             }
         }
         // Stats slots for the rules in use, in rule order (older rules first when they run
@@ -603,8 +744,11 @@ impl Compiler {
                 out.rule_slots.insert(rule, slot as u16);
             }
         }
+        let slot = |rule: u32| out.rule_slots.get(&rule).copied().unwrap_or(0);
         for v in out.policy.values_mut() {
-            v.slot = out.rule_slots.get(&v.rule).copied().unwrap_or(0);
+            v.slot = slot(v.rule);
+            v.admin.slot = slot(v.admin.rule);
+            v.baseline.slot = slot(v.baseline.rule);
         }
         self.endpoints.finish();
         self.identities.finish();
@@ -714,6 +858,7 @@ impl Compiler {
             policy: policy.1.name.clone(),
             direction: dir,
             index: ix,
+            tier: None,
         };
         let id = self.rules.intern(&r);
         ctx.rule_ids.insert((policy.0, dir, ix), id);
@@ -721,7 +866,72 @@ impl Compiler {
         id
     }
 
-    /// The entries of one endpoint in one direction.
+    /// The tier rules of the ClusterNetworkPolicies (`cluster`, in precedence order) that
+    /// select a pod, in one direction, with their ids and ranks.
+    fn tier_rules<'p>(
+        &mut self,
+        ctx: &mut Ctx<'_, '_>,
+        cluster: &[(usize, &'p ClusterNetworkPolicy)],
+        dir: Direction,
+        ns_labels: &BTreeMap<String, String>,
+        labels: &BTreeMap<String, String>,
+    ) -> Vec<CompiledTierRule<'p>> {
+        let mut out = Vec::new();
+        for &(pos, policy) in cluster {
+            let rules = policy.rules(dir);
+            if rules.is_empty() || !selects(&policy.subject, ns_labels, labels) {
+                continue;
+            }
+            for rule in rules {
+                let key = (pos, dir, rule.index);
+                let id = match ctx.tier_rule_ids.get(&key) {
+                    Some(id) => *id,
+                    None => {
+                        let r = RuleRef {
+                            namespace: String::new(),
+                            policy: policy.name.clone(),
+                            direction: dir,
+                            index: rule.index,
+                            tier: Some(TierRuleInfo {
+                                tier: policy.tier,
+                                priority: policy.priority,
+                                name: rule.name.clone(),
+                                action: rule.action,
+                                fails_closed: rule.fails_closed(),
+                            }),
+                        };
+                        let id = self.rules.intern(&r);
+                        ctx.tier_rule_ids.insert(key, id);
+                        ctx.rule_refs.insert(id, r);
+                        id
+                    }
+                };
+                // A rule that fails closed: an Accept matches nothing, a Deny or a Pass denies
+                // everything.
+                let action = match (rule.fails_closed(), rule.action) {
+                    (true, Action::Accept) => continue,
+                    (true, _) | (false, Action::Deny) => TIER_ACTION_DENY,
+                    (false, Action::Accept) => TIER_ACTION_ACCEPT,
+                    (false, Action::Pass) => TIER_ACTION_PASS,
+                };
+                out.push(CompiledTierRule {
+                    tier: policy.tier,
+                    matched: TierMatch {
+                        rank: (pos as u32).saturating_mul(RULES_PER_RANK) + rule.index as u32,
+                        rule: id,
+                        slot: 0,
+                        action,
+                        _pad: 0,
+                    },
+                    rule,
+                });
+            }
+        }
+        out
+    }
+
+    /// The entries of one endpoint in one direction: NetworkPolicy allows and tier rules.
+    #[allow(clippy::too_many_arguments)]
     fn compile_direction<'p>(
         &mut self,
         ctx: &mut Ctx<'_, '_>,
@@ -729,19 +939,97 @@ impl Compiler {
         dir: Direction,
         ep_ports: &[NamedPort],
         selecting: &[(usize, &'p Policy)],
+        tier_rules: &[CompiledTierRule<'_>],
         out: &mut DesiredState,
     ) {
         let index = ctx.index;
         let mut elements: Vec<Element<'p>> = Vec::new();
         let mut members: Vec<Member> = Vec::new();
+        for t in tier_rules {
+            let contribution = Contribution::Tier(t.tier, t.matched);
+            if t.rule.fails_closed() {
+                // Denies everything: every address, pods' included.
+                members.push(Member {
+                    contribution,
+                    plan: Rc::new(PortPlan {
+                        fixed: vec![PortKey::ANY],
+                        named: Vec::new(),
+                    }),
+                });
+                for cidr in [all_v4(), all_v6()] {
+                    elements.push(Element {
+                        cidr,
+                        except: Cow::Borrowed(&[]),
+                        member: members.len() - 1,
+                    });
+                }
+                continue;
+            }
+            let plan = PortPlan::for_tier(t.rule.ports.as_deref(), dir, ep_ports);
+            // Addresses (networks, nodes) have no named ports.
+            members.push(Member {
+                contribution,
+                plan: Rc::new(plan.without_names()),
+            });
+            let member = members.len() - 1;
+            for peer in &t.rule.peers {
+                let (ns_sel, pod_sel) = match peer {
+                    TierPeer::Namespaces(ns) => (ns, None),
+                    TierPeer::Pods {
+                        namespace_selector,
+                        pod_selector,
+                    } => (namespace_selector, Some(pod_selector)),
+                    TierPeer::Networks(cidrs) => {
+                        for cidr in cidrs {
+                            elements.push(Element {
+                                cidr: *cidr,
+                                except: Cow::Borrowed(&[]),
+                                member,
+                            });
+                        }
+                        continue;
+                    }
+                    TierPeer::Nodes(sel) => {
+                        for node in ctx.nodes.values().filter(|n| sel.matches(&n.labels)) {
+                            for ip in &node.addresses {
+                                let bits = if ip.is_ipv4() { 32 } else { 128 };
+                                elements.push(Element {
+                                    cidr: IpNetwork::new(*ip, bits).expect("host prefix"),
+                                    except: Cow::Borrowed(&[]),
+                                    member,
+                                });
+                            }
+                        }
+                        continue;
+                    }
+                    // Not resolved yet (FQDN egress): matches nothing. Upstream allows names
+                    // in Accept rules only, where matching nothing opens nothing.
+                    TierPeer::DomainNames(_) => continue,
+                    TierPeer::Unsupported(_) => continue,
+                };
+                let content = (None, Some(ns_sel.clone()), pod_sel.cloned());
+                let sel = ctx
+                    .by_content
+                    .entry(content)
+                    .or_insert_with(|| Rc::new(select(index, "", Some(ns_sel), pod_sel)))
+                    .clone();
+                for &ix in sel.iter() {
+                    let ident = &index.idents[ix];
+                    for pk in plan.fixed.iter().copied().chain(plan.resolve(ident.ports)) {
+                        put(&mut out.policy, ep, ident.id, dir, pk, contribution);
+                    }
+                }
+            }
+        }
         for &(pi, policy) in selecting {
             let rules = policy.rules(dir).unwrap_or_default();
             for (ri, rule) in rules.iter().enumerate() {
                 let rule_id = self.rule_id(ctx, (pi, policy), dir, ri);
                 let plan = Rc::new(PortPlan::new(rule.ports.as_deref(), dir, ep_ports));
+                let allow = Contribution::Allow(rule_id);
                 let emit = |out: &mut DesiredState, ident: &Ident<'_>| {
                     for pk in plan.fixed.iter().copied().chain(plan.resolve(ident.ports)) {
-                        put(&mut out.policy, ep, ident.id, dir, pk, rule_id);
+                        put(&mut out.policy, ep, ident.id, dir, pk, allow);
                     }
                 };
                 match &rule.peers {
@@ -749,11 +1037,8 @@ impl Compiler {
                         // Named ports are per-identity entries below, not CIDR classes.
                         let member = members.len();
                         members.push(Member {
-                            rule: rule_id,
-                            plan: Rc::new(PortPlan {
-                                fixed: plan.fixed.clone(),
-                                named: Vec::new(),
-                            }),
+                            contribution: allow,
+                            plan: Rc::new(plan.without_names()),
                         });
                         for cidr in [all_v4(), all_v6()] {
                             elements.push(Element {
@@ -767,7 +1052,7 @@ impl Compiler {
                         if !plan.named.is_empty() {
                             for ident in &index.idents {
                                 for pk in plan.resolve(ident.ports) {
-                                    put(&mut out.policy, ep, ident.id, dir, pk, rule_id);
+                                    put(&mut out.policy, ep, ident.id, dir, pk, allow);
                                 }
                             }
                         }
@@ -775,7 +1060,7 @@ impl Compiler {
                     Some(peers) => {
                         let member = members.len();
                         members.push(Member {
-                            rule: rule_id,
+                            contribution: allow,
                             plan: plan.clone(),
                         });
                         for (qi, peer) in peers.iter().enumerate() {
@@ -902,7 +1187,7 @@ impl Compiler {
             class: u32,
         }
         let mut stack: Vec<Frame> = Vec::new();
-        let mut content: BTreeMap<PortKey, u32> = BTreeMap::new();
+        let mut content: BTreeMap<PortKey, PolicyValue> = BTreeMap::new();
         for n in nodes {
             while stack.last().is_some_and(|f| !within(f.node, n)) {
                 stack.pop();
@@ -938,11 +1223,10 @@ impl Compiler {
                 None
             };
             for (m, _) in &allow {
-                let Member { rule, plan } = &members[*m];
+                let Member { contribution, plan } = &members[*m];
                 let named = owner.into_iter().flat_map(|o| plan.resolve(o.ports));
                 for pk in plan.fixed.iter().copied().chain(named) {
-                    let r = content.entry(pk).or_insert(*rule);
-                    *r = (*r).min(*rule);
+                    merge(content.entry(pk).or_default(), *contribution);
                 }
             }
             let class = if content.is_empty() {
@@ -977,8 +1261,19 @@ impl Compiler {
                     class,
                 );
                 if class != CIDR_CLASS_NONE && emitted.insert(class) {
-                    for (pk, rule) in &content {
-                        put(&mut out.policy, ep, class, dir, *pk, *rule);
+                    for (pk, value) in &content {
+                        let entry = PolicyEntry {
+                            key: PolicyKey {
+                                endpoint: ep,
+                                peer: class,
+                                dir: dir.as_u8(),
+                                proto: pk.proto,
+                                port_be: pk.port.to_be(),
+                                ..PolicyKey::default()
+                            },
+                            prefix_len: pk.prefix_len,
+                        };
+                        out.policy.insert(entry, *value);
                     }
                 }
             }
@@ -991,9 +1286,39 @@ impl Compiler {
     }
 }
 
+/// Rules per direction of one ClusterNetworkPolicy, at most (`cnp::MAX_RULES`): a rule's rank
+/// is its policy's position times this, plus its index.
+const RULES_PER_RANK: u32 = 32;
+const _: () = assert!(crate::cnp::MAX_RULES as u32 <= RULES_PER_RANK);
+
+/// A ClusterNetworkPolicy rule that applies to an endpoint in one direction.
+struct CompiledTierRule<'p> {
+    tier: Tier,
+    /// Rank, rule id and action (the slot is filled in at the end of the compile).
+    matched: TierMatch,
+    rule: &'p TierRule,
+}
+
+/// Does a ClusterNetworkPolicy's subject select a pod (never a host-networked one, which the
+/// caller leaves out)?
+fn selects(
+    subject: &Subject,
+    ns_labels: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    match subject {
+        Subject::Namespaces(ns) => ns.matches(ns_labels),
+        Subject::Pods {
+            namespace_selector,
+            pod_selector,
+        } => namespace_selector.matches(ns_labels) && pod_selector.matches(labels),
+    }
+}
+
 /// Per-compile caches.
 struct Ctx<'i, 's> {
     index: &'i Index<'s>,
+    nodes: &'s BTreeMap<String, crate::cnp::NodeInfo>,
     /// (policy, direction, rule, peer) -> selected identities.
     selections: HashMap<(usize, Direction, usize, usize), Rc<Vec<usize>>>,
     /// The same by the peer's content: (the policy's namespace when the peer has no namespace
@@ -1001,6 +1326,8 @@ struct Ctx<'i, 's> {
     by_content: HashMap<SelectionKey, Rc<Vec<usize>>>,
     /// (policy, direction, rule) -> rule id.
     rule_ids: HashMap<(usize, Direction, usize), u32>,
+    /// (ClusterNetworkPolicy position, direction, rule) -> rule id.
+    tier_rule_ids: HashMap<(usize, Direction, usize), u32>,
     rule_refs: HashMap<u32, RuleRef>,
 }
 

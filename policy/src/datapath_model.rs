@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use palisade_common::{
     AF_INET, AF_INET6, CIDR_CLASS_NONE, CidrKey, EP_PENDING, IDENTITY_HOST, IDENTITY_NONE,
     POLICY_KEY_ANY_PROTO_BITS, POLICY_KEY_FULL_BITS, PeerAddr, PolicyKey, PolicyValue, Reason,
-    isolated_flag,
+    TIER_ACTION_ACCEPT, TIER_ACTION_DENY, TierMatch, audit_flag, isolated_flag, tiered_flag,
 };
 use serde::Serialize;
 
@@ -27,6 +27,10 @@ pub enum ModelReason {
     Host,
     PolicyAllow,
     NoRuleMatched,
+    /// A ClusterNetworkPolicy rule accepted (Admin or Baseline tier).
+    TierAccept,
+    /// A ClusterNetworkPolicy rule denied.
+    TierDeny,
 }
 
 impl ModelReason {
@@ -40,6 +44,8 @@ impl ModelReason {
             ModelReason::Host => Reason::Host,
             ModelReason::PolicyAllow => Reason::PolicyAllow,
             ModelReason::NoRuleMatched => Reason::NoRuleMatched,
+            ModelReason::TierAccept => Reason::TierAccept,
+            ModelReason::TierDeny => Reason::TierDeny,
         })
     }
 }
@@ -48,8 +54,15 @@ impl ModelReason {
 pub struct ModelVerdict {
     pub allowed: bool,
     pub reason: ModelReason,
-    /// The allowing rule id (`state.rules` names it).
+    /// The deciding rule id (`state.rules` names it): the NetworkPolicy rule that allows, or
+    /// the tier rule that accepts or denies.
     pub rule: Option<u32>,
+    /// The Admin and Baseline tiers' first matching rules, where the endpoint is tiered in this
+    /// direction and one matches (a Pass shows here: where evaluation went on from).
+    #[serde(skip)]
+    pub admin: Option<TierMatch>,
+    #[serde(skip)]
+    pub baseline: Option<TierMatch>,
     /// The peer's identity (`IDENTITY_NONE` when it has none).
     pub identity: u32,
     /// The CIDR class the peer's address fell in, when the CIDRS lookup was made and hit.
@@ -62,6 +75,8 @@ impl ModelVerdict {
             allowed,
             reason,
             rule: None,
+            admin: None,
+            baseline: None,
             identity: IDENTITY_NONE,
             class: None,
         }
@@ -142,7 +157,9 @@ pub fn evaluate(
     if peer == local {
         return ModelVerdict::new(true, ModelReason::SelfTraffic);
     }
-    if ep.flags & isolated_flag(dir.as_u8()) == 0 {
+    let isolated = ep.flags & isolated_flag(dir.as_u8()) != 0;
+    let tiered = ep.flags & tiered_flag(dir.as_u8()) != 0;
+    if !isolated && !tiered {
         return ModelVerdict::new(true, ModelReason::NotIsolated);
     }
     let identity = state
@@ -152,31 +169,72 @@ pub fn evaluate(
         .unwrap_or(IDENTITY_NONE);
     let mut v = ModelVerdict::new(false, ModelReason::NoRuleMatched);
     v.identity = identity;
-    if identity == IDENTITY_HOST {
+    if identity == IDENTITY_HOST && !tiered {
         v.allowed = true;
         v.reason = ModelReason::Host;
         return v;
     }
-    let allow = |mut v: ModelVerdict, value: PolicyValue| {
-        v.allowed = true;
-        v.reason = ModelReason::PolicyAllow;
-        v.rule = Some(value.rule);
+    let by_identity = if identity != IDENTITY_NONE && identity != IDENTITY_HOST {
+        policy_lookup(state, ep.id, identity, dir, proto, port).map(|(_, value)| value)
+    } else {
+        None
+    };
+    let by_cidr = match cidr_lookup(state, ep.id, dir, peer) {
+        Some((_, class)) => {
+            v.class = Some(class);
+            (class != CIDR_CLASS_NONE)
+                .then(|| policy_lookup(state, ep.id, class, dir, proto, port))
+                .flatten()
+                .map(|(_, value)| value)
+        }
+        None => None,
+    };
+    let (by_identity, by_cidr) = (by_identity.unwrap_or_default(), by_cidr.unwrap_or_default());
+    let decided = |mut v: ModelVerdict, allowed: bool, reason: ModelReason, rule: u32| {
+        v.allowed = allowed;
+        v.reason = reason;
+        v.rule = (rule != 0).then_some(rule);
         v
     };
-    if identity != IDENTITY_NONE
-        && let Some((_, value)) = policy_lookup(state, ep.id, identity, dir, proto, port)
-    {
-        return allow(v, value);
-    }
-    if let Some((_, class)) = cidr_lookup(state, ep.id, dir, peer) {
-        v.class = Some(class);
-        if class != CIDR_CLASS_NONE
-            && let Some((_, value)) = policy_lookup(state, ep.id, class, dir, proto, port)
-        {
-            return allow(v, value);
+    let tier = |m: TierMatch| match m.action {
+        TIER_ACTION_ACCEPT => Some((true, ModelReason::TierAccept, m.rule)),
+        TIER_ACTION_DENY => Some((false, ModelReason::TierDeny, m.rule)),
+        _ => None,
+    };
+    if tiered {
+        let admin = by_identity.admin.first(by_cidr.admin);
+        let baseline = by_identity.baseline.first(by_cidr.baseline);
+        v.admin = (admin.rule != 0).then_some(admin);
+        v.baseline = (baseline.rule != 0).then_some(baseline);
+        if let Some((allowed, reason, rule)) = tier(admin) {
+            return decided(v, allowed, reason, rule);
         }
     }
-    v
+    if isolated {
+        if identity == IDENTITY_HOST {
+            return decided(v, true, ModelReason::Host, 0);
+        }
+        for value in [by_identity, by_cidr] {
+            if value.rule != 0 {
+                return decided(v, true, ModelReason::PolicyAllow, value.rule);
+            }
+        }
+        // NetworkPolicy denies; where it is only audited, Baseline may still drop for real.
+        if !tiered || ep.flags & audit_flag(dir.as_u8()) == 0 {
+            return v;
+        }
+    }
+    if tiered
+        && let Some(b) = v.baseline
+        && let Some((allowed, reason, rule)) = tier(b)
+        && (!allowed || !isolated)
+    {
+        return decided(v, allowed, reason, rule);
+    }
+    if isolated {
+        return v;
+    }
+    decided(v, true, ModelReason::NotIsolated, 0)
 }
 
 #[cfg(test)]

@@ -578,7 +578,7 @@ pub fn expand(
                         rule,
                         flags: if audit { POLICY_FLAG_AUDIT } else { 0 },
                         slot: desired.rule_slots.get(&rule).copied().unwrap_or(0),
-                        _pad: 0,
+                        ..PolicyValue::default()
                     },
                 ));
             }

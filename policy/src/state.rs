@@ -11,6 +11,8 @@ use palisade_common::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::cnp::{Action, Tier};
+
 /// A pod, by namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PodRef {
@@ -60,22 +62,69 @@ impl fmt::Display for Direction {
     }
 }
 
-/// Where a rule id came from: `spec.<direction>[index]` of one NetworkPolicy.
+/// Where a rule id came from: `spec.<direction>[index]` of one NetworkPolicy or (`tier` set,
+/// `namespace` empty) of one ClusterNetworkPolicy.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RuleRef {
     pub namespace: String,
     pub policy: String,
     pub direction: Direction,
     pub index: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<TierRuleInfo>,
+}
+
+/// What a ClusterNetworkPolicy rule is, for people: its policy's tier and priority, its name
+/// and its action.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TierRuleInfo {
+    pub tier: Tier,
+    pub priority: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// As written.
+    pub action: Action,
+    /// The rule has a peer this version does not know: an Accept rule matches nothing, a Deny
+    /// or Pass rule denies everything.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fails_closed: bool,
+}
+
+impl RuleRef {
+    /// The policy as `kubectl get` names it: `namespace/name` for a NetworkPolicy, the name
+    /// for a ClusterNetworkPolicy.
+    pub fn policy_id(&self) -> String {
+        if self.tier.is_some() {
+            self.policy.clone()
+        } else {
+            format!("{}/{}", self.namespace, self.policy)
+        }
+    }
 }
 
 impl fmt::Display for RuleRef {
+    /// `ns/np ingress[0]`, or `ClusterNetworkPolicy cnp (Admin 10) egress[1] 'name' Deny`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some(t) = &self.tier else {
+            return write!(
+                f,
+                "{}/{} {}[{}]",
+                self.namespace, self.policy, self.direction, self.index
+            );
+        };
         write!(
             f,
-            "{}/{} {}[{}]",
-            self.namespace, self.policy, self.direction, self.index
-        )
+            "ClusterNetworkPolicy {} ({} {}) {}[{}]",
+            self.policy, t.tier, t.priority, self.direction, self.index
+        )?;
+        if let Some(n) = &t.name {
+            write!(f, " '{n}'")?;
+        }
+        write!(f, " {}", t.action)?;
+        if t.fails_closed {
+            f.write_str(" (unknown peer: fails closed)")?;
+        }
+        Ok(())
     }
 }
 
@@ -225,6 +274,12 @@ pub struct EndpointMeta {
     pub ingress_audit_ignored: Vec<String>,
     #[serde(default)]
     pub egress_audit_ignored: Vec<String>,
+    /// ClusterNetworkPolicies (enforced, not audit) whose subject selects the pod and that have
+    /// rules in that direction, in precedence order (the direction is then `EP_TIERED_*`).
+    #[serde(default)]
+    pub ingress_cluster_policies: Vec<String>,
+    #[serde(default)]
+    pub egress_cluster_policies: Vec<String>,
 }
 
 /// Everything the BPF maps should contain, plus what is needed to explain it.

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use palisade_policy::{
     model::Store,
-    state::{DesiredState, Direction, EndpointMeta, PodRef, RuleRef},
+    state::{DesiredState, Direction, EndpointMeta, PodRef, RuleRef, TierRuleInfo},
 };
 
 mod names;
@@ -50,22 +50,32 @@ pub struct RuleInfo {
     /// Its RULE_STATS slot (0: not counted).
     #[serde(default)]
     pub slot: u16,
+    /// A ClusterNetworkPolicy rule: its tier, priority, name and action.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<TierRuleInfo>,
 }
 
 impl RuleInfo {
-    /// `namespace/name` of the policy.
+    /// The rule as the compiler names it.
+    pub fn rule_ref(&self) -> RuleRef {
+        RuleRef {
+            namespace: self.namespace.clone(),
+            policy: self.policy.clone(),
+            direction: self.direction,
+            index: self.index,
+            tier: self.tier.clone(),
+        }
+    }
+
+    /// `namespace/name` of a NetworkPolicy, the name of a ClusterNetworkPolicy.
     pub fn policy_id(&self) -> String {
-        format!("{}/{}", self.namespace, self.policy)
+        self.rule_ref().policy_id()
     }
 }
 
 impl fmt::Display for RuleInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}/{} {}[{}]",
-            self.namespace, self.policy, self.direction, self.index
-        )?;
+        write!(f, "{}", self.rule_ref())?;
         if self.audit {
             f.write_str(" (audit)")?;
         }
@@ -164,6 +174,7 @@ fn rule_info(id: u32, r: &RuleRef, audit: bool, slot: u16) -> RuleInfo {
         index: r.index,
         audit,
         slot,
+        tier: r.tier.clone(),
     }
 }
 

@@ -19,7 +19,7 @@ use super::{
 };
 use palisade_policy::{
     datapath_model::{self, ModelReason},
-    state::{CidrEntry, DesiredState, Direction, EndpointMeta, PolicyEntry, RuleRef},
+    state::{CidrEntry, DesiredState, Direction, EndpointMeta, PolicyEntry},
 };
 
 /// The enforced state with its names.
@@ -53,17 +53,7 @@ impl Snapshot {
         state.rules = file
             .rules
             .iter()
-            .map(|(id, r)| {
-                (
-                    *id,
-                    RuleRef {
-                        namespace: r.namespace.clone(),
-                        policy: r.policy.clone(),
-                        direction: r.direction,
-                        index: r.index,
-                    },
-                )
-            })
+            .map(|(id, r)| (*id, r.rule_ref()))
             .collect();
         let ip_owner = file.ip_owners();
         let with_allows = endpoints_with_allows(&state);
@@ -249,6 +239,7 @@ impl Snapshot {
                     index: 0,
                     audit: audit_flag,
                     slot: 0,
+                    tier: None,
                 }),
                 peer,
                 protocol: (proto != 0).then(|| proto_name(proto)),
@@ -418,6 +409,13 @@ impl Snapshot {
                 Some(r) => format!("allowed by {r}"),
                 None => format!("allowed by rule {}", v.rule.unwrap_or(0)),
             },
+            ModelReason::TierAccept | ModelReason::TierDeny => {
+                let head = if v.allowed { "allowed" } else { "dropped" };
+                match &rule {
+                    Some(r) => format!("{head} by {r}"),
+                    None => format!("{head} by rule {}", v.rule.unwrap_or(0)),
+                }
+            }
             ModelReason::NotIsolated => {
                 format!("allowed: no policy selects {pod} for {towards}")
             }

@@ -175,7 +175,7 @@ pub fn endpoint_state(
                 rule: 1 + i as u32,
                 flags: 0,
                 slot: 1 + i as u16,
-                _pad: 0,
+                ..PolicyValue::default()
             },
         );
     }
@@ -268,7 +268,7 @@ pub fn standard_state() -> DesiredState {
                 rule,
                 flags: 0,
                 slot: rule as u16,
-                _pad: 0,
+                ..PolicyValue::default()
             },
         );
     };

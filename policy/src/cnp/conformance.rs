@@ -308,3 +308,175 @@ fn conformance_probes_through_the_reference() {
         failures.join("\n")
     );
 }
+
+/// The same probes through the compiler and the datapath's twin: every pod that is not
+/// host-networked is an endpoint of one node (node-1, whose address the host-networked pods
+/// share), and a probe is allowed when the source's egress and the destination's ingress both
+/// allow it, as the programs on the two veths decide. Both address families.
+#[test]
+fn conformance_probes_through_the_compiler() {
+    for v6 in [false, true] {
+        let (probes, failures) = compiler_probes(v6);
+        assert!(probes >= 190, "{probes} probes");
+        assert!(
+            failures.is_empty(),
+            "{} (IPv6: {v6}) of {probes} probes:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+}
+
+/// An IPv4 topology address as IPv6 (`fd00::` and its four bytes), when `v6`.
+fn family(ip: IpAddr, v6: bool) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) if v6 => {
+            let [a, b, c, d] = a.octets();
+            IpAddr::from([
+                0xfd00,
+                0,
+                0,
+                0,
+                0,
+                0,
+                u16::from_be_bytes([a, b]),
+                u16::from_be_bytes([c, d]),
+            ])
+        }
+        _ => ip,
+    }
+}
+
+fn compiler_probes(v6: bool) -> (usize, Vec<String>) {
+    use crate::compile::{Compiler, LocalEndpoint};
+    use crate::datapath_model;
+
+    let mut probes = 0;
+    let mut failures = Vec::new();
+    for file in case_files() {
+        let case = read_case(&file);
+        let name = case["name"].as_str().unwrap();
+        let Topology {
+            mut store,
+            nodes,
+            addrs,
+        } = topology(&case);
+        let addrs: BTreeMap<String, IpAddr> = addrs
+            .into_iter()
+            .map(|(k, ip)| (k, family(ip, v6)))
+            .collect();
+        for info in store.pods.values_mut() {
+            info.ips = info.ips.iter().map(|ip| family(*ip, v6)).collect();
+        }
+        for mut n in nodes {
+            n.addresses = n.addresses.iter().map(|ip| family(*ip, v6)).collect();
+            store.nodes.insert(n.name.clone(), n);
+        }
+        // Upstream writes pod CIDRs as /32, and /128 on IPv6 clusters.
+        let objects: BTreeMap<String, Value> = policy_objects(&case, &addrs)
+            .into_iter()
+            .map(|(id, o)| {
+                let text = serde_json::to_string(&o).unwrap();
+                let text = if v6 {
+                    text.replace("/32\"", "/128\"")
+                } else {
+                    text
+                };
+                (id, serde_json::from_str(&text).unwrap())
+            })
+            .collect();
+        let host_addrs: Vec<IpAddr> = store
+            .nodes
+            .values()
+            .flat_map(|n| n.addresses.clone())
+            .collect();
+        let endpoints: Vec<LocalEndpoint> = store
+            .pods
+            .iter()
+            .filter(|(_, p)| !p.host_network)
+            .enumerate()
+            .map(|(i, (pod, _))| LocalEndpoint {
+                pod: pod.clone(),
+                ifindex: 100 + i as u32,
+            })
+            .collect();
+        let ifindex = |pod: &PodRef| endpoints.iter().find(|e| e.pod == *pod).map(|e| e.ifindex);
+        let mut compiler = Compiler::new();
+        for step in case["steps"].as_array().unwrap() {
+            for a in step["actions"].as_array().unwrap() {
+                let field = |k: &str| a[k].as_str().unwrap();
+                match field("action") {
+                    "create_policy" | "update_policy" => {
+                        let object = &objects[field("policy")];
+                        let obj = if object["kind"] == raw::KIND {
+                            Object::ClusterNetworkPolicy(Box::new(
+                                serde_json::from_value(object.clone()).unwrap(),
+                            ))
+                        } else {
+                            Object::NetworkPolicy(Box::new(
+                                serde_json::from_value(object.clone()).unwrap(),
+                            ))
+                        };
+                        store.apply(obj).unwrap();
+                    }
+                    "delete_policy" => {
+                        let (ns, np) = field("policy").split_once('/').unwrap();
+                        store.policies.remove(&(ns.to_string(), np.to_string()));
+                    }
+                    "set_namespace_labels" => {
+                        let ns = field("namespace");
+                        let labels = serde_json::from_value(a["labels"].clone()).unwrap();
+                        store
+                            .namespaces
+                            .insert(ns.to_string(), NamespaceInfo::new(ns, labels));
+                    }
+                    other => panic!("{name}: unknown action {other}"),
+                }
+            }
+            let state = compiler.compile(&store, &endpoints, &host_addrs);
+            for probe in step["probes"].as_array().unwrap() {
+                probes += 1;
+                let pod_ref = |k: &str| {
+                    let (ns, pod) = probe[k].as_str().unwrap().split_once('/').unwrap();
+                    PodRef {
+                        namespace: ns.into(),
+                        name: pod.into(),
+                    }
+                };
+                let (src, dst) = (pod_ref("from"), pod_ref("to"));
+                let proto = Protocol::parse(probe["protocol"].as_str().unwrap()).unwrap();
+                let port = probe["port"].as_u64().unwrap() as u16;
+                let (src_ip, dst_ip) = (store.pods[&src].ips[0], store.pods[&dst].ips[0]);
+                let judge = |pod: &PodRef, dir: Direction, peer: IpAddr, local: IpAddr| {
+                    match ifindex(pod) {
+                        Some(i) => {
+                            let v = datapath_model::evaluate(
+                                &state,
+                                i,
+                                dir,
+                                peer,
+                                local,
+                                proto.number(),
+                                port,
+                            );
+                            let rule = v.rule.and_then(|r| state.rules.get(&r));
+                            let by = rule.map_or(String::new(), |r| format!(" by {r}"));
+                            (v.allowed, format!("{:?}{by}", v.reason))
+                        }
+                        None => (true, "host-networked".into()),
+                    }
+                };
+                let (e_ok, e) = judge(&src, Direction::Egress, dst_ip, src_ip);
+                let (i_ok, i) = judge(&dst, Direction::Ingress, src_ip, dst_ip);
+                let got = if e_ok && i_ok { "allow" } else { "deny" };
+                if got != probe["expect"] {
+                    failures.push(format!(
+                        "{name} line {}: {src} -> {dst} {proto}/{port}: got {got} (egress: {e} | ingress: {i}), want {} ({})",
+                        probe["line"], probe["expect"], probe["model_trace"].as_str().unwrap()
+                    ));
+                }
+            }
+        }
+    }
+    (probes, failures)
+}

@@ -11,6 +11,8 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
+use serde::{Deserialize, Serialize};
+
 use super::raw;
 use crate::error::{ConfigError, FieldError};
 use crate::model::{AUDIT_ANNOTATION, Protocol};
@@ -35,7 +37,7 @@ pub const MAX_RULE_NAME: usize = 100;
 pub const MAX_CIDR_LEN: usize = 43;
 
 /// A policy's tier. Admin is evaluated before NetworkPolicy, Baseline after it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Tier {
     Admin,
     Baseline,
@@ -49,7 +51,7 @@ impl fmt::Display for Tier {
 
 /// What a matching rule does: `Accept` and `Deny` decide the direction, `Pass` skips the rest of
 /// the tier.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Action {
     Accept,
     Deny,
