@@ -272,6 +272,8 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
 const CLIENT2: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 21);
 const SCANNER: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 20);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 10, 10);
+const NODE_2: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 3);
+const NODE_3: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 4);
 /// BPF_PROG_TEST_RUN runs packets on `lo`: web's endpoint is ifindex 1.
 const WEB_IF: u32 = 1;
 const CLIENT_IF: u32 = 2;
@@ -306,6 +308,19 @@ fn web_from(d: &DesiredState, src: Ipv4Addr, port: u16) -> bool {
         WEB_IF,
         Direction::Ingress,
         src.into(),
+        WEB.into(),
+        PROTO_TCP,
+        port,
+    )
+    .allowed
+}
+
+fn web_to(d: &DesiredState, dst: Ipv4Addr, port: u16) -> bool {
+    evaluate(
+        d,
+        WEB_IF,
+        Direction::Egress,
+        dst.into(),
         WEB.into(),
         PROTO_TCP,
         port,
@@ -436,6 +451,17 @@ async fn replayed_api_drives_compiler_and_maps() {
     assert!(client_to(&d1, VIP, PROTO_TCP, 80), "web's Service port 80");
     assert!(!client_to(&d1, VIP, PROTO_TCP, 81));
     assert!(!client_to(&d1, WEB, PROTO_UDP, 53));
+    // The ClusterNetworkPolicies: web-metrics (Admin) admits clients on 9100 where web-ingress
+    // does not; web-egress-baseline (Baseline, web has no egress NetworkPolicy) lets web reach
+    // the nodes and nothing else.
+    assert!(web_from(&d1, CLIENT, 9100), "web-metrics");
+    assert!(!web_from(&d1, SCANNER, 9100));
+    assert!(web_to(&d1, NODE_2, 10250), "web-egress-baseline: nodes");
+    assert!(!web_to(&d1, NODE_3, 10250), "node-3 is not known yet");
+    assert!(
+        !web_to(&d1, SCANNER, 80),
+        "web-egress-baseline: nothing else"
+    );
 
     let mut maps = root.then(datapath::Maps::new);
     if let Some(m) = maps.as_mut() {
@@ -445,6 +471,8 @@ async fn replayed_api_drives_compiler_and_maps() {
         assert!(m.web_from(SCANNER, 8080));
         assert!(!m.web_from(SCANNER, 9090));
         assert!(!m.web_from(CLIENT2, 8080));
+        assert!(m.web_from(CLIENT, 9100), "web-metrics, by the programs");
+        assert!(!m.web_from(SCANNER, 9100));
     }
 
     // Phase 2: watch events (an added pod, a bookmark, a deleted pod, a modified policy, an
@@ -537,6 +565,12 @@ async fn replayed_api_drives_compiler_and_maps() {
         "client-egress as modified"
     );
     assert!(client_to(&d2, VIP, PROTO_TCP, 80));
+    assert!(
+        web_from(&d2, CLIENT, 9100),
+        "web-metrics' last good version in force"
+    );
+    assert!(web_to(&d2, NODE_3, 10250), "node-3 is a node now");
+    assert!(!web_to(&d2, SCANNER, 80));
     if let Some(m) = maps.as_mut() {
         let stats = m.writer.apply(&d2);
         assert_eq!(stats.failed, 0);
@@ -544,6 +578,7 @@ async fn replayed_api_drives_compiler_and_maps() {
         assert!(m.web_from(CLIENT2, 8080));
         assert!(!m.web_from(SCANNER, 8080));
         assert!(m.web_from(CLIENT, 9090));
+        assert!(m.web_from(CLIENT, 9100));
         assert_eq!(m.writer.applied().identities, d2.identities);
         assert_eq!(m.writer.applied().policy, d2.policy);
     }
@@ -585,6 +620,16 @@ async fn replayed_api_drives_compiler_and_maps() {
         state.store.cluster_policies.keys().collect::<Vec<_>>(),
         ["allow-dns", "web-metrics"]
     );
+    let d3 = compile(&state, &mut compiler, &mut ids);
+    assert!(web_from(&d3, CLIENT, 9100), "web-metrics, fixed");
+    assert!(
+        web_to(&d3, SCANNER, 80),
+        "web-egress-baseline is gone: web's egress is open"
+    );
+    if let Some(m) = maps.as_mut() {
+        assert_eq!(m.writer.apply(&d3).failed, 0);
+        assert!(m.web_from(CLIENT, 9100));
+    }
     eprintln!(
         "{} events, {} re-list(s), requests: {:?}",
         state.events,

@@ -1,7 +1,7 @@
 //! Running in a cluster, on the netns rig: Services through a kube-proxy-like DNAT, the chained
 //! CNI plugin enforcing from a pod's first packet, the agent in cluster mode (against a fake API
 //! server) killed and restarted while probes run, Nodes and ClusterNetworkPolicies from the API
-//! (without their CRD first), and program upgrades swapped into live links.
+//! (without their CRD first, then enforced), and program upgrades swapped into live links.
 //! Needs root; under CI=true that is a failure, not a skip.
 mod support;
 
@@ -715,16 +715,18 @@ fn cluster_mode_survives_kill_and_restart() {
 // Cluster mode: Nodes and ClusterNetworkPolicies
 // ---------------------------------------------------------------------------------------------
 
-/// A ClusterNetworkPolicy denying c's traffic to b, its rule's action `action`. b's
-/// NetworkPolicy denies it too, so the probes below hold whether or not the compiler enforces
-/// ClusterNetworkPolicies.
-fn deny_c_to_b(action: &str) -> String {
+/// A ClusterNetworkPolicy (Admin tier) whose one ingress rule for b has action `action` and
+/// admits or denies the pods `from` (app labels).
+fn b_from(action: &str, from: &[&str]) -> String {
     format!(
-        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: deny-c-to-b}}\n\
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: b-from}}\n\
          spec:\n  tier: Admin\n  priority: 10\n\
          \x20 subject: {{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: b}}}}}}}}\n\
          \x20 ingress:\n\
-         \x20   - {{name: no-c, action: {action}, from: [{{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: c}}}}}}}}]}}\n"
+         \x20   - name: from-pods\n\
+         \x20     action: {action}\n\
+         \x20     from: [{{pods: {{namespaceSelector: {{}}, podSelector: {{matchExpressions: [{{key: app, operator: In, values: {from:?}}}]}}}}}}]\n\
+         \x20     protocols: [{{tcp: {{destinationPort: {{number: 80}}}}}}]\n"
     )
 }
 
@@ -803,34 +805,59 @@ fn cluster_mode_without_the_cnp_crd_enforces_network_policy_and_picks_the_crd_up
         .wait(since, Duration::from_secs(30), |s| s.errors.is_empty())
         .expect("the error goes with the node");
 
-    // The CRD is installed, and a policy created: the next try lists it.
+    // The CRD is installed, and a policy admitting c to b (which b-ingress does not): the next
+    // try lists it, and it is enforced.
     api.set_installed("ClusterNetworkPolicy", true);
-    api.apply(&deny_c_to_b("Deny"));
+    api.apply(&b_from("Accept", &["c"]));
     let installed = palisade::source::kube::CNP_INSTALLED;
     wait_for(&agent, Duration::from_secs(60), "the CRD noticed", || {
         agent.log_text().contains(installed)
     });
+    wait_for(&agent, Duration::from_secs(30), "c admitted to b", || {
+        probe_all(&node, &[("c", ip("b"), 80, Proto::Tcp, true)]) == [true]
+    });
+    assert_eq!(
+        probe_all(&node, &expect),
+        [true, true, true],
+        "b-from (Admin) admits c"
+    );
     // An invalid update: reported, naming the object and the field; the last good version
     // stays in force.
     let since = SystemTime::now();
-    api.apply(&deny_c_to_b("Drop"));
+    api.apply(&b_from("Drop", &["c"]));
     let st = agent
         .wait(since, Duration::from_secs(30), |s| !s.errors.is_empty())
         .expect("the policy's error");
     assert_eq!(
         st.errors,
         [
-            "ClusterNetworkPolicy deny-c-to-b: spec.ingress[0].action: unsupported value \"Drop\" \
+            "ClusterNetworkPolicy b-from: spec.ingress[0].action: unsupported value \"Drop\" \
              (want Accept, Deny or Pass)"
         ]
     );
-    assert_eq!(probe_all(&node, &expect), [true, false, true]);
+    assert_eq!(
+        probe_all(&node, &expect),
+        [true, true, true],
+        "the last good b-from"
+    );
+    // A valid update: denies a and c, whatever b-ingress admits.
     let since = SystemTime::now();
-    api.apply(&deny_c_to_b("Deny"));
+    api.apply(&b_from("Deny", &["a", "c"]));
     agent
         .wait(since, Duration::from_secs(30), |s| s.errors.is_empty())
         .expect("fixed");
-    assert_eq!(probe_all(&node, &expect), [true, false, true]);
+    assert_eq!(
+        probe_all(
+            &node,
+            &[
+                ("a", ip("b"), 80, Proto::Tcp, false),
+                ("c", ip("b"), 80, Proto::Tcp, false),
+                ("c", ip("a"), 80, Proto::Tcp, true),
+            ]
+        ),
+        [false, false, true],
+        "b-from (Admin) denies a and c"
+    );
     assert_eq!(agent.probe_health(&node, "/readyz"), Some(200));
     let log = agent.log_text();
     assert_eq!(log.matches(not_installed).count(), 1, "{log}");
