@@ -583,24 +583,54 @@ fn tiers_section(m: &mut String, r: &Value) {
         };
         let _ = writeln!(
             m,
-            "\nWith {} ClusterNetworkPolicies each figure is {lo:.2} to {hi:.2} times its value \
-             with {} (median {median:.2}, {lo_what} lowest, {hi_what} highest): {verdict}.",
+            "\nWith {} ClusterNetworkPolicies each figure is {lo:.2} ({lo_what}) to {hi:.2} \
+             ({hi_what}) times its value with {} (median {median:.2}): {verdict}.",
             fmt_count(last),
             fmt_count(first),
         );
+        // What being selected at all costs: the first count against NetworkPolicy only.
+        let extra: Vec<f64> = ["new_allow", "new_deny"]
+            .iter()
+            .flat_map(|kind| {
+                let scale = &scale;
+                families().into_iter().filter_map(move |fam| {
+                    let np = median_at(r, &format!("ns_per_packet.{kind}.{fam}.{scale}"))?;
+                    let t = median_at(r, &format!("ns_per_packet_tiers.{kind}.{fam}.{first}"))?;
+                    Some(t - np)
+                })
+            })
+            .collect();
+        if !extra.is_empty() {
+            let lo = extra.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = extra.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let _ = writeln!(
+                m,
+                "Being selected by a ClusterNetworkPolicy at all changes a new flow's cost by \
+                 {} to {} ns (medians with {} against NetworkPolicy only, same N).",
+                fmt_num(lo),
+                fmt_num(hi),
+                fmt_count(first),
+            );
+        }
     }
     let _ = write!(m, "\nMaps:");
     for c in &counts {
+        let ms = |field: &str| {
+            get(r, &format!("packet_setup.tiers.{c}.{field}"))
+                .and_then(Value::as_f64)
+                .map_or_else(|| "?".into(), fmt_num)
+        };
         let _ = write!(
             m,
-            " {} policies ({} rules): {} CIDRS and {} POLICY entries, compiled in {} ms and \
+            " {} {} ({} rules): {} CIDRS and {} POLICY entries, compiled in {} ms and \
              written in {} ms;",
             fmt_count(*c),
+            if *c == 1 { "policy" } else { "policies" },
             setup(*c, "cluster_policy_rules"),
             setup(*c, "cidr_entries"),
             setup(*c, "policy_entries"),
-            setup(*c, "compile_ms"),
-            setup(*c, "write_ms"),
+            ms("compile_ms"),
+            ms("write_ms"),
         );
     }
     let _ = writeln!(
