@@ -28,11 +28,12 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use palisade_common::{
-    CIDR_CLASS_BIT, EP_ISOLATED_EGRESS, IDENTITY_HOST, NodePortKey, NodePortTarget,
-    POLICY_FLAG_AUDIT, POLICY_KEY_FULL_BITS, PeerAddr, PolicyKey, PolicyValue, ip_of,
+    CIDR_CLASS_BIT, EP_ISOLATED_EGRESS, EP_TIERED_EGRESS, IDENTITY_HOST, NodePortKey,
+    NodePortTarget, POLICY_FLAG_AUDIT, POLICY_KEY_FULL_BITS, PeerAddr, PolicyKey, PolicyValue,
+    TIER_ACTION_ACCEPT, TIER_ACTION_DENY, TIER_ACTION_PASS, TierMatch, ip_of,
 };
 
-use crate::datapath_model;
+use crate::datapath_model::{self, ModelReason, ModelVerdict};
 use crate::model::{ConfigError, DEFAULT_NAMESPACE, Protocol};
 use crate::state::{DesiredState, Direction, PolicyEntry};
 
@@ -440,7 +441,7 @@ pub fn expand(
     let isolated: BTreeMap<u32, (u32, String)> = desired
         .endpoints
         .iter()
-        .filter(|(_, info)| info.flags & EP_ISOLATED_EGRESS != 0)
+        .filter(|(_, info)| info.flags & (EP_ISOLATED_EGRESS | EP_TIERED_EGRESS) != 0)
         .map(|(ifindex, info)| {
             let pod = desired
                 .endpoint_meta
@@ -530,6 +531,53 @@ pub fn expand(
                 // kube-proxy; the model calls a flow to its own address self traffic.
                 let local = own_address(desired, *ep_id)
                     .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+                if desired.endpoints[ifindex].flags & EP_TIERED_EGRESS != 0 {
+                    let verdicts: Vec<ModelVerdict> = backends
+                        .iter()
+                        .map(|(ip, target)| {
+                            datapath_model::evaluate(
+                                desired,
+                                *ifindex,
+                                Direction::Egress,
+                                *ip,
+                                local,
+                                proto,
+                                *target,
+                            )
+                        })
+                        .collect();
+                    let denied = verdicts.iter().filter(|v| !v.allowed).count();
+                    if denied > 0 && denied < verdicts.len() {
+                        report.errors.push(format!(
+                            "Service {}/{} port {}/{}: {pod} may reach {} of its {} backends \
+                             directly; through the Service it reaches none",
+                            key.0,
+                            key.1,
+                            port.protocol,
+                            port.port,
+                            verdicts.len() - denied,
+                            verdicts.len()
+                        ));
+                    }
+                    // The VIP's verdict is its backends' (the first denied one's, if any).
+                    let decisive = verdicts.iter().find(|v| !v.allowed).unwrap_or(&verdicts[0]);
+                    let value = reproducing(decisive, &desired.rule_slots);
+                    entries.push((
+                        PolicyEntry {
+                            key: PolicyKey {
+                                endpoint: *ep_id,
+                                peer: id,
+                                dir: Direction::Egress.as_u8(),
+                                proto,
+                                port_be: port.port.to_be(),
+                                ..PolicyKey::default()
+                            },
+                            prefix_len: POLICY_KEY_FULL_BITS,
+                        },
+                        value,
+                    ));
+                    continue;
+                }
                 for (ip, target) in backends {
                     let v = judge.egress(*ifindex, *ip, local, proto, *target);
                     if !v.allowed {
@@ -605,6 +653,60 @@ pub fn expand(
             .or_insert(v);
     }
     report
+}
+
+/// A POLICY value that decides as `v` did, whatever else matches the VIP: its tier answers are
+/// ranked first (0), so a CIDR class that contains the VIP (a `networks` peer) cannot decide
+/// instead of the backends. A tier rule's decision is the rule at rank 0; anything else passes
+/// both tiers, so NetworkPolicy (its allow in `rule`, if any) or the default decides.
+fn reproducing(v: &ModelVerdict, slots: &BTreeMap<u32, u16>) -> PolicyValue {
+    let at_rank_0 = |rule: u32, action: u8| TierMatch {
+        rank: 0,
+        rule,
+        slot: slots.get(&rule).copied().unwrap_or(0),
+        action,
+        _pad: 0,
+    };
+    let pass = at_rank_0(0, TIER_ACTION_PASS);
+    let rule = v.rule.unwrap_or(0);
+    let action = if v.allowed {
+        TIER_ACTION_ACCEPT
+    } else {
+        TIER_ACTION_DENY
+    };
+    let by_admin = v.admin.is_some_and(|m| m.rule == rule);
+    match v.reason {
+        ModelReason::TierAccept | ModelReason::TierDeny if by_admin => PolicyValue {
+            admin: at_rank_0(rule, action),
+            ..PolicyValue::default()
+        },
+        ModelReason::TierAccept | ModelReason::TierDeny => PolicyValue {
+            admin: pass,
+            baseline: at_rank_0(rule, action),
+            ..PolicyValue::default()
+        },
+        ModelReason::PolicyAllow => PolicyValue {
+            rule,
+            slot: slots.get(&rule).copied().unwrap_or(0),
+            admin: pass,
+            baseline: pass,
+            ..PolicyValue::default()
+        },
+        // Node traffic and self traffic among the backends: allowed, by no rule.
+        ModelReason::Host | ModelReason::SelfTraffic | ModelReason::NotAnEndpoint => PolicyValue {
+            admin: at_rank_0(0, TIER_ACTION_ACCEPT),
+            ..PolicyValue::default()
+        },
+        // NetworkPolicy denies, or nothing decides (the default allows), or the endpoint is
+        // pending (dropped anyway).
+        ModelReason::NoRuleMatched | ModelReason::NotIsolated | ModelReason::Pending => {
+            PolicyValue {
+                admin: pass,
+                baseline: pass,
+                ..PolicyValue::default()
+            }
+        }
+    }
 }
 
 /// One of the endpoint's own addresses (for the model's self-traffic check).
@@ -847,8 +949,10 @@ spec:
     }
 
     fn world(services_yaml: &str) -> World {
-        let store = Store::from_objects(crate::manifest::parse_str(CLUSTER).unwrap());
-        assert!(store.errors().is_empty(), "{:?}", store.errors());
+        world_with("", services_yaml)
+    }
+
+    fn world_of(store: Store, services_yaml: &str) -> World {
         let services = parse_str(services_yaml).unwrap();
         let pod = |n: &str| PodRef {
             namespace: "demo".into(),
@@ -886,6 +990,80 @@ spec:
             port,
         );
         (v.allowed, v.rule)
+    }
+
+    /// ClusterNetworkPolicy judges a VIP as its backends too: an Admin Deny of a pod is not
+    /// bypassed through its Service when a lower Admin rule accepts every address (the VIP
+    /// included), whether or not NetworkPolicy isolates the client.
+    #[test]
+    fn cluster_policies_judge_a_vip_as_its_backends() {
+        let cnps = r#"
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: deny-c}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {namespaces: {}}
+  egress: [{action: Deny, to: [{pods: {podSelector: {matchLabels: {app: c}}}}]}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: accept-all}
+spec:
+  tier: Admin
+  priority: 20
+  subject: {namespaces: {}}
+  egress: [{action: Accept, to: [{networks: [0.0.0.0/0]}]}]
+"#;
+        let yaml = [
+            svc("to-b", "10.96.0.11", 8080, ""),
+            slice("to-b-1", "to-b", &[("10.244.0.11", "")]),
+            svc("to-c", "10.96.0.12", 8080, ""),
+            slice("to-c-1", "to-c", &[("10.244.1.12", "")]),
+        ]
+        .concat();
+        let w = world_with(cnps, &yaml);
+        let from = |ifindex: u32, local: &str, ip: &str, port: u16| {
+            let v = evaluate(
+                &w.desired,
+                ifindex,
+                Direction::Egress,
+                ip.parse().unwrap(),
+                local.parse().unwrap(),
+                PROTO_TCP,
+                port,
+            );
+            (
+                v.allowed,
+                v.rule
+                    .and_then(|r| w.desired.rules.get(&r))
+                    .map(|r| r.policy.clone()),
+            )
+        };
+        for (ifindex, local) in [(10, "10.244.0.10"), (11, "10.244.0.11")] {
+            let direct = from(ifindex, local, "10.244.1.12", 80);
+            assert_eq!(direct, (false, Some("deny-c".to_string())), "{local} to c");
+            assert_eq!(
+                from(ifindex, local, "10.96.0.12", 8080),
+                direct,
+                "{local} to c's VIP"
+            );
+        }
+        // a reaches b (its NetworkPolicy allows it, and the Admin tier accepts first), directly
+        // and through the VIP.
+        let direct = from(10, "10.244.0.10", "10.244.0.11", 80);
+        assert_eq!(direct, (true, Some("accept-all".to_string())));
+        assert_eq!(from(10, "10.244.0.10", "10.96.0.11", 8080), direct);
+    }
+
+    fn world_with(objects: &str, services_yaml: &str) -> World {
+        let store = Store::from_objects(
+            crate::manifest::parse_str(&format!("{CLUSTER}{objects}")).unwrap(),
+        );
+        assert!(store.errors().is_empty(), "{:?}", store.errors());
+        world_of(store, services_yaml)
     }
 
     #[test]
