@@ -1250,7 +1250,10 @@ impl Gen {
                 });
                 if let Some(Value::Array(mut p)) = self.tier_ports() {
                     // Named ports only with pod peers (the API server's rule).
-                    if peers.iter().any(|q| q.get("networks").or(q.get("nodes")).is_some()) {
+                    if peers
+                        .iter()
+                        .any(|q| q.get("networks").or(q.get("nodes")).is_some())
+                    {
                         p.retain(|x| x.get("destinationNamedPort").is_none());
                     }
                     if !p.is_empty() {
