@@ -184,7 +184,16 @@ pub struct StatsReport {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyStats {
+    /// `namespace/name` of a NetworkPolicy, the name of a ClusterNetworkPolicy.
     pub policy: String,
+    /// `NetworkPolicy` or `ClusterNetworkPolicy`.
+    #[serde(default)]
+    pub kind: String,
+    /// A ClusterNetworkPolicy's tier (`Admin`, `Baseline`) and priority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u16>,
     pub audit: bool,
     pub packets: u64,
     pub bytes: u64,
@@ -196,6 +205,11 @@ pub struct RuleCount {
     pub id: u32,
     /// `ingress[0]`.
     pub rule: String,
+    /// A ClusterNetworkPolicy rule's name and action (`Accept`, `Deny`, `Pass`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
     pub packets: u64,
     pub bytes: u64,
 }

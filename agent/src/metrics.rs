@@ -71,14 +71,18 @@ impl Metrics {
     }
 
     pub fn observe_verdict(&self, v: &Verdict) {
-        let (namespace, policy) = Names::metric_labels(v);
-        self.verdicts
-            .get_or_create(&vec![
-                ("namespace".into(), namespace),
-                ("policy".into(), policy),
-                ("verdict".into(), v.verdict.as_str().into()),
-            ])
-            .inc();
+        let l = Names::metric_labels(v);
+        let mut labels: Labels = vec![
+            ("namespace".into(), l.namespace),
+            ("policy".into(), l.policy),
+            ("verdict".into(), v.verdict.as_str().into()),
+        ];
+        // A ClusterNetworkPolicy decided: say so (NetworkPolicy series keep their labels).
+        if let Some(tier) = l.cluster_tier {
+            labels.push(("kind".into(), "ClusterNetworkPolicy".into()));
+            labels.push(("tier".into(), tier));
+        }
+        self.verdicts.get_or_create(&labels).inc();
     }
 
     pub fn observe_reconcile(&self, elapsed: Duration, changed: bool) {

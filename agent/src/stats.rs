@@ -15,6 +15,7 @@ use prometheus_client::{
 use crate::{
     api::{ConntrackStats, EventStats, MapFill, PolicyStats, Problems, RuleCount, StatsReport},
     hub::Hub,
+    inspect::RuleInfo,
 };
 
 type Labels = Vec<(String, String)>;
@@ -68,34 +69,25 @@ pub fn stats_report(hub: &Hub) -> StatsReport {
         if packets == 0 {
             continue;
         }
-        let id = info.id;
-        let (policy, rule, audit) = (
-            info.policy_id(),
-            format!("{}[{}]", info.direction, info.index),
-            info.audit,
-        );
-        let p = by_policy.entry(policy.clone()).or_insert(PolicyStats {
-            policy,
-            audit,
-            ..PolicyStats::default()
-        });
+        let p = by_policy
+            .entry(info.policy_id())
+            .or_insert_with(|| policy_stats(info));
         p.packets += packets;
         p.bytes += bytes;
         p.rules.push(RuleCount {
-            id,
-            rule,
+            id: info.id,
+            rule: format!("{}[{}]", info.direction, info.index),
+            name: info.tier.as_ref().and_then(|t| t.name.clone()),
+            action: info.tier.as_ref().map(|t| t.action.to_string()),
             packets,
             bytes,
         });
     }
     // Policies in force with no traffic yet show up with zeros.
     for info in names.file.rules.values() {
-        let id = info.policy_id();
-        by_policy.entry(id.clone()).or_insert(PolicyStats {
-            policy: id,
-            audit: info.audit,
-            ..PolicyStats::default()
-        });
+        by_policy
+            .entry(info.policy_id())
+            .or_insert_with(|| policy_stats(info));
     }
     r.policies = by_policy.into_values().collect();
     for p in &mut r.policies {
@@ -180,6 +172,23 @@ pub fn stats_report(hub: &Hub) -> StatsReport {
     r
 }
 
+/// A policy's row, without counts yet: its kind, and a ClusterNetworkPolicy's tier and
+/// priority.
+fn policy_stats(info: &RuleInfo) -> PolicyStats {
+    PolicyStats {
+        policy: info.policy_id(),
+        kind: match info.tier {
+            Some(_) => "ClusterNetworkPolicy",
+            None => "NetworkPolicy",
+        }
+        .to_string(),
+        tier: info.tier.as_ref().map(|t| t.tier.to_string()),
+        priority: info.tier.as_ref().map(|t| t.priority),
+        audit: info.audit,
+        ..PolicyStats::default()
+    }
+}
+
 /// `namespace/name` of an endpoint id, or `endpoint N` for one that is gone.
 fn endpoint_name(names: &crate::verdicts::Names, id: u32) -> String {
     names
@@ -201,6 +210,35 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
 /// One series per configuration error, labelled with its object and field (alert on
 /// `palisade_config_errors > 0`, read the message in `palisade stats`), and the failures that
 /// leave an endpoint failing closed.
+/// Per-rule packets and bytes. A ClusterNetworkPolicy is cluster-scoped: its series have an
+/// empty `namespace` and, beyond a NetworkPolicy's labels, `kind="ClusterNetworkPolicy"` and
+/// its `tier` (a NetworkPolicy's series keep their labels; in PromQL a missing label is "").
+fn render_rules(reg: &mut Registry, policies: &[PolicyStats]) {
+    let pkts = Family::<Labels, Counter>::default();
+    let bytes = Family::<Labels, Counter>::default();
+    for p in policies {
+        let (ns, name) = p.policy.split_once('/').unwrap_or(("", p.policy.as_str()));
+        for rule in &p.rules {
+            let mut l = labels(&[("namespace", ns), ("policy", name), ("rule", &rule.rule)]);
+            if let Some(tier) = &p.tier {
+                l.extend(labels(&[("kind", &p.kind), ("tier", tier)]));
+            }
+            pkts.get_or_create(&l).inc_by(rule.packets);
+            bytes.get_or_create(&l).inc_by(rule.bytes);
+        }
+    }
+    reg.register(
+        "palisade_rule_packets",
+        "Packets let through per policy rule (first packets of the flows it allowed and every later packet of them)",
+        pkts,
+    );
+    reg.register(
+        "palisade_rule_bytes",
+        "Bytes let through per policy rule",
+        bytes,
+    );
+}
+
 fn render_problems(reg: &mut Registry, p: &Problems) {
     let config = Family::<Labels, Gauge>::default();
     for e in &p.config_errors {
@@ -265,26 +303,7 @@ pub fn render(hub: &Hub, report: &StatsReport) -> String {
         "Packets denied by audit policies only and let through, by reason",
         would,
     );
-    let pkts = Family::<Labels, Counter>::default();
-    let bytes = Family::<Labels, Counter>::default();
-    for p in &report.policies {
-        let (ns, name) = p.policy.split_once('/').unwrap_or(("", p.policy.as_str()));
-        for rule in &p.rules {
-            let l = labels(&[("namespace", ns), ("policy", name), ("rule", &rule.rule)]);
-            pkts.get_or_create(&l).inc_by(rule.packets);
-            bytes.get_or_create(&l).inc_by(rule.bytes);
-        }
-    }
-    reg.register(
-        "palisade_rule_packets",
-        "Packets let through per policy rule (first packets of the flows it allowed and every later packet of them)",
-        pkts,
-    );
-    reg.register(
-        "palisade_rule_bytes",
-        "Bytes let through per policy rule",
-        bytes,
-    );
+    render_rules(&mut reg, &report.policies);
     let entries = Family::<Labels, Gauge>::default();
     let caps = Family::<Labels, Gauge>::default();
     let ratio = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
@@ -337,6 +356,24 @@ pub fn render(hub: &Hub, report: &StatsReport) -> String {
 /// registry (OpenMetrics text). Reads every counter map: call it off the main loop.
 pub fn scrape(hub: &Hub) -> String {
     render(hub, &stats_report(hub))
+}
+
+/// The per-rule series of one rule with these counts (tests elsewhere in the crate).
+#[cfg(test)]
+pub(crate) fn rule_series_for_tests(info: &RuleInfo, packets: u64, bytes: u64) -> String {
+    let mut p = policy_stats(info);
+    p.rules.push(RuleCount {
+        id: info.id,
+        rule: format!("{}[{}]", info.direction, info.index),
+        packets,
+        bytes,
+        ..RuleCount::default()
+    });
+    let mut reg = Registry::default();
+    render_rules(&mut reg, &[p]);
+    let mut out = String::new();
+    encode_registry(&mut out, &reg).unwrap();
+    out
 }
 
 #[cfg(test)]

@@ -175,9 +175,10 @@ impl Names {
     /// The namespace and policy labels of a verdict for metrics: the judging pod's namespace
     /// (a NetworkPolicy selects pods of its own namespace only) and the deciding policy's name
     /// or, for denials, the isolating policies' names (comma-separated; empty when no policy
-    /// decided).
-    pub fn metric_labels(v: &Verdict) -> (String, String) {
-        let ns = v
+    /// decided). A ClusterNetworkPolicy rule adds its kind and tier (`ClusterNetworkPolicy`,
+    /// `Admin` or `Baseline`; empty otherwise).
+    pub fn metric_labels(v: &Verdict) -> MetricLabels {
+        let namespace = v
             .endpoint
             .as_deref()
             .and_then(|p| p.split_once('/'))
@@ -193,8 +194,22 @@ impl Names {
                 .collect::<Vec<_>>()
                 .join(","),
         };
-        (ns, policy)
+        let tier = v.rule.as_ref().and_then(|r| r.tier.as_ref());
+        MetricLabels {
+            namespace,
+            policy,
+            cluster_tier: tier.map(|t| t.tier.to_string()),
+        }
     }
+}
+
+/// A verdict's metric labels (`Names::metric_labels`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricLabels {
+    pub namespace: String,
+    pub policy: String,
+    /// The tier of the deciding ClusterNetworkPolicy rule.
+    pub cluster_tier: Option<String>,
 }
 
 /// `2024-05-01T12:00:00.123Z`.

@@ -177,16 +177,14 @@ fn rbac_only_reads_what_policy_needs() {
             }
         }
     }
-    let want: std::collections::BTreeSet<String> = [
-        "/pods",
-        "/namespaces",
-        "/services",
-        "networking.k8s.io/networkpolicies",
-        "discovery.k8s.io/endpointslices",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    // Exactly what the cluster-mode source watches.
+    let want: std::collections::BTreeSet<String> = palisade::source::kube::Watch::ALL
+        .iter()
+        .map(|w| format!("{}/{}", w.api_group(), w.as_str()))
+        .collect();
+    assert!(
+        want.contains("/nodes") && want.contains("policy.networking.k8s.io/clusternetworkpolicies")
+    );
     assert_eq!(granted, want);
     let binding: ClusterRoleBinding = load("rbac.yaml", "ClusterRoleBinding");
     let sa: ServiceAccount = load("serviceaccount.yaml", "ServiceAccount");

@@ -166,3 +166,67 @@ fn admin_tier_then_network_policy_then_baseline() {
         );
     }
 }
+
+/// A ClusterNetworkPolicy in audit mode enforces nothing: a flow its Deny rule matches passes,
+/// once recorded as "would drop" (tier-deny) when it opens; enforced policies decide as if it
+/// were absent.
+#[test]
+fn an_audited_cluster_policy_records_what_it_would_drop() {
+    if !require_root() {
+        return;
+    }
+    let audited = r#"
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: trial-deny, annotations: {palisade.io/audit: "true"}}
+spec:
+  tier: Admin
+  priority: 5
+  subject: {pods: {podSelector: {matchLabels: {app: db}}}}
+  ingress:
+    - {name: not-api, action: Deny, from: [{pods: {podSelector: {matchLabels: {app: api}}}}], protocols: [{tcp: {destinationPort: {number: 5432}}}]}
+  egress:
+    - {name: no-web, action: Deny, to: [{networks: [198.51.100.0/24]}]}
+"#;
+    let text = format!("{}{audited}", CLUSTER.replace("AUDIT", "false"));
+    let store = Store::from_objects(palisade_policy::manifest::parse_str(&text).unwrap());
+    assert!(store.errors().is_empty(), "{:?}", store.errors());
+    let endpoints = [LocalEndpoint {
+        pod: PodRef {
+            namespace: "shop".into(),
+            name: "db".into(),
+        },
+        ifindex: IFINDEX,
+    }];
+    let state = Compiler::new().compile(&store, &endpoints, &[NODE.into()]);
+    let flags = state.endpoints[&IFINDEX].flags;
+    assert_eq!(
+        flags & (EP_TIER_AUDIT_INGRESS | EP_TIER_AUDIT_EGRESS),
+        EP_TIER_AUDIT_INGRESS | EP_TIER_AUDIT_EGRESS
+    );
+    let rig = Rig::new(&state);
+    let audited = || counter(&rig.counters, AUDITED_BY_REASON + Reason::TierDeny as u32);
+    // api to db:5432: the enforced Admin Accept allows; the audited Deny would have dropped it.
+    assert_eq!(rig.ingress(&tcp4(PEER, POD, 41000, 5432, SYN)), TC_ACT_OK);
+    assert_eq!(audited(), 1);
+    // Its next packet passes by conntrack, not recorded again.
+    assert_eq!(
+        rig.ingress(&tcp4(PEER, POD, 41000, 5432, support::ACK)),
+        TC_ACT_OK
+    );
+    assert_eq!(audited(), 1);
+    // Not matched by the audited rule: nothing recorded.
+    assert_eq!(rig.ingress(&tcp4(PEER, POD, 41001, 80, SYN)), TC_ACT_OK);
+    assert_eq!(audited(), 1);
+    // Egress, where only the Baseline tier is enforced (the default allows 198.51.100.1).
+    assert_eq!(
+        rig.egress(&tcp4(POD, [198, 51, 100, 1].into(), 41002, 80, SYN)),
+        TC_ACT_OK
+    );
+    assert_eq!(audited(), 2);
+    // Enforced denies still drop, and are not audited.
+    assert_eq!(rig.ingress(&tcp4(OTHER, POD, 41003, 80, SYN)), TC_ACT_SHOT);
+    assert_eq!(tier_denies(&rig), 1);
+    assert_eq!(audited(), 2);
+}

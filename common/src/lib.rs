@@ -9,6 +9,11 @@
 pub const DIR_INGRESS: u8 = 0;
 /// Traffic from the pod (the pod's egress). Attached at the host-side veth's TC ingress.
 pub const DIR_EGRESS: u8 = 1;
+/// Set on the direction of CIDRS, POLICY and PREFIX_LENGTHS keys of an endpoint's **audit
+/// view**: its policy as it would be if the ClusterNetworkPolicies in audit mode were enforced
+/// (`EP_TIER_AUDIT_*`). Only new flows the enforced policy allows are judged again against it,
+/// to record what it would drop.
+pub const DIR_AUDIT_VIEW: u8 = 0x80;
 
 pub const AF_INET: u8 = 4;
 pub const AF_INET6: u8 = 6;
@@ -47,6 +52,11 @@ pub const EP_TIERED_INGRESS: u32 = 1 << 6;
 pub const EP_TIERED_EGRESS: u32 = 1 << 7;
 /// Either direction tiered.
 pub const EP_TIERED: u32 = EP_TIERED_INGRESS | EP_TIERED_EGRESS;
+/// ClusterNetworkPolicies in audit mode select the pod for ingress: the endpoint has an audit
+/// view (`DIR_AUDIT_VIEW`), and a new flow it would drop is recorded as "would drop".
+pub const EP_TIER_AUDIT_INGRESS: u32 = 1 << 8;
+/// As `EP_TIER_AUDIT_INGRESS`, for egress.
+pub const EP_TIER_AUDIT_EGRESS: u32 = 1 << 9;
 
 #[inline(always)]
 pub const fn isolated_flag(dir: u8) -> u32 {
@@ -63,6 +73,15 @@ pub const fn tiered_flag(dir: u8) -> u32 {
         EP_TIERED_INGRESS
     } else {
         EP_TIERED_EGRESS
+    }
+}
+
+#[inline(always)]
+pub const fn tier_audit_flag(dir: u8) -> u32 {
+    if dir == DIR_INGRESS {
+        EP_TIER_AUDIT_INGRESS
+    } else {
+        EP_TIER_AUDIT_EGRESS
     }
 }
 
@@ -950,8 +969,8 @@ pub mod capacity {
     pub const IDENTITIES: u32 = 131_072;
     pub const CIDRS: u32 = 262_144;
     pub const POLICY: u32 = 524_288;
-    /// Two directions per endpoint.
-    pub const PREFIX_LENGTHS: u32 = 2 * ENDPOINTS;
+    /// Two directions per endpoint, and as many audit views.
+    pub const PREFIX_LENGTHS: u32 = 4 * ENDPOINTS;
     pub const CONNTRACK: u32 = 262_144;
     pub const FRAGMENTS: u32 = 8192;
     pub const EVENTS_BYTES: u32 = 1 << 20;

@@ -8,9 +8,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use palisade_common::{
-    AF_INET6, CT_FLAG_AUDIT, CT_ROLE_RESPONSE, Counter, DIR_EGRESS, DIR_INGRESS, EP_MORE_ADDRS,
-    EP_PENDING, EP_TIERED, EndpointInfo, PROTO_UDP, PeerAddr, Reason, VERDICT_ALLOW, VERDICT_AUDIT,
-    VERDICT_DROP, audit_flag, endpoint_slot, isolated_flag,
+    AF_INET6, CT_FLAG_AUDIT, CT_ROLE_RESPONSE, Counter, DIR_AUDIT_VIEW, DIR_EGRESS, DIR_INGRESS,
+    EP_MORE_ADDRS, EP_PENDING, EP_TIERED, EndpointInfo, PROTO_UDP, PeerAddr, Reason, VERDICT_ALLOW,
+    VERDICT_AUDIT, VERDICT_DROP, audit_flag, endpoint_slot, isolated_flag, tier_audit_flag,
 };
 
 use crate::{
@@ -413,6 +413,23 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     }
     count(Counter::NewAllowed);
     count_rule(v.slot, c.len);
+    // ClusterNetworkPolicies in audit mode: would they drop this flow? Recorded once, when it
+    // opens (its later packets pass by conntrack).
+    if c.ep.flags & tier_audit_flag(dir) != 0 && opens_flow {
+        let w = policy::evaluate(
+            c.ep,
+            dir | DIR_AUDIT_VIEW,
+            pkt.family,
+            &peer(dir, &pkt.src, &pkt.dst),
+            pkt.proto,
+            pkt.dport,
+        );
+        if w.reason == Reason::TierDeny {
+            count_audit(Reason::TierDeny);
+            report(&c, Some(pkt), VERDICT_AUDIT, Reason::TierDeny, w.rule);
+            return Ok(TC_ACT_OK);
+        }
+    }
     report(&c, Some(pkt), VERDICT_ALLOW, v.reason, v.rule);
     Ok(TC_ACT_OK)
 }

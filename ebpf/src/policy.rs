@@ -25,10 +25,10 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 
 use palisade_common::{
-    AF_INET, CIDR_CLASS_NONE, CIDR_MASKS, CidrKey, DIR_EGRESS, EndpointInfo, IDENTITY_HOST,
-    IDENTITY_NONE, NodePortKey, POLICY_KEY_FULL_BITS, POLICY_MASKS, PeerAddr, PolicyKey,
-    PolicyValue, PrefixLengths, PrefixLengthsKey, Reason, TIER_ACTION_ACCEPT, TIER_ACTION_DENY,
-    TierMatch, audit_flag, isolated_flag, tiered_flag,
+    AF_INET, CIDR_CLASS_NONE, CIDR_MASKS, CidrKey, DIR_AUDIT_VIEW, DIR_EGRESS, EndpointInfo,
+    IDENTITY_HOST, IDENTITY_NONE, NodePortKey, POLICY_KEY_FULL_BITS, POLICY_MASKS, PeerAddr,
+    PolicyKey, PolicyValue, PrefixLengths, PrefixLengthsKey, Reason, TIER_ACTION_ACCEPT,
+    TIER_ACTION_DENY, TierMatch, audit_flag, isolated_flag, tiered_flag,
 };
 
 use crate::maps::{CIDRS, IDENTITIES, MATCH_SCRATCH, NODE_PORTS, POLICY, PREFIX_LENGTHS};
@@ -153,7 +153,11 @@ fn evaluate_inner(
     proto: u8,
     port: u16,
 ) -> Verdict {
-    let tiered = ep.flags & tiered_flag(dir) != 0;
+    // `view`: the direction in the keys (the audit view's has `DIR_AUDIT_VIEW`); `dir`: the
+    // direction itself. The audit view is tiered by construction.
+    let view = dir;
+    let dir = dir & !DIR_AUDIT_VIEW;
+    let tiered = ep.flags & tiered_flag(dir) != 0 || view != dir;
     if ep.flags & isolated_flag(dir) == 0 && !tiered {
         return allow(Reason::NotIsolated, 0, 0);
     }
@@ -167,13 +171,13 @@ fn evaluate_inner(
         if let Some(t) = unsafe { NODE_PORTS.get(key) } {
             let t = *t;
             let target = identity_of(family, &t.addr);
-            return decide(ep, dir, family, &t.addr, target, proto, t.port, tiered);
+            return decide(ep, view, family, &t.addr, target, proto, t.port, tiered);
         }
     }
     if identity == IDENTITY_HOST && !tiered {
         return allow(Reason::Host, 0, 0);
     }
-    decide(ep, dir, family, peer, identity, proto, port, tiered)
+    decide(ep, view, family, peer, identity, proto, port, tiered)
 }
 
 #[inline(always)]
@@ -319,6 +323,9 @@ fn decide(
     port: u16,
     tiered: bool,
 ) -> Verdict {
+    // Keys carry the view (`dir` with `DIR_AUDIT_VIEW` for the audit view); flags the direction.
+    let view = dir;
+    let dir = dir & !DIR_AUDIT_VIEW;
     let isolated = ep.flags & isolated_flag(dir) != 0;
     let Some(found) = MATCH_SCRATCH.get_ptr_mut(0) else {
         return deny(Reason::NoRuleMatched, 0, 0);
@@ -329,7 +336,7 @@ fn decide(
     found[1] = NO_ENTRY;
     let key = PrefixLengthsKey {
         endpoint: ep.id,
-        dir,
+        dir: view,
         _pad: [0; 3],
     };
     let port_be = port.to_be();
@@ -337,13 +344,13 @@ fn decide(
     if let Some(lengths) = unsafe { PREFIX_LENGTHS.get(&key) } {
         if identity != IDENTITY_NONE
             && identity != IDENTITY_HOST
-            && let Some(v) = policy_match(ep, dir, identity, proto, port_be, lengths.policy)
+            && let Some(v) = policy_match(ep, view, identity, proto, port_be, lengths.policy)
         {
             found[0] = *v;
         }
-        if let Some(class) = cidr_match(ep, dir, family, peer, lengths)
+        if let Some(class) = cidr_match(ep, view, family, peer, lengths)
             && class != CIDR_CLASS_NONE
-            && let Some(v) = policy_match(ep, dir, class, proto, port_be, lengths.policy)
+            && let Some(v) = policy_match(ep, view, class, proto, port_be, lengths.policy)
         {
             found[1] = *v;
         }

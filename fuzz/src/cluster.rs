@@ -1,8 +1,10 @@
-//! Random clusters: namespaces, pods (some of them local endpoints), node addresses and
-//! NetworkPolicies (through the same validation as manifests), and changes to them.
+//! Random clusters: namespaces, pods (some of them local endpoints), nodes and their addresses,
+//! NetworkPolicies and ClusterNetworkPolicies (through the same validation as manifests), and
+//! changes to them.
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use palisade_policy::cnp::NodeInfo;
 use palisade_policy::compile::LocalEndpoint;
 use palisade_policy::model::{NamedPort, NamespaceInfo, Object, PodInfo, Protocol, Store};
 use palisade_policy::state::PodRef;
@@ -31,6 +33,7 @@ pub struct Cluster {
     pub v4: Vec<IpAddr>,
     pub v6: Vec<IpAddr>,
     next_policy: usize,
+    next_cluster_policy: usize,
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -161,11 +164,45 @@ impl Cluster {
             v4,
             v6,
             next_policy: 0,
+            next_cluster_policy: 0,
         };
+        // This node and another (`nodes` peers): labels by zone.
+        for (name, zone, addrs) in [
+            ("self", "a", ["10.0.9.1", "fd00::9:1"]),
+            ("other", "b", ["10.0.9.2", "fd00::9:2"]),
+        ] {
+            let addresses: Vec<IpAddr> = addrs.iter().map(|a| ip(a)).collect();
+            for a in &addresses {
+                let pool = if a.is_ipv4() { &mut c.v4 } else { &mut c.v6 };
+                if !pool.contains(a) {
+                    pool.push(*a);
+                }
+            }
+            c.store.nodes.insert(
+                name.into(),
+                NodeInfo {
+                    name: name.into(),
+                    labels: [("zone".to_string(), zone.to_string())].into(),
+                    addresses,
+                },
+            );
+        }
         for _ in 0..rng.range(0, 8) {
             c.add_policy(rng);
         }
+        for _ in 0..rng.range(0, 3) {
+            c.add_cluster_policy(rng);
+        }
         c
+    }
+
+    pub fn add_cluster_policy(&mut self, rng: &mut Rng) {
+        let i = self.next_cluster_policy;
+        self.next_cluster_policy += 1;
+        let obj = self.cluster_policy(rng, i);
+        self.store
+            .apply(obj)
+            .expect("generated cluster policies are valid");
     }
 
     pub fn add_policy(&mut self, rng: &mut Rng) {
@@ -175,8 +212,32 @@ impl Cluster {
         self.store.apply(obj).expect("generated policies are valid");
     }
 
-    /// One random change: a policy added, replaced or removed, or a pod relabelled.
+    /// One random change: a policy or a cluster policy added, replaced or removed, or a pod
+    /// relabelled.
     pub fn mutate(&mut self, rng: &mut Rng) -> String {
+        if rng.chance(0.25) {
+            let names: Vec<String> = self.store.cluster_policies.keys().cloned().collect();
+            return match rng.below(3) {
+                0 if !names.is_empty() => {
+                    let name = rng.pick(&names).clone();
+                    self.store.cluster_policies.remove(&name);
+                    format!("cluster policy {name} removed")
+                }
+                1 if !names.is_empty() => {
+                    let name = rng.pick(&names).clone();
+                    let idx: usize = name.trim_start_matches("cnp").parse().unwrap_or(0);
+                    let obj = self.cluster_policy(rng, idx);
+                    self.store
+                        .apply(obj)
+                        .expect("generated cluster policies are valid");
+                    format!("cluster policy {name} replaced")
+                }
+                _ => {
+                    self.add_cluster_policy(rng);
+                    "cluster policy added".into()
+                }
+            };
+        }
         match rng.below(4) {
             0 => {
                 self.add_policy(rng);
@@ -337,6 +398,113 @@ impl Cluster {
             rules.push(Value::Object(rule));
         }
         Value::Array(rules)
+    }
+
+    /// A ClusterNetworkPolicy peer of one direction.
+    fn tier_peer(&self, rng: &mut Rng, egress: bool) -> Value {
+        let pods = |rng: &mut Rng| {
+            let mut p = serde_json::Map::new();
+            if rng.chance(0.6) {
+                p.insert("namespaceSelector".into(), self.selector(rng, true));
+            }
+            p.insert("podSelector".into(), self.selector(rng, false));
+            json!({"pods": p})
+        };
+        match rng.below(if egress { 6 } else { 3 }) {
+            0 => json!({"namespaces": self.selector(rng, true)}),
+            1 | 2 => pods(rng),
+            3 | 4 => {
+                let mut nets = Vec::new();
+                for _ in 0..rng.range(1, 2) {
+                    let cidr = self.ip_block(rng)["ipBlock"]["cidr"].clone();
+                    if !nets.contains(&cidr) {
+                        nets.push(cidr);
+                    }
+                }
+                json!({"networks": nets})
+            }
+            _ if rng.chance(0.3) => json!({"nodes": {}}),
+            _ => json!({"nodes": {"matchLabels": {"zone": rng.pick(&["a", "b"])}}}),
+        }
+    }
+
+    /// `protocols` of a ClusterNetworkPolicy rule (named ports only with pod peers).
+    fn tier_ports(&self, rng: &mut Rng, named: bool) -> Option<Value> {
+        if rng.chance(0.35) {
+            return None;
+        }
+        let mut out = Vec::new();
+        for _ in 0..rng.range(1, 3) {
+            if named && rng.chance(0.25) {
+                out.push(json!({"destinationNamedPort": rng.pick(PORT_NAMES)}));
+                continue;
+            }
+            let proto = *rng.pick(&["tcp", "udp", "sctp"]);
+            let n = *rng.pick(PORTS);
+            let port = if rng.chance(0.5) {
+                json!({"number": n})
+            } else {
+                let start = n - rng.range(0, 4) as u16;
+                let end = start + rng.range(1, 40) as u16;
+                json!({"range": {"start": start, "end": end}})
+            };
+            out.push(json!({proto: {"destinationPort": port}}));
+        }
+        Some(Value::Array(out))
+    }
+
+    fn cluster_policy(&self, rng: &mut Rng, i: usize) -> Object {
+        let subject = if rng.chance(0.4) {
+            json!({"namespaces": self.selector(rng, true)})
+        } else {
+            let mut p = serde_json::Map::new();
+            if rng.chance(0.5) {
+                p.insert("namespaceSelector".into(), self.selector(rng, true));
+            }
+            p.insert("podSelector".into(), self.selector(rng, false));
+            json!({"pods": p})
+        };
+        let mut spec = json!({
+            "tier": rng.pick(&["Admin", "Baseline"]),
+            "priority": rng.pick(&[0, 10, 10, 20, 1000]),
+            "subject": subject,
+        });
+        for (dir, peers_key) in [("ingress", "from"), ("egress", "to")] {
+            if rng.chance(0.3) {
+                continue;
+            }
+            let mut rules = Vec::new();
+            for _ in 0..rng.range(1, 3) {
+                let peers: Vec<Value> = (0..rng.range(1, 2))
+                    .map(|_| self.tier_peer(rng, dir == "egress"))
+                    .collect();
+                let named = !peers
+                    .iter()
+                    .any(|q| q.get("networks").or(q.get("nodes")).is_some());
+                let mut rule = json!({
+                    "action": rng.pick(&["Accept", "Deny", "Pass"]),
+                    peers_key: peers,
+                });
+                if let Some(p) = self.tier_ports(rng, named) {
+                    rule["protocols"] = p;
+                }
+                rules.push(rule);
+            }
+            spec[dir] = Value::Array(rules);
+        }
+        let mut metadata = json!({"name": format!("cnp{i}")});
+        if rng.chance(0.15) {
+            metadata["annotations"] = json!({"palisade.io/audit": "true"});
+        }
+        let v = json!({
+            "apiVersion": "policy.networking.k8s.io/v1alpha2",
+            "kind": "ClusterNetworkPolicy",
+            "metadata": metadata,
+            "spec": spec,
+        });
+        Object::ClusterNetworkPolicy(Box::new(
+            serde_json::from_value(v).expect("generated cluster policy decodes"),
+        ))
     }
 
     fn policy(&self, rng: &mut Rng, i: usize) -> Object {

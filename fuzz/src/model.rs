@@ -13,6 +13,10 @@ use palisade_common::{
     AF_INET, AF_INET6, DIR_EGRESS, DIR_INGRESS, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
     PROTO_UDP,
 };
+use palisade_policy::cnp::ClusterNetworkPolicy;
+use palisade_policy::cnp::reference::{
+    self as tiers, DecidedBy, NpVerdict, Packet, PeerFacts, PodFacts,
+};
 use palisade_policy::model::Store;
 use palisade_policy::reference::{self, Endpoint};
 use palisade_policy::state::{Direction, PodRef};
@@ -603,6 +607,11 @@ fn sentinel(family: u8) -> IpAddr {
 /// Audit policies (`palisade.io/audit: "true"`, ARCHITECTURE.md "Audit mode"): where enforcing
 /// policies select the pod in a direction they alone decide; where only audit policies do, the
 /// direction is *audited*: their rules decide, and what they deny passes anyway.
+///
+/// ClusterNetworkPolicies (`palisade_policy::cnp::reference`, the plain reading of the tiers):
+/// the Admin tier, then NetworkPolicy if it isolates the pod, then the Baseline tier, then
+/// allow. Those in audit mode decide nothing. A tier Deny is never audited; where NetworkPolicy
+/// is audited only, its denial goes on to the Baseline tier, whose Deny drops.
 pub struct Policy<'a> {
     pub store: &'a Store,
     /// The store without its audit policies.
@@ -610,6 +619,8 @@ pub struct Policy<'a> {
     pub hosts: &'a [IpAddr],
     /// Address -> pod, for every pod address.
     pub owners: BTreeMap<IpAddr, PodRef>,
+    /// The ClusterNetworkPolicies in force (not in audit mode).
+    pub cluster: Vec<ClusterNetworkPolicy>,
 }
 
 /// A policy decision.
@@ -632,12 +643,72 @@ impl<'a> Policy<'a> {
         }
         let mut enforcing = store.clone();
         enforcing.policies.retain(|_, p| !p.audit);
+        let cluster = store
+            .cluster_policies
+            .values()
+            .filter(|p| !p.audit)
+            .cloned()
+            .collect();
         Policy {
             store,
             enforcing,
             hosts,
             owners,
+            cluster,
         }
+    }
+
+    /// Selected in `dir` by a ClusterNetworkPolicy in force that has rules in that direction.
+    pub fn tiered(&self, pod: &PodRef, dir: u8) -> bool {
+        let Some(info) = self.store.pods.get(pod) else {
+            return false;
+        };
+        let ns = self.store.namespace_labels(&pod.namespace);
+        let facts = PodFacts::new(&ns, info);
+        let dir = Direction::from_u8(dir);
+        self.cluster
+            .iter()
+            .any(|p| !p.rules(dir).is_empty() && tiers::selects(&p.subject, &facts))
+    }
+
+    /// The tiers' verdict for the pod in `dir`, given NetworkPolicy's.
+    #[allow(clippy::too_many_arguments)]
+    fn tier_verdict(
+        &self,
+        pod: &PodRef,
+        dir: u8,
+        np: NpVerdict,
+        peer: IpAddr,
+        proto: u8,
+        port: u16,
+    ) -> tiers::Verdict {
+        let info = &self.store.pods[pod];
+        let ns = self.store.namespace_labels(&pod.namespace);
+        let subject = PodFacts::new(&ns, info);
+        let owner = self.owners.get(&peer);
+        let owner_ns = owner.map(|o| self.store.namespace_labels(&o.namespace));
+        let peer_pod = owner
+            .zip(owner_ns.as_deref())
+            .map(|(o, l)| PodFacts::new(l, &self.store.pods[o]));
+        let node_labels = self
+            .store
+            .nodes
+            .values()
+            .find(|n| n.addresses.contains(&peer))
+            .map(|n| &n.labels);
+        let facts = PeerFacts {
+            pod: peer_pod,
+            node_labels,
+            ..PeerFacts::address(peer)
+        };
+        tiers::verdict(
+            &self.cluster,
+            Direction::from_u8(dir),
+            np,
+            &subject,
+            &facts,
+            Packet { proto, port },
+        )
     }
 
     fn selected(store: &Store, pod: &PodRef, dir: u8) -> bool {
@@ -670,33 +741,60 @@ impl<'a> Policy<'a> {
             host: false,
             audited: false,
         };
-        if !self.isolated(pod, dir) {
+        let isolated = self.isolated(pod, dir);
+        let tiered = self.tiered(pod, dir);
+        if !isolated && !tiered {
             return d;
         }
         let peer = addr(family, peer);
-        if self.hosts.contains(&peer) {
-            d.host = true;
+        let host = self.hosts.contains(&peer);
+        if host && !tiered {
+            // Node traffic: untracked, unless tiers apply to the pod in either direction (the
+            // replies of what the node opens must then pass by conntrack).
+            d.host = !self.tiered(pod, DIR_INGRESS) && !self.tiered(pod, DIR_EGRESS);
             return d;
         }
-        let audited = self.audited(pod, dir);
-        let store = if audited { self.store } else { &self.enforcing };
-        let peer_ep = match self.owners.get(&peer) {
-            Some(p) => Endpoint::Pod {
-                pod: p.clone(),
-                ip: peer,
-            },
-            None => Endpoint::External(peer),
+        // NetworkPolicy's verdict (node traffic is allowed; flows with the node are tracked
+        // where tiers apply).
+        let audited = isolated && self.audited(pod, dir);
+        let np_allowed = host || !isolated || {
+            let store = if audited { self.store } else { &self.enforcing };
+            let peer_ep = match self.owners.get(&peer) {
+                Some(p) => Endpoint::Pod {
+                    pod: p.clone(),
+                    ip: peer,
+                },
+                None => Endpoint::External(peer),
+            };
+            let subject = Endpoint::Pod {
+                pod: pod.clone(),
+                ip: sentinel(family),
+            };
+            if dir == DIR_INGRESS {
+                reference::ingress_allowed(store, &peer_ep, &subject, proto, port)
+            } else {
+                reference::egress_allowed(store, &subject, &peer_ep, proto, port)
+            }
         };
-        let subject = Endpoint::Pod {
-            pod: pod.clone(),
-            ip: sentinel(family),
+        if !tiered {
+            d.allowed = np_allowed;
+            d.audited = !d.allowed && audited;
+            return d;
+        }
+        let np = match (isolated, np_allowed) {
+            (false, _) => NpVerdict::NotIsolated,
+            (true, true) => NpVerdict::Allowed,
+            (true, false) => NpVerdict::Denied,
         };
-        d.allowed = if dir == DIR_INGRESS {
-            reference::ingress_allowed(store, &peer_ep, &subject, proto, port)
-        } else {
-            reference::egress_allowed(store, &subject, &peer_ep, proto, port)
-        };
-        d.audited = !d.allowed && audited;
+        let v = self.tier_verdict(pod, dir, np, peer, proto, port);
+        d.allowed = v.allowed;
+        if !v.allowed && audited && v.decided_by == DecidedBy::NetworkPolicy {
+            // NetworkPolicy's denial is audited only: the Baseline tier may still drop for
+            // real; otherwise the packet passes as "would drop".
+            let b = self.tier_verdict(pod, dir, NpVerdict::NotIsolated, peer, proto, port);
+            let baseline_denies = !b.allowed && matches!(b.decided_by, DecidedBy::Rule(_));
+            d.audited = !baseline_denies;
+        }
         d
     }
 }

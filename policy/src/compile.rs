@@ -26,14 +26,17 @@ use std::rc::Rc;
 
 use ipnetwork::IpNetwork;
 use palisade_common::{
-    CIDR_CLASS_BIT, CIDR_CLASS_NONE, CidrKey, EP_TIERED, EndpointInfo, IDENTITY_FIRST_POD,
-    IDENTITY_HOST, POLICY_FLAG_AUDIT, POLICY_KEY_ANY_PORT_BITS, POLICY_KEY_ANY_PROTO_BITS,
-    POLICY_KEY_FULL_BITS, PeerAddr, PolicyKey, PolicyValue, TIER_ACTION_ACCEPT, TIER_ACTION_DENY,
-    TIER_ACTION_PASS, TierMatch, audit_flag, isolated_flag, tiered_flag,
+    CIDR_CLASS_BIT, CIDR_CLASS_NONE, CidrKey, DIR_AUDIT_VIEW, EP_TIERED, EndpointInfo,
+    IDENTITY_FIRST_POD, IDENTITY_HOST, POLICY_FLAG_AUDIT, POLICY_KEY_ANY_PORT_BITS,
+    POLICY_KEY_ANY_PROTO_BITS, POLICY_KEY_FULL_BITS, PeerAddr, PolicyKey, PolicyValue,
+    TIER_ACTION_ACCEPT, TIER_ACTION_DENY, TIER_ACTION_PASS, TierMatch, audit_flag, isolated_flag,
+    tier_audit_flag, tiered_flag,
 };
 use serde::Serialize;
 
-use crate::cnp::{Action, ClusterNetworkPolicy, Subject, Tier, TierPeer, TierPort, TierRule};
+use crate::model::cluster::{
+    Action, ClusterNetworkPolicy, NodeInfo, Subject, Tier, TierPeer, TierPort, TierRule,
+};
 use crate::model::{NamedPort, Peer, Policy, PortMatch, PortSpec, Protocol, Store};
 use crate::state::{
     CidrEntry, DesiredState, Direction, EndpointMeta, PodRef, PolicyEntry, RuleRef, TierRuleInfo,
@@ -584,16 +587,20 @@ impl Compiler {
         let mut eps: Vec<&LocalEndpoint> = endpoints.iter().collect();
         eps.sort_by(|a, b| (a.ifindex, &a.pod).cmp(&(b.ifindex, &b.pod)));
         // ClusterNetworkPolicies in precedence order (tier, priority, name); a rule's rank is
-        // its policy's position there, then its index. Audit ones are not enforced (see
-        // `ClusterNetworkPolicy::audit`).
-        let mut cluster: Vec<(usize, &ClusterNetworkPolicy)> = Vec::new();
-        let mut sorted: Vec<&ClusterNetworkPolicy> = store
-            .cluster_policies
-            .values()
-            .filter(|p| !p.audit && !self.audit_all)
-            .collect();
+        // its policy's position there, then its index. Those in audit mode are not enforced:
+        // `cluster` leaves them out, `with_audited` (the audit view's order) has them.
+        let audited = |p: &ClusterNetworkPolicy| p.audit || self.audit_all;
+        let mut sorted: Vec<&ClusterNetworkPolicy> = store.cluster_policies.values().collect();
         sorted.sort_by(|a, b| a.precedence_key().cmp(&b.precedence_key()));
-        cluster.extend(sorted.into_iter().enumerate());
+        let with_audited: Vec<(usize, &ClusterNetworkPolicy)> =
+            sorted.iter().copied().enumerate().collect();
+        let cluster: Vec<(usize, &ClusterNetworkPolicy)> = sorted
+            .iter()
+            .copied()
+            .filter(|p| !audited(p))
+            .enumerate()
+            .collect();
+        let any_audited = cluster.len() < with_audited.len();
         let mut ctx = Ctx {
             index: &index,
             nodes: &store.nodes,
@@ -629,7 +636,19 @@ impl Compiler {
                     .copied()
                     .collect();
                 let tier_rules = self.tier_rules(&mut ctx, &cluster, dir, &ns_labels, &pod.labels);
-                if selecting.is_empty() && tier_rules.is_empty() {
+                // The audit view: the tier rules as if the audited policies were enforced.
+                let audit_view = if any_audited {
+                    let all =
+                        self.tier_rules(&mut ctx, &with_audited, dir, &ns_labels, &pod.labels);
+                    let differs = all
+                        .iter()
+                        .map(|t| t.matched.rule)
+                        .ne(tier_rules.iter().map(|t| t.matched.rule));
+                    differs.then_some(all)
+                } else {
+                    None
+                };
+                if selecting.is_empty() && tier_rules.is_empty() && audit_view.is_none() {
                     continue;
                 }
                 if !tier_rules.is_empty() {
@@ -674,6 +693,33 @@ impl Compiler {
                     );
                     if audited {
                         mark_audit(&mut out.policy, id, dir);
+                    }
+                }
+                if let Some(all) = audit_view {
+                    flags |= tier_audit_flag(dir.as_u8());
+                    if !done.contains(&id) {
+                        let mut view = DesiredState::default();
+                        self.compile_direction(
+                            &mut ctx,
+                            id,
+                            dir,
+                            &pod.container_ports,
+                            &selecting,
+                            &all,
+                            &mut view,
+                        );
+                        if audited {
+                            mark_audit(&mut view.policy, id, dir);
+                        }
+                        flatten_ports(&mut view.policy, id);
+                        for (mut e, v) in view.policy {
+                            e.key.dir |= DIR_AUDIT_VIEW;
+                            out.policy.insert(e, v);
+                        }
+                        for (mut e, class) in view.cidrs {
+                            e.key.dir |= DIR_AUDIT_VIEW;
+                            out.cidrs.insert(e, class);
+                        }
                     }
                 }
             }
@@ -883,7 +929,7 @@ impl Compiler {
                 continue;
             }
             for rule in rules {
-                let key = (pos, dir, rule.index);
+                let key = (policy.name.clone(), dir, rule.index);
                 let id = match ctx.tier_rule_ids.get(&key) {
                     Some(id) => *id,
                     None => {
@@ -1289,7 +1335,7 @@ impl Compiler {
 /// Rules per direction of one ClusterNetworkPolicy, at most (`cnp::MAX_RULES`): a rule's rank
 /// is its policy's position times this, plus its index.
 const RULES_PER_RANK: u32 = 32;
-const _: () = assert!(crate::cnp::MAX_RULES as u32 <= RULES_PER_RANK);
+const _: () = assert!(crate::model::cluster::MAX_RULES as u32 <= RULES_PER_RANK);
 
 /// A ClusterNetworkPolicy rule that applies to an endpoint in one direction.
 struct CompiledTierRule<'p> {
@@ -1318,7 +1364,7 @@ fn selects(
 /// Per-compile caches.
 struct Ctx<'i, 's> {
     index: &'i Index<'s>,
-    nodes: &'s BTreeMap<String, crate::cnp::NodeInfo>,
+    nodes: &'s BTreeMap<String, NodeInfo>,
     /// (policy, direction, rule, peer) -> selected identities.
     selections: HashMap<(usize, Direction, usize, usize), Rc<Vec<usize>>>,
     /// The same by the peer's content: (the policy's namespace when the peer has no namespace
@@ -1326,8 +1372,8 @@ struct Ctx<'i, 's> {
     by_content: HashMap<SelectionKey, Rc<Vec<usize>>>,
     /// (policy, direction, rule) -> rule id.
     rule_ids: HashMap<(usize, Direction, usize), u32>,
-    /// (ClusterNetworkPolicy position, direction, rule) -> rule id.
-    tier_rule_ids: HashMap<(usize, Direction, usize), u32>,
+    /// (ClusterNetworkPolicy, direction, rule) -> rule id.
+    tier_rule_ids: HashMap<(String, Direction, usize), u32>,
     rule_refs: HashMap<u32, RuleRef>,
 }
 

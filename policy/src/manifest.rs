@@ -142,7 +142,7 @@ fn decode(
     let want_version = match kind.as_str() {
         "Namespace" | "Pod" | "List" => "v1",
         "NetworkPolicy" => "networking.k8s.io/v1",
-        "ClusterNetworkPolicy" => crate::cnp::raw::API_VERSION,
+        "ClusterNetworkPolicy" => crate::model::cluster::raw::API_VERSION,
         "Node" => "v1",
         "Service" => "v1",
         "EndpointSlice" => "discovery.k8s.io/v1",

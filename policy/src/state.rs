@@ -11,8 +11,6 @@ use palisade_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::cnp::{Action, Tier};
-
 /// A pod, by namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PodRef {
@@ -59,6 +57,34 @@ impl fmt::Display for Direction {
             Direction::Ingress => "ingress",
             Direction::Egress => "egress",
         })
+    }
+}
+
+/// A policy's tier. Admin is evaluated before NetworkPolicy, Baseline after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Tier {
+    Admin,
+    Baseline,
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// What a matching rule does: `Accept` and `Deny` decide the direction, `Pass` skips the rest of
+/// the tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Action {
+    Accept,
+    Deny,
+    Pass,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
     }
 }
 

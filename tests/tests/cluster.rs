@@ -1,6 +1,7 @@
 //! Running in a cluster, on the netns rig: Services through a kube-proxy-like DNAT, the chained
 //! CNI plugin enforcing from a pod's first packet, the agent in cluster mode (against a fake API
-//! server) killed and restarted while probes run, and program upgrades swapped into live links.
+//! server) killed and restarted while probes run, Nodes and ClusterNetworkPolicies from the API
+//! (without their CRD first, then enforced), and program upgrades swapped into live links.
 //! Needs root; under CI=true that is a failure, not a skip.
 mod support;
 
@@ -14,8 +15,10 @@ use palisade_tests::{
     agent::{AgentProcess, Bpffs, WorkDir, agent_binary},
     rig::{Node, ProbeSpec, Proto, probe_expecting, probe_many, require_root},
 };
-use support::cluster::{ClusterAgent, FakeApi, endpoint_entry, namespace, pod_yaml, run_cni};
-use support::{demo_node, demo_pod as pod, nft};
+use support::cluster::{
+    ClusterAgent, FakeApi, endpoint_entry, namespace, node_yaml, pod_yaml, run_cni,
+};
+use support::{B_POLICY, demo_node, demo_pod as pod, nft};
 
 const TIMEOUT: Duration = Duration::from_millis(700);
 
@@ -706,6 +709,160 @@ fn cluster_mode_survives_kill_and_restart() {
     assert_eq!(agent.probe_health(&node, "/readyz"), Some(200));
     let st = agent.status().expect("status");
     assert!(st.errors.is_empty(), "{:?}", st.errors);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster mode: Nodes and ClusterNetworkPolicies
+// ---------------------------------------------------------------------------------------------
+
+/// A ClusterNetworkPolicy (Admin tier) whose one ingress rule for b has action `action` and
+/// admits or denies the pods `from` (app labels).
+fn b_from(action: &str, from: &[&str]) -> String {
+    format!(
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: b-from}}\n\
+         spec:\n  tier: Admin\n  priority: 10\n\
+         \x20 subject: {{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: b}}}}}}}}\n\
+         \x20 ingress:\n\
+         \x20   - name: from-pods\n\
+         \x20     action: {action}\n\
+         \x20     from: [{{pods: {{namespaceSelector: {{}}, podSelector: {{matchExpressions: [{{key: app, operator: In, values: {from:?}}}]}}}}}}]\n\
+         \x20     protocols: [{{tcp: {{destinationPort: {{number: 80}}}}}}]\n"
+    )
+}
+
+/// Waits until `ok` holds, failing after `timeout` with `what` and the agent's log.
+fn wait_for(agent: &ClusterAgent, timeout: Duration, what: &str, ok: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; log:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn cluster_mode_without_the_cnp_crd_enforces_network_policy_and_picks_the_crd_up_later() {
+    if !require_root() {
+        return;
+    }
+    let node = demo_node(&["a", "b", "c"], false);
+    let work = WorkDir::new("cnp-crd");
+    let api = FakeApi::start(&node).expect("fake API server");
+    api.set_installed("ClusterNetworkPolicy", false);
+    let kubeconfig = work.path().join("kubeconfig");
+    api.kubeconfig(&kubeconfig).unwrap();
+    api.apply(&namespace("demo"));
+    api.apply(&node_yaml("node-1", "10.243.0.1"));
+    for name in ["a", "b", "c"] {
+        api.apply(&pod_yaml(pod(&node, name), "node-1", true));
+    }
+    api.apply(B_POLICY);
+    let since = SystemTime::now();
+    let bin = agent_binary();
+    let mut agent = ClusterAgent::start(&node, &bin, &kubeconfig, work.path()).expect("agent");
+    let st = agent
+        .wait(since, Duration::from_secs(60), |s| s.endpoints == 3)
+        .expect("NetworkPolicy is enforced without the CRD");
+    assert!(st.errors.is_empty(), "{:?}", st.errors);
+    assert_eq!(agent.probe_health(&node, "/readyz"), Some(200));
+    let ip = |n: &str| pod(&node, n).ip(false);
+    let expect = [
+        ("a", ip("b"), 80, Proto::Tcp, true),
+        ("c", ip("b"), 80, Proto::Tcp, false),
+        ("c", ip("a"), 80, Proto::Tcp, true),
+    ];
+    assert_eq!(probe_all(&node, &expect), [true, false, true], "b-ingress");
+
+    // The agent tries again with backoff, and says nothing more about it.
+    wait_for(&agent, Duration::from_secs(30), "two more tries", || {
+        api.requests("list clusternetworkpolicies") >= 3
+    });
+    let not_installed =
+        "ClusterNetworkPolicy CRD (policy.networking.k8s.io/v1alpha2) not installed";
+    assert!(palisade::source::kube::CNP_NOT_INSTALLED.starts_with(not_installed));
+    let log = agent.log_text();
+    assert_eq!(log.matches(not_installed).count(), 1, "one message:\n{log}");
+    assert!(!log.contains("watch failed"), "no failing watch:\n{log}");
+    assert!(agent.status().unwrap().errors.is_empty());
+    assert_eq!(agent.probe_health(&node, "/readyz"), Some(200));
+
+    // Nodes are watched: one whose address is none is reported, naming the field.
+    let since = SystemTime::now();
+    api.apply(&node_yaml("node-9", "10.243.0.300"));
+    let st = agent
+        .wait(since, Duration::from_secs(30), |s| !s.errors.is_empty())
+        .expect("the node's error");
+    assert_eq!(
+        st.errors,
+        ["Node node-9: status.addresses[0].address: \"10.243.0.300\" is not an IP address"]
+    );
+    let since = SystemTime::now();
+    api.delete("Node", "", "node-9");
+    agent
+        .wait(since, Duration::from_secs(30), |s| s.errors.is_empty())
+        .expect("the error goes with the node");
+
+    // The CRD is installed, and a policy admitting c to b (which b-ingress does not): the next
+    // try lists it, and it is enforced.
+    api.set_installed("ClusterNetworkPolicy", true);
+    api.apply(&b_from("Accept", &["c"]));
+    let installed = palisade::source::kube::CNP_INSTALLED;
+    wait_for(&agent, Duration::from_secs(60), "the CRD noticed", || {
+        agent.log_text().contains(installed)
+    });
+    wait_for(&agent, Duration::from_secs(30), "c admitted to b", || {
+        probe_all(&node, &[("c", ip("b"), 80, Proto::Tcp, true)]) == [true]
+    });
+    assert_eq!(
+        probe_all(&node, &expect),
+        [true, true, true],
+        "b-from (Admin) admits c"
+    );
+    // An invalid update: reported, naming the object and the field; the last good version
+    // stays in force.
+    let since = SystemTime::now();
+    api.apply(&b_from("Drop", &["c"]));
+    let st = agent
+        .wait(since, Duration::from_secs(30), |s| !s.errors.is_empty())
+        .expect("the policy's error");
+    assert_eq!(
+        st.errors,
+        [
+            "ClusterNetworkPolicy b-from: spec.ingress[0].action: unsupported value \"Drop\" \
+             (want Accept, Deny or Pass)"
+        ]
+    );
+    assert_eq!(
+        probe_all(&node, &expect),
+        [true, true, true],
+        "the last good b-from"
+    );
+    // A valid update: denies a and c, whatever b-ingress admits.
+    let since = SystemTime::now();
+    api.apply(&b_from("Deny", &["a", "c"]));
+    agent
+        .wait(since, Duration::from_secs(30), |s| s.errors.is_empty())
+        .expect("fixed");
+    assert_eq!(
+        probe_all(
+            &node,
+            &[
+                ("a", ip("b"), 80, Proto::Tcp, false),
+                ("c", ip("b"), 80, Proto::Tcp, false),
+                ("c", ip("a"), 80, Proto::Tcp, true),
+            ]
+        ),
+        [false, false, true],
+        "b-from (Admin) denies a and c"
+    );
+    assert_eq!(agent.probe_health(&node, "/readyz"), Some(200));
+    let log = agent.log_text();
+    assert_eq!(log.matches(not_installed).count(), 1, "{log}");
+    assert_eq!(log.matches(installed).count(), 1, "{log}");
+    assert!(!log.contains("watch failed"), "{log}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ pub fn policy(socket: &Path, a: &PolicyArgs) -> Result<()> {
 
 fn direction_text(dir: Direction, d: &DirectionPolicy, out: &mut String) {
     let name = dir.to_string();
-    if !d.isolated {
+    if !d.isolated && !d.tiered {
         out.push_str(&format!(
             "{name}: not isolated (no policy selects the pod for {name}): everything allowed\n"
         ));
@@ -52,56 +52,30 @@ fn direction_text(dir: Direction, d: &DirectionPolicy, out: &mut String) {
         } else {
             ""
         };
-        out.push_str(&format!(
-            "{name}: isolated by {}{mode}\n",
-            d.policies.join(", ")
-        ));
-        if d.rules.is_empty() {
-            out.push_str(
-                "  nothing allowed (replies of connections allowed in the other direction pass)\n",
-            );
+        if d.isolated {
+            out.push_str(&format!(
+                "{name}: isolated by {}{mode}\n",
+                d.policies.join(", ")
+            ));
         } else {
-            let peer_word = if dir == Direction::Ingress {
-                "FROM"
-            } else {
-                "TO"
-            };
-            let cells: Vec<[String; 4]> = d
-                .rules
-                .iter()
-                .map(|r| {
-                    [
-                        format!(
-                            "{}{}",
-                            r.rule.policy_id(),
-                            if r.rule.audit { " (audit)" } else { "" }
-                        ),
-                        format!("{}[{}]", r.rule.direction, r.rule.index),
-                        r.peer.text(),
-                        r.ports_text(),
-                    ]
-                })
-                .collect();
-            let header = [
-                "POLICY".to_string(),
-                "RULE".to_string(),
-                peer_word.to_string(),
-                "PORTS".to_string(),
-            ];
-            let mut widths = [0usize; 4];
-            for c in cells.iter().chain([&header]) {
-                for (i, w) in widths.iter_mut().enumerate() {
-                    *w = (*w).max(c[i].len());
-                }
+            out.push_str(&format!(
+                "{name}: no NetworkPolicy isolates the pod (after the Admin tier, the Baseline tier decides, else allowed)\n"
+            ));
+        }
+        if d.tiered {
+            out.push_str(&format!(
+                "  ClusterNetworkPolicies: {}\n",
+                d.cluster_policies.join(", ")
+            ));
+        }
+        if d.rules.is_empty() {
+            if d.isolated {
+                out.push_str(
+                    "  nothing allowed (replies of connections allowed in the other direction pass)\n",
+                );
             }
-            out.push_str("  ");
-            out.push_str(&row(&header, &widths));
-            out.push('\n');
-            for c in &cells {
-                out.push_str("  ");
-                out.push_str(&row(c, &widths));
-                out.push('\n');
-            }
+        } else {
+            rules_table(dir, d, out);
         }
     }
     if !d.audit_ignored.is_empty() {
@@ -109,6 +83,72 @@ fn direction_text(dir: Direction, d: &DirectionPolicy, out: &mut String) {
             "  audit policies not in force for {name} (enforcing policies isolate the pod): {}\n",
             d.audit_ignored.join(", ")
         ));
+    }
+}
+
+/// The rule rows; with an ACTION column (Admin and Baseline rules: Accept, Deny, Pass;
+/// NetworkPolicy rules: allow) where ClusterNetworkPolicies select the pod.
+fn rules_table(dir: Direction, d: &DirectionPolicy, out: &mut String) {
+    let peer_word = if dir == Direction::Ingress {
+        "FROM"
+    } else {
+        "TO"
+    };
+    let cells: Vec<Vec<String>> = d
+        .rules
+        .iter()
+        .map(|r| {
+            let (policy, rule, action) = match &r.rule.tier {
+                Some(t) => (
+                    format!("{} ({} {})", r.rule.policy, t.tier, t.priority),
+                    match &t.name {
+                        Some(n) => format!("{}[{}] '{n}'", r.rule.direction, r.rule.index),
+                        None => format!("{}[{}]", r.rule.direction, r.rule.index),
+                    },
+                    if t.fails_closed {
+                        format!("{} (fails closed)", t.action)
+                    } else {
+                        t.action.to_string()
+                    },
+                ),
+                None => (
+                    format!(
+                        "{}{}",
+                        r.rule.policy_id(),
+                        if r.rule.audit { " (audit)" } else { "" }
+                    ),
+                    format!("{}[{}]", r.rule.direction, r.rule.index),
+                    "allow".to_string(),
+                ),
+            };
+            let mut c = vec![policy, rule];
+            if d.tiered {
+                c.push(action);
+            }
+            c.push(r.peer.text());
+            c.push(r.ports_text());
+            c
+        })
+        .collect();
+    let mut header = vec!["POLICY".to_string(), "RULE".to_string()];
+    if d.tiered {
+        header.push("ACTION".to_string());
+    }
+    header.push(peer_word.to_string());
+    header.push("PORTS".to_string());
+    let mut widths = vec![0usize; header.len()];
+    for c in cells.iter().chain([&header]) {
+        for (i, w) in widths.iter_mut().enumerate() {
+            *w = (*w).max(c[i].len());
+        }
+    }
+    out.push_str("  ");
+    out.push_str(&row(&header, &widths));
+    out.push('\n');
+    for c in &cells {
+        out.push_str("  ");
+        out.push_str(&row(c, &widths));
+        out.push('\n');
     }
 }
 

@@ -86,12 +86,22 @@ pub fn stats_text(r: &StatsReport) -> String {
         s.push_str("(no policy rules in force)\n");
     }
     for p in &r.policies {
-        let name = format!("{}{}", p.policy, if p.audit { " (audit)" } else { "" });
+        let name = match (&p.tier, p.priority) {
+            (Some(t), Some(prio)) => format!("ClusterNetworkPolicy {} ({t} {prio})", p.policy),
+            _ => format!("{}{}", p.policy, if p.audit { " (audit)" } else { "" }),
+        };
         s.push_str(&format!("{name:<44} {:>10} {:>12}\n", p.packets, p.bytes));
         for rule in &p.rules {
+            let mut label = rule.rule.clone();
+            if let Some(n) = &rule.name {
+                label.push_str(&format!(" '{n}'"));
+            }
+            if let Some(a) = &rule.action {
+                label.push_str(&format!(" {a}"));
+            }
             s.push_str(&format!(
                 "  {:<42} {:>10} {:>12}\n",
-                rule.rule, rule.packets, rule.bytes
+                label, rule.packets, rule.bytes
             ));
         }
     }

@@ -21,6 +21,8 @@ use palisade_policy::{
     state::{DesiredState, Direction, EndpointMeta, PodRef, RuleRef, TierRuleInfo},
 };
 
+#[cfg(test)]
+mod cnp_tests;
 mod names;
 mod output;
 mod snapshot;
@@ -124,10 +126,16 @@ impl StateFile {
             .iter()
             .map(|(id, r)| {
                 let audit = audit_all
-                    || store
-                        .policies
-                        .get(&(r.namespace.clone(), r.policy.clone()))
-                        .is_some_and(|p| p.audit);
+                    || match r.tier {
+                        Some(_) => store
+                            .cluster_policies
+                            .get(&r.policy)
+                            .is_some_and(|p| p.audit),
+                        None => store
+                            .policies
+                            .get(&(r.namespace.clone(), r.policy.clone()))
+                            .is_some_and(|p| p.audit),
+                    };
                 let slot = applied.rule_slots.get(id).copied().unwrap_or(0);
                 (*id, rule_info(*id, r, audit, slot))
             })

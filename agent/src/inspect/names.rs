@@ -47,11 +47,13 @@ pub fn reason_name(reason: Option<Reason>, no_allows: bool) -> &'static str {
     }
 }
 
-/// Which (endpoint, direction) have at least one allow entry.
+/// Which (endpoint, direction) have at least one NetworkPolicy allow entry (entries that only
+/// carry ClusterNetworkPolicy tier answers do not count: "default-deny" is NetworkPolicy's).
 pub fn endpoints_with_allows(state: &DesiredState) -> BTreeSet<(u32, u8)> {
     state
         .policy
-        .keys()
-        .map(|e| (e.key.endpoint, e.key.dir))
+        .iter()
+        .filter(|(_, v)| v.rule != 0)
+        .map(|(e, _)| (e.key.endpoint, e.key.dir))
         .collect()
 }

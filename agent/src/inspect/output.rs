@@ -62,12 +62,21 @@ pub struct PodPolicy {
 pub struct DirectionPolicy {
     /// Traffic needs an allow entry (otherwise everything is allowed).
     pub isolated: bool,
+    /// ClusterNetworkPolicies select the pod in this direction: their tiers are consulted.
+    #[serde(default)]
+    pub tiered: bool,
     /// Denials are "would drop" (only audit policies select the pod in this direction).
     pub audit: bool,
     /// Policies in force.
     pub policies: Vec<String>,
     /// Audit policies selecting the pod that are not in force (enforcing ones are).
     pub audit_ignored: Vec<String>,
+    /// ClusterNetworkPolicies whose subject selects the pod and that have rules in this
+    /// direction, in precedence order (Admin by priority, then Baseline).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_policies: Vec<String>,
+    /// NetworkPolicy allows, and the ClusterNetworkPolicy rules that are the first match of
+    /// their tier for some peer and port (Admin rules first, then NetworkPolicy, then Baseline).
     pub rules: Vec<RuleRow>,
 }
 
@@ -228,8 +237,19 @@ pub struct Step {
     pub direction: Direction,
     pub verdict: VerdictKind,
     pub reason: String,
-    /// The rule that allowed the flow.
+    /// The rule that decided: the NetworkPolicy rule that allowed the flow, or the
+    /// ClusterNetworkPolicy rule that accepted or denied it.
     pub rule: Option<RuleInfo>,
+    /// The Admin tier's first matching rule (a Pass shows here: evaluation went on), where the
+    /// direction is subject to ClusterNetworkPolicies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<RuleInfo>,
+    /// The Baseline tier's first matching rule, where evaluation reached the Baseline tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<RuleInfo>,
+    /// The ClusterNetworkPolicies selecting the pod in this direction.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_policies: Vec<String>,
     /// The policies in force for the pod in this direction.
     pub policies: Vec<String>,
     pub audit: bool,

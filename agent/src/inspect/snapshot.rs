@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use palisade_common::{
     CIDR_CLASS_BIT, CIDR_CLASS_NONE, EP_PENDING, EndpointInfo, IDENTITY_HOST, IDENTITY_NONE,
     POLICY_FLAG_AUDIT, POLICY_KEY_ANY_PORT_BITS, POLICY_KEY_FULL_BITS, PeerAddr, PolicyValue,
-    audit_flag, ip_of, isolated_flag,
+    TIER_ACTION_ACCEPT, TIER_ACTION_DENY, TierMatch, audit_flag, ip_of, isolated_flag, tiered_flag,
 };
 
 use super::{
@@ -18,6 +18,7 @@ use super::{
     read_pinned_maps, reason_name, state_path,
 };
 use palisade_policy::{
+    cnp::Tier,
     datapath_model::{self, ModelReason},
     state::{CidrEntry, DesiredState, Direction, EndpointMeta, PolicyEntry},
 };
@@ -123,15 +124,25 @@ impl Snapshot {
         };
         let dir_policy = |dir: Direction| {
             let d = dir.as_u8();
-            let (policies, ignored) = match dir {
-                Direction::Ingress => (&meta.ingress_policies, &meta.ingress_audit_ignored),
-                Direction::Egress => (&meta.egress_policies, &meta.egress_audit_ignored),
+            let (policies, ignored, cluster) = match dir {
+                Direction::Ingress => (
+                    &meta.ingress_policies,
+                    &meta.ingress_audit_ignored,
+                    &meta.ingress_cluster_policies,
+                ),
+                Direction::Egress => (
+                    &meta.egress_policies,
+                    &meta.egress_audit_ignored,
+                    &meta.egress_cluster_policies,
+                ),
             };
             DirectionPolicy {
                 isolated: info.flags & isolated_flag(d) != 0,
+                tiered: info.flags & tiered_flag(d) != 0,
                 audit: info.flags & audit_flag(d) != 0,
                 policies: policies.clone(),
                 audit_ignored: ignored.clone(),
+                cluster_policies: cluster.clone(),
                 rules: self.rule_rows(info.id, dir),
             }
         };
@@ -168,11 +179,26 @@ impl Snapshot {
             .map(|(e, v)| (*e, *v))
             .collect();
         let cidrs = self.cidr_entries(endpoint, d);
+        // An entry's rules: the NetworkPolicy rule that allows it (with its audit flag) and
+        // each tier's first matching rule (ClusterNetworkPolicies are never audited).
+        let rules_of = |v: &PolicyValue| {
+            let tier = |m: TierMatch| (m.rule != 0).then_some((m.rule, false));
+            [
+                (v.rule != 0).then_some((v.rule, v.flags & POLICY_FLAG_AUDIT != 0)),
+                tier(v.admin),
+                tier(v.baseline),
+            ]
+            .into_iter()
+            .flatten()
+        };
         // Class -> the rules that have entries for it.
         let mut class_rules: HashMap<u32, BTreeSet<u32>> = HashMap::new();
         for (e, v) in &entries {
             if e.key.peer & CIDR_CLASS_BIT != 0 {
-                class_rules.entry(e.key.peer).or_default().insert(v.rule);
+                class_rules
+                    .entry(e.key.peer)
+                    .or_default()
+                    .extend(rules_of(v).map(|(r, _)| r));
             }
         }
         // (rule, audit flag, proto, pods?) -> (port blocks, peers)
@@ -182,20 +208,16 @@ impl Snapshot {
         for (e, v) in &entries {
             let is_class = e.key.peer & CIDR_CLASS_BIT != 0;
             let range = port_range(e);
-            let g = groups
-                .entry((
-                    v.rule,
-                    v.flags & POLICY_FLAG_AUDIT != 0,
-                    if e.prefix_len >= POLICY_KEY_ANY_PORT_BITS {
-                        e.key.proto
-                    } else {
-                        0
-                    },
-                    !is_class,
-                ))
-                .or_default();
-            g.0.push(range);
-            g.1.insert(e.key.peer);
+            let proto = if e.prefix_len >= POLICY_KEY_ANY_PORT_BITS {
+                e.key.proto
+            } else {
+                0
+            };
+            for (rule, audit) in rules_of(v) {
+                let g = groups.entry((rule, audit, proto, !is_class)).or_default();
+                g.0.push(range);
+                g.1.insert(e.key.peer);
+            }
         }
         let mut rows = Vec::new();
         for ((rule, audit_flag, proto, pods), (mut ranges, peers)) in groups {
@@ -256,12 +278,25 @@ impl Snapshot {
                 },
             });
         }
+        // In evaluation order: Admin (by priority), NetworkPolicy, Baseline (by priority).
+        let order = |r: &RuleInfo| match &r.tier {
+            Some(t) if t.tier == Tier::Admin => (0, t.priority),
+            None => (1, 0),
+            Some(t) => (2, t.priority),
+        };
         rows.sort_by(|a, b| {
-            (a.rule.policy_id(), a.rule.index, &a.protocol).cmp(&(
-                b.rule.policy_id(),
-                b.rule.index,
-                &b.protocol,
-            ))
+            (
+                order(&a.rule),
+                a.rule.policy_id(),
+                a.rule.index,
+                &a.protocol,
+            )
+                .cmp(&(
+                    order(&b.rule),
+                    b.rule.policy_id(),
+                    b.rule.index,
+                    &b.protocol,
+                ))
         });
         rows
     }
@@ -365,15 +400,21 @@ impl Snapshot {
         let v = datapath_model::evaluate(&self.state, ifindex, dir, peer, local, proto, port);
         let d = dir.as_u8();
         let audit = info.flags & audit_flag(d) != 0;
+        let isolated = info.flags & isolated_flag(d) != 0;
+        let tiered = info.flags & tiered_flag(d) != 0;
         let meta = self.file.endpoints.get(&info.id);
-        let (policies, ignored) = match (meta, dir) {
-            (Some(m), Direction::Ingress) => {
-                (m.ingress_policies.clone(), m.ingress_audit_ignored.clone())
-            }
-            (Some(m), Direction::Egress) => {
-                (m.egress_policies.clone(), m.egress_audit_ignored.clone())
-            }
-            (None, _) => (Vec::new(), Vec::new()),
+        let (policies, ignored, cluster) = match (meta, dir) {
+            (Some(m), Direction::Ingress) => (
+                m.ingress_policies.clone(),
+                m.ingress_audit_ignored.clone(),
+                m.ingress_cluster_policies.clone(),
+            ),
+            (Some(m), Direction::Egress) => (
+                m.egress_policies.clone(),
+                m.egress_audit_ignored.clone(),
+                m.egress_cluster_policies.clone(),
+            ),
+            (None, _) => (Vec::new(), Vec::new(), Vec::new()),
         };
         let no_allows = !self.with_allows.contains(&(info.id, d));
         let verdict = if v.allowed {
@@ -388,6 +429,23 @@ impl Snapshot {
             r => reason_name(r.as_reason(), no_allows),
         };
         let rule = v.rule.and_then(|r| self.rule(r)).cloned();
+        let name_of = |m: TierMatch| {
+            self.rule(m.rule).map_or_else(
+                || format!("ClusterNetworkPolicy rule {}", m.rule),
+                RuleInfo::to_string,
+            )
+        };
+        // The tiers on the way: Admin first; Baseline only where evaluation reached it (no
+        // Admin Accept or Deny, and no NetworkPolicy isolating the pod, or only auditing).
+        let admin_decided = v
+            .admin
+            .is_some_and(|m| matches!(m.action, TIER_ACTION_ACCEPT | TIER_ACTION_DENY));
+        let admin_pass = v.admin.filter(|_| !admin_decided);
+        let baseline_decided = !admin_decided
+            && matches!(v.reason, ModelReason::TierAccept | ModelReason::TierDeny)
+            && v.baseline.is_some_and(|m| Some(m.rule) == v.rule);
+        let baseline_reached = tiered && !admin_decided && (!isolated || baseline_decided);
+        let baseline = v.baseline.filter(|_| baseline_reached);
         let peer_desc = self.peer_desc(peer);
         let what = format!(
             "{}{}",
@@ -403,18 +461,55 @@ impl Snapshot {
             Direction::Egress => ("egress", "to"),
         };
         let list = |v: &[String]| v.join(", ");
+        // Where evaluation went after an Admin Pass, or that no Admin rule matched.
+        let admin_clause = |next: &str| match admin_pass {
+            Some(m) => format!("after {}: evaluation went on to {next}", name_of(m)),
+            None => "no Admin rule matched".to_string(),
+        };
         let mut hints = Vec::new();
         let summary = match v.reason {
-            ModelReason::PolicyAllow => match &rule {
-                Some(r) => format!("allowed by {r}"),
-                None => format!("allowed by rule {}", v.rule.unwrap_or(0)),
-            },
+            ModelReason::PolicyAllow => {
+                let by = match &rule {
+                    Some(r) => format!("allowed by {r}"),
+                    None => format!("allowed by rule {}", v.rule.unwrap_or(0)),
+                };
+                match admin_pass {
+                    Some(_) => format!("{by} ({})", admin_clause("the NetworkPolicies")),
+                    None => by,
+                }
+            }
             ModelReason::TierAccept | ModelReason::TierDeny => {
                 let head = if v.allowed { "allowed" } else { "dropped" };
-                match &rule {
+                let by = match &rule {
                     Some(r) => format!("{head} by {r}"),
                     None => format!("{head} by rule {}", v.rule.unwrap_or(0)),
+                };
+                if admin_decided {
+                    format!(
+                        "{by} (Admin tier: NetworkPolicies and the Baseline tier are not consulted)"
+                    )
+                } else if isolated {
+                    format!(
+                        "{by} (Baseline tier: {}; {pod} is isolated for {towards} by {} only in audit mode)",
+                        admin_clause("the NetworkPolicies"),
+                        list(&policies)
+                    )
+                } else {
+                    format!(
+                        "{by} (Baseline tier: {}; no NetworkPolicy isolates {pod} for {towards})",
+                        admin_clause("the Baseline tier")
+                    )
                 }
+            }
+            ModelReason::NotIsolated if tiered => {
+                let baseline_part = match baseline {
+                    Some(m) => format!("{} passes to the default", name_of(m)),
+                    None => "no Baseline rule matched".to_string(),
+                };
+                format!(
+                    "allowed by default: {}; no NetworkPolicy isolates {pod} for {towards}; {baseline_part}",
+                    admin_clause("the next tier")
+                )
             }
             ModelReason::NotIsolated => {
                 format!("allowed: no policy selects {pod} for {towards}")
@@ -445,7 +540,10 @@ impl Snapshot {
                     )
                 };
                 hints = self.near_misses(info.id, dir, v.identity, v.class, proto, port);
-                format!("{head}: {body}")
+                match admin_pass {
+                    Some(_) => format!("{head}: {body} ({})", admin_clause("the NetworkPolicies")),
+                    None => format!("{head}: {body}"),
+                }
             }
         };
         if !ignored.is_empty() && v.reason != ModelReason::NotIsolated {
@@ -460,6 +558,9 @@ impl Snapshot {
             verdict,
             reason: reason.to_string(),
             rule,
+            admin: v.admin.and_then(|m| self.rule(m.rule)).cloned(),
+            baseline: baseline.and_then(|m| self.rule(m.rule)).cloned(),
+            cluster_policies: cluster,
             policies,
             audit,
             audit_ignored: ignored,
@@ -480,7 +581,16 @@ impl Snapshot {
         port: u16,
     ) -> Vec<String> {
         let mut out = Vec::new();
-        for row in self.rule_rows(endpoint, dir) {
+        let allowing = |r: &RuleInfo| {
+            r.tier
+                .as_ref()
+                .is_none_or(|t| t.action == palisade_policy::cnp::Action::Accept)
+        };
+        for row in self
+            .rule_rows(endpoint, dir)
+            .into_iter()
+            .filter(|r| allowing(&r.rule))
+        {
             let peer_matches = match &row.peer {
                 PeerView::Pods { identities, .. } => {
                     identity != IDENTITY_NONE && identities.contains(&identity)

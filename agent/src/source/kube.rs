@@ -1,19 +1,32 @@
 //! Cluster mode: the API server as the source. kube-rs watchers (list, then watch; on a
 //! dropped watch they resume from the last resource version, on `410 Gone` they list again,
 //! and every error backs off exponentially) feed Namespaces, Pods (cluster-wide: peers are
-//! selected across namespaces), NetworkPolicies, Services and EndpointSlices into the same
+//! selected across namespaces), Nodes (for ClusterNetworkPolicy's `nodes` peers),
+//! NetworkPolicies, ClusterNetworkPolicies, Services and EndpointSlices into the same
 //! `model::Store` the standalone source fills (`ClusterState`), and the main loop (`source`)
 //! reconciles it as it does the files: one loop, two sources.
 //!
 //! The store keeps only what policy needs (`PodInfo`: labels, addresses, named ports, node,
-//! hostNetwork; namespace labels; validated policies; Service VIPs and ports; EndpointSlice
-//! backends); watch events are converted as they arrive and the objects dropped.
+//! hostNetwork; namespace labels; node labels and addresses; validated policies; Service VIPs
+//! and ports; EndpointSlice backends); watch events are converted as they arrive and the
+//! objects dropped.
 //!
 //! Nothing is enforced before every watch has listed once: a partial view could lack a policy
 //! (and lift isolation) or a namespace (and break its selectors). Likewise nothing is enforced
 //! while a watch is re-listing after `410 Gone`: objects deleted during the gap are removed only
 //! when the list is complete, and the store is enforced only when it is whole again. Meanwhile
 //! the pinned maps keep enforcing the last good state.
+//!
+//! ClusterNetworkPolicy is a custom resource (kubernetes-sigs/network-policy-api), so its CRD
+//! may not be installed: the API server then answers its list with `404 Not Found`. That is not
+//! a failing watch but a cluster without ClusterNetworkPolicies: it is logged once, the watch
+//! stops holding back enforcement (NetworkPolicy is enforced as before) and goes on retrying
+//! with the watcher's backoff (at most 30 s apart), quietly; once the CRD is installed the
+//! list succeeds and its policies are enforced from then on. A 404 after the watch had listed
+//! removes nothing: only lists and watch events change the store. (Deleting the CRD deletes
+//! its objects first, which the watch delivers; a 404 while an API server restarts, before its
+//! CRDs are served again, must not lift the policies in force.)
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -21,57 +34,157 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use futures::{FutureExt, Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use tracing::{info, warn};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
 
 use crate::reconcile::{RunConfig, View, unix_ms};
+use palisade_policy::cnp::raw;
 use palisade_policy::model::{ConfigError, Kind, Object, ObjectKey, Store};
 use palisade_policy::services::{self, ServiceStore};
 
-/// The five watches.
+/// The API group of ClusterNetworkPolicy.
+pub const CNP_GROUP: &str = "policy.networking.k8s.io";
+/// The version of ClusterNetworkPolicy the agent reads (`raw::API_VERSION`).
+pub const CNP_VERSION: &str = "v1alpha2";
+/// The resource (plural) of ClusterNetworkPolicy.
+pub const CNP_PLURAL: &str = "clusternetworkpolicies";
+
+/// The watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Watch {
     Namespaces,
     Pods,
+    Nodes,
     NetworkPolicies,
+    ClusterNetworkPolicies,
     Services,
     EndpointSlices,
 }
 
 impl Watch {
-    pub const ALL: [Watch; 5] = [
+    pub const ALL: [Watch; 7] = [
         Watch::Namespaces,
         Watch::Pods,
+        Watch::Nodes,
         Watch::NetworkPolicies,
+        Watch::ClusterNetworkPolicies,
         Watch::Services,
         Watch::EndpointSlices,
     ];
 
+    /// The resource (plural) watched.
     pub fn as_str(self) -> &'static str {
         match self {
             Watch::Namespaces => "namespaces",
             Watch::Pods => "pods",
+            Watch::Nodes => "nodes",
             Watch::NetworkPolicies => "networkpolicies",
+            Watch::ClusterNetworkPolicies => CNP_PLURAL,
             Watch::Services => "services",
             Watch::EndpointSlices => "endpointslices",
         }
     }
+
+    /// The API group of the resource (`""`: core), as RBAC names it.
+    pub fn api_group(self) -> &'static str {
+        match self {
+            Watch::Namespaces | Watch::Pods | Watch::Nodes | Watch::Services => "",
+            Watch::NetworkPolicies => "networking.k8s.io",
+            Watch::ClusterNetworkPolicies => CNP_GROUP,
+            Watch::EndpointSlices => "discovery.k8s.io",
+        }
+    }
+
+    /// A custom resource whose definition a cluster may lack (`404 Not Found` on its list):
+    /// then the watch does not hold back enforcement.
+    pub fn optional(self) -> bool {
+        self == Watch::ClusterNetworkPolicies
+    }
 }
+
+/// A ClusterNetworkPolicy as the API server serves it: the raw object (`cnp::raw`, every field
+/// optional so that validation names what is missing or wrong), typed for kube-rs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ClusterNetworkPolicyResource(pub raw::ClusterNetworkPolicy);
+
+impl Resource for ClusterNetworkPolicyResource {
+    type DynamicType = ();
+    type Scope = kube::core::ClusterResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        raw::KIND.into()
+    }
+
+    fn group(_: &()) -> Cow<'_, str> {
+        CNP_GROUP.into()
+    }
+
+    fn version(_: &()) -> Cow<'_, str> {
+        CNP_VERSION.into()
+    }
+
+    fn plural(_: &()) -> Cow<'_, str> {
+        CNP_PLURAL.into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.0.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.0.metadata
+    }
+}
+
+/// The one message for a cluster without the ClusterNetworkPolicy CRD.
+pub const CNP_NOT_INSTALLED: &str = "ClusterNetworkPolicy CRD (policy.networking.k8s.io/v1alpha2) \
+     not installed: ClusterNetworkPolicies are not enforced, NetworkPolicies are. Install \
+     kubernetes-sigs/network-policy-api v0.2.0 (kubectl apply -f \
+     https://github.com/kubernetes-sigs/network-policy-api/releases/download/v0.2.0/standard-install.yaml, \
+     or experimental-install.yaml for nodes and domainNames peers); the agent checks again \
+     now and then and enforces them once it is";
+
+/// Said when the CRD turns up after `CNP_NOT_INSTALLED`.
+pub const CNP_INSTALLED: &str = "ClusterNetworkPolicy CRD (policy.networking.k8s.io/v1alpha2) \
+     installed: ClusterNetworkPolicies are enforced from now on";
 
 /// One event of one watch.
 #[derive(Debug)]
 pub enum Update {
     Namespace(Box<watcher::Event<Namespace>>),
     Pod(Box<watcher::Event<Pod>>),
+    Node(Box<watcher::Event<Node>>),
     Policy(Box<watcher::Event<NetworkPolicy>>),
+    ClusterPolicy(Box<watcher::Event<ClusterNetworkPolicyResource>>),
     Service(Box<watcher::Event<Service>>),
     Slice(Box<watcher::Event<EndpointSlice>>),
     /// The watch failed (it backs off and resumes or re-lists by itself).
     Failed(Watch, String),
+    /// The API server does not serve an optional watch's resource (`404 Not Found`: its CRD is
+    /// not installed). The watch backs off and tries again by itself.
+    NotInstalled(Watch, String),
+}
+
+/// `404 Not Found` from the API server: the resource is not served (a custom resource whose
+/// CRD is not installed). The API server answers an unknown group with a plain-text body (which
+/// kube-rs keeps as a `Status` with the code only) and an unknown resource of a known group
+/// with a `Status` whose reason is `NotFound`.
+pub fn not_found(e: &watcher::Error) -> bool {
+    let status = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.as_ref(),
+        watcher::Error::WatchError(s) => s.as_ref(),
+        _ => return false,
+    };
+    status.code == 404 || status.reason == "NotFound"
 }
 
 fn watch<K>(
@@ -90,6 +203,7 @@ where
     cfg.page_size = None;
     watcher(api, cfg).default_backoff().map(move |r| match r {
         Ok(e) => wrap(e),
+        Err(e) if source.optional() && not_found(&e) => Update::NotInstalled(source, e.to_string()),
         Err(e) => Update::Failed(source, e.to_string()),
     })
 }
@@ -107,10 +221,20 @@ pub fn watch_all(client: Client) -> impl Stream<Item = Update> + Send + 'static 
         )
         .boxed(),
         pods.boxed(),
+        watch(Api::<Node>::all(client.clone()), Watch::Nodes, |e| {
+            Update::Node(Box::new(e))
+        })
+        .boxed(),
         watch(
             Api::<NetworkPolicy>::all(client.clone()),
             Watch::NetworkPolicies,
             |e| Update::Policy(Box::new(e)),
+        )
+        .boxed(),
+        watch(
+            Api::<ClusterNetworkPolicyResource>::all(client.clone()),
+            Watch::ClusterNetworkPolicies,
+            |e| Update::ClusterPolicy(Box::new(e)),
         )
         .boxed(),
         watch(Api::<Service>::all(client.clone()), Watch::Services, |e| {
@@ -126,7 +250,7 @@ pub fn watch_all(client: Client) -> impl Stream<Item = Update> + Send + 'static 
     ])
 }
 
-/// `namespace`/`name` of an object (namespace empty for namespaces).
+/// `namespace`/`name` of an object (namespace empty for cluster-scoped objects).
 type Key = (String, String);
 
 fn key_of<K: Resource>(o: &K) -> Key {
@@ -147,6 +271,9 @@ pub struct ClusterState {
     known: BTreeMap<Watch, BTreeSet<Key>>,
     /// The last error of each watch, until it delivers again.
     failing: BTreeMap<Watch, String>,
+    /// Optional watches whose resource the API server does not serve (`404`: the CRD is not
+    /// installed), until a list succeeds.
+    absent: BTreeSet<Watch>,
     /// Events handled, and re-lists completed (for tests and the log).
     pub events: u64,
     pub relists: u64,
@@ -156,10 +283,12 @@ fn object_key(source: Watch, key: &Key) -> Option<ObjectKey> {
     let kind = match source {
         Watch::Namespaces => Kind::Namespace,
         Watch::Pods => Kind::Pod,
+        Watch::Nodes => Kind::Node,
         Watch::NetworkPolicies => Kind::NetworkPolicy,
-        _ => return None,
+        Watch::ClusterNetworkPolicies => Kind::ClusterNetworkPolicy,
+        Watch::Services | Watch::EndpointSlices => return None,
     };
-    let namespace = if kind == Kind::Namespace {
+    let namespace = if kind.cluster_scoped() {
         String::new()
     } else if key.0.is_empty() {
         palisade_policy::model::DEFAULT_NAMESPACE.to_string()
@@ -191,13 +320,42 @@ fn change<K>(e: watcher::Event<K>) -> Change<K> {
 }
 
 impl ClusterState {
-    /// Every watch has listed, and none is re-listing: the store is a whole view.
+    /// Every watch has listed (or, optional, found its resource not installed), and none is
+    /// re-listing: the store is a whole view. An absent watch trying again holds nothing back
+    /// until its list delivers objects; then it is a list like any other, enforced once whole.
     pub fn ready(&self) -> bool {
-        self.synced.len() == Watch::ALL.len() && self.listing.is_empty()
+        Watch::ALL
+            .iter()
+            .all(|w| self.synced.contains(w) || self.absent.contains(w))
+            && self
+                .listing
+                .iter()
+                .all(|(w, listed)| self.absent.contains(w) && listed.is_empty())
     }
 
     pub fn synced(&self, source: Watch) -> bool {
         self.synced.contains(&source)
+    }
+
+    /// Whether the API server does not serve an optional watch's resource (its CRD is not
+    /// installed), as far as the last answer goes.
+    pub fn not_installed(&self, source: Watch) -> bool {
+        self.absent.contains(&source)
+    }
+
+    /// The watches readiness waits for: not listed yet, or in the middle of a list.
+    pub fn waiting(&self) -> Vec<Watch> {
+        Watch::ALL
+            .into_iter()
+            .filter(|w| {
+                let absent = self.absent.contains(w);
+                (!self.synced.contains(w) && !absent)
+                    || self
+                        .listing
+                        .get(w)
+                        .is_some_and(|l| !absent || !l.is_empty())
+            })
+            .collect()
     }
 
     /// Watches that are failing now, with their last error.
@@ -214,12 +372,17 @@ impl ClusterState {
                 self.failing.insert(source, e);
                 false
             }
+            Update::NotInstalled(source, e) => self.not_installed_event(source, &e),
             Update::Namespace(e) => {
                 self.model_event(Watch::Namespaces, *e, |o| Object::Namespace(Box::new(o)))
             }
             Update::Pod(e) => self.model_event(Watch::Pods, *e, Object::from),
+            Update::Node(e) => self.model_event(Watch::Nodes, *e, |o| Object::Node(Box::new(o))),
             Update::Policy(e) => self.model_event(Watch::NetworkPolicies, *e, |o| {
                 Object::NetworkPolicy(Box::new(o))
+            }),
+            Update::ClusterPolicy(e) => self.model_event(Watch::ClusterNetworkPolicies, *e, |o| {
+                Object::ClusterNetworkPolicy(Box::new(o.0))
             }),
             Update::Service(e) => self.service_event(Watch::Services, *e, |s, o| {
                 let _ = s.apply_service(o);
@@ -234,8 +397,28 @@ impl ClusterState {
         self.listing.insert(source, BTreeSet::new());
     }
 
+    /// An optional watch's resource is not served. The first time (and the first time again
+    /// after it was served) says so; the retries are quiet. What the watch holds stays: a list
+    /// that did not happen removes nothing (see the module's documentation).
+    fn not_installed_event(&mut self, source: Watch, e: &str) -> bool {
+        self.failing.remove(&source);
+        self.listing.remove(&source);
+        let first = self.absent.insert(source);
+        if first {
+            warn!(watch = source.as_str(), "{CNP_NOT_INSTALLED}");
+        } else {
+            debug!(watch = source.as_str(), "still not installed: {e}");
+        }
+        // Readiness may have changed.
+        first
+    }
+
     fn touch(&mut self, source: Watch, key: Key, listed: bool) {
         self.failing.remove(&source);
+        // A watch event (not a list) means the resource is served again.
+        if !listed {
+            self.installed(source);
+        }
         if listed && let Some(l) = self.listing.get_mut(&source) {
             l.insert(key.clone());
         }
@@ -245,6 +428,7 @@ impl ClusterState {
     /// Ends a list: what the watch held and did not list is gone.
     fn finish(&mut self, source: Watch) -> Vec<Key> {
         self.failing.remove(&source);
+        self.installed(source);
         let listed = self.listing.remove(&source).unwrap_or_default();
         let known = self.known.entry(source).or_default();
         let gone: Vec<Key> = known.difference(&listed).cloned().collect();
@@ -256,6 +440,12 @@ impl ClusterState {
             info!(watch = source.as_str(), objects = known.len(), "listed");
         }
         gone
+    }
+
+    fn installed(&mut self, source: Watch) {
+        if self.absent.remove(&source) {
+            info!(watch = source.as_str(), "{CNP_INSTALLED}");
+        }
     }
 
     fn model_event<K: Resource>(
@@ -278,6 +468,7 @@ impl ClusterState {
             }
             Change::Delete(o) => {
                 let key = key_of(&o);
+                self.installed(source);
                 if let Some(k) = self.known.get_mut(&source) {
                     k.remove(&key);
                 }
@@ -343,20 +534,27 @@ impl ClusterState {
         }
     }
 
-    /// Policies the store holds no version of because they never validated: a restarted
-    /// agent keeps the pinned enforcement rather than enforce without them.
+    /// Policies (NetworkPolicies and ClusterNetworkPolicies) the store holds no version of
+    /// because they never validated: a restarted agent keeps the pinned enforcement rather
+    /// than enforce without them.
     pub fn incomplete(&self) -> Vec<String> {
-        self.known
-            .get(&Watch::NetworkPolicies)
+        [Watch::NetworkPolicies, Watch::ClusterNetworkPolicies]
             .into_iter()
-            .flatten()
-            .filter(|k| {
-                let ns = object_key(Watch::NetworkPolicies, k)
-                    .map(|o| o.namespace)
-                    .unwrap_or_default();
-                !self.store.policies.contains_key(&(ns, k.1.clone()))
+            .flat_map(|w| {
+                self.known
+                    .get(&w)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(move |k| object_key(w, k))
             })
-            .map(|k| format!("NetworkPolicy {}/{} is invalid", k.0, k.1))
+            .filter(|k| match k.kind {
+                Kind::ClusterNetworkPolicy => !self.store.cluster_policies.contains_key(&k.name),
+                _ => !self
+                    .store
+                    .policies
+                    .contains_key(&(k.namespace.clone(), k.name.clone())),
+            })
+            .map(|k| format!("{k} is invalid"))
             .collect()
     }
 
@@ -479,10 +677,11 @@ impl super::Source for KubeSource {
         }
         if self.reported_waiting.elapsed() > Duration::from_secs(10) {
             self.reported_waiting = Instant::now();
-            let waiting: Vec<&str> = Watch::ALL
-                .iter()
-                .filter(|s| !self.state.synced(**s))
-                .map(|s| s.as_str())
+            let waiting: Vec<&str> = self
+                .state
+                .waiting()
+                .into_iter()
+                .map(Watch::as_str)
                 .collect();
             warn!(
                 ?waiting,
@@ -513,5 +712,217 @@ fn raise_memlock_limit() {
     use nix::sys::resource::{RLIM_INFINITY, Resource, setrlimit};
     if let Err(e) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
         tracing::debug!("RLIMIT_MEMLOCK stays as it is: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::core::Status;
+    use serde_json::json;
+    use watcher::Event;
+
+    /// `Event::Init` (or `InitDone`) of watch `w`.
+    fn list_event(w: Watch, done: bool) -> Update {
+        macro_rules! ev {
+            ($v:ident) => {
+                Update::$v(Box::new(if done { Event::InitDone } else { Event::Init }))
+            };
+        }
+        match w {
+            Watch::Namespaces => ev!(Namespace),
+            Watch::Pods => ev!(Pod),
+            Watch::Nodes => ev!(Node),
+            Watch::NetworkPolicies => ev!(Policy),
+            Watch::ClusterNetworkPolicies => ev!(ClusterPolicy),
+            Watch::Services => ev!(Service),
+            Watch::EndpointSlices => ev!(Slice),
+        }
+    }
+
+    /// Every watch but ClusterNetworkPolicies has listed (nothing).
+    fn listed_but_cnp() -> ClusterState {
+        let mut s = ClusterState::default();
+        for w in Watch::ALL.into_iter().filter(|w| !w.optional()) {
+            s.handle(list_event(w, false));
+            s.handle(list_event(w, true));
+        }
+        s
+    }
+
+    fn cnp(name: &str, priority: i64) -> ClusterNetworkPolicyResource {
+        serde_json::from_value(json!({
+            "apiVersion": raw::API_VERSION, "kind": raw::KIND,
+            "metadata": {"name": name, "resourceVersion": "7"},
+            "spec": {"tier": "Admin", "priority": priority, "subject": {"namespaces": {}},
+                     "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]}
+        }))
+        .unwrap()
+    }
+
+    fn applied(o: ClusterNetworkPolicyResource, listed: bool) -> Update {
+        Update::ClusterPolicy(Box::new(if listed {
+            Event::InitApply(o)
+        } else {
+            Event::Apply(o)
+        }))
+    }
+
+    fn page_not_found() -> watcher::Error {
+        let status = Status::failure("404 page not found", "Failed to parse error data")
+            .with_code(404)
+            .boxed();
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+    }
+
+    fn not_installed() -> Update {
+        Update::NotInstalled(Watch::ClusterNetworkPolicies, page_not_found().to_string())
+    }
+
+    #[test]
+    fn the_resource_is_the_one_the_crd_defines() {
+        assert_eq!(format!("{CNP_GROUP}/{CNP_VERSION}"), raw::API_VERSION);
+        assert_eq!(
+            ClusterNetworkPolicyResource::api_version(&()),
+            raw::API_VERSION
+        );
+        assert_eq!(
+            ClusterNetworkPolicyResource::kind(&()),
+            "ClusterNetworkPolicy"
+        );
+        assert_eq!(
+            ClusterNetworkPolicyResource::url_path(&(), None),
+            "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies"
+        );
+        // The object as the API serves it, unchanged (unknown peer fields included).
+        let o = cnp("x", 3);
+        assert_eq!(o.name_any(), "x");
+        assert_eq!(o.0.spec.as_ref().unwrap().priority, Some(3));
+    }
+
+    #[test]
+    fn not_found_is_either_shape_of_404_and_nothing_else() {
+        assert!(not_found(&page_not_found()));
+        let mut s = Status::failure(
+            "the server could not find the requested resource",
+            "NotFound",
+        )
+        .with_code(404);
+        assert!(not_found(&watcher::Error::WatchStartFailed(
+            kube::Error::Api(s.clone().boxed())
+        )));
+        s.code = 403;
+        s.reason = "Forbidden".into();
+        assert!(!not_found(&watcher::Error::InitialListFailed(
+            kube::Error::Api(s.clone().boxed())
+        )));
+        s.code = 500;
+        s.reason = "InternalError".into();
+        assert!(!not_found(&watcher::Error::InitialListFailed(
+            kube::Error::Api(s.boxed())
+        )));
+        assert!(!not_found(&watcher::Error::NoResourceVersion));
+    }
+
+    #[test]
+    fn a_missing_crd_does_not_hold_back_enforcement_and_is_noticed_once_installed() {
+        let mut s = listed_but_cnp();
+        s.handle(list_event(Watch::ClusterNetworkPolicies, false));
+        assert!(!s.ready(), "the first list of every watch is waited for");
+        assert_eq!(s.waiting(), [Watch::ClusterNetworkPolicies]);
+        assert!(s.handle(not_installed()), "readiness changed");
+        assert!(s.ready());
+        assert!(s.not_installed(Watch::ClusterNetworkPolicies));
+        assert!(s.failing().is_empty(), "not a failing watch");
+        assert!(s.watch_errors().is_empty());
+        // Retries: the list in flight holds nothing back, another 404 changes nothing.
+        s.handle(list_event(Watch::ClusterNetworkPolicies, false));
+        assert!(s.ready());
+        assert!(s.waiting().is_empty());
+        assert!(!s.handle(not_installed()));
+        assert!(s.ready());
+        // Installed: the list that delivers objects is enforced once whole.
+        s.handle(list_event(Watch::ClusterNetworkPolicies, false));
+        assert!(s.handle(applied(cnp("deny-all", 10), true)));
+        assert!(!s.ready(), "half a list is not enforced");
+        s.handle(list_event(Watch::ClusterNetworkPolicies, true));
+        assert!(s.ready());
+        assert!(!s.not_installed(Watch::ClusterNetworkPolicies));
+        assert_eq!(s.store.cluster_policies["deny-all"].priority, 10);
+    }
+
+    #[test]
+    fn a_404_after_listing_lifts_no_policy() {
+        let mut s = listed_but_cnp();
+        s.handle(list_event(Watch::ClusterNetworkPolicies, false));
+        s.handle(applied(cnp("a", 1), true));
+        s.handle(list_event(Watch::ClusterNetworkPolicies, true));
+        s.handle(applied(cnp("b", 2), false));
+        assert_eq!(s.store.cluster_policies.len(), 2);
+        // A re-list finds no such resource (an API server restarting, its CRDs not served yet):
+        // the policies stay in force, and enforcement goes on.
+        s.handle(list_event(Watch::ClusterNetworkPolicies, false));
+        assert!(s.handle(not_installed()));
+        assert!(s.ready());
+        assert_eq!(s.store.cluster_policies.len(), 2);
+        // Deleting the CRD deletes its objects, and the watch says so.
+        s.handle(Update::ClusterPolicy(Box::new(Event::Delete(cnp("a", 1)))));
+        assert!(
+            !s.not_installed(Watch::ClusterNetworkPolicies),
+            "served again"
+        );
+        s.handle(Update::ClusterPolicy(Box::new(Event::Delete(cnp("b", 2)))));
+        assert!(s.store.cluster_policies.is_empty());
+        // Served again, a re-list that no longer holds one removes it, as any re-list does.
+        s.handle(list_event(Watch::ClusterNetworkPolicies, false));
+        s.handle(applied(cnp("c", 3), true));
+        s.handle(list_event(Watch::ClusterNetworkPolicies, true));
+        s.handle(list_event(Watch::ClusterNetworkPolicies, false));
+        s.handle(list_event(Watch::ClusterNetworkPolicies, true));
+        assert!(s.store.cluster_policies.is_empty());
+        assert!(s.ready());
+    }
+
+    #[test]
+    fn any_other_error_of_the_cnp_watch_holds_back_enforcement() {
+        // 403 (say, RBAC without clusternetworkpolicies): the policies may exist, and a view
+        // without them could lift a Deny. The pinned state stays in force.
+        let mut s = listed_but_cnp();
+        s.handle(list_event(Watch::ClusterNetworkPolicies, false));
+        s.handle(Update::Failed(
+            Watch::ClusterNetworkPolicies,
+            "forbidden".into(),
+        ));
+        assert!(!s.ready());
+        assert!(!s.not_installed(Watch::ClusterNetworkPolicies));
+        assert_eq!(s.watch_errors().len(), 1);
+        assert_eq!(s.watch_errors()[0].object, "watch clusternetworkpolicies");
+    }
+
+    #[test]
+    fn invalid_cnps_keep_their_last_good_version_and_never_valid_ones_are_incomplete() {
+        let mut s = listed_but_cnp();
+        s.handle(list_event(Watch::ClusterNetworkPolicies, false));
+        s.handle(applied(cnp("good", 10), true));
+        s.handle(applied(cnp("bad", 1001), true));
+        s.handle(list_event(Watch::ClusterNetworkPolicies, true));
+        assert!(s.ready());
+        assert_eq!(s.incomplete(), ["ClusterNetworkPolicy bad is invalid"]);
+        s.handle(applied(cnp("good", -1), false));
+        assert_eq!(s.store.cluster_policies["good"].priority, 10, "last good");
+        let errors: Vec<String> = s.errors().iter().map(|e| e.to_string()).collect();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("ClusterNetworkPolicy good: spec.priority:")),
+            "{errors:?}"
+        );
+        // Deleted: its version and its error go.
+        s.handle(Update::ClusterPolicy(Box::new(Event::Delete(cnp(
+            "good", -1,
+        )))));
+        assert!(!s.store.cluster_policies.contains_key("good"));
+        assert_eq!(s.errors().len(), 1);
     }
 }

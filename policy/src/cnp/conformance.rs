@@ -15,10 +15,14 @@ use crate::model::{NamedPort, NamespaceInfo, Object, PodInfo, Protocol, Store};
 use crate::reference::Endpoint;
 use crate::state::{Direction, PodRef};
 
-/// The cases; missing is a failure, not a skip.
+/// The cases, upstream's and Palisade's own (`cnp/palisade`: where the spec says more than
+/// upstream tests); missing is a failure, not a skip.
 fn case_files() -> Vec<PathBuf> {
-    let files = conformance_case_files("cnp/cases");
+    let mut files = conformance_case_files("cnp/cases");
     assert!(files.len() >= 69, "{} cases", files.len());
+    let own = conformance_case_files("cnp/palisade");
+    assert!(own.len() >= 4, "{} own cases", own.len());
+    files.extend(own);
     files
 }
 
@@ -290,17 +294,21 @@ fn conformance_probes_through_the_reference() {
                 let (i_ok, i_trace) = direction(Direction::Ingress, &dst, &src);
                 let got = if e_ok && i_ok { "allow" } else { "deny" };
                 let trace = format!("egress: {e_trace} | ingress: {i_trace}");
-                let want_trace = normalize_trace(probe["model_trace"].as_str().unwrap());
-                if got != probe["expect"] || normalize_trace(&trace) != want_trace {
+                // Palisade's own cases state the verdict only.
+                let want_trace = probe["model_trace"].as_str().map(normalize_trace);
+                let trace_ok = want_trace
+                    .as_ref()
+                    .is_none_or(|want| normalize_trace(&trace) == *want);
+                if got != probe["expect"] || !trace_ok {
                     failures.push(format!(
-                        "{name} line {}: {src} -> {dst} {proto}/{}: got {got} ({trace}), want {} ({want_trace})",
+                        "{name} line {}: {src} -> {dst} {proto}/{}: got {got} ({trace}), want {} ({want_trace:?})",
                         probe["line"], packet.port, probe["expect"]
                     ));
                 }
             }
         }
     }
-    assert!(probes >= 190, "{probes} probes");
+    assert!(probes >= 200, "{probes} probes");
     assert!(
         failures.is_empty(),
         "{} of {probes} probes:\n{}",
@@ -472,7 +480,7 @@ fn compiler_probes(v6: bool) -> (usize, Vec<String>) {
                 if got != probe["expect"] {
                     failures.push(format!(
                         "{name} line {}: {src} -> {dst} {proto}/{port}: got {got} (egress: {e} | ingress: {i}), want {} ({})",
-                        probe["line"], probe["expect"], probe["model_trace"].as_str().unwrap()
+                        probe["line"], probe["expect"], probe["model_trace"]
                     ));
                 }
             }

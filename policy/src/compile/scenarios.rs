@@ -204,9 +204,19 @@ fn check_masked(s: &DesiredState) {
             assert_eq!(u32::from(port) & ((1 << (16 - port_bits)) - 1), 0, "{e:?}");
         }
         assert!(k.peer >= IDENTITY_FIRST_POD, "{e:?}");
-        assert!(v.rule != 0 && s.rules.contains_key(&v.rule), "{e:?} {v:?}");
+        // Some rule says something of the key: a NetworkPolicy allow or a tier's first rule,
+        // each known and counted in its slot.
+        let said = [
+            (v.rule, v.slot),
+            (v.admin.rule, v.admin.slot),
+            (v.baseline.rule, v.baseline.slot),
+        ];
+        assert!(said.iter().any(|(r, _)| *r != 0), "{e:?} {v:?}");
+        for (rule, slot) in said.into_iter().filter(|(r, _)| *r != 0) {
+            assert!(s.rules.contains_key(&rule), "{e:?} {v:?}");
+            assert_eq!(Some(&slot), s.rule_slots.get(&rule), "{e:?} {v:?}");
+        }
         assert_eq!(k.prefix_len, 0);
-        assert_eq!(Some(&v.slot), s.rule_slots.get(&v.rule), "{e:?} {v:?}");
     }
     for (e, class) in &s.cidrs {
         assert!(*class & CIDR_CLASS_BIT != 0);
@@ -1139,6 +1149,308 @@ fn random_clusters_match_the_reference() {
     ] {
         assert!(
             reasons.get(r).copied().unwrap_or(0) > 50,
+            "{r}: {reasons:?}"
+        );
+    }
+}
+
+impl Gen {
+    /// A ClusterNetworkPolicy peer of one direction.
+    fn tier_peer(&mut self, egress: bool) -> Value {
+        let pods = |g: &mut Gen| {
+            let mut p = serde_json::Map::new();
+            if g.chance(0.6) {
+                p.insert("namespaceSelector".into(), g.selector(true));
+            }
+            p.insert("podSelector".into(), g.selector(false));
+            json!({"pods": p})
+        };
+        match self.rng.random_range(0..if egress { 6 } else { 3 }) {
+            0 => json!({"namespaces": self.selector(true)}),
+            1 | 2 => pods(self),
+            3 | 4 => {
+                let mut nets = Vec::new();
+                for _ in 0..self.rng.random_range(1..=2) {
+                    let cidr = self.ip_block()["ipBlock"]["cidr"].clone();
+                    if !nets.contains(&cidr) {
+                        nets.push(cidr);
+                    }
+                }
+                json!({"networks": nets})
+            }
+            _ => {
+                let zone = *self.pick(&["a", "b"]);
+                if self.chance(0.3) {
+                    json!({"nodes": {}})
+                } else {
+                    json!({"nodes": {"matchLabels": {"zone": zone}}})
+                }
+            }
+        }
+    }
+
+    /// `protocols` of a rule, or none.
+    fn tier_ports(&mut self) -> Option<Value> {
+        if self.chance(0.35) {
+            return None;
+        }
+        let mut out = Vec::new();
+        for _ in 0..self.rng.random_range(1..=3) {
+            if self.chance(0.25) {
+                out.push(json!({"destinationNamedPort": self.pick(PORT_NAMES)}));
+                continue;
+            }
+            let proto = *self.pick(&["tcp", "udp", "sctp"]);
+            let nums = [53u16, 80, 443, 3868, 8000, 8001, 8080];
+            let n = *self.pick(&nums);
+            let port = if self.chance(0.5) {
+                self.ports.insert(n);
+                json!({"number": n})
+            } else {
+                let start = n - self.rng.random_range(0..5u16);
+                let end = start + self.rng.random_range(1..=40u16);
+                self.ports
+                    .extend([start.saturating_sub(1), start, end, end + 1]);
+                json!({"range": {"start": start, "end": end}})
+            };
+            out.push(json!({proto: {"destinationPort": port}}));
+        }
+        Some(Value::Array(out))
+    }
+
+    fn cluster_policy(&mut self, i: usize) -> Object {
+        let subject = if self.chance(0.4) {
+            json!({"namespaces": self.selector(true)})
+        } else {
+            let mut p = serde_json::Map::new();
+            if self.chance(0.5) {
+                p.insert("namespaceSelector".into(), self.selector(true));
+            }
+            p.insert("podSelector".into(), self.selector(false));
+            json!({"pods": p})
+        };
+        let mut spec = json!({
+            "tier": self.pick(&["Admin", "Baseline"]),
+            // Few priorities: ties, broken by name, are common.
+            "priority": self.pick(&[0, 10, 10, 20, 1000]),
+            "subject": subject,
+        });
+        for (dir, peers_key) in [("ingress", "from"), ("egress", "to")] {
+            if self.chance(0.3) {
+                continue;
+            }
+            let mut rules = Vec::new();
+            for _ in 0..self.rng.random_range(1..=3) {
+                let peers: Vec<Value> = (0..self.rng.random_range(1..=2))
+                    .map(|_| self.tier_peer(dir == "egress"))
+                    .collect();
+                let mut rule = json!({
+                    "action": self.pick(&["Accept", "Deny", "Pass"]),
+                    peers_key: peers.clone(),
+                });
+                if let Some(Value::Array(mut p)) = self.tier_ports() {
+                    // Named ports only with pod peers (the API server's rule).
+                    if peers
+                        .iter()
+                        .any(|q| q.get("networks").or(q.get("nodes")).is_some())
+                    {
+                        p.retain(|x| x.get("destinationNamedPort").is_none());
+                    }
+                    if !p.is_empty() {
+                        rule["protocols"] = Value::Array(p);
+                    }
+                }
+                rules.push(rule);
+            }
+            spec[dir] = Value::Array(rules);
+        }
+        let v = json!({
+            "apiVersion": "policy.networking.k8s.io/v1alpha2",
+            "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": format!("cnp{i}")},
+            "spec": spec,
+        });
+        Object::ClusterNetworkPolicy(Box::new(serde_json::from_value(v).unwrap()))
+    }
+}
+
+/// Random clusters with ClusterNetworkPolicies (both tiers, ties of priority, every peer kind
+/// but domain names, ports, ranges and named ports) and NetworkPolicies: every direction the
+/// compiled maps decide (the datapath's twin) must decide as the plain reading of the spec
+/// (`cnp::reference` over `reference`'s NetworkPolicy verdict).
+#[test]
+fn random_cluster_policies_match_the_reference() {
+    use crate::cnp::NodeInfo;
+    use crate::cnp::reference::{self as tiers, NpVerdict, Packet, PeerFacts, PodFacts};
+    const SEED: u64 = 0x0c1a_55e5;
+    const SCENARIOS: u64 = 300;
+    const PROBES: usize = 200;
+    let (mut checked, mut allowed) = (0usize, 0usize);
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    for scenario in 0..SCENARIOS {
+        let seed = SEED + scenario;
+        let mut g = Gen {
+            rng: StdRng::seed_from_u64(seed),
+            v4: Vec::new(),
+            v6: Vec::new(),
+            ports: [0u16, 1, 53, 80, 443, 3868, 8000, 8001, 8080, 65535].into(),
+        };
+        let mut store = g.store();
+        // This node (its addresses are the hosts) and another, whose address is outside.
+        for (name, zone, addrs) in [
+            ("n1", "a", ["10.9.9.9", "fd09::9"]),
+            ("n2", "b", ["10.1.0.1", "fd01::1"]),
+        ] {
+            let labels = [("zone".to_string(), zone.to_string())].into();
+            let addresses = addrs.iter().map(|a| ip(a)).collect();
+            store.nodes.insert(
+                name.into(),
+                NodeInfo {
+                    name: name.into(),
+                    labels,
+                    addresses,
+                },
+            );
+        }
+        for i in 0..g.rng.random_range(0..=3) {
+            let p = g.policy(i);
+            store
+                .apply(p)
+                .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        }
+        for i in 0..g.rng.random_range(1..=4) {
+            let p = g.cluster_policy(i);
+            store
+                .apply(p)
+                .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        }
+        let hosts = vec![ip("10.9.9.9"), ip("fd09::9")];
+        let w = World::new(store, hosts.clone());
+        let policies: Vec<_> = w.store.cluster_policies.values().cloned().collect();
+
+        let mut ends: Vec<Endpoint> = Vec::new();
+        for (pod, info) in &w.store.pods {
+            for a in &info.ips {
+                ends.push(Endpoint::Pod {
+                    pod: pod.clone(),
+                    ip: *a,
+                });
+            }
+        }
+        for h in hosts {
+            ends.push(Endpoint::Host(h));
+        }
+        for e in [
+            "10.0.1.77",
+            "10.1.0.1",
+            "192.168.0.1",
+            "fd00::1:77",
+            "fd01::1",
+        ] {
+            ends.push(Endpoint::External(ip(e)));
+        }
+        let ports: Vec<u16> = g.ports.iter().copied().collect();
+        let ns_labels: BTreeMap<String, BTreeMap<String, String>> = w
+            .store
+            .pods
+            .keys()
+            .map(|p| {
+                let l = w.store.namespace_labels(&p.namespace).into_owned();
+                (p.namespace.clone(), l)
+            })
+            .collect();
+        for _ in 0..PROBES {
+            let v6 = g.chance(0.3);
+            let family: Vec<&Endpoint> = ends.iter().filter(|e| e.ip().is_ipv6() == v6).collect();
+            let src = (*g.pick(&family)).clone();
+            let dst = (*g.pick(&family)).clone();
+            if src.ip() == dst.ip() {
+                continue; // a pod's traffic to itself is not judged
+            }
+            let mut proto = *g.pick(&[TCP, TCP, UDP, SCTP]);
+            let named = match &dst {
+                Endpoint::Pod { pod, .. } if g.chance(0.4) => w.store.pods[pod]
+                    .container_ports
+                    .choose(&mut g.rng)
+                    .map(|p| (p.protocol.number(), p.port)),
+                _ => None,
+            };
+            let port = match named {
+                Some((p, port)) => {
+                    proto = p;
+                    port
+                }
+                None => *g.pick(&ports),
+            };
+            for dir in Direction::BOTH {
+                let (subject, peer) = match dir {
+                    Direction::Egress => (&src, &dst),
+                    Direction::Ingress => (&dst, &src),
+                };
+                let Endpoint::Pod { pod, ip: local } = subject else {
+                    continue;
+                };
+                let info = &w.store.pods[pod];
+                let np = NpVerdict::from_reference(&w.store, dir, &src, &dst, proto, port);
+                let want = if info.host_network {
+                    true
+                } else {
+                    let peer_pod = match peer {
+                        Endpoint::Pod { pod, .. } => Some(PodFacts::new(
+                            &ns_labels[&pod.namespace],
+                            &w.store.pods[pod],
+                        )),
+                        _ => None,
+                    };
+                    let node_labels = w
+                        .store
+                        .nodes
+                        .values()
+                        .find(|n| n.addresses.contains(&peer.ip()))
+                        .map(|n| &n.labels);
+                    let facts = PeerFacts {
+                        pod: peer_pod,
+                        node_labels,
+                        ..PeerFacts::address(peer.ip())
+                    };
+                    let subject = PodFacts::new(&ns_labels[&pod.namespace], info);
+                    tiers::verdict(&policies, dir, np, &subject, &facts, Packet { proto, port })
+                        .allowed
+                };
+                let got = match w.ifindex(pod) {
+                    Some(ifindex) => {
+                        evaluate(&w.state, ifindex, dir, peer.ip(), *local, proto, port)
+                    }
+                    None => unreachable!("every pod is an endpoint"),
+                };
+                *reasons.entry(format!("{:?}", got.reason)).or_default() += 1;
+                assert_eq!(
+                    got.allowed, want,
+                    "seed {seed}: {dir} at {pod}: {src:?} -> {dst:?} proto {proto} port {port}: \
+                     compiled {got:?}, reference {want}\ncluster policies: {policies:#?}\n\
+                     policies: {:#?}\npods: {:#?}\nnamespaces: {:?}",
+                    w.store.policies, w.store.pods, w.store.namespaces
+                );
+                checked += 1;
+                allowed += usize::from(want);
+            }
+        }
+    }
+    eprintln!("{allowed}/{checked} allowed; model reasons: {reasons:?}");
+    // Most directions of most probes are not restricted; enough are, both ways.
+    assert!(
+        allowed > checked / 5 && checked - allowed > checked / 20,
+        "{allowed}/{checked}"
+    );
+    for r in [
+        "TierAccept",
+        "TierDeny",
+        "PolicyAllow",
+        "NoRuleMatched",
+        "NotIsolated",
+    ] {
+        assert!(
+            reasons.get(r).copied().unwrap_or(0) > 100,
             "{r}: {reasons:?}"
         );
     }

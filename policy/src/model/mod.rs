@@ -23,6 +23,7 @@ pub const KEPT_POD_ANNOTATIONS: &[&str] = &["palisade.io/interface"];
 /// Namespace of objects that name none (as `kubectl apply` does without a context namespace).
 pub const DEFAULT_NAMESPACE: &str = "default";
 
+pub mod cluster;
 mod pod;
 mod policy;
 mod store;
@@ -86,7 +87,7 @@ pub enum Object {
     /// when their optional fields are empty; a cluster has many).
     Pod(Box<PodObject>),
     NetworkPolicy(Box<NetworkPolicy>),
-    ClusterNetworkPolicy(Box<crate::cnp::raw::ClusterNetworkPolicy>),
+    ClusterNetworkPolicy(Box<cluster::raw::ClusterNetworkPolicy>),
     Node(Box<Node>),
 }
 

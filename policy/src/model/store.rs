@@ -2,8 +2,8 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
+use super::cluster::{ClusterNetworkPolicy, NodeInfo};
 use super::{Kind, NamespaceInfo, Object, ObjectKey, PodInfo, Policy, meta_key, named_key};
-use crate::cnp::{ClusterNetworkPolicy, NodeInfo};
 use crate::error::ConfigError;
 use crate::state::PodRef;
 
@@ -140,5 +140,45 @@ impl Store {
             Some(info) => Cow::Borrowed(&info.labels),
             None => Cow::Owned(NamespaceInfo::new(ns, BTreeMap::new()).labels),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::parse_str;
+
+    const GOOD: &str = "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\n\
+        metadata: {name: guard}\nspec: {tier: Admin, priority: 10, subject: {namespaces: {}}, \
+        ingress: [{action: Deny, from: [{namespaces: {}}]}]}\n";
+
+    /// A ClusterNetworkPolicy the API server would refuse is refused with an error naming the
+    /// object and the field, and its last good version stays in force, as for NetworkPolicy.
+    #[test]
+    fn an_invalid_cluster_policy_keeps_the_last_good_one() {
+        let mut store = Store::default();
+        assert!(store.replace_all(parse_str(GOOD).unwrap()).is_empty());
+        let bad = GOOD.replace("priority: 10", "priority: 1001");
+        let errors = store.replace_all(parse_str(&bad).unwrap());
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let e = errors[0].to_string();
+        assert!(
+            e.contains("ClusterNetworkPolicy guard") && e.contains("spec.priority"),
+            "{e}"
+        );
+        assert_eq!(store.cluster_policies["guard"].priority, 10);
+        // One object at a time (cluster mode) as well.
+        let bad = GOOD.replace("action: Deny", "action: Drop");
+        let obj = parse_str(&bad).unwrap().remove(0);
+        let e = store.apply(obj).unwrap_err().to_string();
+        assert!(e.contains("spec.ingress[0].action"), "{e}");
+        assert_eq!(store.cluster_policies["guard"].priority, 10);
+        // Removed: gone, errors and all.
+        store.remove(&ObjectKey {
+            kind: Kind::ClusterNetworkPolicy,
+            namespace: String::new(),
+            name: "guard".into(),
+        });
+        assert!(store.cluster_policies.is_empty() && store.errors().is_empty());
     }
 }

@@ -213,19 +213,7 @@ fn run(args: &Args) -> Result<bool> {
 
     // What the agent saw, through its CLI (the same `palisade` binary, over its socket and
     // the pinned maps).
-    let show = |args: &[&str]| -> Result<()> {
-        println!("\n$ palisade {}", args.join(" "));
-        let out = agent
-            .cli(args)
-            .output()
-            .with_context(|| format!("running palisade {args:?}"))?;
-        print!("{}", String::from_utf8_lossy(&out.stdout));
-        if !out.status.success() {
-            print!("{}", String::from_utf8_lossy(&out.stderr));
-            anyhow::bail!("palisade {args:?} failed ({})", out.status);
-        }
-        Ok(())
-    };
+    let show = |args: &[&str]| show(&agent, args);
     // Verdicts are read from the ring buffer as they come; give the last ones a moment.
     std::thread::sleep(Duration::from_millis(500));
     show(&["policy", "show", "shop/backend"])?;
@@ -258,6 +246,8 @@ fn run(args: &Args) -> Result<bool> {
     }
     show(&["verdicts"])?;
 
+    all_ok &= cluster_policy(args, &node, &mut agent, &manifests, &ips, &names)?;
+
     agent.stop();
     drop(agent);
     drop(node);
@@ -271,6 +261,80 @@ fn run(args: &Args) -> Result<bool> {
         }
     );
     Ok(all_ok)
+}
+
+/// Runs `palisade ARGS` against the demo agent and prints what it says.
+fn show(agent: &AgentProcess, args: &[&str]) -> Result<()> {
+    println!("\n$ palisade {}", args.join(" "));
+    let out = agent
+        .cli(args)
+        .output()
+        .with_context(|| format!("running palisade {args:?}"))?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    if !out.status.success() {
+        print!("{}", String::from_utf8_lossy(&out.stderr));
+        anyhow::bail!("palisade {args:?} failed ({})", out.status);
+    }
+    Ok(())
+}
+
+/// A ClusterNetworkPolicy: the Admin Deny of cluster-admin-deny.yaml beats the NetworkPolicy
+/// allow-scrape for monitoring/prometheus -> shop/db:9090, and `explain` names its rule.
+fn cluster_policy(
+    args: &Args,
+    node: &Node,
+    agent: &mut AgentProcess,
+    manifests: &std::path::Path,
+    ips: &BTreeMap<String, IpAddr>,
+    names: &[String],
+) -> Result<bool> {
+    const FILE: &str = "cluster-admin-deny.yaml";
+    let (from, to, port) = ("monitoring/prometheus", "shop/db", 9090);
+    let from_index = names
+        .iter()
+        .position(|n| n == from)
+        .context("no prometheus pod")?;
+    let probe = || {
+        node.probe_many(&[ProbeSpec {
+            from: &node.pods()[from_index],
+            to: ips[to],
+            port,
+            proto: Proto::Tcp,
+            timeout: Duration::from_millis(800),
+        }])[0]
+    };
+    let before = probe();
+    println!(
+        "\nAdding {} (ClusterNetworkPolicy, Admin tier: evaluated before NetworkPolicies)",
+        args.examples.join(FILE).display()
+    );
+    let since = SystemTime::now();
+    std::fs::copy(args.examples.join(FILE), manifests.join(FILE))?;
+    agent.wait_reconciled(since, names.len(), Duration::from_secs(20))?;
+    let after = probe();
+    let word = |b: bool| if b { "allowed" } else { "DROPPED" };
+    let mark = |ok: bool| if ok { "" } else { "   <-- unexpected" };
+    println!(
+        "{:<22} {:<22} {:>5}  {:<9} {:<9} why",
+        "from", "to", "port", "expected", "observed"
+    );
+    println!(
+        "{from:<22} {to:<22} {port:>5}  {:<9} {:<9} before: allow-scrape admits team=observability{}",
+        word(true),
+        word(before),
+        mark(before)
+    );
+    println!(
+        "{from:<22} {to:<22} {port:>5}  {:<9} {:<9} after: Admin Deny db-only-from-shop beats allow-scrape{}",
+        word(false),
+        word(after),
+        mark(!after)
+    );
+    show(
+        agent,
+        &["explain", "--from", from, "--to", to, "--port", "9090"],
+    )?;
+    Ok(before && !after)
 }
 
 /// The agent's Prometheus endpoint, from inside the node.

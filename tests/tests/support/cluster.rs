@@ -1,8 +1,9 @@
 //! For the cluster-mode netns tests: a small fake API server (lists, watches with resource
-//! versions, bookmarks, `410 Gone` after a compaction) listening inside the rig's node namespace,
-//! the agent in cluster mode against it, and the CNI plugin invoked the way a runtime invokes it.
+//! versions, bookmarks, `410 Gone` after a compaction, a custom resource whose CRD is not
+//! installed) listening inside the rig's node namespace, the agent in cluster mode against it,
+//! and the CNI plugin invoked the way a runtime invokes it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -21,15 +22,22 @@ use serde_json::{Value, json};
 // The fake API server
 // ---------------------------------------------------------------------------------------------
 
-/// The resources the agent watches: (plural, list path, kind).
+/// The resources the agent watches: (plural, list path, kind, apiVersion).
 const RESOURCES: &[(&str, &str, &str, &str)] = &[
     ("namespaces", "/api/v1/namespaces", "Namespace", "v1"),
     ("pods", "/api/v1/pods", "Pod", "v1"),
+    ("nodes", "/api/v1/nodes", "Node", "v1"),
     (
         "networkpolicies",
         "/apis/networking.k8s.io/v1/networkpolicies",
         "NetworkPolicy",
         "networking.k8s.io/v1",
+    ),
+    (
+        "clusternetworkpolicies",
+        "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies",
+        "ClusterNetworkPolicy",
+        "policy.networking.k8s.io/v1alpha2",
     ),
     ("services", "/api/v1/services", "Service", "v1"),
     (
@@ -49,8 +57,16 @@ struct ApiState {
     events: Vec<(u64, String, &'static str, Value)>,
     /// Watches from a version below this get `410 Gone`.
     compacted: u64,
-    /// Requests served, by "list <resource>" / "watch <resource>".
+    /// Requests served, by "list <resource>" / "watch <resource>" (404s included).
     requests: BTreeMap<String, u64>,
+    /// Resources whose CRD is not installed: every request for them is a `404`.
+    missing: BTreeSet<String>,
+}
+
+/// Custom resources: their list items keep `kind` and `apiVersion`, as the API server serves
+/// them (it leaves them out of built-in lists).
+fn custom(resource: &str) -> bool {
+    resource == "clusternetworkpolicies"
 }
 
 pub struct FakeApi {
@@ -167,6 +183,22 @@ impl FakeApi {
         cv.notify_all();
     }
 
+    /// Removes (`false`) or restores the definition of a custom resource `kind`: while it is
+    /// missing, its list and watch answer `404 page not found` as an API server without the
+    /// CRD does (objects applied meanwhile are kept for when it is installed: a test applies
+    /// them after installing).
+    pub fn set_installed(&self, kind: &str, installed: bool) {
+        let resource = resource_of(kind).to_string();
+        let (lock, cv) = &*self.state;
+        let mut s = lock.lock().unwrap();
+        if installed {
+            s.missing.remove(&resource);
+        } else {
+            s.missing.insert(resource);
+        }
+        cv.notify_all();
+    }
+
     pub fn requests(&self, what: &str) -> u64 {
         self.state
             .0
@@ -204,12 +236,32 @@ impl Drop for FakeApi {
 }
 
 fn respond(conn: &mut TcpStream, code: &str, body: &[u8]) -> std::io::Result<()> {
+    respond_as(conn, code, "application/json", body)
+}
+
+fn respond_as(
+    conn: &mut TcpStream,
+    code: &str,
+    content_type: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
     write!(
         conn,
-        "HTTP/1.1 {code}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "HTTP/1.1 {code}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     )?;
     conn.write_all(body)
+}
+
+/// What kube-apiserver answers for a path it does not serve (an API group without its CRD).
+fn page_not_found(conn: &mut TcpStream) -> Result<()> {
+    respond_as(
+        conn,
+        "404 Not Found",
+        "text/plain; charset=utf-8",
+        b"404 page not found\n",
+    )
+    .map_err(Into::into)
 }
 
 fn serve(
@@ -234,10 +286,19 @@ fn serve(
         .filter_map(|kv| kv.split_once('='))
         .collect();
     let Some(&(resource, _, kind, api_version)) = RESOURCES.iter().find(|r| r.1 == path) else {
-        return respond(&mut conn, "404 Not Found", b"{}").map_err(Into::into);
+        return page_not_found(&mut conn);
     };
     let watch = q.get("watch") == Some(&"true");
     let (lock, cv) = &**state;
+    {
+        let mut s = lock.lock().unwrap();
+        if s.missing.contains(resource) {
+            let what = format!("{} {resource}", if watch { "watch" } else { "list" });
+            *s.requests.entry(what).or_default() += 1;
+            drop(s);
+            return page_not_found(&mut conn);
+        }
+    }
     if !watch {
         let mut s = lock.lock().unwrap();
         *s.requests.entry(format!("list {resource}")).or_default() += 1;
@@ -246,9 +307,12 @@ fn serve(
             .iter()
             .filter(|((r, _, _), _)| r == resource)
             .map(|(_, v)| {
-                // List items carry no kind or apiVersion, as the API server sends them.
+                // Items of built-in lists carry no kind or apiVersion, as the API server sends
+                // them.
                 let mut v = v.clone();
-                if let Some(o) = v.as_object_mut() {
+                if !custom(resource)
+                    && let Some(o) = v.as_object_mut()
+                {
                     o.remove("kind");
                     o.remove("apiVersion");
                 }
@@ -326,6 +390,14 @@ fn serve(
 // ---------------------------------------------------------------------------------------------
 // Objects
 // ---------------------------------------------------------------------------------------------
+
+/// A node of the cluster with its InternalIP `ip` (any text: the API server does not check it).
+pub fn node_yaml(name: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{kubernetes.io/hostname: {name}, kubernetes.io/os: linux}}}}\n\
+         status: {{addresses: [{{type: InternalIP, address: '{ip}'}}, {{type: Hostname, address: {name}}}]}}\n"
+    )
+}
 
 pub fn namespace(name: &str) -> String {
     format!(

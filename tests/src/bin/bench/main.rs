@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: Palisade against what a user would pick instead. Writes
 //! `report.json` and `report.md` into `--out` (the plot is drawn by xtask from the JSON).
 //!
-//! 1. per-packet cost of the real programs by BPF program test runs (`packet`);
+//! 1. per-packet cost of the real programs by BPF program test runs (`packet`), also with 1 and
+//!    1 000 ClusterNetworkPolicies selecting the endpoint;
 //! 2. throughput and latency between two pods of the netns rig: no enforcement, Palisade,
 //!    iptables + ipset (kube-router), a linear iptables chain and nftables with an interval set
 //!    (`throughput`);
@@ -62,6 +63,15 @@ struct Args {
     /// Only the looped established-flow figure (development: profiling).
     #[arg(long, hide = true)]
     ct_hit_only: bool,
+    /// Of the per-packet section, only the ClusterNetworkPolicy figures (development: no
+    /// scales, no test-run floor, no building blocks; merged into report.json with
+    /// `--only packet`).
+    #[arg(long, hide = true)]
+    tiers_only: bool,
+    /// Override the numbers of ClusterNetworkPolicies of the per-packet section (development
+    /// only; 0 alone: none).
+    #[arg(long, hide = true, value_delimiter = ',')]
+    tier_policies: Vec<usize>,
 }
 
 fn command_output(program: &str, args: &[&str]) -> String {
@@ -162,12 +172,25 @@ fn run(args: &Args) -> Result<()> {
             .runs
             .unwrap_or(if args.quick { 100_000 } else { 200_000 })
             .min(200_000),
-        scales: if args.scales.is_empty() {
+        scales: if args.tiers_only {
+            Vec::new()
+        } else if args.scales.is_empty() {
             packet::SCALES.to_vec()
         } else {
             args.scales.clone()
         },
         ct_hit_only: args.ct_hit_only,
+        tiers: if args.tier_policies.is_empty() {
+            packet::TIER_POLICIES.to_vec()
+        } else {
+            args.tier_policies
+                .iter()
+                .copied()
+                .filter(|&c| c > 0)
+                .collect()
+        },
+        tier_scale: packet::TIER_SCALE,
+        tiers_only: args.tiers_only,
     };
     let throughput_cfg = throughput::Config {
         repeats: if args.quick { 2 } else { 6 },
@@ -194,6 +217,8 @@ fn run(args: &Args) -> Result<()> {
             "packet_repeats": packet_cfg.repeats,
             "packet_runs": packet_cfg.runs,
             "packet_calibration_runs": packet_cfg.calibration_runs,
+            "packet_tier_policies": packet_cfg.tiers,
+            "packet_tier_scale": packet_cfg.tier_scale,
             "throughput_repeats": throughput_cfg.repeats,
             "throughput_rules": throughput_cfg.rules,
             "tcp_secs": throughput_cfg.tcp_secs,

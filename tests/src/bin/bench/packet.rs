@@ -21,6 +21,11 @@
 //!   `new_deny` single runs is reported next to its looped value, as a check of the method.
 //!   The conntrack table is emptied (outside the timed runs) whenever it reaches 150 000 of its
 //!   262 144 entries, so inserts never evict.
+//!
+//! Then ClusterNetworkPolicy (`run_tiers`): at one scale (`TIER_SCALE` rules per family, the same
+//! probe and packets), the same figures with 1 and with 1 000 ClusterNetworkPolicies whose
+//! subject selects the endpoint (`cluster_policies_yaml`), to show that their number does not
+//! change the per-packet cost (the compiler folds every tier into the POLICY values).
 use std::{
     collections::HashSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -30,7 +35,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use aya::programs::{TestRun, TestRunOptions};
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
-use palisade_common::CtKey;
+use palisade_common::{CtKey, EP_TIERED_INGRESS};
 use palisade_datapath::{
     loader::{Datapath, FROM_POD, TO_POD},
     writer::MapWriter,
@@ -59,6 +64,22 @@ const DENY_PORT: u16 = 9;
 const CT_CLEAR_AT: usize = (palisade_common::CT_QUOTA_DEFAULT / 2) as usize;
 
 pub const SCALES: [usize; 4] = [1, 100, 10_000, 100_000];
+/// The NetworkPolicy scale (ipBlock rules per family) of the ClusterNetworkPolicy figures.
+pub const TIER_SCALE: usize = 100;
+/// Numbers of ClusterNetworkPolicies selecting the endpoint, measured side by side.
+pub const TIER_POLICIES: [usize; 2] = [1, 1000];
+/// What `measure` returns, in order: the per-packet figures, then the method checks.
+const KINDS: [&str; 7] = [
+    "ct_hit",
+    "ct_reply",
+    "new_allow",
+    "new_deny",
+    "new_allow_uncorrected",
+    "new_deny_single_run",
+    "timer_overhead",
+];
+/// The per-packet figures reported with ClusterNetworkPolicies (the first of `KINDS`).
+pub const TIER_KINDS: [&str; 4] = ["ct_hit", "ct_reply", "new_allow", "new_deny"];
 
 pub struct Config {
     /// Measurements of every figure.
@@ -71,6 +92,14 @@ pub struct Config {
     pub scales: Vec<usize>,
     /// Development: only the looped established-flow figure (for profiling).
     pub ct_hit_only: bool,
+    /// Numbers of ClusterNetworkPolicies measured at `tier_scale` (`TIER_POLICIES`; empty:
+    /// none).
+    pub tiers: Vec<usize>,
+    /// The NetworkPolicy scale of the ClusterNetworkPolicy figures (`TIER_SCALE`).
+    pub tier_scale: usize,
+    /// Development: only the ClusterNetworkPolicy figures (no scales, no test-run floor, no
+    /// building blocks).
+    pub tiers_only: bool,
 }
 
 /// A deterministic generator (splitmix64), so every run measures the same rules.
@@ -237,6 +266,99 @@ fn scale_store(base: &Store, n: usize) -> (Store, Probe) {
     )
 }
 
+/// The policy that lets the probe through the Admin tier: its first rule passes the probe's
+/// flows on to NetworkPolicy, and the Deny after it never decides them (it ranks after the
+/// Pass). Always the first of `cluster_policies_yaml`.
+pub const PASS_POLICY: &str = "pass-probe";
+/// Its priority (Admin tier): policies of lower priority numbers come before it, higher after.
+const PASS_PRIORITY: u32 = 500;
+
+/// `n` ClusterNetworkPolicies whose subject selects the bench endpoint (`app: target` in
+/// `bench`), none of which decides the probe's flows (TCP to `allow_port`, an ipBlock port
+/// from `port_of_rule`, or to `DENY_PORT`):
+///
+/// * `pass-probe` (Admin, priority 500): Pass from the probe, any port (the probe's flows go
+///   on to NetworkPolicy); then Deny from the probe (never reached: the Pass ranks first); an
+///   Accept from the peers' namespace (the probe included) on an aligned port range; an egress
+///   Deny to networks.
+/// * the others, alternately Admin and Baseline, with distinct priorities (1..=999 but 500,
+///   which becomes 1 000), alternately selecting the endpoint by `pods` and by `namespaces`:
+///   ingress from a group of 200 peer pods on one of 8 ports (not the probe), from the peers'
+///   namespace (the probe included) on one of 4 ports below 10 000; every fifth, from the probe
+///   on any port, after the Pass (Admin priority above 500) or in Baseline (which NetworkPolicy
+///   isolation keeps from deciding); egress to two networks (one per family) and to a group of
+///   peer pods. Actions rotate through Accept, Deny and Pass.
+///
+/// Every port used is below 10 000 and is not `DENY_PORT`, so the probe's ports are decided by
+/// the Pass alone in the Admin tier.
+pub fn cluster_policies_yaml(n: usize) -> String {
+    const HEAD: &str =
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\n";
+    const PROBE: &str = "{pods: {namespaceSelector: {matchLabels: {team: peers}}, podSelector: {matchLabels: {app: probe}}}}";
+    let mut out = String::new();
+    if n == 0 {
+        return out;
+    }
+    out.push_str(&format!(
+        "{HEAD}metadata: {{name: {PASS_POLICY}}}\nspec:\n  tier: Admin\n  priority: {PASS_PRIORITY}\n\
+         \x20 subject: {{pods: {{podSelector: {{matchLabels: {{app: target}}}}}}}}\n\
+         \x20 ingress:\n\
+         \x20 - {{name: pass-probe, action: Pass, from: [{PROBE}]}}\n\
+         \x20 - {{name: deny-probe-after-pass, action: Deny, from: [{PROBE}]}}\n\
+         \x20 - name: peers-range\n    action: Accept\n    from: [{{namespaces: {{matchLabels: {{team: peers}}}}}}]\n\
+         \x20   protocols: [{{tcp: {{destinationPort: {{range: {{start: 7168, end: 7199}}}}}}}}]\n\
+         \x20 egress:\n\
+         \x20 - action: Deny\n    to: [{{networks: [10.199.0.0/16, 'fd00:199::/64']}}]\n\
+         \x20   protocols: [{{tcp: {{destinationPort: {{number: 5432}}}}}}]\n"
+    ));
+    let actions = ["Accept", "Deny", "Pass"];
+    for i in 1..n {
+        let admin = i % 2 == 1;
+        let priority = if i as u32 == PASS_PRIORITY {
+            1000
+        } else {
+            i as u32
+        };
+        let subject = if i % 4 < 2 {
+            "{pods: {namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: bench}}, podSelector: {matchLabels: {app: target}}}}"
+        } else {
+            "{namespaces: {matchLabels: {kubernetes.io/metadata.name: bench}}}"
+        };
+        let action = |k: usize| actions[(i + k) % actions.len()];
+        out.push_str(&format!(
+            "---\n{HEAD}metadata: {{name: cnp-{i}}}\nspec:\n  tier: {}\n  priority: {priority}\n  subject: {subject}\n  ingress:\n\
+             \x20 - action: {}\n    from: [{{pods: {{namespaceSelector: {{matchLabels: {{team: peers}}}}, podSelector: {{matchLabels: {{app: peer-{}}}}}}}}}]\n\
+             \x20   protocols: [{{tcp: {{destinationPort: {{number: {}}}}}}}]\n\
+             \x20 - action: {}\n    from: [{{namespaces: {{matchLabels: {{team: peers}}}}}}]\n\
+             \x20   protocols: [{{tcp: {{destinationPort: {{number: {}}}}}}}, {{udp: {{destinationPort: {{number: 53}}}}}}]\n",
+            if admin { "Admin" } else { "Baseline" },
+            action(0),
+            i % 50,
+            1000 + i % 8,
+            action(1),
+            7000 + i % 4,
+        ));
+        // After the Pass (or in Baseline): matches the probe on every port, never decides.
+        if i % 5 == 0 && (!admin || priority > PASS_PRIORITY) {
+            out.push_str(&format!("  - {{action: {}, from: [{PROBE}]}}\n", action(2)));
+        }
+        out.push_str(&format!(
+            "  egress:\n\
+             \x20 - action: {}\n    to: [{{networks: [10.{}.{}.0/24, 'fd00:200:{i:x}::/64']}}]\n\
+             \x20   protocols: [{{tcp: {{destinationPort: {{number: {}}}}}}}]\n\
+             \x20 - action: {}\n    to: [{{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: peer-{}}}}}}}}}]\n\
+             \x20   protocols: [{{tcp: {{destinationPort: {{number: 443}}}}}}]\n",
+            action(0),
+            200 + i / 256,
+            i % 256,
+            5432 + i % 3,
+            action(1),
+            (i + 25) % 50,
+        ));
+    }
+    out
+}
+
 // ---- packets ------------------------------------------------------------------------------
 
 const SYN: u8 = 0x02;
@@ -302,6 +424,8 @@ fn make_flow(pkt: &mut [u8], v6: bool, i: u32) {
 
 struct Bench {
     dp: Datapath,
+    /// The bench endpoint's id.
+    ep_id: u32,
     _writer: MapWriter,
     /// Removes the bench's flows as the agent's sweep does (releasing the endpoint's quota).
     sweeper: palisade_datapath::ct_sweep::Sweeper,
@@ -389,65 +513,16 @@ pub fn run(cfg: &Config, object: &[u8], report: &mut Value) -> Result<()> {
     eprintln!("bench: per-packet cost: building the cluster ({PEER_PODS} peer pods)");
     let base = base_store();
     let families = [("ipv4", false), ("ipv6", true)];
-    let kinds = [
-        "ct_hit",
-        "ct_reply",
-        "new_allow",
-        "new_deny",
-        "new_allow_uncorrected",
-        "new_deny_single_run",
-        "timer_overhead",
-    ];
+    let kinds = KINDS;
     for &n in &cfg.scales {
-        let t = Instant::now();
         let (store, probe) = scale_store(&base, n);
-        let endpoint = LocalEndpoint {
-            pod: PodRef {
-                namespace: "bench".into(),
-                name: "target".into(),
-            },
-            ifindex: LO_IFINDEX,
-        };
-        let mut compiler = Compiler::default();
-        let state = compiler.compile(&store, &[endpoint], &[IpAddr::V4(NODE4)]);
-        let compile_ms = t.elapsed().as_secs_f64() * 1e3;
-        let ep_id = state
-            .endpoints
-            .get(&LO_IFINDEX)
-            .context("the bench endpoint was not compiled")?
-            .id;
-        let mut dp = Datapath::load(object, None).context("loading the datapath")?;
-        let sweeper = palisade_datapath::ct_sweep::Sweeper::new(&dp)?;
-        let mut writer = MapWriter::new(&mut dp)?;
-        let t = Instant::now();
-        let stats = writer.apply(&state);
-        let write_ms = t.elapsed().as_secs_f64() * 1e3;
-        ensure!(
-            stats.failed == 0,
-            "{} map writes failed at scale {n}",
-            stats.failed
-        );
-        let mut b = Bench {
-            dp,
-            _writer: writer,
-            sweeper,
-        };
+        let (mut b, setup) = load(&store, object, &format!("scale {n}"))?;
+        let ep_id = b.ep_id;
         eprintln!(
-            "bench: {n} rules per family: {} CIDRS and {} POLICY entries (compiled in {compile_ms:.0} ms, written in {write_ms:.0} ms)",
-            state.cidrs.len(),
-            state.policy.len()
+            "bench: {n} rules per family: {} CIDRS and {} POLICY entries (compiled in {:.0} ms, written in {:.0} ms)",
+            setup.cidr_entries, setup.policy_entries, setup.compile_ms, setup.write_ms
         );
-        set(
-            report,
-            &format!("packet_setup.{n}"),
-            json!({
-                "cidr_entries": state.cidrs.len(),
-                "policy_entries": state.policy.len(),
-                "identities": state.identities.len(),
-                "compile_ms": crate::stats::round(compile_ms),
-                "write_ms": crate::stats::round(write_ms),
-            }),
-        );
+        set(report, &format!("packet_setup.{n}"), setup.json());
         for (fam, v6) in families {
             let (pod, peer): (IpAddr, IpAddr) = if v6 {
                 (POD6.into(), probe.peer6.into())
@@ -489,21 +564,26 @@ pub fn run(cfg: &Config, object: &[u8], report: &mut Value) -> Result<()> {
             }
         }
     }
-    // The test-run machinery alone (an empty program), on the same CPU and packet size.
-    let pkt = tcp_packet(POD4.into(), NODE4.into(), 1, 2, ACK);
-    let mut floor = Figure::default();
-    for _ in 0..cfg.repeats.max(3) {
-        floor.push(crate::primitives::empty_program_ns(&pkt, cfg.runs)?);
+    if !cfg.tiers.is_empty() {
+        run_tiers(cfg, &base, object, report)?;
     }
-    eprintln!(
-        "bench:   test-run floor (empty program): {:.0} ns",
-        floor.median()
-    );
-    set(report, "ns_per_packet_detail.empty_program", floor.json());
-    // The building blocks alone, above that floor: what the paths are made of.
-    for (name, fig) in crate::primitives::measure(&pkt, cfg.runs, cfg.repeats.max(3))? {
-        eprintln!("bench:   {name}: {:.1} ns", fig.median());
-        set(report, &format!("ns_per_primitive.{name}"), fig.json());
+    if !cfg.tiers_only {
+        // The test-run machinery alone (an empty program), on the same CPU and packet size.
+        let pkt = tcp_packet(POD4.into(), NODE4.into(), 1, 2, ACK);
+        let mut floor = Figure::default();
+        for _ in 0..cfg.repeats.max(3) {
+            floor.push(crate::primitives::empty_program_ns(&pkt, cfg.runs)?);
+        }
+        eprintln!(
+            "bench:   test-run floor (empty program): {:.0} ns",
+            floor.median()
+        );
+        set(report, "ns_per_packet_detail.empty_program", floor.json());
+        // The building blocks alone, above that floor: what the paths are made of.
+        for (name, fig) in crate::primitives::measure(&pkt, cfg.runs, cfg.repeats.max(3))? {
+            eprintln!("bench:   {name}: {:.1} ns", fig.median());
+            set(report, &format!("ns_per_primitive.{name}"), fig.json());
+        }
     }
     // Verifier statistics of the programs measured.
     let dp = Datapath::load(object, None)?;
@@ -526,7 +606,178 @@ pub fn run(cfg: &Config, object: &[u8], report: &mut Value) -> Result<()> {
     Ok(())
 }
 
-/// One repeat of every per-packet figure for one family, in `kinds` order.
+/// What compiling and writing one store took, and how big its maps are.
+struct Setup {
+    cidr_entries: usize,
+    policy_entries: usize,
+    identities: usize,
+    compile_ms: f64,
+    write_ms: f64,
+}
+
+impl Setup {
+    fn json(&self) -> Value {
+        json!({
+            "cidr_entries": self.cidr_entries,
+            "policy_entries": self.policy_entries,
+            "identities": self.identities,
+            "compile_ms": crate::stats::round(self.compile_ms),
+            "write_ms": crate::stats::round(self.write_ms),
+        })
+    }
+}
+
+/// Compiles `store` for the bench endpoint with the agent's compiler and writes its maps into
+/// a freshly loaded datapath with the agent's map writer.
+fn load(store: &Store, object: &[u8], what: &str) -> Result<(Bench, Setup)> {
+    let t = Instant::now();
+    let endpoint = LocalEndpoint {
+        pod: PodRef {
+            namespace: "bench".into(),
+            name: "target".into(),
+        },
+        ifindex: LO_IFINDEX,
+    };
+    let mut compiler = Compiler::default();
+    let state = compiler.compile(store, &[endpoint], &[IpAddr::V4(NODE4)]);
+    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let ep = state
+        .endpoints
+        .get(&LO_IFINDEX)
+        .context("the bench endpoint was not compiled")?;
+    let ep_id = ep.id;
+    if !store.cluster_policies.is_empty() {
+        ensure!(
+            ep.flags & EP_TIERED_INGRESS != 0,
+            "{what}: the endpoint is not tiered for ingress"
+        );
+        let selected = state
+            .endpoint_meta
+            .get(&ep_id)
+            .map_or(0, |m| m.ingress_cluster_policies.len());
+        ensure!(
+            selected == store.cluster_policies.len(),
+            "{what}: {selected} of {} ClusterNetworkPolicies select the endpoint",
+            store.cluster_policies.len()
+        );
+    }
+    let mut dp = Datapath::load(object, None).context("loading the datapath")?;
+    let sweeper = palisade_datapath::ct_sweep::Sweeper::new(&dp)?;
+    let mut writer = MapWriter::new(&mut dp)?;
+    let t = Instant::now();
+    let stats = writer.apply(&state);
+    let write_ms = t.elapsed().as_secs_f64() * 1e3;
+    ensure!(
+        stats.failed == 0,
+        "{} map writes failed at {what}",
+        stats.failed
+    );
+    Ok((
+        Bench {
+            dp,
+            ep_id,
+            _writer: writer,
+            sweeper,
+        },
+        Setup {
+            cidr_entries: state.cidrs.len(),
+            policy_entries: state.policy.len(),
+            identities: state.identities.len(),
+            compile_ms,
+            write_ms,
+        },
+    ))
+}
+
+/// The ClusterNetworkPolicy figures: the store of `cfg.tier_scale` (its probe, its
+/// NetworkPolicy) plus each number of `cfg.tiers` ClusterNetworkPolicies, all loaded at once
+/// and measured side by side (each repeat measures every setup, in alternating order), so
+/// that a change of load hits them alike.
+fn run_tiers(cfg: &Config, base: &Store, object: &[u8], report: &mut Value) -> Result<()> {
+    let (np_store, probe) = scale_store(base, cfg.tier_scale);
+    let mut setups = Vec::new();
+    for &c in &cfg.tiers {
+        let mut store = np_store.clone();
+        for obj in objects(&cluster_policies_yaml(c)) {
+            store
+                .apply(obj)
+                .map_err(|e| anyhow::anyhow!("bench ClusterNetworkPolicy: {e}"))?;
+        }
+        ensure!(
+            store.cluster_policies.len() == c,
+            "{} ClusterNetworkPolicies in the store, {c} generated",
+            store.cluster_policies.len()
+        );
+        let rules: usize = store
+            .cluster_policies
+            .values()
+            .map(|p| p.ingress.len() + p.egress.len())
+            .sum();
+        let (b, setup) = load(&store, object, &format!("{c} ClusterNetworkPolicies"))?;
+        eprintln!(
+            "bench: {} rules per family and {c} ClusterNetworkPolicies ({rules} rules): {} CIDRS and {} POLICY entries (compiled in {:.0} ms, written in {:.0} ms)",
+            cfg.tier_scale,
+            setup.cidr_entries,
+            setup.policy_entries,
+            setup.compile_ms,
+            setup.write_ms
+        );
+        let mut json = setup.json();
+        json["cluster_policies"] = json!(c);
+        json["cluster_policy_rules"] = json!(rules);
+        json["rules_per_family"] = json!(cfg.tier_scale);
+        set(report, &format!("packet_setup.tiers.{c}"), json);
+        setups.push((c, b));
+    }
+    let kinds = KINDS;
+    for (fam, v6) in [("ipv4", false), ("ipv6", true)] {
+        let (pod, peer): (IpAddr, IpAddr) = if v6 {
+            (POD6.into(), probe.peer6.into())
+        } else {
+            (POD4.into(), probe.peer4.into())
+        };
+        let mut figs: Vec<Vec<Figure>> = setups
+            .iter()
+            .map(|_| kinds.iter().map(|_| Figure::default()).collect())
+            .collect();
+        for r in 0..cfg.repeats {
+            let mut order: Vec<usize> = (0..setups.len()).collect();
+            if r % 2 == 1 {
+                order.reverse();
+            }
+            for s in order {
+                let b = &mut setups[s].1;
+                let ep_id = b.ep_id;
+                let m = measure(b, cfg, ep_id, v6, pod, peer, probe.allow_port, r as u32)
+                    .with_context(|| format!("{} ClusterNetworkPolicies, {fam}", setups[s].0))?;
+                for (i, v) in m.into_iter().enumerate() {
+                    figs[s][i].push(v);
+                }
+            }
+        }
+        for ((c, _), figs) in setups.iter().zip(&figs) {
+            eprintln!(
+                "bench:   {fam}, {c} ClusterNetworkPolicies: ct_hit {:.0} ns, ct_reply {:.0} ns, new_allow {:.0} ns, new_deny {:.0} ns (timer overhead {:.0} ns)",
+                figs[0].median(),
+                figs[1].median(),
+                figs[2].median(),
+                figs[3].median(),
+                figs[6].median()
+            );
+            for (kind, fig) in kinds.iter().zip(figs) {
+                let path = if TIER_KINDS.contains(kind) {
+                    format!("ns_per_packet_tiers.{kind}.{fam}.{c}")
+                } else {
+                    format!("ns_per_packet_tiers_detail.{kind}.{fam}.{c}")
+                };
+                set(report, &path, fig.json());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One repeat of every per-packet figure for one family, in `KINDS` order.
 #[allow(clippy::too_many_arguments)]
 fn measure(
     b: &mut Bench,
@@ -593,4 +844,38 @@ fn measure(
         (single_deny - overhead).max(0.0),
         overhead,
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use palisade_policy::{model::Store, state::Tier};
+
+    use super::{PASS_POLICY, cluster_policies_yaml, objects};
+
+    /// The generated policies are valid, as many as asked, in both tiers, with distinct
+    /// priorities; the Pass policy is always there.
+    #[test]
+    fn cluster_policies_are_valid_and_distinct() {
+        for n in [1, 2, 1000] {
+            let mut store = Store::default();
+            for obj in objects(&cluster_policies_yaml(n)) {
+                store.apply(obj).expect("valid ClusterNetworkPolicy");
+            }
+            assert_eq!(store.cluster_policies.len(), n);
+            assert!(store.cluster_policies.contains_key(PASS_POLICY));
+            let priorities: HashSet<u16> = store
+                .cluster_policies
+                .values()
+                .map(|p| p.priority)
+                .collect();
+            assert_eq!(priorities.len(), n, "distinct priorities");
+            if n > 2 {
+                for tier in [Tier::Admin, Tier::Baseline] {
+                    assert!(store.cluster_policies.values().any(|p| p.tier == tier));
+                }
+            }
+        }
+    }
 }

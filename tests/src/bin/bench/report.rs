@@ -443,6 +443,203 @@ pub fn limits(r: &Value) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// `1 000` for 1000: the report's thousands separator.
+fn fmt_count(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The numbers of ClusterNetworkPolicies measured (`packet_setup.tiers`), ascending.
+fn tier_counts(r: &Value) -> Vec<u64> {
+    let mut counts: Vec<u64> = get(r, "packet_setup.tiers")
+        .and_then(Value::as_object)
+        .map(|o| o.keys().filter_map(|k| k.parse().ok()).collect())
+        .unwrap_or_default();
+    counts.sort_unstable();
+    counts
+}
+
+/// The per-packet figures with ClusterNetworkPolicies (`ns_per_packet_tiers`), if measured.
+fn tiers_section(m: &mut String, r: &Value) {
+    let counts = tier_counts(r);
+    let (Some(&first), Some(&last)) = (counts.first(), counts.last()) else {
+        return;
+    };
+    let setup = |c: u64, field: &str| {
+        get(r, &format!("packet_setup.tiers.{c}.{field}"))
+            .map_or_else(|| "?".into(), Value::to_string)
+    };
+    let scale = setup(first, "rules_per_family");
+    let names: Vec<String> = counts.iter().map(|c| fmt_count(*c)).collect();
+    let _ = writeln!(
+        m,
+        "### ClusterNetworkPolicy: per-packet cost with {} policies\n",
+        names.join(" and ")
+    );
+    let _ = writeln!(
+        m,
+        "At N = {scale} ipBlock rules per family (the same NetworkPolicy, probe and packets as \
+         above), the endpoint is also selected by that many ClusterNetworkPolicies: Admin and \
+         Baseline alternately, with distinct priorities; ingress rules with pods and namespaces \
+         peers on ports the probe's flows do not use, egress rules with networks and pods peers; \
+         and an Admin Pass rule for the probe (followed by a Deny that must not decide), so its \
+         new flows go through the Admin tier and are decided by NetworkPolicy as before (every \
+         run checks the verdict: allowed, dropped). The setups are loaded together and each \
+         repeat measures all of them, in alternating order. The first column repeats the \
+         NetworkPolicy-only figure at N = {scale} from the table above (an endpoint no \
+         ClusterNetworkPolicy selects makes no tier comparison).\n"
+    );
+    let _ = write!(m, "| Packet | Family | NetworkPolicy only |");
+    for c in &counts {
+        let _ = write!(m, " {} |", fmt_count(*c));
+    }
+    let ratio_label = format!("{} / {}", fmt_count(last), fmt_count(first));
+    let _ = writeln!(m, " {ratio_label} |");
+    let _ = writeln!(m, "|---|---|---|{}---|", "---|".repeat(counts.len()));
+    let rows = [
+        ("established flow", "ct_hit", "ns_per_packet.ct_hit"),
+        (
+            "established flow, reply direction",
+            "ct_reply",
+            "ns_per_packet_detail.ct_reply",
+        ),
+        ("new allowed flow", "new_allow", "ns_per_packet.new_allow"),
+        ("new denied flow", "new_deny", "ns_per_packet.new_deny"),
+    ];
+    debug_assert!(
+        rows.iter()
+            .zip(crate::packet::TIER_KINDS)
+            .all(|((_, k, _), t)| *k == t)
+    );
+    // (last / first, figure) for the interpretation.
+    let mut ratios: Vec<(f64, String)> = Vec::new();
+    for (label, kind, np) in rows {
+        for fam in families() {
+            let _ = write!(
+                m,
+                "| {label} | {fam} | {} |",
+                cell(r, &format!("{np}.{fam}.{scale}"))
+            );
+            for c in &counts {
+                let _ = write!(
+                    m,
+                    " {} |",
+                    cell(r, &format!("ns_per_packet_tiers.{kind}.{fam}.{c}"))
+                );
+            }
+            let lo = median_at(r, &format!("ns_per_packet_tiers.{kind}.{fam}.{first}"));
+            let hi = median_at(r, &format!("ns_per_packet_tiers.{kind}.{fam}.{last}"));
+            match (lo, hi) {
+                (Some(lo), Some(hi)) if lo > 0.0 && counts.len() > 1 => {
+                    let _ = writeln!(m, " {:.2} |", hi / lo);
+                    ratios.push((hi / lo, format!("{label}, {fam}")));
+                }
+                _ => {
+                    let _ = writeln!(m, " – |");
+                }
+            }
+        }
+    }
+    if !ratios.is_empty() {
+        let values: Vec<f64> = ratios.iter().map(|(v, _)| *v).collect();
+        let (lo, lo_what) = ratios
+            .iter()
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+            .cloned()
+            .expect("not empty");
+        let (hi, hi_what) = ratios
+            .iter()
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .cloned()
+            .expect("not empty");
+        let median = crate::stats::percentile(&values, 50.0);
+        // What the run's repeats let one tell apart from noise: within 10 % either way.
+        let verdict = if hi <= 1.10 && lo >= 0.90 {
+            format!(
+                "the per-packet cost does not grow with the number of ClusterNetworkPolicies \
+                 ({}× as many policies, no figure moves by more than {:.0} %)",
+                fmt_count(last / first.max(1)),
+                ((hi - 1.0).max(1.0 - lo) * 100.0).ceil()
+            )
+        } else if hi > 1.10 {
+            format!(
+                "the per-packet cost grows with the number of ClusterNetworkPolicies: up to \
+                 {:.0} % ({hi_what})",
+                (hi - 1.0) * 100.0
+            )
+        } else {
+            format!(
+                "the per-packet cost does not grow with the number of ClusterNetworkPolicies; \
+                 one figure is {:.0} % lower ({lo_what})",
+                (1.0 - lo) * 100.0
+            )
+        };
+        let _ = writeln!(
+            m,
+            "\nWith {} ClusterNetworkPolicies each figure is {lo:.2} ({lo_what}) to {hi:.2} \
+             ({hi_what}) times its value with {} (median {median:.2}): {verdict}.",
+            fmt_count(last),
+            fmt_count(first),
+        );
+        // What being selected at all costs: the first count against NetworkPolicy only.
+        let extra: Vec<f64> = ["new_allow", "new_deny"]
+            .iter()
+            .flat_map(|kind| {
+                let scale = &scale;
+                families().into_iter().filter_map(move |fam| {
+                    let np = median_at(r, &format!("ns_per_packet.{kind}.{fam}.{scale}"))?;
+                    let t = median_at(r, &format!("ns_per_packet_tiers.{kind}.{fam}.{first}"))?;
+                    Some(t - np)
+                })
+            })
+            .collect();
+        if !extra.is_empty() {
+            let lo = extra.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = extra.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let _ = writeln!(
+                m,
+                "Being selected by a ClusterNetworkPolicy at all changes a new flow's cost by \
+                 {} to {} ns (medians with {} against NetworkPolicy only, same N).",
+                fmt_num(lo),
+                fmt_num(hi),
+                fmt_count(first),
+            );
+        }
+    }
+    let _ = write!(m, "\nMaps:");
+    for c in &counts {
+        let ms = |field: &str| {
+            get(r, &format!("packet_setup.tiers.{c}.{field}"))
+                .and_then(Value::as_f64)
+                .map_or_else(|| "?".into(), fmt_num)
+        };
+        let _ = write!(
+            m,
+            " {} {} ({} rules): {} CIDRS and {} POLICY entries, compiled in {} ms and \
+             written in {} ms;",
+            fmt_count(*c),
+            if *c == 1 { "policy" } else { "policies" },
+            setup(*c, "cluster_policy_rules"),
+            setup(*c, "cidr_entries"),
+            setup(*c, "policy_entries"),
+            ms("compile_ms"),
+            ms("write_ms"),
+        );
+    }
+    let _ = writeln!(
+        m,
+        " the compiler folds every tier into the POLICY values, so what a packet looks up \
+         depends on the rules' shapes (their port prefix lengths), not on their number.\n"
+    );
+}
+
 pub fn markdown(r: &Value) -> String {
     let limits = limits(r);
     let mut m = String::new();
@@ -650,6 +847,8 @@ pub fn markdown(r: &Value) -> String {
         s("programs.to_pod.verified_instructions"),
         s("programs.from_pod.verified_instructions")
     );
+
+    tiers_section(&mut m, r);
 
     let _ = writeln!(m, "## 2. Throughput and latency between two pods\n");
     let _ = writeln!(

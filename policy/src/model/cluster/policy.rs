@@ -11,8 +11,6 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use serde::{Deserialize, Serialize};
-
 use super::raw;
 use crate::error::{ConfigError, FieldError};
 use crate::model::{AUDIT_ANNOTATION, Protocol};
@@ -36,33 +34,7 @@ pub const MAX_RULE_NAME: usize = 100;
 /// Longest CIDR string.
 pub const MAX_CIDR_LEN: usize = 43;
 
-/// A policy's tier. Admin is evaluated before NetworkPolicy, Baseline after it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum Tier {
-    Admin,
-    Baseline,
-}
-
-impl fmt::Display for Tier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
-    }
-}
-
-/// What a matching rule does: `Accept` and `Deny` decide the direction, `Pass` skips the rest of
-/// the tier.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum Action {
-    Accept,
-    Deny,
-    Pass,
-}
-
-impl fmt::Display for Action {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
-    }
-}
+pub use crate::state::{Action, Tier};
 
 /// A validated ClusterNetworkPolicy.
 #[derive(Clone, Debug, PartialEq, Eq)]
