@@ -35,10 +35,11 @@ enum Command {
     /// send allowed and denied traffic and show what happened.
     Demo,
     /// Run the upstream NetworkPolicy e2e cases on the netns rig (the ClusterNetworkPolicy
-    /// ones with --cases tests/conformance/cnp/cases).
+    /// ones with --cases tests/conformance/cnp/cases, Palisade's own with --cases
+    /// tests/conformance/cnp/palisade).
     Conformance {
-        /// Extra arguments for the runner (--cases DIR, --filter NAME, --ipv6,
-        /// --check-explain).
+        /// Extra arguments for the runner (--cases DIR, more than once if need be, --filter
+        /// NAME, --ipv6, --check-explain).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

@@ -54,20 +54,25 @@ pub fn test(with_conformance: bool) -> Result<()> {
     )?;
     fuzz(FUZZ_PACKETS_IN_TEST, 1, false)?;
     if with_conformance {
-        let cnp_cases = root().join(CNP_CASES).display().to_string();
+        let cnp: Vec<String> = CNP_CASES
+            .iter()
+            .flat_map(|dir| {
+                [
+                    "--cases".to_string(),
+                    root().join(dir).display().to_string(),
+                ]
+            })
+            .collect();
+        let ipv6 = || vec!["--ipv6".to_string()];
         for (what, args) in [
             ("conformance (IPv4)", vec![]),
-            ("conformance (IPv6)", vec!["--ipv6"]),
-            (
-                "conformance, ClusterNetworkPolicy (IPv4)",
-                vec!["--cases", &cnp_cases],
-            ),
+            ("conformance (IPv6)", ipv6()),
+            ("conformance, ClusterNetworkPolicy (IPv4)", cnp.clone()),
             (
                 "conformance, ClusterNetworkPolicy (IPv6)",
-                vec!["--cases", &cnp_cases, "--ipv6"],
+                [cnp.clone(), ipv6()].concat(),
             ),
         ] {
-            let args: Vec<String> = args.into_iter().map(String::from).collect();
             let started = Instant::now();
             run(&mut tests_bin("conformance", &agent, &args), what)?;
             eprintln!(
@@ -123,8 +128,12 @@ pub fn demo() -> Result<()> {
     )
 }
 
-/// The ClusterNetworkPolicy cases (schema v2), relative to the repository.
-const CNP_CASES: &str = "tests/conformance/cnp/cases";
+/// The ClusterNetworkPolicy cases (schema v2): upstream's and Palisade's own, relative to the
+/// repository.
+const CNP_CASES: [&str; 2] = [
+    "tests/conformance/cnp/cases",
+    "tests/conformance/cnp/palisade",
+];
 
 pub fn conformance(args: &[String]) -> Result<()> {
     require_root("cargo xtask conformance")?;

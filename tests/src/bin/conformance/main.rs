@@ -26,9 +26,10 @@ pub struct Args {
     /// The palisade agent binary.
     #[arg(long)]
     agent: PathBuf,
-    /// Directory of case files (schema v1 or v2, see the READMEs under tests/conformance).
+    /// Directory of case files (schema v1 or v2, see the READMEs under tests/conformance);
+    /// may be given more than once.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/conformance/cases"))]
-    cases: PathBuf,
+    cases: Vec<PathBuf>,
     /// Only cases whose name contains this.
     #[arg(long)]
     filter: Option<String>,
@@ -95,17 +96,22 @@ fn main() -> ExitCode {
         eprintln!("conformance needs root (BPF, TCX, network namespaces)");
         return ExitCode::FAILURE;
     }
-    let mut files: Vec<PathBuf> = match std::fs::read_dir(&args.cases) {
-        Ok(rd) => rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-            .collect(),
-        Err(e) => {
-            eprintln!("{}: {e}", args.cases.display());
-            return ExitCode::FAILURE;
-        }
-    };
-    files.sort();
+    // Each directory's files in name order, the directories in the order given.
+    let mut files: Vec<PathBuf> = Vec::new();
+    for dir in &args.cases {
+        let mut in_dir: Vec<PathBuf> = match std::fs::read_dir(dir) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+                .collect(),
+            Err(e) => {
+                eprintln!("{}: {e}", dir.display());
+                return ExitCode::FAILURE;
+            }
+        };
+        in_dir.sort();
+        files.extend(in_dir);
+    }
     // Case names are their file names: the column fits the longest.
     let width = files
         .iter()
@@ -115,10 +121,8 @@ fn main() -> ExitCode {
         .unwrap_or(0)
         .max(48);
     let family = if args.ipv6 { "IPv6" } else { "IPv4" };
-    println!(
-        "conformance ({family}), cases from {}",
-        args.cases.display()
-    );
+    let dirs: Vec<String> = args.cases.iter().map(|d| d.display().to_string()).collect();
+    println!("conformance ({family}), cases from {}", dirs.join(", "));
     println!(
         "{:<width$} {:>6} {:>8}  result",
         "case", "probes", "seconds"
@@ -211,7 +215,11 @@ mod tests {
     #[test]
     fn shipped_cases_read() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("conformance");
-        for (dir, schema, at_least) in [("cases", 1, 36), ("cnp/cases", 2, 69)] {
+        for (dir, schema, at_least) in [
+            ("cases", 1, 36),
+            ("cnp/cases", 2, 69),
+            ("cnp/palisade", 2, 4),
+        ] {
             let mut n = 0;
             for entry in std::fs::read_dir(root.join(dir)).unwrap() {
                 let path = entry.unwrap().path();
