@@ -1,4 +1,5 @@
-//! Schema v2: the upstream ClusterNetworkPolicy conformance cases (tests/conformance/cnp/README.md).
+//! Schema v2: the ClusterNetworkPolicy conformance cases (tests/conformance/cnp/README.md):
+//! upstream's (`tests/conformance/cnp/cases`) and Palisade's own (`tests/conformance/cnp/palisade`).
 //!
 //! For each case: a node whose pods are the case's pods (one network namespace each, serving
 //! the ports the case lists) and whose own namespace serves the host-networked pods' ports on
