@@ -111,6 +111,11 @@ fn every_manifest_parses_into_its_type() {
             "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(&file, &v)),
             "DaemonSet" => drop(typed::<DaemonSet>(&file, &v)),
             "NetworkPolicy" => policies.push(typed::<NetworkPolicy>(&file, &v)),
+            "ClusterNetworkPolicy" => {
+                let raw = typed::<palisade_policy::cnp::raw::ClusterNetworkPolicy>(&file, &v);
+                palisade_policy::cnp::ClusterNetworkPolicy::from_raw(&raw)
+                    .unwrap_or_else(|e| panic!("{file}: {e}"));
+            }
             "Pod" => drop(typed::<k8s_openapi::api::core::v1::Pod>(&file, &v)),
             "Kustomization" => {
                 for r in v["resources"].as_array().unwrap() {
@@ -130,6 +135,7 @@ fn every_manifest_parses_into_its_type() {
         "DaemonSet",
         "Kustomization",
         "NetworkPolicy",
+        "ClusterNetworkPolicy",
     ] {
         assert!(
             kinds.contains_key(k),
