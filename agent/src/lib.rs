@@ -29,3 +29,8 @@ pub mod metrics;
 pub mod observe;
 pub mod stats;
 pub mod verdicts;
+
+/// `explain`, `policy show`, verdicts and stats naming ClusterNetworkPolicies (beside `inspect`
+/// and `verdicts`, which it tests together).
+#[cfg(test)]
+mod inspect_cnp_tests;

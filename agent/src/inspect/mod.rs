@@ -21,8 +21,6 @@ use palisade_policy::{
     state::{DesiredState, Direction, EndpointMeta, PodRef, RuleRef, TierRuleInfo},
 };
 
-#[cfg(test)]
-mod cnp_tests;
 mod names;
 mod output;
 mod snapshot;

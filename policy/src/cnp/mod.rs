@@ -11,3 +11,5 @@ pub use crate::model::cluster::{nodes, raw};
 
 #[cfg(test)]
 mod conformance;
+#[cfg(test)]
+mod random;

@@ -29,20 +29,20 @@ const ICMP: u8 = PROTO_ICMP;
 // A cluster, compiled with every pod a local endpoint
 // ---------------------------------------------------------------------------------------------
 
-struct World {
-    store: Store,
+pub(crate) struct World {
+    pub(crate) store: Store,
     compiler: Compiler,
     endpoints: Vec<LocalEndpoint>,
     hosts: Vec<IpAddr>,
-    state: DesiredState,
+    pub(crate) state: DesiredState,
 }
 
-fn ip(s: &str) -> IpAddr {
+pub(crate) fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
 impl World {
-    fn new(store: Store, hosts: Vec<IpAddr>) -> World {
+    pub(crate) fn new(store: Store, hosts: Vec<IpAddr>) -> World {
         let endpoints = store
             .pods
             .keys()
@@ -77,7 +77,7 @@ impl World {
         check_masked(&self.state);
     }
 
-    fn ifindex(&self, pod: &PodRef) -> Option<u32> {
+    pub(crate) fn ifindex(&self, pod: &PodRef) -> Option<u32> {
         self.endpoints
             .iter()
             .find(|e| e.pod == *pod)
@@ -738,12 +738,12 @@ fn table_host_network_peers_and_pod_ips_in_blocks() {
 // Randomized equivalence with the reference
 // ---------------------------------------------------------------------------------------------
 
-struct Gen {
-    rng: StdRng,
+pub(crate) struct Gen {
+    pub(crate) rng: StdRng,
     /// Addresses the generator likes to aim ipBlocks at.
-    v4: Vec<IpAddr>,
-    v6: Vec<IpAddr>,
-    ports: BTreeSet<u16>,
+    pub(crate) v4: Vec<IpAddr>,
+    pub(crate) v6: Vec<IpAddr>,
+    pub(crate) ports: BTreeSet<u16>,
 }
 
 const LABELS: &[(&str, &[&str])] = &[
@@ -756,15 +756,15 @@ const NAMESPACES: &[&str] = &["a", "b", "c", "d"];
 const PORT_NAMES: &[&str] = &["http", "dns", "sig", "web", "nope"];
 
 impl Gen {
-    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
+    pub(crate) fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
         xs.choose(&mut self.rng).unwrap()
     }
 
-    fn chance(&mut self, p: f64) -> bool {
+    pub(crate) fn chance(&mut self, p: f64) -> bool {
         self.rng.random_bool(p)
     }
 
-    fn store(&mut self) -> Store {
+    pub(crate) fn store(&mut self) -> Store {
         let mut store = Store::default();
         for ns in &NAMESPACES[..3] {
             if self.chance(0.85) {
@@ -973,7 +973,7 @@ impl Gen {
         Value::Array(rules)
     }
 
-    fn policy(&mut self, i: usize) -> Object {
+    pub(crate) fn policy(&mut self, i: usize) -> Object {
         let mut spec = serde_json::Map::new();
         let sel = if self.chance(0.4) {
             json!({})
@@ -1218,7 +1218,7 @@ impl Gen {
         Some(Value::Array(out))
     }
 
-    fn cluster_policy(&mut self, i: usize) -> Object {
+    pub(crate) fn cluster_policy(&mut self, i: usize) -> Object {
         let subject = if self.chance(0.4) {
             json!({"namespaces": self.selector(true)})
         } else {
@@ -1271,188 +1271,6 @@ impl Gen {
             "spec": spec,
         });
         Object::ClusterNetworkPolicy(Box::new(serde_json::from_value(v).unwrap()))
-    }
-}
-
-/// Random clusters with ClusterNetworkPolicies (both tiers, ties of priority, every peer kind
-/// but domain names, ports, ranges and named ports) and NetworkPolicies: every direction the
-/// compiled maps decide (the datapath's twin) must decide as the plain reading of the spec
-/// (`cnp::reference` over `reference`'s NetworkPolicy verdict).
-#[test]
-fn random_cluster_policies_match_the_reference() {
-    use crate::cnp::NodeInfo;
-    use crate::cnp::reference::{self as tiers, NpVerdict, Packet, PeerFacts, PodFacts};
-    const SEED: u64 = 0x0c1a_55e5;
-    const SCENARIOS: u64 = 300;
-    const PROBES: usize = 200;
-    let (mut checked, mut allowed) = (0usize, 0usize);
-    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
-    for scenario in 0..SCENARIOS {
-        let seed = SEED + scenario;
-        let mut g = Gen {
-            rng: StdRng::seed_from_u64(seed),
-            v4: Vec::new(),
-            v6: Vec::new(),
-            ports: [0u16, 1, 53, 80, 443, 3868, 8000, 8001, 8080, 65535].into(),
-        };
-        let mut store = g.store();
-        // This node (its addresses are the hosts) and another, whose address is outside.
-        for (name, zone, addrs) in [
-            ("n1", "a", ["10.9.9.9", "fd09::9"]),
-            ("n2", "b", ["10.1.0.1", "fd01::1"]),
-        ] {
-            let labels = [("zone".to_string(), zone.to_string())].into();
-            let addresses = addrs.iter().map(|a| ip(a)).collect();
-            store.nodes.insert(
-                name.into(),
-                NodeInfo {
-                    name: name.into(),
-                    labels,
-                    addresses,
-                },
-            );
-        }
-        for i in 0..g.rng.random_range(0..=3) {
-            let p = g.policy(i);
-            store
-                .apply(p)
-                .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-        }
-        for i in 0..g.rng.random_range(1..=4) {
-            let p = g.cluster_policy(i);
-            store
-                .apply(p)
-                .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-        }
-        let hosts = vec![ip("10.9.9.9"), ip("fd09::9")];
-        let w = World::new(store, hosts.clone());
-        let policies: Vec<_> = w.store.cluster_policies.values().cloned().collect();
-
-        let mut ends: Vec<Endpoint> = Vec::new();
-        for (pod, info) in &w.store.pods {
-            for a in &info.ips {
-                ends.push(Endpoint::Pod {
-                    pod: pod.clone(),
-                    ip: *a,
-                });
-            }
-        }
-        for h in hosts {
-            ends.push(Endpoint::Host(h));
-        }
-        for e in [
-            "10.0.1.77",
-            "10.1.0.1",
-            "192.168.0.1",
-            "fd00::1:77",
-            "fd01::1",
-        ] {
-            ends.push(Endpoint::External(ip(e)));
-        }
-        let ports: Vec<u16> = g.ports.iter().copied().collect();
-        let ns_labels: BTreeMap<String, BTreeMap<String, String>> = w
-            .store
-            .pods
-            .keys()
-            .map(|p| {
-                let l = w.store.namespace_labels(&p.namespace).into_owned();
-                (p.namespace.clone(), l)
-            })
-            .collect();
-        for _ in 0..PROBES {
-            let v6 = g.chance(0.3);
-            let family: Vec<&Endpoint> = ends.iter().filter(|e| e.ip().is_ipv6() == v6).collect();
-            let src = (*g.pick(&family)).clone();
-            let dst = (*g.pick(&family)).clone();
-            if src.ip() == dst.ip() {
-                continue; // a pod's traffic to itself is not judged
-            }
-            let mut proto = *g.pick(&[TCP, TCP, UDP, SCTP]);
-            let named = match &dst {
-                Endpoint::Pod { pod, .. } if g.chance(0.4) => w.store.pods[pod]
-                    .container_ports
-                    .choose(&mut g.rng)
-                    .map(|p| (p.protocol.number(), p.port)),
-                _ => None,
-            };
-            let port = match named {
-                Some((p, port)) => {
-                    proto = p;
-                    port
-                }
-                None => *g.pick(&ports),
-            };
-            for dir in Direction::BOTH {
-                let (subject, peer) = match dir {
-                    Direction::Egress => (&src, &dst),
-                    Direction::Ingress => (&dst, &src),
-                };
-                let Endpoint::Pod { pod, ip: local } = subject else {
-                    continue;
-                };
-                let info = &w.store.pods[pod];
-                let np = NpVerdict::from_reference(&w.store, dir, &src, &dst, proto, port);
-                let want = if info.host_network {
-                    true
-                } else {
-                    let peer_pod = match peer {
-                        Endpoint::Pod { pod, .. } => Some(PodFacts::new(
-                            &ns_labels[&pod.namespace],
-                            &w.store.pods[pod],
-                        )),
-                        _ => None,
-                    };
-                    let node_labels = w
-                        .store
-                        .nodes
-                        .values()
-                        .find(|n| n.addresses.contains(&peer.ip()))
-                        .map(|n| &n.labels);
-                    let facts = PeerFacts {
-                        pod: peer_pod,
-                        node_labels,
-                        ..PeerFacts::address(peer.ip())
-                    };
-                    let subject = PodFacts::new(&ns_labels[&pod.namespace], info);
-                    tiers::verdict(&policies, dir, np, &subject, &facts, Packet { proto, port })
-                        .allowed
-                };
-                let got = match w.ifindex(pod) {
-                    Some(ifindex) => {
-                        evaluate(&w.state, ifindex, dir, peer.ip(), *local, proto, port)
-                    }
-                    None => unreachable!("every pod is an endpoint"),
-                };
-                *reasons.entry(format!("{:?}", got.reason)).or_default() += 1;
-                assert_eq!(
-                    got.allowed, want,
-                    "seed {seed}: {dir} at {pod}: {src:?} -> {dst:?} proto {proto} port {port}: \
-                     compiled {got:?}, reference {want}\ncluster policies: {policies:#?}\n\
-                     policies: {:#?}\npods: {:#?}\nnamespaces: {:?}",
-                    w.store.policies, w.store.pods, w.store.namespaces
-                );
-                checked += 1;
-                allowed += usize::from(want);
-            }
-        }
-    }
-    eprintln!("{allowed}/{checked} allowed; model reasons: {reasons:?}");
-    // Most directions of most probes are not restricted; enough are, both ways.
-    assert!(
-        allowed > checked / 5 && checked - allowed > checked / 20,
-        "{allowed}/{checked}"
-    );
-    for r in [
-        "TierAccept",
-        "TierDeny",
-        "PolicyAllow",
-        "NoRuleMatched",
-        "NotIsolated",
-    ] {
-        assert!(
-            reasons.get(r).copied().unwrap_or(0) > 100,
-            "{r}: {reasons:?}"
-        );
     }
 }
 

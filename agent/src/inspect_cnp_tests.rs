@@ -13,7 +13,7 @@ use palisade_policy::{
     state::{Direction, PodRef},
 };
 
-use super::{
+use crate::inspect::{
     Explanation, PeerView, Query, RuleInfo, RuleRow, Snapshot, StateFile, Step, Target, VerdictKind,
 };
 use crate::verdicts::Names;
