@@ -513,8 +513,10 @@ impl ClusterAgent {
             {
                 bail!("agent exited ({st}); log:\n{}", self.log_text());
             }
+            // Millisecond stamps: a reconcile the change triggered can start in the very
+            // millisecond `since` was taken (`ok` says whether it saw the change).
             if let Some(s) = self.status()
-                && s.started_at_unix_ms > since
+                && s.started_at_unix_ms >= since
                 && ok(&s)
             {
                 return Ok(s);
