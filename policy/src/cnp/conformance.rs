@@ -169,6 +169,39 @@ fn normalize_trace(trace: &str) -> String {
     out.join(" ")
 }
 
+/// Applies one action of a step to the store. A ClusterNetworkPolicy must validate with
+/// nothing of it ignored (`validate`) before it is applied.
+fn apply_action(case: &str, a: &Value, objects: &BTreeMap<String, Value>, store: &mut Store) {
+    let field = |k: &str| a[k].as_str().unwrap();
+    match field("action") {
+        "create_policy" | "update_policy" => {
+            let object = &objects[field("policy")];
+            let obj = if object["kind"] == raw::KIND {
+                validate(object);
+                Object::ClusterNetworkPolicy(Box::new(
+                    serde_json::from_value(object.clone()).unwrap(),
+                ))
+            } else {
+                Object::NetworkPolicy(Box::new(serde_json::from_value(object.clone()).unwrap()))
+            };
+            store.apply(obj).unwrap();
+        }
+        "delete_policy" => {
+            let (ns, np) = field("policy").split_once('/').unwrap();
+            assert_eq!(field("kind"), "NetworkPolicy");
+            store.policies.remove(&(ns.to_string(), np.to_string()));
+        }
+        "set_namespace_labels" => {
+            let ns = field("namespace");
+            let labels = serde_json::from_value(a["labels"].clone()).unwrap();
+            store
+                .namespaces
+                .insert(ns.to_string(), NamespaceInfo::new(ns, labels));
+        }
+        other => panic!("{case}: unknown action {other}"),
+    }
+}
+
 #[test]
 fn conformance_probes_through_the_reference() {
     let mut probes = 0;
@@ -182,37 +215,12 @@ fn conformance_probes_through_the_reference() {
             addrs,
         } = topology(&case);
         let objects = policy_objects(&case, &addrs);
-        let mut cnps: BTreeMap<String, ClusterNetworkPolicy> = BTreeMap::new();
         for step in case["steps"].as_array().unwrap() {
             for a in step["actions"].as_array().unwrap() {
-                let field = |k: &str| a[k].as_str().unwrap();
-                match field("action") {
-                    "create_policy" | "update_policy" => {
-                        let object = &objects[field("policy")];
-                        if object["kind"] == raw::KIND {
-                            let p = validate(object);
-                            cnps.insert(p.name.clone(), p);
-                        } else {
-                            let np = serde_json::from_value(object.clone()).unwrap();
-                            store.apply(Object::NetworkPolicy(Box::new(np))).unwrap();
-                        }
-                    }
-                    "delete_policy" => {
-                        let (ns, np) = field("policy").split_once('/').unwrap();
-                        assert_eq!(field("kind"), "NetworkPolicy");
-                        store.policies.remove(&(ns.to_string(), np.to_string()));
-                    }
-                    "set_namespace_labels" => {
-                        let ns = field("namespace");
-                        let labels = serde_json::from_value(a["labels"].clone()).unwrap();
-                        store
-                            .namespaces
-                            .insert(ns.to_string(), NamespaceInfo::new(ns, labels));
-                    }
-                    other => panic!("{name}: unknown action {other}"),
-                }
+                apply_action(name, a, &objects, &mut store);
             }
-            let policies: Vec<ClusterNetworkPolicy> = cnps.values().cloned().collect();
+            let policies: Vec<ClusterNetworkPolicy> =
+                store.cluster_policies.values().cloned().collect();
             for probe in step["probes"].as_array().unwrap() {
                 probes += 1;
                 let pod_ref = |k: &str| {
@@ -412,34 +420,7 @@ fn compiler_probes(v6: bool) -> (usize, Vec<String>) {
         let mut compiler = Compiler::new();
         for step in case["steps"].as_array().unwrap() {
             for a in step["actions"].as_array().unwrap() {
-                let field = |k: &str| a[k].as_str().unwrap();
-                match field("action") {
-                    "create_policy" | "update_policy" => {
-                        let object = &objects[field("policy")];
-                        let obj = if object["kind"] == raw::KIND {
-                            Object::ClusterNetworkPolicy(Box::new(
-                                serde_json::from_value(object.clone()).unwrap(),
-                            ))
-                        } else {
-                            Object::NetworkPolicy(Box::new(
-                                serde_json::from_value(object.clone()).unwrap(),
-                            ))
-                        };
-                        store.apply(obj).unwrap();
-                    }
-                    "delete_policy" => {
-                        let (ns, np) = field("policy").split_once('/').unwrap();
-                        store.policies.remove(&(ns.to_string(), np.to_string()));
-                    }
-                    "set_namespace_labels" => {
-                        let ns = field("namespace");
-                        let labels = serde_json::from_value(a["labels"].clone()).unwrap();
-                        store
-                            .namespaces
-                            .insert(ns.to_string(), NamespaceInfo::new(ns, labels));
-                    }
-                    other => panic!("{name}: unknown action {other}"),
-                }
+                apply_action(name, a, &objects, &mut store);
             }
             let state = compiler.compile(&store, &endpoints, &host_addrs);
             for probe in step["probes"].as_array().unwrap() {
