@@ -57,6 +57,10 @@ pub const EP_TIERED: u32 = EP_TIERED_INGRESS | EP_TIERED_EGRESS;
 pub const EP_TIER_AUDIT_INGRESS: u32 = 1 << 8;
 /// As `EP_TIER_AUDIT_INGRESS`, for egress.
 pub const EP_TIER_AUDIT_EGRESS: u32 = 1 << 9;
+/// ClusterNetworkPolicy `domainNames` peers apply to the endpoint's egress: its DNS answers
+/// from trusted servers are held until their addresses are learned (FQDN_IPS), and its new
+/// egress flows also look their peer up there.
+pub const EP_FQDN: u32 = 1 << 10;
 
 #[inline(always)]
 pub const fn isolated_flag(dir: u8) -> u32 {
@@ -896,6 +900,13 @@ pub enum Counter {
     EventsLost = 7,
     CtInsertFailed = 8,
     Revalidated = 9,
+    /// DNS answers held for the agent to learn from (copied to DNS_ANSWERS and dropped).
+    DnsHeld = 10,
+    /// DNS answers passed without holding (no fresh agent heartbeat, or too large to copy);
+    /// copied to DNS_ANSWERS when there was room.
+    DnsUnheld = 11,
+    /// DNS answers that could not be copied (DNS_ANSWERS full).
+    DnsCopyFailed = 12,
 }
 /// First slot of the drops-by-reason counters (indexed by `Reason as u32`).
 pub const DROPPED_BY_REASON: u32 = 16;
@@ -939,6 +950,62 @@ pub struct EndpointState {
     pub ct_closed: u64,
 }
 
+// ---------------------------------------------------------------------------------------------
+// FQDN egress: FQDN_IPS, DNS_SERVERS, DNS_ANSWERS, FQDN_CTL
+// ---------------------------------------------------------------------------------------------
+//
+// Snoop, hold, release. `to_pod` recognises a DNS answer as the reply of a flow the pod opened
+// to a trusted server (DNS_SERVERS) on port 53; while the agent's heartbeat (FQDN_CTL) is fresh
+// it copies the frame into DNS_ANSWERS and drops it. The agent learns the answer's addresses
+// for that endpoint (FQDN_IPS), then sends the frame again on the veth with `DNS_REINJECT_MARK`,
+// which `to_pod` lets through. Without a fresh heartbeat answers pass (copied if there is
+// room, learned when the agent reads them): DNS never depends on the agent being up.
+
+/// `skb->mark` of an answer the agent sends again after learning from it. A pod cannot set
+/// it: the mark is scrubbed when a packet crosses into the host's namespace.
+pub const DNS_REINJECT_MARK: u32 = 0x5041_4c44;
+/// The agent's heartbeat is fresh for this long (`FQDN_CTL[0]`, coarse monotonic ns).
+pub const DNS_HOLD_FRESH_NS: u64 = 1_000_000_000;
+/// Frame bytes a DNS_ANSWERS record holds; larger answers pass unheld.
+pub const DNS_COPY_MAX: usize = 4096;
+/// Learned domain classes: `CIDR_CLASS_BIT | DOMAIN_CLASS_BIT | n`, apart from ipBlock ones.
+pub const DOMAIN_CLASS_BIT: u32 = 1 << 30;
+
+/// (endpoint, address the endpoint's DNS answers resolved a `domainNames` pattern to).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FqdnKey {
+    pub endpoint: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+/// The domain class (POLICY entries of the rules whose patterns the name matched), the audit
+/// view's, and until when new flows may use it (coarse monotonic ns). Flows already open
+/// outlive it: a re-check ignores the expiry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FqdnValue {
+    pub class: u32,
+    pub audit_class: u32,
+    pub expires_ns: u64,
+}
+
+/// A DNS_ANSWERS record: the frame `to_pod` saw (its first `DNS_COPY_MAX` bytes).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DnsAnswerRecord {
+    pub ifindex: u32,
+    pub endpoint: u32,
+    /// The frame's length (bytes copied: at most `DNS_COPY_MAX`).
+    pub len: u32,
+    /// 1: held (the agent must send it again); 0: it passed.
+    pub held: u32,
+    pub at_ns: u64,
+    pub frame: [u8; DNS_COPY_MAX],
+}
+
 /// Map names, as the eBPF object defines them and the agent pins them.
 pub mod map_names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
@@ -960,6 +1027,10 @@ pub mod map_names {
     pub const EP_ADDRS: &str = "EP_ADDRS";
     pub const NODE_PORTS: &str = "NODE_PORTS";
     pub const CT_RELEASED: &str = "CT_RELEASED";
+    pub const FQDN_IPS: &str = "FQDN_IPS";
+    pub const DNS_SERVERS: &str = "DNS_SERVERS";
+    pub const DNS_ANSWERS: &str = "DNS_ANSWERS";
+    pub const FQDN_CTL: &str = "FQDN_CTL";
 }
 
 /// Map capacities, shared so the agent can report fill levels.
@@ -977,6 +1048,10 @@ pub mod capacity {
     pub const RULE_STATS: u32 = 65_536;
     pub const EP_ADDRS: u32 = 16_384;
     pub const NODE_PORTS: u32 = 16_384;
+    pub const FQDN_IPS: u32 = 131_072;
+    pub const DNS_SERVERS: u32 = 256;
+    /// Room for about a thousand held answers of the largest size.
+    pub const DNS_ANSWERS_BYTES: u32 = 4 << 20;
 }
 
 #[cfg(feature = "user")]
@@ -999,6 +1074,8 @@ mod user {
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for EndpointState {}
     unsafe impl aya::Pod for RuleStats {}
+    unsafe impl aya::Pod for FqdnKey {}
+    unsafe impl aya::Pod for FqdnValue {}
 }
 
 #[cfg(test)]

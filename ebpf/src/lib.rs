@@ -7,6 +7,7 @@
 #![no_main]
 
 mod conntrack;
+mod dns;
 mod events;
 mod maps;
 mod packet;

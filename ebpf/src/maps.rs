@@ -6,8 +6,9 @@ use aya_ebpf::{
 };
 use palisade_common::{
     COUNTER_SLOTS, CT_QUOTA_DEFAULT, CidrKey, CtEntry, CtKey, EVENT_BURST, EndpointInfo,
-    EndpointSlot, EndpointState, FragKey, FragPorts, NodePortKey, NodePortTarget, PeerAddr,
-    PolicyKey, PolicyValue, PrefixLengths, PrefixLengthsKey, RuleStats, capacity,
+    EndpointSlot, EndpointState, FqdnKey, FqdnValue, FragKey, FragPorts, NodePortKey,
+    NodePortTarget, PeerAddr, PolicyKey, PolicyValue, PrefixLengths, PrefixLengthsKey, RuleStats,
+    capacity,
 };
 
 use crate::packet::Packet;
@@ -54,12 +55,31 @@ pub static PREFIX_LENGTHS: HashMap<PrefixLengthsKey, PrefixLengths> =
 #[map]
 pub static SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
 
-/// The two POLICY entries a new flow's verdict combines (its peer's identity's, its peer's
-/// CIDR class's), copied here (one pair per CPU): off the stack, and whether a lookup hit or
-/// missed leaves no trace in the verifier's state (two paths that would double at every later
-/// branch).
+/// The POLICY entries a new flow's verdict combines (its peer's identity's, its peer's CIDR
+/// class's, its learned domain class's), copied here (one set per CPU): off the stack, and
+/// whether a lookup hit or missed leaves no trace in the verifier's state (paths that would
+/// double at every later branch).
 #[map]
-pub static MATCH_SCRATCH: PerCpuArray<[PolicyValue; 2]> = PerCpuArray::with_max_entries(1, 0);
+pub static MATCH_SCRATCH: PerCpuArray<[PolicyValue; 3]> = PerCpuArray::with_max_entries(1, 0);
+
+/// (endpoint, address) -> the domain class its DNS answers gave the address, and until when
+/// (`common`, FQDN egress). Written by the agent only.
+#[map]
+pub static FQDN_IPS: HashMap<FqdnKey, FqdnValue> =
+    HashMap::with_max_entries(capacity::FQDN_IPS, BPF_F_NO_PREALLOC);
+
+/// The DNS servers whose answers teach: addresses as the pods see them (a Service's ClusterIP,
+/// a node-local cache, configured ones). Written by the agent only.
+#[map]
+pub static DNS_SERVERS: HashMap<PeerAddr, u8> = HashMap::with_max_entries(capacity::DNS_SERVERS, 0);
+
+/// DNS answers for the agent (`common`, DnsAnswerRecord).
+#[map]
+pub static DNS_ANSWERS: RingBuf = RingBuf::with_byte_size(capacity::DNS_ANSWERS_BYTES, 0);
+
+/// [0]: the agent's heartbeat (coarse monotonic ns); answers are held only while it is fresh.
+#[map]
+pub static FQDN_CTL: Array<u64> = Array::with_max_entries(1, 0);
 
 /// The judged packet's endpoint entry, copied once per packet (one per CPU): a snapshot the
 /// whole verdict reads, which a concurrent update of ENDPOINTS cannot change, and off the

@@ -9,12 +9,14 @@ use aya_ebpf::{
 };
 use palisade_common::{
     AF_INET6, CT_FLAG_AUDIT, CT_ROLE_RESPONSE, Counter, DIR_AUDIT_VIEW, DIR_EGRESS, DIR_INGRESS,
-    EP_MORE_ADDRS, EP_PENDING, EP_TIERED, EndpointInfo, PROTO_UDP, PeerAddr, Reason, VERDICT_ALLOW,
-    VERDICT_AUDIT, VERDICT_DROP, audit_flag, endpoint_slot, isolated_flag, tier_audit_flag,
+    EP_FQDN, EP_MORE_ADDRS, EP_PENDING, EP_TIERED, EndpointInfo, PROTO_UDP, PeerAddr, Reason,
+    VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DROP, audit_flag, endpoint_slot, isolated_flag,
+    tier_audit_flag,
 };
 
 use crate::{
     conntrack::{self, Lookup},
+    dns,
     events::{count, count_audit, count_drop, count_rule, emit, now_ns},
     maps::{ENDPOINT_SLOTS, ENDPOINTS, EP_ADDRS, EP_SCRATCH, SCRATCH},
     packet::{
@@ -294,6 +296,15 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             let refresh = pkt.kind != KIND_ICMP_ERROR;
             let flow_dir = unsafe { (*entry).dir };
             let original = flow_dir == dir;
+            // A DNS answer to a query the pod sent to a trusted server: held until the agent
+            // has learned its addresses (`dns`).
+            if !original
+                && dir == DIR_INGRESS
+                && c.ep.flags & EP_FQDN != 0
+                && dns::is_answer(ctx, &key, pkt)
+            {
+                return Ok(dns::snoop(ctx, c.ifindex, c.ep.id, c.now));
+            }
             if unsafe { (*entry).revision } == c.ep.revision {
                 count(Counter::CtHit);
                 count_rule(unsafe { (*entry).slot }, c.len);
@@ -312,6 +323,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
                 &key.peer,
                 key.proto,
                 key.original_dport(flow_dir),
+                true,
             );
             if v.allowed {
                 unsafe {
@@ -355,6 +367,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             &peer(dir, &pkt.outer_src, &pkt.outer_dst),
             pkt.outer_proto,
             0,
+            false,
         );
         if v.allowed {
             count_rule(v.slot, c.len);
@@ -386,6 +399,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         &peer(dir, &pkt.src, &pkt.dst),
         pkt.proto,
         pkt.dport,
+        false,
     );
     if !v.allowed {
         if pkt.kind == KIND_UNKNOWN_FRAGMENT && v.reason != Reason::TierDeny {
@@ -423,6 +437,7 @@ fn handle(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
             &peer(dir, &pkt.src, &pkt.dst),
             pkt.proto,
             pkt.dport,
+            false,
         );
         if w.reason == Reason::TierDeny {
             count_audit(Reason::TierDeny);

@@ -8,9 +8,10 @@
 //! 2. a pod's egress to a port the node DNATs onward (NODE_PORTS: a NodePort, a hostPort) is
 //!    judged as egress to where the DNAT leads (a ClusterIP and its port, a pod and its
 //!    container port);
-//! 3. the Admin tier: of the two entries found (the peer's pod identity, the CIDR class of the
-//!    longest CIDRS prefix containing the peer), the lower-ranked Admin rule decides: Accept
-//!    allows, Deny drops; Pass, or no Admin rule, goes on;
+//! 3. the Admin tier: of the entries found (the peer's pod identity, the CIDR class of the
+//!    longest CIDRS prefix containing the peer, and for egress the domain class the endpoint's
+//!    DNS answers gave the peer, FQDN_IPS, unexpired for a new flow), the lower-ranked Admin
+//!    rule decides: Accept allows, Deny drops; Pass, or no Admin rule, goes on;
 //! 4. NetworkPolicy, if it isolates the endpoint: the node's own addresses (IDENTITY_HOST) are
 //!    allowed, then either entry's allow allows, else the flow is dropped (where NetworkPolicy
 //!    is audited only, the Baseline tier is still asked whether it drops for real);
@@ -25,13 +26,14 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 
 use palisade_common::{
-    AF_INET, CIDR_CLASS_NONE, CIDR_MASKS, CidrKey, DIR_AUDIT_VIEW, DIR_EGRESS, EndpointInfo,
-    IDENTITY_HOST, IDENTITY_NONE, NodePortKey, POLICY_KEY_FULL_BITS, POLICY_MASKS, PeerAddr,
-    PolicyKey, PolicyValue, PrefixLengths, PrefixLengthsKey, Reason, TIER_ACTION_ACCEPT,
-    TIER_ACTION_DENY, TierMatch, audit_flag, isolated_flag, tiered_flag,
+    AF_INET, CIDR_CLASS_NONE, CIDR_MASKS, CidrKey, DIR_AUDIT_VIEW, DIR_EGRESS, EP_FQDN,
+    EndpointInfo, FqdnKey, IDENTITY_HOST, IDENTITY_NONE, NodePortKey, POLICY_KEY_FULL_BITS,
+    POLICY_MASKS, PeerAddr, PolicyKey, PolicyValue, PrefixLengths, PrefixLengthsKey, Reason,
+    TIER_ACTION_ACCEPT, TIER_ACTION_DENY, TierMatch, audit_flag, isolated_flag, tiered_flag,
 };
 
-use crate::maps::{CIDRS, IDENTITIES, MATCH_SCRATCH, NODE_PORTS, POLICY, PREFIX_LENGTHS};
+use crate::events::now_ns;
+use crate::maps::{CIDRS, FQDN_IPS, IDENTITIES, MATCH_SCRATCH, NODE_PORTS, POLICY, PREFIX_LENGTHS};
 
 pub struct Verdict {
     pub allowed: bool,
@@ -101,8 +103,8 @@ pub fn is_node_address(family: u8, addr: &[u8; 16]) -> bool {
     matches!(unsafe { IDENTITIES.get(key) }, Some(id) if *id == IDENTITY_HOST)
 }
 
-/// The verdict for a new flow (or a re-checked one) at endpoint `ep`, in direction `dir`, with
-/// `peer` the other end's address and `port` the destination port.
+/// The verdict for a new flow (or, `recheck`, an established one) at endpoint `ep`, in
+/// direction `dir`, with `peer` the other end's address and `port` the destination port.
 #[inline(always)]
 pub fn evaluate(
     ep: &EndpointInfo,
@@ -111,9 +113,13 @@ pub fn evaluate(
     peer: &[u8; 16],
     proto: u8,
     port: u16,
+    recheck: bool,
 ) -> Verdict {
-    let query =
-        u64::from(dir) | u64::from(family) << 8 | u64::from(proto) << 16 | u64::from(port) << 32;
+    let query = u64::from(dir)
+        | u64::from(family) << 8
+        | u64::from(proto) << 16
+        | u64::from(recheck) << 24
+        | u64::from(port) << 32;
     let packed = evaluate_packed(ep, peer, query);
     Verdict {
         allowed: packed & 1 != 0,
@@ -126,18 +132,11 @@ pub fn evaluate(
 /// `evaluate`'s body: a call of its own, not inlined at its three call sites (each copy's
 /// frame would add to the handler's past the 512-byte stack limit). A BPF call takes at most
 /// five arguments and returns one register, so the query and the verdict are packed: `query`
-/// is dir | family << 8 | proto << 16 | port << 32, the result allowed | reason << 8 |
-/// slot << 16 | rule << 32.
+/// is dir | family << 8 | proto << 16 | recheck << 24 | port << 32, the result allowed |
+/// reason << 8 | slot << 16 | rule << 32.
 #[inline(never)]
 fn evaluate_packed(ep: &EndpointInfo, peer: &[u8; 16], query: u64) -> u64 {
-    let v = evaluate_inner(
-        ep,
-        query as u8,
-        (query >> 8) as u8,
-        peer,
-        (query >> 16) as u8,
-        (query >> 32) as u16,
-    );
+    let v = evaluate_inner(ep, query, peer);
     u64::from(v.allowed)
         | u64::from(v.reason as u8) << 8
         | u64::from(v.slot) << 16
@@ -145,14 +144,14 @@ fn evaluate_packed(ep: &EndpointInfo, peer: &[u8; 16], query: u64) -> u64 {
 }
 
 #[inline(always)]
-fn evaluate_inner(
-    ep: &EndpointInfo,
-    dir: u8,
-    family: u8,
-    peer: &[u8; 16],
-    proto: u8,
-    port: u16,
-) -> Verdict {
+fn evaluate_inner(ep: &EndpointInfo, query: u64, peer: &[u8; 16]) -> Verdict {
+    let (dir, family, proto, port) = (
+        query as u8,
+        (query >> 8) as u8,
+        (query >> 16) as u8,
+        (query >> 32) as u16,
+    );
+    let recheck = (query >> 24) as u8 != 0;
     // `view`: the direction in the keys (the audit view's has `DIR_AUDIT_VIEW`); `dir`: the
     // direction itself. The audit view is tiered by construction.
     let view = dir;
@@ -171,13 +170,17 @@ fn evaluate_inner(
         if let Some(t) = unsafe { NODE_PORTS.get(key) } {
             let t = *t;
             let target = identity_of(family, &t.addr);
-            return decide(ep, view, family, &t.addr, target, proto, t.port, tiered);
+            return decide(
+                ep, view, family, &t.addr, target, proto, t.port, tiered, recheck,
+            );
         }
     }
     if identity == IDENTITY_HOST && !tiered {
         return allow(Reason::Host, 0, 0);
     }
-    decide(ep, view, family, peer, identity, proto, port, tiered)
+    decide(
+        ep, view, family, peer, identity, proto, port, tiered, recheck,
+    )
 }
 
 #[inline(always)]
@@ -310,6 +313,30 @@ fn cidr_match(
     cidr_match_word(&full, 0, lengths.v6[2] & 1)
 }
 
+/// The domain class the endpoint's DNS answers gave `addr` (the audit view's in the audit
+/// view), if it has not expired; a re-checked flow keeps the class past its expiry (flows
+/// outlive the answer's TTL).
+#[inline(always)]
+fn learned_class(
+    ep: &EndpointInfo,
+    audit_view: bool,
+    family: u8,
+    addr: &[u8; 16],
+    recheck: bool,
+) -> Option<u32> {
+    let key = FqdnKey {
+        endpoint: ep.id,
+        family,
+        _pad: [0; 3],
+        addr: *addr,
+    };
+    let v = unsafe { FQDN_IPS.get(&key) }?;
+    if !recheck && now_ns() >= v.expires_ns {
+        return None;
+    }
+    Some(if audit_view { v.audit_class } else { v.class })
+}
+
 /// Steps 3-6 for `peer` (of `identity`).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -322,6 +349,7 @@ fn decide(
     proto: u8,
     port: u16,
     tiered: bool,
+    recheck: bool,
 ) -> Verdict {
     // Keys carry the view (`dir` with `DIR_AUDIT_VIEW` for the audit view); flags the direction.
     let view = dir;
@@ -334,6 +362,7 @@ fn decide(
     let found = unsafe { &mut *found };
     found[0] = NO_ENTRY;
     found[1] = NO_ENTRY;
+    found[2] = NO_ENTRY;
     let key = PrefixLengthsKey {
         endpoint: ep.id,
         dir: view,
@@ -354,9 +383,21 @@ fn decide(
         {
             found[1] = *v;
         }
+        if dir == DIR_EGRESS
+            && ep.flags & EP_FQDN != 0
+            && let Some(class) = learned_class(ep, view != dir, family, peer, recheck)
+            && let Some(v) = policy_match(ep, view, class, proto, port_be, lengths.policy)
+        {
+            found[2] = *v;
+        }
     }
-    let (by_identity, by_cidr) = (&found[0], &found[1]);
-    if tiered && let Some(v) = tier_decides(first(&by_identity.admin, &by_cidr.admin)) {
+    let (by_identity, by_cidr, by_name) = (&found[0], &found[1], &found[2]);
+    if tiered
+        && let Some(v) = tier_decides(first(
+            first(&by_identity.admin, &by_cidr.admin),
+            &by_name.admin,
+        ))
+    {
         return v;
     }
     if isolated {
@@ -376,7 +417,10 @@ fn decide(
         }
     }
     if tiered
-        && let Some(v) = tier_decides(first(&by_identity.baseline, &by_cidr.baseline))
+        && let Some(v) = tier_decides(first(
+            first(&by_identity.baseline, &by_cidr.baseline),
+            &by_name.baseline,
+        ))
         && (!v.allowed || !isolated)
     {
         return v;

@@ -26,7 +26,8 @@ use std::rc::Rc;
 
 use ipnetwork::IpNetwork;
 use palisade_common::{
-    CIDR_CLASS_BIT, CIDR_CLASS_NONE, CidrKey, DIR_AUDIT_VIEW, EP_TIERED, EndpointInfo,
+    CIDR_CLASS_BIT, CIDR_CLASS_NONE, CidrKey, DIR_AUDIT_VIEW, DOMAIN_CLASS_BIT, EP_FQDN,
+    EP_TIERED, EndpointInfo,
     IDENTITY_FIRST_POD, IDENTITY_HOST, POLICY_FLAG_AUDIT, POLICY_KEY_ANY_PORT_BITS,
     POLICY_KEY_ANY_PROTO_BITS, POLICY_KEY_FULL_BITS, PeerAddr, PolicyKey, PolicyValue,
     TIER_ACTION_ACCEPT, TIER_ACTION_DENY, TIER_ACTION_PASS, TierMatch, audit_flag, isolated_flag,
@@ -36,6 +37,7 @@ use serde::Serialize;
 
 use crate::model::cluster::{
     Action, ClusterNetworkPolicy, NodeInfo, Subject, Tier, TierPeer, TierPort, TierRule,
+    domain_matches,
 };
 use crate::model::{NamedPort, Peer, Policy, PortMatch, PortSpec, Protocol, Store};
 use crate::state::{
@@ -375,6 +377,9 @@ pub struct Compiler {
     /// Rule id -> RULE_STATS slot (dense, 1..capacity::RULE_STATS).
     stats_slots: Interner<u32>,
     classes: Interner<ClassKey>,
+    /// (endpoint, patterns, audit view) -> domain class: stable while the endpoint names the
+    /// same patterns, so the agent's FQDN_IPS entries stay valid when rules' ports change.
+    domain_classes: Interner<(u32, Vec<String>, bool)>,
     /// Node-wide audit mode (`palisade run --audit`): every policy is treated as an audit
     /// policy.
     pub audit_all: bool,
@@ -388,6 +393,7 @@ impl Default for Compiler {
             rules: Interner::new(1, u32::MAX),
             stats_slots: Interner::new(1, palisade_common::capacity::RULE_STATS - 1),
             classes: Interner::new(1, CIDR_CLASS_BIT - 1),
+            domain_classes: Interner::new(1, DOMAIN_CLASS_BIT - 1),
             audit_all: false,
         }
     }
@@ -575,6 +581,7 @@ impl Compiler {
         self.rules.begin();
         self.stats_slots.begin();
         self.classes.begin();
+        self.domain_classes.begin();
         let mut out = DesiredState::default();
         let index = self.identities_of(store, host_addrs, &mut out);
 
@@ -689,6 +696,7 @@ impl Compiler {
                         &pod.container_ports,
                         &selecting,
                         &tier_rules,
+                        false,
                         &mut out,
                     );
                     if audited {
@@ -706,6 +714,7 @@ impl Compiler {
                             &pod.container_ports,
                             &selecting,
                             &all,
+                            true,
                             &mut view,
                         );
                         if audited {
@@ -720,11 +729,17 @@ impl Compiler {
                             e.key.dir |= DIR_AUDIT_VIEW;
                             out.cidrs.insert(e, class);
                         }
+                        for (ep, t) in view.domains {
+                            out.domains.entry(ep).or_default().audit_classes = t.audit_classes;
+                        }
                     }
                 }
             }
             if flags & EP_TIERED != 0 && !done.contains(&id) {
                 flatten_ports(&mut out.policy, id);
+            }
+            if out.domains.contains_key(&id) {
+                flags |= EP_FQDN;
             }
             done.insert(id);
             out.endpoints.insert(
@@ -801,6 +816,7 @@ impl Compiler {
         self.rules.finish();
         self.stats_slots.finish();
         self.classes.finish();
+        self.domain_classes.finish();
         out
     }
 
@@ -986,11 +1002,14 @@ impl Compiler {
         ep_ports: &[NamedPort],
         selecting: &[(usize, &'p Policy)],
         tier_rules: &[CompiledTierRule<'_>],
+        audit_view: bool,
         out: &mut DesiredState,
     ) {
         let index = ctx.index;
         let mut elements: Vec<Element<'p>> = Vec::new();
         let mut members: Vec<Member> = Vec::new();
+        // (pattern, member) of every `domainNames` peer.
+        let mut domains: Vec<(&str, usize)> = Vec::new();
         for t in tier_rules {
             let contribution = Contribution::Tier(t.tier, t.matched);
             if t.rule.fails_closed() {
@@ -1048,9 +1067,11 @@ impl Compiler {
                         }
                         continue;
                     }
-                    // Not resolved yet (FQDN egress): matches nothing. Upstream allows names
-                    // in Accept rules only, where matching nothing opens nothing.
-                    TierPeer::DomainNames(_) => continue,
+                    // Learned from DNS answers (`domain_classes`).
+                    TierPeer::DomainNames(names) => {
+                        domains.extend(names.iter().map(|n| (n.as_str(), member)));
+                        continue;
+                    }
                     TierPeer::Unsupported(_) => continue,
                 };
                 let content = (None, Some(ns_sel.clone()), pod_sel.cloned());
@@ -1159,6 +1180,9 @@ impl Compiler {
                 }
             }
         }
+        if !domains.is_empty() {
+            self.domain_classes(ep, dir, &domains, &members, audit_view, out);
+        }
         if elements.is_empty() {
             return;
         }
@@ -1169,6 +1193,62 @@ impl Compiler {
             if !fam.is_empty() {
                 self.flatten(index, ep, dir, v6, &fam, &members, &mut emitted, out);
             }
+        }
+    }
+
+    /// The domain classes of an endpoint's `domainNames` patterns (`DomainTable`): one per set
+    /// of patterns a name can match at once. A name matches at most one exact pattern (itself)
+    /// and the wildcards `*.d` for which it ends in `.d`, which are all those the longest of
+    /// them matches; so the sets are those of each exact pattern and of `x.d` for each
+    /// wildcard `*.d` (`x` a label no pattern names).
+    fn domain_classes(
+        &mut self,
+        ep: u32,
+        dir: Direction,
+        domains: &[(&str, usize)],
+        members: &[Member],
+        audit_view: bool,
+        out: &mut DesiredState,
+    ) {
+        let mut patterns: Vec<&str> = domains.iter().map(|(p, _)| *p).collect();
+        patterns.sort_unstable();
+        patterns.dedup();
+        let probes = patterns.iter().map(|p| match p.strip_prefix("*.") {
+            Some(suffix) => format!("\u{1}.{suffix}"),
+            None => (*p).to_string(),
+        });
+        let mut sets: Vec<Vec<String>> = probes
+            .map(|name| {
+                patterns
+                    .iter()
+                    .filter(|p| domain_matches(p, &name))
+                    .map(|p| (*p).to_string())
+                    .collect::<Vec<_>>()
+            })
+            .filter(|s| !s.is_empty())
+            .collect();
+        sets.sort();
+        sets.dedup();
+        let mut table = Vec::new();
+        for set in sets {
+            let Some(n) = self.domain_classes.try_intern(&(ep, set.clone(), audit_view)) else {
+                continue;
+            };
+            let class = CIDR_CLASS_BIT | DOMAIN_CLASS_BIT | n;
+            for &(p, m) in domains {
+                if set.iter().any(|s| s == p) {
+                    for &pk in &members[m].plan.fixed {
+                        put(&mut out.policy, ep, class, dir, pk, members[m].contribution);
+                    }
+                }
+            }
+            table.push((set, class));
+        }
+        let t = out.domains.entry(ep).or_default();
+        if audit_view {
+            t.audit_classes = table;
+        } else {
+            t.classes = table;
         }
     }
 

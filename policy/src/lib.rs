@@ -9,6 +9,7 @@ pub mod cnp;
 pub mod compile;
 pub mod datapath_model;
 pub mod error;
+pub mod fqdn;
 pub mod manifest;
 pub mod model;
 pub mod reference;

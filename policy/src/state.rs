@@ -336,4 +336,18 @@ pub struct DesiredState {
     pub endpoint_meta: BTreeMap<u32, EndpointMeta>,
     /// Identity id -> the pods that carry it (for naming peers in verdicts).
     pub identity_pods: BTreeMap<u32, Vec<PodRef>>,
+    /// Endpoint id -> the domain classes of its egress `domainNames` patterns: what the agent
+    /// writes in FQDN_IPS for an address a DNS answer gave the endpoint.
+    pub domains: BTreeMap<u32, DomainTable>,
+}
+
+/// One endpoint's `domainNames` patterns, grouped: every set of patterns a DNS name can match
+/// at once has a domain class (its POLICY entries are those of the rules naming the patterns).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainTable {
+    /// (patterns, class), each set sorted.
+    pub classes: Vec<(Vec<String>, u32)>,
+    /// The same for the audit view (audited ClusterNetworkPolicies enforced); empty when the
+    /// endpoint has none.
+    pub audit_classes: Vec<(Vec<String>, u32)>,
 }
