@@ -15,6 +15,9 @@ pub mod source;
 // The CNI plugin.
 pub mod cni;
 
+// FQDN egress: learning from DNS answers.
+pub mod fqdn;
+
 // Observing: verdicts, the CLI socket and commands, metrics and probes. `api` is what crosses
 // the socket; `hub` the state the observers share; `admin` the HTTP server; `observe` starts
 // them.

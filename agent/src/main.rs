@@ -85,6 +85,20 @@ enum Command {
         #[arg(long, value_name = "N", default_value_t = palisade_common::CT_QUOTA_DEFAULT,
               value_parser = clap::value_parser!(u32).range(1..=i64::from(palisade_common::capacity::CONNTRACK)))]
         conntrack_per_pod: u32,
+        /// A DNS server whose answers teach `domainNames` peers (repeatable), besides the
+        /// cluster's (the kube-system/kube-dns Service) in cluster mode: the address pods
+        /// send their queries to.
+        #[arg(long = "dns-server", value_name = "ADDR")]
+        dns_servers: Vec<std::net::IpAddr>,
+        /// Hold DNS answers to pods with `domainNames` peers until their addresses are
+        /// learned (`off`: they pass at once and a connection made right after may be
+        /// dropped; for measurements).
+        #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+        fqdn_hold: bool,
+        /// An answer's addresses admit new connections for at least this many seconds (a
+        /// TTL of 0 still admits the connection that follows it).
+        #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+        fqdn_min_ttl: u64,
     },
     /// Recent verdicts: which packets were dropped or allowed, by which policy.
     Verdicts(cli::VerdictsArgs),
@@ -122,6 +136,14 @@ enum Command {
         #[arg(long)]
         uninstall: bool,
     },
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?}: want on or off")),
+    }
 }
 
 fn parse_initial_policy(s: &str) -> Result<palisade::cni::InitialPolicy, String> {
@@ -165,6 +187,9 @@ fn main() -> Result<()> {
             audit,
             history,
             conntrack_per_pod,
+            dns_servers,
+            fqdn_hold,
+            fqdn_min_ttl,
         } => {
             let cni_state_dir = match cni_state_dir.as_deref() {
                 Some("off") => None,
@@ -195,6 +220,12 @@ fn main() -> Result<()> {
                 history,
                 conntrack_per_pod,
                 cni_state_dir,
+                fqdn: palisade::fqdn::FqdnConfig {
+                    trusted: dns_servers,
+                    hold: fqdn_hold,
+                    min_ttl: Duration::from_secs(fqdn_min_ttl),
+                    ..Default::default()
+                },
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -52,6 +52,8 @@ pub struct RunConfig {
     pub conntrack_per_pod: u32,
     /// Where the CNI plugin records the interfaces it provisions (`cni`); `None`: no plugin.
     pub cni_state_dir: Option<PathBuf>,
+    /// FQDN egress (`fqdn`); its state file is set beside the socket.
+    pub fqdn: crate::fqdn::FqdnConfig,
 }
 
 impl From<&RunConfig> for ObserveConfig {
@@ -140,6 +142,9 @@ pub struct Agent {
     cni_seen: Vec<(std::ffi::OsString, Option<std::time::SystemTime>)>,
     /// Interfaces with a CNI record at the last reconcile.
     cni_provisioned: std::collections::BTreeSet<u32>,
+    /// The FQDN learner (absent if its maps could not be opened: `domainNames` then match
+    /// nothing).
+    fqdn: Option<crate::fqdn::Fqdn>,
 }
 
 impl Agent {
@@ -163,6 +168,14 @@ impl Agent {
         let ct_sweep = palisade_datapath::ct_sweep::Sweeper::new(&datapath)
             .and_then(|s| s.spawn(palisade_datapath::ct_sweep::INTERVAL))
             .context("the conntrack sweep")?;
+        let mut fqdn_cfg = cfg.fqdn.clone();
+        fqdn_cfg.state_file = cfg
+            .socket
+            .as_ref()
+            .map(|s| s.with_file_name(crate::fqdn::FQDN_FILE));
+        let fqdn = crate::fqdn::Fqdn::start(&mut datapath, fqdn_cfg)
+            .map_err(|e| error!("FQDN egress is off (domainNames peers match nothing): {e:#}"))
+            .ok();
         let writer = MapWriter::new(&mut datapath)?;
         let health = Health::default();
         health.beat();
@@ -187,6 +200,7 @@ impl Agent {
             service_ids: Default::default(),
             cni_seen: Vec::new(),
             cni_provisioned: Default::default(),
+            fqdn,
         })
     }
 
@@ -270,6 +284,12 @@ impl Agent {
                     self.compiler.adopt_endpoint_id(&ep.pod, info.id);
                 }
             }
+            // And the domain classes its learned addresses name.
+            if let Some(f) = &self.fqdn {
+                for (ep, table) in &f.adopted {
+                    self.compiler.adopt_domain_classes(*ep, table);
+                }
+            }
         }
         let mut desired = self
             .compiler
@@ -289,6 +309,9 @@ impl Agent {
         // Maps first: an interface gets its programs only once its entry exists (an attached
         // interface without one drops everything), and a replaced program finds its maps full.
         let stats = self.writer.apply(&desired);
+        if let Some(f) = &self.fqdn {
+            f.set_tables(crate::fqdn::Tables::of(self.writer.applied(), services));
+        }
         if let Some(o) = &self.observer {
             o.publish(
                 self.writer.applied(),

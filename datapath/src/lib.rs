@@ -9,6 +9,7 @@
 //! syscalls aya does not wrap), `netlink` (links, addresses and routes over rtnetlink, for the
 //! host view and the CNI plugin).
 pub mod ct_sweep;
+pub mod dns;
 pub mod error;
 pub mod loader;
 pub mod netlink;

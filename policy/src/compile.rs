@@ -41,7 +41,8 @@ use crate::model::cluster::{
 };
 use crate::model::{NamedPort, Peer, Policy, PortMatch, PortSpec, Protocol, Store};
 use crate::state::{
-    CidrEntry, DesiredState, Direction, EndpointMeta, PodRef, PolicyEntry, RuleRef, TierRuleInfo,
+    CidrEntry, DesiredState, Direction, DomainTable, EndpointMeta, PodRef, PolicyEntry, RuleRef,
+    TierRuleInfo,
 };
 
 /// A pod with an interface on this node.
@@ -566,6 +567,19 @@ impl Compiler {
     /// is taken already.
     pub fn adopt_endpoint_id(&mut self, pod: &PodRef, id: u32) -> bool {
         self.endpoints.adopt(pod, id)
+    }
+
+    /// Keeps the domain classes an earlier agent gave an endpoint (`DesiredState::domains`):
+    /// the addresses it learned (FQDN_IPS) name them.
+    pub fn adopt_domain_classes(&mut self, endpoint: u32, table: &DomainTable) {
+        let all = [(false, &table.classes), (true, &table.audit_classes)];
+        for (audit_view, classes) in all {
+            for (patterns, class) in classes {
+                let id = class & !(CIDR_CLASS_BIT | DOMAIN_CLASS_BIT);
+                self.domain_classes
+                    .adopt(&(endpoint, patterns.clone(), audit_view), id);
+            }
+        }
     }
 
     /// Compiles `store` for the `endpoints` of this node, whose own addresses are

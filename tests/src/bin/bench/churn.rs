@@ -396,6 +396,7 @@ fn in_process_pinned(
         history: 1000,
         conntrack_per_pod: palisade_common::CT_QUOTA_DEFAULT,
         cni_state_dir: None,
+        fqdn: Default::default(),
     };
     // The agent runs its observers (verdict reader) on a current-thread runtime, as
     // `palisade run` does; they progress between changes.
