@@ -93,7 +93,8 @@ enum Command {
         /// Hold DNS answers to pods with `domainNames` peers until their addresses are
         /// learned (`off`: they pass at once and a connection made right after may be
         /// dropped; for measurements).
-        #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+        #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off,
+              action = clap::ArgAction::Set)]
         fqdn_hold: bool,
         /// An answer's addresses admit new connections for at least this many seconds (a
         /// TTL of 0 still admits the connection that follows it).

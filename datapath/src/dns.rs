@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use aya::maps::{Array, HashMap, Map, MapData, RingBuf};
 use palisade_common::{
-    CtEntry, CtKey, DNS_COPY_MAX, DNS_REINJECT_MARK, DnsAnswerRecord, FqdnKey, FqdnValue,
-    PeerAddr, map_names,
+    CtEntry, CtKey, DNS_COPY_MAX, DNS_REINJECT_MARK, DnsAnswerRecord, FqdnKey, FqdnValue, PeerAddr,
+    map_names,
 };
 
 use crate::{Datapath, DatapathError, Result, clock_ns};
@@ -41,7 +41,10 @@ pub struct DnsPath {
     socket: OwnedFd,
 }
 
-fn map_err(map: &'static str, doing: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+fn map_err(
+    map: &'static str,
+    doing: &'static str,
+) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
     DatapathError::map(map, doing)
 }
 

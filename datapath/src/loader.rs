@@ -32,7 +32,7 @@ use crate::{
 
 pub use crate::pins::{FROM_POD, TO_POD};
 
-pub const MAP_NAMES: [&str; 15] = [
+pub const MAP_NAMES: [&str; 19] = [
     map_names::ENDPOINTS,
     map_names::ENDPOINT_SLOTS,
     map_names::IDENTITIES,
@@ -48,6 +48,10 @@ pub const MAP_NAMES: [&str; 15] = [
     map_names::EP_ADDRS,
     map_names::NODE_PORTS,
     map_names::CT_RELEASED,
+    map_names::FQDN_IPS,
+    map_names::DNS_SERVERS,
+    map_names::DNS_ANSWERS,
+    map_names::FQDN_CTL,
 ];
 
 /// The verifier's verdict on one program.

@@ -763,6 +763,9 @@ impl MapWriter {
         if self.applied.endpoint_meta != desired.endpoint_meta {
             self.applied.endpoint_meta = desired.endpoint_meta.clone();
         }
+        if self.applied.domains != desired.domains {
+            self.applied.domains = desired.domains.clone();
+        }
         if self.applied.identity_pods != desired.identity_pods {
             self.applied.identity_pods = desired.identity_pods.clone();
         }

@@ -26,9 +26,8 @@ use std::rc::Rc;
 
 use ipnetwork::IpNetwork;
 use palisade_common::{
-    CIDR_CLASS_BIT, CIDR_CLASS_NONE, CidrKey, DIR_AUDIT_VIEW, DOMAIN_CLASS_BIT, EP_FQDN,
-    EP_TIERED, EndpointInfo,
-    IDENTITY_FIRST_POD, IDENTITY_HOST, POLICY_FLAG_AUDIT, POLICY_KEY_ANY_PORT_BITS,
+    CIDR_CLASS_BIT, CIDR_CLASS_NONE, CidrKey, DIR_AUDIT_VIEW, DOMAIN_CLASS_BIT, EP_FQDN, EP_TIERED,
+    EndpointInfo, IDENTITY_FIRST_POD, IDENTITY_HOST, POLICY_FLAG_AUDIT, POLICY_KEY_ANY_PORT_BITS,
     POLICY_KEY_ANY_PROTO_BITS, POLICY_KEY_FULL_BITS, PeerAddr, PolicyKey, PolicyValue,
     TIER_ACTION_ACCEPT, TIER_ACTION_DENY, TIER_ACTION_PASS, TierMatch, audit_flag, isolated_flag,
     tier_audit_flag, tiered_flag,
@@ -1245,7 +1244,10 @@ impl Compiler {
         sets.dedup();
         let mut table = Vec::new();
         for set in sets {
-            let Some(n) = self.domain_classes.try_intern(&(ep, set.clone(), audit_view)) else {
+            let Some(n) = self
+                .domain_classes
+                .try_intern(&(ep, set.clone(), audit_view))
+            else {
                 continue;
             };
             let class = CIDR_CLASS_BIT | DOMAIN_CLASS_BIT | n;

@@ -2,6 +2,7 @@
 //! netns "node" rig with pods, servers and probes ([`rig`]), and the agent as a child process
 //! ([`agent`]).
 pub mod agent;
+pub mod dns;
 pub mod netns;
 pub mod probe;
 pub mod rig;

@@ -25,7 +25,9 @@ const TCP: u8 = 6;
 
 /// Reads the headers of a frame; `None` if it is not unfragmented UDP or TCP over IP.
 pub fn parse(frame: &[u8]) -> Option<L4> {
-    let be16 = |o: usize| -> Option<u16> { Some(u16::from_be_bytes([*frame.get(o)?, *frame.get(o + 1)?])) };
+    let be16 = |o: usize| -> Option<u16> {
+        Some(u16::from_be_bytes([*frame.get(o)?, *frame.get(o + 1)?]))
+    };
     let l3 = 14;
     let (src, dst, proto, l4, end) = match be16(12)? {
         0x0800 => {
@@ -37,14 +39,26 @@ pub fn parse(frame: &[u8]) -> Option<L4> {
             }
             let a: [u8; 4] = frame.get(l3 + 12..l3 + 16)?.try_into().ok()?;
             let b: [u8; 4] = frame.get(l3 + 16..l3 + 20)?.try_into().ok()?;
-            (IpAddr::from(a), IpAddr::from(b), *frame.get(l3 + 9)?, l3 + ihl, l3 + total)
+            (
+                IpAddr::from(a),
+                IpAddr::from(b),
+                *frame.get(l3 + 9)?,
+                l3 + ihl,
+                l3 + total,
+            )
         }
         0x86dd => {
             let plen = usize::from(be16(l3 + 4)?);
             let a: [u8; 16] = frame.get(l3 + 8..l3 + 24)?.try_into().ok()?;
             let b: [u8; 16] = frame.get(l3 + 24..l3 + 40)?.try_into().ok()?;
             // No extension headers: DNS answers carry none.
-            (IpAddr::from(a), IpAddr::from(b), *frame.get(l3 + 6)?, l3 + 40, l3 + 40 + plen)
+            (
+                IpAddr::from(a),
+                IpAddr::from(b),
+                *frame.get(l3 + 6)?,
+                l3 + 40,
+                l3 + 40 + plen,
+            )
         }
         _ => return None,
     };
@@ -134,6 +148,47 @@ pub fn fix_checksums(frame: &mut [u8], h: &L4) {
     }
 }
 
+/// A TCP frame longer than `mtu` at L3 (a GSO segment the node's stack forwarded whole) as
+/// frames of at most `mtu`, their sequence numbers and lengths adjusted (checksums are left to
+/// `fix_checksums`). Anything else is returned as it is.
+pub fn segment(frame: &[u8], h: &L4, mtu: usize) -> Vec<(Vec<u8>, L4)> {
+    let headers = h.payload - h.l3;
+    if h.proto != TCP || h.end - h.l3 <= mtu || headers >= mtu {
+        return vec![(frame[..h.end].to_vec(), h.clone())];
+    }
+    let room = mtu - headers;
+    let payload = &frame[h.payload..h.end];
+    let chunks: Vec<&[u8]> = payload.chunks(room).collect();
+    let last = chunks.len() - 1;
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut f = frame[..h.payload].to_vec();
+            f.extend_from_slice(chunk);
+            let seq = h.seq.wrapping_add((i * room) as u32);
+            f[h.l4 + 4..h.l4 + 8].copy_from_slice(&seq.to_be_bytes());
+            if i != last {
+                // FIN and PSH only on the last.
+                f[h.l4 + 13] &= !0x09;
+            }
+            let l3_len = f.len() - h.l3;
+            if h.src.is_ipv4() {
+                f[h.l3 + 2..h.l3 + 4].copy_from_slice(&(l3_len as u16).to_be_bytes());
+            } else {
+                f[h.l3 + 4..h.l3 + 6].copy_from_slice(&((l3_len - 40) as u16).to_be_bytes());
+            }
+            let end = f.len();
+            let l4 = L4 {
+                seq,
+                end,
+                ..h.clone()
+            };
+            (f, l4)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,7 +198,9 @@ mod tests {
         let mut f = vec![0u8; 14];
         f[12] = 0x08;
         let total = 20 + 8 + payload.len();
-        let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 10, 10, 0, 0, 2];
+        let mut ip = vec![
+            0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 10, 10, 0, 0, 2,
+        ];
         ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
         f.extend(ip);
         f.extend(53u16.to_be_bytes());
@@ -179,6 +236,36 @@ mod tests {
         pseudo.extend(((h.end - h.l4) as u16).to_be_bytes());
         pseudo.extend(&f[h.l4..h.end]);
         assert_eq!(folded(&pseudo), 0xffff, "UDP checksum");
+    }
+
+    #[test]
+    fn a_large_tcp_segment_is_cut_to_the_mtu() {
+        let mut f = udp4(&[7u8; 3000]);
+        // Make it TCP: a 20-byte header in place of the UDP one.
+        f[14 + 9] = 6;
+        f.truncate(34);
+        let mut tcp = vec![0u8; 20];
+        tcp[0..2].copy_from_slice(&53u16.to_be_bytes());
+        tcp[4..8].copy_from_slice(&1000u32.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x18; // PSH, ACK
+        f.extend(tcp);
+        f.extend(vec![7u8; 3000]);
+        let total = (f.len() - 14) as u16;
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+        let h = parse(&f).unwrap();
+        let parts = segment(&f, &h, 1500);
+        assert_eq!(parts.len(), 3);
+        let mut next = 1000u32;
+        for (i, (p, ph)) in parts.iter().enumerate() {
+            let again = parse(p).unwrap();
+            assert_eq!(&again, ph);
+            assert!(p.len() - 14 <= 1500);
+            assert_eq!(again.seq, next);
+            next += (again.end - again.payload) as u32;
+            assert_eq!(p[34 + 13] & 0x08 != 0, i == 2, "PSH on the last only");
+        }
+        assert_eq!(next, 4000);
     }
 
     #[test]

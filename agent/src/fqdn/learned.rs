@@ -93,7 +93,11 @@ pub fn bound(
         let Some((n, ip)) = names
             .names
             .iter()
-            .flat_map(|(n, e)| e.addresses.iter().map(move |(ip, exp)| (*exp, n.clone(), *ip)))
+            .flat_map(|(n, e)| {
+                e.addresses
+                    .iter()
+                    .map(move |(ip, exp)| (*exp, n.clone(), *ip))
+            })
             .min()
             .map(|(_, n, ip)| (n, ip))
         else {
@@ -118,7 +122,10 @@ mod tests {
 
     fn entry(addrs: &[(&str, u64)]) -> NameEntry {
         NameEntry {
-            addresses: addrs.iter().map(|(a, e)| (a.parse().unwrap(), *e)).collect(),
+            addresses: addrs
+                .iter()
+                .map(|(a, e)| (a.parse().unwrap(), *e))
+                .collect(),
             ..NameEntry::default()
         }
     }
@@ -130,8 +137,10 @@ mod tests {
             "a.test".into(),
             entry(&[("192.0.2.1", 30), ("192.0.2.2", 10), ("192.0.2.3", 20)]),
         );
-        n.names
-            .insert("b.test".into(), entry(&[("192.0.2.2", 50), ("192.0.2.9", 5)]));
+        n.names.insert(
+            "b.test".into(),
+            entry(&[("192.0.2.2", 50), ("192.0.2.9", 5)]),
+        );
         let dropped = bound(&mut n, "a.test", 2, 10);
         // 192.0.2.2 left a.test but b.test still holds it.
         assert!(dropped.is_empty(), "{dropped:?}");

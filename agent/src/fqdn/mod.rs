@@ -116,6 +116,8 @@ pub struct FqdnStats {
 
 struct Shared {
     tables: Mutex<(u64, Tables)>,
+    /// The generation of tables the learner works with (and beats for).
+    taken: AtomicU64,
     stop: AtomicBool,
     stats: FqdnStats,
 }
@@ -141,6 +143,7 @@ impl Fqdn {
         let adopted = learned.classes.clone();
         let shared = Arc::new(Shared {
             tables: Mutex::new((0, Tables::default())),
+            taken: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             stats: FqdnStats::default(),
         });
@@ -156,12 +159,22 @@ impl Fqdn {
         })
     }
 
-    /// After a reconcile: the endpoints' domain classes and the cluster's DNS servers.
+    /// After a reconcile: the endpoints' domain classes and the cluster's DNS servers. Returns
+    /// once the learner works with them (or after `TAKE_WAIT`): a reconcile that named new
+    /// patterns is done when their answers are learned from.
     pub fn set_tables(&self, tables: Tables) {
-        let mut t = self.shared.tables.lock().expect("fqdn tables");
-        if t.0 == 0 || t.1 != tables {
+        let generation = {
+            let mut t = self.shared.tables.lock().expect("fqdn tables");
+            if t.0 != 0 && t.1 == tables {
+                return;
+            }
             t.0 += 1;
             t.1 = tables;
+            t.0
+        };
+        let deadline = Instant::now() + TAKE_WAIT;
+        while self.shared.taken.load(Ordering::Acquire) < generation && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
@@ -184,6 +197,12 @@ impl Drop for Fqdn {
 const BEAT: Duration = Duration::from_millis(200);
 const GC: Duration = Duration::from_secs(5);
 const SAVE: Duration = Duration::from_secs(1);
+/// How long the learner may sleep between looks at new tables, and how long a reconcile waits
+/// for it to take them.
+const WAKE: Duration = Duration::from_millis(20);
+const TAKE_WAIT: Duration = Duration::from_millis(500);
+/// The largest L3 packet a released answer is sent as (pods' interfaces have at least this).
+const RELEASE_MTU: usize = 1500;
 
 struct Learner {
     path: DnsPath,
@@ -219,9 +238,7 @@ impl Learner {
             self.take_tables();
             // Hold only once the patterns are known (an answer held before would be
             // released unlearned, and its connection would race).
-            if self.cfg.hold
-                && self.generation > 0
-                && last_beat.is_none_or(|t| t.elapsed() >= BEAT)
+            if self.cfg.hold && self.generation > 0 && last_beat.is_none_or(|t| t.elapsed() >= BEAT)
             {
                 if let Err(e) = self.path.beat(now_coarse_ns()) {
                     warn!("FQDN heartbeat: {e}");
@@ -242,7 +259,8 @@ impl Learner {
                 self.save();
                 last_save = Instant::now();
             }
-            self.path.wait(BEAT / 2);
+            self.shared.taken.store(self.generation, Ordering::Release);
+            self.path.wait(WAKE);
         }
         // Stop holding at once: DNS must not wait for an agent that is going away.
         let _ = self.path.beat(0);
@@ -323,7 +341,10 @@ impl Learner {
         }
         for (k, v) in &want {
             if have.get(k) != Some(v) && self.path.put(k, v).is_err() {
-                self.shared.stats.write_failures.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .stats
+                    .write_failures
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
         self.shared
@@ -344,17 +365,34 @@ impl Learner {
             self.shared.stats.unparsed.fetch_add(1, Ordering::Relaxed);
         }
         if r.held {
-            if let Some(h) = &h {
-                frame::fix_checksums(&mut frame, h);
-            }
-            match self.path.release(r.ifindex, &frame) {
-                Ok(()) => self.shared.stats.released.fetch_add(1, Ordering::Relaxed),
-                Err(e) => {
-                    debug!(ifindex = r.ifindex, "releasing a DNS answer: {e}");
-                    self.shared.stats.release_failures.fetch_add(1, Ordering::Relaxed)
-                }
-            };
+            self.release(r.ifindex, &mut frame, h.as_ref());
         }
+    }
+
+    /// Sends a held answer on, cut to the MTU if the node's stack forwarded it as one large
+    /// segment, with whole checksums.
+    fn release(&self, ifindex: u32, frame: &mut [u8], h: Option<&frame::L4>) {
+        let parts = match h {
+            Some(h) => frame::segment(frame, h, RELEASE_MTU),
+            None => vec![],
+        };
+        let mut sent = true;
+        if parts.is_empty() {
+            sent &= self.path.release(ifindex, frame).is_ok();
+        }
+        for (mut f, ph) in parts {
+            frame::fix_checksums(&mut f, &ph);
+            if let Err(e) = self.path.release(ifindex, &f) {
+                debug!(ifindex, "releasing a DNS answer: {e}");
+                sent = false;
+            }
+        }
+        let counter = if sent {
+            &self.shared.stats.released
+        } else {
+            &self.shared.stats.release_failures
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The whole DNS messages a frame completes: its UDP payload, or the TCP messages (each
@@ -425,7 +463,12 @@ impl Learner {
             *e = (*e).max(expires);
             writes.push((*ip, *e));
         }
-        let evicted = learned::bound(names, &answer.name, self.cfg.max_per_name, self.cfg.max_per_endpoint);
+        let evicted = learned::bound(
+            names,
+            &answer.name,
+            self.cfg.max_per_name,
+            self.cfg.max_per_endpoint,
+        );
         for ip in &evicted {
             self.path.remove(&key(endpoint, *ip));
         }
@@ -440,7 +483,10 @@ impl Learner {
                 expires_ns: expires,
             };
             if self.path.put(&key(endpoint, ip), &v).is_err() {
-                self.shared.stats.write_failures.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .stats
+                    .write_failures
+                    .fetch_add(1, Ordering::Relaxed);
             } else {
                 self.shared.stats.learned.fetch_add(1, Ordering::Relaxed);
             }

@@ -1,0 +1,305 @@
+//! FQDN egress on the netns rig: pods `a` and `b` may reach the domains a ClusterNetworkPolicy
+//! names (and the cluster's DNS server, the pod `dns`, which runs the test crate's DNS server),
+//! nothing else outside. The "internet" is the namespace `ext`, not a pod of the cluster, which
+//! owns the documentation ranges (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24) and serves
+//! TCP 80 and UDP 80 on every address of them.
+mod support;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant, SystemTime};
+
+use palisade_tests::{
+    agent::{AgentProcess, WorkDir, agent_binary},
+    dns::{DnsServer, Record, Zone, resolve},
+    netns,
+    rig::{Node, Pod, require_root},
+};
+use support::demo_node;
+
+const POLICY: &str = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: allow-domains}
+spec:
+  tier: Admin
+  priority: 10
+  subject:
+    pods:
+      namespaceSelector: {}
+      podSelector: {matchExpressions: [{key: app, operator: In, values: [a, b]}]}
+  egress:
+    - name: dns
+      action: Accept
+      to: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: dns}}}}]
+      protocols: [{udp: {destinationPort: {number: 53}}}, {tcp: {destinationPort: {number: 53}}}]
+    - name: names
+      action: Accept
+      to: [{domainNames: [allowed.test, "*.race.test", "*.many.test", "www.alias.test"]}]
+      protocols: [{tcp: {destinationPort: {number: 80}}}, {udp: {destinationPort: {number: 80}}}]
+    - name: nothing-else
+      action: Deny
+      to: [{networks: [0.0.0.0/0, "::/0"]}]
+"#;
+
+/// The addresses `r<N>.race.test` resolve to: each name an address of its own.
+fn race_address(n: u32) -> Option<IpAddr> {
+    match n {
+        0..250 => Some(Ipv4Addr::new(198, 51, 100, (n + 1) as u8).into()),
+        250..500 => Some(Ipv4Addr::new(203, 0, 113, (n - 249) as u8).into()),
+        _ => None,
+    }
+}
+
+fn zone() -> Zone {
+    let mut z = Zone::default();
+    let a = |ip: [u8; 4], ttl| Record::Addr(Ipv4Addr::from(ip).into(), ttl);
+    z.names
+        .insert("allowed.test".into(), vec![a([192, 0, 2, 10], 30)]);
+    z.names
+        .insert("other.test".into(), vec![a([192, 0, 2, 20], 30)]);
+    z.names.insert(
+        "www.alias.test".into(),
+        vec![Record::Cname("edge.cdn.test".into(), 30)],
+    );
+    z.names
+        .insert("edge.cdn.test".into(), vec![a([192, 0, 2, 30], 30)]);
+    z.names.insert(
+        "direct.cdn.test".into(),
+        vec![Record::Cname("edge.cdn.test".into(), 30)],
+    );
+    // More records than a UDP answer holds: truncated, then over TCP.
+    z.names.insert(
+        "big.many.test".into(),
+        (1..=120).map(|i| a([192, 0, 2, i], 30)).collect(),
+    );
+    z.generate = Some(Box::new(|name: &str| {
+        let n: u32 = name
+            .strip_prefix('r')?
+            .strip_suffix(".race.test")?
+            .parse()
+            .ok()?;
+        Some(vec![Record::Addr(race_address(n)?, 30)])
+    }));
+    z
+}
+
+struct Rig {
+    node: Node,
+    agent: AgentProcess,
+    _work: WorkDir,
+    _dns: DnsServer,
+}
+
+impl Rig {
+    fn pod(&self, name: &str) -> &Pod {
+        support::demo_pod(&self.node, name)
+    }
+
+    fn dns_ip(&self) -> IpAddr {
+        self.pod("dns").ip(false)
+    }
+
+    /// Resolves `name` from `pod`, then at once opens a TCP connection to the first address
+    /// on port 80: (address, connected).
+    fn resolve_and_connect(&self, pod: &str, name: &str) -> (IpAddr, bool) {
+        let server = self.dns_ip();
+        let name = name.to_string();
+        self.pod(pod)
+            .in_netns(move || {
+                let ips = resolve(server, &name, false, Duration::from_secs(3))
+                    .unwrap_or_else(|e| panic!("resolving {name}: {e:#}"));
+                let ip = ips[0];
+                let ok = TcpStream::connect_timeout(
+                    &SocketAddr::new(ip, 80),
+                    Duration::from_millis(500),
+                )
+                .is_ok();
+                (ip, ok)
+            })
+            .expect("pod netns")
+    }
+
+    fn connects(&self, pod: &str, ip: IpAddr) -> bool {
+        self.pod(pod)
+            .in_netns(move || {
+                TcpStream::connect_timeout(&SocketAddr::new(ip, 80), Duration::from_millis(500))
+                    .is_ok()
+            })
+            .expect("pod netns")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.agent.log_path()).unwrap_or_default()
+    }
+}
+
+/// The node (pods a, b, dns of the cluster; ext outside it), the DNS server in `dns`, and the
+/// agent with `POLICY`, trusting `dns`, with `args`.
+fn rig(tag: &str, args: &[&str]) -> Rig {
+    let node = demo_node(&["a", "b", "dns", "ext"], false);
+    let ext = support::demo_pod(&node, "ext");
+    // The internet: ext answers on the documentation ranges, the node routes them to it.
+    let ranges = ["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"];
+    netns::ip_batch(
+        Some(&ext.netns_name),
+        &ranges
+            .iter()
+            .map(|r| format!("route add local {r} dev lo"))
+            .collect::<Vec<_>>(),
+    )
+    .expect("ext's addresses");
+    netns::ip_batch(
+        Some(&node.netns_name),
+        &ranges
+            .iter()
+            .map(|r| format!("route add {r} dev {}", ext.host_ifname))
+            .collect::<Vec<_>>(),
+    )
+    .expect("routes to ext");
+    let dns =
+        DnsServer::start(&support::demo_pod(&node, "dns").netns_name, zone()).expect("DNS server");
+    let work = WorkDir::new(tag);
+    let manifests = work.manifests();
+    let mut cluster = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {kubernetes.io/metadata.name: demo}}\n",
+    );
+    for name in ["a", "b", "dns"] {
+        let ip = support::demo_pod(&node, name).ip(false);
+        cluster.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo, labels: {{app: {name}}}}}\n\
+             spec: {{containers: [{{name: c}}]}}\nstatus: {{podIP: '{ip}', podIPs: [{{ip: '{ip}'}}]}}\n"
+        ));
+    }
+    std::fs::write(manifests.join("cluster.yaml"), cluster).unwrap();
+    std::fs::write(manifests.join("fqdn.yaml"), POLICY).unwrap();
+    let dns_ip = support::demo_pod(&node, "dns").ip(false).to_string();
+    let mut all_args = vec!["--dns-server", dns_ip.as_str()];
+    all_args.extend_from_slice(args);
+    let since = SystemTime::now();
+    let mut agent =
+        AgentProcess::start_with(&node, &agent_binary(), &manifests, work.path(), &all_args)
+            .expect("agent");
+    agent
+        .wait_reconciled(since, 3, Duration::from_secs(60))
+        .expect("agent reconciles");
+    Rig {
+        node,
+        agent,
+        _work: work,
+        _dns: dns,
+    }
+}
+
+/// `rounds` times: resolve a name never resolved before, connect at once to its address.
+/// The rounds whose connection failed.
+fn race(r: &Rig, pod: &str, rounds: u32, timeout: Duration) -> Vec<String> {
+    let server = r.dns_ip();
+    r.pod(pod)
+        .in_netns(move || {
+            let mut failed = Vec::new();
+            for n in 0..rounds {
+                let name = format!("r{n}.race.test");
+                let ips = resolve(server, &name, false, Duration::from_secs(3))
+                    .unwrap_or_else(|e| panic!("resolving {name}: {e:#}"));
+                let ok = TcpStream::connect_timeout(&SocketAddr::new(ips[0], 80), timeout).is_ok();
+                if !ok {
+                    failed.push(format!("{name} ({})", ips[0]));
+                }
+            }
+            failed
+        })
+        .expect("pod netns")
+}
+
+#[test]
+fn a_connection_made_right_after_the_answer_is_never_dropped() {
+    if !require_root() {
+        return;
+    }
+    let r = rig("fqdn-race", &[]);
+    let started = Instant::now();
+    let failed = race(&r, "a", 500, Duration::from_millis(500));
+    println!(
+        "hold on: 500 resolve-then-connect rounds in {:?}, {} failed",
+        started.elapsed(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "connections dropped right after their answer: {failed:?}\nagent log: {}",
+        r.agent.log_path().display()
+    );
+    // Learned for `a` only: `b` never asked, and the addresses stay closed to it.
+    let ip = race_address(7).unwrap();
+    assert!(
+        !r.connects("b", ip),
+        "b reaches {ip}, which only a resolved"
+    );
+}
+
+#[test]
+fn without_holding_the_race_is_seen() {
+    if !require_root() {
+        return;
+    }
+    let r = rig("fqdn-nohold", &["--fqdn-hold", "off"]);
+    // A dropped SYN is sent again only after a second: a connection that waits 100 ms sees
+    // whether the first one passed.
+    let failed = race(&r, "a", 200, Duration::from_millis(100));
+    println!(
+        "hold off: 200 resolve-then-connect rounds, {} failed",
+        failed.len()
+    );
+    assert!(
+        !failed.is_empty(),
+        "no round failed without holding: the race test cannot see the race"
+    );
+    // The answers are still learned, only late: a moment after the answer, it connects.
+    let (ip, _) = r.resolve_and_connect("a", "r300.race.test");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        r.connects("a", ip),
+        "a cannot reach {ip} even after learning it"
+    );
+}
+
+#[test]
+fn only_the_names_of_the_policy_open_and_only_after_their_answer() {
+    if !require_root() {
+        return;
+    }
+    let r = rig("fqdn-allow", &[]);
+    let allowed: IpAddr = "192.0.2.10".parse().unwrap();
+    // Before any lookup: closed.
+    assert!(
+        !r.connects("a", allowed),
+        "a reaches allowed.test before resolving it"
+    );
+    let got = r.resolve_and_connect("a", "allowed.test");
+    assert_eq!(got, (allowed, true));
+    assert_eq!(
+        r.resolve_and_connect("a", "ALLOWED.test."),
+        (allowed, true),
+        "case and a trailing dot do not matter"
+    );
+    // A name no pattern matches opens nothing (DNS itself is not filtered).
+    let other: IpAddr = "192.0.2.20".parse().unwrap();
+    assert_eq!(r.resolve_and_connect("a", "other.test"), (other, false));
+    // A CNAME chain in one answer: the rule names the alias, the address is the target's.
+    let edge: IpAddr = "192.0.2.30".parse().unwrap();
+    assert_eq!(r.resolve_and_connect("a", "www.alias.test"), (edge, true));
+    // The same address asked by a name the policy does not name opens nothing for b.
+    assert_eq!(r.resolve_and_connect("b", "direct.cdn.test"), (edge, false));
+    // A truncated answer retried over TCP: all 120 addresses learned.
+    let (first, ok) = r.resolve_and_connect("b", "big.many.test");
+    assert!(
+        ok,
+        "b cannot reach {first} after resolving big.many.test over TCP"
+    );
+    let last: IpAddr = "192.0.2.120".parse().unwrap();
+    assert!(
+        r.connects("b", last),
+        "the 120th address of the TCP answer was not learned"
+    );
+    assert!(!r.log().contains("panicked"));
+}
