@@ -303,3 +303,241 @@ fn only_the_names_of_the_policy_open_and_only_after_their_answer() {
     );
     assert!(!r.log().contains("panicked"));
 }
+
+/// `resolve` with up to `tries` attempts (a stub resolver retries a lost answer).
+fn resolve_retrying(pod: &Pod, server: IpAddr, name: &str, tries: u32) -> Option<Vec<IpAddr>> {
+    let name = name.to_string();
+    pod.in_netns(move || {
+        (0..tries).find_map(|_| resolve(server, &name, false, Duration::from_millis(700)).ok())
+    })
+    .expect("pod netns")
+}
+
+#[test]
+fn dns_and_learned_addresses_outlive_the_agent_and_answers_meanwhile_are_learned_after() {
+    if !require_root() {
+        return;
+    }
+    let mut r = rig("fqdn-restart", &[]);
+    let allowed: IpAddr = "192.0.2.10".parse().unwrap();
+    assert_eq!(r.resolve_and_connect("a", "allowed.test"), (allowed, true));
+    let mut conn = r
+        .pod("a")
+        .in_netns(move || {
+            TcpStream::connect_timeout(&SocketAddr::new(allowed, 80), Duration::from_secs(2))
+        })
+        .unwrap()
+        .expect("a long connection to allowed.test");
+    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+
+    r.agent.kill();
+    let killed = Instant::now();
+    // An answer held when the agent died is lost; the resolver's retry gets through once the
+    // heartbeat is stale (1 s).
+    let server = r.dns_ip();
+    let first = resolve_retrying(r.pod("a"), server, "r11.race.test", 5);
+    println!(
+        "first lookup after kill -9 answered after {:?}",
+        killed.elapsed()
+    );
+    assert!(
+        first.is_some(),
+        "DNS does not come back while the agent is down"
+    );
+    // Without the agent: DNS answers, learned addresses stay open, the rest stays closed.
+    let mut answered = 0;
+    for n in 20..40 {
+        if resolve_retrying(r.pod("a"), server, &format!("r{n}.race.test"), 1).is_some() {
+            answered += 1;
+        }
+    }
+    println!("while the agent is down: {answered} of 20 lookups answered at once");
+    assert_eq!(answered, 20, "lookups failed while the agent was down");
+    assert!(
+        r.connects("a", allowed),
+        "a learned address closed with the agent"
+    );
+    assert!(
+        !r.connects("a", "192.0.2.20".parse().unwrap()),
+        "enforcement lapsed"
+    );
+    let down_learned = race_address(25).unwrap();
+    assert!(
+        !r.connects("a", down_learned),
+        "an address answered while no agent ran is open before any agent read it"
+    );
+
+    let since = SystemTime::now();
+    let manifests = r._work.manifests();
+    r.agent
+        .spawn(&r.node, &agent_binary(), &manifests)
+        .expect("restart");
+    r.agent
+        .wait_reconciled(since, 3, Duration::from_secs(30))
+        .expect("restarted");
+    // The answers given meanwhile were read from the pinned backlog: no new lookup needed.
+    assert!(
+        r.connects("a", down_learned),
+        "an answer given while the agent was down was not learned when it came back"
+    );
+    use std::io::{Read, Write};
+    let mut buf = [0u8; 1];
+    conn.write_all(&[7]).unwrap();
+    conn.read_exact(&mut buf)
+        .expect("the connection to a learned address survives the restart");
+    // And holding is back.
+    let failed = race(&r, "a", 50, Duration::from_millis(500));
+    assert!(failed.is_empty(), "after the restart: {failed:?}");
+}
+
+#[test]
+fn untrusted_and_forged_answers_teach_nothing() {
+    if !require_root() {
+        return;
+    }
+    let r = rig("fqdn-spoof", &[]);
+    let evil: IpAddr = "192.0.2.66".parse().unwrap();
+    // An answer for a name the policy names, claiming to come from the trusted server (its
+    // address forged, from the node), to a port a listens on, but to no query a sent.
+    let a_ip = r.pod("a").ip(false);
+    let dns_ip = r.dns_ip();
+    // a listens where the forged answer goes, as a resolver waiting for its answer would.
+    let listener = r
+        .pod("a")
+        .in_netns(move || std::net::UdpSocket::bind((a_ip, 5353)).unwrap())
+        .unwrap();
+    listener
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let forged = forged_answer("allowed.test", evil);
+    r.node
+        .in_netns(move || {
+            // The trusted server's address, which the node does not own.
+            let s = socket2_free_bind(dns_ip, 53);
+            s.send_to(&forged, SocketAddr::new(a_ip, 5353)).unwrap();
+        })
+        .unwrap();
+    let mut buf = [0u8; 1500];
+    let got = listener.recv(&mut buf);
+    assert!(
+        got.is_ok(),
+        "the forged answer did not even arrive: the test proves nothing"
+    );
+    assert!(
+        !r.connects("a", evil),
+        "a forged answer (the trusted server's address, no query) opened {evil}"
+    );
+    // The real answer still teaches.
+    assert_eq!(
+        r.resolve_and_connect("a", "allowed.test"),
+        ("192.0.2.10".parse().unwrap(), true)
+    );
+    assert!(!r.connects("a", evil));
+}
+
+/// A UDP socket bound to, and sending from, an address the namespace does not own
+/// (IP_FREEBIND, IP_TRANSPARENT).
+fn socket2_free_bind(ip: IpAddr, port: u16) -> std::net::UdpSocket {
+    use std::os::fd::FromRawFd;
+    let IpAddr::V4(v4) = ip else {
+        panic!("IPv4 only")
+    };
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        assert!(fd >= 0);
+        let one: libc::c_int = 1;
+        for opt in [libc::IP_FREEBIND, libc::IP_TRANSPARENT] {
+            let rc = libc::setsockopt(
+                fd,
+                libc::SOL_IP,
+                opt,
+                (&one as *const libc::c_int).cast(),
+                4,
+            );
+            assert_eq!(rc, 0, "setsockopt: {}", std::io::Error::last_os_error());
+        }
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(v4).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::bind(
+            fd,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        );
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        std::net::UdpSocket::from_raw_fd(fd)
+    }
+}
+
+/// A DNS answer `name A ip`.
+fn forged_answer(name: &str, ip: IpAddr) -> Vec<u8> {
+    use simple_dns::{CLASS, Name, Packet, QCLASS, QTYPE, Question, ResourceRecord, TYPE, rdata};
+    let IpAddr::V4(v4) = ip else { panic!() };
+    let mut p = Packet::new_reply(1);
+    p.questions.push(Question::new(
+        Name::new_unchecked(name),
+        QTYPE::TYPE(TYPE::A),
+        QCLASS::CLASS(CLASS::IN),
+        false,
+    ));
+    p.answers.push(ResourceRecord::new(
+        Name::new_unchecked(name),
+        CLASS::IN,
+        300,
+        rdata::RData::A(rdata::A {
+            address: u32::from(v4),
+        }),
+    ));
+    p.build_bytes_vec().unwrap()
+}
+
+#[test]
+fn ttls_bound_new_connections_not_open_ones() {
+    if !require_root() {
+        return;
+    }
+    let r = rig("fqdn-ttl", &["--fqdn-min-ttl", "1"]);
+    r._dns.zone.lock().unwrap().names.insert(
+        "short.race.test".into(),
+        vec![Record::Addr("203.0.113.200".parse().unwrap(), 1)],
+    );
+    r._dns.zone.lock().unwrap().names.insert(
+        "zero.race.test".into(),
+        vec![Record::Addr("203.0.113.201".parse().unwrap(), 0)],
+    );
+    // TTL 0: the floor still admits the connection that follows the answer.
+    let (_, ok) = r.resolve_and_connect("a", "zero.race.test");
+    assert!(
+        ok,
+        "a TTL-0 answer did not admit the connection right after it"
+    );
+    let (short, ok) = r.resolve_and_connect("a", "short.race.test");
+    assert!(ok);
+    let mut conn = r
+        .pod("a")
+        .in_netns(move || {
+            TcpStream::connect_timeout(&SocketAddr::new(short, 80), Duration::from_secs(2))
+        })
+        .unwrap()
+        .expect("a connection within the TTL");
+    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    // Past the TTL (and past a GC round, 5 s): new connections are refused...
+    std::thread::sleep(Duration::from_millis(6500));
+    assert!(
+        !r.connects("a", short),
+        "a new connection after the TTL passed"
+    );
+    // ...the open one goes on.
+    use std::io::{Read, Write};
+    let mut buf = [0u8; 1];
+    conn.write_all(&[7]).unwrap();
+    conn.read_exact(&mut buf)
+        .expect("an open connection died with its answer's TTL");
+    // A new answer opens it again.
+    assert_eq!(r.resolve_and_connect("a", "short.race.test"), (short, true));
+}

@@ -214,11 +214,30 @@ struct Learner {
     /// TCP answers being put together, by (ifindex, server, server port, client port).
     streams: HashMap<(u32, IpAddr, u16, u16), Vec<u8>>,
     dirty: bool,
+    /// FQDN_IPS entries an earlier agent wrote that `learned` does not name (it was killed
+    /// before it wrote `fqdn.json`): kept until they expire, as long as their endpoint still
+    /// names domains.
+    orphans: BTreeMap<FqdnKey, FqdnValue>,
 }
 
 impl Learner {
     fn new(path: DnsPath, cfg: FqdnConfig, learned: Learned, shared: Arc<Shared>) -> Learner {
+        let named: std::collections::BTreeSet<FqdnKey> = learned
+            .endpoints
+            .iter()
+            .flat_map(|(ep, n)| {
+                n.names
+                    .values()
+                    .flat_map(move |e| e.addresses.keys().map(move |ip| key(*ep, *ip)))
+            })
+            .collect();
+        let orphans = path
+            .entries()
+            .into_iter()
+            .filter(|(k, _)| !named.contains(k))
+            .collect();
         Learner {
+            orphans,
             path,
             cfg,
             learned,
@@ -310,7 +329,10 @@ impl Learner {
 
     /// Makes FQDN_IPS what `learned` and the tables say.
     fn sync_map(&mut self) {
-        let mut want: BTreeMap<FqdnKey, FqdnValue> = BTreeMap::new();
+        let domains = &self.tables.domains;
+        self.orphans
+            .retain(|k, _| domains.contains_key(&k.endpoint));
+        let mut want: BTreeMap<FqdnKey, FqdnValue> = self.orphans.clone();
         for (ep, names) in &mut self.learned.endpoints {
             let Some(table) = self.tables.domains.get(ep) else {
                 continue;
@@ -510,6 +532,16 @@ impl Learner {
             names.names.retain(|_, e| !e.addresses.is_empty());
         }
         self.learned.endpoints.retain(|_, n| !n.names.is_empty());
+        self.orphans.retain(|k, v| {
+            let peer = PeerAddr {
+                family: k.family,
+                _pad: [0; 3],
+                addr: k.addr,
+            };
+            let keep = v.expires_ns > now || in_use.contains(&(k.endpoint, peer));
+            gone += u64::from(!keep);
+            keep
+        });
         if gone > 0 {
             self.shared.stats.expired.fetch_add(gone, Ordering::Relaxed);
             self.sync_map();
