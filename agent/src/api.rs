@@ -180,6 +180,23 @@ pub struct StatsReport {
     /// Configuration errors, failures and endpoints failing closed, as of the last reconcile.
     #[serde(default)]
     pub problems: Problems,
+    /// FQDN egress: what the learner did with the DNS answers it read.
+    #[serde(default)]
+    pub fqdn: FqdnReport,
+}
+
+/// The FQDN learner's counts since the agent started (`addresses`: in FQDN_IPS now).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FqdnReport {
+    pub answers: u64,
+    pub released: u64,
+    pub release_failures: u64,
+    pub unparsed: u64,
+    pub learned: u64,
+    pub evicted: u64,
+    pub expired: u64,
+    pub write_failures: u64,
+    pub addresses: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

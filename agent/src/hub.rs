@@ -20,6 +20,8 @@ pub struct Hub {
     pub undecodable: std::sync::atomic::AtomicU64,
     pub last_reconcile: Mutex<Option<ReconcileInfo>>,
     pub problems: Mutex<Problems>,
+    /// The FQDN learner's counters, once it runs.
+    pub fqdn: std::sync::OnceLock<Arc<crate::fqdn::FqdnStats>>,
 }
 
 impl Hub {

@@ -101,6 +101,9 @@ enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = 5)]
         fqdn_min_ttl: u64,
     },
+    /// The names pods' DNS answers resolved for their `domainNames` peers, and the addresses
+    /// learned.
+    Fqdn(cli::FqdnArgs),
     /// Recent verdicts: which packets were dropped or allowed, by which policy.
     Verdicts(cli::VerdictsArgs),
     /// Inspect enforced policy (`policy show NS/POD`).
@@ -251,6 +254,7 @@ fn main() -> Result<()> {
         Command::Policy(a) => cli::policy(&cli.socket, &a),
         Command::Explain(a) => cli::explain(&cli.socket, &a),
         Command::Stats(a) => cli::stats(&cli.socket, &a),
+        Command::Fqdn(a) => cli::fqdn(&cli.socket, &a),
         Command::Cni => std::process::exit(palisade::cni::plugin_main()),
         Command::CniInstall {
             bin_dir,

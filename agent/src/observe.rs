@@ -65,6 +65,7 @@ impl Observer {
             undecodable: Default::default(),
             last_reconcile: Mutex::new(None),
             problems: Mutex::default(),
+            fqdn: Default::default(),
         });
         let mut tasks = vec![spawn_reader(ring, hub.clone())?];
         if let Some(path) = &cfg.socket {

@@ -182,6 +182,9 @@ impl Agent {
         let observer = Observer::start(ObserveConfig::from(&cfg), &mut datapath, health.clone())
             .map_err(|e| error!("verdicts, CLI socket and the admin server are off: {e:#}"))
             .ok();
+        if let (Some(o), Some(f)) = (&observer, &fqdn) {
+            let _ = o.hub.fqdn.set(f.stats());
+        }
         let mut compiler = Compiler::default();
         compiler.audit_all = cfg.audit;
         Ok(Agent {

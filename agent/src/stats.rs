@@ -23,7 +23,7 @@ type Labels = Vec<(String, String)>;
 /// Endpoints listed in `ConntrackStats::top_holders`.
 const TOP_HOLDERS: usize = 5;
 
-const COUNTER_NAMES: [(DpCounter, &str); 10] = [
+const COUNTER_NAMES: [(DpCounter, &str); 13] = [
     (DpCounter::CtHit, "ct_hit"),
     (DpCounter::NewAllowed, "new_allowed"),
     (DpCounter::Dropped, "dropped"),
@@ -34,6 +34,9 @@ const COUNTER_NAMES: [(DpCounter, &str); 10] = [
     (DpCounter::EventsLost, "events_lost"),
     (DpCounter::CtInsertFailed, "ct_insert_failed"),
     (DpCounter::Revalidated, "revalidated"),
+    (DpCounter::DnsHeld, "dns_held"),
+    (DpCounter::DnsUnheld, "dns_unheld"),
+    (DpCounter::DnsCopyFailed, "dns_copy_failed"),
 ];
 
 /// Reads every datapath counter and the agent's own figures.
@@ -44,6 +47,9 @@ pub fn stats_report(hub: &Hub) -> StatsReport {
     let slot = |i: u32| -> u64 { m.counters.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
     for (c, name) in COUNTER_NAMES {
         r.counters.insert(name.to_string(), slot(c as u32));
+    }
+    if let Some(f) = hub.fqdn.get() {
+        r.fqdn = f.report();
     }
     for reason in Reason::ALL {
         let d = slot(DROPPED_BY_REASON + reason as u32);
@@ -274,6 +280,64 @@ fn render_problems(reg: &mut Registry, p: &Problems) {
     );
 }
 
+/// The FQDN learner's series.
+fn render_fqdn(reg: &mut Registry, f: &crate::api::FqdnReport) {
+    let counters = [
+        (
+            "palisade_fqdn_answers",
+            "DNS answers read from DNS_ANSWERS",
+            f.answers,
+        ),
+        (
+            "palisade_fqdn_released",
+            "Held DNS answers sent on to their pods",
+            f.released,
+        ),
+        (
+            "palisade_fqdn_release_failures",
+            "Held DNS answers that could not be sent on (the client retries)",
+            f.release_failures,
+        ),
+        (
+            "palisade_fqdn_unparsed",
+            "DNS answers that taught nothing: not A/AAAA answers, malformed",
+            f.unparsed,
+        ),
+        (
+            "palisade_fqdn_learned",
+            "Addresses learned (written to FQDN_IPS)",
+            f.learned,
+        ),
+        (
+            "palisade_fqdn_evicted",
+            "Learned addresses dropped for the per-name and per-endpoint bounds",
+            f.evicted,
+        ),
+        (
+            "palisade_fqdn_expired",
+            "Learned addresses forgotten after their TTL (and their last flow)",
+            f.expired,
+        ),
+        (
+            "palisade_fqdn_write_failures",
+            "FQDN_IPS writes that failed (the address stays closed)",
+            f.write_failures,
+        ),
+    ];
+    for (name, help, v) in counters {
+        let c = Counter::<u64>::default();
+        c.inc_by(v);
+        reg.register(name, help, c);
+    }
+    let g = Gauge::<i64>::default();
+    g.set(f.addresses as i64);
+    reg.register(
+        "palisade_fqdn_addresses",
+        "Learned addresses in FQDN_IPS",
+        g,
+    );
+}
+
 pub fn render(hub: &Hub, report: &StatsReport) -> String {
     let mut reg = Registry::default();
     let dp = Family::<Labels, Counter>::default();
@@ -292,6 +356,7 @@ pub fn render(hub: &Hub, report: &StatsReport) -> String {
             .inc_by(*v);
     }
     reg.register("palisade_drops", "Dropped packets by reason", drops);
+    render_fqdn(&mut reg, &report.fqdn);
     let would = Family::<Labels, Counter>::default();
     for (reason, v) in &report.would_drop_by_reason {
         would

@@ -10,11 +10,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::ValueEnum;
 
 mod explain;
+mod fqdn;
 mod policy;
 mod stats;
 mod verdicts;
 
 pub use explain::{ExplainArgs, explain, explain_text};
+pub use fqdn::{FqdnArgs, FqdnRow, fqdn, fqdn_rows, fqdn_table};
 pub use policy::{PolicyArgs, PolicyCommand, policy, policy_text};
 pub use stats::{StatsArgs, stats, stats_text};
 pub use verdicts::{VerdictsArgs, verdicts, verdicts_table};

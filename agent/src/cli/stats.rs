@@ -61,6 +61,21 @@ pub fn stats_text(r: &StatsReport) -> String {
         c("malformed"),
         c("revalidated"),
     ));
+    let f = &r.fqdn;
+    if f.answers > 0 || c("dns_held") > 0 || c("dns_unheld") > 0 {
+        s.push_str(&format!(
+            "FQDN: {} DNS answers held, {} passed unheld, {} not copied; {} read, {} released, {} learned addresses ({} in force), {} evicted, {} expired\n",
+            c("dns_held"),
+            c("dns_unheld"),
+            c("dns_copy_failed"),
+            f.answers,
+            f.released,
+            f.learned,
+            f.addresses,
+            f.evicted,
+            f.expired,
+        ));
+    }
     let reasons = |m: &std::collections::BTreeMap<String, u64>| {
         if m.is_empty() {
             "none".to_string()

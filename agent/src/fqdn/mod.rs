@@ -114,12 +114,29 @@ pub struct FqdnStats {
     pub addresses: AtomicU64,
 }
 
+impl FqdnStats {
+    pub fn report(&self) -> crate::api::FqdnReport {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        crate::api::FqdnReport {
+            answers: g(&self.answers),
+            released: g(&self.released),
+            release_failures: g(&self.release_failures),
+            unparsed: g(&self.unparsed),
+            learned: g(&self.learned),
+            evicted: g(&self.evicted),
+            expired: g(&self.expired),
+            write_failures: g(&self.write_failures),
+            addresses: g(&self.addresses),
+        }
+    }
+}
+
 struct Shared {
     tables: Mutex<(u64, Tables)>,
     /// The generation of tables the learner works with (and beats for).
     taken: AtomicU64,
     stop: AtomicBool,
-    stats: FqdnStats,
+    stats: Arc<FqdnStats>,
 }
 
 /// The learner's thread; stops when dropped.
@@ -145,7 +162,7 @@ impl Fqdn {
             tables: Mutex::new((0, Tables::default())),
             taken: AtomicU64::new(0),
             stop: AtomicBool::new(false),
-            stats: FqdnStats::default(),
+            stats: Arc::default(),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -178,8 +195,9 @@ impl Fqdn {
         }
     }
 
-    pub fn stats(&self) -> &FqdnStats {
-        &self.shared.stats
+    /// The learner's counters (for the hub).
+    pub fn stats(&self) -> Arc<FqdnStats> {
+        self.shared.stats.clone()
     }
 }
 
