@@ -2,6 +2,9 @@
 //! loop, the reconcile step, the host view, the CNI plugin, and the observers. The policy engine is the pure `palisade-policy` crate and
 //! the kernel side the `palisade-datapath` crate; this crate joins them.
 
+// Files written for the CLI and the next agent.
+pub mod files;
+
 // The manifest directory the standalone source reads (parsing is `palisade_policy::manifest`).
 pub mod manifest;
 

@@ -49,7 +49,7 @@ pub fn stats_report(hub: &Hub) -> StatsReport {
         r.counters.insert(name.to_string(), slot(c as u32));
     }
     if let Some(f) = hub.fqdn.get() {
-        r.fqdn = f.report();
+        r.fqdn = fqdn_report(f);
     }
     for reason in Reason::ALL {
         let d = slot(DROPPED_BY_REASON + reason as u32);
@@ -278,6 +278,23 @@ fn render_problems(reg: &mut Registry, p: &Problems) {
         "Map writes that failed since the agent started (each failed its endpoint closed)",
         failures,
     );
+}
+
+/// The FQDN learner's counters, read now.
+fn fqdn_report(f: &crate::fqdn::FqdnStats) -> crate::api::FqdnReport {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    crate::api::FqdnReport {
+        answers: g(&f.answers),
+        released: g(&f.released),
+        release_failures: g(&f.release_failures),
+        unparsed: g(&f.unparsed),
+        learned: g(&f.learned),
+        evicted: g(&f.evicted),
+        expired: g(&f.expired),
+        write_failures: g(&f.write_failures),
+        addresses: g(&f.addresses),
+    }
 }
 
 /// The FQDN learner's series.

@@ -33,6 +33,23 @@ pub fn read_policy_maps(pin_dir: &Path) -> Result<DesiredState> {
         &open(pin_dir, map_names::POLICY)?,
         &mut state,
     )?;
+    // FQDN_IPS: the entries that admit new flows now (an older pin directory has none).
+    if let Ok(ips) = open::<HashMap<MapData, palisade_common::FqdnKey, palisade_common::FqdnValue>>(
+        pin_dir,
+        map_names::FQDN_IPS,
+    ) {
+        let now = crate::dns::now_coarse_ns();
+        for (k, v) in ips.iter().filter_map(|e| e.ok()) {
+            if v.expires_ns > now {
+                let addr = PeerAddr {
+                    family: k.family,
+                    _pad: [0; 3],
+                    addr: k.addr,
+                };
+                state.learned.insert((k.endpoint, addr), v.class);
+            }
+        }
+    }
     Ok(state)
 }
 

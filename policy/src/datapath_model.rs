@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 
 use palisade_common::{
-    AF_INET, AF_INET6, CIDR_CLASS_NONE, CidrKey, EP_PENDING, IDENTITY_HOST, IDENTITY_NONE,
+    AF_INET, AF_INET6, CIDR_CLASS_NONE, CidrKey, EP_FQDN, EP_PENDING, IDENTITY_HOST, IDENTITY_NONE,
     POLICY_KEY_ANY_PROTO_BITS, POLICY_KEY_FULL_BITS, PeerAddr, PolicyKey, PolicyValue, Reason,
     TIER_ACTION_ACCEPT, TIER_ACTION_DENY, TierMatch, audit_flag, isolated_flag, tiered_flag,
 };
@@ -67,6 +67,8 @@ pub struct ModelVerdict {
     pub identity: u32,
     /// The CIDR class the peer's address fell in, when the CIDRS lookup was made and hit.
     pub class: Option<u32>,
+    /// The domain class the endpoint's DNS answers gave the peer (`DesiredState::learned`).
+    pub domain_class: Option<u32>,
 }
 
 impl ModelVerdict {
@@ -79,6 +81,7 @@ impl ModelVerdict {
             baseline: None,
             identity: IDENTITY_NONE,
             class: None,
+            domain_class: None,
         }
     }
 }
@@ -189,7 +192,16 @@ pub fn evaluate(
         }
         None => None,
     };
+    // Egress to an address the endpoint's DNS answers resolved a `domainNames` pattern to.
+    let by_name = match state.learned.get(&(ep.id, PeerAddr::from_ip(peer))) {
+        Some(class) if dir == Direction::Egress && ep.flags & EP_FQDN != 0 => {
+            v.domain_class = Some(*class);
+            policy_lookup(state, ep.id, *class, dir, proto, port).map(|(_, value)| value)
+        }
+        _ => None,
+    };
     let (by_identity, by_cidr) = (by_identity.unwrap_or_default(), by_cidr.unwrap_or_default());
+    let by_name = by_name.unwrap_or_default();
     let decided = |mut v: ModelVerdict, allowed: bool, reason: ModelReason, rule: u32| {
         v.allowed = allowed;
         v.reason = reason;
@@ -202,8 +214,11 @@ pub fn evaluate(
         _ => None,
     };
     if tiered {
-        let admin = by_identity.admin.first(by_cidr.admin);
-        let baseline = by_identity.baseline.first(by_cidr.baseline);
+        let admin = by_identity.admin.first(by_cidr.admin).first(by_name.admin);
+        let baseline = by_identity
+            .baseline
+            .first(by_cidr.baseline)
+            .first(by_name.baseline);
         v.admin = (admin.rule != 0).then_some(admin);
         v.baseline = (baseline.rule != 0).then_some(baseline);
         if let Some((allowed, reason, rule)) = tier(admin) {

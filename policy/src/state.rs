@@ -339,6 +339,10 @@ pub struct DesiredState {
     /// Endpoint id -> the domain classes of its egress `domainNames` patterns: what the agent
     /// writes in FQDN_IPS for an address a DNS answer gave the endpoint.
     pub domains: BTreeMap<u32, DomainTable>,
+    /// FQDN_IPS as the datapath holds it: (endpoint, address) -> domain class, for the entries
+    /// that admit new flows now. The compiler leaves it empty (the agent's learner writes the
+    /// map); read back from the pins for `explain`.
+    pub learned: BTreeMap<(u32, PeerAddr), u32>,
 }
 
 /// One endpoint's `domainNames` patterns, grouped: every set of patterns a DNS name can match

@@ -69,6 +69,9 @@ pub fn explain_text(e: &Explanation) -> String {
             "  {} of {}: {}\n",
             st.direction, st.pod, st.summary
         ));
+        if let Some(d) = &st.domain {
+            s.push_str(&format!("    - the peer is {d}\n"));
+        }
         for h in &st.hints {
             s.push_str(&format!("    - {h}\n"));
         }

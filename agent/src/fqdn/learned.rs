@@ -61,7 +61,7 @@ impl Learned {
     pub fn save(&mut self, path: &Path) -> Result<()> {
         self.boot_id = boot_id();
         let bytes = serde_json::to_vec(self)?;
-        crate::inspect::write_private(path, &bytes)
+        crate::files::write_private(path, &bytes)
             .with_context(|| format!("writing {}", path.display()))
     }
 }

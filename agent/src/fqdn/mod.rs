@@ -114,23 +114,6 @@ pub struct FqdnStats {
     pub addresses: AtomicU64,
 }
 
-impl FqdnStats {
-    pub fn report(&self) -> crate::api::FqdnReport {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        crate::api::FqdnReport {
-            answers: g(&self.answers),
-            released: g(&self.released),
-            release_failures: g(&self.release_failures),
-            unparsed: g(&self.unparsed),
-            learned: g(&self.learned),
-            evicted: g(&self.evicted),
-            expired: g(&self.expired),
-            write_failures: g(&self.write_failures),
-            addresses: g(&self.addresses),
-        }
-    }
-}
-
 struct Shared {
     tables: Mutex<(u64, Tables)>,
     /// The generation of tables the learner works with (and beats for).
@@ -495,7 +478,7 @@ impl Learner {
         let entry = names.names.entry(answer.name.clone()).or_default();
         entry.chain = answer.chain.clone();
         entry.server = server.to_string();
-        entry.answered_unix_ms = crate::inspect::unix_ms();
+        entry.answered_unix_ms = crate::files::unix_ms();
         let mut writes = Vec::new();
         for (ip, ttl) in &answer.addresses {
             let expires = at_ns + ttl_ns(*ttl);

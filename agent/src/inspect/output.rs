@@ -257,4 +257,7 @@ pub struct Step {
     pub summary: String,
     /// Rules that come close (another port for this peer, this port for other peers).
     pub hints: Vec<String>,
+    /// For egress to an address the pod's DNS answers gave a `domainNames` pattern: the name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
 }

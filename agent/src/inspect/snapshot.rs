@@ -29,6 +29,8 @@ pub struct Snapshot {
     pub file: StateFile,
     ip_owner: HashMap<IpAddr, String>,
     with_allows: BTreeSet<(u32, u8)>,
+    /// What the FQDN learner knows (`fqdn.json` beside the socket), to name a learned peer.
+    pub learned: crate::fqdn::Learned,
 }
 
 impl Snapshot {
@@ -45,7 +47,9 @@ impl Snapshot {
         let file: StateFile =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         let state = read_pinned_maps(&file.pin_dir)?;
-        Ok(Snapshot::from_parts(state, file))
+        let mut snap = Snapshot::from_parts(state, file);
+        snap.learned = crate::fqdn::Learned::load(&socket.with_file_name(crate::fqdn::FQDN_FILE));
+        Ok(snap)
     }
 
     pub fn from_parts(mut state: DesiredState, file: StateFile) -> Snapshot {
@@ -63,6 +67,7 @@ impl Snapshot {
             file,
             ip_owner,
             with_allows,
+            learned: Default::default(),
         }
     }
 
@@ -566,6 +571,28 @@ impl Snapshot {
             audit_ignored: ignored,
             summary,
             hints,
+            domain: v.domain_class.map(|_| self.domain_of(info.id, peer)),
+        }
+    }
+
+    /// The name (and CNAME chain, and server) whose DNS answer gave endpoint `endpoint` the
+    /// address `peer`.
+    fn domain_of(&self, endpoint: u32, peer: IpAddr) -> String {
+        let found = self.learned.endpoints.get(&endpoint).and_then(|n| {
+            n.names
+                .iter()
+                .find(|(_, e)| e.addresses.contains_key(&peer))
+        });
+        match found {
+            Some((name, e)) if e.chain.is_empty() => {
+                format!("{name} (answered by {})", e.server)
+            }
+            Some((name, e)) => format!(
+                "{name} (via {}, answered by {})",
+                e.chain.join(" > "),
+                e.server
+            ),
+            None => "a name this pod resolved (not yet in fqdn.json)".to_string(),
         }
     }
 
