@@ -136,10 +136,18 @@ impl Rig {
 /// The node (pods a, b, dns of the cluster; ext outside it), the DNS server in `dns`, and the
 /// agent with `POLICY`, trusting `dns`, with `args`.
 fn rig(tag: &str, args: &[&str]) -> Rig {
-    let node = demo_node(&["a", "b", "dns", "ext"], false);
+    rig_with(tag, false, args)
+}
+
+/// `rig`, dual-stack if `ipv6` (ext then owns 2001:db8::/32 too).
+fn rig_with(tag: &str, ipv6: bool, args: &[&str]) -> Rig {
+    let node = demo_node(&["a", "b", "dns", "ext"], ipv6);
     let ext = support::demo_pod(&node, "ext");
     // The internet: ext answers on the documentation ranges, the node routes them to it.
-    let ranges = ["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"];
+    let mut ranges = vec!["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"];
+    if ipv6 {
+        ranges.push("2001:db8::/32");
+    }
     netns::ip_batch(
         Some(&ext.netns_name),
         &ranges
@@ -152,7 +160,11 @@ fn rig(tag: &str, args: &[&str]) -> Rig {
         Some(&node.netns_name),
         &ranges
             .iter()
-            .map(|r| format!("route add {r} dev {}", ext.host_ifname))
+            .map(|r| match r.contains(':') {
+                // IPv6 neighbour discovery answers only for assigned addresses: next hop ext.
+                true => format!("route add {r} via {} dev {}", ext.ip(true), ext.host_ifname),
+                false => format!("route add {r} dev {}", ext.host_ifname),
+            })
             .collect::<Vec<_>>(),
     )
     .expect("routes to ext");
@@ -164,16 +176,30 @@ fn rig(tag: &str, args: &[&str]) -> Rig {
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {kubernetes.io/metadata.name: demo}}\n",
     );
     for name in ["a", "b", "dns"] {
-        let ip = support::demo_pod(&node, name).ip(false);
+        let pod = support::demo_pod(&node, name);
+        let ip = pod.ip(false);
+        let ips = pod
+            .ips()
+            .iter()
+            .map(|ip| format!("{{ip: '{ip}'}}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         cluster.push_str(&format!(
             "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo, labels: {{app: {name}}}}}\n\
-             spec: {{containers: [{{name: c}}]}}\nstatus: {{podIP: '{ip}', podIPs: [{{ip: '{ip}'}}]}}\n"
+             spec: {{containers: [{{name: c}}]}}\nstatus: {{podIP: '{ip}', podIPs: [{ips}]}}\n"
         ));
     }
     std::fs::write(manifests.join("cluster.yaml"), cluster).unwrap();
     std::fs::write(manifests.join("fqdn.yaml"), POLICY).unwrap();
-    let dns_ip = support::demo_pod(&node, "dns").ip(false).to_string();
-    let mut all_args = vec!["--dns-server", dns_ip.as_str()];
+    let dns_ips: Vec<String> = support::demo_pod(&node, "dns")
+        .ips()
+        .iter()
+        .map(|ip| ip.to_string())
+        .collect();
+    let mut all_args = Vec::new();
+    for ip in &dns_ips {
+        all_args.extend(["--dns-server", ip.as_str()]);
+    }
     all_args.extend_from_slice(args);
     let since = SystemTime::now();
     let mut agent =
@@ -540,4 +566,57 @@ fn ttls_bound_new_connections_not_open_ones() {
         .expect("an open connection died with its answer's TTL");
     // A new answer opens it again.
     assert_eq!(r.resolve_and_connect("a", "short.race.test"), (short, true));
+}
+
+#[test]
+fn aaaa_answers_open_ipv6_and_an_a_answer_leaves_them_open() {
+    if !require_root() {
+        return;
+    }
+    let r = rig_with("fqdn-v6", true, &[]);
+    {
+        let mut z = r._dns.zone.lock().unwrap();
+        z.names.insert(
+            "allowed.test".into(),
+            vec![
+                Record::Addr("192.0.2.10".parse().unwrap(), 30),
+                Record::Addr("2001:db8::10".parse().unwrap(), 30),
+            ],
+        );
+    }
+    let server6 = r.pod("dns").ip(true);
+    let v6: IpAddr = "2001:db8::10".parse().unwrap();
+    assert!(!r.connects("a", v6), "open before any lookup");
+    // AAAA, asked over IPv6.
+    let got = r
+        .pod("a")
+        .in_netns(move || resolve(server6, "allowed.test", true, Duration::from_secs(3)))
+        .unwrap()
+        .expect("AAAA lookup");
+    assert_eq!(got, [v6]);
+    assert!(r.connects("a", v6), "the AAAA answer did not open {v6}");
+    // An A answer for the same name adds its address and leaves the AAAA one.
+    assert_eq!(
+        r.resolve_and_connect("a", "allowed.test"),
+        ("192.0.2.10".parse().unwrap(), true)
+    );
+    assert!(
+        r.connects("a", v6),
+        "an A answer closed the AAAA-learned {v6}"
+    );
+    // A name the policy does not name stays closed over IPv6 too.
+    let other6: IpAddr = "2001:db8::20".parse().unwrap();
+    r._dns
+        .zone
+        .lock()
+        .unwrap()
+        .names
+        .insert("other.test".into(), vec![Record::Addr(other6, 30)]);
+    let got = r
+        .pod("a")
+        .in_netns(move || resolve(server6, "other.test", true, Duration::from_secs(3)))
+        .unwrap()
+        .expect("AAAA lookup");
+    assert_eq!(got, [other6]);
+    assert!(!r.connects("a", other6));
 }
