@@ -94,7 +94,10 @@ const SCENARIOS: &[(&str, &str, u16, bool, &str)] = &[
     ),
 ];
 
-const SERVED: &[u16] = &[80, 5432, 8080, 9090];
+const SERVED: &[u16] = &[80, 443, 5432, 8080, 9090];
+
+/// A namespace outside the cluster standing for the internet: it owns 203.0.113.0/24.
+const INTERNET: &str = "internet";
 
 fn documents(path: &std::path::Path) -> Result<Vec<Value>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
@@ -123,12 +126,26 @@ fn run(args: &Args) -> Result<bool> {
     let node = Node::new(NodeSpec {
         pods: names
             .iter()
-            .map(|n| PodSpec {
-                name: n.replace('/', "-"),
-            })
+            .map(|n| n.replace('/', "-"))
+            .chain([INTERNET.to_string()])
+            .map(|name| PodSpec { name })
             .collect(),
         ipv6: false,
     })?;
+    let internet = node.pod(INTERNET).context("the internet namespace")?;
+    palisade_tests::netns::ip_batch(
+        Some(&internet.netns_name),
+        &["route add local 203.0.113.0/24 dev lo".to_string()],
+    )?;
+    palisade_tests::netns::ip_batch(
+        Some(&node.netns_name),
+        &[format!(
+            "route add 203.0.113.0/24 dev {}",
+            internet.host_ifname
+        )],
+    )?;
+    let coredns = node.pod("kube-system-coredns").context("the coredns pod")?;
+    let _dns = palisade_tests::dns::DnsServer::start(&coredns.netns_name, dns_zone())?;
     let served: Vec<(u16, Proto)> = SERVED.iter().map(|p| (*p, Proto::Tcp)).collect();
     node.serve(&served)?;
     let ips: BTreeMap<String, IpAddr> = names
@@ -166,7 +183,16 @@ fn run(args: &Args) -> Result<bool> {
         args.examples.join("policies.yaml").display()
     );
     let since = SystemTime::now();
-    let mut agent = AgentProcess::start(&node, &args.agent, &manifests, &work)?;
+    // The cluster's DNS server, whose answers teach domainNames peers (in a cluster: the
+    // kube-system/kube-dns Service, trusted without a flag).
+    let dns_ip = coredns.ip(false).to_string();
+    let mut agent = AgentProcess::start_with(
+        &node,
+        &args.agent,
+        &manifests,
+        &work,
+        &["--dns-server", &dns_ip],
+    )?;
     let status = agent.wait_reconciled(since, names.len(), Duration::from_secs(20))?;
     println!(
         "Agent enforcing: {} endpoints, {} policy map entries, {} config errors\n",
@@ -247,6 +273,14 @@ fn run(args: &Args) -> Result<bool> {
     show(&["verdicts"])?;
 
     all_ok &= cluster_policy(args, &node, &mut agent, &manifests, &ips, &names)?;
+    all_ok &= fqdn_egress(
+        args,
+        &node,
+        &mut agent,
+        &manifests,
+        names.len(),
+        coredns.ip(false),
+    )?;
 
     agent.stop();
     drop(agent);
@@ -335,6 +369,114 @@ fn cluster_policy(
         &["explain", "--from", from, "--to", to, "--port", "9090"],
     )?;
     Ok(before && !after)
+}
+
+/// What the demo's DNS server answers.
+fn dns_zone() -> palisade_tests::dns::Zone {
+    use palisade_tests::dns::Record;
+    let mut z = palisade_tests::dns::Zone::default();
+    z.names.insert(
+        "api.payments.test".into(),
+        vec![Record::Cname("edge1.cdn.payments.test".into(), 60)],
+    );
+    z.names.insert(
+        "edge1.cdn.payments.test".into(),
+        vec![Record::Addr("203.0.113.10".parse().unwrap(), 60)],
+    );
+    z.names.insert(
+        "ads.tracker.test".into(),
+        vec![Record::Addr("203.0.113.66".parse().unwrap(), 60)],
+    );
+    z
+}
+
+/// FQDN egress: cluster-fqdn-egress.yaml lets shop/backend reach api.payments.test by name and
+/// nothing else outside; `palisade fqdn` and `explain` show what its DNS answers taught.
+fn fqdn_egress(
+    args: &Args,
+    node: &Node,
+    agent: &mut AgentProcess,
+    manifests: &std::path::Path,
+    endpoints: usize,
+    dns: IpAddr,
+) -> Result<bool> {
+    const FILE: &str = "cluster-fqdn-egress.yaml";
+    println!(
+        "\nAdding {} (ClusterNetworkPolicy with domainNames: shop/backend may reach its payment API by name, nothing else outside)",
+        args.examples.join(FILE).display()
+    );
+    let since = SystemTime::now();
+    std::fs::copy(args.examples.join(FILE), manifests.join(FILE))?;
+    agent.wait_reconciled(since, endpoints, Duration::from_secs(20))?;
+    let backend = node.pod("shop-backend").context("the backend pod")?;
+    // Resolve, then connect at once: the answer reached the pod only once its address was
+    // in the maps.
+    let lookup_and_connect = |name: &'static str| {
+        backend.in_netns(move || -> Result<(IpAddr, bool)> {
+            let ip = palisade_tests::dns::resolve(dns, name, false, Duration::from_secs(3))?
+                .first()
+                .copied()
+                .context("no address")?;
+            let ok = std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::new(ip, 443),
+                Duration::from_millis(800),
+            )
+            .is_ok();
+            Ok((ip, ok))
+        })?
+    };
+    println!(
+        "{:<22} {:<30} {:>5}  {:<9} {:<9} why",
+        "from", "to", "port", "expected", "observed"
+    );
+    let mut all_ok = true;
+    let mut payments = None;
+    for (name, want, why) in [
+        (
+            "api.payments.test",
+            true,
+            "payments-api: its DNS answer (via a CNAME) opened it",
+        ),
+        (
+            "ads.tracker.test",
+            false,
+            "no-other-egress: no pattern names it",
+        ),
+    ] {
+        let (ip, got) = lookup_and_connect(name)?;
+        if want {
+            payments = Some(ip);
+        }
+        let word = |b: bool| if b { "allowed" } else { "DROPPED" };
+        all_ok &= got == want;
+        println!(
+            "{:<22} {:<30} {:>5}  {:<9} {:<9} {why}{}",
+            "shop/backend",
+            format!("{name} ({ip})"),
+            443,
+            word(want),
+            word(got),
+            if got == want { "" } else { "   <-- unexpected" }
+        );
+    }
+    // fqdn.json is written within a second of learning.
+    std::thread::sleep(Duration::from_millis(1200));
+    show(agent, &["fqdn"])?;
+    if let Some(ip) = payments {
+        show(
+            agent,
+            &[
+                "explain",
+                "--from",
+                "shop/backend",
+                "--to",
+                &ip.to_string(),
+                "--port",
+                "443",
+            ],
+        )?;
+    }
+    Ok(all_ok)
 }
 
 /// The agent's Prometheus endpoint, from inside the node.
