@@ -11,6 +11,7 @@
 //! Needs root; iperf3, ipset, iptables and nft (xtask installs them).
 mod churn;
 mod cluster;
+mod dns;
 mod packet;
 mod primitives;
 mod report;
@@ -237,6 +238,13 @@ fn run(args: &Args) -> Result<()> {
     }
     if want("churn") {
         churn::run(&churn_cfg, &object, &agent, &work, &mut report)?;
+        write(&json_path, &md_path, &report)?;
+    }
+    if want("dns") {
+        let cfg = dns::Config {
+            lookups: if args.quick { 300 } else { 2000 },
+        };
+        dns::run(&cfg, &agent, &work, &mut report)?;
         write(&json_path, &md_path, &report)?;
     }
     if want("throughput") {

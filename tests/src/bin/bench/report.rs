@@ -237,6 +237,17 @@ pub fn goals(r: &Value) -> Vec<Goal> {
         measured: p99.map_or("not measured".into(), |v| format!("{v:.1} ms")),
         met: p99.map(|v| v <= 50.0),
     });
+    let added = get(r, "dns_latency.added_p99_us").and_then(Value::as_f64);
+    let held = get(r, "dns_latency.held.p99_us").and_then(Value::as_f64);
+    out.push(Goal {
+        id: "dns",
+        text: "a held DNS answer (FQDN egress) adds p99 < 1 ms".into(),
+        measured: match (added, held) {
+            (Some(a), Some(h)) => format!("p99 +{a:.0} µs (held p99 {h:.0} µs)"),
+            _ => "not measured".into(),
+        },
+        met: added.map(|a| a < 1000.0),
+    });
     let rss = median_at(r, "agent_rss_mib");
     out.push(Goal {
         id: "rss",
@@ -467,6 +478,47 @@ fn tier_counts(r: &Value) -> Vec<u64> {
 }
 
 /// The per-packet figures with ClusterNetworkPolicies (`ns_per_packet_tiers`), if measured.
+fn dns_section(m: &mut String, r: &Value) {
+    let Some(d) = get(r, "dns_latency") else {
+        return;
+    };
+    let f = |path: &str| {
+        get(d, path)
+            .and_then(Value::as_f64)
+            .map_or("?".to_string(), |v| format!("{v:.0}"))
+    };
+    let _ = writeln!(
+        m,
+        "## FQDN egress: DNS answer latency
+"
+    );
+    let _ = writeln!(
+        m,
+        "{} lookups from each of two pods of one node, turn and turn about, each of a name not \
+         asked before: `held` is subject to a `domainNames` policy (its answers are held until \
+         their addresses are learned), `plain` to none. Round-trip time of the lookup in the \
+         pod, µs.\n",
+        f("lookups")
+    );
+    let _ = writeln!(m, "| pod | p50 | p99 | max |\n|---|---|---|---|");
+    for who in ["held", "plain"] {
+        let _ = writeln!(
+            m,
+            "| {who} | {} | {} | {} |",
+            f(&format!("{who}.p50_us")),
+            f(&format!("{who}.p99_us")),
+            f(&format!("{who}.max_us"))
+        );
+    }
+    let _ = writeln!(
+        m,
+        "\nAdded by holding: p50 {} µs, p99 {} µs; {} addresses learned.\n",
+        f("added_p50_us"),
+        f("added_p99_us"),
+        f("addresses_learned")
+    );
+}
+
 fn tiers_section(m: &mut String, r: &Value) {
     let counts = tier_counts(r);
     let (Some(&first), Some(&last)) = (counts.first(), counts.last()) else {
@@ -849,6 +901,7 @@ pub fn markdown(r: &Value) -> String {
     );
 
     tiers_section(&mut m, r);
+    dns_section(&mut m, r);
 
     let _ = writeln!(m, "## 2. Throughput and latency between two pods\n");
     let _ = writeln!(
