@@ -59,16 +59,18 @@ pub fn run(cfg: &Config, agent: &Path, work: &Path, report: &mut Value) -> Resul
     })?;
     node.serve(&[(443, Proto::Tcp)])?;
     let pod = |n: &str| node.pod(&format!("dns-bench-{n}")).expect("rig pod");
-    let mut zone = Zone::default();
-    zone.generate = Some(Box::new(|name: &str| {
-        let n: u32 = name
-            .strip_prefix('n')?
-            .strip_suffix(".bench.test")?
-            .parse()
-            .ok()?;
-        let ip = std::net::Ipv4Addr::new(198, 18, (n / 250) as u8 % 250, (n % 250 + 1) as u8);
-        Some(vec![Record::Addr(ip.into(), 300)])
-    }));
+    let zone = Zone {
+        generate: Some(Box::new(|name: &str| {
+            let n: u32 = name
+                .strip_prefix('n')?
+                .strip_suffix(".bench.test")?
+                .parse()
+                .ok()?;
+            let ip = std::net::Ipv4Addr::new(198, 18, (n / 250) as u8 % 250, (n % 250 + 1) as u8);
+            Some(vec![Record::Addr(ip.into(), 300)])
+        })),
+        ..Zone::default()
+    };
     let _dns = DnsServer::start(&pod("dns").netns_name, zone)?;
     let dir = work.join(format!("dns-{}", std::process::id()));
     let manifests = dir.join("manifests");
