@@ -300,6 +300,39 @@ mod tests {
         assert_eq!(ips(&answer(&msg).unwrap()), ["2001:db8::1/30"]);
     }
 
+    /// Mutated and truncated answers (bytes of a name or a compression pointer, counts, types):
+    /// never a panic, and never more than the bounds.
+    #[test]
+    fn mutated_answers_never_panic_and_stay_bounded() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let base = reply(
+            "www.alias.test",
+            TYPE::A,
+            vec![
+                cname("www.alias.test", "edge.cdn.test", 10),
+                a("edge.cdn.test", [203, 0, 113, 7], 60),
+                a("evil.test", [203, 0, 113, 66], 60),
+            ],
+        );
+        let mut learned = 0;
+        for _ in 0..50_000 {
+            let mut m = base.clone();
+            for _ in 0..rng.random_range(1..4) {
+                let i = rng.random_range(0..m.len());
+                m[i] = rng.random();
+            }
+            if rng.random_bool(0.2) {
+                m.truncate(rng.random_range(0..m.len()));
+            }
+            if let Ok(ans) = answer(&m) {
+                assert!(ans.chain.len() <= MAX_CHAIN && ans.addresses.len() <= MAX_ADDRESSES);
+                learned += ans.addresses.len();
+            }
+        }
+        assert!(learned > 0, "no mutation left an answer to learn from");
+    }
+
     fn table(classes: &[(&[&str], u32)]) -> DomainTable {
         DomainTable {
             classes: classes
