@@ -18,8 +18,9 @@ use crate::{
 };
 
 /// Is this packet of the pod's flow `key` (a reply) an answer from a trusted DNS server, not
-/// already released by the agent?
+/// already released by the agent? (The key is passed by reference, as in `policy`.)
 #[inline(always)]
+#[allow(clippy::needless_borrows_for_generic_args)]
 pub fn is_answer(ctx: &TcContext, key: &CtKey, pkt: &Packet) -> bool {
     if key.peer_port != 53 || !(pkt.proto == PROTO_UDP || pkt.proto == PROTO_TCP) {
         return false;
