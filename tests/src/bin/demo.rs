@@ -306,7 +306,7 @@ fn operating_it(
     show(agent, &["verdicts", "--verdict", "dropped", "--to-pod", to])?;
     let explain = ["explain", "--from", from, "--to", to, "--port", "5432"];
     let before = show_status(agent, &explain)?;
-    println!("\n$ cat {FILE}\n{DB_FROM_FRONTEND}");
+    print!("\n$ cat {FILE}\n{DB_FROM_FRONTEND}");
     let since = SystemTime::now();
     std::fs::write(manifests.join(FILE), DB_FROM_FRONTEND)?;
     agent.wait_reconciled(since, names.len(), Duration::from_secs(20))?;
