@@ -28,16 +28,22 @@ fn git(args: &[&str]) -> Option<String> {
 /// Builds the image with Docker and tags it `tag` (default [`default_tag`]).
 pub fn image(tag: Option<String>) -> Result<()> {
     let tag = tag.unwrap_or_else(default_tag);
-    let docker = Command::new("docker").arg("--version").output();
+    // The client alone is not enough: `docker info` needs the daemon.
+    let docker = Command::new("docker").arg("info").output();
     if !docker.as_ref().is_ok_and(|o| o.status.success()) {
+        let why = match docker {
+            Ok(o) => String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("no reason given")
+                .trim()
+                .to_string(),
+            Err(e) => format!("docker: {e}"),
+        };
         bail!(
-            "cargo xtask image needs Docker (`docker --version` failed: {}). On a machine with \
-             Docker it runs `docker build -t {tag} .` at the repository root; `cargo xtask \
-             build --release` builds the same binary without it.",
-            match docker {
-                Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
-                Err(e) => e.to_string(),
-            }
+            "cargo xtask image needs Docker, and `docker info` failed: {why}\n\
+             (on a machine with Docker it runs `docker build -t {tag} .` at the repository \
+             root; `cargo xtask build --release` builds the same binary without Docker)"
         );
     }
     // The build context has no .git (.dockerignore): pass what `palisade version` reports.
@@ -45,7 +51,6 @@ pub fn image(tag: Option<String>) -> Result<()> {
     let date = git(&["log", "-1", "--format=%ct"]).unwrap_or_default();
     let status = Command::new("docker")
         .current_dir(root())
-        .env("DOCKER_BUILDKIT", "1")
         .args(["build", "-t", &tag])
         .args(["--build-arg", &format!("PALISADE_GIT_COMMIT={commit}")])
         .args(["--build-arg", &format!("SOURCE_DATE_EPOCH={date}")])
