@@ -32,8 +32,8 @@ static EBPF_OBJECT: &[u8] = &[];
     version,
     about = "Kubernetes NetworkPolicy enforcement on eBPF",
     after_help = "Read commands (verdicts, policy show, explain, stats, version) take -o \
-                  table|wide|json|yaml. Exit status: 0 success, 2 error (bad arguments too); \
-                  explain exits 1 when the flow is dropped."
+                  table|wide|json|yaml. Exit status: 0 success, 1 failure, 2 bad arguments; \
+                  explain: 0 allowed, 1 dropped, 2 any error."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -164,8 +164,13 @@ fn main() -> std::process::ExitCode {
     if invoked_as_cni_plugin() {
         std::process::exit(palisade::cni::plugin_main());
     }
-    // Bad arguments: clap's message and usage, exit status 2 (cli::EXIT_ERROR).
+    // Bad arguments: clap's message and usage, exit status 2 (cli::EXIT_USAGE).
     let cli = Cli::parse();
+    let failure = match cli.command {
+        // explain's 1 means "dropped".
+        Command::Explain(_) => cli::EXPLAIN_ERROR,
+        _ => cli::EXIT_FAILURE,
+    };
     match run(cli) {
         Ok(status) => std::process::ExitCode::from(status),
         Err(e) => {
@@ -178,7 +183,7 @@ fn main() -> std::process::ExitCode {
                     eprintln!("    {c}");
                 }
             }
-            std::process::ExitCode::from(cli::EXIT_ERROR)
+            std::process::ExitCode::from(failure)
         }
     }
 }

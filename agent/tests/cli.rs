@@ -4,7 +4,7 @@
 //! running agent: `tests/tests/cli.rs`.)
 use std::{path::Path, process::Command};
 
-use palisade::cli::EXIT_ERROR;
+use palisade::cli::{EXIT_FAILURE, EXIT_USAGE, EXPLAIN_ERROR};
 use serde_json::Value;
 
 fn palisade(args: &[&str]) -> std::process::Output {
@@ -101,7 +101,7 @@ fn bad_arguments_exit_2_with_what_was_wrong() {
         let o = palisade(args);
         assert_eq!(
             o.status.code(),
-            Some(EXIT_ERROR.into()),
+            Some(EXIT_USAGE.into()),
             "palisade {args:?}: {}",
             stderr(&o)
         );
@@ -115,17 +115,21 @@ fn bad_arguments_exit_2_with_what_was_wrong() {
 }
 
 #[test]
-fn without_an_agent_read_commands_exit_2_and_say_so() {
-    for args in [
-        &["explain", "--from", "a/x", "--to", "b/y", "--port", "80"][..],
-        &["policy", "show", "a/x"],
-        &["verdicts"],
-        &["stats", "-o", "yaml"],
+fn without_an_agent_read_commands_fail_and_say_so() {
+    for (args, status) in [
+        // explain's 1 would mean "dropped": its errors exit with 2.
+        (
+            &["explain", "--from", "a/x", "--to", "b/y", "--port", "80"][..],
+            EXPLAIN_ERROR,
+        ),
+        (&["policy", "show", "a/x"], EXIT_FAILURE),
+        (&["verdicts"], EXIT_FAILURE),
+        (&["stats", "-o", "yaml"], EXIT_FAILURE),
     ] {
         let o = palisade(args);
         assert_eq!(
             o.status.code(),
-            Some(EXIT_ERROR.into()),
+            Some(status.into()),
             "palisade {args:?}: {}",
             stderr(&o)
         );

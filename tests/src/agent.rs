@@ -112,7 +112,7 @@ pub struct AgentProcess {
 /// same profile and target directory as the running test (`<target>/debug/deps/<test>` ->
 /// `<target>/debug/palisade`), wherever `CARGO_TARGET_DIR` puts it.
 /// Whether `palisade <args>` answered: exit status 0, or 1 from `explain` (the flow is
-/// dropped; errors exit with 2, `palisade::cli::EXIT_ERROR`).
+/// dropped; its errors exit with 2, `palisade::cli::EXPLAIN_ERROR`).
 pub fn cli_answered(args: &[&str], status: std::process::ExitStatus) -> bool {
     let dropped = palisade::cli::exit_code(palisade::inspect::VerdictKind::Dropped);
     status.success() || (args.first() == Some(&"explain") && status.code() == Some(dropped.into()))

@@ -4,7 +4,7 @@ use std::path::Path;
 use anyhow::Result;
 use clap::Args;
 
-use super::{EXIT_ERROR, Output, Render, print};
+use super::{EXIT_USAGE, Output, Render, print};
 use crate::inspect::{Explanation, Query, Snapshot, Target, VerdictKind, parse_proto};
 
 /// The exit status of `explain` for scripts: the verdict, or an error.
@@ -13,10 +13,15 @@ pub const EXIT_CODES_HELP: &str = "Exit status:
   1  dropped
   2  error (bad arguments, no agent state or maps, unknown pod or address)";
 
+/// `explain`'s exit status when it fails, whatever the failure: bad arguments exit with clap's
+/// status, so every error is this one.
+pub const EXPLAIN_ERROR: u8 = EXIT_USAGE;
+// EXIT_CODES_HELP says 2.
+const _: () = assert!(EXPLAIN_ERROR == 2);
+
 /// `explain`'s exit status for a verdict (see [`EXIT_CODES_HELP`]; errors exit with
-/// [`EXIT_ERROR`]).
+/// [`EXPLAIN_ERROR`]).
 pub fn exit_code(verdict: VerdictKind) -> u8 {
-    const _: () = assert!(EXIT_ERROR == 2);
     match verdict {
         VerdictKind::Allowed | VerdictKind::WouldDrop => 0,
         VerdictKind::Dropped => 1,

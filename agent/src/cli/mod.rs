@@ -17,18 +17,20 @@ mod verdicts;
 mod version;
 
 pub use docs::{DocsError, completion, write_docs};
-pub use explain::{EXIT_CODES_HELP, ExplainArgs, exit_code, explain, explain_text};
+pub use explain::{EXIT_CODES_HELP, EXPLAIN_ERROR, ExplainArgs, exit_code, explain, explain_text};
 pub use output::{
     Output, Render, RenderError, Row, Stream, print, print_rows, render, render_rows, table_row,
 };
 pub use policy::{PolicyArgs, PolicyCommand, policy, policy_text};
 pub use stats::{StatsArgs, stats, stats_text};
-pub use verdicts::{VerdictsArgs, verdicts, verdicts_table};
+pub use verdicts::{VerdictsArgs, verdicts};
 pub use version::{KernelFeatures, VersionArgs, VersionInfo, version};
 
-/// The exit status of every command that fails (clap's, too, for bad arguments). `explain`
-/// exits 1 for a dropped flow ([`explain::EXIT_CODES_HELP`]).
-pub const EXIT_ERROR: u8 = 2;
+/// The exit status of a command that failed (no agent, an unknown pod, ...); `explain` exits
+/// with [`EXPLAIN_ERROR`] instead, its 1 meaning "dropped" ([`EXIT_CODES_HELP`]).
+pub const EXIT_FAILURE: u8 = 1;
+/// Bad arguments (clap's own exit status, with its message and usage).
+pub const EXIT_USAGE: u8 = 2;
 
 /// `--admin-addr`: an address, or `off`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

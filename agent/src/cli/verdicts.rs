@@ -4,7 +4,7 @@ use std::{path::Path, time::Duration};
 use anyhow::{Result, bail};
 use clap::Args;
 
-use super::{Output, Row, Stream, now_ms, parse_duration, print_rows, render_rows};
+use super::{Output, Row, Stream, now_ms, parse_duration, print_rows};
 use crate::api::{Filter, FlowEnd, Reply, Request, Verdict};
 use crate::control::request;
 use crate::inspect::VerdictKind;
@@ -203,11 +203,6 @@ impl Row for Verdict {
     fn empty() -> &'static str {
         "(no verdicts recorded yet)"
     }
-}
-
-/// The verdicts as a table with a header, columns fitted.
-pub fn verdicts_table(vs: &[Verdict]) -> String {
-    render_rows(vs, Output::Table).expect("a table renders without serializing")
 }
 
 #[cfg(test)]
