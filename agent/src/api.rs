@@ -130,6 +130,18 @@ pub struct Filter {
     pub verdict: Option<VerdictKind>,
     /// Only verdicts at or after this time.
     pub since_unix_ms: Option<u64>,
+    /// `namespace/name`: verdicts whose source is this pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_pod: Option<String>,
+    /// `namespace/name`: verdicts whose destination is this pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_pod: Option<String>,
+    /// Verdicts whose source is a pod of this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_namespace: Option<String>,
+    /// Verdicts whose destination is a pod of this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_namespace: Option<String>,
 }
 
 impl Filter {
@@ -143,6 +155,31 @@ impl Filter {
             && !v
                 .pods()
                 .any(|x| x.split_once('/').is_some_and(|(n, _)| n == ns))
+        {
+            return false;
+        }
+        let in_ns = |pod: &Option<String>, ns: &str| {
+            pod.as_deref()
+                .and_then(|p| p.split_once('/'))
+                .is_some_and(|(n, _)| n == ns)
+        };
+        if let Some(p) = &self.from_pod
+            && v.source.pod.as_ref() != Some(p)
+        {
+            return false;
+        }
+        if let Some(p) = &self.to_pod
+            && v.destination.pod.as_ref() != Some(p)
+        {
+            return false;
+        }
+        if let Some(ns) = &self.from_namespace
+            && !in_ns(&v.source.pod, ns)
+        {
+            return false;
+        }
+        if let Some(ns) = &self.to_namespace
+            && !in_ns(&v.destination.pod, ns)
         {
             return false;
         }

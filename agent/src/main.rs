@@ -2,7 +2,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use palisade::{
     cli,
     reconcile::RunConfig,
@@ -30,7 +30,10 @@ static EBPF_OBJECT: &[u8] = &[];
 #[command(
     name = "palisade",
     version,
-    about = "Kubernetes NetworkPolicy enforcement on eBPF"
+    about = "Kubernetes NetworkPolicy enforcement on eBPF",
+    after_help = "Read commands (verdicts, policy show, explain, stats, version) take -o \
+                  table|wide|json|yaml. Exit status: 0 success, 1 failure, 2 bad arguments; \
+                  explain: 0 allowed, 1 dropped, 2 any error."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -109,9 +112,25 @@ enum Command {
     /// Inspect enforced policy (`policy show NS/POD`).
     Policy(cli::PolicyArgs),
     /// Explain the verdict on a flow: the deciding policy and rule, or why nothing allows it.
+    #[command(after_help = cli::EXIT_CODES_HELP)]
     Explain(cli::ExplainArgs),
     /// Counters: per policy, drops by reason, map fill levels, conntrack, suppressed events.
     Stats(cli::StatsArgs),
+    /// Version, git commit and build date of this binary, and what the running kernel offers
+    /// (TCX, BTF).
+    Version(cli::VersionArgs),
+    /// Print a shell completion script (e.g. `palisade completion bash >
+    /// /etc/bash_completion.d/palisade`).
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages and every shell's completions under OUT (`cargo xtask docs-cli`).
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Load the datapath (without attaching) and print the verifier's instruction counts.
     Verify,
     /// The chained CNI plugin (what `/opt/cni/bin/palisade-cni`, this binary, runs).
@@ -167,11 +186,36 @@ fn invoked_as_cni_plugin() -> bool {
         .is_some_and(|n| n == palisade::cni::PLUGIN_TYPE)
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     if invoked_as_cni_plugin() {
         std::process::exit(palisade::cni::plugin_main());
     }
+    // Bad arguments: clap's message and usage, exit status 2 (cli::EXIT_USAGE).
     let cli = Cli::parse();
+    let failure = match cli.command {
+        // explain's 1 means "dropped".
+        Command::Explain(_) => cli::EXPLAIN_ERROR,
+        _ => cli::EXIT_FAILURE,
+    };
+    match run(cli) {
+        Ok(status) => std::process::ExitCode::from(status),
+        Err(e) => {
+            // The message and its causes, without a backtrace (RUST_BACKTRACE or not).
+            eprintln!("Error: {e}");
+            let mut causes = e.chain().skip(1).peekable();
+            if causes.peek().is_some() {
+                eprintln!("\nCaused by:");
+                for c in causes {
+                    eprintln!("    {c}");
+                }
+            }
+            std::process::ExitCode::from(failure)
+        }
+    }
+}
+
+/// Runs the command; returns its exit status.
+fn run(cli: Cli) -> Result<u8> {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -248,13 +292,28 @@ fn main() -> Result<()> {
                         source::run(cfg, files, EBPF_OBJECT).await
                     }
                 }
-            })
+            })?;
+            Ok(0)
         }
-        Command::Verdicts(a) => cli::verdicts(&cli.socket, &a),
-        Command::Policy(a) => cli::policy(&cli.socket, &a),
-        Command::Explain(a) => cli::explain(&cli.socket, &a),
-        Command::Stats(a) => cli::stats(&cli.socket, &a),
-        Command::Fqdn(a) => cli::fqdn(&cli.socket, &a),
+        Command::Verdicts(a) => cli::verdicts(&cli.socket, &a).map(|()| 0),
+        Command::Policy(a) => cli::policy(&cli.socket, &a).map(|()| 0),
+        Command::Explain(a) => cli::explain(&cli.socket, &a).map(cli::exit_code),
+        Command::Stats(a) => cli::stats(&cli.socket, &a).map(|()| 0),
+        Command::Version(a) => cli::version(&a).map(|()| 0),
+        Command::Completion { shell } => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            out.write_all(&cli::completion(Cli::command(), shell))?;
+            out.flush()?;
+            Ok(0)
+        }
+        Command::GenerateDocs { out } => {
+            for f in cli::write_docs(Cli::command(), &out)? {
+                println!("{}", f.display());
+            }
+            Ok(0)
+        }
+        Command::Fqdn(a) => cli::fqdn(&cli.socket, &a).map(|()| 0),
         Command::Cni => std::process::exit(palisade::cni::plugin_main()),
         Command::CniInstall {
             bin_dir,
@@ -289,7 +348,7 @@ fn main() -> Result<()> {
                 }
             }
             println!("{}", palisade::cni::install(&opts)?);
-            Ok(())
+            Ok(0)
         }
         Command::Verify => {
             let dp = Datapath::load(EBPF_OBJECT, None)?;
@@ -303,7 +362,7 @@ fn main() -> Result<()> {
                         .map_or_else(|| "?".to_string(), |n| n.to_string()),
                 );
             }
-            Ok(())
+            Ok(0)
         }
     }
 }

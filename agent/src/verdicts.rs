@@ -333,6 +333,27 @@ mod tests {
             })
             .is_empty()
         );
+        // Hubble's directional filters: a/x is every verdict's source, b/y its destination.
+        let count = |f: Filter| h.query(&f).len();
+        let from = |p: &str| Filter {
+            from_pod: Some(p.into()),
+            ..Filter::default()
+        };
+        let to = |p: &str| Filter {
+            to_pod: Some(p.into()),
+            ..Filter::default()
+        };
+        assert_eq!(count(from("a/x")), 3);
+        assert_eq!(count(from("b/y")), 0);
+        assert_eq!(count(to("b/y")), 3);
+        assert_eq!(count(to("a/x")), 0);
+        let ns = |from: &str, to: &str| Filter {
+            from_namespace: Some(from.into()),
+            to_namespace: Some(to.into()),
+            ..Filter::default()
+        };
+        assert_eq!(count(ns("a", "b")), 3);
+        assert_eq!(count(ns("b", "a")), 0);
         assert_eq!(rx.try_recv().unwrap().seq, 1);
     }
 

@@ -3,7 +3,8 @@
 #
 #   tests/kind/run.sh            # create the cluster, install Palisade, run the suite, delete
 #
-# Needs docker, kind and kubectl (and curl, tar). Knobs (environment):
+# Needs docker, kind, kubectl, curl, tar and cargo (`cargo xtask image` builds the image).
+# Knobs (environment):
 #   CLUSTER_NAME  kind cluster name                      (palisade-e2e)
 #   NODE_IMAGE    kindest/node image                     (kind's default)
 #   E2E_FOCUS     ginkgo focus                           ('\[Feature:NetworkPolicy\]')
@@ -90,7 +91,8 @@ done
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   log "building the palisade:e2e image"
-  DOCKER_BUILDKIT=1 docker build -f tests/kind/Dockerfile -t palisade:e2e .
+  # The image of ./Dockerfile (what the DaemonSet runs), tagged for tests/kind/'s manifests.
+  cargo xtask image --tag palisade:e2e
 fi
 kind load docker-image palisade:e2e --name "$CLUSTER_NAME"
 

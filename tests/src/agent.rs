@@ -111,6 +111,13 @@ pub struct AgentProcess {
 /// The agent binary: `PALISADE_AGENT_BIN` (set by `cargo xtask test`) or the build of the
 /// same profile and target directory as the running test (`<target>/debug/deps/<test>` ->
 /// `<target>/debug/palisade`), wherever `CARGO_TARGET_DIR` puts it.
+/// Whether `palisade <args>` answered: exit status 0, or 1 from `explain` (the flow is
+/// dropped; its errors exit with 2, `palisade::cli::EXPLAIN_ERROR`).
+pub fn cli_answered(args: &[&str], status: std::process::ExitStatus) -> bool {
+    let dropped = palisade::cli::exit_code(palisade::inspect::VerdictKind::Dropped);
+    status.success() || (args.first() == Some(&"explain") && status.code() == Some(dropped.into()))
+}
+
 pub fn agent_binary() -> PathBuf {
     std::env::var_os("PALISADE_AGENT_BIN")
         .map(PathBuf::from)
@@ -237,7 +244,7 @@ impl AgentProcess {
             .args(["-o", "json"])
             .output()
             .with_context(|| format!("running {} {args:?}", self.binary.display()))?;
-        if !out.status.success() {
+        if !cli_answered(args, out.status) {
             bail!(
                 "palisade {args:?} failed ({}): {}",
                 out.status,

@@ -7,7 +7,7 @@ mod support;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-use palisade_tests::rig::require_root;
+use palisade_tests::{agent::cli_answered, rig::require_root};
 use support::{B_POLICY, C_POLICY, Setup};
 
 const SECRET: &str = "s3cr3t-t0k3n-6f1d2c9a8b7e";
@@ -77,14 +77,20 @@ fn control_socket_is_root_only_and_nothing_secret_is_logged() {
     ] {
         let out = s.agent.cli(cmd).output().expect("run the CLI");
         assert!(
-            out.status.success(),
+            cli_answered(cmd, out.status),
             "palisade {cmd:?} as root: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         let out = s.agent.cli_as_nobody(cmd).output().expect("run the CLI");
-        assert!(
-            !out.status.success(),
-            "palisade {cmd:?} as nobody must be refused: {}",
+        let failed = if cmd[0] == "explain" {
+            palisade::cli::EXPLAIN_ERROR
+        } else {
+            palisade::cli::EXIT_FAILURE
+        };
+        assert_eq!(
+            out.status.code(),
+            Some(failed.into()),
+            "palisade {cmd:?} as nobody must be refused (an error, not an answer): {}",
             String::from_utf8_lossy(&out.stdout)
         );
     }

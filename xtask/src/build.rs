@@ -147,9 +147,59 @@ pub fn build_ebpf() -> Result<PathBuf> {
     Ok(obj)
 }
 
-/// Builds the eBPF object and the agent that embeds it; returns the agent binary.
+/// The steps of `cargo xtask build`, in order. The image's Dockerfile runs them one per layer
+/// (`cargo xtask build --release --step NAME`); `image::tests` checks that it runs exactly
+/// these, so the two routes cannot drift apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Step {
+    /// Install bpf-linker into `.tools/` (once per rustc).
+    BpfLinker,
+    /// Build the eBPF object (bitcode, linked by bpf-linker).
+    Ebpf,
+    /// Build the agent, embedding the object.
+    Agent,
+}
+
+pub const STEPS: [Step; 3] = [Step::BpfLinker, Step::Ebpf, Step::Agent];
+
+impl Step {
+    /// The name `--step` takes.
+    pub fn name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self)
+            .expect("no step is skipped")
+            .get_name()
+            .to_string()
+    }
+}
+
+/// Runs one step; returns what it made (bpf-linker, the object, the agent binary).
+pub fn run_step(step: Step, release: bool) -> Result<PathBuf> {
+    match step {
+        Step::BpfLinker => bpf_linker(),
+        Step::Ebpf => build_ebpf(),
+        Step::Agent => build_agent(release),
+    }
+}
+
+/// Builds the eBPF object and the agent that embeds it ([`STEPS`]); returns the agent binary.
 pub fn build_all(release: bool) -> Result<PathBuf> {
-    let obj = build_ebpf()?;
+    let mut made = PathBuf::new();
+    for step in STEPS {
+        made = run_step(step, release)
+            .with_context(|| format!("cargo xtask build: step {}", step.name()))?;
+    }
+    Ok(made)
+}
+
+/// Builds the agent around the object the `ebpf` step built; returns the binary.
+fn build_agent(release: bool) -> Result<PathBuf> {
+    let obj = ebpf_object();
+    if !obj.exists() {
+        bail!(
+            "{} is missing: run the ebpf step first (`cargo xtask build`)",
+            obj.display()
+        );
+    }
     let root = root();
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&root)

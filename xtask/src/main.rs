@@ -2,6 +2,8 @@
 //! the conformance suite. See README.md.
 mod bench;
 mod build;
+mod docs;
+mod image;
 mod run;
 mod setup;
 mod soak;
@@ -23,6 +25,21 @@ enum Command {
         /// Build the agent in release mode.
         #[arg(long)]
         release: bool,
+        /// Run one step only (the image's Dockerfile runs them one per layer).
+        #[arg(long, value_enum)]
+        step: Option<build::Step>,
+    },
+    /// Build the container image from ./Dockerfile (needs Docker); tag: the DaemonSet's,
+    /// ghcr.io/palisade-dev/palisade:<version>.
+    Image {
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// Man pages and shell completions from the CLI's clap definitions: OUT/man/*.1,
+    /// OUT/completions/* (default <target>/docs-cli).
+    DocsCli {
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
     },
     /// Run every test: unit, BPF program test runs, netns tests, NetworkPolicy and
     /// ClusterNetworkPolicy conformance (IPv4 and IPv6).
@@ -82,7 +99,16 @@ enum Command {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Build { release } => build::build_all(release).map(|_| ()),
+        Command::Build {
+            release,
+            step: None,
+        } => build::build_all(release).map(|_| ()),
+        Command::Build {
+            release,
+            step: Some(step),
+        } => build::run_step(step, release).map(|_| ()),
+        Command::Image { tag } => image::image(tag),
+        Command::DocsCli { out } => docs::docs_cli(out),
         Command::Test { no_conformance } => run::test(!no_conformance),
         Command::Demo => run::demo(),
         Command::Conformance { args } => run::conformance(&args),

@@ -4,8 +4,29 @@ use std::path::Path;
 use anyhow::Result;
 use clap::Args;
 
-use super::Output;
-use crate::inspect::{Explanation, Query, Snapshot, Target, parse_proto};
+use super::{EXIT_USAGE, Output, Render, print};
+use crate::inspect::{Explanation, Query, Snapshot, Target, VerdictKind, parse_proto};
+
+/// The exit status of `explain` for scripts: the verdict, or an error.
+pub const EXIT_CODES_HELP: &str = "Exit status:
+  0  allowed (also would-drop: audit mode records the denial and lets the packet pass)
+  1  dropped
+  2  error (bad arguments, no agent state or maps, unknown pod or address)";
+
+/// `explain`'s exit status when it fails, whatever the failure: bad arguments exit with clap's
+/// status, so every error is this one.
+pub const EXPLAIN_ERROR: u8 = EXIT_USAGE;
+// EXIT_CODES_HELP says 2.
+const _: () = assert!(EXPLAIN_ERROR == 2);
+
+/// `explain`'s exit status for a verdict (see [`EXIT_CODES_HELP`]; errors exit with
+/// [`EXPLAIN_ERROR`]).
+pub fn exit_code(verdict: VerdictKind) -> u8 {
+    match verdict {
+        VerdictKind::Allowed | VerdictKind::WouldDrop => 0,
+        VerdictKind::Dropped => 1,
+    }
+}
 
 fn parse_target(s: &str) -> Result<Target, String> {
     s.parse().map_err(|e: anyhow::Error| e.to_string())
@@ -32,7 +53,8 @@ pub struct ExplainArgs {
     pub output: Output,
 }
 
-pub fn explain(socket: &Path, a: &ExplainArgs) -> Result<()> {
+/// Prints the explanation; returns its verdict (for the exit status).
+pub fn explain(socket: &Path, a: &ExplainArgs) -> Result<VerdictKind> {
     let snap = Snapshot::load(socket)?;
     let q = Query {
         from: a.from.clone(),
@@ -42,14 +64,25 @@ pub fn explain(socket: &Path, a: &ExplainArgs) -> Result<()> {
         ipv6: a.ipv6,
     };
     let e = snap.explain(&q)?;
-    match a.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&e)?),
-        Output::Table => print!("{}", explain_text(&e)),
+    print(&e, a.output)?;
+    Ok(e.verdict)
+}
+
+impl Render for Explanation {
+    fn table(&self) -> String {
+        explanation_text(self, false)
     }
-    Ok(())
+    fn wide(&self) -> String {
+        explanation_text(self, true)
+    }
 }
 
 pub fn explain_text(e: &Explanation) -> String {
+    explanation_text(e, false)
+}
+
+/// `wide`: each step's deciding rules (with their ids) and the policies in force too.
+fn explanation_text(e: &Explanation, wide: bool) -> String {
     let end = |pod: &Option<String>, ip: &std::net::IpAddr| match pod {
         Some(p) => format!("{p} ({ip})"),
         None => ip.to_string(),
@@ -74,6 +107,31 @@ pub fn explain_text(e: &Explanation) -> String {
         }
         for h in &st.hints {
             s.push_str(&format!("    - {h}\n"));
+        }
+        if wide {
+            for (what, rule) in [
+                ("deciding rule", &st.rule),
+                ("Admin tier's first match", &st.admin),
+                ("Baseline tier's first match", &st.baseline),
+            ] {
+                if let Some(r) = rule {
+                    s.push_str(&format!("    {what}: {r} (rule id {})\n", r.id));
+                }
+            }
+            let list = |v: &[String]| {
+                if v.is_empty() {
+                    "none".to_string()
+                } else {
+                    v.join(", ")
+                }
+            };
+            s.push_str(&format!("    policies in force: {}\n", list(&st.policies)));
+            if !st.cluster_policies.is_empty() {
+                s.push_str(&format!(
+                    "    ClusterNetworkPolicies: {}\n",
+                    list(&st.cluster_policies)
+                ));
+            }
         }
     }
     for n in &e.notes {

@@ -58,51 +58,46 @@ pub fn fqdn_rows(learned: &Learned, now_ns: u64, pod: Option<&str>) -> Vec<FqdnR
     rows
 }
 
-pub fn fqdn_table(rows: &[FqdnRow]) -> String {
-    let header = ["POD", "NAME", "ADDRESS", "EXPIRES", "SERVER", "VIA"];
-    let cells: Vec<[String; 6]> = rows
-        .iter()
-        .map(|r| {
-            [
-                r.pod.clone(),
-                r.name.clone(),
-                r.address.clone(),
-                if r.expires_in_s >= 0 {
-                    format!("in {}s", r.expires_in_s)
-                } else {
-                    "expired (in use)".to_string()
-                },
-                r.server.clone(),
-                if r.chain.is_empty() {
-                    "-".to_string()
-                } else {
-                    r.chain.join(" > ")
-                },
-            ]
-        })
-        .collect();
-    let mut widths = header.map(str::len);
-    for c in &cells {
-        for (w, s) in widths.iter_mut().zip(c) {
-            *w = (*w).max(s.len());
+impl super::Row for FqdnRow {
+    fn headers(wide: bool) -> Vec<&'static str> {
+        let mut h = vec!["POD", "NAME", "ADDRESS", "EXPIRES", "SERVER", "VIA"];
+        if wide {
+            h.push("ANSWERED");
         }
+        h
     }
-    let line = |c: &[String]| {
-        c.iter()
-            .zip(widths)
-            .map(|(s, w)| format!("{s:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    let mut out = line(&header.map(String::from));
-    out.push('\n');
-    for c in &cells {
-        out.push_str(&line(c));
-        out.push('\n');
+
+    fn cells(&self, wide: bool) -> Vec<String> {
+        let mut c = vec![
+            self.pod.clone(),
+            self.name.clone(),
+            self.address.clone(),
+            if self.expires_in_s >= 0 {
+                format!("in {}s", self.expires_in_s)
+            } else {
+                "expired (in use)".to_string()
+            },
+            self.server.clone(),
+            if self.chain.is_empty() {
+                "-".to_string()
+            } else {
+                self.chain.join(" > ")
+            },
+        ];
+        if wide {
+            c.push(self.answered.clone());
+        }
+        c
     }
-    out
+
+    fn empty() -> &'static str {
+        "(no names learned)"
+    }
+}
+
+/// The table of `rows`.
+pub fn fqdn_table(rows: &[FqdnRow]) -> String {
+    super::render_rows(rows, Output::Table).unwrap_or_default()
 }
 
 pub fn fqdn(socket: &Path, a: &FqdnArgs) -> Result<()> {
@@ -118,10 +113,7 @@ pub fn fqdn(socket: &Path, a: &FqdnArgs) -> Result<()> {
         palisade_datapath::dns::now_coarse_ns(),
         a.pod.as_deref(),
     );
-    match a.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-        Output::Table => print!("{}", fqdn_table(&rows)),
-    }
+    super::print_rows(&rows, a.output)?;
     Ok(())
 }
 

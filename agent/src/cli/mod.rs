@@ -1,25 +1,38 @@
 //! The CLI commands of the `palisade` binary, one file per verb: `verdicts`, `policy show`,
-//! `explain`, `stats`. This module holds what they share: `--output`, the agent's address
-//! flags, durations and table rows.
+//! `explain`, `stats`, `fqdn`, `version`. This module holds what they share: `-o` and the rendering
+//! behind it (`output`: table, wide, json, yaml for any read command), exit statuses, the
+//! agent's address flags, durations; and completions and man pages (`docs`).
 //!
 //! `verdicts` and `stats` ask the running agent over its unix socket (`control`); `policy
 //! show` and `explain` read the pinned maps themselves, named through the agent's state file
 //! (`inspect`), so they show what the datapath enforces, even while the agent is restarting.
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clap::ValueEnum;
-
+mod docs;
 mod explain;
 mod fqdn;
+mod output;
 mod policy;
 mod stats;
 mod verdicts;
+mod version;
 
-pub use explain::{ExplainArgs, explain, explain_text};
+pub use docs::{DocsError, completion, write_docs};
+pub use explain::{EXIT_CODES_HELP, EXPLAIN_ERROR, ExplainArgs, exit_code, explain, explain_text};
 pub use fqdn::{FqdnArgs, FqdnRow, fqdn, fqdn_rows, fqdn_table};
+pub use output::{
+    Output, Render, RenderError, Row, Stream, print, print_rows, render, render_rows, table_row,
+};
 pub use policy::{PolicyArgs, PolicyCommand, policy, policy_text};
 pub use stats::{StatsArgs, stats, stats_text};
-pub use verdicts::{VerdictsArgs, verdicts, verdicts_table};
+pub use verdicts::{VerdictsArgs, verdicts};
+pub use version::{KernelFeatures, VersionArgs, VersionInfo, version};
+
+/// The exit status of a command that failed (no agent, an unknown pod, ...); `explain` exits
+/// with [`EXPLAIN_ERROR`] instead, its 1 meaning "dropped" ([`EXIT_CODES_HELP`]).
+pub const EXIT_FAILURE: u8 = 1;
+/// Bad arguments (clap's own exit status, with its message and usage).
+pub const EXIT_USAGE: u8 = 2;
 
 /// `--admin-addr`: an address, or `off`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,13 +48,6 @@ pub fn parse_admin_addr(s: &str) -> Result<AdminAddr, String> {
             crate::admin::DEFAULT_ADDR
         )
     })
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    #[default]
-    Table,
-    Json,
 }
 
 /// `30s`, `5m`, `1h30m`, `500ms`, `2d`; a bare number is seconds.
@@ -86,19 +92,6 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// One table row: every cell but the last padded to its column's width.
-pub(crate) fn row(cells: &[String], widths: &[usize]) -> String {
-    let mut s = String::new();
-    for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
-        if i + 1 == cells.len() {
-            s.push_str(c);
-        } else {
-            s.push_str(&format!("{c:<w$}  ", w = *w));
-        }
-    }
-    s.trim_end().to_string()
 }
 
 #[cfg(test)]

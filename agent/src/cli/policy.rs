@@ -5,7 +5,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use palisade_policy::state::Direction;
 
-use super::{Output, row};
+use super::{Output, Render, print, table_row as row};
 use crate::inspect::{DirectionPolicy, PodPolicy, Snapshot};
 
 #[derive(Args, Debug)]
@@ -31,16 +31,13 @@ pub fn policy(socket: &Path, a: &PolicyArgs) -> Result<()> {
         PolicyCommand::Show { pod, output } => {
             let snap = Snapshot::load(socket)?;
             let p = snap.policy_of(pod)?;
-            match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&p)?),
-                Output::Table => print!("{}", policy_text(&p)),
-            }
+            print(&p, *output)?;
             Ok(())
         }
     }
 }
 
-fn direction_text(dir: Direction, d: &DirectionPolicy, out: &mut String) {
+fn direction_text(dir: Direction, d: &DirectionPolicy, wide: bool, out: &mut String) {
     let name = dir.to_string();
     if !d.isolated && !d.tiered {
         out.push_str(&format!(
@@ -75,7 +72,7 @@ fn direction_text(dir: Direction, d: &DirectionPolicy, out: &mut String) {
                 );
             }
         } else {
-            rules_table(dir, d, out);
+            rules_table(dir, d, wide, out);
         }
     }
     if !d.audit_ignored.is_empty() {
@@ -87,8 +84,9 @@ fn direction_text(dir: Direction, d: &DirectionPolicy, out: &mut String) {
 }
 
 /// The rule rows; with an ACTION column (Admin and Baseline rules: Accept, Deny, Pass;
-/// NetworkPolicy rules: allow) where ClusterNetworkPolicies select the pod.
-fn rules_table(dir: Direction, d: &DirectionPolicy, out: &mut String) {
+/// NetworkPolicy rules: allow) where ClusterNetworkPolicies select the pod. `wide`: the rule
+/// ids too, and every peer pod named.
+fn rules_table(dir: Direction, d: &DirectionPolicy, wide: bool, out: &mut String) {
     let peer_word = if dir == Direction::Ingress {
         "FROM"
     } else {
@@ -122,15 +120,25 @@ fn rules_table(dir: Direction, d: &DirectionPolicy, out: &mut String) {
                 ),
             };
             let mut c = vec![policy, rule];
+            if wide {
+                c.push(r.rule.id.to_string());
+            }
             if d.tiered {
                 c.push(action);
             }
-            c.push(r.peer.text());
+            c.push(if wide {
+                r.peer.text_all()
+            } else {
+                r.peer.text()
+            });
             c.push(r.ports_text());
             c
         })
         .collect();
     let mut header = vec!["POLICY".to_string(), "RULE".to_string()];
+    if wide {
+        header.push("ID".to_string());
+    }
     if d.tiered {
         header.push("ACTION".to_string());
     }
@@ -153,6 +161,10 @@ fn rules_table(dir: Direction, d: &DirectionPolicy, out: &mut String) {
 }
 
 pub fn policy_text(p: &PodPolicy) -> String {
+    pod_policy_text(p, false)
+}
+
+fn pod_policy_text(p: &PodPolicy, wide: bool) -> String {
     let mut s = format!(
         "{}  (endpoint {}, ifindex {}, revision {})\n",
         p.pod, p.endpoint, p.ifindex, p.revision
@@ -162,7 +174,16 @@ pub fn policy_text(p: &PodPolicy) -> String {
             "PENDING: the endpoint's entries could not be written; all its traffic is dropped\n",
         );
     }
-    direction_text(Direction::Ingress, &p.ingress, &mut s);
-    direction_text(Direction::Egress, &p.egress, &mut s);
+    direction_text(Direction::Ingress, &p.ingress, wide, &mut s);
+    direction_text(Direction::Egress, &p.egress, wide, &mut s);
     s
+}
+
+impl Render for PodPolicy {
+    fn table(&self) -> String {
+        pod_policy_text(self, false)
+    }
+    fn wide(&self) -> String {
+        pod_policy_text(self, true)
+    }
 }

@@ -4,7 +4,7 @@ use std::path::Path;
 use anyhow::{Result, bail};
 use clap::Args;
 
-use super::Output;
+use super::{Output, Render, print};
 use crate::api::{Reply, Request, StatsReport};
 use crate::control::request_one;
 
@@ -20,11 +20,14 @@ pub fn stats(socket: &Path, a: &StatsArgs) -> Result<()> {
         Reply::Error { message } => bail!("agent: {message}"),
         other => bail!("unexpected reply: {other:?}"),
     };
-    match a.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Table => print!("{}", stats_text(&report)),
-    }
+    print(&report, a.output)?;
     Ok(())
+}
+
+impl Render for StatsReport {
+    fn table(&self) -> String {
+        stats_text(self)
+    }
 }
 
 pub fn stats_text(r: &StatsReport) -> String {

@@ -38,7 +38,8 @@ impl FromStr for VerdictKind {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
         Ok(match s.to_ascii_lowercase().as_str() {
-            "allowed" | "allow" => VerdictKind::Allowed,
+            // FORWARDED: Hubble's word.
+            "allowed" | "allow" | "forwarded" => VerdictKind::Allowed,
             "dropped" | "drop" | "denied" => VerdictKind::Dropped,
             "would-drop" | "audit" | "audited" => VerdictKind::WouldDrop,
             _ => bail!("unknown verdict {s:?} (allowed, dropped or would-drop)"),
@@ -137,11 +138,21 @@ pub enum PeerView {
 }
 
 impl PeerView {
+    /// The peer, its first four pods named.
     pub fn text(&self) -> String {
+        self.text_naming(4)
+    }
+
+    /// The peer, every pod named (`-o wide`).
+    pub fn text_all(&self) -> String {
+        self.text_naming(usize::MAX)
+    }
+
+    fn text_naming(&self, at_most: usize) -> String {
         match self {
             PeerView::Pods { pods, .. } if pods.is_empty() => "pods (none running)".into(),
             PeerView::Pods { pods, .. } => {
-                let shown: Vec<&str> = pods.iter().take(4).map(String::as_str).collect();
+                let shown: Vec<&str> = pods.iter().take(at_most).map(String::as_str).collect();
                 let more = pods.len().saturating_sub(shown.len());
                 if more > 0 {
                     format!("pods {} and {more} more", shown.join(", "))
