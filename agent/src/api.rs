@@ -100,6 +100,10 @@ pub struct Verdict {
     pub policies: Vec<String>,
     /// Length of the packet that was judged.
     pub bytes: u32,
+    /// Egress to an address the pod's DNS answers gave a `domainNames` pattern: the name (and
+    /// its CNAME chain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
 }
 
 impl Verdict {
@@ -234,6 +238,12 @@ pub struct FqdnReport {
     pub expired: u64,
     pub write_failures: u64,
     pub addresses: u64,
+    /// How long the last (up to 1 024) held answers were held, from `to_pod` to their
+    /// release, µs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_p50_us: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_p99_us: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -27,7 +27,13 @@ pub struct Hub {
 impl Hub {
     pub fn record(&self, ev: &Event) -> Arc<Verdict> {
         let names = self.names.read().expect("names lock").clone();
-        let v = names.decode(ev, wall_ms_of(ev.ts_ns));
+        let mut v = names.decode(ev, wall_ms_of(ev.ts_ns));
+        if ev.dir == palisade_common::DIR_EGRESS
+            && let Some(f) = self.fqdn.get()
+        {
+            v.domain = palisade_common::ip_of(ev.family, &ev.dst)
+                .and_then(|ip| f.name_of(ev.endpoint, ip));
+        }
         self.metrics.observe_verdict(&v);
         self.history.lock().expect("history lock").push(v)
     }

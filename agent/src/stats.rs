@@ -23,7 +23,7 @@ type Labels = Vec<(String, String)>;
 /// Endpoints listed in `ConntrackStats::top_holders`.
 const TOP_HOLDERS: usize = 5;
 
-const COUNTER_NAMES: [(DpCounter, &str); 13] = [
+const COUNTER_NAMES: [(DpCounter, &str); 14] = [
     (DpCounter::CtHit, "ct_hit"),
     (DpCounter::NewAllowed, "new_allowed"),
     (DpCounter::Dropped, "dropped"),
@@ -37,6 +37,7 @@ const COUNTER_NAMES: [(DpCounter, &str); 13] = [
     (DpCounter::DnsHeld, "dns_held"),
     (DpCounter::DnsUnheld, "dns_unheld"),
     (DpCounter::DnsCopyFailed, "dns_copy_failed"),
+    (DpCounter::DnsUntrusted, "dns_untrusted"),
 ];
 
 /// Reads every datapath counter and the agent's own figures.
@@ -294,6 +295,8 @@ fn fqdn_report(f: &crate::fqdn::FqdnStats) -> crate::api::FqdnReport {
         expired: g(&f.expired),
         write_failures: g(&f.write_failures),
         addresses: g(&f.addresses),
+        hold_p50_us: f.hold_percentiles().map(|p| p.0),
+        hold_p99_us: f.hold_percentiles().map(|p| p.1),
     }
 }
 

@@ -169,6 +169,7 @@ impl Names {
                 .flatten(),
             policies,
             bytes: ev.len,
+            domain: None,
         }
     }
 
@@ -285,6 +286,7 @@ mod tests {
             rule: None,
             policies: vec![],
             bytes: 60,
+            domain: None,
         }
     }
 

@@ -907,6 +907,9 @@ pub enum Counter {
     DnsUnheld = 11,
     /// DNS answers that could not be copied (DNS_ANSWERS full).
     DnsCopyFailed = 12,
+    /// Replies from port 53 of a server not in DNS_SERVERS to a pod with domain rules: answers
+    /// no address is learned from.
+    DnsUntrusted = 13,
 }
 /// First slot of the drops-by-reason counters (indexed by `Reason as u32`).
 pub const DROPPED_BY_REASON: u32 = 16;
@@ -1002,7 +1005,10 @@ pub struct DnsAnswerRecord {
     pub len: u32,
     /// 1: held (the agent must send it again); 0: it passed.
     pub held: u32,
+    /// Coarse monotonic ns (the clock of expiries).
     pub at_ns: u64,
+    /// Monotonic ns (`bpf_ktime_get_ns`): how long the answer was held.
+    pub seen_ns: u64,
     pub frame: [u8; DNS_COPY_MAX],
 }
 

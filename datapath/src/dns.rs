@@ -20,8 +20,9 @@ pub struct DnsRecord {
     pub endpoint: u32,
     /// It was held: it reaches the pod only when sent on (`DnsPath::release`).
     pub held: bool,
-    /// When `to_pod` saw it (coarse monotonic ns).
+    /// When `to_pod` saw it (coarse monotonic ns), and precisely (monotonic ns).
     pub at_ns: u64,
+    pub seen_ns: u64,
     /// The frame, from its Ethernet header (whole: larger ones are not copied).
     pub frame: Vec<u8>,
 }
@@ -157,6 +158,7 @@ impl DnsPath {
                 endpoint: rec.endpoint,
                 held: rec.held != 0,
                 at_ns: rec.at_ns,
+                seen_ns: rec.seen_ns,
                 frame: rec.frame[..n].to_vec(),
             });
         }

@@ -3,7 +3,7 @@
 //! learned its addresses and sends it again.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::generated::bpf_skb_load_bytes,
+    helpers::generated::{bpf_ktime_get_ns, bpf_skb_load_bytes},
     programs::TcContext,
 };
 use palisade_common::{
@@ -33,7 +33,11 @@ pub fn is_answer(ctx: &TcContext, key: &CtKey, pkt: &Packet) -> bool {
         _pad: [0; 3],
         addr: key.peer,
     };
-    unsafe { DNS_SERVERS.get(&server) }.is_some()
+    let trusted = unsafe { DNS_SERVERS.get(&server) }.is_some();
+    if !trusted {
+        count(Counter::DnsUntrusted);
+    }
+    trusted
 }
 
 /// Copies the answer to DNS_ANSWERS; drops it (held) while the agent's heartbeat is fresh,
@@ -59,6 +63,7 @@ pub fn snoop(ctx: &TcContext, ifindex: u32, endpoint: u32, now: u64) -> i32 {
         (*rec).len = len;
         (*rec).held = u32::from(fresh);
         (*rec).at_ns = now;
+        (*rec).seen_ns = bpf_ktime_get_ns();
         let n = len & (2 * DNS_COPY_MAX as u32 - 1);
         n as usize <= DNS_COPY_MAX
             && bpf_skb_load_bytes(

@@ -67,10 +67,15 @@ pub fn stats_text(r: &StatsReport) -> String {
     let f = &r.fqdn;
     if f.answers > 0 || c("dns_held") > 0 || c("dns_unheld") > 0 {
         s.push_str(&format!(
-            "FQDN: {} DNS answers held, {} passed unheld, {} not copied; {} read, {} released, {} learned addresses ({} in force), {} evicted, {} expired\n",
+            "FQDN: {} DNS answers held{}, {} passed unheld, {} not copied, {} from untrusted servers; {} read, {} released, {} learned addresses ({} in force), {} evicted, {} expired\n",
             c("dns_held"),
+            match (f.hold_p50_us, f.hold_p99_us) {
+                (Some(a), Some(b)) => format!(" (held p50 {a} µs, p99 {b} µs)"),
+                _ => String::new(),
+            },
             c("dns_unheld"),
             c("dns_copy_failed"),
+            c("dns_untrusted"),
             f.answers,
             f.released,
             f.learned,

@@ -130,6 +130,20 @@ fn address(e: &FlowEnd) -> String {
 
 /// One row per verdict: DIR says which end judged (egress: the source pod's program; ingress:
 /// the destination's), so a flow between two local pods shows up once per end.
+trait DestinationName {
+    fn destination_name(&self) -> String;
+}
+
+impl DestinationName for Verdict {
+    /// The destination, with the name the pod's DNS answer gave it.
+    fn destination_name(&self) -> String {
+        match &self.domain {
+            Some(d) => format!("{} ({d})", self.destination.name()),
+            None => self.destination.name(),
+        }
+    }
+}
+
 impl Row for Verdict {
     fn headers(wide: bool) -> Vec<&'static str> {
         if wide {
@@ -170,7 +184,7 @@ impl Row for Verdict {
                 self.time.clone(),
                 self.source.name(),
                 address(&self.source),
-                self.destination.name(),
+                self.destination_name(),
                 address(&self.destination),
                 port,
                 self.direction.to_string(),
@@ -183,7 +197,7 @@ impl Row for Verdict {
         vec![
             self.time.get(11..23).unwrap_or(&self.time).to_string(),
             self.source.name(),
-            self.destination.name(),
+            self.destination_name(),
             port,
             self.direction.to_string(),
             self.verdict.to_string(),

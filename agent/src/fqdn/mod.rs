@@ -112,6 +112,50 @@ pub struct FqdnStats {
     pub write_failures: AtomicU64,
     /// Addresses in FQDN_IPS now.
     pub addresses: AtomicU64,
+    /// (endpoint, address) -> the name (and CNAME chain) that opened it, for verdicts.
+    peers: std::sync::RwLock<HashMap<(u32, IpAddr), String>>,
+    /// How long the last held answers were held, µs (at most `HOLD_SAMPLES`).
+    hold_us: Mutex<std::collections::VecDeque<u64>>,
+}
+
+/// Hold times kept for the percentiles.
+const HOLD_SAMPLES: usize = 1024;
+
+impl FqdnStats {
+    /// The name whose DNS answer gave endpoint `endpoint` the address `ip`.
+    pub fn name_of(&self, endpoint: u32, ip: IpAddr) -> Option<String> {
+        self.peers.read().ok()?.get(&(endpoint, ip)).cloned()
+    }
+
+    /// The p50 and p99 of the last held answers' hold times, µs.
+    pub fn hold_percentiles(&self) -> Option<(u64, u64)> {
+        let h = self.hold_us.lock().ok()?;
+        if h.is_empty() {
+            return None;
+        }
+        let mut v: Vec<u64> = h.iter().copied().collect();
+        v.sort_unstable();
+        let at = |p: usize| v[(v.len() - 1) * p / 100];
+        Some((at(50), at(99)))
+    }
+
+    fn held(&self, us: u64) {
+        if let Ok(mut h) = self.hold_us.lock() {
+            if h.len() == HOLD_SAMPLES {
+                h.pop_front();
+            }
+            h.push_back(us);
+        }
+    }
+}
+
+/// "name" or "name (via a > b)".
+fn peer_label(name: &str, chain: &[String]) -> String {
+    if chain.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name} (via {})", chain.join(" > "))
+    }
 }
 
 struct Shared {
@@ -358,6 +402,22 @@ impl Learner {
                 }
             }
         }
+        let peers: HashMap<(u32, IpAddr), String> = self
+            .learned
+            .endpoints
+            .iter()
+            .flat_map(|(ep, n)| {
+                n.names.iter().flat_map(move |(name, e)| {
+                    let label = peer_label(name, &e.chain);
+                    e.addresses
+                        .keys()
+                        .map(move |ip| ((*ep, *ip), label.clone()))
+                })
+            })
+            .collect();
+        if let Ok(mut p) = self.shared.stats.peers.write() {
+            *p = peers;
+        }
         let have: BTreeMap<FqdnKey, FqdnValue> = self.path.entries().into_iter().collect();
         for k in have.keys().filter(|k| !want.contains_key(k)) {
             self.path.remove(k);
@@ -389,6 +449,8 @@ impl Learner {
         }
         if r.held {
             self.release(r.ifindex, &mut frame, h.as_ref());
+            let now = palisade_datapath::clock_ns(libc::CLOCK_MONOTONIC);
+            self.shared.stats.held(now.saturating_sub(r.seen_ns) / 1000);
         }
     }
 
@@ -499,6 +561,15 @@ impl Learner {
             .stats
             .evicted
             .fetch_add(evicted.len() as u64, Ordering::Relaxed);
+        if let Ok(mut p) = self.shared.stats.peers.write() {
+            let label = peer_label(&answer.name, &answer.chain);
+            for (ip, _) in &writes {
+                p.insert((endpoint, *ip), label.clone());
+            }
+            for ip in &evicted {
+                p.remove(&(endpoint, *ip));
+            }
+        }
         for (ip, expires) in writes.into_iter().filter(|(ip, _)| !evicted.contains(ip)) {
             let v = FqdnValue {
                 class,
