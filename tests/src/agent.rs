@@ -220,12 +220,24 @@ impl AgentProcess {
         use std::os::unix::{fs::PermissionsExt, process::CommandExt};
         static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
         let bin = COPY.get_or_init(|| {
-            let dir = std::env::temp_dir().join(format!("palisade-cli-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).expect("a directory for the CLI copy");
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            // One copy per build of the binary (by inode and mtime), shared by every test
+            // process: a debug binary is hundreds of MiB, and a copy per process filled /tmp.
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(&self.binary).expect("the agent binary");
+            let dir = std::env::temp_dir().join(format!(
+                "palisade-cli-{}-{}",
+                meta.ino(),
+                meta.mtime_nsec() ^ meta.mtime()
+            ));
             let bin = dir.join("palisade");
-            std::fs::copy(&self.binary, &bin).expect("copy the CLI");
-            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+            if !bin.exists() {
+                std::fs::create_dir_all(&dir).expect("a directory for the CLI copy");
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+                let tmp = dir.join(format!("palisade.{}", std::process::id()));
+                std::fs::copy(&self.binary, &tmp).expect("copy the CLI");
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+                std::fs::rename(&tmp, &bin).expect("the CLI copy in place");
+            }
             bin
         });
         let mut cmd = Command::new(bin);
