@@ -453,6 +453,54 @@ fn untrusted_and_forged_answers_teach_nothing() {
         !r.connects("a", evil),
         "a forged answer (the trusted server's address, no query) opened {evil}"
     );
+    // A resolver the agent does not trust (ext, which the policy lets a ask) answers a name
+    // the policy names with an address of its choosing: a gets the answer, learns nothing.
+    let ext = r.pod("ext").ip(false);
+    let since = SystemTime::now();
+    std::fs::write(
+        r._work.manifests().join("ext-dns.yaml"),
+        format!(
+            "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\n\
+             metadata: {{name: ask-ext}}\nspec:\n  tier: Admin\n  priority: 5\n  subject: \
+             {{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: a}}}}}}}}\n  \
+             egress:\n    - {{action: Accept, to: [{{networks: ['{ext}/32']}}], \
+             protocols: [{{udp: {{destinationPort: {{number: 53}}}}}}]}}\n"
+        ),
+    )
+    .unwrap();
+    let mut agent_wait = || {
+        r.agent.status().is_some_and(|s| {
+            s.started_at_unix_ms > palisade_tests::agent::unix_ms(since) && s.errors.is_empty()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !agent_wait() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not take ext-dns.yaml"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut rogue = Zone::default();
+    rogue
+        .names
+        .insert("allowed.test".into(), vec![Record::Addr(evil, 300)]);
+    let _rogue = DnsServer::start(&r.pod("ext").netns_name, rogue).expect("rogue DNS server");
+    let got = r
+        .pod("a")
+        .in_netns(move || resolve(ext, "allowed.test", false, Duration::from_secs(3)))
+        .unwrap()
+        .expect("the untrusted resolver answers");
+    assert_eq!(got, [evil]);
+    assert!(
+        !r.connects("a", evil),
+        "an untrusted resolver's answer opened {evil}"
+    );
+    let stats = r.agent.cli_json(&["stats"]).expect("palisade stats");
+    assert!(
+        stats["counters"]["dns_untrusted"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
     // The real answer still teaches.
     assert_eq!(
         r.resolve_and_connect("a", "allowed.test"),
