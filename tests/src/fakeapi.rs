@@ -268,34 +268,29 @@ impl FakeApi {
         let (lock, cv) = &*self.state;
         let mut s = lock.lock().unwrap();
         loop {
-            let behind: Vec<String> = peers
-                .iter()
-                .flat_map(|peer| {
-                    RESOURCES
-                        .iter()
-                        .filter(|r| !s.missing.contains(r.0))
-                        .filter(|r| {
-                            !s.watchers
-                                .values()
-                                .any(|w| w.peer == *peer && w.resource == r.0 && w.sent >= rv)
-                        })
-                        .map(move |r| format!("{peer} {}", r.0))
-                })
-                .collect();
+            // Per peer: each served resource's newest watch (an agent killed and restarted
+            // leaves older ones open until a write to them fails), and when it reached `rv`.
+            let mut behind = Vec::new();
+            let mut times = Vec::new();
+            for peer in peers {
+                let mut latest = None::<SystemTime>;
+                for r in RESOURCES.iter().filter(|r| !s.missing.contains(r.0)) {
+                    let newest = s
+                        .watchers
+                        .values()
+                        .rev()
+                        .find(|w| w.peer == *peer && w.resource == r.0);
+                    // When this watch reached `rv` (or the oldest moment it remembers past
+                    // it: later, so on the safe side).
+                    match newest.and_then(|w| w.reached.range(rv..).next()) {
+                        Some((_, t)) => latest = Some(latest.map_or(*t, |l| l.max(*t))),
+                        None => behind.push(format!("{peer} {}", r.0)),
+                    }
+                }
+                times.push(latest.unwrap_or_else(SystemTime::now));
+            }
             if behind.is_empty() {
-                return Ok(peers
-                    .iter()
-                    .map(|peer| {
-                        s.watchers
-                            .values()
-                            .filter(|w| w.peer == *peer && w.sent >= rv)
-                            // When this watch reached `rv` (or the oldest moment it remembers
-                            // past it: later, so safe).
-                            .filter_map(|w| w.reached.range(rv..).next().map(|(_, t)| *t))
-                            .max()
-                            .unwrap_or_else(SystemTime::now)
-                    })
-                    .collect());
+                return Ok(times);
             }
             if Instant::now() > deadline {
                 bail!("watches not sent resource version {rv} within {timeout:?}: {behind:?}");
@@ -471,7 +466,9 @@ fn serve(
             peer,
             resource,
             sent: since,
-            reached: BTreeMap::from([(since, SystemTime::now())]),
+            // What a watch starts from came with the list before it: as good as delivered
+            // long ago.
+            reached: BTreeMap::from([(since, SystemTime::UNIX_EPOCH)]),
         },
     );
     loop {

@@ -273,13 +273,18 @@ impl Cluster {
     /// current resource version, then for a reconcile of every agent started after that (see
     /// [`FakeApi::wait_delivered`]).
     pub fn wait_reconciled(&mut self, timeout: Duration) -> Result<()> {
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        self.wait_reconciled_on(&all, timeout)
+    }
+
+    /// As [`Cluster::wait_reconciled`], for the agents of nodes `which` only (the others may
+    /// be down).
+    pub fn wait_reconciled_on(&mut self, which: &[usize], timeout: Duration) -> Result<()> {
         let rv = self.api.resource_version();
-        let peers: Vec<IpAddr> = (0..self.nodes.len())
-            .map(|k| IpAddr::V4(node_ips(k).0))
-            .collect();
+        let peers: Vec<IpAddr> = which.iter().map(|k| IpAddr::V4(node_ips(*k).0)).collect();
         let delivered = self.api.wait_delivered(&peers, rv, timeout)?;
-        for (k, since) in delivered.into_iter().enumerate() {
-            self.wait_agent(k, since, timeout)?;
+        for (k, since) in which.iter().zip(delivered) {
+            self.wait_agent(*k, since, timeout)?;
         }
         Ok(())
     }
