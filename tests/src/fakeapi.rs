@@ -545,17 +545,19 @@ pub fn node_yaml(name: &str, ip: &str) -> String {
     )
 }
 
+/// A namespace with its `kubernetes.io/metadata.name` label, as the API server sets it.
 pub fn namespace(name: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{kubernetes.io/metadata.name: {name}}}}}\n"
     )
 }
 
-/// A pod of the rig as the API server reports it: on `node`, with its address unless
 // ---------------------------------------------------------------------------------------------
 // The agent in cluster mode
 // ---------------------------------------------------------------------------------------------
 
+/// `palisade run --kubeconfig` in a node's namespace, with its own bpffs, status file, log and
+/// socket under a work directory; stopped on drop.
 pub struct ClusterAgent {
     child: Option<Child>,
     /// Unmounted on drop, after the agent has stopped.
@@ -718,6 +720,113 @@ impl Drop for ClusterAgent {
     fn drop(&mut self) {
         if let Some(c) = self.child.take() {
             terminate(c);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A watch of `path` from `rv`: its lines, read on a thread until `n` arrived or the
+    /// connection ended.
+    fn watch(
+        addr: SocketAddr,
+        path: &str,
+        rv: u64,
+        n: usize,
+    ) -> std::thread::JoinHandle<Vec<Value>> {
+        let mut c = TcpStream::connect(addr).unwrap();
+        write!(
+            c,
+            "GET {path}?watch=true&resourceVersion={rv} HTTP/1.1\r\nhost: x\r\n\r\n"
+        )
+        .unwrap();
+        std::thread::spawn(move || {
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut r = BufReader::new(c);
+            let mut line = String::new();
+            // The status line and headers.
+            while r.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                line.clear();
+            }
+            let mut out = Vec::new();
+            while out.len() < n {
+                line.clear();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                out.push(serde_json::from_str(&line).unwrap());
+            }
+            out
+        })
+    }
+
+    fn ns(name: &str) -> String {
+        namespace(name)
+    }
+
+    #[test]
+    fn every_watcher_gets_every_change_and_delivery_is_tracked() {
+        let api = FakeApi::start_here("127.0.0.1:0".parse().unwrap()).unwrap();
+        api.apply(&ns("first"));
+        let rv = api.resource_version();
+        let watchers: Vec<_> = (0..4)
+            .map(|_| watch(api.addr, "/api/v1/namespaces", rv, 3))
+            .collect();
+        // Every watch is open (each peer has all seven; here only namespaces: wait for four).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while api.watches_of("127.0.0.1".parse().unwrap()).len() < 4 {
+            assert!(Instant::now() < deadline, "watches did not open");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let before = SystemTime::now();
+        api.apply(&ns("second"));
+        api.apply(&node_yaml("n1", "10.0.0.1"));
+        api.delete("Namespace", "", "first");
+        api.apply(&ns("third"));
+        let rv = api.resource_version();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let w = api.watches_of("127.0.0.1".parse().unwrap());
+            if w.iter().all(|(r, sent)| *r == "namespaces" && *sent >= rv) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "not delivered: {w:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Each knows when it was sent the changes: not before they were made.
+        {
+            let s = api.state.0.lock().unwrap();
+            assert_eq!(s.watchers.len(), 4);
+            for w in s.watchers.values() {
+                let (_, t) = w.reached.range(rv..).next().expect("reached rv");
+                assert!(*t >= before);
+            }
+        }
+        for w in watchers {
+            let got: Vec<(String, String)> = w
+                .join()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    (
+                        e["type"].as_str().unwrap().to_string(),
+                        e["object"]["metadata"]["name"]
+                            .as_str()
+                            .unwrap()
+                            .to_string(),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                got,
+                [
+                    ("ADDED".to_string(), "second".to_string()),
+                    ("DELETED".into(), "first".into()),
+                    ("ADDED".into(), "third".into()),
+                ]
+            );
         }
     }
 }

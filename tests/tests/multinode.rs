@@ -72,7 +72,7 @@ spec:
 /// Churn that moves none of the probed flows: a duplicate of b-ingress's rule, and a rule
 /// admitting to b pods (isolated for ingress already) pods nobody has, on TCP 81.
 fn churn_policy(i: usize) -> String {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         format!(
             "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: churn-{i}, namespace: demo}}\n\
              spec: {{podSelector: {{matchLabels: {{app: b}}}}, policyTypes: [Ingress], ingress: [{{from: [{{podSelector: {{matchLabels: {{app: a}}}}}}], ports: [{{port: 80, protocol: TCP}}]}}]}}\n"
@@ -89,6 +89,10 @@ fn churn_policy(i: usize) -> String {
 /// isolated for egress), so it shows whether the restarted agent caught up.
 const CATCH_UP: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: catch-up, namespace: demo}\n\
     spec: {podSelector: {matchLabels: {id: b1}}, policyTypes: [Ingress], ingress: [{from: [{podSelector: {matchLabels: {app: b}}}], ports: [{port: 81, protocol: TCP}]}]}\n";
+
+/// b0 admits b2 on TCP 81: a change only nodes 0 and 2 enforce.
+const B0_81: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b0-81, namespace: demo}\n\
+    spec: {podSelector: {matchLabels: {id: b0}}, policyTypes: [Ingress], ingress: [{from: [{podSelector: {matchLabels: {id: b2}}}], ports: [{port: 81, protocol: TCP}]}]}\n";
 
 /// Probes `expect` over and over until `stop`: 300 ms probes; an allowed one that misses it is
 /// asked again with 3 s before it counts as failed; a denied one that passes always counts.
@@ -274,12 +278,8 @@ fn killing_one_nodes_agent_affects_no_other_node_and_it_catches_up() {
             } else {
                 c.api.delete("NetworkPolicy", "demo", "catch-up");
             }
-            let b2_to_b0 = format!(
-                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: b0-81, namespace: demo}}\n\
-                 spec: {{podSelector: {{matchLabels: {{id: b0}}}}, policyTypes: [Ingress], ingress: [{{from: [{{podSelector: {{matchLabels: {{id: b2}}}}}}], ports: [{{port: 81, protocol: TCP}}]}}]}}\n"
-            );
             if catch_up {
-                c.api.apply(&b2_to_b0);
+                c.api.apply(B0_81);
             } else {
                 c.api.delete("NetworkPolicy", "demo", "b0-81");
             }

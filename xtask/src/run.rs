@@ -64,9 +64,13 @@ pub fn test(with_conformance: bool) -> Result<()> {
             })
             .collect();
         let ipv6 = || vec!["--ipv6".to_string()];
+        // NetworkPolicy cases over three nodes, an agent each (both pod layouts).
+        let nodes = || vec!["--nodes".to_string(), "3".to_string()];
         for (what, args) in [
             ("conformance (IPv4)", vec![]),
             ("conformance (IPv6)", ipv6()),
+            ("conformance, 3 nodes (IPv4)", nodes()),
+            ("conformance, 3 nodes (IPv6)", [nodes(), ipv6()].concat()),
             ("conformance, ClusterNetworkPolicy (IPv4)", cnp.clone()),
             (
                 "conformance, ClusterNetworkPolicy (IPv6)",
