@@ -4,7 +4,8 @@
 //! thread; every change is kept in one history that each watch reads from its own resource
 //! version), and the server tells how far it has sent each watcher ([`FakeApi::wait_delivered`]),
 //! so a test can wait for every agent's reconcile of a change. Also the agent in cluster mode
-//! ([`ClusterAgent`]) and the objects tests write.
+//! ([`ClusterAgent`]) and the objects tests write. `PALISADE_FAKEAPI_DEBUG=1` prints every
+//! request and every event sent, with the client's address.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;

@@ -283,6 +283,7 @@ fn killing_one_nodes_agent_affects_no_other_node_and_it_catches_up() {
             } else {
                 c.api.delete("NetworkPolicy", "demo", "b0-81");
             }
+            changes += 1;
             c.wait_reconciled_on(&others, Duration::from_secs(60))
                 .expect("the other nodes apply the change");
             if catch_up {
