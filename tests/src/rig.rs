@@ -7,6 +7,11 @@
 //! own ("InternalIP") addresses 10.243.0.1 and fd00:243::1 sit on `node0`. Nothing leaves
 //! these namespaces.
 //!
+//! In a cluster of several such nodes ([`crate::multinode`]), node k owns the pod range
+//! 10.244.k.0/24 (fd00:244:0:k::/64): its pods get 10.244.k.(10+i), its host-side veths the
+//! gateway 10.244.k.1, and instead of `node0` it has an uplink to the other nodes that carries
+//! its own addresses. Node 0 of a cluster has exactly the addresses of a lone node.
+//!
 //! Namespaces are named `pal-<pid>-<counter>-...`: unique across the tests of a process and
 //! across processes. Creating a node removes `pal-<pid>-*` namespaces of processes that no
 //! longer exist. Dropping the node (panics included) stops its servers, kills the children it
@@ -48,11 +53,36 @@ pub const NODE_IP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x243, 0, 0, 0, 0, 0, 1);
 pub const MAX_PODS: usize = 245;
 
 pub fn pod_ipv4(index: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 244, 0, (10 + index) as u8)
+    pod_ipv4_on(0, index)
 }
 
 pub fn pod_ipv6(index: usize) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, (10 + index) as u16)
+    pod_ipv6_on(0, index)
+}
+
+/// Pod `index` of node `node` of a cluster (node 0: [`pod_ipv4`]).
+pub fn pod_ipv4_on(node: u8, index: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, node, (10 + index) as u8)
+}
+
+pub fn pod_ipv6_on(node: u8, index: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x244, 0, node as u16, 0, 0, 0, (10 + index) as u16)
+}
+
+/// The gateway on node `node`'s host-side veths (node 0: [`GATEWAY_V4`]).
+pub fn gateway_v4_on(node: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, node, 1)
+}
+
+/// Where a node sits: alone (with `node0`), or node `index` of a cluster, whose addresses the
+/// cluster puts on its uplink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    Alone,
+    Member {
+        index: u8,
+        ips: (Ipv4Addr, Ipv6Addr),
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,6 +231,7 @@ pub struct Node {
     /// The node's network namespace (where the host-side veths are).
     pub netns_name: String,
     ipv6: bool,
+    placement: Placement,
     pods: Vec<Pod>,
     /// Every namespace created so far (deleted on drop).
     created: Vec<String>,
@@ -280,6 +311,21 @@ static NODE0_KIND: OnceLock<&'static str> = OnceLock::new();
 
 impl Node {
     pub fn new(spec: NodeSpec) -> Result<Node> {
+        Node::build(spec, Placement::Alone)
+    }
+
+    /// Node `index` of a cluster ([`crate::multinode`]): pods in 10.244.`index`.0/24 and
+    /// fd00:244:0:`index`::/64, and no `node0`: its own addresses `ips` are the caller's to put
+    /// on the uplink it adds.
+    pub fn new_member(spec: NodeSpec, index: u8, ips: (Ipv4Addr, Ipv6Addr)) -> Result<Node> {
+        Node::build(spec, Placement::Member { index, ips })
+    }
+
+    fn build(spec: NodeSpec, placement: Placement) -> Result<Node> {
+        let k = match placement {
+            Placement::Alone => 0,
+            Placement::Member { index, .. } => index,
+        };
         if spec.pods.len() > MAX_PODS {
             bail!("at most {MAX_PODS} pods per node");
         }
@@ -300,8 +346,8 @@ impl Node {
                 netns_name: format!("{prefix}-{i}-{}", sanitize(&p.name))
                     .trim_end_matches('-')
                     .to_string(),
-                ipv4: pod_ipv4(i),
-                ipv6: spec.ipv6.then(|| pod_ipv6(i)),
+                ipv4: pod_ipv4_on(k, i),
+                ipv6: spec.ipv6.then(|| pod_ipv6_on(k, i)),
                 host_ifname: format!("lxc{i}"),
                 host_ifindex: 0,
             })
@@ -309,6 +355,7 @@ impl Node {
         let mut node = Node {
             netns_name: node_ns.clone(),
             ipv6: spec.ipv6,
+            placement,
             pods,
             created: Vec::new(),
             servers: Servers::default(),
@@ -357,31 +404,11 @@ impl Node {
 
     fn wire(&mut self) -> Result<()> {
         let node_ns = self.netns_name.clone();
-        let (kind, node0_exists) = match NODE0_KIND.get() {
-            Some(k) => (*k, false),
-            None => {
-                let kind = if netns::ip_batch(Some(&node_ns), &["link add node0 type dummy".into()])
-                    .is_ok()
-                {
-                    "dummy"
-                } else {
-                    netns::ip_batch(Some(&node_ns), &["link add node0 type ifb".into()])
-                        .context("creating node0 (neither dummy nor ifb links are available)")?;
-                    "ifb"
-                };
-                (*NODE0_KIND.get_or_init(|| kind), true)
-            }
-        };
-        let mut cmds = Vec::new();
-        if !node0_exists {
-            cmds.push(format!("link add node0 type {kind}"));
+        let mut cmds = vec!["link set lo up".to_string()];
+        if self.placement == Placement::Alone {
+            cmds.extend(self.node0()?);
         }
-        cmds.extend([
-            "link set lo up".to_string(),
-            "link set node0 up".into(),
-            format!("addr add {NODE_IP_V4}/32 dev node0"),
-            format!("addr add {NODE_IP_V6}/128 dev node0 nodad"),
-        ]);
+        let gateway = gateway_v4_on(self.index());
         for p in &self.pods {
             let host = &p.host_ifname;
             cmds.extend([
@@ -390,7 +417,7 @@ impl Node {
                     p.netns_name
                 ),
                 format!("link set {host} up"),
-                format!("addr add {GATEWAY_V4}/32 dev {host}"),
+                format!("addr add {gateway}/32 dev {host}"),
                 format!("route add {}/32 dev {host}", p.ipv4),
             ]);
             if let Some(v6) = p.ipv6 {
@@ -411,8 +438,8 @@ impl Node {
                         "link set lo up".to_string(),
                         "link set eth0 up".into(),
                         format!("addr add {}/32 dev eth0", p.ipv4),
-                        format!("route add {GATEWAY_V4}/32 dev eth0 scope link"),
-                        format!("route add 0.0.0.0/0 via {GATEWAY_V4} dev eth0"),
+                        format!("route add {gateway}/32 dev eth0 scope link"),
+                        format!("route add 0.0.0.0/0 via {gateway} dev eth0"),
                     ];
                     if let Some(v6) = p.ipv6 {
                         cmds.extend([
@@ -447,6 +474,44 @@ impl Node {
         Ok(())
     }
 
+    /// The `ip` commands that give a lone node `node0` with its addresses.
+    fn node0(&self) -> Result<Vec<String>> {
+        let node_ns = self.netns_name.clone();
+        let (kind, node0_exists) = match NODE0_KIND.get() {
+            Some(k) => (*k, false),
+            None => {
+                let kind = if netns::ip_batch(Some(&node_ns), &["link add node0 type dummy".into()])
+                    .is_ok()
+                {
+                    "dummy"
+                } else {
+                    netns::ip_batch(Some(&node_ns), &["link add node0 type ifb".into()])
+                        .context("creating node0 (neither dummy nor ifb links are available)")?;
+                    "ifb"
+                };
+                (*NODE0_KIND.get_or_init(|| kind), true)
+            }
+        };
+        let mut cmds = Vec::new();
+        if !node0_exists {
+            cmds.push(format!("link add node0 type {kind}"));
+        }
+        cmds.extend([
+            "link set node0 up".to_string(),
+            format!("addr add {NODE_IP_V4}/32 dev node0"),
+            format!("addr add {NODE_IP_V6}/128 dev node0 nodad"),
+        ]);
+        Ok(cmds)
+    }
+
+    /// This node's index in its cluster (0 for a lone node).
+    pub fn index(&self) -> u8 {
+        match self.placement {
+            Placement::Alone => 0,
+            Placement::Member { index, .. } => index,
+        }
+    }
+
     pub fn pods(&self) -> &[Pod] {
         &self.pods
     }
@@ -474,19 +539,20 @@ impl Node {
     /// The node's own addresses (on `node0`): IPv4, and IPv6 if the node has IPv6. (`node0`
     /// carries fd00:243::1 either way.)
     pub fn node_ips(&self) -> Vec<IpAddr> {
-        let mut v = vec![IpAddr::V4(NODE_IP_V4)];
+        let mut v = vec![self.node_ip(false)];
         if self.ipv6 {
-            v.push(IpAddr::V6(NODE_IP_V6));
+            v.push(self.node_ip(true));
         }
         v
     }
 
+    /// The node's own IPv4 or IPv6 address (a cluster member's: on its uplink).
     pub fn node_ip(&self, ipv6: bool) -> IpAddr {
-        if ipv6 {
-            IpAddr::V6(NODE_IP_V6)
-        } else {
-            IpAddr::V4(NODE_IP_V4)
-        }
+        let (v4, v6) = match self.placement {
+            Placement::Alone => (NODE_IP_V4, NODE_IP_V6),
+            Placement::Member { ips, .. } => ips,
+        };
+        if ipv6 { IpAddr::V6(v6) } else { IpAddr::V4(v4) }
     }
 
     /// A command whose process runs in the node's network namespace (same mount namespace as

@@ -468,7 +468,7 @@ fn untrusted_and_forged_answers_teach_nothing() {
         ),
     )
     .unwrap();
-    let mut agent_wait = || {
+    let agent_wait = || {
         r.agent.status().is_some_and(|s| {
             s.started_at_unix_ms > palisade_tests::agent::unix_ms(since) && s.errors.is_empty()
         })

@@ -41,8 +41,8 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out: Option<std::path::PathBuf>,
     },
-    /// Run every test: unit, BPF program test runs, netns tests, NetworkPolicy and
-    /// ClusterNetworkPolicy conformance (IPv4 and IPv6).
+    /// Run every test: unit, BPF program test runs, netns tests, NetworkPolicy (one node and
+    /// three) and ClusterNetworkPolicy conformance (IPv4 and IPv6).
     Test {
         /// Skip the conformance suites.
         #[arg(long)]
@@ -56,7 +56,7 @@ enum Command {
     /// tests/conformance/cnp/palisade).
     Conformance {
         /// Extra arguments for the runner (--cases DIR, more than once if need be, --filter
-        /// NAME, --ipv6, --check-explain).
+        /// NAME, --ipv6, --check-explain, --nodes N [--layout per-namespace|round-robin]).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

@@ -64,9 +64,25 @@ pub fn test(with_conformance: bool) -> Result<()> {
             })
             .collect();
         let ipv6 = || vec!["--ipv6".to_string()];
+        // NetworkPolicy cases over three nodes, an agent each: one pod layout per family (each
+        // namespace on a node of its own in IPv4, pods dealt round-robin in IPv6), which keeps
+        // the suite's time in bounds; `cargo xtask conformance --nodes 3` runs both.
+        let nodes = |layout: &str| {
+            ["--nodes", "3", "--layout", layout]
+                .map(String::from)
+                .to_vec()
+        };
         for (what, args) in [
             ("conformance (IPv4)", vec![]),
             ("conformance (IPv6)", ipv6()),
+            (
+                "conformance, 3 nodes, a node per namespace (IPv4)",
+                nodes("per-namespace"),
+            ),
+            (
+                "conformance, 3 nodes, pods round-robin (IPv6)",
+                [nodes("round-robin"), ipv6()].concat(),
+            ),
             ("conformance, ClusterNetworkPolicy (IPv4)", cnp.clone()),
             (
                 "conformance, ClusterNetworkPolicy (IPv6)",

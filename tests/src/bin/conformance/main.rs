@@ -5,11 +5,15 @@
 //! - 1: the Kubernetes NetworkPolicy e2e cases (tests/conformance/README.md), [`netpol`];
 //! - 2: the ClusterNetworkPolicy conformance cases (tests/conformance/cnp/README.md), [`cnp`].
 //!
-//! Prints a line per case and ends with `N passed, M failed`; non-zero exit on any failure (or
-//! when no case ran).
+//! With `--nodes N` (N > 1) the NetworkPolicy cases run over N nodes, each with its own agent
+//! in cluster mode against one fake API server ([`nodes`]), once per pod layout (`--layout`).
+//!
+//! Prints a line per case and ends with `N passed, M failed` (with several layouts, a line per
+//! layout first); non-zero exit on any failure (or when no case ran).
 mod cnp;
 mod common;
 mod netpol;
+mod nodes;
 
 use std::{
     path::{Path, PathBuf},
@@ -47,6 +51,14 @@ pub struct Args {
     /// probe if it differs from the probed one.
     #[arg(long)]
     check_explain: bool,
+    /// Spread the pods over this many nodes, each with its own agent in cluster mode against
+    /// one fake API server (NetworkPolicy cases only).
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// With --nodes N > 1: how pods are placed (more than once, or comma-separated; default
+    /// both layouts, one after the other).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    layout: Vec<nodes::Layout>,
 }
 
 /// A case file, by schema.
@@ -74,9 +86,13 @@ impl Case {
     }
 
     /// Runs the case: (probes, failed probes).
-    fn run(&self, args: &Args, work: &Path) -> Result<(usize, usize)> {
+    fn run(&self, args: &Args, work: &Path, layout: nodes::Layout) -> Result<(usize, usize)> {
         match self {
-            Case::NetworkPolicy(c) => netpol::run(args, c, work),
+            Case::NetworkPolicy(c) => netpol::run(args, c, work, layout),
+            Case::ClusterNetworkPolicy(_) if args.nodes > 1 => bail!(
+                "ClusterNetworkPolicy cases describe one node (its address, its host-network \
+                 pods): they run with --nodes 1"
+            ),
             Case::ClusterNetworkPolicy(c) => cnp::run(args, c, work),
         }
     }
@@ -120,9 +136,72 @@ fn main() -> ExitCode {
         .max()
         .unwrap_or(0)
         .max(48);
+    if !(1..=palisade_tests::multinode::MAX_NODES).contains(&args.nodes) {
+        eprintln!(
+            "--nodes: 1 to {} nodes",
+            palisade_tests::multinode::MAX_NODES
+        );
+        return ExitCode::FAILURE;
+    }
+    if args.check_explain && args.nodes > 1 {
+        eprintln!("--check-explain reads one node's maps: it needs --nodes 1");
+        return ExitCode::FAILURE;
+    }
     let family = if args.ipv6 { "IPv6" } else { "IPv4" };
     let dirs: Vec<String> = args.cases.iter().map(|d| d.display().to_string()).collect();
-    println!("conformance ({family}), cases from {}", dirs.join(", "));
+    let layouts: Vec<nodes::Layout> = match (args.nodes, args.layout.is_empty()) {
+        (1, _) => vec![nodes::Layout::PerNamespace],
+        (_, true) => vec![nodes::Layout::PerNamespace, nodes::Layout::RoundRobin],
+        (_, false) => args.layout.clone(),
+    };
+    let mut results = Vec::new();
+    let mut summaries = Vec::new();
+    for layout in layouts {
+        let on = if args.nodes > 1 {
+            format!(", {} nodes, layout {}", args.nodes, layout.name())
+        } else {
+            String::new()
+        };
+        println!("conformance ({family}{on}), cases from {}", dirs.join(", "));
+        let started = Instant::now();
+        let these = run_cases(&args, &files, width, layout);
+        let (passed, failed) = tally(&these);
+        summaries.push(format!(
+            "{passed} passed, {failed} failed ({family}{on}, {:.0} s)",
+            started.elapsed().as_secs_f64()
+        ));
+        results.extend(these);
+    }
+    if summaries.len() > 1 {
+        for s in &summaries {
+            println!("{s}");
+        }
+    }
+    let (passed, failed) = tally(&results);
+    println!("{passed} passed, {failed} failed");
+    if failed == 0 && passed > 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// (passed, failed) of `results`.
+fn tally(results: &[CaseResult]) -> (usize, usize) {
+    let passed = results
+        .iter()
+        .filter(|r| r.error.is_none() && r.failed_probes == 0)
+        .count();
+    (passed, results.len() - passed)
+}
+
+/// Runs every case of `files` (with `--nodes`, laid out by `layout`), a line each.
+fn run_cases(
+    args: &Args,
+    files: &[PathBuf],
+    width: usize,
+    layout: nodes::Layout,
+) -> Vec<CaseResult> {
     println!(
         "{:<width$} {:>6} {:>8}  result",
         "case", "probes", "seconds"
@@ -130,7 +209,7 @@ fn main() -> ExitCode {
     let mut results = Vec::new();
     for file in files {
         let started = Instant::now();
-        let case = match Case::read(&file) {
+        let case = match Case::read(file) {
             Ok(c) => c,
             Err(e) => {
                 let name = file.display().to_string();
@@ -161,7 +240,7 @@ fn main() -> ExitCode {
         let _ = std::fs::remove_dir_all(&work);
         let outcome = std::fs::create_dir_all(&work)
             .map_err(anyhow::Error::from)
-            .and_then(|_| case.run(&args, &work));
+            .and_then(|_| case.run(args, &work, layout));
         let r = match outcome {
             Ok((probes, failed)) => CaseResult {
                 name: case.name().to_string(),
@@ -194,17 +273,7 @@ fn main() -> ExitCode {
         }
         results.push(r);
     }
-    let passed = results
-        .iter()
-        .filter(|r| r.error.is_none() && r.failed_probes == 0)
-        .count();
-    let failed = results.len() - passed;
-    println!("{passed} passed, {failed} failed");
-    if failed == 0 && passed > 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    results
 }
 
 #[cfg(test)]

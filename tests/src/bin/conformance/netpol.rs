@@ -1,27 +1,29 @@
 //! Schema v1: the upstream Kubernetes NetworkPolicy e2e cases (tests/conformance/README.md).
 //!
 //! For each case: a node of 9 pod namespaces (x/a … z/c) serving the case's ports, a fresh
-//! bpffs and agent; each step's actions rewrite the manifest files; after the agent has
-//! reconciled them, every probe's 72-pair matrix is compared with the expectation, retried for
-//! a bounded convergence window.
+//! bpffs and agent (or, with `--nodes N`, the pods spread over N nodes, each with its own
+//! agent in cluster mode: [`crate::nodes`]); each step's actions rewrite the manifest files
+//! (or the API server's objects); after every agent has reconciled them, every probe's
+//! 72-pair matrix is compared with the expectation, retried for a bounded convergence window.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::Path,
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
 use palisade_tests::{
     agent::AgentProcess,
-    rig::{Node, NodeSpec, PodSpec, Proto},
+    rig::{Pod, Proto},
 };
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::{
     Args,
-    common::{self, Addresses, write_docs},
+    common::{self, Addresses},
+    nodes::{Layout, Rig},
 };
 
 #[derive(Deserialize)]
@@ -130,7 +132,8 @@ impl World {
         format!("{}/{}", p.namespace, p.name)
     }
 
-    fn write(&self, dir: &Path) -> Result<()> {
+    /// Every object of the cluster: namespaces, pods, policies.
+    fn objects(&self) -> Vec<Value> {
         let mut docs = Vec::new();
         for (name, ns) in &self.namespaces {
             let mut labels = ns.labels.clone();
@@ -156,13 +159,12 @@ impl World {
                 "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
             }));
         }
-        write_docs(&dir.join("cluster.yaml"), &docs)?;
-        let policies: Vec<serde_json::Value> = self
-            .policies
-            .values()
-            .map(|v| serde_json::to_value(v).expect("YAML value converts to JSON"))
-            .collect();
-        write_docs(&dir.join("policies.yaml"), &policies)
+        docs.extend(
+            self.policies
+                .values()
+                .map(|v| serde_json::to_value(v).expect("YAML value converts to JSON")),
+        );
+        docs
     }
 }
 
@@ -185,31 +187,28 @@ fn render(columns: &[String], blocked: &BTreeSet<(String, String)>) -> String {
     s
 }
 
-/// Runs one case on a fresh node and agent: (probes, failed probes).
-pub fn run(args: &Args, case: &Case, work: &Path) -> Result<(usize, usize)> {
+/// Runs one case on a fresh node and agent (or nodes and agents, laid out by `layout`):
+/// (probes, failed probes).
+pub fn run(args: &Args, case: &Case, work: &Path, layout: Layout) -> Result<(usize, usize)> {
     let pod_names: Vec<String> = case.pods.iter().map(World::pod_key).collect();
-    let spec = NodeSpec {
-        pods: pod_names
-            .iter()
-            .map(|n| PodSpec {
-                name: n.replace('/', "-"),
-            })
-            .collect(),
-        ipv6: args.ipv6,
-    };
-    let node = Node::new(spec).context("creating the netns node")?;
+    let mut rig = Rig::new(&pod_names, args.ipv6, args.nodes, layout, work)?;
+    let pods: Vec<&Pod> = pod_names
+        .iter()
+        .map(|k| rig.pod(k))
+        .collect::<Result<_>>()?;
     let mut served = Vec::new();
     for port in &case.served.ports {
         for p in &case.served.protocols {
             served.push((*port, common::proto(p)?));
         }
     }
-    node.serve(&served).context("starting servers")?;
+    rig.serve(&served).context("starting servers")?;
     let ips: BTreeMap<String, IpAddr> = pod_names
         .iter()
-        .zip(node.pods())
+        .zip(&pods)
         .map(|(name, pod)| (name.clone(), pod.ip(args.ipv6)))
         .collect();
+    drop(pods);
     let mut world = World {
         namespaces: case.namespaces.clone(),
         pods: case.pods.clone(),
@@ -219,18 +218,13 @@ pub fn run(args: &Args, case: &Case, work: &Path) -> Result<(usize, usize)> {
             nodes: BTreeMap::new(),
         },
     };
-    let manifests = work.join("manifests");
-    std::fs::create_dir_all(&manifests)?;
-    world.write(&manifests)?;
-    let since = SystemTime::now();
-    let mut agent = AgentProcess::start(&node, &args.agent, &manifests, work)?;
-    agent.wait_reconciled(since, pod_names.len(), Duration::from_secs(20))?;
+    rig.start(&args.agent, work, &world.objects())?;
 
     let timeout = Duration::from_millis(args.probe_timeout_ms);
     // Baseline: with no policy, every pair connects (servers up, agent attached).
     for (port, p) in &served {
         let blocked = probe_matrix(
-            &node,
+            &rig,
             &pod_names,
             &world,
             *port,
@@ -289,20 +283,21 @@ pub fn run(args: &Args, case: &Case, work: &Path) -> Result<(usize, usize)> {
                 }
             }
         }
-        let written = SystemTime::now();
-        world.write(&manifests)?;
-        agent.wait_reconciled(written, pod_names.len(), Duration::from_secs(20))?;
+        rig.update(&world.objects())?;
         for probe in &step.probes {
             probes += 1;
             let p = common::proto(&probe.protocol)?;
             let expected: BTreeSet<(String, String)> = probe.expect.deny.iter().cloned().collect();
             let attempts = (args.converge_ms / args.probe_timeout_ms.max(1)).max(1) as usize;
             let observed = probe_matrix(
-                &node, &pod_names, &world, probe.port, p, timeout, attempts, &expected,
+                &rig, &pod_names, &world, probe.port, p, timeout, attempts, &expected,
             )?;
             let mut explain_mismatch = None;
             if args.check_explain {
-                let explained = explain_matrix(&agent, &pod_names, probe.port, p, args.ipv6)?;
+                let agent = rig
+                    .single_agent()
+                    .context("--check-explain needs one node")?;
+                let explained = explain_matrix(agent, &pod_names, probe.port, p, args.ipv6)?;
                 if explained != observed {
                     explain_mismatch = Some(explained);
                 }
@@ -316,7 +311,7 @@ pub fn run(args: &Args, case: &Case, work: &Path) -> Result<(usize, usize)> {
                     p,
                     render(&pod_names, &observed),
                     render(&pod_names, explained),
-                    agent.log_path().display()
+                    rig.logs()
                 );
             }
             if observed != expected || explain_mismatch.is_some() {
@@ -331,13 +326,12 @@ pub fn run(args: &Args, case: &Case, work: &Path) -> Result<(usize, usize)> {
                     p,
                     render(&pod_names, &expected),
                     render(&pod_names, &observed),
-                    agent.log_path().display()
+                    rig.logs()
                 );
             }
         }
     }
-    drop(agent);
-    drop(node);
+    drop(rig);
     Ok((probes, failed))
 }
 
@@ -387,7 +381,7 @@ fn explain_matrix(
 /// `attempts` runs are done. Returns the blocked pairs of the last run.
 #[allow(clippy::too_many_arguments)]
 fn probe_matrix(
-    node: &Node,
+    rig: &Rig,
     pods: &[String],
     world: &World,
     port: u16,
@@ -404,19 +398,20 @@ fn probe_matrix(
             }
         }
     }
+    let pods: Vec<&Pod> = pods.iter().map(|k| rig.pod(k)).collect::<Result<_>>()?;
     let mut blocked = BTreeSet::new();
     for _ in 0..attempts {
         let specs: Vec<_> = pairs
             .iter()
             .map(|(fi, _, _, to)| palisade_tests::rig::ProbeSpec {
-                from: &node.pods()[*fi],
+                from: pods[*fi],
                 to: world.addresses.pods[to],
                 port,
                 proto,
                 timeout,
             })
             .collect();
-        let results = node.probe_many(&specs);
+        let results = palisade_tests::rig::probe_many(&specs);
         blocked = pairs
             .iter()
             .zip(results)
