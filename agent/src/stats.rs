@@ -285,6 +285,7 @@ fn render_problems(reg: &mut Registry, p: &Problems) {
 fn fqdn_report(f: &crate::fqdn::FqdnStats) -> crate::api::FqdnReport {
     use std::sync::atomic::{AtomicU64, Ordering};
     let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let hold = f.hold_percentiles();
     crate::api::FqdnReport {
         answers: g(&f.answers),
         released: g(&f.released),
@@ -295,8 +296,8 @@ fn fqdn_report(f: &crate::fqdn::FqdnStats) -> crate::api::FqdnReport {
         expired: g(&f.expired),
         write_failures: g(&f.write_failures),
         addresses: g(&f.addresses),
-        hold_p50_us: f.hold_percentiles().map(|p| p.0),
-        hold_p99_us: f.hold_percentiles().map(|p| p.1),
+        hold_p50_us: hold.map(|p| p.0),
+        hold_p99_us: hold.map(|p| p.1),
     }
 }
 

@@ -984,6 +984,26 @@ pub struct FqdnKey {
     pub addr: [u8; 16],
 }
 
+impl FqdnKey {
+    pub const fn new(endpoint: u32, peer: PeerAddr) -> FqdnKey {
+        FqdnKey {
+            endpoint,
+            family: peer.family,
+            _pad: [0; 3],
+            addr: peer.addr,
+        }
+    }
+
+    /// The learned address.
+    pub const fn peer(&self) -> PeerAddr {
+        PeerAddr {
+            family: self.family,
+            _pad: [0; 3],
+            addr: self.addr,
+        }
+    }
+}
+
 /// The domain class (POLICY entries of the rules whose patterns the name matched), the audit
 /// view's, and until when new flows may use it (coarse monotonic ns). Flows already open
 /// outlive it: a re-check ignores the expiry.

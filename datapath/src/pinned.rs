@@ -41,12 +41,7 @@ pub fn read_policy_maps(pin_dir: &Path) -> Result<DesiredState> {
         let now = crate::dns::now_coarse_ns();
         for (k, v) in ips.iter().filter_map(|e| e.ok()) {
             if v.expires_ns > now {
-                let addr = PeerAddr {
-                    family: k.family,
-                    _pad: [0; 3],
-                    addr: k.addr,
-                };
-                state.learned.insert((k.endpoint, addr), v.class);
+                state.learned.insert((k.endpoint, k.peer()), v.class);
             }
         }
     }

@@ -605,12 +605,7 @@ impl Learner {
         }
         self.learned.endpoints.retain(|_, n| !n.names.is_empty());
         self.orphans.retain(|k, v| {
-            let peer = PeerAddr {
-                family: k.family,
-                _pad: [0; 3],
-                addr: k.addr,
-            };
-            let keep = v.expires_ns > now || in_use.contains(&(k.endpoint, peer));
+            let keep = v.expires_ns > now || in_use.contains(&(k.endpoint, k.peer()));
             gone += u64::from(!keep);
             keep
         });
@@ -624,11 +619,5 @@ impl Learner {
 }
 
 fn key(endpoint: u32, ip: IpAddr) -> FqdnKey {
-    let a = PeerAddr::from_ip(ip);
-    FqdnKey {
-        endpoint,
-        family: a.family,
-        _pad: [0; 3],
-        addr: a.addr,
-    }
+    FqdnKey::new(endpoint, PeerAddr::from_ip(ip))
 }
