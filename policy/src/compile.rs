@@ -19,26 +19,28 @@
 //! prefix is added for every pod address inside the block whose pod has the name, whose class
 //! carries the resolved port).
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
 use palisade_common::{
     CIDR_CLASS_BIT, CIDR_CLASS_NONE, CidrKey, DIR_AUDIT_VIEW, DOMAIN_CLASS_BIT, EP_FQDN, EP_TIERED,
-    EndpointInfo, IDENTITY_FIRST_POD, IDENTITY_HOST, POLICY_FLAG_AUDIT, POLICY_KEY_ANY_PORT_BITS,
+    EndpointInfo, IDENTITY_FIRST_POD, POLICY_FLAG_AUDIT, POLICY_KEY_ANY_PORT_BITS,
     POLICY_KEY_ANY_PROTO_BITS, POLICY_KEY_FULL_BITS, PeerAddr, PolicyKey, PolicyValue,
     TIER_ACTION_ACCEPT, TIER_ACTION_DENY, TIER_ACTION_PASS, TierMatch, audit_flag, isolated_flag,
     tier_audit_flag, tiered_flag,
 };
 use serde::Serialize;
 
+use self::identities::{Ident, IdentityChanges, IdentityTable, digest};
 use crate::model::cluster::{
     Action, ClusterNetworkPolicy, NodeInfo, Subject, Tier, TierPeer, TierPort, TierRule,
     domain_matches,
 };
-use crate::model::{NamedPort, Peer, Policy, PortMatch, PortSpec, Protocol, Store};
+use crate::model::{NamedPort, Peer, PodInfo, Policy, PortMatch, PortSpec, Protocol, Store};
 use crate::state::{
     CidrEntry, DesiredState, Direction, DomainTable, EndpointMeta, PodRef, PolicyEntry, RuleRef,
     TierRuleInfo,
@@ -227,7 +229,7 @@ impl PortPlan {
 /// a compile does not use are dropped at its end. Fresh ids come from a counter; only when the
 /// range is exhausted are released ids reused (released ids were absent from the last compile's
 /// output, so the maps no longer hold entries for them).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Interner<K> {
     ids: HashMap<K, (u32, u64)>,
     live: HashSet<u32>,
@@ -369,7 +371,7 @@ fn merge_value(v: &mut PolicyValue, other: &PolicyValue) {
 }
 
 /// Compiles the store into map entries; holds the id tables between compiles.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Compiler {
     endpoints: Interner<PodRef>,
     identities: Interner<IdentityKey>,
@@ -383,6 +385,10 @@ pub struct Compiler {
     /// Node-wide audit mode (`palisade run --audit`): every policy is treated as an audit
     /// policy.
     pub audit_all: bool,
+    /// Rule id -> where it came from, for the rules interned since the last full compile.
+    rule_refs: HashMap<u32, RuleRef>,
+    /// What the last compile saw and made, for the next `update`.
+    memo: Memo,
 }
 
 impl Default for Compiler {
@@ -395,6 +401,8 @@ impl Default for Compiler {
             classes: Interner::new(1, CIDR_CLASS_BIT - 1),
             domain_classes: Interner::new(1, DOMAIN_CLASS_BIT - 1),
             audit_all: false,
+            rule_refs: HashMap::new(),
+            memo: Memo::default(),
         }
     }
 }
@@ -409,24 +417,155 @@ pub struct InternerSizes {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-compile indexes
+// What is kept between compiles
 // ---------------------------------------------------------------------------------------------
 
-struct Ident<'s> {
+/// Updates between two full compiles (which release the ids nothing uses any more).
+pub const FULL_EVERY: u32 = 1024;
+
+/// What `update` did (for metrics and tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct UpdateStats {
+    /// Everything was compiled from scratch.
+    pub full: bool,
+    /// Endpoints compiled (the others kept their entries).
+    pub endpoints_compiled: usize,
+    /// POLICY entries those endpoints have.
+    pub policy_entries_written: usize,
+    /// Identities that came or went.
+    pub identities_changed: usize,
+    /// Pod addresses whose identity changed, came or went.
+    pub addresses_changed: usize,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Memo {
+    /// `None` until the first compile.
+    table: Option<IdentityTable>,
+    /// The last result, patched by each update.
+    base: DesiredState,
+    /// Pod peer selections, by content -> the identity slots they select; kept while an
+    /// endpoint reads them, and patched when identities come and go.
+    selections: HashMap<Arc<SelectionKey>, Arc<Vec<usize>>>,
+    /// Each local endpoint's part of the result, by pod.
+    pieces: BTreeMap<PodRef, Piece>,
+    /// NetworkPolicy digests, by (namespace, name).
+    policies: BTreeMap<(String, String), u64>,
+    /// Digest of the ClusterNetworkPolicies and the node's audit mode.
+    cluster: u64,
+    /// Digest of the nodes.
+    nodes: u64,
+    since_full: u32,
+    last: UpdateStats,
+}
+
+/// One endpoint's compiled part, besides its POLICY and CIDRS entries (which are in the
+/// base, keyed by its id first) and what it read to make it.
+#[derive(Clone, Debug)]
+struct Piece {
     id: u32,
-    labels: &'s BTreeMap<String, String>,
-    ports: &'s [NamedPort],
+    /// The first of its interfaces.
+    ifindex: u32,
+    /// Its pod's digest (fields and namespace labels) when it was compiled.
+    pod_digest: u64,
+    flags: u32,
+    meta: EndpointMeta,
+    addrs: Vec<(PeerAddr, u32)>,
+    node_ports: Vec<(
+        palisade_common::NodePortKey,
+        palisade_common::NodePortTarget,
+    )>,
+    domains: Option<DomainTable>,
+    /// Rule ids its POLICY values name.
+    rules: BTreeSet<u32>,
+    reads: Reads,
 }
 
-type NsGroup<'s> = (Cow<'s, BTreeMap<String, String>>, Vec<usize>);
-
-struct Index<'s> {
-    idents: Vec<Ident<'s>>,
-    /// Namespace -> (labels, identities of its pods).
-    by_ns: BTreeMap<&'s str, NsGroup<'s>>,
-    /// Pod address -> identity (index), for addresses that are pod identities in IDENTITIES.
-    ip_owner: BTreeMap<IpAddr, usize>,
+/// What compiling an endpoint read of the cluster besides its pod and its namespace's
+/// policies: when any of it changes, the endpoint is compiled again.
+#[derive(Clone, Debug, Default)]
+struct Reads {
+    /// Pod peer selections.
+    selections: Vec<Arc<SelectionKey>>,
+    /// Every identity (a rule without peers, with named ports).
+    all_identities: bool,
+    /// Pod addresses and their identities (ipBlocks with named ports).
+    pod_addresses: bool,
 }
+
+/// The ClusterNetworkPolicies in precedence order: enforced ones, and with audited ones.
+struct Tiers<'a, 'p> {
+    cluster: &'a [(usize, &'p ClusterNetworkPolicy)],
+    with_audited: &'a [(usize, &'p ClusterNetworkPolicy)],
+}
+
+/// Removes an endpoint's POLICY and CIDRS entries.
+fn remove_entries(out: &mut DesiredState, id: u32) {
+    let mut tail = out.policy.split_off(&PolicyEntry::first_of(id));
+    let mut rest = tail.split_off(&PolicyEntry::first_of(id.saturating_add(1)));
+    if id == u32::MAX {
+        rest.clear();
+    }
+    out.policy.append(&mut rest);
+    let mut tail = out.cidrs.split_off(&CidrEntry::first_of(id));
+    let mut rest = tail.split_off(&CidrEntry::first_of(id.saturating_add(1)));
+    if id == u32::MAX {
+        rest.clear();
+    }
+    out.cidrs.append(&mut rest);
+}
+
+/// Does a selection select this identity?
+fn selection_matches(key: &SelectionKey, ident: &Ident) -> bool {
+    let (policy_ns, ns_sel, pod_sel) = key;
+    let ns_ok = match ns_sel {
+        None => policy_ns.as_deref() == Some(ident.key.namespace.as_str()),
+        Some(s) => s.matches(&ident.key.namespace_labels),
+    };
+    ns_ok
+        && pod_sel
+            .as_ref()
+            .is_none_or(|s| s.matches(&ident.key.labels))
+}
+
+/// Patches the kept selections for the identities that came and went; returns the
+/// selections that changed.
+fn patch_selections(
+    selections: &mut HashMap<Arc<SelectionKey>, Arc<Vec<usize>>>,
+    table: &IdentityTable,
+    changes: &IdentityChanges,
+) -> HashSet<Arc<SelectionKey>> {
+    let mut changed = HashSet::new();
+    if !changes.identities_changed() {
+        return changed;
+    }
+    for (key, sel) in selections.iter_mut() {
+        let mut patched: Option<Vec<usize>> = None;
+        for (slot, ident) in &changes.removed {
+            if sel.contains(slot) || selection_matches(key, ident) {
+                let v = patched.get_or_insert_with(|| sel.as_ref().clone());
+                v.retain(|s| s != slot);
+            }
+        }
+        for &slot in &changes.added {
+            if selection_matches(key, table.ident(slot)) {
+                let v = patched.get_or_insert_with(|| sel.as_ref().clone());
+                if !v.contains(&slot) {
+                    v.push(slot);
+                }
+            }
+        }
+        if let Some(v) = patched {
+            *sel = Arc::new(v);
+            changed.insert(key.clone());
+        }
+    }
+    changed
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-compile indexes
+// ---------------------------------------------------------------------------------------------
 
 /// An ipBlock of one rule, for one endpoint and direction.
 struct Element<'p> {
@@ -582,30 +721,107 @@ impl Compiler {
     }
 
     /// Compiles `store` for the `endpoints` of this node, whose own addresses are
-    /// `host_addrs`.
+    /// `host_addrs`: everything, from scratch (ids stay those of earlier compiles; ids this
+    /// compile does not use are released).
     pub fn compile(
         &mut self,
         store: &Store,
         endpoints: &[LocalEndpoint],
         host_addrs: &[IpAddr],
     ) -> DesiredState {
-        self.endpoints.begin();
-        self.identities.begin();
-        self.rules.begin();
-        self.stats_slots.begin();
-        self.classes.begin();
-        self.domain_classes.begin();
-        let mut out = DesiredState::default();
-        let index = self.identities_of(store, host_addrs, &mut out);
+        self.run(store, endpoints, host_addrs, true).clone()
+    }
+
+    /// The same result as `compile`, recompiling only what changed since the last call: the
+    /// pods whose fields changed are regrouped into identities, and only the endpoints a
+    /// change can reach are compiled again (see "Incremental compilation" in ARCHITECTURE.md).
+    /// Ids are released only by a full compile: the first, one after the node's addresses
+    /// change, and every `FULL_EVERY` updates.
+    pub fn update(
+        &mut self,
+        store: &Store,
+        endpoints: &[LocalEndpoint],
+        host_addrs: &[IpAddr],
+    ) -> &DesiredState {
+        let full = self.memo.since_full >= FULL_EVERY
+            || self
+                .memo
+                .table
+                .as_ref()
+                .is_none_or(|t| t.host != host_addrs);
+        self.run(store, endpoints, host_addrs, full)
+    }
+
+    /// What the last compile or update decided (for metrics and tests).
+    pub fn last_update(&self) -> UpdateStats {
+        self.memo.last
+    }
+
+    fn run(
+        &mut self,
+        store: &Store,
+        endpoints: &[LocalEndpoint],
+        host_addrs: &[IpAddr],
+        full: bool,
+    ) -> &DesiredState {
+        if full {
+            self.endpoints.begin();
+            self.identities.begin();
+            self.rules.begin();
+            self.stats_slots.begin();
+            self.classes.begin();
+            self.domain_classes.begin();
+            self.rule_refs.clear();
+            let table = IdentityTable::new(host_addrs);
+            let mut base = DesiredState::default();
+            table.write_host(&mut base);
+            self.memo = Memo {
+                table: Some(table),
+                base,
+                ..Memo::default()
+            };
+        } else {
+            self.memo.since_full += 1;
+        }
+        let mut table = self
+            .memo
+            .table
+            .take()
+            .expect("a table after the first compile");
+        let mut out = std::mem::take(&mut self.memo.base);
+        let mut selections = std::mem::take(&mut self.memo.selections);
+        let mut pieces = std::mem::take(&mut self.memo.pieces);
+
+        let idents = table.update(store, &mut self.identities, &mut out);
+        let changed_selections = patch_selections(&mut selections, &table, &idents);
+
+        // What else changed: NetworkPolicies by namespace; ClusterNetworkPolicies, nodes and
+        // the node's audit mode reach every endpoint.
+        let policies: BTreeMap<(String, String), u64> = store
+            .policies
+            .iter()
+            .map(|(k, p)| (k.clone(), digest(p)))
+            .collect();
+        let mut policy_namespaces: HashSet<String> = HashSet::new();
+        for (k, d) in &policies {
+            if self.memo.policies.get(k) != Some(d) {
+                policy_namespaces.insert(k.0.clone());
+            }
+        }
+        for k in self.memo.policies.keys() {
+            if !policies.contains_key(k) {
+                policy_namespaces.insert(k.0.clone());
+            }
+        }
+        let cluster = digest(&(&store.cluster_policies, self.audit_all));
+        let nodes = digest(&store.nodes);
+        let everything = full || cluster != self.memo.cluster || nodes != self.memo.nodes;
 
         // Policies per namespace, with a stable index for the selection cache.
         let mut by_ns: BTreeMap<&str, Vec<(usize, &Policy)>> = BTreeMap::new();
         for (i, p) in store.policies.values().enumerate() {
             by_ns.entry(p.namespace.as_str()).or_default().push((i, p));
         }
-
-        let mut eps: Vec<&LocalEndpoint> = endpoints.iter().collect();
-        eps.sort_by(|a, b| (a.ifindex, &a.pod).cmp(&(b.ifindex, &b.pod)));
         // ClusterNetworkPolicies in precedence order (tier, priority, name); a rule's rank is
         // its policy's position there, then its index. Those in audit mode are not enforced:
         // `cluster` leaves them out, `with_audited` (the audit view's order) has them.
@@ -614,25 +830,25 @@ impl Compiler {
         sorted.sort_by(|a, b| a.precedence_key().cmp(&b.precedence_key()));
         let with_audited: Vec<(usize, &ClusterNetworkPolicy)> =
             sorted.iter().copied().enumerate().collect();
-        let cluster: Vec<(usize, &ClusterNetworkPolicy)> = sorted
+        let cluster_order: Vec<(usize, &ClusterNetworkPolicy)> = sorted
             .iter()
             .copied()
             .filter(|p| !audited(p))
             .enumerate()
             .collect();
-        let any_audited = cluster.len() < with_audited.len();
-        let mut ctx = Ctx {
-            index: &index,
-            nodes: &store.nodes,
-            selections: HashMap::new(),
-            by_content: HashMap::new(),
-            rule_ids: HashMap::new(),
-            tier_rule_ids: HashMap::new(),
-            rule_refs: HashMap::new(),
+        let tiers = Tiers {
+            cluster: &cluster_order,
+            with_audited: &with_audited,
         };
-        let mut done: HashSet<u32> = HashSet::new();
+
+        // The endpoints, in interface order; a pod behind two interfaces is compiled once.
+        let mut eps: Vec<&LocalEndpoint> = endpoints.iter().collect();
+        eps.sort_by(|a, b| (a.ifindex, &a.pod).cmp(&(b.ifindex, &b.pod)));
+        let mut seen_ifindex: HashSet<u32> = HashSet::new();
+        let mut order: Vec<(u32, &PodRef)> = Vec::new();
+        let mut first_ifindex: HashMap<&PodRef, u32> = HashMap::new();
         for ep in eps {
-            if out.endpoints.contains_key(&ep.ifindex) {
+            if !seen_ifindex.insert(ep.ifindex) {
                 continue;
             }
             let Some(pod) = store.pods.get(&ep.pod) else {
@@ -641,286 +857,358 @@ impl Compiler {
             if pod.host_network {
                 continue;
             }
-            let id = self.endpoints.intern(&ep.pod);
-            let mut flags = 0;
-            let mut names = [Vec::new(), Vec::new()];
-            let mut audit_ignored = [Vec::new(), Vec::new()];
-            let ns_labels = store.namespace_labels(&ep.pod.namespace);
-            let mut cluster_names = [Vec::new(), Vec::new()];
-            for (d, dir) in Direction::BOTH.into_iter().enumerate() {
-                let selecting: Vec<(usize, &Policy)> = by_ns
-                    .get(ep.pod.namespace.as_str())
-                    .into_iter()
-                    .flatten()
-                    .filter(|(_, p)| p.rules(dir).is_some() && p.pod_selector.matches(&pod.labels))
-                    .copied()
-                    .collect();
-                let tier_rules = self.tier_rules(&mut ctx, &cluster, dir, &ns_labels, &pod.labels);
-                // The audit view: the tier rules as if the audited policies were enforced.
-                let audit_view = if any_audited {
-                    let all =
-                        self.tier_rules(&mut ctx, &with_audited, dir, &ns_labels, &pod.labels);
-                    let differs = all
-                        .iter()
-                        .map(|t| t.matched.rule)
-                        .ne(tier_rules.iter().map(|t| t.matched.rule));
-                    differs.then_some(all)
-                } else {
-                    None
-                };
-                if selecting.is_empty() && tier_rules.is_empty() && audit_view.is_none() {
-                    continue;
-                }
-                if !tier_rules.is_empty() {
-                    flags |= tiered_flag(dir.as_u8());
-                    cluster_names[d] = cluster
-                        .iter()
-                        .filter(|(_, p)| {
-                            !p.rules(dir).is_empty() && selects(&p.subject, &ns_labels, &pod.labels)
-                        })
-                        .map(|(_, p)| p.name.clone())
-                        .collect();
-                }
-                // Audit (ARCHITECTURE.md, "Audit mode"): enforcing policies alone decide where
-                // there are any; audit policies decide, as "would drop", only where they alone
-                // select the pod.
-                let audit_all = self.audit_all;
-                let (audit, enforcing): (Vec<_>, Vec<_>) = selecting
-                    .into_iter()
-                    .partition(|(_, p)| audit_all || p.audit);
-                let audited = enforcing.is_empty() && !audit.is_empty();
-                if !audited {
-                    audit_ignored[d] = audit.iter().map(|(_, p)| p.id()).collect();
-                }
-                let selecting = if audited { audit } else { enforcing };
-                if !selecting.is_empty() {
-                    flags |= isolated_flag(dir.as_u8());
-                }
-                if audited {
-                    flags |= audit_flag(dir.as_u8());
-                }
-                names[d] = selecting.iter().map(|(_, p)| p.id()).collect();
-                // The same pod behind two interfaces shares its entries.
-                if !done.contains(&id) {
-                    self.compile_direction(
-                        &mut ctx,
-                        id,
-                        dir,
-                        &pod.container_ports,
-                        &selecting,
-                        &tier_rules,
-                        false,
-                        &mut out,
-                    );
-                    if audited {
-                        mark_audit(&mut out.policy, id, dir);
-                    }
-                }
-                if let Some(all) = audit_view {
-                    flags |= tier_audit_flag(dir.as_u8());
-                    if !done.contains(&id) {
-                        let mut view = DesiredState::default();
-                        self.compile_direction(
-                            &mut ctx,
-                            id,
-                            dir,
-                            &pod.container_ports,
-                            &selecting,
-                            &all,
-                            true,
-                            &mut view,
-                        );
-                        if audited {
-                            mark_audit(&mut view.policy, id, dir);
-                        }
-                        flatten_ports(&mut view.policy, id);
-                        for (mut e, v) in view.policy {
-                            e.key.dir |= DIR_AUDIT_VIEW;
-                            out.policy.insert(e, v);
-                        }
-                        for (mut e, class) in view.cidrs {
-                            e.key.dir |= DIR_AUDIT_VIEW;
-                            out.cidrs.insert(e, class);
-                        }
-                        for (ep, t) in view.domains {
-                            out.domains.entry(ep).or_default().audit_classes = t.audit_classes;
-                        }
-                    }
-                }
+            first_ifindex.entry(&ep.pod).or_insert(ep.ifindex);
+            order.push((ep.ifindex, &ep.pod));
+        }
+
+        let mut ctx = Ctx {
+            index: &table,
+            nodes: &store.nodes,
+            selections: HashMap::new(),
+            by_content: &mut selections,
+            rule_ids: HashMap::new(),
+            tier_rule_ids: HashMap::new(),
+            reads: Reads::default(),
+        };
+        let mut stats = UpdateStats {
+            full,
+            ..UpdateStats::default()
+        };
+        // Pieces of pods that are no longer endpoints leave the maps.
+        let gone: Vec<PodRef> = pieces
+            .keys()
+            .filter(|p| !first_ifindex.contains_key(p))
+            .cloned()
+            .collect();
+        for pod in gone {
+            let piece = pieces.remove(&pod).expect("listed");
+            remove_entries(&mut out, piece.id);
+        }
+        let mut compiled_ids: HashSet<u32> = HashSet::new();
+        for &(ifindex, pod_ref) in &order {
+            if first_ifindex.get(pod_ref) != Some(&ifindex) {
+                continue;
             }
-            if flags & EP_TIERED != 0 && !done.contains(&id) {
-                flatten_ports(&mut out.policy, id);
+            let pod = &store.pods[pod_ref];
+            let clean = !everything
+                && pieces.get(pod_ref).is_some_and(|piece| {
+                    piece.ifindex == ifindex
+                        && Some(piece.pod_digest) == table.pod_digest(pod_ref)
+                        && !policy_namespaces.contains(&pod_ref.namespace)
+                        && !piece
+                            .reads
+                            .selections
+                            .iter()
+                            .any(|k| changed_selections.contains(k))
+                        && !(piece.reads.all_identities && idents.identities_changed())
+                        && !(piece.reads.pod_addresses && !idents.addresses.is_empty())
+                });
+            if clean {
+                continue;
             }
-            if out.domains.contains_key(&id) {
-                flags |= EP_FQDN;
+            stats.endpoints_compiled += 1;
+            let id = self.endpoints.intern(pod_ref);
+            let mut scratch = DesiredState::default();
+            ctx.reads = Reads::default();
+            let (flags, meta) = self.compile_endpoint(
+                &mut ctx,
+                store,
+                &by_ns,
+                &tiers,
+                (ifindex, pod_ref, pod),
+                id,
+                &mut scratch,
+            );
+            if let Some(old) = pieces.get(pod_ref) {
+                remove_entries(&mut out, old.id);
             }
-            done.insert(id);
-            out.endpoints.insert(
-                ep.ifindex,
-                EndpointInfo {
+            compiled_ids.insert(id);
+            let rules: BTreeSet<u32> = scratch
+                .policy
+                .values()
+                .flat_map(|v| [v.rule, v.admin.rule, v.baseline.rule])
+                .filter(|r| *r != 0)
+                .collect();
+            stats.policy_entries_written += scratch.policy.len();
+            out.policy.append(&mut scratch.policy);
+            out.cidrs.append(&mut scratch.cidrs);
+            pieces.insert(
+                pod_ref.clone(),
+                Piece {
                     id,
+                    ifindex,
+                    pod_digest: table.pod_digest(pod_ref).unwrap_or_default(),
                     flags,
+                    meta,
+                    addrs: scratch.endpoint_addrs.into_iter().collect(),
+                    node_ports: scratch.node_ports.into_iter().collect(),
+                    domains: scratch.domains.remove(&id),
+                    rules,
+                    reads: std::mem::take(&mut ctx.reads),
+                },
+            );
+        }
+        drop(ctx);
+        // Selections no endpoint reads any more are forgotten.
+        if stats.endpoints_compiled > 0 || full {
+            let used: HashSet<&SelectionKey> = pieces
+                .values()
+                .flat_map(|p| p.reads.selections.iter().map(|k| k.as_ref()))
+                .collect();
+            selections.retain(|k, _| used.contains(k.as_ref()));
+        }
+
+        // The small per-endpoint maps, rebuilt in interface order (the first claim wins).
+        out.endpoints.clear();
+        out.endpoint_meta.clear();
+        out.endpoint_addrs.clear();
+        out.node_ports.clear();
+        out.domains.clear();
+        for &(ifindex, pod_ref) in &order {
+            let piece = &pieces[pod_ref];
+            out.endpoints.insert(
+                ifindex,
+                EndpointInfo {
+                    id: piece.id,
+                    flags: piece.flags,
                     ..EndpointInfo::default()
                 },
             );
-            // The pod's own addresses, for source address verification (never the node's: a
-            // pod claiming one must not send as the node).
-            for ip in &pod.ips {
-                if !host_addrs.contains(ip) {
-                    out.endpoint_addrs
-                        .entry(PeerAddr::from_ip(*ip))
-                        .or_insert(id);
-                }
+            if first_ifindex.get(pod_ref) != Some(&ifindex) {
+                continue;
             }
-            // Its hostPorts: other pods' egress to the node on them is egress to this pod.
-            for hp in &pod.host_ports {
-                for ip in pod.ips.iter().filter(|ip| !host_addrs.contains(ip)) {
-                    let addr = PeerAddr::from_ip(*ip);
-                    out.node_ports
-                        .entry(palisade_common::NodePortKey {
-                            family: addr.family,
-                            proto: hp.protocol.number(),
-                            port_be: hp.host_port.to_be(),
-                        })
-                        .or_insert(palisade_common::NodePortTarget {
-                            addr: addr.addr,
-                            port: hp.container_port,
-                            _pad: 0,
-                        });
-                }
+            out.endpoint_meta.insert(piece.id, piece.meta.clone());
+            for (addr, id) in &piece.addrs {
+                out.endpoint_addrs.entry(*addr).or_insert(*id);
             }
-            let [ingress_policies, egress_policies] = names;
-            let [ingress_audit_ignored, egress_audit_ignored] = audit_ignored;
-            let [ingress_cluster_policies, egress_cluster_policies] = cluster_names;
-            out.endpoint_meta.entry(id).or_insert(EndpointMeta {
-                pod: ep.pod.clone(),
-                ifindex: ep.ifindex,
-                ingress_policies,
-                egress_policies,
-                ingress_audit_ignored,
-                egress_audit_ignored,
-                ingress_cluster_policies,
-                egress_cluster_policies,
-            });
+            for (k, v) in &piece.node_ports {
+                out.node_ports.entry(*k).or_insert(*v);
+            }
+            if let Some(d) = &piece.domains {
+                out.domains.insert(piece.id, d.clone());
+            }
         }
 
-        for v in out.policy.values() {
-            for rule in [v.rule, v.admin.rule, v.baseline.rule] {
-                if let Some(r) = ctx.rule_refs.get(&rule) {
-                    out.rules.insert(rule, r.clone());
-                }
-            }
-        }
-        // Stats slots for the rules in use, in rule order (older rules first when they run
+        // Rules in use, with their stats slots in rule order (older rules first when they run
         // out); a rule keeps its slot for as long as it is in use.
+        let rules: BTreeSet<u32> = pieces
+            .values()
+            .flat_map(|p| p.rules.iter().copied())
+            .collect();
+        out.rules = rules
+            .iter()
+            .filter_map(|r| self.rule_refs.get(r).map(|rr| (*r, rr.clone())))
+            .collect();
+        out.rule_slots.clear();
         for &rule in out.rules.keys() {
             if let Some(slot) = self.stats_slots.try_intern(&rule) {
                 out.rule_slots.insert(rule, slot as u16);
             }
         }
         let slot = |rule: u32| out.rule_slots.get(&rule).copied().unwrap_or(0);
-        for v in out.policy.values_mut() {
-            v.slot = slot(v.rule);
-            v.admin.slot = slot(v.admin.rule);
-            v.baseline.slot = slot(v.baseline.rule);
+        for id in &compiled_ids {
+            let range = PolicyEntry::first_of(*id)..PolicyEntry::first_of(id + 1);
+            let mut fill: Vec<(PolicyEntry, [u16; 3])> = Vec::new();
+            for (e, v) in out.policy.range(range) {
+                fill.push((
+                    *e,
+                    [slot(v.rule), slot(v.admin.rule), slot(v.baseline.rule)],
+                ));
+            }
+            for (e, [s, a, b]) in fill {
+                let v = out.policy.get_mut(&e).expect("listed");
+                v.slot = s;
+                v.admin.slot = a;
+                v.baseline.slot = b;
+            }
         }
-        self.endpoints.finish();
-        self.identities.finish();
-        self.rules.finish();
-        self.stats_slots.finish();
-        self.classes.finish();
-        self.domain_classes.finish();
-        out
+        if full {
+            self.endpoints.finish();
+            self.identities.finish();
+            self.rules.finish();
+            self.stats_slots.finish();
+            self.classes.finish();
+            self.domain_classes.finish();
+        }
+        stats.identities_changed = idents.added.len() + idents.removed.len();
+        stats.addresses_changed = idents.addresses.len();
+        self.memo.table = Some(table);
+        self.memo.selections = selections;
+        self.memo.pieces = pieces;
+        self.memo.policies = policies;
+        self.memo.cluster = cluster;
+        self.memo.nodes = nodes;
+        self.memo.last = stats;
+        self.memo.base = out;
+        &self.memo.base
     }
 
-    /// Interns the pods' identities; fills IDENTITIES (host addresses included) and
-    /// `identity_pods`.
-    fn identities_of<'s>(
+    /// One endpoint's entries (into `out`), its flags and its meta.
+    #[allow(clippy::too_many_arguments)]
+    fn compile_endpoint(
         &mut self,
-        store: &'s Store,
-        host_addrs: &[IpAddr],
+        ctx: &mut Ctx<'_>,
+        store: &Store,
+        by_ns: &BTreeMap<&str, Vec<(usize, &Policy)>>,
+        tiers: &Tiers<'_, '_>,
+        (ifindex, pod_ref, pod): (u32, &PodRef, &PodInfo),
+        id: u32,
         out: &mut DesiredState,
-    ) -> Index<'s> {
-        // Pods come sorted by namespace: the namespace's labels and its groups are looked up
-        // once per namespace, and the groups of one namespace are keyed by labels and ports
-        // only. Addresses are collected and the maps built in bulk (sorting once is far
-        // cheaper than 10 000 tree inserts).
-        type Group<'s> = (&'s BTreeMap<String, String>, &'s [NamedPort]);
-        let mut groups: HashMap<Group<'s>, usize> = HashMap::new();
-        let mut index = Index {
-            idents: Vec::new(),
-            by_ns: BTreeMap::new(),
-            ip_owner: BTreeMap::new(),
-        };
-        let mut owners: Vec<(IpAddr, usize)> = Vec::with_capacity(store.pods.len());
-        let mut current: Option<(&'s str, Cow<'s, BTreeMap<String, String>>)> = None;
-        let mut pods_of: Vec<Vec<PodRef>> = Vec::new();
-        for (pod_ref, pod) in &store.pods {
-            if pod.host_network || pod.ips.is_empty() {
+    ) -> (u32, EndpointMeta) {
+        let any_audited = tiers.cluster.len() < tiers.with_audited.len();
+        let mut flags = 0;
+        let mut names = [Vec::new(), Vec::new()];
+        let mut audit_ignored = [Vec::new(), Vec::new()];
+        let ns_labels = store.namespace_labels(&pod_ref.namespace);
+        let mut cluster_names = [Vec::new(), Vec::new()];
+        for (d, dir) in Direction::BOTH.into_iter().enumerate() {
+            let selecting: Vec<(usize, &Policy)> = by_ns
+                .get(pod_ref.namespace.as_str())
+                .into_iter()
+                .flatten()
+                .filter(|(_, p)| p.rules(dir).is_some() && p.pod_selector.matches(&pod.labels))
+                .copied()
+                .collect();
+            let tier_rules = self.tier_rules(ctx, tiers.cluster, dir, &ns_labels, &pod.labels);
+            // The audit view: the tier rules as if the audited policies were enforced.
+            let audit_view = if any_audited {
+                let all = self.tier_rules(ctx, tiers.with_audited, dir, &ns_labels, &pod.labels);
+                let differs = all
+                    .iter()
+                    .map(|t| t.matched.rule)
+                    .ne(tier_rules.iter().map(|t| t.matched.rule));
+                differs.then_some(all)
+            } else {
+                None
+            };
+            if selecting.is_empty() && tier_rules.is_empty() && audit_view.is_none() {
                 continue;
             }
-            let ns = pod_ref.namespace.as_str();
-            if current.as_ref().is_none_or(|(c, _)| *c != ns) {
-                current = Some((ns, store.namespace_labels(ns)));
-                groups.clear();
+            if !tier_rules.is_empty() {
+                flags |= tiered_flag(dir.as_u8());
+                cluster_names[d] = tiers
+                    .cluster
+                    .iter()
+                    .filter(|(_, p)| {
+                        !p.rules(dir).is_empty() && selects(&p.subject, &ns_labels, &pod.labels)
+                    })
+                    .map(|(_, p)| p.name.clone())
+                    .collect();
             }
-            let labels = &current.as_ref().expect("set above").1;
-            let group = (&pod.labels, pod.container_ports.as_slice());
-            let ix = match groups.get(&group) {
-                Some(ix) => *ix,
-                None => {
-                    let id = self.identities.intern(&IdentityKey {
-                        namespace: ns.to_string(),
-                        labels: pod.labels.clone(),
-                        namespace_labels: labels.as_ref().clone(),
-                        ports: pod.container_ports.clone(),
-                    });
-                    index.idents.push(Ident {
-                        id,
-                        labels: &pod.labels,
-                        ports: &pod.container_ports,
-                    });
-                    pods_of.push(Vec::new());
-                    let ix = index.idents.len() - 1;
-                    groups.insert(group, ix);
-                    index
-                        .by_ns
-                        .entry(ns)
-                        .or_insert_with(|| (labels.clone(), Vec::new()))
-                        .1
-                        .push(ix);
-                    ix
+            // Audit (ARCHITECTURE.md, "Audit mode"): enforcing policies alone decide where
+            // there are any; audit policies decide, as "would drop", only where they alone
+            // select the pod.
+            let audit_all = self.audit_all;
+            let (audit, enforcing): (Vec<_>, Vec<_>) = selecting
+                .into_iter()
+                .partition(|(_, p)| audit_all || p.audit);
+            let audited = enforcing.is_empty() && !audit.is_empty();
+            if !audited {
+                audit_ignored[d] = audit.iter().map(|(_, p)| p.id()).collect();
+            }
+            let selecting = if audited { audit } else { enforcing };
+            if !selecting.is_empty() {
+                flags |= isolated_flag(dir.as_u8());
+            }
+            if audited {
+                flags |= audit_flag(dir.as_u8());
+            }
+            names[d] = selecting.iter().map(|(_, p)| p.id()).collect();
+            self.compile_direction(
+                ctx,
+                id,
+                dir,
+                &pod.container_ports,
+                &selecting,
+                &tier_rules,
+                false,
+                out,
+            );
+            if audited {
+                mark_audit(&mut out.policy, id, dir);
+            }
+            if let Some(all) = audit_view {
+                flags |= tier_audit_flag(dir.as_u8());
+                let mut view = DesiredState::default();
+                self.compile_direction(
+                    ctx,
+                    id,
+                    dir,
+                    &pod.container_ports,
+                    &selecting,
+                    &all,
+                    true,
+                    &mut view,
+                );
+                if audited {
+                    mark_audit(&mut view.policy, id, dir);
                 }
-            };
-            pods_of[ix].push(pod_ref.clone());
-            owners.extend(pod.ips.iter().map(|ip| (*ip, ix)));
+                flatten_ports(&mut view.policy, id);
+                for (mut e, v) in view.policy {
+                    e.key.dir |= DIR_AUDIT_VIEW;
+                    out.policy.insert(e, v);
+                }
+                for (mut e, class) in view.cidrs {
+                    e.key.dir |= DIR_AUDIT_VIEW;
+                    out.cidrs.insert(e, class);
+                }
+                for (ep, t) in view.domains {
+                    out.domains.entry(ep).or_default().audit_classes = t.audit_classes;
+                }
+            }
         }
-        // Two live pods claiming one address: the first (by namespace/name) keeps it (the sort
-        // is stable, so the first claim comes first among equal addresses).
-        owners.sort_by_key(|(ip, _)| *ip);
-        owners.dedup_by_key(|(ip, _)| *ip);
-        out.identities = owners
-            .iter()
-            .map(|(ip, ix)| (PeerAddr::from_ip(*ip), index.idents[*ix].id))
-            .collect();
-        index.ip_owner = owners.into_iter().collect();
-        for (ix, pods) in pods_of.into_iter().enumerate() {
-            out.identity_pods
-                .entry(index.idents[ix].id)
-                .or_default()
-                .extend(pods);
+        if flags & EP_TIERED != 0 {
+            flatten_ports(&mut out.policy, id);
         }
-        // This node's addresses are never restricted, whatever else claims them.
-        for ip in host_addrs {
-            index.ip_owner.remove(ip);
-            out.identities.insert(PeerAddr::from_ip(*ip), IDENTITY_HOST);
+        if out.domains.contains_key(&id) {
+            flags |= EP_FQDN;
         }
-        index
+        let host_addrs = &ctx.index.host;
+        // The pod's own addresses, for source address verification (never the node's: a pod
+        // claiming one must not send as the node).
+        for ip in &pod.ips {
+            if !host_addrs.contains(ip) {
+                out.endpoint_addrs
+                    .entry(PeerAddr::from_ip(*ip))
+                    .or_insert(id);
+            }
+        }
+        // Its hostPorts: other pods' egress to the node on them is egress to this pod.
+        for hp in &pod.host_ports {
+            for ip in pod.ips.iter().filter(|ip| !host_addrs.contains(ip)) {
+                let addr = PeerAddr::from_ip(*ip);
+                out.node_ports
+                    .entry(palisade_common::NodePortKey {
+                        family: addr.family,
+                        proto: hp.protocol.number(),
+                        port_be: hp.host_port.to_be(),
+                    })
+                    .or_insert(palisade_common::NodePortTarget {
+                        addr: addr.addr,
+                        port: hp.container_port,
+                        _pad: 0,
+                    });
+            }
+        }
+        let [ingress_policies, egress_policies] = names;
+        let [ingress_audit_ignored, egress_audit_ignored] = audit_ignored;
+        let [ingress_cluster_policies, egress_cluster_policies] = cluster_names;
+        let meta = EndpointMeta {
+            pod: pod_ref.clone(),
+            ifindex,
+            ingress_policies,
+            egress_policies,
+            ingress_audit_ignored,
+            egress_audit_ignored,
+            ingress_cluster_policies,
+            egress_cluster_policies,
+        };
+        (flags, meta)
     }
 
     fn rule_id(
         &mut self,
-        ctx: &mut Ctx<'_, '_>,
+        ctx: &mut Ctx<'_>,
         policy: (usize, &Policy),
         dir: Direction,
         ix: usize,
@@ -937,7 +1225,7 @@ impl Compiler {
         };
         let id = self.rules.intern(&r);
         ctx.rule_ids.insert((policy.0, dir, ix), id);
-        ctx.rule_refs.insert(id, r);
+        self.rule_refs.insert(id, r);
         id
     }
 
@@ -945,7 +1233,7 @@ impl Compiler {
     /// select a pod, in one direction, with their ids and ranks.
     fn tier_rules<'p>(
         &mut self,
-        ctx: &mut Ctx<'_, '_>,
+        ctx: &mut Ctx<'_>,
         cluster: &[(usize, &'p ClusterNetworkPolicy)],
         dir: Direction,
         ns_labels: &BTreeMap<String, String>,
@@ -977,7 +1265,7 @@ impl Compiler {
                         };
                         let id = self.rules.intern(&r);
                         ctx.tier_rule_ids.insert(key, id);
-                        ctx.rule_refs.insert(id, r);
+                        self.rule_refs.insert(id, r);
                         id
                     }
                 };
@@ -1009,7 +1297,7 @@ impl Compiler {
     #[allow(clippy::too_many_arguments)]
     fn compile_direction<'p>(
         &mut self,
-        ctx: &mut Ctx<'_, '_>,
+        ctx: &mut Ctx<'_>,
         ep: u32,
         dir: Direction,
         ep_ports: &[NamedPort],
@@ -1087,15 +1375,15 @@ impl Compiler {
                     }
                     TierPeer::Unsupported(_) => continue,
                 };
-                let content = (None, Some(ns_sel.clone()), pod_sel.cloned());
-                let sel = ctx
-                    .by_content
-                    .entry(content)
-                    .or_insert_with(|| Rc::new(select(index, "", Some(ns_sel), pod_sel)))
-                    .clone();
+                let (_, sel) = ctx.select((None, Some(ns_sel.clone()), pod_sel.cloned()));
                 for &ix in sel.iter() {
-                    let ident = &index.idents[ix];
-                    for pk in plan.fixed.iter().copied().chain(plan.resolve(ident.ports)) {
+                    let ident = index.ident(ix);
+                    for pk in plan
+                        .fixed
+                        .iter()
+                        .copied()
+                        .chain(plan.resolve(&ident.key.ports))
+                    {
                         put(&mut out.policy, ep, ident.id, dir, pk, contribution);
                     }
                 }
@@ -1107,8 +1395,13 @@ impl Compiler {
                 let rule_id = self.rule_id(ctx, (pi, policy), dir, ri);
                 let plan = Rc::new(PortPlan::new(rule.ports.as_deref(), dir, ep_ports));
                 let allow = Contribution::Allow(rule_id);
-                let emit = |out: &mut DesiredState, ident: &Ident<'_>| {
-                    for pk in plan.fixed.iter().copied().chain(plan.resolve(ident.ports)) {
+                let emit = |out: &mut DesiredState, ident: &Ident| {
+                    for pk in plan
+                        .fixed
+                        .iter()
+                        .copied()
+                        .chain(plan.resolve(&ident.key.ports))
+                    {
                         put(&mut out.policy, ep, ident.id, dir, pk, allow);
                     }
                 };
@@ -1130,8 +1423,9 @@ impl Compiler {
                         // Names resolve per pod: per-identity entries (every pod address is
                         // inside the two blocks above).
                         if !plan.named.is_empty() {
-                            for ident in &index.idents {
-                                for pk in plan.resolve(ident.ports) {
+                            ctx.reads.all_identities = true;
+                            for (_, ident) in index.live() {
+                                for pk in plan.resolve(&ident.key.ports) {
                                     put(&mut out.policy, ep, ident.id, dir, pk, allow);
                                 }
                             }
@@ -1150,36 +1444,29 @@ impl Compiler {
                                     pod_selector,
                                 } => {
                                     let sel = match ctx.selections.get(&(pi, dir, ri, qi)) {
-                                        Some(sel) => sel.clone(),
+                                        Some((key, sel)) => {
+                                            let (key, sel) = (key.clone(), sel.clone());
+                                            ctx.reads.selections.push(key);
+                                            sel
+                                        }
                                         None => {
                                             // Policies of many namespaces often carry the same
                                             // peer (monitoring, DNS, a team's namespaces):
-                                            // evaluate each distinct peer once per compile.
-                                            let content = (
+                                            // evaluate each distinct peer once.
+                                            let found = ctx.select((
                                                 namespace_selector
                                                     .is_none()
                                                     .then(|| policy.namespace.clone()),
                                                 namespace_selector.clone(),
                                                 pod_selector.clone(),
-                                            );
-                                            let sel = ctx
-                                                .by_content
-                                                .entry(content)
-                                                .or_insert_with(|| {
-                                                    Rc::new(select(
-                                                        index,
-                                                        &policy.namespace,
-                                                        namespace_selector.as_ref(),
-                                                        pod_selector.as_ref(),
-                                                    ))
-                                                })
-                                                .clone();
-                                            ctx.selections.insert((pi, dir, ri, qi), sel.clone());
+                                            ));
+                                            let sel = found.1.clone();
+                                            ctx.selections.insert((pi, dir, ri, qi), found);
                                             sel
                                         }
                                     };
                                     for &ix in sel.iter() {
-                                        emit(out, &index.idents[ix]);
+                                        emit(out, index.ident(ix));
                                     }
                                 }
                                 Peer::IpBlock { cidr, except } => elements.push(Element {
@@ -1204,7 +1491,19 @@ impl Compiler {
             let fam: Vec<&Element<'_>> =
                 elements.iter().filter(|e| e.cidr.is_ipv6() == v6).collect();
             if !fam.is_empty() {
-                self.flatten(index, ep, dir, v6, &fam, &members, &mut emitted, out);
+                let mut reads = false;
+                self.flatten(
+                    index,
+                    ep,
+                    dir,
+                    v6,
+                    &fam,
+                    &members,
+                    &mut emitted,
+                    &mut reads,
+                    out,
+                );
+                ctx.reads.pod_addresses |= reads;
             }
         }
     }
@@ -1272,13 +1571,14 @@ impl Compiler {
     #[allow(clippy::too_many_arguments)]
     fn flatten(
         &mut self,
-        index: &Index<'_>,
+        index: &IdentityTable,
         ep: u32,
         dir: Direction,
         v6: bool,
         elements: &[&Element<'_>],
         members: &[Member],
         emitted: &mut HashSet<u32>,
+        reads_pod_addresses: &mut bool,
         out: &mut DesiredState,
     ) {
         let bits: u8 = if v6 { 128 } else { 32 };
@@ -1311,8 +1611,9 @@ impl Compiler {
             let plan = &members[e.member].plan;
             if !plan.named.is_empty() {
                 let (lo, hi) = (e.cidr.network(), e.cidr.broadcast());
+                *reads_pod_addresses = true;
                 for (ip, ix) in index.ip_owner.range(lo..=hi) {
-                    if plan.resolve(index.idents[*ix].ports).next().is_some() {
+                    if plan.resolve(&index.ident(*ix).key.ports).next().is_some() {
                         nodes.push((ip_bits(*ip), bits));
                     }
                 }
@@ -1360,13 +1661,13 @@ impl Compiler {
                 } else {
                     IpAddr::V4((n.0 as u32).into())
                 };
-                index.ip_owner.get(&ip).map(|ix| &index.idents[*ix])
+                index.ip_owner.get(&ip).map(|ix| index.ident(*ix))
             } else {
                 None
             };
             for (m, _) in &allow {
                 let Member { contribution, plan } = &members[*m];
-                let named = owner.into_iter().flat_map(|o| plan.resolve(o.ports));
+                let named = owner.into_iter().flat_map(|o| plan.resolve(&o.key.ports));
                 for pk in plan.fixed.iter().copied().chain(named) {
                     merge(content.entry(pk).or_default(), *contribution);
                 }
@@ -1458,19 +1759,44 @@ fn selects(
 }
 
 /// Per-compile caches.
-struct Ctx<'i, 's> {
-    index: &'i Index<'s>,
-    nodes: &'s BTreeMap<String, NodeInfo>,
-    /// (policy, direction, rule, peer) -> selected identities.
-    selections: HashMap<(usize, Direction, usize, usize), Rc<Vec<usize>>>,
-    /// The same by the peer's content: (the policy's namespace when the peer has no namespace
-    /// selector, namespace selector, pod selector) -> selected identities.
-    by_content: HashMap<SelectionKey, Rc<Vec<usize>>>,
+struct Ctx<'i> {
+    index: &'i IdentityTable,
+    nodes: &'i BTreeMap<String, NodeInfo>,
+    /// (policy, direction, rule, peer) -> its selection.
+    selections: HashMap<(usize, Direction, usize, usize), (Arc<SelectionKey>, Arc<Vec<usize>>)>,
+    /// Selections by the peer's content: (the policy's namespace when the peer has no
+    /// namespace selector, namespace selector, pod selector) -> selected identity slots. Kept
+    /// between compiles.
+    by_content: &'i mut HashMap<Arc<SelectionKey>, Arc<Vec<usize>>>,
     /// (policy, direction, rule) -> rule id.
     rule_ids: HashMap<(usize, Direction, usize), u32>,
     /// (ClusterNetworkPolicy, direction, rule) -> rule id.
     tier_rule_ids: HashMap<(String, Direction, usize), u32>,
-    rule_refs: HashMap<u32, RuleRef>,
+    /// What the endpoint being compiled reads.
+    reads: Reads,
+}
+
+impl Ctx<'_> {
+    /// The identities a pod peer selects, evaluated once per distinct peer.
+    fn select(&mut self, key: SelectionKey) -> (Arc<SelectionKey>, Arc<Vec<usize>>) {
+        let found = match self.by_content.get_key_value(&key) {
+            Some((k, sel)) => (k.clone(), sel.clone()),
+            None => {
+                let (policy_ns, ns_sel, pod_sel) = &key;
+                let sel = Arc::new(select(
+                    self.index,
+                    policy_ns.as_deref().unwrap_or(""),
+                    ns_sel.as_ref(),
+                    pod_sel.as_ref(),
+                ));
+                let key = Arc::new(key);
+                self.by_content.insert(key.clone(), sel.clone());
+                (key, sel)
+            }
+        };
+        self.reads.selections.push(found.0.clone());
+        found
+    }
 }
 
 type SelectionKey = (
@@ -1479,31 +1805,36 @@ type SelectionKey = (
     Option<crate::selector::Selector>,
 );
 
-/// The identities a pod peer selects.
+/// The identity slots a pod peer selects.
 fn select(
-    index: &Index<'_>,
+    index: &IdentityTable,
     policy_ns: &str,
     namespace_selector: Option<&crate::selector::Selector>,
     pod_selector: Option<&crate::selector::Selector>,
 ) -> Vec<usize> {
-    let pods_ok = |ix: &&usize| pod_selector.is_none_or(|s| s.matches(index.idents[**ix].labels));
+    let pods_ok =
+        |slot: &&usize| pod_selector.is_none_or(|s| s.matches(&index.ident(**slot).key.labels));
     match namespace_selector {
         None => index
             .by_ns
             .get(policy_ns)
-            .map(|(_, ids)| ids.iter().filter(pods_ok).copied().collect())
+            .map(|g| g.slots.iter().filter(pods_ok).copied().collect())
             .unwrap_or_default(),
         Some(ns_sel) => index
             .by_ns
             .values()
-            .filter(|(labels, _)| ns_sel.matches(labels))
-            .flat_map(|(_, ids)| ids.iter().filter(pods_ok).copied())
+            .filter(|g| ns_sel.matches(&g.labels))
+            .flat_map(|g| g.slots.iter().filter(pods_ok).copied())
             .collect(),
     }
 }
 
+mod identities;
+
 #[cfg(test)]
 pub(crate) mod scenarios;
+#[cfg(test)]
+mod updates;
 
 #[cfg(test)]
 mod tests {

@@ -781,62 +781,68 @@ impl Gen {
         }
         let n = self.rng.random_range(3..=9);
         for i in 1..=n {
-            let ns = *self.pick(NAMESPACES);
-            let mut info = PodInfo::default();
-            for (k, vs) in LABELS {
-                if self.chance(0.6) {
-                    info.labels.insert(k.to_string(), self.pick(vs).to_string());
-                }
-            }
-            let candidates: &[(&str, u16, Protocol)] = &[
-                ("http", 80, Protocol::Tcp),
-                ("http", 8080, Protocol::Tcp),
-                ("dns", 53, Protocol::Udp),
-                ("dns", 53, Protocol::Tcp),
-                ("sig", 3868, Protocol::Sctp),
-                ("web", 8000, Protocol::Tcp),
-                ("web", 8001, Protocol::Udp),
-            ];
-            for name in ["http", "dns", "sig", "web"] {
-                if self.chance(0.5) {
-                    let options: Vec<_> = candidates.iter().filter(|c| c.0 == name).collect();
-                    let (n, port, protocol) = **self.pick(&options);
-                    info.container_ports.push(NamedPort {
-                        name: n.into(),
-                        port,
-                        protocol,
-                    });
-                }
-            }
-            info.container_ports.sort();
-            info.host_network = self.chance(0.1);
-            let sub = self.rng.random_range(0..4u8);
-            if info.host_network {
-                info.ips.push(ip(&format!("10.0.9.{i}")));
-            } else {
-                if self.chance(0.9) {
-                    info.ips.push(ip(&format!("10.0.{sub}.{i}")));
-                }
-                if info.ips.is_empty() || self.chance(0.6) {
-                    info.ips.push(ip(&format!("fd00::{sub}:{i}")));
-                }
-            }
-            for a in &info.ips {
-                if a.is_ipv4() {
-                    self.v4.push(*a)
-                } else {
-                    self.v6.push(*a)
-                }
-            }
-            store.pods.insert(
-                PodRef {
-                    namespace: ns.into(),
-                    name: format!("p{i}"),
-                },
-                info,
-            );
+            let (pod, info) = self.pod(i);
+            store.pods.insert(pod, info);
         }
         store
+    }
+
+    /// A random pod `p{i}` (addresses derived from `i`).
+    pub(crate) fn pod(&mut self, i: usize) -> (PodRef, PodInfo) {
+        let ns = *self.pick(NAMESPACES);
+        let mut info = PodInfo::default();
+        for (k, vs) in LABELS {
+            if self.chance(0.6) {
+                info.labels.insert(k.to_string(), self.pick(vs).to_string());
+            }
+        }
+        let candidates: &[(&str, u16, Protocol)] = &[
+            ("http", 80, Protocol::Tcp),
+            ("http", 8080, Protocol::Tcp),
+            ("dns", 53, Protocol::Udp),
+            ("dns", 53, Protocol::Tcp),
+            ("sig", 3868, Protocol::Sctp),
+            ("web", 8000, Protocol::Tcp),
+            ("web", 8001, Protocol::Udp),
+        ];
+        for name in ["http", "dns", "sig", "web"] {
+            if self.chance(0.5) {
+                let options: Vec<_> = candidates.iter().filter(|c| c.0 == name).collect();
+                let (n, port, protocol) = **self.pick(&options);
+                info.container_ports.push(NamedPort {
+                    name: n.into(),
+                    port,
+                    protocol,
+                });
+            }
+        }
+        info.container_ports.sort();
+        info.host_network = self.chance(0.1);
+        let sub = self.rng.random_range(0..4u8);
+        if info.host_network {
+            info.ips.push(ip(&format!("10.0.9.{i}")));
+        } else {
+            if self.chance(0.9) {
+                info.ips.push(ip(&format!("10.0.{sub}.{i}")));
+            }
+            if info.ips.is_empty() || self.chance(0.6) {
+                info.ips.push(ip(&format!("fd00::{sub}:{i}")));
+            }
+        }
+        for a in &info.ips {
+            if a.is_ipv4() {
+                self.v4.push(*a)
+            } else {
+                self.v6.push(*a)
+            }
+        }
+        (
+            PodRef {
+                namespace: ns.into(),
+                name: format!("p{i}"),
+            },
+            info,
+        )
     }
 
     fn selector(&mut self, ns: bool) -> Value {

@@ -96,7 +96,7 @@ pub struct HostPort {
 }
 
 /// What policy needs of a pod.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct PodInfo {
     pub labels: BTreeMap<String, String>,
     /// `status.podIPs`, else `status.podIP`; empty for pods that have finished (phase Succeeded

@@ -11,7 +11,7 @@ use crate::selector::Selector;
 use crate::state::Direction;
 
 /// A validated, normalized NetworkPolicy.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Policy {
     pub namespace: String,
     pub name: String,
@@ -26,7 +26,7 @@ pub struct Policy {
 }
 
 /// One ingress or egress rule: traffic matching any peer AND any port is allowed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Rule {
     /// `None`: no (or an empty) `from`/`to`: every peer, in the cluster or not.
     pub peers: Option<Vec<Peer>>,
@@ -34,7 +34,7 @@ pub struct Rule {
     pub ports: Option<Vec<PortSpec>>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Peer {
     /// Pods chosen by namespace AND pod selector.
     Pods {

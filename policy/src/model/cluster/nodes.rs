@@ -11,7 +11,7 @@ use crate::error::ConfigError;
 pub const NODE_ADDRESS_TYPES: &[&str] = &["InternalIP", "ExternalIP"];
 
 /// What a `nodes` peer needs of a node.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct NodeInfo {
     pub name: String,
     pub labels: BTreeMap<String, String>,

@@ -37,7 +37,7 @@ pub const MAX_CIDR_LEN: usize = 43;
 pub use crate::state::{Action, Tier};
 
 /// A validated ClusterNetworkPolicy.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ClusterNetworkPolicy {
     pub name: String,
     pub tier: Tier,
@@ -53,7 +53,7 @@ pub struct ClusterNetworkPolicy {
 }
 
 /// The pods a policy applies to (never host-networked pods).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Subject {
     /// Every pod of the namespaces the selector matches.
     Namespaces(Selector),
@@ -66,7 +66,7 @@ pub enum Subject {
 }
 
 /// One rule: traffic matching any peer AND (if `ports` is set) any port gets `action`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TierRule {
     /// No meaning; for people and logs.
     pub name: Option<String>,
@@ -90,7 +90,7 @@ impl TierRule {
 }
 
 /// The other end of a connection, as a rule selects it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum TierPeer {
     /// Every pod (not host-networked) of the namespaces the selector matches.
     Namespaces(Selector),
