@@ -7,6 +7,7 @@
 //! a policy that fails validation keeps its last good version (see `model`), and the errors are
 //! logged with the object and field they concern.
 use std::{
+    borrow::Cow,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -26,6 +27,7 @@ use palisade_policy::{
     compile::Compiler,
     model::{ConfigError, Store},
     services::ServiceStore,
+    state::DesiredState,
 };
 
 /// How the agent runs, whatever its source.
@@ -294,24 +296,42 @@ impl Agent {
                 }
             }
         }
-        let mut desired = self
+        let host_read = started.elapsed();
+        // Only what the change reaches is compiled again; the result is copied only when
+        // Services or fenced interfaces add to it.
+        let compiled = self
             .compiler
-            .compile(store, &endpoints, &self.host.addresses);
-        let expanded = palisade_policy::services::expand(
+            .update(store, &endpoints, &self.host.addresses);
+        let update = compiled.stats;
+        let mut desired = Cow::Borrowed(compiled.state);
+        let expanded = palisade_policy::services::expand_compiled(
             &mut desired,
             services,
             &mut self.service_ids,
             self.cfg.node_name.as_deref(),
         );
         errors.extend(expanded.errors);
-        for fenced in self.fence_vanished(&mut desired, &released) {
+        let previous = self.writer.applied();
+        for fenced in fence_vanished(
+            &self.host,
+            &self.datapath,
+            self.first,
+            previous,
+            &mut desired,
+            &released,
+        ) {
             warn!("{fenced}");
             errors.push(fenced);
         }
+        let compiled_at = started.elapsed();
 
         // Maps first: an interface gets its programs only once its entry exists (an attached
         // interface without one drops everything), and a replaced program finds its maps full.
-        let stats = self.writer.apply(&desired);
+        // The stamps hold for the compiler's state as it is, not for one Services or fencing
+        // added to: then the writer compares everything.
+        let stamps = matches!(desired, Cow::Borrowed(_)).then_some(compiled.stamps);
+        let stats = self.writer.apply_stamped(&desired, stamps);
+        let written = started.elapsed();
         if let Some(f) = &self.fqdn {
             f.set_tables(crate::fqdn::Tables::of(self.writer.applied(), services));
         }
@@ -389,7 +409,12 @@ impl Agent {
             written = stats.written,
             removed = stats.removed,
             failed = stats.failed,
-            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            full_compile = update.full,
+            endpoints_compiled = update.endpoints_compiled,
+            host_ms = ms(host_read),
+            compile_ms = ms(compiled_at - host_read),
+            write_ms = ms(written - compiled_at),
+            elapsed_ms = ms(started.elapsed()),
             "reconciled"
         );
         let status = Status {
@@ -405,61 +430,6 @@ impl Agent {
             repairs_total: self.repairs_total,
         };
         self.write_status(&status, &config)
-    }
-
-    /// Interfaces this agent enforces on (attached, or pinned by the agent before) that are
-    /// still on the host but whose pod this view does not place there (its host routes went
-    /// away for a moment, its object is missing or late): they are fenced, not detached. They
-    /// keep the programs, with their last entry switched to `EP_PENDING` (every packet
-    /// dropped), until the pod is seen on them again or the interface goes. Detaching would
-    /// leave a possibly running pod with no policy at all. Not those the CNI plugin `released`
-    /// (a DEL says the pod is gone). One line per fenced interface.
-    fn fence_vanished(
-        &self,
-        desired: &mut palisade_policy::state::DesiredState,
-        released: &std::collections::BTreeSet<u32>,
-    ) -> Vec<String> {
-        let present: std::collections::BTreeSet<u32> = self.host.links.values().copied().collect();
-        let mut candidates = self.datapath.attached_ifindexes();
-        if self.first {
-            candidates.extend(self.datapath.pinned_link_ifindexes());
-        }
-        let previous = self.writer.applied();
-        let mut out = Vec::new();
-        for ifindex in candidates {
-            if desired.endpoints.contains_key(&ifindex)
-                || !present.contains(&ifindex)
-                || released.contains(&ifindex)
-            {
-                continue;
-            }
-            let Some(info) = previous.endpoints.get(&ifindex) else {
-                continue; // no entry: the attached programs drop everything already
-            };
-            desired.endpoints.insert(
-                ifindex,
-                palisade_common::EndpointInfo {
-                    flags: info.flags | palisade_common::EP_PENDING,
-                    ..*info
-                },
-            );
-            let pod = match previous.endpoint_meta.get(&info.id) {
-                Some(meta) => {
-                    let pod = meta.pod.to_string();
-                    desired
-                        .endpoint_meta
-                        .entry(info.id)
-                        .or_insert_with(|| meta.clone());
-                    pod
-                }
-                None => format!("endpoint id {}", info.id),
-            };
-            out.push(format!(
-                "interface ifindex {ifindex} of {pod} is still on this host but its pod is not \
-                 seen on it: fenced (every packet dropped) until it is, or the interface goes"
-            ));
-        }
-        out
     }
 
     /// Writes the status file and hands the problems to `palisade stats` and the metrics.
@@ -547,6 +517,10 @@ impl Agent {
 }
 
 /// Milliseconds since the Unix epoch (the status file's timestamps).
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 pub(crate) fn unix_ms() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -563,3 +537,61 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// How often endpoints that fail closed because a map is full are written again.
 const PENDING_RETRY: Duration = Duration::from_secs(30);
+
+/// Interfaces this agent enforces on (attached, or pinned by the agent before) that are
+/// still on the host but whose pod this view does not place there (its host routes went
+/// away for a moment, its object is missing or late): they are fenced, not detached. They
+/// keep the programs, with their last entry switched to `EP_PENDING` (every packet
+/// dropped), until the pod is seen on them again or the interface goes. Detaching would
+/// leave a possibly running pod with no policy at all. Not those the CNI plugin `released`
+/// (a DEL says the pod is gone). One line per fenced interface.
+fn fence_vanished(
+    host: &HostView,
+    datapath: &Datapath,
+    first: bool,
+    previous: &DesiredState,
+    desired: &mut Cow<'_, DesiredState>,
+    released: &std::collections::BTreeSet<u32>,
+) -> Vec<String> {
+    let present: std::collections::BTreeSet<u32> = host.links.values().copied().collect();
+    let mut candidates = datapath.attached_ifindexes();
+    if first {
+        candidates.extend(datapath.pinned_link_ifindexes());
+    }
+    let mut out = Vec::new();
+    for ifindex in candidates {
+        if desired.endpoints.contains_key(&ifindex)
+            || !present.contains(&ifindex)
+            || released.contains(&ifindex)
+        {
+            continue;
+        }
+        let Some(info) = previous.endpoints.get(&ifindex) else {
+            continue; // no entry: the attached programs drop everything already
+        };
+        let desired = desired.to_mut();
+        desired.endpoints.insert(
+            ifindex,
+            palisade_common::EndpointInfo {
+                flags: info.flags | palisade_common::EP_PENDING,
+                ..*info
+            },
+        );
+        let pod = match previous.endpoint_meta.get(&info.id) {
+            Some(meta) => {
+                let pod = meta.pod.to_string();
+                desired
+                    .endpoint_meta
+                    .entry(info.id)
+                    .or_insert_with(|| meta.clone());
+                pod
+            }
+            None => format!("endpoint id {}", info.id),
+        };
+        out.push(format!(
+            "interface ifindex {ifindex} of {pod} is still on this host but its pod is not \
+                 seen on it: fenced (every packet dropped) until it is, or the interface goes"
+        ));
+    }
+    out
+}

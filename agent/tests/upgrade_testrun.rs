@@ -15,7 +15,7 @@ use palisade_datapath::{
     upgrade::{object_map_layouts, pinned_map_layout},
 };
 use palisade_policy::state::DesiredState;
-use support::{object, require_root, tcp4_ct_key};
+use support::{Bpffs, object, require_root, tcp4_ct_key};
 
 /// The flow both generations of an upgrade must know: endpoint 3's egress TCP connection.
 fn tracked_flow() -> CtKey {
@@ -25,36 +25,6 @@ fn tracked_flow() -> CtKey {
         (Ipv4Addr::new(10, 0, 0, 1), 40000),
         (Ipv4Addr::new(10, 0, 0, 2), 80),
     )
-}
-
-/// A private bpffs, unmounted on drop.
-struct Bpffs(PathBuf);
-
-impl Bpffs {
-    fn new(tag: &str) -> Bpffs {
-        let p = std::env::temp_dir().join(format!("palisade-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&p).unwrap();
-        nix::mount::mount(
-            Some("bpf"),
-            &p,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .unwrap();
-        Bpffs(p)
-    }
-
-    fn pin_dir(&self) -> PathBuf {
-        self.0.join("palisade")
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Creates and pins a hash map of the given layout (what an older datapath left behind).

@@ -24,7 +24,7 @@ use palisade_common::{
 use serde::Serialize;
 use tracing::{error, warn};
 
-use palisade_policy::state::{DesiredState, prefix_lengths};
+use palisade_policy::state::{CidrEntry, DesiredState, PolicyEntry, Stamps, prefix_lengths};
 
 use crate::{
     error::{DatapathError, Result},
@@ -97,6 +97,9 @@ pub struct MapWriter {
     lengths_checked: bool,
     /// Current revision per endpoint id.
     revisions: BTreeMap<u32, u32>,
+    /// The stamps of the last apply that wrote everything it had to (`apply_stamped`): what
+    /// the maps hold for an endpoint whose stamp is unchanged needs no comparing.
+    applied_stamps: Option<Stamps>,
     /// The next revision handed out. Revisions come from one counter for all endpoints and
     /// are never handed out twice: a conntrack entry stamped with a revision can only match
     /// the endpoint it was created for, after the change it was checked against (an endpoint
@@ -110,14 +113,14 @@ pub struct MapWriter {
 }
 
 /// The entries of `desired` that `applied` lacks or holds with another value (with the value
-/// it holds), in key order: one pass over both sorted maps instead of a tree search per
+/// it holds), in key order: one pass over both sorted sequences instead of a tree search per
 /// entry (the maps hold tens of thousands of entries and most applies change a few).
-fn changed<K: Ord + Copy, V: PartialEq + Copy>(
-    desired: &BTreeMap<K, V>,
-    applied: &BTreeMap<K, V>,
+fn changed<'a, K: Ord + Copy + 'a, V: PartialEq + Copy + 'a>(
+    desired: impl IntoIterator<Item = (&'a K, &'a V)>,
+    applied: impl IntoIterator<Item = (&'a K, &'a V)>,
 ) -> Vec<(K, V, Option<V>)> {
     let mut out = Vec::new();
-    let mut old = applied.iter().peekable();
+    let mut old = applied.into_iter().peekable();
     for (k, v) in desired {
         while old.next_if(|(o, _)| *o < k).is_some() {}
         match old.next_if(|(o, _)| *o == k) {
@@ -130,16 +133,91 @@ fn changed<K: Ord + Copy, V: PartialEq + Copy>(
 }
 
 /// The keys of `applied` that `desired` lacks, in key order (one pass over both).
-fn stale_keys<K: Ord + Copy, V>(applied: &BTreeMap<K, V>, desired: &BTreeMap<K, V>) -> Vec<K> {
+fn stale_keys<'a, K: Ord + Copy + 'a, V: 'a>(
+    applied: impl IntoIterator<Item = (&'a K, &'a V)>,
+    desired: impl IntoIterator<Item = (&'a K, &'a V)>,
+) -> Vec<K> {
     let mut out = Vec::new();
-    let mut want = desired.keys().peekable();
-    for k in applied.keys() {
+    let mut want = desired.into_iter().map(|(k, _)| k).peekable();
+    for (k, _) in applied {
         while want.next_if(|w| *w < k).is_some() {}
         if want.next_if(|w| *w == k).is_none() {
             out.push(*k);
         }
     }
     out
+}
+
+/// What an apply compares: everything, or (stamps known on both sides) the identities if
+/// their stamp changed and the POLICY and CIDRS entries of the endpoints whose stamp changed,
+/// came or went.
+#[derive(Debug)]
+struct Scope {
+    identities: bool,
+    /// `None`: every endpoint.
+    endpoints: Option<BTreeSet<u32>>,
+}
+
+impl Scope {
+    const ALL: Scope = Scope {
+        identities: true,
+        endpoints: None,
+    };
+
+    fn of(desired: Option<&Stamps>, applied: Option<&Stamps>) -> Scope {
+        let (Some(new), Some(old)) = (desired, applied) else {
+            return Scope::ALL;
+        };
+        let differs = |a: Option<&u64>, b: Option<&u64>| a != b || a == Some(&0);
+        let mut endpoints = BTreeSet::new();
+        for (id, stamp) in &new.endpoints {
+            if differs(Some(stamp), old.endpoints.get(id)) {
+                endpoints.insert(*id);
+            }
+        }
+        endpoints.extend(
+            old.endpoints
+                .keys()
+                .filter(|id| !new.endpoints.contains_key(id)),
+        );
+        Scope {
+            identities: new.identities == 0 || new.identities != old.identities,
+            endpoints: Some(endpoints),
+        }
+    }
+
+    /// The entries of `map` (keyed by endpoint id first) in scope, in key order.
+    fn entries<'a, K: Ord, V>(
+        &'a self,
+        map: &'a BTreeMap<K, V>,
+        first_of: fn(u32) -> K,
+    ) -> Box<dyn Iterator<Item = (&'a K, &'a V)> + 'a> {
+        use std::ops::Bound;
+        match &self.endpoints {
+            None => Box::new(map.iter()),
+            Some(ids) => Box::new(ids.iter().flat_map(move |&id| {
+                let end = match id.checked_add(1) {
+                    Some(next) => Bound::Excluded(first_of(next)),
+                    None => Bound::Unbounded,
+                };
+                map.range((Bound::Included(first_of(id)), end))
+            })),
+        }
+    }
+
+    fn policy<'a>(
+        &'a self,
+        map: &'a BTreeMap<PolicyEntry, PolicyValue>,
+    ) -> Box<dyn Iterator<Item = (&'a PolicyEntry, &'a PolicyValue)> + 'a> {
+        self.entries(map, PolicyEntry::first_of)
+    }
+
+    fn cidrs<'a>(
+        &'a self,
+        map: &'a BTreeMap<CidrEntry, u32>,
+    ) -> Box<dyn Iterator<Item = (&'a CidrEntry, &'a u32)> + 'a> {
+        self.entries(map, CidrEntry::first_of)
+    }
 }
 
 fn take<T: TryFrom<Map, Error = MapError>>(dp: &mut Datapath, name: &str) -> Result<T> {
@@ -189,6 +267,7 @@ impl MapWriter {
             lengths_checked: false,
             revisions: BTreeMap::new(),
             next_revision: 1,
+            applied_stamps: None,
             failures: Vec::new(),
             failures_total: 0,
         };
@@ -256,6 +335,7 @@ impl MapWriter {
     /// (the CNI plugin) wrote it: the next `apply` writes the desired entry again.
     pub fn forget_endpoint(&mut self, ifindex: u32) {
         self.applied.endpoints.remove(&ifindex);
+        self.applied_stamps = None;
     }
 
     pub fn applied(&self) -> &DesiredState {
@@ -313,9 +393,34 @@ impl MapWriter {
         self.failures.push(f);
     }
 
+    /// Writes what differs between `desired` and the maps, comparing everything.
     pub fn apply(&mut self, desired: &DesiredState) -> ApplyStats {
+        self.apply_stamped(desired, None)
+    }
+
+    /// `apply`, comparing only what `stamps` (the compiler's, for `desired` exactly as it
+    /// made it) say changed since the last apply that wrote all it had to.
+    pub fn apply_stamped(&mut self, desired: &DesiredState, stamps: Option<&Stamps>) -> ApplyStats {
+        let scope = Scope::of(stamps, self.applied_stamps.as_ref());
+        // Until this apply has written all it had to, nothing is known by stamp.
+        self.applied_stamps = None;
+        let stats = self.apply_in(desired, &scope);
+        if self.failures.is_empty() && stats.failed == 0 {
+            self.applied_stamps = stamps.cloned();
+        }
+        stats
+    }
+
+    fn apply_in(&mut self, desired: &DesiredState, scope: &Scope) -> ApplyStats {
         self.failures.clear();
-        let mut p = Pass::default();
+        let mut p = Pass {
+            scope,
+            stats: ApplyStats::default(),
+            touched: BTreeSet::new(),
+            failed: BTreeSet::new(),
+            identities_changed: false,
+            identity_stuck: false,
+        };
         self.write_changes(desired, &mut p);
         // A prefix length is listed (for the union of the old and the new entries) before an
         // endpoint's flags can make its new entries matter, and unlisted only once its last
@@ -330,9 +435,14 @@ impl MapWriter {
     }
 
     /// Phase 1: additions and changes.
-    fn write_changes(&mut self, desired: &DesiredState, p: &mut Pass) {
+    fn write_changes(&mut self, desired: &DesiredState, p: &mut Pass<'_>) {
         // 1. Additions and changes.
-        for (addr, id, old) in changed(&desired.identities, &self.applied.identities) {
+        let identities = if p.scope.identities {
+            changed(&desired.identities, &self.applied.identities)
+        } else {
+            Vec::new()
+        };
+        for (addr, id, old) in identities {
             let (addr, id) = (&addr, &id);
             p.identities_changed |= old.is_some();
             match self.identities.insert(*addr, *id, 0) {
@@ -428,10 +538,13 @@ impl MapWriter {
             }
             self.applied.node_ports.remove(&key);
         }
-        let cidr_changes: Vec<_> = changed(&desired.cidrs, &self.applied.cidrs)
-            .into_iter()
-            .map(|(e, c, _)| (e, c))
-            .collect();
+        let cidr_changes: Vec<_> = changed(
+            p.scope.cidrs(&desired.cidrs),
+            p.scope.cidrs(&self.applied.cidrs),
+        )
+        .into_iter()
+        .map(|(e, c, _)| (e, c))
+        .collect();
         for (entry, class) in cidr_changes {
             p.touched.insert(entry.key.endpoint);
             match self.cidrs.insert(entry.map_key(), class, 0) {
@@ -447,10 +560,13 @@ impl MapWriter {
                 }
             }
         }
-        let policy_changes: Vec<_> = changed(&desired.policy, &self.applied.policy)
-            .into_iter()
-            .map(|(e, v, _)| (e, v))
-            .collect();
+        let policy_changes: Vec<_> = changed(
+            p.scope.policy(&desired.policy),
+            p.scope.policy(&self.applied.policy),
+        )
+        .into_iter()
+        .map(|(e, v, _)| (e, v))
+        .collect();
         for (entry, value) in policy_changes {
             p.touched.insert(entry.key.endpoint);
             match self.policy.insert(entry.map_key(), value, 0) {
@@ -471,7 +587,7 @@ impl MapWriter {
     /// PREFIX_LENGTHS of the endpoints whose CIDRS or POLICY entries changed (of every
     /// endpoint in the first apply: an earlier agent's maps are checked whole), from what
     /// those maps hold now.
-    fn write_prefix_lengths(&mut self, desired: &DesiredState, p: &mut Pass) {
+    fn write_prefix_lengths(&mut self, desired: &DesiredState, p: &mut Pass<'_>) {
         let mut want = BTreeMap::new();
         let mut have = BTreeMap::new();
         if self.lengths_checked {
@@ -529,7 +645,7 @@ impl MapWriter {
     /// Phase 5: ENDPOINT_SLOTS, a copy of what ENDPOINTS now holds. A slot stays with the
     /// endpoint that has it while it lives; a free one goes to the lowest ifindex that maps to
     /// it (the others are read from ENDPOINTS); an emptied slot is zeroed.
-    fn write_endpoint_slots(&mut self, desired: &DesiredState, p: &mut Pass) {
+    fn write_endpoint_slots(&mut self, desired: &DesiredState, p: &mut Pass<'_>) {
         let mut want: BTreeMap<u32, EndpointSlot> = BTreeMap::new();
         for (&index, slot) in &self.applied_slots {
             if let Some(&info) = self.applied.endpoints.get(&slot.ifindex) {
@@ -574,12 +690,15 @@ impl MapWriter {
     }
 
     /// Phase 2: stale entries.
-    fn remove_stale(&mut self, desired: &DesiredState, p: &mut Pass) {
+    fn remove_stale(&mut self, desired: &DesiredState, p: &mut Pass<'_>) {
         // 2. Stale entries go before endpoint revisions are bumped, so that a flow re-checked
         //    under the new revision can never see an allow that is being removed. An entry
         //    that cannot be removed stays known (and is retried by the next apply); its
         //    endpoint fails closed meanwhile.
-        let stale = stale_keys(&self.applied.policy, &desired.policy);
+        let stale = stale_keys(
+            p.scope.policy(&self.applied.policy),
+            p.scope.policy(&desired.policy),
+        );
         for entry in stale {
             p.touched.insert(entry.key.endpoint);
             match self.policy.remove(&entry.map_key()) {
@@ -595,7 +714,10 @@ impl MapWriter {
             }
             self.applied.policy.remove(&entry);
         }
-        let stale = stale_keys(&self.applied.cidrs, &desired.cidrs);
+        let stale = stale_keys(
+            p.scope.cidrs(&self.applied.cidrs),
+            p.scope.cidrs(&desired.cidrs),
+        );
         for entry in stale {
             p.touched.insert(entry.key.endpoint);
             match self.cidrs.remove(&entry.map_key()) {
@@ -632,7 +754,11 @@ impl MapWriter {
             }
             self.applied.endpoint_addrs.remove(&addr);
         }
-        let stale = stale_keys(&self.applied.identities, &desired.identities);
+        let stale = if p.scope.identities {
+            stale_keys(&self.applied.identities, &desired.identities)
+        } else {
+            Vec::new()
+        };
         for addr in stale {
             p.identities_changed = true;
             match self.identities.remove(&addr) {
@@ -654,7 +780,7 @@ impl MapWriter {
     }
 
     /// Phase 3: ENDPOINTS, with revisions and fail-closed flags.
-    fn write_endpoints(&mut self, desired: &DesiredState, p: &mut Pass) {
+    fn write_endpoints(&mut self, desired: &DesiredState, p: &mut Pass<'_>) {
         // 3. Endpoints. An endpoint id behind two interfaces gets one new revision.
         let mut bumped: BTreeMap<u32, u32> = BTreeMap::new();
         // The endpoints' own addresses, as EP_ADDRS holds them now (phases 1 and 2 wrote it),
@@ -732,7 +858,7 @@ impl MapWriter {
     }
 
     /// Phase 4: endpoints that are gone, and the names the observers read.
-    fn remove_gone_endpoints(&mut self, desired: &DesiredState, p: &mut Pass) {
+    fn remove_gone_endpoints(&mut self, desired: &DesiredState, p: &mut Pass<'_>) {
         // 4. Endpoints that are gone.
         let stale: Vec<u32> = self
             .applied
@@ -773,8 +899,9 @@ impl MapWriter {
 }
 
 /// What one `apply` carries from phase to phase.
-#[derive(Default)]
-struct Pass {
+struct Pass<'s> {
+    /// What to compare.
+    scope: &'s Scope,
     stats: ApplyStats,
     /// Endpoints whose policy entries change: they get a new revision (conntrack re-checks
     /// their flows).

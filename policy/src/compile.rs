@@ -43,7 +43,7 @@ use crate::model::cluster::{
 use crate::model::{NamedPort, Peer, PodInfo, Policy, PortMatch, PortSpec, Protocol, Store};
 use crate::state::{
     CidrEntry, DesiredState, Direction, DomainTable, EndpointMeta, PodRef, PolicyEntry, RuleRef,
-    TierRuleInfo,
+    Stamps, TierRuleInfo,
 };
 
 /// A pod with an interface on this node.
@@ -423,6 +423,14 @@ pub struct InternerSizes {
 /// Updates between two full compiles (which release the ids nothing uses any more).
 pub const FULL_EVERY: u32 = 1024;
 
+/// `Compiler::update`'s result: the state, its content stamps and what was compiled.
+#[derive(Clone, Copy, Debug)]
+pub struct Compiled<'c> {
+    pub state: &'c DesiredState,
+    pub stamps: &'c Stamps,
+    pub stats: UpdateStats,
+}
+
 /// What `update` did (for metrics and tests).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct UpdateStats {
@@ -455,6 +463,8 @@ struct Memo {
     cluster: u64,
     /// Digest of the nodes.
     nodes: u64,
+    /// The base's content stamps.
+    stamps: Stamps,
     since_full: u32,
     last: UpdateStats,
 }
@@ -499,20 +509,27 @@ struct Tiers<'a, 'p> {
     with_audited: &'a [(usize, &'p ClusterNetworkPolicy)],
 }
 
-/// Removes an endpoint's POLICY and CIDRS entries.
+/// Removes an endpoint's POLICY and CIDRS entries (one by one: splitting and appending a
+/// tree would touch all of it).
 fn remove_entries(out: &mut DesiredState, id: u32) {
-    let mut tail = out.policy.split_off(&PolicyEntry::first_of(id));
-    let mut rest = tail.split_off(&PolicyEntry::first_of(id.saturating_add(1)));
-    if id == u32::MAX {
-        rest.clear();
+    let policy: Vec<PolicyEntry> = out
+        .policy
+        .range(PolicyEntry::first_of(id)..)
+        .map(|(e, _)| *e)
+        .take_while(|e| e.key.endpoint == id)
+        .collect();
+    for e in policy {
+        out.policy.remove(&e);
     }
-    out.policy.append(&mut rest);
-    let mut tail = out.cidrs.split_off(&CidrEntry::first_of(id));
-    let mut rest = tail.split_off(&CidrEntry::first_of(id.saturating_add(1)));
-    if id == u32::MAX {
-        rest.clear();
+    let cidrs: Vec<CidrEntry> = out
+        .cidrs
+        .range(CidrEntry::first_of(id)..)
+        .map(|(e, _)| *e)
+        .take_while(|e| e.key.endpoint == id)
+        .collect();
+    for e in cidrs {
+        out.cidrs.remove(&e);
     }
-    out.cidrs.append(&mut rest);
 }
 
 /// Does a selection select this identity?
@@ -736,25 +753,25 @@ impl Compiler {
     /// pods whose fields changed are regrouped into identities, and only the endpoints a
     /// change can reach are compiled again (see "Incremental compilation" in ARCHITECTURE.md).
     /// Ids are released only by a full compile: the first, one after the node's addresses
-    /// change, and every `FULL_EVERY` updates.
+    /// change, and every `FULL_EVERY` updates. Returns the result and what was compiled.
     pub fn update(
         &mut self,
         store: &Store,
         endpoints: &[LocalEndpoint],
         host_addrs: &[IpAddr],
-    ) -> &DesiredState {
+    ) -> Compiled<'_> {
         let full = self.memo.since_full >= FULL_EVERY
             || self
                 .memo
                 .table
                 .as_ref()
                 .is_none_or(|t| t.host != host_addrs);
-        self.run(store, endpoints, host_addrs, full)
-    }
-
-    /// What the last compile or update decided (for metrics and tests).
-    pub fn last_update(&self) -> UpdateStats {
-        self.memo.last
+        self.run(store, endpoints, host_addrs, full);
+        Compiled {
+            state: &self.memo.base,
+            stamps: &self.memo.stamps,
+            stats: self.memo.last,
+        }
     }
 
     fn run(
@@ -793,6 +810,10 @@ impl Compiler {
         let mut pieces = std::mem::take(&mut self.memo.pieces);
 
         let idents = table.update(store, &mut self.identities, &mut out);
+        let mut stamps = std::mem::take(&mut self.memo.stamps);
+        if full || !idents.addresses.is_empty() {
+            stamps.identities = Stamps::fresh();
+        }
         let changed_selections = patch_selections(&mut selections, &table, &idents);
 
         // What else changed: NetworkPolicies by namespace; ClusterNetworkPolicies, nodes and
@@ -883,6 +904,7 @@ impl Compiler {
         for pod in gone {
             let piece = pieces.remove(&pod).expect("listed");
             remove_entries(&mut out, piece.id);
+            stamps.endpoints.remove(&piece.id);
         }
         let mut compiled_ids: HashSet<u32> = HashSet::new();
         for &(ifindex, pod_ref) in &order {
@@ -923,6 +945,7 @@ impl Compiler {
                 remove_entries(&mut out, old.id);
             }
             compiled_ids.insert(id);
+            stamps.endpoints.insert(id, Stamps::fresh());
             let rules: BTreeSet<u32> = scratch
                 .policy
                 .values()
@@ -930,8 +953,9 @@ impl Compiler {
                 .filter(|r| *r != 0)
                 .collect();
             stats.policy_entries_written += scratch.policy.len();
-            out.policy.append(&mut scratch.policy);
-            out.cidrs.append(&mut scratch.cidrs);
+            // Inserted one by one (`append` would rebuild the whole tree).
+            out.policy.extend(std::mem::take(&mut scratch.policy));
+            out.cidrs.extend(std::mem::take(&mut scratch.cidrs));
             pieces.insert(
                 pod_ref.clone(),
                 Piece {
@@ -1040,6 +1064,7 @@ impl Compiler {
         self.memo.nodes = nodes;
         self.memo.last = stats;
         self.memo.base = out;
+        self.memo.stamps = stamps;
         &self.memo.base
     }
 

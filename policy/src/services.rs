@@ -412,6 +412,21 @@ pub struct ExpandReport {
     pub errors: Vec<String>,
 }
 
+/// `expand` on a compiled state that is shared (`Compiler::update`'s): it is copied only when
+/// there are Services to add.
+pub fn expand_compiled(
+    desired: &mut std::borrow::Cow<'_, DesiredState>,
+    services: &ServiceStore,
+    ids: &mut ServiceIds,
+    node: Option<&str>,
+) -> ExpandReport {
+    if services.services.is_empty() {
+        ids.retain(&BTreeSet::new());
+        return ExpandReport::default();
+    }
+    expand(desired.to_mut(), services, ids, node)
+}
+
 /// Adds the Service VIPs of `services` to `desired`: their identities and, for every endpoint
 /// isolated for egress, the allow entries its policy earns through them (see the module doc).
 /// `node` is this node's name (for `internalTrafficPolicy: Local`).

@@ -355,3 +355,23 @@ pub struct DomainTable {
     /// endpoint has none.
     pub audit_classes: Vec<(Vec<String>, u32)>,
 }
+
+/// Content stamps of a compiled state (`Compiler::update`): two states with the same nonzero
+/// stamp for an endpoint hold the same POLICY and CIDRS entries for it (and so the same
+/// PREFIX_LENGTHS), and with the same nonzero `identities` stamp the same IDENTITIES. Stamps
+/// are never reused in a process. A hint that lets the map writer diff only what changed; a
+/// state changed after the compiler made it has none.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stamps {
+    pub identities: u64,
+    /// Endpoint id -> stamp.
+    pub endpoints: BTreeMap<u32, u64>,
+}
+
+impl Stamps {
+    /// A stamp no other call in this process returns.
+    pub fn fresh() -> u64 {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+}

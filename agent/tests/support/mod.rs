@@ -426,3 +426,33 @@ pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
 pub fn tcp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     ipv4(src, dst, PROTO_TCP, &l4(PROTO_TCP, sport, dport, flags))
 }
+
+/// A private bpffs, unmounted on drop.
+pub struct Bpffs(std::path::PathBuf);
+
+impl Bpffs {
+    pub fn new(tag: &str) -> Bpffs {
+        let p = std::env::temp_dir().join(format!("palisade-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        nix::mount::mount(
+            Some("bpf"),
+            &p,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        Bpffs(p)
+    }
+
+    pub fn pin_dir(&self) -> std::path::PathBuf {
+        self.0.join("palisade")
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -162,8 +162,8 @@ fn updates_equal_full_compiles() {
             let eps = endpoints(&store, step / 10);
             let mut reference = compiler.clone();
             let want = reference.compile(&store, &eps, &hosts);
-            let got = compiler.update(&store, &eps, &hosts).clone();
-            let stats = compiler.last_update();
+            let result = compiler.update(&store, &eps, &hosts);
+            let (got, stats) = (result.state.clone(), result.stats);
             if !stats.full {
                 partial += 1;
                 compiled += stats.endpoints_compiled;
