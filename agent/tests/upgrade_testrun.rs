@@ -4,7 +4,7 @@
 mod support;
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use aya::maps::{HashMap, MapData};
 use palisade_common::{CtEntry, CtKey, DIR_EGRESS, EP_ISOLATED_INGRESS, EndpointInfo, map_names};
