@@ -922,8 +922,8 @@ impl Compiler {
                             .selections
                             .iter()
                             .any(|k| changed_selections.contains(k))
-                        && !(piece.reads.all_identities && idents.identities_changed())
-                        && !(piece.reads.pod_addresses && !idents.addresses.is_empty())
+                        && (!piece.reads.all_identities || !idents.identities_changed())
+                        && (!piece.reads.pod_addresses || idents.addresses.is_empty())
                 });
             if clean {
                 continue;
@@ -1788,7 +1788,7 @@ struct Ctx<'i> {
     index: &'i IdentityTable,
     nodes: &'i BTreeMap<String, NodeInfo>,
     /// (policy, direction, rule, peer) -> its selection.
-    selections: HashMap<(usize, Direction, usize, usize), (Arc<SelectionKey>, Arc<Vec<usize>>)>,
+    selections: HashMap<(usize, Direction, usize, usize), Selection>,
     /// Selections by the peer's content: (the policy's namespace when the peer has no
     /// namespace selector, namespace selector, pod selector) -> selected identity slots. Kept
     /// between compiles.
@@ -1803,7 +1803,7 @@ struct Ctx<'i> {
 
 impl Ctx<'_> {
     /// The identities a pod peer selects, evaluated once per distinct peer.
-    fn select(&mut self, key: SelectionKey) -> (Arc<SelectionKey>, Arc<Vec<usize>>) {
+    fn select(&mut self, key: SelectionKey) -> Selection {
         let found = match self.by_content.get_key_value(&key) {
             Some((k, sel)) => (k.clone(), sel.clone()),
             None => {
@@ -1823,6 +1823,9 @@ impl Ctx<'_> {
         found
     }
 }
+
+/// A selection's key and the identity slots it selects.
+type Selection = (Arc<SelectionKey>, Arc<Vec<usize>>);
 
 type SelectionKey = (
     Option<String>,

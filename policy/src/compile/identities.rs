@@ -2,7 +2,7 @@
 //! pod (and its namespace's labels) and regroups only the pods whose hash changed, patching
 //! IDENTITIES (`DesiredState::identities`) and `identity_pods` for their addresses alone.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 
 use palisade_common::{IDENTITY_HOST, PeerAddr};
@@ -14,9 +14,7 @@ use crate::state::{DesiredState, PodRef};
 /// A digest of anything hashable (deterministic: the same value hashes the same in every
 /// process).
 pub(super) fn digest<T: Hash + ?Sized>(value: &T) -> u64 {
-    let mut h = foldhash::fast::FixedState::with_seed(0x5041_4c49).build_hasher();
-    value.hash(&mut h);
-    h.finish()
+    foldhash::fast::FixedState::with_seed(0x5041_4c49).hash_one(value)
 }
 
 /// Pods that look the same to every selector and named-port lookup.
@@ -70,7 +68,8 @@ impl IdentityChanges {
 pub(super) struct IdentityTable {
     idents: Vec<Option<Ident>>,
     free: Vec<usize>,
-    by_key: HashMap<IdentityKey, usize>,
+    /// Identity id -> its slot (the interner maps keys to ids: one copy of each key fewer).
+    by_id: HashMap<u32, usize>,
     /// Namespace -> its labels and identities.
     pub(super) by_ns: BTreeMap<String, NsGroup>,
     pods: BTreeMap<PodRef, PodState>,
@@ -193,10 +192,10 @@ impl IdentityTable {
                     namespace_labels: labels.as_ref().clone(),
                     ports: pod.container_ports.clone(),
                 };
-                let slot = match self.by_key.get(&key) {
+                let id = ids.intern(&key);
+                let slot = match self.by_id.get(&id) {
                     Some(slot) => *slot,
                     None => {
-                        let id = ids.intern(&key);
                         let slot = self.free.pop().unwrap_or(self.idents.len());
                         if slot == self.idents.len() {
                             self.idents.push(None);
@@ -204,7 +203,7 @@ impl IdentityTable {
                         let group = self.by_ns.entry(ns.to_string()).or_default();
                         group.labels = labels.as_ref().clone();
                         group.slots.insert(slot);
-                        self.by_key.insert(key.clone(), slot);
+                        self.by_id.insert(id, slot);
                         self.idents[slot] = Some(Ident {
                             id,
                             key,
@@ -254,7 +253,7 @@ impl IdentityTable {
                 continue;
             }
             let ident = self.idents[slot].take().expect("live");
-            self.by_key.remove(&ident.key);
+            self.by_id.remove(&ident.id);
             if let Some(g) = self.by_ns.get_mut(&ident.key.namespace) {
                 g.slots.remove(&slot);
                 if g.slots.is_empty() {

@@ -16,7 +16,7 @@ fn endpoints(store: &Store, salt: usize) -> Vec<LocalEndpoint> {
         .pods
         .keys()
         .enumerate()
-        .filter(|(i, _)| (i + salt) % 2 == 0)
+        .filter(|(i, _)| (i + salt).is_multiple_of(2))
         .map(|(i, p)| LocalEndpoint {
             pod: p.clone(),
             ifindex: 100 + i as u32,

@@ -12,6 +12,7 @@
 mod churn;
 mod cluster;
 mod dns;
+mod nodes;
 mod packet;
 mod primitives;
 mod report;
@@ -238,6 +239,13 @@ fn run(args: &Args) -> Result<()> {
     }
     if want("churn") {
         churn::run(&churn_cfg, &object, &agent, &work, &mut report)?;
+        write(&json_path, &md_path, &report)?;
+    }
+    if want("nodes") {
+        let cfg = nodes::Config {
+            changes: if args.quick { 60 } else { 200 },
+        };
+        nodes::run(&cfg, &agent, &work, &mut report)?;
         write(&json_path, &md_path, &report)?;
     }
     if want("dns") {
