@@ -37,9 +37,9 @@ mod view;
 pub use reach::{Cluster, ExecOutput, PluginError, connect};
 pub use view::{
     AgentPod, ClusterExplanation, ClusterStats, ClusterVerdicts, JudgingNode, NodeAnswer,
-    NodeFailure, NodePolicy, NodeStats, NodeVerdict, SeenVerdicts, agents_by_node, combine_halves,
-    combined_verdict, exit_code_of, merge_verdicts, remote_explain_args, remote_policy_show_args,
-    remote_stats_args, remote_verdicts_args, sum_reports,
+    NodeFailure, NodePolicy, NodeStats, NodeVerdict, REMOTE_BINARY, SeenVerdicts, agents_by_node,
+    combine_halves, combined_verdict, exit_code_of, merge_verdicts, remote_explain_args,
+    remote_policy_show_args, remote_stats_args, remote_verdicts_args, sum_reports,
 };
 
 use crate::api::Verdict;
