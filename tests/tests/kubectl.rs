@@ -6,10 +6,12 @@
 //! on the fabric where the API server listens (as an operator's kubectl would: it reaches the
 //! API server, never a node), with the rig's kubeconfig.
 //!
-//! Pods a0, b0 on node-1, a1, b1 on node-2, a2, b2 on node-3 (namespace demo); `b-ingress`
-//! admits only `app: a` pods to `app: b` pods on TCP 80, so b0 -> b1:80 is dropped, by node-2
-//! (b1's ingress), while node-1 allows its egress. Needs root; under CI=true that is a
-//! failure, not a skip.
+//! Namespace shop: `frontend` on node-1, `db` and `cache` on node-2, `backend` on node-3.
+//! `db-from-backend` admits only the backend to the db on TCP 5432, `backend-from-frontend`
+//! only the frontend to the backend on 8080. So frontend -> db:5432 is refused by node-2 (the
+//! db's ingress) after node-1 let it out (the frontend's egress): the walk-through of README.md,
+//! "Operating it", whose output is this test's (`--nocapture`). Needs root; under CI=true that
+//! is a failure, not a skip.
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
@@ -23,10 +25,19 @@ use palisade_tests::{
 };
 use serde_json::{Value, json};
 
-const POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b-ingress, namespace: demo}\n\
-    spec: {podSelector: {matchLabels: {app: b}}, policyTypes: [Ingress], ingress: [{from: [{podSelector: {matchLabels: {app: a}}}], ports: [{port: 80, protocol: TCP}]}]}\n";
+/// An ingress policy of namespace shop: pods `app: to` admit pods `app: from` on TCP `port`.
+fn ingress_policy(name: &str, to: &str, from: &str, port: u16) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: shop}}\n\
+         spec: {{podSelector: {{matchLabels: {{app: {to}}}}}, policyTypes: [Ingress], \
+         ingress: [{{from: [{{podSelector: {{matchLabels: {{app: {from}}}}}}}], ports: [{{port: {port}, protocol: TCP}}]}}]}}\n"
+    )
+}
 
-/// Pod `name` on node `k` in the API (namespace demo, `app:` its first letter).
+/// The pods of each node.
+const LAYOUT: [&[&str]; 3] = [&["frontend"], &["db", "cache"], &["backend"]];
+
+/// Pod `name` on node `k` in the API (namespace shop, `app: name`).
 fn pod_object(c: &Cluster, name: &str, k: usize) -> String {
     let ip = c
         .find_pod(name)
@@ -36,7 +47,7 @@ fn pod_object(c: &Cluster, name: &str, k: usize) -> String {
         .to_string();
     json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": "demo", "labels": {"app": &name[..1]}},
+        "metadata": {"name": name, "namespace": "shop", "labels": {"app": name}},
         "spec": {"nodeName": node_name(k), "containers": [{"name": "c"}]},
         "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
     })
@@ -149,15 +160,26 @@ fn plugin_link(work: &Path, agent: &Path) -> PathBuf {
     link
 }
 
-/// The dropped verdicts of b0 -> b1:80 in a `verdicts -o json` answer.
-fn b0_to_b1_drops(v: &Value) -> Vec<Value> {
+/// A TCP probe between two pods of the rig.
+fn probe<'c>(c: &'c Cluster, from: &str, to: &str, port: u16) -> ProbeSpec<'c> {
+    ProbeSpec {
+        from: c.find_pod(from).unwrap().1,
+        to: c.find_pod(to).unwrap().1.ip(false),
+        port,
+        proto: Proto::Tcp,
+        timeout: Duration::from_millis(800),
+    }
+}
+
+/// The dropped verdicts of frontend -> db in a `verdicts -o json` answer.
+fn frontend_to_db_drops(v: &Value) -> Vec<Value> {
     v["verdicts"]
         .as_array()
         .expect("verdicts")
         .iter()
         .filter(|v| {
-            v["source"]["pod"] == "demo/b0"
-                && v["destination"]["pod"] == "demo/b1"
+            v["source"]["pod"] == "shop/frontend"
+                && v["destination"]["pod"] == "shop/db"
                 && v["verdict"] == "dropped"
         })
         .cloned()
@@ -235,50 +257,60 @@ fn kubectl_palisade_answers_for_the_whole_cluster_from_each_nodes_agent() {
     if !require_root() {
         return;
     }
-    let nodes: Vec<Vec<PodSpec>> = (0..3)
-        .map(|k| {
-            ["a", "b"]
-                .iter()
+    let nodes: Vec<Vec<PodSpec>> = LAYOUT
+        .iter()
+        .map(|pods| {
+            pods.iter()
                 .map(|p| PodSpec {
-                    name: format!("{p}{k}"),
+                    name: p.to_string(),
                 })
                 .collect()
         })
         .collect();
     let mut c = Cluster::new(ClusterSpec { nodes, ipv6: false }).expect("cluster");
     for node in c.nodes() {
-        node.serve(&[(80, Proto::Tcp)]).expect("servers");
+        node.serve(&[(5432, Proto::Tcp), (8080, Proto::Tcp)])
+            .expect("servers");
     }
     c.api.apply(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {kubernetes.io/metadata.name: demo}}\n",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {kubernetes.io/metadata.name: shop}}\n",
     );
-    for k in 0..3 {
-        for p in ["a", "b"] {
-            let o = pod_object(&c, &format!("{p}{k}"), k);
+    for (k, pods) in LAYOUT.iter().enumerate() {
+        for p in *pods {
+            let o = pod_object(&c, p, k);
             c.api.apply(&o);
         }
     }
-    c.api.apply(POLICY);
+    c.api
+        .apply(&ingress_policy("db-from-backend", "db", "backend", 5432));
+    c.api.apply(&ingress_policy(
+        "backend-from-frontend",
+        "backend",
+        "frontend",
+        8080,
+    ));
     let work = WorkDir::new("kubectl");
     let agent = agent_binary();
     c.start_agents(&agent, work.path(), Duration::from_secs(60))
         .expect("three agents enforce their pods");
     c.serve_agent_pods(&agent).expect("the agents' pods");
-    let probe = |from: &str, to: &str| ProbeSpec {
-        from: c.find_pod(from).unwrap().1,
-        to: c.find_pod(to).unwrap().1.ip(false),
-        port: 80,
-        proto: Proto::Tcp,
-        timeout: Duration::from_millis(800),
-    };
-    let flows = [("a0", "b1", true), ("b0", "b1", false), ("a1", "b1", true)];
-    let specs: Vec<ProbeSpec<'_>> = flows.iter().map(|(f, t, _)| probe(f, t)).collect();
-    let want: Vec<bool> = flows.iter().map(|f| f.2).collect();
+    let flows = [
+        ("frontend", "backend", 8080, true), // node-1 -> node-3
+        ("backend", "db", 5432, true),       // node-3 -> node-2
+        ("frontend", "db", 5432, false),     // refused by node-2
+        ("cache", "db", 5432, false),        // within node-2
+    ];
+    let specs: Vec<ProbeSpec<'_>> = flows
+        .iter()
+        .map(|(f, t, p, _)| probe(&c, f, t, *p))
+        .collect();
+    let want: Vec<bool> = flows.iter().map(|f| f.3).collect();
     assert_eq!(probe_expecting(&specs, &want), want, "{flows:?}");
 
+    let bin = plugin_link(work.path(), &agent);
     let p = Plugin {
         cluster: &c,
-        bin: plugin_link(work.path(), &agent),
+        bin: bin.clone(),
     };
 
     // The agent pods, one per node.
@@ -303,17 +335,21 @@ fn kubectl_palisade_answers_for_the_whole_cluster_from_each_nodes_agent() {
             .collect::<Vec<_>>()
     );
 
-    // verdicts --verdict dropped: b0 -> b1 dropped by node-2, at b1's ingress.
+    // verdicts --verdict dropped: frontend -> db dropped by node-2, at the db's ingress.
     let drops = p.run_until(&["verdicts", "--verdict", "dropped", "-o", "json"], |r| {
-        r.code == 0 && !b0_to_b1_drops(&r.json()).is_empty()
+        r.code == 0 && !frontend_to_db_drops(&r.json()).is_empty()
     });
     drops.expect(0);
-    let found = b0_to_b1_drops(&drops.json());
-    assert!(!found.is_empty(), "no drop of b0 -> b1: {}", drops.stdout);
+    let found = frontend_to_db_drops(&drops.json());
+    assert!(
+        !found.is_empty(),
+        "no drop of frontend -> db: {}",
+        drops.stdout
+    );
     for v in &found {
         assert_eq!(v["node"], "node-2", "{v}");
         assert_eq!(v["direction"], "ingress", "{v}");
-        assert_eq!(v["policies"], json!(["demo/b-ingress"]), "{v}");
+        assert_eq!(v["policies"], json!(["shop/db-from-backend"]), "{v}");
     }
     let all = drops.json();
     let times: Vec<u64> = all["verdicts"]
@@ -340,20 +376,28 @@ fn kubectl_palisade_answers_for_the_whole_cluster_from_each_nodes_agent() {
         table.stdout
     );
     assert!(
-        table
-            .stdout
-            .lines()
-            .any(|l| l.starts_with("node-2") && l.contains("demo/b0") && l.contains("dropped")),
+        table.stdout.lines().any(|l| l.starts_with("node-2")
+            && l.contains("shop/frontend")
+            && l.contains("dropped")),
         "{}",
         table.stdout
     );
     four_formats(
         &p,
-        &["verdicts", "--verdict", "dropped", "--to-pod", "demo/b1"],
+        &[
+            "verdicts",
+            "--verdict",
+            "dropped",
+            "--from-pod",
+            "shop/frontend",
+        ],
         0,
         "node-2",
     );
-    // Every node's verdicts: node-1 judged a0's and b0's egress, node-2 the ingress.
+    // Every node's verdicts: node-1 judged the frontend's egress, node-2 and node-3 their
+    // pods' ingress.
+    let everything = p.run(&["verdicts"]);
+    everything.show().expect(0);
     let everything = p.run(&["verdicts", "-o", "json"]).json();
     let judged_by: std::collections::BTreeSet<&str> = everything["verdicts"]
         .as_array()
@@ -361,9 +405,10 @@ fn kubectl_palisade_answers_for_the_whole_cluster_from_each_nodes_agent() {
         .iter()
         .map(|v| v["node"].as_str().unwrap())
         .collect();
-    assert!(
-        judged_by.contains("node-1") && judged_by.contains("node-2"),
-        "{judged_by:?}"
+    assert_eq!(
+        judged_by,
+        ["node-1", "node-2", "node-3"].into(),
+        "{everything}"
     );
     let last = p.run(&["verdicts", "--last", "2", "-o", "json"]).json();
     assert_eq!(
@@ -373,58 +418,52 @@ fn kubectl_palisade_answers_for_the_whole_cluster_from_each_nodes_agent() {
     );
 
     // explain: each half from its node, the flow's verdict, explain's exit status.
-    let before = (
-        c.api
-            .requests(&format!("exec palisade-system/{}", agent_pod_name(0))),
-        c.api
-            .requests(&format!("exec palisade-system/{}", agent_pod_name(1))),
-        c.api
-            .requests(&format!("exec palisade-system/{}", agent_pod_name(2))),
-    );
-    let dropped = p.run(&[
-        "explain", "--from", "demo/b0", "--to", "demo/b1", "--port", "80",
+    let execs = |c: &Cluster| -> Vec<u64> {
+        (0..3)
+            .map(|k| {
+                c.api
+                    .requests(&format!("exec palisade-system/{}", agent_pod_name(k)))
+            })
+            .collect()
+    };
+    let before = execs(&c);
+    let refused = p.run(&[
+        "explain",
+        "--from",
+        "shop/frontend",
+        "--to",
+        "shop/db",
+        "--port",
+        "5432",
     ]);
-    dropped.show().expect(1);
+    refused.show().expect(1);
     assert_eq!(
-        (
-            c.api
-                .requests(&format!("exec palisade-system/{}", agent_pod_name(0))),
-            c.api
-                .requests(&format!("exec palisade-system/{}", agent_pod_name(1))),
-            c.api
-                .requests(&format!("exec palisade-system/{}", agent_pod_name(2))),
-        ),
-        (before.0 + 1, before.1 + 1, before.2),
+        execs(&c),
+        [before[0] + 1, before[1] + 1, before[2]],
         "asked node-1 (the source's) and node-2 (the destination's), not node-3"
     );
-    assert!(
-        dropped.stdout.starts_with("demo/b0 ("),
-        "{}",
-        dropped.stdout
-    );
-    assert!(
-        dropped.stdout.contains("TCP/80: DROPPED"),
-        "{}",
-        dropped.stdout
-    );
-    assert!(
-        dropped
-            .stdout
-            .contains("egress of demo/b0 (on node-1): allowed"),
-        "{}",
-        dropped.stdout
-    );
-    assert!(
-        dropped
-            .stdout
-            .contains("ingress of demo/b1 (on node-2): dropped"),
-        "{}",
-        dropped.stdout
-    );
+    for line in [
+        "TCP/5432: DROPPED",
+        "egress of shop/frontend (on node-1): allowed",
+        "ingress of shop/db (on node-2): dropped",
+        "shop/db-from-backend ingress[0] allows TCP/5432, but only from pods shop/backend",
+    ] {
+        assert!(
+            refused.stdout.contains(line),
+            "{line:?} in {}",
+            refused.stdout
+        );
+    }
     let e = four_formats(
         &p,
         &[
-            "explain", "--from", "demo/b0", "--to", "demo/b1", "--port", "80",
+            "explain",
+            "--from",
+            "shop/frontend",
+            "--to",
+            "shop/db",
+            "--port",
+            "5432",
         ],
         1,
         "DROPPED",
@@ -438,39 +477,61 @@ fn kubectl_palisade_answers_for_the_whole_cluster_from_each_nodes_agent() {
     assert_eq!(e["nodes"][0]["agent"], agent_pod_name(0).as_str());
     assert_eq!(e["nodes"][1]["node"], "node-2");
     let allowed = p.run(&[
-        "explain", "--from", "demo/a0", "--to", "demo/b1", "--port", "80",
+        "explain",
+        "--from",
+        "shop/backend",
+        "--to",
+        "shop/db",
+        "--port",
+        "5432",
     ]);
     allowed.show().expect(0);
     assert!(
-        allowed.stdout.contains("TCP/80: ALLOWED"),
+        allowed.stdout.contains("TCP/5432: ALLOWED"),
         "{}",
         allowed.stdout
     );
     // Within one node: one agent answers both halves.
     let within = p.run(&[
-        "explain", "--from", "demo/a1", "--to", "demo/b1", "--port", "80", "-o", "json",
+        "explain",
+        "--from",
+        "shop/cache",
+        "--to",
+        "shop/db",
+        "--port",
+        "5432",
+        "-o",
+        "json",
     ]);
-    within.expect(0);
+    within.expect(1);
     let within = within.json();
     assert_eq!(within["nodes"][0]["node"], "node-2");
     assert_eq!(within["nodes"][1]["node"], "node-2");
 
     // policy show, on the pod's node.
-    let shown = p.run(&["policy", "show", "demo/b1"]);
+    let shown = p.run(&["policy", "show", "shop/db"]);
     shown.show().expect(0);
     assert!(
         shown.stdout.starts_with(&format!(
-            "node node-2 (agent pod {})\ndemo/b1",
+            "node node-2 (agent pod {})\nshop/db",
             agent_pod_name(1)
         )),
         "{}",
         shown.stdout
     );
-    let policy = four_formats(&p, &["policy", "show", "demo/b1"], 0, "demo/b-ingress");
+    let policy = four_formats(
+        &p,
+        &["policy", "show", "shop/db"],
+        0,
+        "shop/db-from-backend",
+    );
     assert_eq!(policy["node"], "node-2");
-    assert_eq!(policy["pod"], "demo/b1");
+    assert_eq!(policy["pod"], "shop/db");
     assert_eq!(policy["ingress"]["isolated"], true);
-    assert_eq!(policy["ingress"]["policies"], json!(["demo/b-ingress"]));
+    assert_eq!(
+        policy["ingress"]["policies"],
+        json!(["shop/db-from-backend"])
+    );
     assert_eq!(policy["egress"]["isolated"], false);
 
     // stats: per node and summed.
@@ -503,13 +564,13 @@ fn kubectl_palisade_answers_for_the_whole_cluster_from_each_nodes_agent() {
         );
     }
     assert!(
-        count(&nodes[1]["stats"], "dropped") > 0,
-        "node-2 dropped b0 -> b1"
+        count(&nodes[1]["stats"], "dropped") >= 2,
+        "node-2 dropped two flows"
     );
     assert_eq!(
-        count(&nodes[2]["stats"], "dropped"),
+        count(&nodes[0]["stats"], "dropped"),
         0,
-        "node-3 dropped nothing"
+        "node-1 dropped nothing"
     );
 
     // The same as `palisade cluster`, and with KUBECONFIG instead of --kubeconfig.
@@ -523,7 +584,7 @@ fn kubectl_palisade_answers_for_the_whole_cluster_from_each_nodes_agent() {
     cluster.expect(0);
     assert_eq!(cluster.json()["nodes"].as_array().unwrap().len(), 3);
 
-    // --follow: the history, then what node-1 and node-2 record, as it comes, JSON lines.
+    // --follow: the history, then what node-2 and node-3 record, as it comes, JSON lines.
     let mut follow = p
         .command(&["verdicts", "--follow", "--verdict", "dropped", "-o", "json"])
         .stdout(Stdio::piped())
@@ -540,7 +601,7 @@ fn kubectl_palisade_answers_for_the_whole_cluster_from_each_nodes_agent() {
             }
         }
     });
-    // The history first (b0 -> b1 drops).
+    // The history first (the drops so far).
     let first = rx
         .recv_timeout(Duration::from_secs(20))
         .expect("the history");
@@ -551,9 +612,12 @@ fn kubectl_palisade_answers_for_the_whole_cluster_from_each_nodes_agent() {
     let history: Vec<String> = std::iter::once(first.to_string())
         .chain(rx.try_iter())
         .collect();
-    // New drops on two nodes: b0 -> b1 (node-2 judges) and b2 -> b0 (node-1 judges b0's
-    // ingress).
-    let again = [probe("b0", "b1"), probe("b2", "b0")];
+    // New drops on two nodes: frontend -> db (node-2 judges the db's ingress) and db ->
+    // backend (node-3 judges the backend's).
+    let again = [
+        probe(&c, "frontend", "db", 5432),
+        probe(&c, "db", "backend", 8080),
+    ];
     assert_eq!(probe_expecting(&again, &[false, false]), [false, false]);
     let mut live_nodes = std::collections::BTreeSet::new();
     let mut live = Vec::new();
@@ -575,7 +639,7 @@ fn kubectl_palisade_answers_for_the_whole_cluster_from_each_nodes_agent() {
     );
     assert_eq!(
         live_nodes,
-        ["node-1".to_string(), "node-2".to_string()].into(),
+        ["node-2".to_string(), "node-3".to_string()].into(),
         "live verdicts from both nodes, merged: {live:#?}\nhistory: {history:#?}\nstderr: {}",
         String::from_utf8_lossy(&followed.stderr)
     );
@@ -584,28 +648,61 @@ fn kubectl_palisade_answers_for_the_whole_cluster_from_each_nodes_agent() {
     let missing = p.run(&[
         "explain",
         "--from",
-        "demo/nope",
+        "shop/nope",
         "--to",
-        "demo/b1",
+        "shop/db",
         "--port",
-        "80",
+        "5432",
     ]);
     missing.show().expect(2);
     assert!(
-        missing.stderr.contains("pod demo/nope not found"),
+        missing.stderr.contains("pod shop/nope not found"),
         "{}",
         missing.stderr
     );
-    let missing = p.run(&["policy", "show", "demo/nope"]);
+    let missing = p.run(&["policy", "show", "shop/nope"]);
     missing.expect(1);
     assert!(
-        missing.stderr.contains("pod demo/nope not found"),
+        missing.stderr.contains("pod shop/nope not found"),
         "{}",
         missing.stderr
     );
 
+    // The policy that allows the refused flow: once its node enforces it, explain says so.
+    drop(p);
+    c.api
+        .apply(&ingress_policy("db-from-frontend", "db", "frontend", 5432));
+    c.wait_reconciled(Duration::from_secs(60))
+        .expect("every agent applies the new policy");
+    let p = Plugin {
+        cluster: &c,
+        bin: bin.clone(),
+    };
+    let fixed = p.run(&[
+        "explain",
+        "--from",
+        "shop/frontend",
+        "--to",
+        "shop/db",
+        "--port",
+        "5432",
+    ]);
+    fixed.show().expect(0);
+    assert!(
+        fixed.stdout.contains(
+            "ingress of shop/db (on node-2): allowed by shop/db-from-frontend ingress[0]"
+        ),
+        "{}",
+        fixed.stdout
+    );
+    assert_eq!(
+        probe_expecting(&[probe(&c, "frontend", "db", 5432)], &[true]),
+        [true],
+        "and the datapath lets it through"
+    );
+
     // node-3's agent killed: named as not answering, the others still answer.
-    let bin = p.bin.clone();
+    drop(p);
     c.kill_agent(2);
     let p = Plugin { cluster: &c, bin };
     let stats = p.run(&["stats"]);
@@ -631,20 +728,29 @@ fn kubectl_palisade_answers_for_the_whole_cluster_from_each_nodes_agent() {
     assert!(s["nodes"][0]["stats"].is_object() && s["nodes"][1]["stats"].is_object());
     let error = s["nodes"][2]["error"].as_str().expect("node-3's error");
     assert!(error.contains("connecting to the agent"), "{error}");
+    let v = p.run(&["verdicts", "--verdict", "dropped"]);
+    v.show().expect(1);
+    assert!(v.stderr.contains(&node3), "{}", v.stderr);
     let v = p.run(&["verdicts", "--verdict", "dropped", "-o", "json"]);
     v.expect(1);
-    assert!(v.stderr.contains(&node3), "{}", v.stderr);
     let v = v.json();
-    assert!(!b0_to_b1_drops(&v).is_empty(), "node-2 still answers");
+    assert!(!frontend_to_db_drops(&v).is_empty(), "node-2 still answers");
     assert_eq!(v["failures"][0]["node"], "node-3");
     // explain and policy show read the node's pinned maps, which enforce while the agent is
     // down: node-3 still answers its half.
     let e = p.run(&[
-        "explain", "--from", "demo/a2", "--to", "demo/b1", "--port", "80",
+        "explain",
+        "--from",
+        "shop/backend",
+        "--to",
+        "shop/db",
+        "--port",
+        "5432",
     ]);
     e.show().expect(0);
     assert!(
-        e.stdout.contains("egress of demo/a2 (on node-3): allowed"),
+        e.stdout
+            .contains("egress of shop/backend (on node-3): allowed"),
         "{}",
         e.stdout
     );
@@ -656,7 +762,13 @@ fn kubectl_palisade_answers_for_the_whole_cluster_from_each_nodes_agent() {
         json!({"waiting": {"reason": "CrashLoopBackOff"}});
     c.api.apply(&pod.to_string());
     let e = p.run(&[
-        "explain", "--from", "demo/a2", "--to", "demo/b1", "--port", "80",
+        "explain",
+        "--from",
+        "shop/backend",
+        "--to",
+        "shop/db",
+        "--port",
+        "5432",
     ]);
     e.show().expect(2);
     assert!(e.stderr.contains(&node3), "{}", e.stderr);
