@@ -36,20 +36,13 @@ fn rows_text<T: Row>(items: &[T], output: Output) -> String {
     render_rows(items, output).unwrap_or_default()
 }
 
-/// The nodes that did not answer, after a table.
-fn failures_text(failures: &[super::view::NodeFailure]) -> String {
-    failures
-        .iter()
-        .map(|f| format!("(no answer from {f})\n"))
-        .collect()
-}
-
+/// The nodes that did not answer are named on stderr (and in JSON and YAML, `failures`).
 impl Render for ClusterVerdicts {
     fn table(&self) -> String {
-        rows_text(&self.verdicts, Output::Table) + &failures_text(&self.failures)
+        rows_text(&self.verdicts, Output::Table)
     }
     fn wide(&self) -> String {
-        rows_text(&self.verdicts, Output::Wide) + &failures_text(&self.failures)
+        rows_text(&self.verdicts, Output::Wide)
     }
 }
 
@@ -172,8 +165,8 @@ fn stats_headers(wide: bool) -> Vec<String> {
     h.into_iter().map(String::from).collect()
 }
 
-/// The per-node table with a TOTAL row, the nodes that did not answer, then the sum's
-/// details (drops by reason, policies and rules, conntrack, events; maps are per node).
+/// The per-node table with a TOTAL row (a node that did not answer: `unreachable`, the reason
+/// on stderr), then the sum's details (drops by reason, policies and rules, conntrack, events; maps are per node).
 /// `wide`: more columns, and every node's own stats after the sum.
 fn cluster_stats_text(s: &ClusterStats, wide: bool) -> String {
     let headers = stats_headers(wide);
@@ -213,9 +206,6 @@ fn cluster_stats_text(s: &ClusterStats, wide: bool) -> String {
     for r in &rows {
         out.push_str(&table_row(r, &widths));
         out.push('\n');
-    }
-    for f in s.failures() {
-        out.push_str(&format!("(no answer from {f})\n"));
     }
     let answered = s.nodes.iter().filter(|n| n.stats.is_some()).count();
     out.push_str(&format!(
