@@ -1099,6 +1099,117 @@ mod tests {
         namespace(name)
     }
 
+    /// The exec subprotocol as kube-rs's client speaks it (the plugin's own `Cluster`), with
+    /// no node and no root: output on both channels, the exit status, output larger than the
+    /// client's pipes, lines as they come, and lookups of pods that exist and do not.
+    #[test]
+    fn exec_streams_a_commands_output_and_exit_status_to_kube_rs() {
+        use palisade::kubectl::{AGENT_CONTAINER, AGENT_SELECTOR, Cluster, PluginError, connect};
+        let api = FakeApi::start_here("127.0.0.1:0".parse().unwrap()).unwrap();
+        api.apply(
+            &json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "palisade-x7k2p", "namespace": "palisade-system",
+                    "labels": {"app.kubernetes.io/name": "palisade",
+                        "app.kubernetes.io/component": "agent"}},
+                "spec": {"nodeName": "node-1", "containers": [{"name": "agent"}]},
+                "status": {"phase": "Running", "containerStatuses": [{"name": "agent",
+                    "ready": true, "restartCount": 0, "image": "x", "imageID": ""}]}})
+            .to_string(),
+        );
+        // Another namespace's pod with the same labels is not an agent.
+        api.apply(
+            &json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "impostor", "namespace": "default",
+                    "labels": {"app.kubernetes.io/name": "palisade",
+                        "app.kubernetes.io/component": "agent"}},
+                "spec": {"nodeName": "node-2", "containers": [{"name": "agent"}]},
+                "status": {"phase": "Running"}})
+            .to_string(),
+        );
+        api.serve_exec(
+            "palisade-system",
+            "palisade-x7k2p",
+            Arc::new(|argv: &[String]| {
+                let mut c = std::process::Command::new("sh");
+                c.arg("-c").arg(&argv[1]);
+                c
+            }),
+        );
+        let dir =
+            std::env::temp_dir().join(format!("palisade-fakeapi-exec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kubeconfig = dir.join("kubeconfig");
+        api.kubeconfig(&kubeconfig).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let client = connect(Some(&kubeconfig), None).await.unwrap();
+            let c = Cluster::new(client, "palisade-system", AGENT_SELECTOR, AGENT_CONTAINER);
+            let agents = c.agents().await.unwrap();
+            assert_eq!(agents.len(), 1, "{agents:?}");
+            assert_eq!(
+                (agents[0].node.as_str(), agents[0].pod.as_str()),
+                ("node-1", "palisade-x7k2p")
+            );
+            let sh = |script: &str| vec!["sh".to_string(), script.to_string()];
+            let t = Duration::from_secs(20);
+            let out = c
+                .exec(&agents[0], &sh("echo out; echo err >&2; exit 3"), t)
+                .await
+                .unwrap();
+            assert_eq!(
+                (out.exit_code, out.stdout.as_slice(), out.stderr.as_str()),
+                (3, &b"out\n"[..], "err\n")
+            );
+            assert_eq!(out.error_text(), "err");
+            let big = c
+                .exec(&agents[0], &sh("head -c 3000000 /dev/zero | tr '\\0' x"), t)
+                .await
+                .unwrap();
+            assert_eq!((big.exit_code, big.stdout.len()), (0, 3_000_000));
+            assert!(big.stdout.iter().all(|b| *b == b'x'));
+            let mut lines = Vec::new();
+            let ended = c
+                .exec_lines(
+                    &agents[0],
+                    &sh("for i in 1 2 3; do echo line$i; sleep 0.1; done; echo gone >&2; exit 1"),
+                    |l| lines.push(l.to_string()),
+                )
+                .await;
+            assert_eq!(lines, ["line1", "line2", "line3"]);
+            assert!(
+                ended
+                    .to_string()
+                    .ends_with("the stream of verdicts ended: gone"),
+                "{ended}"
+            );
+            assert!(c.pod("palisade-system/palisade-x7k2p").await.is_ok());
+            match c.pod("shop/nope").await {
+                Err(PluginError::PodNotFound { pod }) => assert_eq!(pod, "shop/nope"),
+                other => panic!("{other:?}"),
+            }
+            let nobody = palisade::kubectl::AgentPod {
+                node: "node-9".into(),
+                pod: "palisade-gone".into(),
+                phase: "Running".into(),
+                ready: true,
+            };
+            let e = c
+                .exec(&nobody, &sh("true"), t)
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("node node-9 (agent pod palisade-gone): exec:"),
+                "{e}"
+            );
+        });
+        assert_eq!(api.requests("exec palisade-system/palisade-x7k2p"), 3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn every_watcher_gets_every_change_and_delivery_is_tracked() {
         let api = FakeApi::start_here("127.0.0.1:0".parse().unwrap()).unwrap();
