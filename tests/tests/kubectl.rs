@@ -508,6 +508,30 @@ fn kubectl_palisade_answers_for_the_whole_cluster_from_each_nodes_agent() {
     assert_eq!(within["nodes"][0]["node"], "node-2");
     assert_eq!(within["nodes"][1]["node"], "node-2");
 
+    // An address at one end: only the pod's node is asked, and the note says what to name.
+    let db_ip = c.find_pod("db").unwrap().1.ip(false).to_string();
+    let to_ip = p.run(&[
+        "explain",
+        "--from",
+        "shop/frontend",
+        "--to",
+        &db_ip,
+        "--port",
+        "5432",
+        "-o",
+        "json",
+    ]);
+    to_ip.expect(0);
+    let to_ip = to_ip.json();
+    assert_eq!(to_ip["nodes"].as_array().unwrap().len(), 1, "{to_ip}");
+    assert!(
+        to_ip["notes"][0]
+            .as_str()
+            .unwrap()
+            .contains("name the pod (shop/db)"),
+        "{to_ip}"
+    );
+
     // policy show, on the pod's node.
     let shown = p.run(&["policy", "show", "shop/db"]);
     shown.show().expect(0);

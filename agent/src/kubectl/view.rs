@@ -320,7 +320,14 @@ pub fn combine_halves(
     let mut notes = Vec::new();
     let mut half = |answer: Option<&NodeAnswer>, dir: Direction, end: &End| {
         let Some(a) = answer else {
-            notes.push(format!("{} is not a pod: no node judges its {dir}", end.ip));
+            notes.push(match &end.pod {
+                // The other node knows the address as a pod's.
+                Some(pod) => format!(
+                    "{} is {pod}'s address: name the pod ({pod}) to have its node judge its {dir}",
+                    end.ip
+                ),
+                None => format!("{} is not a pod: no node judges its {dir}", end.ip),
+            });
             return;
         };
         let pod = end.pod.clone().unwrap_or_else(|| end.ip.to_string());

@@ -407,6 +407,16 @@ fn a_half_nobody_judges_is_said_so() {
         c.explanation.notes,
         ["192.0.2.7 is not a pod: no node judges its ingress"]
     );
+    // An address the source's node knows as a pod's: the note says to name the pod.
+    source.explanation.to = end(Some("demo/b1"), "10.244.1.10", false);
+    let c = combine_halves(Some(&source), None).unwrap();
+    assert_eq!(
+        c.explanation.notes,
+        [
+            "10.244.1.10 is demo/b1's address: name the pod (demo/b1) to have its node judge its ingress"
+        ]
+    );
+    source.explanation.to = end(None, "192.0.2.7", false);
     // The pod's node has no endpoint for it (no interface yet): no step, a note.
     let destination = answer("node-2", vec![], false, false);
     let c = combine_halves(Some(&source), Some(&destination)).unwrap();
