@@ -421,7 +421,11 @@ pub struct ClusterStats {
 
 impl ClusterStats {
     pub fn new(nodes: Vec<NodeStats>) -> Self {
-        let total = sum_reports(nodes.iter().filter_map(|n| n.stats.as_ref()));
+        let total = sum_named_reports(
+            nodes
+                .iter()
+                .filter_map(|n| n.stats.as_ref().map(|s| (Some(n.node.as_str()), s))),
+        );
         ClusterStats { nodes, total }
     }
 
@@ -527,7 +531,7 @@ pub fn sum_named_reports<'a>(
                 .pending_endpoints
                 .iter()
                 .cloned()
-                .chain(p.pending_endpoints.iter().cloned())
+                .chain(p.pending_endpoints.iter().map(|e| on(e)))
                 .collect(),
             map_write_failures_total: t.problems.map_write_failures_total
                 + p.map_write_failures_total,

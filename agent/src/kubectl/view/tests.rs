@@ -510,6 +510,29 @@ fn stats_are_summed_over_the_nodes_that_answered() {
     assert_eq!(t.events.recorded, 13);
     assert!(t.maps.is_empty(), "maps are per node");
     assert_eq!(stats.failures().len(), 1);
+    let mut troubled = report(1, 0, 0);
+    troubled
+        .problems
+        .errors
+        .push("attaching to lxc3: No such device".into());
+    troubled
+        .problems
+        .pending_endpoints
+        .push("demo/b (ifindex 7)".into());
+    let named = ClusterStats::new(vec![NodeStats {
+        node: "node-4".into(),
+        agent: None,
+        stats: Some(troubled),
+        error: None,
+    }]);
+    assert_eq!(
+        named.total.problems.errors,
+        ["node-4: attaching to lxc3: No such device"]
+    );
+    assert_eq!(
+        named.total.problems.pending_endpoints,
+        ["node-4: demo/b (ifindex 7)"]
+    );
 
     let table = render(&stats, Output::Table).unwrap();
     let lines: Vec<&str> = table.lines().collect();
