@@ -325,7 +325,12 @@ fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::GenerateDocs { out } => {
-            for f in cli::write_docs(Cli::command(), &out)? {
+            // `palisade` and `kubectl-palisade` (the plugin's pages and completions).
+            let mut files = cli::write_docs(Cli::command(), &out)?;
+            files.extend(cli::write_docs(kubectl::PluginCli::command(), &out)?);
+            files.sort();
+            files.dedup();
+            for f in files {
                 println!("{}", f.display());
             }
             Ok(0)

@@ -181,6 +181,10 @@ fn completions_and_man_pages_come_from_the_clap_definitions() {
         "completions/palisade.bash",
         "completions/_palisade",
         "completions/palisade.fish",
+        "man/kubectl-palisade.1",
+        "man/kubectl-palisade-verdicts.1",
+        "man/kubectl-palisade-explain.1",
+        "completions/kubectl-palisade.bash",
     ] {
         let path = dir.join(file);
         assert!(
