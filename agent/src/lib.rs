@@ -36,6 +36,10 @@ pub mod observe;
 pub mod stats;
 pub mod verdicts;
 
+// The CLI for the whole cluster (`kubectl palisade`): the agents of every node, by exec into
+// their pods.
+pub mod kubectl;
+
 /// `explain`, `policy show`, verdicts and stats naming ClusterNetworkPolicies (beside `inspect`
 /// and `verdicts`, which it tests together).
 #[cfg(test)]

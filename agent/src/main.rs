@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 use palisade::{
-    cli,
+    cli, kubectl,
     reconcile::RunConfig,
     source::{
         self,
@@ -116,6 +116,10 @@ enum Command {
     Explain(cli::ExplainArgs),
     /// Counters: per policy, drops by reason, map fill levels, conntrack, suppressed events.
     Stats(cli::StatsArgs),
+    /// The whole cluster (`kubectl palisade`, which is this binary named `kubectl-palisade`):
+    /// every node's verdicts, explain and policy show from the nodes that enforce them,
+    /// every node's stats; each agent reached by exec into its pod.
+    Cluster(kubectl::ClusterArgs),
     /// Version, git commit and build date of this binary, and what the running kernel offers
     /// (TCX, BTF).
     Version(cli::VersionArgs),
@@ -190,14 +194,26 @@ fn main() -> std::process::ExitCode {
     if invoked_as_cni_plugin() {
         std::process::exit(palisade::cni::plugin_main());
     }
+    if kubectl::invoked_as_plugin() {
+        // `kubectl palisade ...`.
+        let args = kubectl::PluginCli::parse().args;
+        let failure = args.command.failure_status();
+        return exit(kubectl::run(args), failure);
+    }
     // Bad arguments: clap's message and usage, exit status 2 (cli::EXIT_USAGE).
     let cli = Cli::parse();
-    let failure = match cli.command {
+    let failure = match &cli.command {
         // explain's 1 means "dropped".
         Command::Explain(_) => cli::EXPLAIN_ERROR,
+        Command::Cluster(a) => a.command.failure_status(),
         _ => cli::EXIT_FAILURE,
     };
-    match run(cli) {
+    exit(run(cli), failure)
+}
+
+/// The exit status of a command's result; an error printed with its causes.
+fn exit(result: Result<u8>, failure: u8) -> std::process::ExitCode {
+    match result {
         Ok(status) => std::process::ExitCode::from(status),
         Err(e) => {
             // The message and its causes, without a backtrace (RUST_BACKTRACE or not).
@@ -299,6 +315,7 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Policy(a) => cli::policy(&cli.socket, &a).map(|()| 0),
         Command::Explain(a) => cli::explain(&cli.socket, &a).map(cli::exit_code),
         Command::Stats(a) => cli::stats(&cli.socket, &a).map(|()| 0),
+        Command::Cluster(a) => kubectl::run(a),
         Command::Version(a) => cli::version(&a).map(|()| 0),
         Command::Completion { shell } => {
             use std::io::Write;
@@ -308,7 +325,12 @@ fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::GenerateDocs { out } => {
-            for f in cli::write_docs(Cli::command(), &out)? {
+            // `palisade` and `kubectl-palisade` (the plugin's pages and completions).
+            let mut files = cli::write_docs(Cli::command(), &out)?;
+            files.extend(cli::write_docs(kubectl::PluginCli::command(), &out)?);
+            files.sort();
+            files.dedup();
+            for f in files {
                 println!("{}", f.display());
             }
             Ok(0)

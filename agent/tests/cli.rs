@@ -181,6 +181,10 @@ fn completions_and_man_pages_come_from_the_clap_definitions() {
         "completions/palisade.bash",
         "completions/_palisade",
         "completions/palisade.fish",
+        "man/kubectl-palisade.1",
+        "man/kubectl-palisade-verdicts.1",
+        "man/kubectl-palisade-explain.1",
+        "completions/kubectl-palisade.bash",
     ] {
         let path = dir.join(file);
         assert!(
@@ -206,4 +210,82 @@ fn completions_and_man_pages_come_from_the_clap_definitions() {
         "no page for the hidden command"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The binary as `kubectl-palisade` (a link named so): `kubectl palisade`'s own usage, bad
+/// arguments exit 2, and a kubeconfig that leads nowhere is a failure that says which (2 for
+/// explain, 1 otherwise).
+#[test]
+fn named_kubectl_palisade_it_is_the_kubectl_plugin() {
+    let dir = std::env::temp_dir().join(format!("palisade-plugin-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("kubectl-palisade");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_palisade"), &link).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    // An API server nobody listens on.
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'http://127.0.0.1:9'}\n\
+         users:\n- name: u\n  user: {}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\ncurrent-context: x\n",
+    )
+    .unwrap();
+    let plugin = |args: &[&str]| {
+        Command::new(&link)
+            .args(args)
+            .env_remove("KUBECONFIG")
+            .output()
+            .expect("run kubectl-palisade")
+    };
+    let o = plugin(&["--help"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let help = stdout(&o);
+    assert!(help.contains("Usage: kubectl palisade"), "{help}");
+    for verb in ["verdicts", "explain", "policy", "stats", "agents"] {
+        assert!(help.contains(verb), "{verb} in {help}");
+    }
+    for flag in ["--kubeconfig", "--context", "--palisade-namespace"] {
+        assert!(help.contains(flag), "{flag} in {help}");
+    }
+    let o = plugin(&["stats", "-o", "xml"]);
+    assert_eq!(o.status.code(), Some(EXIT_USAGE.into()), "{}", stderr(&o));
+    let kc = kubeconfig.to_str().unwrap();
+    for (args, status) in [
+        (&["stats", "--kubeconfig", kc][..], EXIT_FAILURE),
+        (
+            &[
+                "--kubeconfig",
+                kc,
+                "explain",
+                "--from",
+                "a/x",
+                "--to",
+                "b/y",
+                "--port",
+                "80",
+            ],
+            EXPLAIN_ERROR,
+        ),
+    ] {
+        let o = plugin(args);
+        assert_eq!(
+            o.status.code(),
+            Some(status.into()),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+        assert!(
+            stderr(&o).contains("listing the Palisade pods in namespace palisade-system"),
+            "says what it could not do: {}",
+            stderr(&o)
+        );
+    }
+    // `palisade cluster` is the same command.
+    let o = palisade(&["cluster", "--help"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("--palisade-namespace"));
+    let o = plugin(&["--context", "nosuch", "--kubeconfig", kc, "agents"]);
+    assert_eq!(o.status.code(), Some(EXIT_FAILURE.into()));
+    assert!(stderr(&o).contains("nosuch"), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -2,13 +2,16 @@
 //! lost (a misspelt field would be silently ignored by the API server's older versions and by
 //! kubectl's client-side apply, so a round trip must give back exactly what was written), the
 //! DaemonSet has what the agent needs, RBAC grants only reads, the commands parse with the
-//! real binary, and the example policies validate in the real model.
+//! real binary, and the example policies validate in the real model. The roles of
+//! `kubectl palisade`'s users (`kubectl-plugin-role.yaml`) grant exec in palisade-system and
+//! reading one pod elsewhere, nothing more, and the plugin looks for the DaemonSet's pods as
+//! the DaemonSet labels them.
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -109,6 +112,8 @@ fn every_manifest_parses_into_its_type() {
             "ServiceAccount" => drop(typed::<ServiceAccount>(&file, &v)),
             "ClusterRole" => drop(typed::<ClusterRole>(&file, &v)),
             "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(&file, &v)),
+            "Role" => drop(typed::<Role>(&file, &v)),
+            "RoleBinding" => drop(typed::<RoleBinding>(&file, &v)),
             "DaemonSet" => drop(typed::<DaemonSet>(&file, &v)),
             "NetworkPolicy" => policies.push(typed::<NetworkPolicy>(&file, &v)),
             "ClusterNetworkPolicy" => {
@@ -162,10 +167,11 @@ fn load<T: DeserializeOwned + serde::Serialize>(name: &str, kind: &str) -> T {
 
 #[test]
 fn rbac_only_reads_what_policy_needs() {
-    // One ClusterRole in all of manifests/ (no other file grants more), aggregating nothing.
+    // One ClusterRole in all of manifests/ besides the plugin users' (no other file grants
+    // more), aggregating nothing.
     let roles: Vec<String> = documents(&manifests_dir())
         .into_iter()
-        .filter(|(_, v)| v["kind"] == "ClusterRole")
+        .filter(|(f, v)| v["kind"] == "ClusterRole" && !f.ends_with(PLUGIN_ROLES))
         .map(|(f, _)| f)
         .collect();
     assert_eq!(roles.len(), 1, "ClusterRoles in manifests/: {roles:?}");
@@ -202,6 +208,92 @@ fn rbac_only_reads_what_policy_needs() {
     assert_eq!(subject.kind, "ServiceAccount");
     assert_eq!(Some(&subject.name), sa.metadata.name.as_ref());
     assert_eq!(subject.namespace, sa.metadata.namespace);
+}
+
+/// The roles of `kubectl palisade`'s users.
+const PLUGIN_ROLES: &str = "kubectl-plugin-role.yaml";
+
+/// (api group/resource, verbs sorted) of every rule.
+fn grants(rules: Vec<k8s_openapi::api::rbac::v1::PolicyRule>) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for rule in rules {
+        assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+        let mut verbs = rule.verbs.clone();
+        verbs.sort();
+        for g in rule.api_groups.unwrap() {
+            for r in rule.resources.clone().unwrap() {
+                out.push((format!("{g}/{r}"), verbs.clone()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn the_plugins_users_may_exec_into_the_agents_and_read_pods_nothing_more() {
+    let role: Role = load(PLUGIN_ROLES, "Role");
+    assert_eq!(
+        role.metadata.namespace.as_deref(),
+        Some(palisade::kubectl::PALISADE_NAMESPACE),
+        "exec in the Palisade namespace only"
+    );
+    assert_eq!(
+        grants(role.rules.unwrap()),
+        [
+            ("/pods".to_string(), vec!["get".to_string(), "list".into()]),
+            (
+                "/pods/exec".to_string(),
+                vec!["create".to_string(), "get".into()]
+            ),
+        ]
+    );
+    let lookup: ClusterRole = load(PLUGIN_ROLES, "ClusterRole");
+    assert!(lookup.aggregation_rule.is_none());
+    assert_eq!(
+        grants(lookup.rules.unwrap()),
+        [("/pods".to_string(), vec!["get".to_string()])],
+        "reading one pod (its node), not listing"
+    );
+    let binding: RoleBinding = load(PLUGIN_ROLES, "RoleBinding");
+    assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
+    assert_eq!(binding.metadata.namespace, role.metadata.namespace);
+    let binding: ClusterRoleBinding = load(PLUGIN_ROLES, "ClusterRoleBinding");
+    assert_eq!(binding.role_ref.name, lookup.metadata.name.unwrap());
+    // Not deployed with the agent: bound on purpose, to people.
+    let kustomization = documents(&manifests_dir())
+        .into_iter()
+        .find(|(_, v)| v["kind"] == "Kustomization")
+        .unwrap()
+        .1;
+    assert!(
+        !kustomization["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r == PLUGIN_ROLES)
+    );
+}
+
+#[test]
+fn the_plugin_finds_the_daemonsets_pods_and_their_agent_container() {
+    let ds: DaemonSet = load("daemonset.yaml", "DaemonSet");
+    assert_eq!(
+        ds.metadata.namespace.as_deref(),
+        Some(palisade::kubectl::PALISADE_NAMESPACE)
+    );
+    let labels = ds.spec.template.metadata.unwrap().labels.unwrap();
+    for term in palisade::kubectl::AGENT_SELECTOR.split(',') {
+        let (k, v) = term.split_once('=').unwrap();
+        assert_eq!(labels.get(k).map(String::as_str), Some(v), "{term}");
+    }
+    let pod = ds.spec.template.spec.unwrap();
+    assert_eq!(pod.containers[0].name, palisade::kubectl::AGENT_CONTAINER);
+    assert_eq!(
+        pod.containers[0].command.as_deref(),
+        Some(&[palisade::kubectl::REMOTE_BINARY.to_string()][..]),
+        "the binary the plugin runs in the container"
+    );
 }
 
 #[test]

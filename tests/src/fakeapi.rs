@@ -6,6 +6,13 @@
 //! so a test can wait for every agent's reconcile of a change. Also the agent in cluster mode
 //! ([`ClusterAgent`]) and the objects tests write. `PALISADE_FAKEAPI_DEBUG=1` prints every
 //! request and every event sent, with the client's address.
+//!
+//! For `kubectl palisade`: a namespace's pods (with a label selector), one pod by name (a
+//! `NotFound` Status when there is none), and a pod's `exec` subresource, upgraded to a
+//! WebSocket with the `v5.channel.k8s.io` (or `v4`) subprotocol as the API server does: the
+//! command a test registered for the pod ([`FakeApi::serve_exec`]) runs with its stdout and
+//! stderr sent on channels 1 and 2 as it writes them, and its exit status as a `Status` on
+//! channel 3 (`NonZeroExitCode` with an `ExitCode` cause, as the kubelet reports it).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -68,7 +75,14 @@ struct ApiState {
     missing: BTreeSet<String>,
     /// Open watches, by a number of their own.
     watchers: BTreeMap<u64, Watcher>,
+    /// What `exec` into a pod runs, by (namespace, name).
+    execs: BTreeMap<(String, String), ExecHandler>,
 }
+
+/// What `exec` into a pod runs: the command for the container's argv (`command=` parameters),
+/// spawned with its stdout and stderr streamed back on channels 1 and 2 and its exit status
+/// on channel 3.
+pub type ExecHandler = Arc<dyn Fn(&[String]) -> std::process::Command + Send + Sync>;
 
 /// An open watch: who asked, for what, and how far it has been sent the history.
 #[derive(Clone, Debug)]
@@ -238,6 +252,14 @@ impl FakeApi {
         cv.notify_all();
     }
 
+    /// `exec` into pod `namespace/name` runs `handler(argv)` (the pod must also be in the API
+    /// for lookups; the exec itself needs only this).
+    pub fn serve_exec(&self, namespace: &str, name: &str, handler: ExecHandler) {
+        let mut s = self.state.0.lock().unwrap();
+        s.execs
+            .insert((namespace.to_string(), name.to_string()), handler);
+    }
+
     /// The current resource version (that of the last change).
     pub fn resource_version(&self) -> u64 {
         self.state.0.lock().unwrap().rv
@@ -375,10 +397,15 @@ fn serve(
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
+    // Header names in lower case.
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h)? == 0 || h == "\r\n" {
             break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
         }
     }
     let target = line.split_whitespace().nth(1).unwrap_or("/").to_string();
@@ -391,6 +418,11 @@ fn serve(
         .split('&')
         .filter_map(|kv| kv.split_once('='))
         .collect();
+    if let Some(rest) = path.strip_prefix("/api/v1/namespaces/")
+        && let Some((ns, rest)) = rest.split_once('/')
+    {
+        return serve_namespaced_pods(conn, state, ns, rest, query, &headers);
+    }
     let Some(&(resource, _, kind, api_version)) = RESOURCES.iter().find(|r| r.1 == path) else {
         return page_not_found(&mut conn);
     };
@@ -532,6 +564,306 @@ fn serve(
         }
         s = cv.wait_timeout(s, Duration::from_millis(250)).unwrap().0;
     }
+}
+
+/// `%2F` and `+` in a query value.
+fn url_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                Ok(b) => {
+                    out.push(b);
+                    i += 2;
+                }
+                Err(_) => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A query's parameters in order, decoded (`command` comes once per argument).
+fn query_params(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (url_decode(k), url_decode(v)))
+        .collect()
+}
+
+/// A `Status` failure as the API server sends it.
+fn status_failure(conn: &mut TcpStream, code: u16, reason: &str, message: &str) -> Result<()> {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code});
+    let line = match code {
+        404 => "404 Not Found",
+        400 => "400 Bad Request",
+        _ => "500 Internal Server Error",
+    };
+    respond(conn, line, body.to_string().as_bytes()).map_err(Into::into)
+}
+
+/// `labelSelector=k=v,k2=v2` (equality only) on an object's labels.
+fn labels_match(obj: &Value, selector: &str) -> bool {
+    selector
+        .split(',')
+        .filter(|t| !t.is_empty())
+        .all(|term| match term.split_once('=') {
+            Some((k, v)) => obj["metadata"]["labels"][k.trim_end_matches('=')] == json!(v),
+            None => !obj["metadata"]["labels"][term].is_null(),
+        })
+}
+
+/// `/api/v1/namespaces/NS/...`: the namespace's pods (`pods`), one pod (`pods/NAME`), and
+/// `pods/NAME/exec`.
+fn serve_namespaced_pods(
+    mut conn: TcpStream,
+    state: &Arc<(Mutex<ApiState>, Condvar)>,
+    ns: &str,
+    rest: &str,
+    query: &str,
+    headers: &BTreeMap<String, String>,
+) -> Result<()> {
+    let params = query_params(query);
+    let parts: Vec<&str> = rest.split('/').collect();
+    let mut s = state.0.lock().unwrap();
+    match parts.as_slice() {
+        ["pods"] => {
+            *s.requests.entry(format!("list pods {ns}")).or_default() += 1;
+            let selector = params
+                .iter()
+                .find(|(k, _)| k == "labelSelector")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
+            let items: Vec<Value> = s
+                .objects
+                .iter()
+                .filter(|((r, n, _), v)| r == "pods" && n == ns && labels_match(v, &selector))
+                .map(|(_, v)| {
+                    let mut v = v.clone();
+                    if let Some(o) = v.as_object_mut() {
+                        o.remove("kind");
+                        o.remove("apiVersion");
+                    }
+                    v
+                })
+                .collect();
+            let body = json!({"kind": "PodList", "apiVersion": "v1",
+                "metadata": {"resourceVersion": s.rv.to_string()}, "items": items});
+            drop(s);
+            respond(&mut conn, "200 OK", body.to_string().as_bytes()).map_err(Into::into)
+        }
+        ["pods", name] => {
+            *s.requests
+                .entry(format!("get pod {ns}/{name}"))
+                .or_default() += 1;
+            let key = ("pods".to_string(), ns.to_string(), name.to_string());
+            match s.objects.get(&key).cloned() {
+                Some(v) => {
+                    drop(s);
+                    respond(&mut conn, "200 OK", v.to_string().as_bytes()).map_err(Into::into)
+                }
+                None => {
+                    drop(s);
+                    status_failure(
+                        &mut conn,
+                        404,
+                        "NotFound",
+                        &format!("pods \"{name}\" not found"),
+                    )
+                }
+            }
+        }
+        ["pods", name, "exec"] => {
+            *s.requests.entry(format!("exec {ns}/{name}")).or_default() += 1;
+            let handler = s.execs.get(&(ns.to_string(), name.to_string())).cloned();
+            drop(s);
+            let Some(handler) = handler else {
+                return status_failure(
+                    &mut conn,
+                    404,
+                    "NotFound",
+                    &format!("pods \"{name}\" not found"),
+                );
+            };
+            let argv: Vec<String> = params
+                .iter()
+                .filter(|(k, _)| k == "command")
+                .map(|(_, v)| v.clone())
+                .collect();
+            serve_exec(conn, headers, &argv, &handler)
+        }
+        _ => {
+            drop(s);
+            page_not_found(&mut conn)
+        }
+    }
+}
+
+/// The exec stream's channels (k8s.io/apimachinery/pkg/util/remotecommand).
+const STDOUT_CHANNEL: u8 = 1;
+const STDERR_CHANNEL: u8 = 2;
+const STATUS_CHANNEL: u8 = 3;
+
+/// Upgrades the connection to a WebSocket (`v5.channel.k8s.io`, else `v4.channel.k8s.io`),
+/// runs the command and streams it: each read of its stdout and stderr as a binary message
+/// on channel 1 or 2, then its exit status on channel 3, then a close. A client that goes
+/// away (a `--follow` interrupted) has the command killed.
+fn serve_exec(
+    mut conn: TcpStream,
+    headers: &BTreeMap<String, String>,
+    argv: &[String],
+    handler: &ExecHandler,
+) -> Result<()> {
+    use std::io::Read;
+    use tungstenite::{Message, protocol::Role};
+    let upgrade = headers
+        .get("upgrade")
+        .is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
+    let Some(key) = headers.get("sec-websocket-key").filter(|_| upgrade) else {
+        return status_failure(
+            &mut conn,
+            400,
+            "BadRequest",
+            "exec needs a WebSocket upgrade",
+        );
+    };
+    let offered: Vec<&str> = headers
+        .get("sec-websocket-protocol")
+        .map(|p| p.split(',').map(str::trim).collect())
+        .unwrap_or_default();
+    let Some(protocol) = ["v5.channel.k8s.io", "v4.channel.k8s.io"]
+        .into_iter()
+        .find(|p| offered.contains(p))
+    else {
+        return status_failure(
+            &mut conn,
+            400,
+            "BadRequest",
+            &format!("no supported subprotocol in {offered:?}"),
+        );
+    };
+    if argv.is_empty() {
+        return status_failure(
+            &mut conn,
+            400,
+            "BadRequest",
+            "you must specify at least 1 command",
+        );
+    }
+    write!(
+        conn,
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+         sec-websocket-accept: {}\r\nsec-websocket-protocol: {protocol}\r\n\r\n",
+        tungstenite::handshake::derive_accept_key(key.as_bytes())
+    )?;
+    conn.flush()?;
+    conn.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let mut ws = tungstenite::WebSocket::from_raw_socket(conn, Role::Server, None);
+    let mut cmd = handler(argv);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            // What the kubelet says of a command it cannot start.
+            let status = json!({"metadata": {}, "status": "Failure", "reason": "InternalError",
+                "message": format!("exec: {e}")});
+            let mut msg = vec![STATUS_CHANNEL];
+            msg.extend(status.to_string().as_bytes());
+            ws.send(Message::binary(msg))?;
+            let _ = ws.close(None);
+            let _ = ws.flush();
+            return Ok(());
+        }
+    };
+    let (tx, rx) = std::sync::mpsc::channel::<(u8, Vec<u8>)>();
+    let pipes: Vec<(u8, Box<dyn Read + Send>)> = vec![
+        (
+            STDOUT_CHANNEL,
+            Box::new(child.stdout.take().expect("piped")),
+        ),
+        (
+            STDERR_CHANNEL,
+            Box::new(child.stderr.take().expect("piped")),
+        ),
+    ];
+    for (channel, mut pipe) in pipes {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 16 * 1024];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 || tx.send((channel, buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let gone = loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok((channel, data)) => {
+                let mut msg = Vec::with_capacity(data.len() + 1);
+                msg.push(channel);
+                msg.extend(data);
+                if ws.send(Message::binary(msg)).is_err() {
+                    break true;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break false,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => match ws.read() {
+                Ok(Message::Close(_)) => break true,
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break true,
+            },
+        }
+    };
+    if gone {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Ok(());
+    }
+    let exit = child.wait()?;
+    let status = match exit.code() {
+        Some(0) => json!({"metadata": {}, "status": "Success"}),
+        code => {
+            let code = code.unwrap_or(137);
+            json!({"metadata": {}, "status": "Failure",
+                "message": format!("command terminated with non-zero exit code: error executing command {argv:?}, exit code {code}"),
+                "reason": "NonZeroExitCode",
+                "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]}})
+        }
+    };
+    let mut msg = vec![STATUS_CHANNEL];
+    msg.extend(status.to_string().as_bytes());
+    ws.send(Message::binary(msg))?;
+    let _ = ws.close(None);
+    // Until the client's close arrives (or it is gone).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        match ws.read() {
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -765,6 +1097,117 @@ mod tests {
 
     fn ns(name: &str) -> String {
         namespace(name)
+    }
+
+    /// The exec subprotocol as kube-rs's client speaks it (the plugin's own `Cluster`), with
+    /// no node and no root: output on both channels, the exit status, output larger than the
+    /// client's pipes, lines as they come, and lookups of pods that exist and do not.
+    #[test]
+    fn exec_streams_a_commands_output_and_exit_status_to_kube_rs() {
+        use palisade::kubectl::{AGENT_CONTAINER, AGENT_SELECTOR, Cluster, PluginError, connect};
+        let api = FakeApi::start_here("127.0.0.1:0".parse().unwrap()).unwrap();
+        api.apply(
+            &json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "palisade-x7k2p", "namespace": "palisade-system",
+                    "labels": {"app.kubernetes.io/name": "palisade",
+                        "app.kubernetes.io/component": "agent"}},
+                "spec": {"nodeName": "node-1", "containers": [{"name": "agent"}]},
+                "status": {"phase": "Running", "containerStatuses": [{"name": "agent",
+                    "ready": true, "restartCount": 0, "image": "x", "imageID": ""}]}})
+            .to_string(),
+        );
+        // Another namespace's pod with the same labels is not an agent.
+        api.apply(
+            &json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "impostor", "namespace": "default",
+                    "labels": {"app.kubernetes.io/name": "palisade",
+                        "app.kubernetes.io/component": "agent"}},
+                "spec": {"nodeName": "node-2", "containers": [{"name": "agent"}]},
+                "status": {"phase": "Running"}})
+            .to_string(),
+        );
+        api.serve_exec(
+            "palisade-system",
+            "palisade-x7k2p",
+            Arc::new(|argv: &[String]| {
+                let mut c = std::process::Command::new("sh");
+                c.arg("-c").arg(&argv[1]);
+                c
+            }),
+        );
+        let dir =
+            std::env::temp_dir().join(format!("palisade-fakeapi-exec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kubeconfig = dir.join("kubeconfig");
+        api.kubeconfig(&kubeconfig).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let client = connect(Some(&kubeconfig), None).await.unwrap();
+            let c = Cluster::new(client, "palisade-system", AGENT_SELECTOR, AGENT_CONTAINER);
+            let agents = c.agents().await.unwrap();
+            assert_eq!(agents.len(), 1, "{agents:?}");
+            assert_eq!(
+                (agents[0].node.as_str(), agents[0].pod.as_str()),
+                ("node-1", "palisade-x7k2p")
+            );
+            let sh = |script: &str| vec!["sh".to_string(), script.to_string()];
+            let t = Duration::from_secs(20);
+            let out = c
+                .exec(&agents[0], &sh("echo out; echo err >&2; exit 3"), t)
+                .await
+                .unwrap();
+            assert_eq!(
+                (out.exit_code, out.stdout.as_slice(), out.stderr.as_str()),
+                (3, &b"out\n"[..], "err\n")
+            );
+            assert_eq!(out.error_text(), "err");
+            let big = c
+                .exec(&agents[0], &sh("head -c 3000000 /dev/zero | tr '\\0' x"), t)
+                .await
+                .unwrap();
+            assert_eq!((big.exit_code, big.stdout.len()), (0, 3_000_000));
+            assert!(big.stdout.iter().all(|b| *b == b'x'));
+            let mut lines = Vec::new();
+            let ended = c
+                .exec_lines(
+                    &agents[0],
+                    &sh("for i in 1 2 3; do echo line$i; sleep 0.1; done; echo gone >&2; exit 1"),
+                    |l| lines.push(l.to_string()),
+                )
+                .await;
+            assert_eq!(lines, ["line1", "line2", "line3"]);
+            assert!(
+                ended
+                    .to_string()
+                    .ends_with("the stream of verdicts ended: gone"),
+                "{ended}"
+            );
+            assert!(c.pod("palisade-system/palisade-x7k2p").await.is_ok());
+            match c.pod("shop/nope").await {
+                Err(PluginError::PodNotFound { pod }) => assert_eq!(pod, "shop/nope"),
+                other => panic!("{other:?}"),
+            }
+            let nobody = palisade::kubectl::AgentPod {
+                node: "node-9".into(),
+                pod: "palisade-gone".into(),
+                phase: "Running".into(),
+                ready: true,
+            };
+            let e = c
+                .exec(&nobody, &sh("true"), t)
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("node node-9 (agent pod palisade-gone): exec:"),
+                "{e}"
+            );
+        });
+        assert_eq!(api.requests("exec palisade-system/palisade-x7k2p"), 3);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

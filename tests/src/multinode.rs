@@ -14,6 +14,12 @@
 //! `--node-name node-<k+1>` and enforces only its node's pods: the API lists every pod, and
 //! an agent's endpoints are the pods scheduled on its node whose host routes it finds.
 //! Dropping the cluster stops the agents, the API server, and deletes every namespace.
+//!
+//! For `kubectl palisade`: [`Cluster::serve_agent_pods`] publishes each node's agent as the
+//! DaemonSet's pod (`palisade-system`, its labels, the node's name and address) and makes the
+//! pod's `exec` run the node's `palisade` CLI against that node's agent socket, as the agent's
+//! container would; [`Cluster::operator_command`] runs a command where an operator's kubectl
+//! runs, on the fabric (it reaches the API server, not the nodes).
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -48,6 +54,21 @@ pub fn node_ips(k: usize) -> (Ipv4Addr, Ipv6Addr) {
 /// Node `k`'s name in the API (`node-1` for node 0).
 pub fn node_name(k: usize) -> String {
     format!("node-{}", k + 1)
+}
+
+/// Node `k`'s agent pod's name, as a DaemonSet names its pods (`palisade-` and five
+/// characters that do not say which node).
+pub fn agent_pod_name(k: usize) -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut x = (k as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let suffix: String = (0..5)
+        .map(|_| {
+            let c = ALPHABET[(x % ALPHABET.len() as u64) as usize] as char;
+            x /= ALPHABET.len() as u64;
+            c
+        })
+        .collect();
+    format!("palisade-{suffix}")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -285,6 +306,75 @@ impl Cluster {
         let delivered = self.api.wait_delivered(&peers, rv, timeout)?;
         for (k, since) in which.iter().zip(delivered) {
             self.wait_agent(*k, since, timeout)?;
+        }
+        Ok(())
+    }
+
+    /// The kubeconfig the agents use (once they are started): the API server's.
+    pub fn kubeconfig(&self) -> Option<&Path> {
+        self.kubeconfig.as_deref()
+    }
+
+    /// A command run on the fabric, where the API server listens (an operator's machine: it
+    /// reaches the API server and no node's agent).
+    pub fn operator_command(&self, program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+        netns::command_in(&self._fabric.0, program)
+    }
+
+    /// Node `k`'s agent pod as the DaemonSet in `manifests/` makes it: namespace
+    /// `palisade-system`, the DaemonSet's labels, host network, running and ready.
+    pub fn agent_pod_object(&self, k: usize) -> serde_json::Value {
+        let ip = node_ips(k).0.to_string();
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": agent_pod_name(k), "namespace": "palisade-system",
+                "generateName": "palisade-",
+                "creationTimestamp": "2026-12-06T10:00:00Z",
+                "labels": {"app.kubernetes.io/name": "palisade",
+                    "app.kubernetes.io/component": "agent", "pod-template-generation": "1"},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet",
+                    "name": "palisade", "uid": "uid-daemonset-palisade", "controller": true}],
+            },
+            "spec": {"nodeName": node_name(k), "hostNetwork": true,
+                "serviceAccountName": "palisade",
+                "containers": [{"name": "agent", "image": "ghcr.io/palisade-dev/palisade:0.1.0",
+                    "command": ["palisade"], "args": ["run"]}]},
+            "status": {"phase": "Running", "hostIP": ip, "podIP": ip, "podIPs": [{"ip": ip}],
+                "containerStatuses": [{"name": "agent", "ready": true, "restartCount": 0,
+                    "image": "ghcr.io/palisade-dev/palisade:0.1.0", "imageID": "",
+                    "started": true, "state": {"running": {"startedAt": "2026-12-06T10:00:05Z"}}}]},
+        })
+    }
+
+    /// Publishes every node's agent pod ([`Cluster::agent_pod_object`]) and serves its
+    /// `exec`: `palisade ARGS` runs `agent ARGS` in the node's network namespace with
+    /// `PALISADE_SOCKET` set to that node's agent socket (the agent's container has its socket
+    /// at the default path); another program runs as named. Call after `start_agents`.
+    pub fn serve_agent_pods(&self, agent: &Path) -> Result<()> {
+        for (k, node) in self.nodes.iter().enumerate() {
+            let socket = self
+                .agent(k)
+                .with_context(|| format!("no agent on {}", node_name(k)))?
+                .socket()
+                .to_path_buf();
+            self.api.apply(&self.agent_pod_object(k).to_string());
+            let (netns_name, agent) = (node.netns_name.clone(), agent.to_path_buf());
+            self.api.serve_exec(
+                "palisade-system",
+                &agent_pod_name(k),
+                std::sync::Arc::new(move |argv: &[String]| {
+                    let program = match argv[0].as_str() {
+                        "palisade" => agent.clone(),
+                        other => PathBuf::from(other),
+                    };
+                    let mut cmd = netns::command_in(&netns_name, program);
+                    cmd.args(&argv[1..])
+                        .env("PALISADE_SOCKET", &socket)
+                        .env_remove("KUBECONFIG");
+                    cmd
+                }),
+            );
         }
         Ok(())
     }

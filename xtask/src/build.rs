@@ -212,7 +212,23 @@ fn build_agent(release: bool) -> Result<PathBuf> {
     if !status.success() {
         bail!("building the agent failed");
     }
-    Ok(target_dir()
+    let bin = target_dir()
         .join(if release { "release" } else { "debug" })
-        .join("palisade"))
+        .join("palisade");
+    link_kubectl_plugin(&bin)?;
+    Ok(bin)
+}
+
+/// `kubectl-palisade` beside the binary, a link to it: the binary answers to that name as
+/// `kubectl palisade` (put the directory on the PATH, or copy both).
+fn link_kubectl_plugin(bin: &Path) -> Result<()> {
+    let link = bin.with_file_name("kubectl-palisade");
+    match std::fs::read_link(&link) {
+        Ok(target) if target == Path::new("palisade") => return Ok(()),
+        Ok(_) => std::fs::remove_file(&link)?,
+        Err(_) if link.exists() => std::fs::remove_file(&link)?,
+        Err(_) => {}
+    }
+    std::os::unix::fs::symlink("palisade", &link)
+        .with_context(|| format!("linking {}", link.display()))
 }

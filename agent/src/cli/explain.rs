@@ -70,19 +70,21 @@ pub fn explain(socket: &Path, a: &ExplainArgs) -> Result<VerdictKind> {
 
 impl Render for Explanation {
     fn table(&self) -> String {
-        explanation_text(self, false)
+        explanation_text(self, false, &[])
     }
     fn wide(&self) -> String {
-        explanation_text(self, true)
+        explanation_text(self, true, &[])
     }
 }
 
 pub fn explain_text(e: &Explanation) -> String {
-    explanation_text(e, false)
+    explanation_text(e, false, &[])
 }
 
 /// `wide`: each step's deciding rules (with their ids) and the policies in force too.
-fn explanation_text(e: &Explanation, wide: bool) -> String {
+/// `step_nodes`: the node that judged each step (`kubectl palisade explain`), named after its
+/// pod; none on one node.
+pub fn explanation_text(e: &Explanation, wide: bool, step_nodes: &[&str]) -> String {
     let end = |pod: &Option<String>, ip: &std::net::IpAddr| match pod {
         Some(p) => format!("{p} ({ip})"),
         None => ip.to_string(),
@@ -97,9 +99,13 @@ fn explanation_text(e: &Explanation, wide: bool) -> String {
         end(&e.to.pod, &e.to.ip),
         e.verdict.as_str().to_uppercase()
     );
-    for st in &e.steps {
+    for (i, st) in e.steps.iter().enumerate() {
+        let on = match step_nodes.get(i) {
+            Some(node) => format!(" (on {node})"),
+            None => String::new(),
+        };
         s.push_str(&format!(
-            "  {} of {}: {}\n",
+            "  {} of {}{on}: {}\n",
             st.direction, st.pod, st.summary
         ));
         if let Some(d) = &st.domain {

@@ -18,7 +18,9 @@ mod verdicts;
 mod version;
 
 pub use docs::{DocsError, completion, write_docs};
-pub use explain::{EXIT_CODES_HELP, EXPLAIN_ERROR, ExplainArgs, exit_code, explain, explain_text};
+pub use explain::{
+    EXIT_CODES_HELP, EXPLAIN_ERROR, ExplainArgs, exit_code, explain, explain_text, explanation_text,
+};
 pub use fqdn::{FqdnArgs, FqdnRow, fqdn, fqdn_rows, fqdn_table};
 pub use output::{
     Output, Render, RenderError, Row, Stream, print, print_rows, render, render_rows, table_row,

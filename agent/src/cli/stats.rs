@@ -128,7 +128,10 @@ pub fn stats_text(r: &StatsReport) -> String {
             ));
         }
     }
-    s.push_str("\nMAP            ENTRIES   CAPACITY    FILL\n");
+    // (A sum over nodes has no maps: each node has its own.)
+    if !r.maps.is_empty() {
+        s.push_str("\nMAP            ENTRIES   CAPACITY    FILL\n");
+    }
     for m in &r.maps {
         s.push_str(&format!(
             "{:<12} {:>9} {:>10} {:>6.2}%\n",
