@@ -47,6 +47,8 @@ pub struct Observer {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Stops with the observer.
     _admin: Option<AdminServer>,
+    /// The pods' part of the names, with the IDENTITIES stamp it was built for.
+    pods: std::sync::Mutex<Option<(u64, crate::inspect::PodIndex)>>,
 }
 
 impl Observer {
@@ -88,10 +90,13 @@ impl Observer {
             cfg,
             tasks,
             _admin: admin,
+            pods: Default::default(),
         })
     }
 
     /// After a reconcile: new names for events, the state file for the CLI, metrics.
+    /// `pods_stamp`: the compiler's IDENTITIES stamp when `applied` is its state as it made it
+    /// (the pods' part is rebuilt only when it changes).
     pub fn publish(
         &self,
         applied: &DesiredState,
@@ -99,13 +104,26 @@ impl Observer {
         node_addresses: &[IpAddr],
         started_at_unix_ms: u128,
         stats: ApplyStats,
+        pods_stamp: Option<u64>,
     ) {
-        let file = StateFile::build(
+        let pods = {
+            let mut cached = self.pods.lock().expect("pods lock");
+            match (&*cached, pods_stamp) {
+                (Some((stamp, pods)), Some(now)) if *stamp == now && now != 0 => pods.clone(),
+                _ => {
+                    let pods = crate::inspect::PodIndex::build(applied, store);
+                    *cached = pods_stamp.map(|s| (s, pods.clone()));
+                    pods
+                }
+            }
+        };
+        let file = StateFile::build_with(
             applied,
             store,
             node_addresses,
             &self.cfg.pin_dir,
             self.cfg.audit_all,
+            &pods,
         );
         if let Some(socket) = &self.cfg.socket {
             let path = state_path(socket);
@@ -136,7 +154,9 @@ impl Observer {
             removed: stats.removed,
             failed: stats.failed,
         });
-        *self.hub.names.write().expect("names lock") = Arc::new(Names::new(file, applied));
+        let names = Arc::new(Names::with_owners(file, applied, pods.ip_owner));
+        // The names they replace are dropped here, outside the lock.
+        let _old = std::mem::replace(&mut *self.hub.names.write().expect("names lock"), names);
     }
 
     pub fn set_problems(&self, problems: Problems) {

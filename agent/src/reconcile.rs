@@ -88,6 +88,19 @@ pub struct View<'a> {
     pub started_at_unix_ms: u128,
 }
 
+/// Where a reconcile's time went: reading the host, compiling (with Services and fencing),
+/// writing the maps, publishing to the observers; the rest is attaching and the status.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Phases {
+    pub host: Duration,
+    pub compile: Duration,
+    pub write: Duration,
+    pub observe: Duration,
+    pub total: Duration,
+    pub endpoints_compiled: usize,
+    pub full_compile: bool,
+}
+
 /// What the agent reports after each reconcile.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Status {
@@ -147,6 +160,8 @@ pub struct Agent {
     /// The FQDN learner (absent if its maps could not be opened: `domainNames` then match
     /// nothing).
     fqdn: Option<crate::fqdn::Fqdn>,
+    /// Where the last reconcile's time went.
+    phases: Phases,
 }
 
 impl Agent {
@@ -206,6 +221,7 @@ impl Agent {
             cni_seen: Vec::new(),
             cni_provisioned: Default::default(),
             fqdn,
+            phases: Phases::default(),
         })
     }
 
@@ -336,14 +352,19 @@ impl Agent {
             f.set_tables(crate::fqdn::Tables::of(self.writer.applied(), services));
         }
         if let Some(o) = &self.observer {
+            // The pods' part of the names follows the compiler's IDENTITIES stamp (Services
+            // add VIPs to IDENTITIES, not pods), when every write was made.
+            let pods_stamp = (stats.failed == 0).then_some(compiled.stamps.identities);
             o.publish(
                 self.writer.applied(),
                 store,
                 &self.host.addresses,
                 started_at_unix_ms,
                 stats,
+                pods_stamp,
             );
         }
+        let observed = started.elapsed();
         let mut attach_failures = 0;
         for ifindex in desired.endpoints.keys() {
             if let Err(e) = self.datapath.attach(*ifindex) {
@@ -414,9 +435,19 @@ impl Agent {
             host_ms = ms(host_read),
             compile_ms = ms(compiled_at - host_read),
             write_ms = ms(written - compiled_at),
+            observe_ms = ms(observed - written),
             elapsed_ms = ms(started.elapsed()),
             "reconciled"
         );
+        self.phases = Phases {
+            host: host_read,
+            compile: compiled_at - host_read,
+            write: written - compiled_at,
+            observe: observed - written,
+            total: started.elapsed(),
+            endpoints_compiled: update.endpoints_compiled,
+            full_compile: update.full,
+        };
         let status = Status {
             started_at_unix_ms,
             reconciled_at_unix_ms: unix_ms(),
@@ -446,6 +477,11 @@ impl Agent {
             write_atomically(path, &serde_json::to_vec_pretty(status)?)?;
         }
         Ok(())
+    }
+
+    /// Where the last reconcile's time went.
+    pub fn phases(&self) -> Phases {
+        self.phases
     }
 
     pub fn pin_dir(&self) -> &Path {

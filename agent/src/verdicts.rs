@@ -95,7 +95,7 @@ impl History {
 #[derive(Default)]
 pub struct Names {
     pub file: StateFile,
-    ip_owner: HashMap<IpAddr, String>,
+    ip_owner: Arc<HashMap<IpAddr, String>>,
     node: BTreeSet<IpAddr>,
     /// (endpoint id, direction) with at least one allow entry.
     with_allows: BTreeSet<(u32, u8)>,
@@ -103,7 +103,16 @@ pub struct Names {
 
 impl Names {
     pub fn new(file: StateFile, applied: &DesiredState) -> Names {
-        let ip_owner = file.ip_owners();
+        let ip_owner = Arc::new(file.ip_owners());
+        Names::with_owners(file, applied, ip_owner)
+    }
+
+    /// `new`, with the address owners made already (`PodIndex`).
+    pub fn with_owners(
+        file: StateFile,
+        applied: &DesiredState,
+        ip_owner: Arc<HashMap<IpAddr, String>>,
+    ) -> Names {
         let mut node: BTreeSet<IpAddr> = file.node_addresses.iter().copied().collect();
         for (addr, id) in &applied.identities {
             if *id == IDENTITY_HOST
@@ -364,11 +373,11 @@ mod tests {
         use palisade_common::{DIR_EGRESS, PROTO_TCP, PeerAddr, VERDICT_DROP};
         use palisade_policy::state::{EndpointMeta, PodRef};
         let mut file = StateFile::default();
-        file.pods.push(crate::inspect::PodAddrs {
+        Arc::make_mut(&mut file.pods).push(crate::inspect::PodAddrs {
             pod: "shop/frontend".into(),
             ips: vec!["10.0.0.1".parse().unwrap()],
         });
-        file.pods.push(crate::inspect::PodAddrs {
+        Arc::make_mut(&mut file.pods).push(crate::inspect::PodAddrs {
             pod: "shop/db".into(),
             ips: vec!["10.0.0.2".parse().unwrap()],
         });

@@ -892,7 +892,8 @@ impl MapWriter {
         if self.applied.domains != desired.domains {
             self.applied.domains = desired.domains.clone();
         }
-        if self.applied.identity_pods != desired.identity_pods {
+        // The pods behind identities change only with IDENTITIES (its stamp).
+        if p.scope.identities && self.applied.identity_pods != desired.identity_pods {
             self.applied.identity_pods = desired.identity_pods.clone();
         }
     }

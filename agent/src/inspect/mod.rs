@@ -6,6 +6,7 @@
 //! every reconcile to `state.json` beside its socket ([`StateFile`]); bpffs holds no regular
 //! files. `explain` runs `datapath_model` (the datapath's twin) over what was read, so it
 //! answers from the entries the programs use, not from a recompilation.
+use std::sync::Arc;
 use std::{
     collections::{BTreeMap, HashMap},
     fmt,
@@ -103,9 +104,9 @@ pub struct StateFile {
     /// Endpoint id -> pod, interface, policies in force.
     pub endpoints: BTreeMap<u32, EndpointMeta>,
     /// Identity -> pods that carry it.
-    pub identities: BTreeMap<u32, Vec<PodRef>>,
+    pub identities: Arc<BTreeMap<u32, Vec<PodRef>>>,
     /// Every pod with an address, cluster-wide.
-    pub pods: Vec<PodAddrs>,
+    pub pods: Arc<Vec<PodAddrs>>,
     /// This node's addresses.
     pub node_addresses: Vec<IpAddr>,
 }
@@ -118,6 +119,19 @@ impl StateFile {
         node_addresses: &[IpAddr],
         pin_dir: &Path,
         audit_all: bool,
+    ) -> StateFile {
+        let pods = PodIndex::build(applied, store);
+        StateFile::build_with(applied, store, node_addresses, pin_dir, audit_all, &pods)
+    }
+
+    /// `build`, with the pods' part made already (it changes only when pods do).
+    pub fn build_with(
+        applied: &DesiredState,
+        store: &Store,
+        node_addresses: &[IpAddr],
+        pin_dir: &Path,
+        audit_all: bool,
+        pods: &PodIndex,
     ) -> StateFile {
         let rules = applied
             .rules
@@ -138,7 +152,47 @@ impl StateFile {
                 (*id, rule_info(*id, r, audit, slot))
             })
             .collect();
-        let pods = store
+        StateFile {
+            pin_dir: pin_dir.to_path_buf(),
+            written_at_unix_ms: unix_ms(),
+            audit_all,
+            rules,
+            endpoints: applied.endpoint_meta.clone(),
+            identities: pods.identities.clone(),
+            pods: pods.pods.clone(),
+            node_addresses: node_addresses.to_vec(),
+        }
+    }
+
+    /// Address -> pod (`namespace/name`).
+    pub fn ip_owners(&self) -> HashMap<IpAddr, String> {
+        ip_owners(&self.pods)
+    }
+}
+
+fn ip_owners(pods: &[PodAddrs]) -> HashMap<IpAddr, String> {
+    let mut out = HashMap::new();
+    for p in pods {
+        for ip in &p.ips {
+            out.entry(*ip).or_insert_with(|| p.pod.clone());
+        }
+    }
+    out
+}
+
+/// The cluster's pods as the state file and the verdicts' names hold them: built once per
+/// change of the pods (the compiler's IDENTITIES stamp), shared until the next.
+#[derive(Clone, Debug, Default)]
+pub struct PodIndex {
+    pub pods: Arc<Vec<PodAddrs>>,
+    pub identities: Arc<BTreeMap<u32, Vec<PodRef>>>,
+    /// Address -> pod (`namespace/name`).
+    pub ip_owner: Arc<HashMap<IpAddr, String>>,
+}
+
+impl PodIndex {
+    pub fn build(applied: &DesiredState, store: &Store) -> PodIndex {
+        let pods: Vec<PodAddrs> = store
             .pods
             .iter()
             .filter(|(_, p)| !p.ips.is_empty() && !p.host_network)
@@ -147,27 +201,11 @@ impl StateFile {
                 ips: p.ips.clone(),
             })
             .collect();
-        StateFile {
-            pin_dir: pin_dir.to_path_buf(),
-            written_at_unix_ms: unix_ms(),
-            audit_all,
-            rules,
-            endpoints: applied.endpoint_meta.clone(),
-            identities: applied.identity_pods.clone(),
-            pods,
-            node_addresses: node_addresses.to_vec(),
+        PodIndex {
+            ip_owner: Arc::new(ip_owners(&pods)),
+            pods: Arc::new(pods),
+            identities: Arc::new(applied.identity_pods.clone()),
         }
-    }
-
-    /// Address -> pod (`namespace/name`).
-    pub fn ip_owners(&self) -> HashMap<IpAddr, String> {
-        let mut out = HashMap::new();
-        for p in &self.pods {
-            for ip in &p.ips {
-                out.entry(*ip).or_insert_with(|| p.pod.clone());
-            }
-        }
-        out
     }
 }
 

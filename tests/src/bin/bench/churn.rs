@@ -360,6 +360,8 @@ struct InProcess {
     /// reconcile (compiler tables, the maps' state, observers), bytes.
     store_heap: usize,
     agent_heap: usize,
+    /// Per change: (host read, compile, map writes, observers, endpoints compiled), ms.
+    phases: Vec<[f64; 5]>,
 }
 
 fn in_process(
@@ -475,6 +477,7 @@ fn in_process_pinned(
         added_policy: None,
     };
     let mut rounds = Vec::new();
+    let mut phases = Vec::new();
     for round in 0..cfg.rounds {
         let mut samples = Vec::new();
         for _ in 0..cfg.changes_per_round {
@@ -482,6 +485,14 @@ fn in_process_pinned(
             let (label, checks) = churn.next(&mut store, &mut objs, &kernel)?;
             agent.reconcile(view_of(&store))?;
             let dt = ms(t.elapsed());
+            let ph = agent.phases();
+            phases.push([
+                ms(ph.host),
+                ms(ph.compile),
+                ms(ph.write),
+                ms(ph.observe),
+                ph.endpoints_compiled as f64,
+            ]);
             for check in &checks {
                 kernel
                     .check(check, ifindexes)
@@ -491,6 +502,18 @@ fn in_process_pinned(
             idle();
         }
         let v: Vec<f64> = samples.iter().map(|s| s.1).collect();
+        let med = |k: usize| {
+            let v: Vec<f64> = phases.iter().rev().take(v.len()).map(|p: &[f64; 5]| p[k]).collect();
+            percentile(&v, 50.0)
+        };
+        eprintln!(
+            "bench: churn round {round}: phases p50: host {:.1} ms, compile {:.1} ms ({} endpoints), write {:.1} ms, observers {:.1} ms",
+            med(0),
+            med(1),
+            med(4),
+            med(2),
+            med(3)
+        );
         eprintln!(
             "bench: churn round {round}: p50 {:.1} ms, p99 {:.1} ms over {} changes",
             percentile(&v, 50.0),
@@ -521,6 +544,7 @@ fn in_process_pinned(
         entries,
         store_heap,
         agent_heap,
+        phases,
     })
 }
 
@@ -655,6 +679,18 @@ pub fn run(
             "samples_ms": all.iter().map(|v| round(*v)).collect::<Vec<_>>(),
             "by_kind_p50": by_kind.iter().map(|(k, v)| (k.clone(), json!(round(percentile(v, 50.0))))).collect::<serde_json::Map<_, _>>(),
             "by_kind_max": by_kind.iter().map(|(k, v)| (k.clone(), json!(round(percentile(v, 100.0))))).collect::<serde_json::Map<_, _>>(),
+            "phases_p50_ms": {
+                "host_read": round(percentile(&ip.phases.iter().map(|p| p[0]).collect::<Vec<_>>(), 50.0)),
+                "compile": round(percentile(&ip.phases.iter().map(|p| p[1]).collect::<Vec<_>>(), 50.0)),
+                "write": round(percentile(&ip.phases.iter().map(|p| p[2]).collect::<Vec<_>>(), 50.0)),
+                "observers": round(percentile(&ip.phases.iter().map(|p| p[3]).collect::<Vec<_>>(), 50.0)),
+                "endpoints_compiled": round(percentile(&ip.phases.iter().map(|p| p[4]).collect::<Vec<_>>(), 50.0)),
+            },
+            "phases_p99_ms": {
+                "compile": round(percentile(&ip.phases.iter().map(|p| p[1]).collect::<Vec<_>>(), 99.0)),
+                "write": round(percentile(&ip.phases.iter().map(|p| p[2]).collect::<Vec<_>>(), 99.0)),
+                "observers": round(percentile(&ip.phases.iter().map(|p| p[3]).collect::<Vec<_>>(), 99.0)),
+            },
             "host_read_ms": round(ip.host_read_ms),
             "compile_ms": round(ip.compile_ms),
             "noop_diff_ms": round(ip.diff_ms),
