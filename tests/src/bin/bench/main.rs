@@ -49,7 +49,8 @@ struct Args {
     /// Fewer repeats and shorter runs (every figure is still measured).
     #[arg(long)]
     quick: bool,
-    /// Only these sections (packet, throughput, churn), merged into an existing report.json.
+    /// Only these sections (packet, throughput, churn, nodes, dns), merged into an existing
+    /// report.json.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Only re-render report.md from report.json.

@@ -1004,8 +1004,10 @@ pub fn markdown(r: &Value) -> String {
     let _ = writeln!(
         m,
         "\nDetail: {} changes in all (p50 {} ms, p99 {} ms, max {} ms); p50 by kind: {}; where \
-         the time of a change goes: reading interfaces and routes {} ms, compiling {} ms, a diff \
-         that writes nothing {} ms. Cold start (empty maps, attach 200 programs) {} ms. The \
+         the time of a change goes (p50): reading interfaces and routes {} ms, compiling (an \
+         update) {} ms ({} endpoints compiled), writing the maps {} ms, the observers (names for \
+         verdicts, the CLI's state) {} ms; p99: compiling {} ms, writing {} ms, observers {} ms. A \
+         full compile {} ms, a diff that writes nothing {} ms. Cold start (empty maps, attach 200 programs) {} ms. The \
          agent binary run standalone on the same manifests: enforcing {} ms after start \
          (parsing every manifest), a manifest file change enforced in {} ms (median, from the \
          rename to the change in the kernel's maps); resident memory {} MiB after the first reconcile, {} MiB peak. BPF maps by \
@@ -1015,7 +1017,14 @@ pub fn markdown(r: &Value) -> String {
         n("churn_detail.p99_all"),
         n("churn_detail.max_all"),
         list("churn_detail.by_kind_p50", " ms"),
-        n("churn_detail.host_read_ms"),
+        n("churn_detail.phases_p50_ms.host_read"),
+        n("churn_detail.phases_p50_ms.compile"),
+        n("churn_detail.phases_p50_ms.endpoints_compiled"),
+        n("churn_detail.phases_p50_ms.write"),
+        n("churn_detail.phases_p50_ms.observers"),
+        n("churn_detail.phases_p99_ms.compile"),
+        n("churn_detail.phases_p99_ms.write"),
+        n("churn_detail.phases_p99_ms.observers"),
         n("churn_detail.compile_ms"),
         n("churn_detail.noop_diff_ms"),
         n("churn_detail.cold_sync_ms"),
@@ -1035,12 +1044,17 @@ pub fn markdown(r: &Value) -> String {
         n("memory_detail.heap_mib.agent_state"),
     );
     if get(r, "nodes_change_ms").is_some() {
+        let int = |path: &str| {
+            get(r, path)
+                .and_then(Value::as_f64)
+                .map_or("?".into(), |v| format!("{v:.0}"))
+        };
         let arr = |path: &str| {
             get(r, path)
                 .and_then(Value::as_array)
                 .map(|a| {
                     a.iter()
-                        .map(|v| v.as_f64().map_or("?".into(), fmt_num))
+                        .map(|v| v.as_f64().map_or("?".into(), |v| format!("{v:.0}")))
                         .collect::<Vec<_>>()
                         .join(", ")
                 })
@@ -1061,7 +1075,7 @@ pub fn markdown(r: &Value) -> String {
              | per node, p99 (ms) | {} |\n\
              | agents' resident memory (MiB) | {} |\n\
              | first sync of all agents (ms) | {} |\n\nOver {} changes.\n",
-            n("nodes_detail.nodes"),
+            int("nodes_detail.nodes"),
             arr("nodes_detail.endpoints_per_node"),
             n("nodes_change_ms.p50"),
             n("nodes_change_ms.p99"),
@@ -1069,7 +1083,7 @@ pub fn markdown(r: &Value) -> String {
             arr("nodes_detail.per_node_p99_ms"),
             arr("nodes_detail.agent_rss_mib"),
             n("nodes_detail.first_sync_ms"),
-            n("nodes_detail.changes"),
+            int("nodes_detail.changes"),
         );
     }
     let _ = writeln!(
