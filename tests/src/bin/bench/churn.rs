@@ -503,7 +503,12 @@ fn in_process_pinned(
         }
         let v: Vec<f64> = samples.iter().map(|s| s.1).collect();
         let med = |k: usize| {
-            let v: Vec<f64> = phases.iter().rev().take(v.len()).map(|p: &[f64; 5]| p[k]).collect();
+            let v: Vec<f64> = phases
+                .iter()
+                .rev()
+                .take(v.len())
+                .map(|p: &[f64; 5]| p[k])
+                .collect();
             percentile(&v, 50.0)
         };
         eprintln!(

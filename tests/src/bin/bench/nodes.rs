@@ -141,12 +141,7 @@ pub fn run(cfg: &Config, agent_bin: &Path, work: &Path, report: &mut Value) -> R
             let want = c.nodes()[k].pods().len();
             let a = c.agent_mut(k).context("agent")?;
             let st = a.wait(since, Duration::from_secs(60), |s| s.endpoints == want)?;
-            ensure!(
-                st.errors.is_empty(),
-                "{}: {:?}",
-                node_name(k),
-                st.errors
-            );
+            ensure!(st.errors.is_empty(), "{}: {:?}", node_name(k), st.errors);
             let ms = st.reconciled_at_unix_ms.saturating_sub(unix_ms(t0));
             per_node[k].push(ms as f64);
             done = done.max(st.reconciled_at_unix_ms);
