@@ -1,0 +1,180 @@
+//! Egress gateways (`common`, Egress gateways): after policy allowed a pod's packet, a flow an
+//! EgressGateway selects is encapsulated to one of its group's healthy gateway nodes, or
+//! dropped if there is none. Never sent out through the pod's own node.
+use aya_ebpf::{
+    bindings::{BPF_F_TUNINFO_IPV6, TC_ACT_OK, TC_ACT_SHOT, bpf_tunnel_key},
+    helpers::{bpf_get_hash_recalc, bpf_redirect, bpf_skb_set_tunnel_key},
+    maps::lpm_trie::Key,
+    programs::TcContext,
+};
+use palisade_common::{
+    AF_INET, AF_INET6, DIR_EGRESS, EGW_DEST_EXCLUDED, EGW_DEST_FIXED_BITS, EgwDestKey, EgwFlow,
+    EgwGateway, PeerAddr, Reason, VERDICT_DROP, egw_pick,
+};
+
+use crate::{
+    conntrack,
+    events::{count_drop, emit, now_ns},
+    maps::{EGW_CTL, EGW_DESTS, EGW_FLOWS, EGW_GROUPS, EP_SCRATCH, IDENTITIES, SCRATCH},
+    packet::KIND_NEIGHBOR,
+};
+
+/// Called by `from_pod` for a packet policy let through (`TC_ACT_OK`): steers it to a gateway
+/// (`TC_ACT_REDIRECT`), drops it (no healthy gateway), or lets it go on (`TC_ACT_OK`). A call
+/// of its own: `handle`'s frame is gone by then.
+#[inline(never)]
+pub fn steer(ctx: &TcContext) -> i32 {
+    let Some(ctl) = EGW_CTL.get(0) else {
+        return TC_ACT_OK;
+    };
+    if ctl.groups == 0 {
+        return TC_ACT_OK;
+    }
+    let (Some(pkt), Some(ep)) = (SCRATCH.get_ptr(0), EP_SCRATCH.get_ptr(0)) else {
+        return TC_ACT_SHOT;
+    };
+    // SAFETY: per-CPU slots `handle` filled for this packet; a program runs to completion.
+    let (pkt, ep) = unsafe { (&*pkt, &*ep) };
+    // ARP, neighbour discovery: link-local, never steered. ICMP errors travel with the tuple
+    // of the flow they are about (which is steered if that flow is).
+    if (pkt.family != AF_INET && pkt.family != AF_INET6)
+        || pkt.outer_proto == 0
+        || pkt.kind == KIND_NEIGHBOR
+    {
+        return TC_ACT_OK;
+    }
+    let key = conntrack::flow_key(ep.id, DIR_EGRESS, pkt);
+    let ifindex = if pkt.family == AF_INET {
+        ctl.ifindex_v4
+    } else {
+        ctl.ifindex_v6
+    };
+    let gateway = match unsafe { EGW_FLOWS.get(&key) } {
+        Some(flow) => {
+            let flow = *flow;
+            match unsafe { EGW_GROUPS.get(flow.group) } {
+                // Sticks to its gateway while that one is healthy.
+                Some(g) if g.has(flow.gateway.node) => Some(flow.gateway),
+                // Its gateway is gone: the flow is broken either way (the new gateway has no
+                // NAT state for it); it goes through a live one, or nowhere.
+                Some(g) => pick(ctx, &key, flow.group, g),
+                None => {
+                    // The EgressGateway is gone: the flow is no longer steered.
+                    let _ = EGW_FLOWS.remove(&key);
+                    return TC_ACT_OK;
+                }
+            }
+        }
+        None => {
+            // Never cluster-internal: pods, nodes, Service VIPs (all have identities).
+            let peer = PeerAddr {
+                family: pkt.family,
+                _pad: [0; 3],
+                addr: pkt.outer_dst,
+            };
+            if unsafe { IDENTITIES.get(peer) }.is_some() {
+                return TC_ACT_OK;
+            }
+            let plen = if pkt.family == AF_INET { 32 } else { 128 };
+            let lpm = Key::new(
+                EGW_DEST_FIXED_BITS + plen,
+                EgwDestKey {
+                    endpoint: ep.id,
+                    family: pkt.family,
+                    _pad: [0; 3],
+                    addr: pkt.outer_dst,
+                },
+            );
+            let Some(dest) = EGW_DESTS.get(&lpm) else {
+                return TC_ACT_OK;
+            };
+            if dest.flags & EGW_DEST_EXCLUDED != 0 {
+                return TC_ACT_OK;
+            }
+            let group = dest.group;
+            match unsafe { EGW_GROUPS.get(group) } {
+                Some(g) => pick(ctx, &key, group, g),
+                None => None,
+            }
+        }
+    };
+    let Some(gw) = gateway else {
+        return no_gateway(ctx, ep.id, pkt);
+    };
+    if ifindex == 0 {
+        return no_gateway(ctx, ep.id, pkt);
+    }
+    let mut tk: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    tk.tunnel_ttl = 64;
+    let flags = if pkt.family == AF_INET {
+        if gw.v4 == [0; 4] {
+            return no_gateway(ctx, ep.id, pkt);
+        }
+        tk.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(gw.v4);
+        0
+    } else {
+        if gw.v6 == [0; 16] {
+            return no_gateway(ctx, ep.id, pkt);
+        }
+        let a = gw.v6;
+        tk.__bindgen_anon_1.remote_ipv6 = [
+            u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+            u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+            u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+            u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+        ];
+        BPF_F_TUNINFO_IPV6 as u64
+    };
+    let ret = unsafe {
+        bpf_skb_set_tunnel_key(
+            ctx.skb.skb,
+            &mut tk,
+            core::mem::size_of::<bpf_tunnel_key>() as u32,
+            flags,
+        )
+    };
+    if ret != 0 {
+        return no_gateway(ctx, ep.id, pkt);
+    }
+    unsafe { bpf_redirect(ifindex, 0) as i32 }
+}
+
+/// Chooses the flow's gateway among the group's healthy ones, by the packet's flow hash, and
+/// remembers it.
+#[inline(always)]
+fn pick(
+    ctx: &TcContext,
+    key: &palisade_common::CtKey,
+    group: u32,
+    g: &palisade_common::EgwGroup,
+) -> Option<EgwGateway> {
+    let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
+    let gw = egw_pick(g, hash)?;
+    let flow = EgwFlow {
+        group,
+        _pad: 0,
+        gateway: gw,
+        created_ns: now_ns(),
+    };
+    let _ = EGW_FLOWS.insert(key, &flow, 0);
+    Some(gw)
+}
+
+/// Fail closed: the packet is dropped, counted and reported.
+#[inline(always)]
+fn no_gateway(ctx: &TcContext, endpoint: u32, pkt: &crate::packet::Packet) -> i32 {
+    count_drop(Reason::EgressNoGateway);
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    emit(
+        endpoint,
+        ifindex,
+        DIR_EGRESS,
+        ctx.len(),
+        Some(pkt),
+        VERDICT_DROP,
+        Reason::EgressNoGateway,
+        0,
+        now_ns(),
+    );
+    TC_ACT_SHOT
+}
