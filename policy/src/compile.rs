@@ -830,6 +830,7 @@ impl Compiler {
         self.stats_slots.finish();
         self.classes.finish();
         self.domain_classes.finish();
+        out.egress = crate::egress::compile(store, &out);
         out
     }
 

@@ -343,6 +343,9 @@ pub struct DesiredState {
     /// that admit new flows now. The compiler leaves it empty (the agent's learner writes the
     /// map); read back from the pins for `explain`.
     pub learned: BTreeMap<(u32, PeerAddr), u32>,
+    /// EgressGateways for this node's endpoints (`crate::egress`): EGW_DESTS entries and the
+    /// groups the agent keeps EGW_GROUPS of, with the gateways' health.
+    pub egress: crate::egress::EgressPlan,
 }
 
 /// One endpoint's `domainNames` patterns, grouped: every set of patterns a DNS name can match

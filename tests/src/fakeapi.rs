@@ -46,6 +46,12 @@ const RESOURCES: &[(&str, &str, &str, &str)] = &[
     ),
     ("services", "/api/v1/services", "Service", "v1"),
     (
+        "egressgateways",
+        "/apis/palisade.io/v1alpha1/egressgateways",
+        "EgressGateway",
+        "palisade.io/v1alpha1",
+    ),
+    (
         "endpointslices",
         "/apis/discovery.k8s.io/v1/endpointslices",
         "EndpointSlice",
@@ -89,7 +95,7 @@ static WATCHERS: AtomicU64 = AtomicU64::new(0);
 /// Custom resources: their list items keep `kind` and `apiVersion`, as the API server serves
 /// them (it leaves them out of built-in lists).
 fn custom(resource: &str) -> bool {
-    resource == "clusternetworkpolicies"
+    resource == "clusternetworkpolicies" || resource == "egressgateways"
 }
 
 pub struct FakeApi {
