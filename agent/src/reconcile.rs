@@ -54,6 +54,8 @@ pub struct RunConfig {
     pub cni_state_dir: Option<PathBuf>,
     /// FQDN egress (`fqdn`); its state file is set beside the socket.
     pub fqdn: crate::fqdn::FqdnConfig,
+    /// Egress gateways (`egress`).
+    pub egress: crate::egress::EgressConfig,
 }
 
 impl From<&RunConfig> for ObserveConfig {
@@ -145,6 +147,9 @@ pub struct Agent {
     /// The FQDN learner (absent if its maps could not be opened: `domainNames` then match
     /// nothing).
     fqdn: Option<crate::fqdn::Fqdn>,
+    /// Egress gateways. Not optional: without them a selected pod's traffic would leave
+    /// through its own node, so an agent that cannot run them does not start.
+    egress: crate::egress::Egress,
 }
 
 impl Agent {
@@ -185,6 +190,12 @@ impl Agent {
         if let (Some(o), Some(f)) = (&observer, &fqdn) {
             let _ = o.hub.fqdn.set(f.stats());
         }
+        let egress = crate::egress::Egress::start(
+            &mut datapath,
+            cfg.egress.clone(),
+            observer.as_ref().map(|o| o.hub.clone()),
+        )
+        .context("egress gateways")?;
         let mut compiler = Compiler::default();
         compiler.audit_all = cfg.audit;
         Ok(Agent {
@@ -204,6 +215,7 @@ impl Agent {
             cni_seen: Vec::new(),
             cni_provisioned: Default::default(),
             fqdn,
+            egress,
         })
     }
 
@@ -312,6 +324,7 @@ impl Agent {
         // Maps first: an interface gets its programs only once its entry exists (an attached
         // interface without one drops everything), and a replaced program finds its maps full.
         let stats = self.writer.apply(&desired);
+        self.egress.set_plan(&desired);
         if let Some(f) = &self.fqdn {
             f.set_tables(crate::fqdn::Tables::of(self.writer.applied(), services));
         }

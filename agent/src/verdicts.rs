@@ -170,6 +170,7 @@ impl Names {
             policies,
             bytes: ev.len,
             domain: None,
+            egress: None,
         }
     }
 
@@ -287,6 +288,7 @@ mod tests {
             policies: vec![],
             bytes: 60,
             domain: None,
+            egress: None,
         }
     }
 

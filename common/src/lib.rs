@@ -1091,6 +1091,8 @@ pub struct EgwDest {
     pub flags: u32,
 }
 
+const _: () = assert!(EGW_MAX_GATEWAYS.is_power_of_two());
+
 /// One gateway node: its id (the agent's number for it, named in flow records) and its
 /// addresses (tunnel endpoints; 0s where it has none of the family).
 #[repr(C)]
@@ -1143,12 +1145,11 @@ pub fn egw_pick(group: &EgwGroup, hash: u32) -> Option<EgwGateway> {
     if n == 0 || n as usize > EGW_MAX_GATEWAYS {
         return None;
     }
-    let i = (hash % n) as usize;
-    if i < EGW_MAX_GATEWAYS {
-        Some(group.gateways[i])
-    } else {
-        None
-    }
+    let i = hash % n;
+    // The verifier must see the index bounded: a volatile read hides from LLVM that it is
+    // (below n, at most 8), so the mask stays in the program. It changes nothing: i < 8.
+    let i = unsafe { core::ptr::read_volatile(&i) } as usize & (EGW_MAX_GATEWAYS - 1);
+    Some(group.gateways[i])
 }
 
 /// Map names, as the eBPF object defines them and the agent pins them.

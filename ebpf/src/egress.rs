@@ -4,24 +4,27 @@
 use aya_ebpf::{
     bindings::{BPF_F_TUNINFO_IPV6, TC_ACT_OK, TC_ACT_SHOT, bpf_tunnel_key},
     helpers::{bpf_get_hash_recalc, bpf_redirect, bpf_skb_set_tunnel_key},
-    maps::lpm_trie::Key,
     programs::TcContext,
 };
 use palisade_common::{
     AF_INET, AF_INET6, DIR_EGRESS, EGW_DEST_EXCLUDED, EGW_DEST_FIXED_BITS, EgwDestKey, EgwFlow,
-    EgwGateway, PeerAddr, Reason, VERDICT_DROP, egw_pick,
+    EgwGroup, PeerAddr, Reason, VERDICT_DROP, egw_pick,
 };
 
 use crate::{
     conntrack,
     events::{count_drop, emit, now_ns},
-    maps::{EGW_CTL, EGW_DESTS, EGW_FLOWS, EGW_GROUPS, EP_SCRATCH, IDENTITIES, SCRATCH},
+    maps::{
+        EGW_CTL, EGW_DESTS, EGW_FLOWS, EGW_GROUPS, EGW_SCRATCH, EP_SCRATCH, EgwScratch, IDENTITIES,
+        SCRATCH,
+    },
     packet::KIND_NEIGHBOR,
 };
 
 /// Called by `from_pod` for a packet policy let through (`TC_ACT_OK`): steers it to a gateway
 /// (`TC_ACT_REDIRECT`), drops it (no healthy gateway), or lets it go on (`TC_ACT_OK`). A call
-/// of its own: `handle`'s frame is gone by then.
+/// of its own, its keys in a per-CPU scratch (`maps::EGW_SCRATCH`): `from_pod`'s frame takes
+/// most of the 512-byte stack.
 #[inline(never)]
 pub fn steer(ctx: &TcContext) -> i32 {
     let Some(ctl) = EGW_CTL.get(0) else {
@@ -30,11 +33,16 @@ pub fn steer(ctx: &TcContext) -> i32 {
     if ctl.groups == 0 {
         return TC_ACT_OK;
     }
-    let (Some(pkt), Some(ep)) = (SCRATCH.get_ptr(0), EP_SCRATCH.get_ptr(0)) else {
+    let (Some(pkt), Some(ep), Some(s)) = (
+        SCRATCH.get_ptr(0),
+        EP_SCRATCH.get_ptr(0),
+        EGW_SCRATCH.get_ptr_mut(0),
+    ) else {
         return TC_ACT_SHOT;
     };
-    // SAFETY: per-CPU slots `handle` filled for this packet; a program runs to completion.
-    let (pkt, ep) = unsafe { (&*pkt, &*ep) };
+    // SAFETY: per-CPU slots (`handle` filled the first two for this packet); a program runs
+    // to completion on its CPU.
+    let (pkt, ep, s) = unsafe { (&*pkt, &*ep, &mut *s) };
     // ARP, neighbour discovery: link-local, never steered. ICMP errors travel with the tuple
     // of the flow they are about (which is steered if that flow is).
     if (pkt.family != AF_INET && pkt.family != AF_INET6)
@@ -43,24 +51,24 @@ pub fn steer(ctx: &TcContext) -> i32 {
     {
         return TC_ACT_OK;
     }
-    let key = conntrack::flow_key(ep.id, DIR_EGRESS, pkt);
+    s.key = conntrack::flow_key(ep.id, DIR_EGRESS, pkt);
     let ifindex = if pkt.family == AF_INET {
         ctl.ifindex_v4
     } else {
         ctl.ifindex_v6
     };
-    let gateway = match unsafe { EGW_FLOWS.get(&key) } {
+    let found = match unsafe { EGW_FLOWS.get(&s.key) } {
         Some(flow) => {
-            let flow = *flow;
-            match unsafe { EGW_GROUPS.get(flow.group) } {
+            s.flow = *flow;
+            match unsafe { EGW_GROUPS.get(s.flow.group) } {
                 // Sticks to its gateway while that one is healthy.
-                Some(g) if g.has(flow.gateway.node) => Some(flow.gateway),
+                Some(g) if g.has(s.flow.gateway.node) => true,
                 // Its gateway is gone: the flow is broken either way (the new gateway has no
                 // NAT state for it); it goes through a live one, or nowhere.
-                Some(g) => pick(ctx, &key, flow.group, g),
+                Some(g) => pick(ctx, s, s.flow.group, g),
                 None => {
                     // The EgressGateway is gone: the flow is no longer steered.
-                    let _ = EGW_FLOWS.remove(&key);
+                    let _ = EGW_FLOWS.remove(&s.key);
                     return TC_ACT_OK;
                 }
             }
@@ -76,16 +84,14 @@ pub fn steer(ctx: &TcContext) -> i32 {
                 return TC_ACT_OK;
             }
             let plen = if pkt.family == AF_INET { 32 } else { 128 };
-            let lpm = Key::new(
-                EGW_DEST_FIXED_BITS + plen,
-                EgwDestKey {
-                    endpoint: ep.id,
-                    family: pkt.family,
-                    _pad: [0; 3],
-                    addr: pkt.outer_dst,
-                },
-            );
-            let Some(dest) = EGW_DESTS.get(&lpm) else {
+            s.lpm.prefix_len = EGW_DEST_FIXED_BITS + plen;
+            s.lpm.data = EgwDestKey {
+                endpoint: ep.id,
+                family: pkt.family,
+                _pad: [0; 3],
+                addr: pkt.outer_dst,
+            };
+            let Some(dest) = EGW_DESTS.get(&s.lpm) else {
                 return TC_ACT_OK;
             };
             if dest.flags & EGW_DEST_EXCLUDED != 0 {
@@ -93,31 +99,29 @@ pub fn steer(ctx: &TcContext) -> i32 {
             }
             let group = dest.group;
             match unsafe { EGW_GROUPS.get(group) } {
-                Some(g) => pick(ctx, &key, group, g),
-                None => None,
+                Some(g) => pick(ctx, s, group, g),
+                None => false,
             }
         }
     };
-    let Some(gw) = gateway else {
-        return no_gateway(ctx, ep.id, pkt);
-    };
-    if ifindex == 0 {
-        return no_gateway(ctx, ep.id, pkt);
+    if !found || ifindex == 0 {
+        return no_gateway(ctx);
     }
-    let mut tk: bpf_tunnel_key = unsafe { core::mem::zeroed() };
-    tk.tunnel_ttl = 64;
+    let gw = s.flow.gateway;
+    s.tk = unsafe { core::mem::zeroed() };
+    s.tk.tunnel_ttl = 64;
     let flags = if pkt.family == AF_INET {
         if gw.v4 == [0; 4] {
-            return no_gateway(ctx, ep.id, pkt);
+            return no_gateway(ctx);
         }
-        tk.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(gw.v4);
+        s.tk.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(gw.v4);
         0
     } else {
         if gw.v6 == [0; 16] {
-            return no_gateway(ctx, ep.id, pkt);
+            return no_gateway(ctx);
         }
         let a = gw.v6;
-        tk.__bindgen_anon_1.remote_ipv6 = [
+        s.tk.__bindgen_anon_1.remote_ipv6 = [
             u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
             u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
             u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
@@ -128,45 +132,46 @@ pub fn steer(ctx: &TcContext) -> i32 {
     let ret = unsafe {
         bpf_skb_set_tunnel_key(
             ctx.skb.skb,
-            &mut tk,
+            &mut s.tk,
             core::mem::size_of::<bpf_tunnel_key>() as u32,
             flags,
         )
     };
     if ret != 0 {
-        return no_gateway(ctx, ep.id, pkt);
+        return no_gateway(ctx);
     }
     unsafe { bpf_redirect(ifindex, 0) as i32 }
 }
 
 /// Chooses the flow's gateway among the group's healthy ones, by the packet's flow hash, and
-/// remembers it.
+/// remembers it (`s.flow`, EGW_FLOWS). False: none is healthy.
 #[inline(always)]
-fn pick(
-    ctx: &TcContext,
-    key: &palisade_common::CtKey,
-    group: u32,
-    g: &palisade_common::EgwGroup,
-) -> Option<EgwGateway> {
+fn pick(ctx: &TcContext, s: &mut EgwScratch, group: u32, g: &EgwGroup) -> bool {
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
-    let gw = egw_pick(g, hash)?;
-    let flow = EgwFlow {
+    let Some(gw) = egw_pick(g, hash) else {
+        return false;
+    };
+    s.flow = EgwFlow {
         group,
         _pad: 0,
         gateway: gw,
         created_ns: now_ns(),
     };
-    let _ = EGW_FLOWS.insert(key, &flow, 0);
-    Some(gw)
+    let _ = EGW_FLOWS.insert(&s.key, &s.flow, 0);
+    true
 }
 
 /// Fail closed: the packet is dropped, counted and reported.
-#[inline(always)]
-fn no_gateway(ctx: &TcContext, endpoint: u32, pkt: &crate::packet::Packet) -> i32 {
+#[inline(never)]
+fn no_gateway(ctx: &TcContext) -> i32 {
     count_drop(Reason::EgressNoGateway);
+    let (Some(pkt), Some(ep)) = (SCRATCH.get_ptr(0), EP_SCRATCH.get_ptr(0)) else {
+        return TC_ACT_SHOT;
+    };
+    let (pkt, ep) = unsafe { (&*pkt, &*ep) };
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     emit(
-        endpoint,
+        ep.id,
         ifindex,
         DIR_EGRESS,
         ctx.len(),
