@@ -7,8 +7,8 @@
 //! * **Pod node**: EGW_DESTS from the compiled plan, EGW_GROUPS (each group's active gateways,
 //!   `palisade_policy::egress::active_gateways`) and EGW_CTL (the tunnel devices), written
 //!   where they differ from what was written.
-//! * **Gateway node**: the collect-metadata tunnel devices (`pal-egw4` ipip, `pal-egw6`
-//!   ip6tnl, both `external`) receive what pod nodes send; an nftables table of its own
+//! * **Gateway node**: the collect-metadata VXLAN device (`pal-egw`, `external`, the same
+//!   Ethernet address on every node) receives what pod nodes send; an nftables table of its own
 //!   (`palisade_egress`) forwards a group's packets only where this node is the group's active
 //!   gateway, source-NATs them to the egress address (or masquerades), and drops the rest of
 //!   what came through the tunnels. The egress address is added to the interface holding the
@@ -50,8 +50,9 @@ use crate::{
 /// The liveness port every agent listens on for its peers' probes.
 pub const DEFAULT_HEALTH_PORT: u16 = 4247;
 /// The tunnel devices (collect metadata).
-pub const TUNNEL_V4: &str = "pal-egw4";
-pub const TUNNEL_V6: &str = "pal-egw6";
+/// The tunnel device (VXLAN, collect metadata): this kernel family's tunnels of choice
+/// (ipip, ip6tnl, geneve) are optional kernel features; VXLAN is the one every CNI needs.
+pub const TUNNEL: &str = "pal-egw";
 /// The agent's nftables table (family inet).
 pub const NFT_TABLE: &str = "palisade_egress";
 
@@ -166,7 +167,7 @@ pub fn nft_ruleset(served: &BTreeMap<u32, &Group>) -> String {
     let mut accept = String::new();
     let mut nat = String::new();
     for (id, g) in served {
-        for (fam, tun, v6) in [("ip", TUNNEL_V4, false), ("ip6", TUNNEL_V6, true)] {
+        for (fam, tun, v6) in [("ip", TUNNEL, false), ("ip6", TUNNEL, true)] {
             let ty = if v6 { "ipv6_addr" } else { "ipv4_addr" };
             let src = elements(g.sources.iter().filter(|a| a.is_ipv6() == v6));
             let dst = elements(g.destinations.iter().filter(|n| n.is_ipv6() == v6));
@@ -194,7 +195,7 @@ pub fn nft_ruleset(served: &BTreeMap<u32, &Group>) -> String {
         }
     }
     format!(
-        "table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\ntable inet {NFT_TABLE} {{\n{sets}  chain forward {{\n    type filter hook forward priority filter - 10; policy accept;\n{accept}    iifname {{ \"{TUNNEL_V4}\", \"{TUNNEL_V6}\" }} counter drop\n  }}\n  chain postrouting {{\n    type nat hook postrouting priority srcnat - 10; policy accept;\n{nat}  }}\n}}\n"
+        "table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\ntable inet {NFT_TABLE} {{\n{sets}  chain forward {{\n    type filter hook forward priority filter - 10; policy accept;\n{accept}    iifname \"{TUNNEL}\" counter drop\n  }}\n  chain postrouting {{\n    type nat hook postrouting priority srcnat - 10; policy accept;\n{nat}  }}\n}}\n"
     )
 }
 
@@ -229,6 +230,8 @@ struct Shared {
     wake: Condvar,
     /// Node name -> alive, as of the last probes (for `status`).
     alive: Mutex<BTreeMap<String, bool>>,
+    /// Where records and metrics go, once the observers run.
+    hub: std::sync::OnceLock<Arc<Hub>>,
 }
 
 /// The egress gateway machinery of one agent.
@@ -253,7 +256,6 @@ struct Open {
 struct Worker {
     cfg: EgressConfig,
     shared: Arc<Shared>,
-    hub: Option<Arc<Hub>>,
     maps: Maps,
     log: Option<Box<dyn Write + Send>>,
     version: u64,
@@ -272,7 +274,8 @@ struct Worker {
 
 impl Egress {
     /// Takes the egress maps and starts the thread (and the liveness listener).
-    pub fn start(dp: &mut Datapath, cfg: EgressConfig, hub: Option<Arc<Hub>>) -> Result<Egress> {
+    /// Call before the map writer and the observers take their maps.
+    pub fn start(dp: &mut Datapath, cfg: EgressConfig) -> Result<Egress> {
         let maps = Maps {
             ctl: Array::try_from(dp.take_map(map_names::EGW_CTL)?)?,
             dests: LpmTrie::try_from(dp.take_map(map_names::EGW_DESTS)?)?,
@@ -316,11 +319,11 @@ impl Egress {
             input: Mutex::new(Input::default()),
             wake: Condvar::new(),
             alive: Mutex::new(BTreeMap::new()),
+            hub: std::sync::OnceLock::new(),
         });
         let mut w = Worker {
             cfg,
             shared: shared.clone(),
-            hub,
             maps,
             log,
             version: 0,
@@ -357,6 +360,11 @@ impl Egress {
             .collect();
         i.version += 1;
         self.shared.wake.notify_all();
+    }
+
+    /// Records and metrics go to `hub` from now on.
+    pub fn set_hub(&self, hub: Arc<Hub>) {
+        let _ = self.shared.hub.set(hub);
     }
 
     /// Gateway node -> alive, as of the last probes.
@@ -458,7 +466,7 @@ impl Worker {
         }
         let me = self.cfg.node_name.clone().unwrap_or_default();
         let tunnels = if self.plan.groups.is_empty() {
-            (ifindex(TUNNEL_V4), ifindex(TUNNEL_V6))
+            ifindex(TUNNEL)
         } else {
             self.ensure_tunnels()
         };
@@ -468,9 +476,8 @@ impl Worker {
         // Pod node: the maps.
         let ctl = EgwCtl {
             groups: self.plan.groups.len() as u32,
-            ifindex_v4: tunnels.0,
-            ifindex_v6: tunnels.1,
-            _pad: 0,
+            ifindex: tunnels,
+            _pad: [0; 2],
         };
         let groups = group_values(&self.plan, &healthy);
         self.write_maps(ctl, groups)?;
@@ -478,7 +485,7 @@ impl Worker {
         let plan = self.plan.clone();
         let served = serving(&plan, &me, &healthy);
         self.serve(&served)?;
-        if let Some(hub) = &self.hub {
+        if let Some(hub) = self.shared.hub.get() {
             for (id, g) in &self.plan.groups {
                 let active = &self.written_groups.get(id);
                 for n in &g.gateways {
@@ -497,27 +504,39 @@ impl Worker {
         Ok(())
     }
 
-    fn ensure_tunnels(&mut self) -> (u32, u32) {
-        for (name, kind) in [(TUNNEL_V4, "ipip"), (TUNNEL_V6, "ip6tnl")] {
-            if ifindex(name) == 0 {
-                let mut args = vec!["link", "add", name, "type", kind];
-                if kind == "ip6tnl" {
-                    args.extend(["mode", "ip6ip6"]);
-                }
-                args.push("external");
-                match run_cmd(Command::new("ip").args(&args), None) {
-                    Ok(()) => info!(device = name, "egress tunnel device created"),
-                    Err(e) => warn!(device = name, "creating the egress tunnel device: {e:#}"),
-                }
+    fn ensure_tunnels(&mut self) -> u32 {
+        if ifindex(TUNNEL) == 0 {
+            let port = palisade_common::EGW_VXLAN_PORT.to_string();
+            match run_cmd(
+                Command::new("ip").args([
+                    "link",
+                    "add",
+                    TUNNEL,
+                    "type",
+                    "vxlan",
+                    "external",
+                    "dstport",
+                    &port,
+                    "nolearning",
+                ]),
+                None,
+            ) {
+                Ok(()) => info!(device = TUNNEL, "egress tunnel device created"),
+                Err(e) => warn!(device = TUNNEL, "creating the egress tunnel device: {e:#}"),
             }
-            let _ = run_cmd(Command::new("ip").args(["link", "set", name, "up"]), None);
         }
-        // Decapsulated packets come from pods of other nodes, whose routes point elsewhere.
-        let _ = std::fs::write(
-            format!("/proc/sys/net/ipv4/conf/{TUNNEL_V4}/rp_filter"),
-            "0",
+        let mac = palisade_common::EGW_DEVICE_MAC
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        let _ = run_cmd(
+            Command::new("ip").args(["link", "set", TUNNEL, "address", &mac, "up"]),
+            None,
         );
-        (ifindex(TUNNEL_V4), ifindex(TUNNEL_V6))
+        // Decapsulated packets come from pods of other nodes, whose routes point elsewhere.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{TUNNEL}/rp_filter"), "0");
+        ifindex(TUNNEL)
     }
 
     fn probe(&mut self, me: &str) {
@@ -550,7 +569,7 @@ impl Worker {
             handles.into_iter().filter_map(|h| h.join().ok()).collect()
         });
         for (n, ok) in results {
-            if !ok && let Some(hub) = &self.hub {
+            if !ok && let Some(hub) = self.shared.hub.get() {
                 hub.metrics.egress_no_gateway.inc();
             }
             let l = self.live.entry(n.clone()).or_default();
@@ -792,7 +811,7 @@ impl Worker {
             let _ = writeln!(log, "{line}");
             let _ = log.flush();
         }
-        if let Some(hub) = &self.hub {
+        if let Some(hub) = self.shared.hub.get() {
             let labels = vec![("gateway".into(), gateway), ("node".into(), node)];
             hub.metrics.egress_flows.get_or_create(&labels).inc();
             hub.metrics
@@ -895,13 +914,13 @@ mod tests {
         );
         assert!(text.contains("elements = { 192.0.2.0/24 }"), "{text}");
         assert!(text.contains(
-            "iifname \"pal-egw4\" ip saddr @g7_ip_src ip daddr @g7_ip_dst ip daddr != @g7_ip_exc counter snat ip to 10.243.0.100"
+            "iifname \"pal-egw\" ip saddr @g7_ip_src ip daddr @g7_ip_dst ip daddr != @g7_ip_exc counter snat ip to 10.243.0.100"
         ), "{text}");
         assert!(
             !text.contains("g7_ip6"),
             "no IPv6 destination: no IPv6 rule\n{text}"
         );
-        assert!(text.contains("iifname { \"pal-egw4\", \"pal-egw6\" } counter drop"));
+        assert!(text.contains("iifname \"pal-egw\" counter drop"));
         let g = group(false);
         let served = BTreeMap::from([(7, &g)]);
         assert!(nft_ruleset(&served).contains("counter masquerade"));

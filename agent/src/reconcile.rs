@@ -181,6 +181,8 @@ impl Agent {
         let fqdn = crate::fqdn::Fqdn::start(&mut datapath, fqdn_cfg)
             .map_err(|e| error!("FQDN egress is off (domainNames peers match nothing): {e:#}"))
             .ok();
+        let egress = crate::egress::Egress::start(&mut datapath, cfg.egress.clone())
+            .context("egress gateways")?;
         let writer = MapWriter::new(&mut datapath)?;
         let health = Health::default();
         health.beat();
@@ -190,12 +192,9 @@ impl Agent {
         if let (Some(o), Some(f)) = (&observer, &fqdn) {
             let _ = o.hub.fqdn.set(f.stats());
         }
-        let egress = crate::egress::Egress::start(
-            &mut datapath,
-            cfg.egress.clone(),
-            observer.as_ref().map(|o| o.hub.clone()),
-        )
-        .context("egress gateways")?;
+        if let Some(o) = &observer {
+            egress.set_hub(o.hub.clone());
+        }
         let mut compiler = Compiler::default();
         compiler.audit_all = cfg.audit;
         Ok(Agent {

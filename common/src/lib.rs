@@ -1047,7 +1047,7 @@ pub struct DnsAnswerRecord {
 // in EGW_FLOWS (the gateway it already goes through) or else its destination in EGW_DESTS
 // (endpoint, destination prefix -> the EgressGateway's group, or an exclusion). A matching
 // packet is encapsulated to a gateway node (`bpf_skb_set_tunnel_key` and a redirect to the
-// agent's collect-metadata tunnel device, EGW_CTL) chosen per flow by hash among the group's
+// agent's collect-metadata VXLAN device, EGW_CTL) chosen per flow by hash among the group's
 // healthy gateways (EGW_GROUPS, rewritten by the agent as health changes). A group without a
 // healthy gateway drops (`Reason::EgressNoGateway`): never out through the pod's own node.
 
@@ -1059,18 +1059,24 @@ pub const EGW_DEST_FIXED_BITS: u32 = 64;
 /// An EGW_DESTS entry that exempts its prefix (`excludedCIDRs`, node addresses).
 pub const EGW_DEST_EXCLUDED: u32 = 1;
 
-/// EGW_CTL[0]: whether any group is programmed, and the tunnel devices.
+/// EGW_CTL[0]: whether any group is programmed, and the tunnel device.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EgwCtl {
     /// Groups programmed (0: the datapath skips the egress lookups altogether).
     pub groups: u32,
-    /// The IPv4 (ipip, external) tunnel device; 0: none, IPv4 steering drops.
-    pub ifindex_v4: u32,
-    /// The IPv6 (ip6tnl, external) tunnel device; 0: none, IPv6 steering drops.
-    pub ifindex_v6: u32,
-    pub _pad: u32,
+    /// The agent's VXLAN device in collect-metadata mode (`pal-egw`); 0: none, steering drops.
+    pub ifindex: u32,
+    pub _pad: [u32; 2],
 }
+
+/// The Ethernet address of every node's `pal-egw` device: a steered frame is addressed to it,
+/// so that the gateway's stack takes the decapsulated frame as its own (locally administered).
+pub const EGW_DEVICE_MAC: [u8; 6] = [0x02, 0x50, 0x41, 0x4c, 0x45, 0x47];
+/// The VXLAN network identifier of steered frames.
+pub const EGW_VNI: u32 = 0x50_4c;
+/// The UDP port of the egress tunnel (the IANA VXLAN port).
+pub const EGW_VXLAN_PORT: u16 = 4789;
 
 /// EGW_DESTS key data (an LPM trie: the prefix length counts `EGW_DEST_FIXED_BITS` first).
 #[repr(C)]

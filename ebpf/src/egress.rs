@@ -7,8 +7,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use palisade_common::{
-    AF_INET, AF_INET6, DIR_EGRESS, EGW_DEST_EXCLUDED, EGW_DEST_FIXED_BITS, EgwDestKey, EgwFlow,
-    EgwGroup, PeerAddr, Reason, VERDICT_DROP, egw_pick,
+    AF_INET, AF_INET6, DIR_EGRESS, EGW_DEST_EXCLUDED, EGW_DEST_FIXED_BITS, EGW_DEVICE_MAC, EGW_VNI,
+    EgwDestKey, EgwFlow, EgwGroup, PeerAddr, Reason, VERDICT_DROP, egw_pick,
 };
 
 use crate::{
@@ -52,11 +52,7 @@ pub fn steer(ctx: &TcContext) -> i32 {
         return TC_ACT_OK;
     }
     s.key = conntrack::flow_key(ep.id, DIR_EGRESS, pkt);
-    let ifindex = if pkt.family == AF_INET {
-        ctl.ifindex_v4
-    } else {
-        ctl.ifindex_v6
-    };
+    let ifindex = ctl.ifindex;
     let found = match unsafe { EGW_FLOWS.get(&s.key) } {
         Some(flow) => {
             s.flow = *flow;
@@ -109,17 +105,14 @@ pub fn steer(ctx: &TcContext) -> i32 {
     }
     let gw = s.flow.gateway;
     s.tk = unsafe { core::mem::zeroed() };
+    s.tk.tunnel_id = EGW_VNI;
     s.tk.tunnel_ttl = 64;
-    let flags = if pkt.family == AF_INET {
-        if gw.v4 == [0; 4] {
-            return no_gateway(ctx);
-        }
+    // The underlay: the gateway's IPv4 address if it has one (for both inner families: an
+    // IPv4 outer packet may be fragmented on the way, so no path MTU problem), else IPv6.
+    let flags = if gw.v4 != [0; 4] {
         s.tk.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(gw.v4);
         0
-    } else {
-        if gw.v6 == [0; 16] {
-            return no_gateway(ctx);
-        }
+    } else if gw.v6 != [0; 16] {
         let a = gw.v6;
         s.tk.__bindgen_anon_1.remote_ipv6 = [
             u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
@@ -128,7 +121,13 @@ pub fn steer(ctx: &TcContext) -> i32 {
             u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
         ];
         BPF_F_TUNINFO_IPV6 as u64
+    } else {
+        return no_gateway(ctx);
     };
+    // Addressed to the gateway's device, whose stack then takes the frame as its own.
+    if ctx.store(0, &EGW_DEVICE_MAC, 0).is_err() {
+        return no_gateway(ctx);
+    }
     let ret = unsafe {
         bpf_skb_set_tunnel_key(
             ctx.skb.skb,

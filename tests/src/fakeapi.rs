@@ -595,6 +595,18 @@ impl ClusterAgent {
         kubeconfig: &Path,
         work: &Path,
     ) -> Result<Self> {
+        ClusterAgent::start_with(node, node_name, agent, kubeconfig, work, &[])
+    }
+
+    /// As `start_as`, with `extra` arguments for `palisade run`.
+    pub fn start_with(
+        node: &Node,
+        node_name: &str,
+        agent: &Path,
+        kubeconfig: &Path,
+        work: &Path,
+        extra: &[String],
+    ) -> Result<Self> {
         let bpffs = Bpffs::mount(work.join("bpffs"))?;
         let pin_dir = bpffs.path().join("palisade");
         let cni_dir = work.join("cni");
@@ -618,6 +630,7 @@ impl ClusterAgent {
             "--admin-addr".into(),
             admin.to_string(),
         ];
+        let args = [args, extra.to_vec()].concat();
         let mut a = ClusterAgent {
             child: None,
             _bpffs: bpffs,

@@ -1,0 +1,589 @@
+//! Egress gateways on the multi-node rig (`palisade_tests::multinode`): three nodes, each with
+//! its agent in cluster mode; an EgressGateway sends pod `a0`'s (node-1) traffic to the
+//! documentation ranges through node-2 or node-3 with the egress addresses 10.243.0.100 and
+//! fd00:243::100. The "external" world is a namespace of this test's own on the fabric's
+//! bridge, owning 192.0.2.0/24 and 2001:db8::/32 (reachable from the nodes only), whose
+//! server records the source address of every connection. The nodes masquerade other
+//! traffic of their pods to those ranges to their own address (as a cloud NAT would).
+//!
+//! Checked: matching flows arrive from the egress address (IPv4 and IPv6); other pods',
+//! and excluded destinations', from the pod's node; a flow the pod's NetworkPolicy denies
+//! never leaves; every flow through a gateway is recorded (JSON lines, `palisade verdicts`);
+//! failover when the active gateway's agent is killed and when its link goes down, with no
+//! connection ever arriving from an unexpected source; with no live gateway, matching
+//! traffic is dropped (`egress-no-gateway`), not sent out through the pod's node. Needs
+//! root; under CI=true that is a failure, not a skip.
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use palisade_tests::{
+    agent::{WorkDir, agent_binary},
+    multinode::{Cluster, ClusterSpec, node_ips, node_name},
+    netns,
+    rig::{Pod, PodSpec, require_root},
+};
+use serde_json::json;
+
+const EGRESS_V4: &str = "10.243.0.100";
+const EGRESS_V6: &str = "fd00:243::100";
+/// The external server's addresses on the fabric (its next hop for the nodes).
+const EXT_V4: &str = "10.243.0.250";
+const EXT_V6: &str = "fd00:243::fa";
+/// Destinations: through the gateway; excluded (direct); for the unselected pod.
+const DST_V4: &str = "192.0.2.10";
+const DST_V6: &str = "2001:db8::10";
+const DST_EXCLUDED: &str = "192.0.2.200";
+const DST_OTHER: &str = "192.0.2.11";
+const PORT: u16 = 8080;
+/// A port a0's NetworkPolicy does not allow.
+const DENIED_PORT: u16 = 9090;
+
+/// The active gateway, and the standby.
+const GW_A: usize = 1;
+const GW_B: usize = 2;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// One connection the external server accepted: (when, local address, local port, source).
+type Seen = (Instant, IpAddr, u16, IpAddr);
+
+/// The outside world: a namespace on the fabric's bridge owning the documentation ranges,
+/// accepting TCP on `PORT` and `DENIED_PORT`, recording every connection's source.
+struct External {
+    name: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for External {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let _ = netns::delete(&self.name);
+    }
+}
+
+impl External {
+    fn start(c: &Cluster) -> External {
+        let name = format!("pal-{}-egw-ext", std::process::id());
+        netns::create(
+            &name,
+            &[
+                ("net/ipv6/conf/all/accept_dad", "0"),
+                ("net/ipv6/conf/default/accept_dad", "0"),
+            ],
+        )
+        .expect("the external namespace");
+        let fabric = c.fabric().to_string();
+        netns::ip_batch(
+            Some(&name),
+            &[
+                "link set lo up".into(),
+                format!("link add e0 type veth peer name xt netns {fabric}"),
+                "link set e0 up".into(),
+                format!("addr add {EXT_V4}/24 dev e0"),
+                format!("addr add {EXT_V6}/64 dev e0 nodad"),
+                "route add local 192.0.2.0/24 dev lo".into(),
+                "route add local 2001:db8::/32 dev lo".into(),
+            ],
+        )
+        .expect("the external namespace's link");
+        netns::ip_batch(
+            Some(&fabric),
+            &["link set xt master br0".into(), "link set xt up".into()],
+        )
+        .expect("the external namespace's fabric port");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for port in [PORT, DENIED_PORT] {
+            let (seen, stop, ns) = (seen.clone(), stop.clone(), name.clone());
+            let (tx, rx) = std::sync::mpsc::channel();
+            threads.push(std::thread::spawn(move || {
+                netns::enter(&ns).expect("entering the external namespace");
+                let l =
+                    TcpListener::bind(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)))
+                        .expect("listening");
+                l.set_nonblocking(true).unwrap();
+                tx.send(()).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    match l.accept() {
+                        Ok((mut s, peer)) => {
+                            let local = s.local_addr().map(|a| a.ip().to_canonical());
+                            seen.lock().unwrap().push((
+                                Instant::now(),
+                                local.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+                                port,
+                                peer.ip().to_canonical(),
+                            ));
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                            let mut b = [0u8; 1];
+                            if s.read(&mut b).is_ok_and(|n| n == 1) {
+                                let _ = s.write_all(&b);
+                            }
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            }));
+            rx.recv().expect("the server listens");
+        }
+        External {
+            name,
+            seen,
+            stop,
+            threads,
+        }
+    }
+
+    fn seen_since(&self, t: Instant) -> Vec<Seen> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.0 >= t)
+            .copied()
+            .collect()
+    }
+}
+
+/// A short TCP exchange from `pod` to `dst:port` (one byte, echoed): whether it completed.
+fn exchange(pod: &Pod, dst: IpAddr, port: u16, timeout: Duration) -> bool {
+    let addr = SocketAddr::new(dst, port);
+    pod.in_netns(move || -> bool {
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(timeout));
+        let mut b = [7u8; 1];
+        s.write_all(&b).is_ok() && s.read(&mut b).is_ok_and(|n| n == 1)
+    })
+    .unwrap_or(false)
+}
+
+/// The sources the external server saw for connections to `dst` since `t`.
+fn sources(ext: &External, t: Instant, dst: &str, port: u16) -> Vec<IpAddr> {
+    ext.seen_since(t)
+        .into_iter()
+        .filter(|s| s.1 == ip(dst) && s.2 == port)
+        .map(|s| s.3)
+        .collect()
+}
+
+fn holds(c: &Cluster, k: usize, addr: &str) -> bool {
+    let out = c.nodes()[k]
+        .command("ip")
+        .args(["-o", "addr", "show"])
+        .output()
+        .expect("ip addr");
+    String::from_utf8_lossy(&out.stdout).contains(&format!(" {addr}/"))
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !f() {
+        if t.elapsed() >= timeout && std::env::var_os("PAL_EGW_HOLD").is_some() {
+            eprintln!("HOLDING: {what}");
+            std::thread::sleep(Duration::from_secs(240));
+        }
+        assert!(t.elapsed() < timeout, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t.elapsed()
+}
+
+const OBJECTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {kubernetes.io/metadata.name: demo}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-egress, namespace: demo}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  policyTypes: [Egress]
+  egress:
+    - to: [{ipBlock: {cidr: 192.0.2.0/24}}, {ipBlock: {cidr: "2001:db8::/32"}}]
+      ports: [{port: 8080, protocol: TCP}]
+---
+apiVersion: palisade.io/v1alpha1
+kind: EgressGateway
+metadata: {name: partners}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: demo}}
+  destinationCIDRs: [192.0.2.0/24, "2001:db8::/32"]
+  excludedCIDRs: [192.0.2.128/25]
+  gatewayNodeSelector: {matchLabels: {egress: gw}}
+  egressIPs: [10.243.0.100, "fd00:243::100"]
+"#;
+
+fn pod_object(c: &Cluster, name: &str, app: &str) -> String {
+    let (k, p) = c.find_pod(name).expect("a pod of the rig");
+    let ips: Vec<_> = p
+        .ips()
+        .iter()
+        .map(|i| json!({"ip": i.to_string()}))
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "demo", "labels": {"app": app}},
+        "spec": {"nodeName": node_name(k), "containers": [{"name": "c"}]},
+        "status": {"phase": "Running", "podIP": p.ip(false).to_string(), "podIPs": ips},
+    })
+    .to_string()
+}
+
+/// Continuous clients from `pod` to `dsts` until `stop`: (when, destination, completed).
+fn clients(
+    pod: Pod,
+    dsts: Vec<IpAddr>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<(Instant, IpAddr, bool)>> {
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            for d in &dsts {
+                let t = Instant::now();
+                let ok = exchange(&pod, *d, PORT, Duration::from_millis(300));
+                out.push((t, *d, ok));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        out
+    })
+}
+
+/// The longest time without a completed exchange to each destination, from `from` on.
+fn longest_outage(results: &[(Instant, IpAddr, bool)], from: Instant) -> Duration {
+    let mut worst = Duration::ZERO;
+    let mut by_dst: BTreeMap<IpAddr, Instant> = BTreeMap::new();
+    for (t, d, ok) in results.iter().filter(|r| r.0 >= from) {
+        let last = by_dst.entry(*d).or_insert(from);
+        if *ok {
+            worst = worst.max(t.duration_since(*last));
+            *last = *t;
+        }
+    }
+    worst
+}
+
+struct Phase {
+    name: &'static str,
+    takeover: Duration,
+    outage: Duration,
+    failed: usize,
+    total: usize,
+}
+
+/// Runs clients from a0 while `fault` happens; returns the phase's figures after checking that
+/// every connection to the gateway destinations arrived from an egress address.
+fn failover(
+    c: &mut Cluster,
+    ext: &External,
+    name: &'static str,
+    standby: usize,
+    fault: impl FnOnce(&mut Cluster),
+) -> Phase {
+    let a0 = c.find_pod("a0").unwrap().1.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let h = clients(a0, vec![ip(DST_V4), ip(DST_V6)], stop.clone());
+    std::thread::sleep(Duration::from_millis(1000));
+    let at = Instant::now();
+    fault(c);
+    let takeover = wait_for(
+        &format!("{name}: the standby takes the egress address"),
+        Duration::from_secs(15),
+        || holds(c, standby, EGRESS_V4) && holds(c, standby, EGRESS_V6),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    let results = h.join().unwrap();
+    let wrong: Vec<IpAddr> = sources(ext, started, DST_V4, PORT)
+        .into_iter()
+        .filter(|s| *s != ip(EGRESS_V4))
+        .chain(
+            sources(ext, started, DST_V6, PORT)
+                .into_iter()
+                .filter(|s| *s != ip(EGRESS_V6)),
+        )
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{name}: connections from a wrong source: {wrong:?}\n{}",
+        c.logs()
+    );
+    let last_second = Instant::now() - Duration::from_secs(1);
+    let recent: Vec<_> = results.iter().filter(|r| r.0 >= last_second).collect();
+    assert!(
+        !recent.is_empty() && recent.iter().all(|r| r.2),
+        "{name}: after failover every exchange completes: {recent:?}"
+    );
+    Phase {
+        name,
+        takeover,
+        outage: longest_outage(&results, at),
+        failed: results.iter().filter(|r| !r.2).count(),
+        total: results.len(),
+    }
+}
+
+#[test]
+fn egress_gateways_masquerade_fail_over_and_fail_closed() {
+    if !require_root() {
+        return;
+    }
+    let spec = ClusterSpec {
+        nodes: vec![
+            vec![PodSpec { name: "a0".into() }, PodSpec { name: "c0".into() }],
+            vec![PodSpec { name: "b1".into() }],
+            vec![PodSpec { name: "b2".into() }],
+        ],
+        ipv6: true,
+    };
+    let mut c = Cluster::new(spec).expect("the cluster");
+    let ext = External::start(&c);
+    // Routes to the outside world, and the nodes' own NAT for what does not go through a
+    // gateway (priority srcnat: after the gateway's table).
+    for k in 0..3 {
+        let ns = c.nodes()[k].netns_name.clone();
+        netns::ip_batch(
+            Some(&ns),
+            &[
+                format!("route add 192.0.2.0/24 via {EXT_V4} dev up0"),
+                format!("route add 2001:db8::/32 via {EXT_V6} dev up0"),
+            ],
+        )
+        .expect("routes to the outside");
+        let nat = "table inet rig_nat {\n chain post {\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"up0\" ip daddr 192.0.2.0/24 masquerade\n  oifname \"up0\" ip6 daddr 2001:db8::/32 masquerade\n }\n}\n";
+        let mut child = c.nodes()[k]
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("nft");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(nat.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "the node's NAT");
+    }
+    for k in [GW_A, GW_B] {
+        let mut n = c.node_object(k);
+        n["metadata"]["labels"]["egress"] = json!("gw");
+        c.api.apply(&n.to_string());
+    }
+    c.api.apply_all(OBJECTS);
+    for (name, app) in [("a0", "a"), ("c0", "c"), ("b1", "b"), ("b2", "b")] {
+        let o = pod_object(&c, name, app);
+        c.api.apply(&o);
+    }
+    let work = WorkDir::new("egress-gateway");
+    c.agent_args = vec![
+        "--egress-log".into(),
+        "{dir}/egress.jsonl".into(),
+        "--egress-probe-ms".into(),
+        "250".into(),
+        "--egress-probe-misses".into(),
+        "3".into(),
+    ];
+    let agent = agent_binary();
+    c.start_agents(&agent, work.path(), Duration::from_secs(60))
+        .expect("agents");
+    c.wait_reconciled(Duration::from_secs(60))
+        .expect("reconciled");
+    let a0 = c.find_pod("a0").unwrap().1.clone();
+    let c0 = c.find_pod("c0").unwrap().1.clone();
+    let node1 = node_ips(0);
+
+    // The first gateway by name holds the addresses; a0 gets through.
+    wait_for(
+        "node-2 holds the egress addresses",
+        Duration::from_secs(20),
+        || holds(&c, GW_A, EGRESS_V4) && holds(&c, GW_A, EGRESS_V6),
+    );
+    assert!(!holds(&c, GW_B, EGRESS_V4), "the standby holds nothing");
+    wait_for("a0 reaches the outside", Duration::from_secs(20), || {
+        exchange(&a0, ip(DST_V4), PORT, Duration::from_millis(500))
+    });
+
+    // Who arrives as whom.
+    let t = Instant::now();
+    for _ in 0..3 {
+        assert!(exchange(&a0, ip(DST_V4), PORT, Duration::from_secs(2)));
+        assert!(exchange(&a0, ip(DST_V6), PORT, Duration::from_secs(2)));
+        assert!(exchange(&c0, ip(DST_OTHER), PORT, Duration::from_secs(2)));
+        assert!(exchange(&c0, ip(DST_V6), PORT, Duration::from_secs(2)));
+        assert!(exchange(
+            &a0,
+            ip(DST_EXCLUDED),
+            PORT,
+            Duration::from_secs(2)
+        ));
+    }
+    assert!(
+        !exchange(&a0, ip(DST_V4), DENIED_PORT, Duration::from_millis(500)),
+        "a0's policy denies port {DENIED_PORT}"
+    );
+    let v4 = sources(&ext, t, DST_V4, PORT);
+    assert_eq!(
+        v4,
+        vec![ip(EGRESS_V4); 3],
+        "a0 over IPv4: the egress address"
+    );
+    let v6: Vec<IpAddr> = sources(&ext, t, DST_V6, PORT);
+    assert_eq!(
+        v6.iter().filter(|s| **s == ip(EGRESS_V6)).count(),
+        3,
+        "a0 over IPv6: the egress address ({v6:?})"
+    );
+    assert_eq!(
+        v6.iter().filter(|s| **s == IpAddr::V6(node1.1)).count(),
+        3,
+        "c0 (not selected) over IPv6: its node ({v6:?})"
+    );
+    assert_eq!(v6.len(), 6, "{v6:?}");
+    assert_eq!(
+        sources(&ext, t, DST_OTHER, PORT),
+        vec![IpAddr::V4(node1.0); 3],
+        "c0: its node's address"
+    );
+    assert_eq!(
+        sources(&ext, t, DST_EXCLUDED, PORT),
+        vec![IpAddr::V4(node1.0); 3],
+        "an excluded destination: the pod's node"
+    );
+    assert!(
+        ext.seen_since(t).iter().all(|s| s.2 != DENIED_PORT),
+        "a flow the policy denies never leaves"
+    );
+
+    // On record: every flow through the gateway, when it ends.
+    let log = work.path().join(node_name(0)).join("egress.jsonl");
+    let mut records: Vec<serde_json::Value> = Vec::new();
+    wait_for("the flows' records", Duration::from_secs(30), || {
+        records = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let through = |dst: &str| {
+            records
+                .iter()
+                .filter(|r| r["destination"]["ip"] == dst)
+                .count()
+        };
+        through(DST_V4) >= 4 && through(DST_V6) >= 3
+    });
+    for r in &records {
+        let e = &r["egress"];
+        assert_eq!(r["endpoint"], "demo/a0", "{r}");
+        assert_eq!(e["gateway"], "partners", "{r}");
+        assert_eq!(e["node"], "node-2", "{r}");
+        let want = if r["destination"]["ip"].as_str().unwrap().contains(':') {
+            EGRESS_V6
+        } else {
+            EGRESS_V4
+        };
+        assert_eq!(e["egress_ip"], want, "{r}");
+        assert!(
+            e["packets"].as_u64().unwrap() >= 6,
+            "a whole TCP exchange: {r}"
+        );
+        assert!(e["bytes"].as_u64().unwrap() > 0, "{r}");
+    }
+    assert!(
+        records
+            .iter()
+            .all(|r| r["destination"]["ip"] != DST_EXCLUDED),
+        "excluded destinations are not gateway flows"
+    );
+    let out = c.nodes()[0]
+        .command(&agent)
+        .args(["verdicts", "--socket"])
+        .arg(c.agent(0).unwrap().socket())
+        .args(["-o", "json"])
+        .output()
+        .expect("palisade verdicts");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("\"egress-gateway\"") && text.contains(EGRESS_V4),
+        "palisade verdicts shows the gateway flows:\n{text}"
+    );
+
+    // Failover: the active gateway's agent killed; then its link down.
+    let mut phases = Vec::new();
+    phases.push(failover(&mut c, &ext, "agent killed", GW_B, |c| {
+        c.kill_agent(GW_A)
+    }));
+    // Back: the first gateway by name takes over again once alive.
+    c.restart_agent(GW_A, &agent).expect("restart");
+    wait_for("node-2 active again", Duration::from_secs(20), || {
+        holds(&c, GW_A, EGRESS_V4) && !holds(&c, GW_B, EGRESS_V4)
+    });
+    wait_for("a0 through node-2 again", Duration::from_secs(10), || {
+        exchange(&a0, ip(DST_V4), PORT, Duration::from_millis(500))
+    });
+    let gw_a_ns = c.nodes()[GW_A].netns_name.clone();
+    phases.push(failover(&mut c, &ext, "link down", GW_B, |_| {
+        netns::ip_batch(Some(&gw_a_ns), &["link set up0 down".into()]).expect("link down");
+    }));
+    for p in &phases {
+        eprintln!(
+            "egress failover, {}: standby held the address after {:?}; longest outage {:?}; {} of {} exchanges failed; 0 from a wrong source",
+            p.name, p.takeover, p.outage, p.failed, p.total
+        );
+        assert!(
+            p.outage < Duration::from_secs(5),
+            "{}: outage {:?}",
+            p.name,
+            p.outage
+        );
+    }
+
+    // No live gateway: dropped and counted, never out through node-1.
+    c.kill_agent(GW_B);
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let before = sources(&ext, t, DST_V4, PORT).len();
+    for _ in 0..5 {
+        assert!(
+            !exchange(&a0, ip(DST_V4), PORT, Duration::from_millis(300)),
+            "no live gateway: a0's flow does not complete"
+        );
+    }
+    assert!(
+        exchange(&c0, ip(DST_OTHER), PORT, Duration::from_secs(2)),
+        "c0 unaffected"
+    );
+    let after = sources(&ext, t, DST_V4, PORT);
+    assert!(
+        after.len() == before && after.iter().all(|s| *s == ip(EGRESS_V4)),
+        "nothing of a0's left while no gateway lived: {after:?}"
+    );
+    let stats = c.nodes()[0]
+        .command(&agent)
+        .args(["stats", "--socket"])
+        .arg(c.agent(0).unwrap().socket())
+        .output()
+        .expect("palisade stats");
+    let stats = String::from_utf8_lossy(&stats.stdout);
+    assert!(
+        stats.contains("egress-no-gateway"),
+        "the drops are counted by reason:\n{stats}"
+    );
+}
