@@ -1,6 +1,9 @@
 //! Egress gateways (`common`, Egress gateways): after policy allowed a pod's packet, a flow an
 //! EgressGateway selects is encapsulated to one of its group's healthy gateway nodes, or
 //! dropped if there is none. Never sent out through the pod's own node.
+// Keys are passed by reference on purpose: by value they would be copied onto the BPF stack,
+// which `from_pod`'s frame mostly takes.
+#![allow(clippy::needless_borrows_for_generic_args)]
 use aya_ebpf::{
     bindings::{BPF_F_TUNINFO_IPV6, TC_ACT_OK, TC_ACT_SHOT, bpf_tunnel_key},
     helpers::{bpf_get_hash_recalc, bpf_redirect, bpf_skb_set_tunnel_key},
