@@ -119,7 +119,7 @@ pub fn compile(store: &Store, desired: &DesiredState) -> EgressPlan {
         let gateways: Vec<GatewayNode> = store
             .nodes
             .values()
-            .filter(|n| g.gateway_nodes.matches(&n.labels))
+            .filter(|n| n.ready && g.gateway_nodes.matches(&n.labels))
             .map(|n| GatewayNode {
                 name: n.name.clone(),
                 id: node_id(&n.name),
@@ -286,6 +286,13 @@ kind: Node
 metadata: {name: node-2, labels: {egress: gw}}
 status: {addresses: [{type: InternalIP, address: 10.243.0.2}]}
 ---
+apiVersion: v1
+kind: Node
+metadata: {name: node-4, labels: {egress: gw}}
+status:
+  addresses: [{type: InternalIP, address: 10.243.0.4}]
+  conditions: [{type: Ready, status: "False"}]
+---
 apiVersion: palisade.io/v1alpha1
 kind: EgressGateway
 metadata: {name: out}
@@ -342,7 +349,7 @@ spec:
                 .map(|n| n.name.as_str())
                 .collect::<Vec<_>>(),
             ["node-2", "node-3"],
-            "selected nodes, by name"
+            "selected nodes that are Ready (node-4 is not), by name"
         );
         assert_eq!(g.gateways[1].v6, Some("fd00:243::3".parse().unwrap()));
         assert_eq!(
@@ -368,12 +375,17 @@ spec:
         );
         assert_eq!(get("192.0.2.128/25").unwrap().flags, EGW_DEST_EXCLUDED);
         // Node addresses inside a destination are excluded; 10.243.0.100 (no node's) is not.
-        for n in ["10.243.0.1/32", "10.243.0.2/32", "10.243.0.3/32"] {
+        for n in [
+            "10.243.0.1/32",
+            "10.243.0.2/32",
+            "10.243.0.3/32",
+            "10.243.0.4/32",
+        ] {
             assert_eq!(get(n).unwrap().flags, EGW_DEST_EXCLUDED, "{n}");
         }
         assert_eq!(get("fd00:243::3/128"), None, "outside every destination");
         assert!(plan.dests.keys().all(|k| k.key.endpoint == 300));
-        assert_eq!(plan.dests.len(), 2 + 1 + 3);
+        assert_eq!(plan.dests.len(), 2 + 1 + 4);
     }
 
     #[test]
