@@ -417,15 +417,23 @@ fn interface_of(addr: IpAddr) -> Option<String> {
 }
 
 impl Worker {
+    /// What a previous agent wrote stays in force (its pinned maps keep steering) until this
+    /// one has a plan: read back, so that the first write changes only what differs.
     fn adopt(&mut self) {
-        let keys: Vec<Key<EgwDestKey>> = self.maps.dests.keys().filter_map(|k| k.ok()).collect();
-        for k in keys {
-            let _ = self.maps.dests.remove(&k);
+        for (k, v) in self.maps.dests.iter().filter_map(|r| r.ok()) {
+            let prefix_len = k.prefix_len().saturating_sub(EGW_DEST_FIXED_BITS) as u8;
+            self.written_dests.insert(
+                DestEntry {
+                    key: k.data(),
+                    prefix_len,
+                },
+                v,
+            );
         }
-        let groups: Vec<u32> = self.maps.groups.keys().filter_map(|k| k.ok()).collect();
-        for g in groups {
-            let _ = self.maps.groups.remove(&g);
+        for (k, v) in self.maps.groups.iter().filter_map(|r| r.ok()) {
+            self.written_groups.insert(k, v);
         }
+        self.written_ctl = self.maps.ctl.get(&0, 0).ok();
         // The flows a previous agent steered are recorded when they end, by this one.
         let flows: Vec<(CtKey, EgwFlow)> = self.maps.flows.iter().filter_map(|r| r.ok()).collect();
         for (k, f) in flows {
@@ -465,14 +473,28 @@ impl Worker {
             }
         }
         let me = self.cfg.node_name.clone().unwrap_or_default();
+        if self.version == 0 {
+            // No plan yet (the first reconcile has not run): what is pinned stays as it is.
+            return Ok(());
+        }
+        self.probe(&me);
+        let live = self.live.clone();
+        let healthy = |n: &str| n == me || live.get(n).is_some_and(|l| l.alive);
+        // Taking over from a better-placed gateway needs it confirmed dead (its misses), not
+        // merely not heard from yet (this agent just started): no needless address moves.
+        let max = self.cfg.misses;
+        let not_dead = |n: &str| n == me || live.get(n).is_none_or(|l| l.alive || l.misses < max);
+        // Gateway node first: the table that drops whatever comes out of the tunnel and no
+        // served group claims exists before the tunnel does (else a decapsulated packet could
+        // be forwarded, and masqueraded by the node's own NAT, as the node's address).
+        let plan = self.plan.clone();
+        let served = serving(&plan, &me, &not_dead);
+        self.serve(&served)?;
         let tunnels = if self.plan.groups.is_empty() {
             ifindex(TUNNEL)
         } else {
             self.ensure_tunnels()
         };
-        self.probe(&me);
-        let live = self.live.clone();
-        let healthy = |n: &str| n == me || live.get(n).is_some_and(|l| l.alive);
         // Pod node: the maps.
         let ctl = EgwCtl {
             groups: self.plan.groups.len() as u32,
@@ -481,10 +503,6 @@ impl Worker {
         };
         let groups = group_values(&self.plan, &healthy);
         self.write_maps(ctl, groups)?;
-        // Gateway node.
-        let plan = self.plan.clone();
-        let served = serving(&plan, &me, &healthy);
-        self.serve(&served)?;
         if let Some(hub) = self.shared.hub.get() {
             for (id, g) in &self.plan.groups {
                 let active = &self.written_groups.get(id);
@@ -636,7 +654,10 @@ impl Worker {
     fn serve(&mut self, served: &BTreeMap<u32, &Group>) -> Result<()> {
         let me = self.cfg.node_name.clone().unwrap_or_default();
         let text = nft_ruleset(served);
-        if self.nft.as_ref() != Some(&text) && (!served.is_empty() || self.nft.is_some()) {
+        // Written whenever there are EgressGateways at all (or were): the drop rule holds on
+        // every node that has the tunnel, gateway or not.
+        if self.nft.as_ref() != Some(&text) && (!self.plan.groups.is_empty() || self.nft.is_some())
+        {
             run_cmd(Command::new("nft").arg("-f").arg("-"), Some(&text))
                 .context("the palisade_egress nftables table")?;
             info!(groups = served.len(), "egress gateway rules written");

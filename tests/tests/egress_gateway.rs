@@ -10,7 +10,8 @@
 //! and excluded destinations', from the pod's node; a flow the pod's NetworkPolicy denies
 //! never leaves; every flow through a gateway is recorded (JSON lines, `palisade verdicts`);
 //! failover when the active gateway's agent is killed and when its link goes down, with no
-//! connection ever arriving from an unexpected source; with no live gateway, matching
+//! connection ever arriving from an unexpected source (also when the gateway's node stops
+//! being Ready); with no live gateway, matching
 //! traffic is dropped (`egress-no-gateway`), not sent out through the pod's node. Needs
 //! root; under CI=true that is a failure, not a skip.
 use std::collections::BTreeMap;
@@ -327,6 +328,10 @@ fn failover(
     );
     let last_second = Instant::now() - Duration::from_secs(1);
     let recent: Vec<_> = results.iter().filter(|r| r.0 >= last_second).collect();
+    if !recent.iter().all(|r| r.2) && std::env::var_os("PAL_EGW_HOLD").is_some() {
+        eprintln!("HOLDING: {name}");
+        std::thread::sleep(Duration::from_secs(240));
+    }
     assert!(
         !recent.is_empty() && recent.iter().all(|r| r.2),
         "{name}: after failover every exchange completes: {recent:?}"
@@ -416,7 +421,9 @@ fn egress_gateways_masquerade_fail_over_and_fail_closed() {
         Duration::from_secs(20),
         || holds(&c, GW_A, EGRESS_V4) && holds(&c, GW_A, EGRESS_V6),
     );
-    assert!(!holds(&c, GW_B, EGRESS_V4), "the standby holds nothing");
+    wait_for("the standby holds nothing", Duration::from_secs(10), || {
+        !holds(&c, GW_B, EGRESS_V4) && !holds(&c, GW_B, EGRESS_V6)
+    });
     wait_for("a0 reaches the outside", Duration::from_secs(20), || {
         exchange(&a0, ip(DST_V4), PORT, Duration::from_millis(500))
     });
@@ -525,8 +532,43 @@ fn egress_gateways_masquerade_fail_over_and_fail_closed() {
         "palisade verdicts shows the gateway flows:\n{text}"
     );
 
-    // Failover: the active gateway's agent killed; then its link down.
+    // The price of the detour: a short exchange (connect, one byte each way) direct from
+    // node-1 (c0) and through the gateway (a0), medians of 40.
+    let median = |pod: &Pod, dst: &str| {
+        let mut v: Vec<Duration> = (0..40)
+            .map(|_| {
+                let t = Instant::now();
+                assert!(exchange(pod, ip(dst), PORT, Duration::from_secs(2)));
+                t.elapsed()
+            })
+            .collect();
+        v.sort();
+        v[v.len() / 2]
+    };
+    let direct = median(&c0, DST_OTHER);
+    let through = median(&a0, DST_V4);
+    eprintln!(
+        "egress latency: a short TCP exchange direct {direct:?}, through the gateway {through:?} (median of 40)"
+    );
+
+    // Failover: the active gateway's node not Ready; its agent killed; its link down.
     let mut phases = Vec::new();
+    let ready = |c: &Cluster, k: usize, status: &str| {
+        let mut n = c.node_object(k);
+        n["metadata"]["labels"]["egress"] = json!("gw");
+        n["status"]["conditions"] = json!([{"type": "Ready", "status": status}]);
+        c.api.apply(&n.to_string());
+    };
+    phases.push(failover(&mut c, &ext, "node not Ready", GW_B, |c| {
+        ready(c, GW_A, "False")
+    }));
+    ready(&c, GW_A, "True");
+    wait_for("node-2 active again", Duration::from_secs(20), || {
+        holds(&c, GW_A, EGRESS_V4) && !holds(&c, GW_B, EGRESS_V4)
+    });
+    wait_for("a0 through node-2 again", Duration::from_secs(10), || {
+        exchange(&a0, ip(DST_V4), PORT, Duration::from_millis(500))
+    });
     phases.push(failover(&mut c, &ext, "agent killed", GW_B, |c| {
         c.kill_agent(GW_A)
     }));
