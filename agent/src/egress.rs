@@ -53,6 +53,8 @@ pub const DEFAULT_HEALTH_PORT: u16 = 4247;
 /// The tunnel device (VXLAN, collect metadata): this kernel family's tunnels of choice
 /// (ipip, ip6tnl, geneve) are optional kernel features; VXLAN is the one every CNI needs.
 pub const TUNNEL: &str = "pal-egw";
+/// Lifetime of a held egress address, renewed every second while this node is active.
+pub const EGRESS_IP_LIFETIME_S: u32 = 3;
 /// The agent's nftables table (family inet).
 pub const NFT_TABLE: &str = "palisade_egress";
 
@@ -680,20 +682,44 @@ impl Worker {
                 }
             }
         }
+        // Held with a lifetime the agent renews every second: a gateway whose agent dies
+        // loses the address by itself within `EGRESS_IP_LIFETIME_S` (its kernel would
+        // otherwise go on answering for it).
+        let renew = self
+            .last_announce
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
         let mut added = false;
         for (ip, dev) in &want {
-            if self.assigned.get(ip) != Some(dev) {
+            let new = self.assigned.get(ip) != Some(dev);
+            if new || renew {
                 let cidr = if ip.is_ipv6() {
                     format!("{ip}/128")
                 } else {
                     format!("{ip}/32")
                 };
-                let mut args = vec!["addr", "replace", cidr.as_str(), "dev", dev.as_str()];
+                let lft = EGRESS_IP_LIFETIME_S.to_string();
+                let mut args = vec![
+                    "addr",
+                    "replace",
+                    cidr.as_str(),
+                    "dev",
+                    dev.as_str(),
+                    "valid_lft",
+                    lft.as_str(),
+                    "preferred_lft",
+                    lft.as_str(),
+                ];
                 if ip.is_ipv6() {
                     args.push("nodad");
                 }
                 run_cmd(Command::new("ip").args(&args), None)
                     .with_context(|| format!("adding egress address {ip}"))?;
+            }
+            if new {
+                // ARP requests this node sends carry its own address, never the egress
+                // address: else a gateway that lost the address would claim it back in the
+                // outside world's caches whenever it asks for a neighbour.
+                let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{dev}/arp_announce"), "2");
                 info!(address = %ip, device = dev, "egress address held");
                 self.assigned.insert(*ip, dev.clone());
                 added = true;

@@ -4,20 +4,32 @@
 //! after their entries for the previous gateway go stale.
 use std::net::IpAddr;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
+/// The Ethernet address of `dev` in this network namespace (not from /sys/class/net, which
+/// shows the namespace sysfs was mounted in).
 fn mac_of(dev: &str) -> Result<[u8; 6]> {
-    let text = std::fs::read_to_string(format!("/sys/class/net/{dev}/address"))
-        .with_context(|| format!("the address of {dev}"))?;
-    let mut mac = [0u8; 6];
-    let parts: Vec<&str> = text.trim().split(':').collect();
+    let out = std::process::Command::new("ip")
+        .args(["-o", "link", "show", "dev", dev])
+        .output()
+        .with_context(|| format!("ip link show dev {dev}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_mac(&text).with_context(|| format!("{dev} has no Ethernet address"))
+}
+
+/// The address after `link/ether` in `ip -o link` output.
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "link/ether")?;
+    let parts: Vec<&str> = words.next()?.split(':').collect();
     if parts.len() != 6 {
-        bail!("{dev} has no Ethernet address");
+        return None;
     }
+    let mut mac = [0u8; 6];
     for (m, p) in mac.iter_mut().zip(parts) {
-        *m = u8::from_str_radix(p, 16)?;
+        *m = u8::from_str_radix(p, 16).ok()?;
     }
-    Ok(mac)
+    Some(mac)
 }
 
 /// A gratuitous ARP request for `ip` from `mac` (sender and target address both `ip`).
@@ -160,6 +172,16 @@ pub fn announce(ip: IpAddr, dev: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mac_is_read_from_ip_link() {
+        let line = "3: up0@if4: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue state UP mode DEFAULT group default qlen 1000\\    link/ether 7e:12:55:5e:66:01 brd ff:ff:ff:ff:ff:ff link-netns x";
+        assert_eq!(parse_mac(line), Some([0x7e, 0x12, 0x55, 0x5e, 0x66, 0x01]));
+        assert_eq!(
+            parse_mac("1: lo: <LOOPBACK> link/loopback 00:00:00:00:00:00"),
+            None
+        );
+    }
 
     #[test]
     fn frames_say_what_they_should() {
