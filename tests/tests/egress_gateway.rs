@@ -549,6 +549,28 @@ fn egress_gateways_masquerade_fail_over_and_fail_closed() {
         "palisade verdicts shows the gateway flows:\n{text}"
     );
 
+    // The pod node's agent restarts: its pinned maps keep steering meanwhile, and the new
+    // agent adopts them (nothing goes out as node-1 in between).
+    let t = Instant::now();
+    c.kill_agent(0);
+    assert!(
+        exchange(&a0, ip(DST_V4), PORT, Duration::from_secs(2)),
+        "pinned steering"
+    );
+    c.restart_agent(0, &agent).expect("restart node-1's agent");
+    for _ in 0..20 {
+        exchange(&a0, ip(DST_V4), PORT, Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.wait_reconciled_on(&[0], Duration::from_secs(30))
+        .expect("node-1 reconciled");
+    assert!(exchange(&a0, ip(DST_V4), PORT, Duration::from_secs(2)));
+    let seen = sources(&ext, t, DST_V4, PORT);
+    assert!(
+        seen.len() >= 2 && seen.iter().all(|s| *s == ip(EGRESS_V4)),
+        "across the pod node's agent restart, only the egress address: {seen:?}"
+    );
+
     // The price of the detour: a short exchange (connect, one byte each way) direct from
     // node-1 (c0) and through the gateway (a0), medians of 40.
     let median = |pod: &Pod, dst: &str| {
