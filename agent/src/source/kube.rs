@@ -1,8 +1,9 @@
 //! Cluster mode: the API server as the source. kube-rs watchers (list, then watch; on a
 //! dropped watch they resume from the last resource version, on `410 Gone` they list again,
 //! and every error backs off exponentially) feed Namespaces, Pods (cluster-wide: peers are
-//! selected across namespaces), Nodes (for ClusterNetworkPolicy's `nodes` peers),
-//! NetworkPolicies, ClusterNetworkPolicies, Services and EndpointSlices into the same
+//! selected across namespaces), Nodes (for ClusterNetworkPolicy's `nodes` peers and egress
+//! gateway candidates), NetworkPolicies, ClusterNetworkPolicies, Services, EndpointSlices and
+//! EgressGateways (optional like ClusterNetworkPolicies: Palisade's own CRD) into the same
 //! `model::Store` the standalone source fills (`ClusterState`), and the main loop (`source`)
 //! reconciles it as it does the files: one loop, two sources.
 //!
