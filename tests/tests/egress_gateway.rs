@@ -410,7 +410,9 @@ fn egress_gateways_masquerade_fail_over_and_fail_closed() {
         c.api.apply(&n.to_string());
     }
     c.api.apply_all(OBJECTS);
-    for (name, app) in [("a0", "a"), ("c0", "c"), ("b1", "b"), ("b2", "b")] {
+    // b1 runs on the first gateway itself (selected too: its flows take the tunnel to its own
+    // node); b2 on the standby, not selected.
+    for (name, app) in [("a0", "a"), ("c0", "c"), ("b1", "a"), ("b2", "b")] {
         let o = pod_object(&c, name, app);
         c.api.apply(&o);
     }
@@ -464,6 +466,14 @@ fn egress_gateways_masquerade_fail_over_and_fail_closed() {
         "a0's policy denies port {DENIED_PORT}"
     );
     let v4 = sources(&ext, t, DST_V4, PORT);
+    let b1 = c.find_pod("b1").unwrap().1.clone();
+    let t1 = Instant::now();
+    assert!(exchange(&b1, ip(DST_V4), PORT, Duration::from_secs(2)));
+    assert_eq!(
+        sources(&ext, t1, DST_V4, PORT),
+        vec![ip(EGRESS_V4)],
+        "a selected pod on the active gateway itself: the egress address"
+    );
     assert_eq!(
         v4,
         vec![ip(EGRESS_V4); 3],
