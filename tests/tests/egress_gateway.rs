@@ -15,14 +15,14 @@
 //! traffic is dropped (`egress-no-gateway`), not sent out through the pod's node. Needs
 //! root; under CI=true that is a failure, not a skip.
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use palisade_tests::{
     agent::{WorkDir, agent_binary},
+    egress::{External, exchange, holds, outside_routes},
     multinode::{Cluster, ClusterSpec, node_ips, node_name},
     netns,
     rig::{Pod, PodSpec, require_root},
@@ -31,9 +31,6 @@ use serde_json::json;
 
 const EGRESS_V4: &str = "10.243.0.100";
 const EGRESS_V6: &str = "fd00:243::100";
-/// The external server's addresses on the fabric (its next hop for the nodes).
-const EXT_V4: &str = "10.243.0.250";
-const EXT_V6: &str = "fd00:243::fa";
 /// Destinations: through the gateway; excluded (direct); for the unselected pod.
 const DST_V4: &str = "192.0.2.10";
 const DST_V6: &str = "2001:db8::10";
@@ -51,127 +48,6 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-/// One connection the external server accepted: (when, local address, local port, source).
-type Seen = (Instant, IpAddr, u16, IpAddr);
-
-/// The outside world: a namespace on the fabric's bridge owning the documentation ranges,
-/// accepting TCP on `PORT` and `DENIED_PORT`, recording every connection's source.
-struct External {
-    name: String,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for External {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        let _ = netns::delete(&self.name);
-    }
-}
-
-impl External {
-    fn start(c: &Cluster) -> External {
-        let name = format!("pal-{}-egw-ext", std::process::id());
-        netns::create(
-            &name,
-            &[
-                ("net/ipv6/conf/all/accept_dad", "0"),
-                ("net/ipv6/conf/default/accept_dad", "0"),
-            ],
-        )
-        .expect("the external namespace");
-        let fabric = c.fabric().to_string();
-        netns::ip_batch(
-            Some(&name),
-            &[
-                "link set lo up".into(),
-                format!("link add e0 type veth peer name xt netns {fabric}"),
-                "link set e0 up".into(),
-                format!("addr add {EXT_V4}/24 dev e0"),
-                format!("addr add {EXT_V6}/64 dev e0 nodad"),
-                "route add local 192.0.2.0/24 dev lo".into(),
-                "route add local 2001:db8::/32 dev lo".into(),
-            ],
-        )
-        .expect("the external namespace's link");
-        netns::ip_batch(
-            Some(&fabric),
-            &["link set xt master br0".into(), "link set xt up".into()],
-        )
-        .expect("the external namespace's fabric port");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-        for port in [PORT, DENIED_PORT] {
-            let (seen, stop, ns) = (seen.clone(), stop.clone(), name.clone());
-            let (tx, rx) = std::sync::mpsc::channel();
-            threads.push(std::thread::spawn(move || {
-                netns::enter(&ns).expect("entering the external namespace");
-                let l =
-                    TcpListener::bind(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)))
-                        .expect("listening");
-                l.set_nonblocking(true).unwrap();
-                tx.send(()).unwrap();
-                while !stop.load(Ordering::Relaxed) {
-                    match l.accept() {
-                        Ok((mut s, peer)) => {
-                            let local = s.local_addr().map(|a| a.ip().to_canonical());
-                            seen.lock().unwrap().push((
-                                Instant::now(),
-                                local.unwrap_or(IpAddr::from([0, 0, 0, 0])),
-                                port,
-                                peer.ip().to_canonical(),
-                            ));
-                            let _ = s.set_nonblocking(false);
-                            let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-                            let mut b = [0u8; 1];
-                            if s.read(&mut b).is_ok_and(|n| n == 1) {
-                                let _ = s.write_all(&b);
-                            }
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
-                    }
-                }
-            }));
-            rx.recv().expect("the server listens");
-        }
-        External {
-            name,
-            seen,
-            stop,
-            threads,
-        }
-    }
-
-    fn seen_since(&self, t: Instant) -> Vec<Seen> {
-        self.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|s| s.0 >= t)
-            .copied()
-            .collect()
-    }
-}
-
-/// A short TCP exchange from `pod` to `dst:port` (one byte, echoed): whether it completed.
-fn exchange(pod: &Pod, dst: IpAddr, port: u16, timeout: Duration) -> bool {
-    let addr = SocketAddr::new(dst, port);
-    pod.in_netns(move || -> bool {
-        let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(timeout));
-        let mut b = [7u8; 1];
-        s.write_all(&b).is_ok() && s.read(&mut b).is_ok_and(|n| n == 1)
-    })
-    .unwrap_or(false)
-}
-
 /// The sources the external server saw for connections to `dst` since `t`.
 fn sources(ext: &External, t: Instant, dst: &str, port: u16) -> Vec<IpAddr> {
     ext.seen_since(t)
@@ -179,15 +55,6 @@ fn sources(ext: &External, t: Instant, dst: &str, port: u16) -> Vec<IpAddr> {
         .filter(|s| s.1 == ip(dst) && s.2 == port)
         .map(|s| s.3)
         .collect()
-}
-
-fn holds(c: &Cluster, k: usize, addr: &str) -> bool {
-    let out = c.nodes()[k]
-        .command("ip")
-        .args(["-o", "addr", "show"])
-        .output()
-        .expect("ip addr");
-    String::from_utf8_lossy(&out.stdout).contains(&format!(" {addr}/"))
 }
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
@@ -376,34 +243,11 @@ fn egress_gateways_masquerade_fail_over_and_fail_closed() {
         ipv6: true,
     };
     let mut c = Cluster::new(spec).expect("the cluster");
-    let ext = External::start(&c);
+    let ext = External::start(&c, &["192.0.2.0/24", "2001:db8::/32"], &[PORT, DENIED_PORT])
+        .expect("the outside world");
     // Routes to the outside world, and the nodes' own NAT for what does not go through a
     // gateway (priority srcnat: after the gateway's table).
-    for k in 0..3 {
-        let ns = c.nodes()[k].netns_name.clone();
-        netns::ip_batch(
-            Some(&ns),
-            &[
-                format!("route add 192.0.2.0/24 via {EXT_V4} dev up0"),
-                format!("route add 2001:db8::/32 via {EXT_V6} dev up0"),
-            ],
-        )
-        .expect("routes to the outside");
-        let nat = "table inet rig_nat {\n chain post {\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"up0\" ip daddr 192.0.2.0/24 masquerade\n  oifname \"up0\" ip6 daddr 2001:db8::/32 masquerade\n }\n}\n";
-        let mut child = c.nodes()[k]
-            .command("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .expect("nft");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(nat.as_bytes())
-            .unwrap();
-        assert!(child.wait().unwrap().success(), "the node's NAT");
-    }
+    outside_routes(&c, &["192.0.2.0/24", "2001:db8::/32"]).expect("routes to the outside");
     for k in [GW_A, GW_B] {
         let mut n = c.node_object(k);
         n["metadata"]["labels"]["egress"] = json!("gw");
