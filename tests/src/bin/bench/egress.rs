@@ -120,7 +120,7 @@ pub fn run(
             // Back to the first gateway (restarted), as before the first fault.
             c.restart_agent(1, agent)?;
             let t = Instant::now();
-            while !(holds(&c, 1, EGRESS) && !holds(&c, 2, EGRESS)) {
+            while !holds(&c, 1, EGRESS) || holds(&c, 2, EGRESS) {
                 if t.elapsed() > Duration::from_secs(20) {
                     bail!("node-2 did not take the address back");
                 }
