@@ -4,7 +4,7 @@
 //! destinations). Health is not known here: the agent keeps, of each group's candidates, the
 //! healthy ones in EGW_GROUPS (`active_gateways`).
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 use palisade_common::{
@@ -14,49 +14,7 @@ use palisade_common::{
 use crate::model::Store;
 use crate::model::egress::EgressGateway;
 use crate::state::{DesiredState, PodRef};
-
-/// One EGW_DESTS entry: the key data (address masked) and its destination prefix length (the
-/// trie's is `EGW_DEST_FIXED_BITS` more).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DestEntry {
-    pub key: EgwDestKey,
-    pub prefix_len: u8,
-}
-
-/// A candidate gateway node.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct GatewayNode {
-    pub name: String,
-    /// The node's id in EGW_GROUPS and EGW_FLOWS (`node_id`).
-    pub id: u32,
-    pub v4: Option<Ipv4Addr>,
-    pub v6: Option<Ipv6Addr>,
-}
-
-/// One EgressGateway, compiled.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Group {
-    pub name: String,
-    pub egress_v4: Option<Ipv4Addr>,
-    pub egress_v6: Option<Ipv6Addr>,
-    /// Nodes the gateway selector selects, by name (at most `EGW_MAX_GATEWAYS` are used).
-    pub gateways: Vec<GatewayNode>,
-    /// The addresses of every pod (cluster-wide) it selects: a gateway masquerades their
-    /// packets only.
-    pub sources: Vec<IpAddr>,
-    pub destinations: Vec<IpNetwork>,
-    pub excluded: Vec<IpNetwork>,
-}
-
-/// The egress part of a node's desired state.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct EgressPlan {
-    pub dests: BTreeMap<DestEntry, EgwDest>,
-    /// Group id -> group.
-    pub groups: BTreeMap<u32, Group>,
-    /// Endpoint id -> the EgressGateways that select it (for explaining).
-    pub selected: BTreeMap<u32, Vec<String>>,
-}
+pub use crate::state::{DestEntry, EgressPlan, GatewayNode, Group};
 
 /// FNV-1a of `s`, never 0: ids that every agent derives alike from names, stable while the
 /// name exists (a flow's sticky entry names its group and gateway by them).

@@ -345,7 +345,7 @@ pub struct DesiredState {
     pub learned: BTreeMap<(u32, PeerAddr), u32>,
     /// EgressGateways for this node's endpoints (`crate::egress`): EGW_DESTS entries and the
     /// groups the agent keeps EGW_GROUPS of, with the gateways' health.
-    pub egress: crate::egress::EgressPlan,
+    pub egress: EgressPlan,
 }
 
 /// One endpoint's `domainNames` patterns, grouped: every set of patterns a DNS name can match
@@ -357,4 +357,51 @@ pub struct DomainTable {
     /// The same for the audit view (audited ClusterNetworkPolicies enforced); empty when the
     /// endpoint has none.
     pub audit_classes: Vec<(Vec<String>, u32)>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Egress gateways (compiled by `crate::egress`)
+// ---------------------------------------------------------------------------------------------
+
+/// One EGW_DESTS entry: the key data (address masked) and its destination prefix length (the
+/// trie's is `EGW_DEST_FIXED_BITS` more).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DestEntry {
+    pub key: palisade_common::EgwDestKey,
+    pub prefix_len: u8,
+}
+
+/// A candidate gateway node.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GatewayNode {
+    pub name: String,
+    /// The node's id in EGW_GROUPS and EGW_FLOWS (`node_id`).
+    pub id: u32,
+    pub v4: Option<std::net::Ipv4Addr>,
+    pub v6: Option<std::net::Ipv6Addr>,
+}
+
+/// One EgressGateway, compiled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub name: String,
+    pub egress_v4: Option<std::net::Ipv4Addr>,
+    pub egress_v6: Option<std::net::Ipv6Addr>,
+    /// Nodes the gateway selector selects, by name (at most `EGW_MAX_GATEWAYS` are used).
+    pub gateways: Vec<GatewayNode>,
+    /// The addresses of every pod (cluster-wide) it selects: a gateway masquerades their
+    /// packets only.
+    pub sources: Vec<std::net::IpAddr>,
+    pub destinations: Vec<ipnetwork::IpNetwork>,
+    pub excluded: Vec<ipnetwork::IpNetwork>,
+}
+
+/// The egress part of a node's desired state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EgressPlan {
+    pub dests: BTreeMap<DestEntry, palisade_common::EgwDest>,
+    /// Group id -> group.
+    pub groups: BTreeMap<u32, Group>,
+    /// Endpoint id -> the EgressGateways that select it (for explaining).
+    pub selected: BTreeMap<u32, Vec<String>>,
 }
