@@ -164,8 +164,28 @@ fn elements<T: ToString>(items: impl IntoIterator<Item = T>) -> Option<String> {
 /// The `palisade_egress` table for the groups this node serves (`nft -f` input, replacing the
 /// table in one transaction). Whatever comes out of the tunnels and no served group claims is
 /// dropped: a gateway forwards only what it masquerades.
-pub fn nft_ruleset(served: &BTreeMap<u32, &Group>) -> String {
+pub fn nft_ruleset(served: &BTreeMap<u32, &Group>, nodes: &[IpAddr]) -> String {
     let mut sets = String::new();
+    // The tunnel takes packets from the cluster's nodes only: else anyone who can reach a
+    // gateway could send it a packet with a selected pod's address and have it translated.
+    let port = palisade_common::EGW_VXLAN_PORT;
+    let mut input = String::new();
+    for (fam, ty, v6) in [("ip", "ipv4_addr", false), ("ip6", "ipv6_addr", true)] {
+        match elements(nodes.iter().filter(|a| a.is_ipv6() == v6)) {
+            Some(list) => {
+                sets.push_str(&format!(
+                    "  set nodes_{fam} {{ type {ty}; elements = {{ {list} }} }}\n"
+                ));
+                input.push_str(&format!(
+                    "    {fam} saddr != @nodes_{fam} udp dport {port} counter drop\n"
+                ));
+            }
+            None => input.push_str(&format!(
+                "    meta nfproto {} udp dport {port} counter drop\n",
+                if v6 { "ipv6" } else { "ipv4" }
+            )),
+        }
+    }
     let mut accept = String::new();
     let mut nat = String::new();
     for (id, g) in served {
@@ -197,7 +217,7 @@ pub fn nft_ruleset(served: &BTreeMap<u32, &Group>) -> String {
         }
     }
     format!(
-        "table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\ntable inet {NFT_TABLE} {{\n{sets}  chain forward {{\n    type filter hook forward priority filter - 10; policy accept;\n{accept}    iifname \"{TUNNEL}\" counter drop\n  }}\n  chain postrouting {{\n    type nat hook postrouting priority srcnat - 10; policy accept;\n{nat}  }}\n}}\n"
+        "table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\ntable inet {NFT_TABLE} {{\n{sets}  chain input {{\n    type filter hook input priority filter - 10; policy accept;\n{input}  }}\n  chain forward {{\n    type filter hook forward priority filter - 10; policy accept;\n{accept}    iifname \"{TUNNEL}\" counter drop\n  }}\n  chain postrouting {{\n    type nat hook postrouting priority srcnat - 10; policy accept;\n{nat}  }}\n}}\n"
     )
 }
 
@@ -655,7 +675,7 @@ impl Worker {
 
     fn serve(&mut self, served: &BTreeMap<u32, &Group>) -> Result<()> {
         let me = self.cfg.node_name.clone().unwrap_or_default();
-        let text = nft_ruleset(served);
+        let text = nft_ruleset(served, &self.plan.nodes);
         // Written whenever there are EgressGateways at all (or were): the drop rule holds on
         // every node that has the tunnel, gateway or not.
         if self.nft.as_ref() != Some(&text) && (!self.plan.groups.is_empty() || self.nft.is_some())
@@ -951,7 +971,7 @@ mod tests {
     fn the_ruleset_forwards_and_translates_only_what_a_served_group_claims() {
         let g = group(true);
         let served = BTreeMap::from([(7, &g)]);
-        let text = nft_ruleset(&served);
+        let text = nft_ruleset(&served, &["10.243.0.1".parse().unwrap()]);
         assert!(
             text.starts_with("table inet palisade_egress {}\ndelete table inet palisade_egress\n")
         );
@@ -970,8 +990,17 @@ mod tests {
         assert!(text.contains("iifname \"pal-egw\" counter drop"));
         let g = group(false);
         let served = BTreeMap::from([(7, &g)]);
-        assert!(nft_ruleset(&served).contains("counter masquerade"));
-        let none = nft_ruleset(&BTreeMap::new());
+        assert!(text.contains("set nodes_ip { type ipv4_addr; elements = { 10.243.0.1 } }"));
+        assert!(
+            text.contains("ip saddr != @nodes_ip udp dport 4789 counter drop"),
+            "{text}"
+        );
+        assert!(
+            text.contains("meta nfproto ipv6 udp dport 4789 counter drop"),
+            "no IPv6 node: no IPv6 tunnel traffic\n{text}"
+        );
+        assert!(nft_ruleset(&served, &[]).contains("counter masquerade"));
+        let none = nft_ruleset(&BTreeMap::new(), &[]);
         assert!(none.contains("counter drop") && !none.contains("snat"));
     }
 }

@@ -125,6 +125,13 @@ pub fn compile(store: &Store, desired: &DesiredState) -> EgressPlan {
         .values()
         .flat_map(|n| n.addresses.iter().map(|a| IpNetwork::from(*a)))
         .collect();
+    plan.nodes = store
+        .nodes
+        .values()
+        .flat_map(|n| n.addresses.iter().copied())
+        .collect();
+    plan.nodes.sort();
+    plan.nodes.dedup();
     for info in desired.endpoints.values() {
         let Some(meta) = desired.endpoint_meta.get(&info.id) else {
             continue;
@@ -319,6 +326,12 @@ spec:
             "every selected pod of the cluster, not p2 (namespace b)"
         );
         assert_eq!(plan.selected.keys().collect::<Vec<_>>(), [&300]);
+        assert_eq!(
+            plan.nodes.len(),
+            5,
+            "every node's addresses: {:?}",
+            plan.nodes
+        );
         let get = |net: &str| {
             plan.dests
                 .get(&dest_entry(300, &net.parse().unwrap()))

@@ -404,4 +404,6 @@ pub struct EgressPlan {
     pub groups: BTreeMap<u32, Group>,
     /// Endpoint id -> the EgressGateways that select it (for explaining).
     pub selected: BTreeMap<u32, Vec<String>>,
+    /// Every node's addresses: the only senders a gateway takes tunnelled packets from.
+    pub nodes: Vec<std::net::IpAddr>,
 }

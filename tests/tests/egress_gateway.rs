@@ -15,7 +15,7 @@
 //! traffic is dropped (`egress-no-gateway`), not sent out through the pod's node. Needs
 //! root; under CI=true that is a failure, not a skip.
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -46,6 +46,51 @@ const GW_B: usize = 2;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
+}
+
+/// A VXLAN packet (the egress tunnel's VNI, to the devices' MAC) carrying a UDP datagram
+/// `src:5555 -> dst:port` with one byte.
+fn vxlan_udp(src: IpAddr, dst: IpAddr, port: u16) -> Vec<u8> {
+    let (IpAddr::V4(src), IpAddr::V4(dst)) = (src, dst) else {
+        panic!("IPv4 only");
+    };
+    let vni = palisade_common::EGW_VNI.to_be_bytes();
+    let mut p = vec![0x08, 0, 0, 0, vni[1], vni[2], vni[3], 0];
+    p.extend_from_slice(&palisade_common::EGW_DEVICE_MAC);
+    p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00]);
+    let mut ip4 = vec![0x45, 0, 0, 29, 0, 1, 0x40, 0, 64, 17, 0, 0];
+    ip4.extend_from_slice(&src.octets());
+    ip4.extend_from_slice(&dst.octets());
+    let sum = ip4
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>();
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+    ip4[10..12].copy_from_slice(&sum.to_be_bytes());
+    p.extend_from_slice(&ip4);
+    p.extend_from_slice(&5555u16.to_be_bytes());
+    p.extend_from_slice(&port.to_be_bytes());
+    p.extend_from_slice(&[0, 9, 0, 0, b'x']);
+    p
+}
+
+/// The sources of the datagrams a UDP socket in the external namespace on `port` receives
+/// while and shortly after `send` runs.
+fn udp_seen(ext: &External, port: u16, send: impl FnOnce()) -> Vec<IpAddr> {
+    let sock = netns::in_netns(&ext.name, move || {
+        std::net::UdpSocket::bind(("0.0.0.0", port)).expect("a UDP socket outside")
+    })
+    .unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    send();
+    let mut out = Vec::new();
+    let mut b = [0u8; 64];
+    while let Ok((_, from)) = sock.recv_from(&mut b) {
+        out.push(from.ip());
+    }
+    out
 }
 
 /// The sources the external server saw for connections to `dst` since `t`.
@@ -348,6 +393,32 @@ fn egress_gateways_masquerade_fail_over_and_fail_closed() {
     assert!(
         ext.seen_since(t).iter().all(|s| s.2 != DENIED_PORT),
         "a flow the policy denies never leaves"
+    );
+
+    // Only nodes may use the tunnel: a VXLAN packet to the gateway carrying a0's address,
+    // sent from outside, goes nowhere; the same packet from a node (the control) goes out.
+    let spoof = vxlan_udp(a0.ip(false), ip(DST_V4), 7777);
+    let gw_addr = SocketAddr::new(IpAddr::V4(node_ips(GW_A).0), 4789);
+    let got = udp_seen(&ext, 7777, || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.send_to(&spoof, gw_addr).unwrap();
+    });
+    assert!(
+        got.is_empty(),
+        "a tunnelled packet from outside the cluster was forwarded: {got:?}"
+    );
+    let node3 = c.nodes()[GW_B].netns_name.clone();
+    let got = udp_seen(&ext, 7777, || {
+        netns::in_netns(&node3, || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.send_to(&spoof, gw_addr).unwrap();
+        })
+        .unwrap();
+    });
+    assert_eq!(
+        got,
+        vec![ip(EGRESS_V4)],
+        "the control: from a node, the same packet goes out as the egress address"
     );
 
     // On record: every flow through the gateway, when it ends.
