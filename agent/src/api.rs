@@ -104,6 +104,24 @@ pub struct Verdict {
     /// its CNAME chain).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
+    /// A flow that left through an egress gateway, recorded when it ended (`egress`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressFlow>,
+}
+
+/// What went out through an egress gateway: which, as what, and how much (both directions).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressFlow {
+    /// The EgressGateway.
+    pub gateway: String,
+    /// The gateway node the flow went through.
+    pub node: String,
+    /// The source address the outside world saw (`None`: the gateway node's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_ip: Option<IpAddr>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub duration_ms: u64,
 }
 
 impl Verdict {

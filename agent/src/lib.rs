@@ -19,6 +19,8 @@ pub mod source;
 pub mod cni;
 
 // FQDN egress: learning from DNS answers.
+pub mod egress;
+mod egress_announce;
 pub mod fqdn;
 
 // Observing: verdicts, the CLI socket and commands, metrics and probes. `api` is what crosses

@@ -103,6 +103,22 @@ enum Command {
         /// TTL of 0 still admits the connection that follows it).
         #[arg(long, value_name = "SECONDS", default_value_t = 5)]
         fqdn_min_ttl: u64,
+        /// The port this agent answers its peers' egress gateway liveness probes on (TCP, any
+        /// address), and probes theirs on (`0`: neither; this node is then never a live
+        /// gateway).
+        #[arg(long, value_name = "PORT", default_value_t = palisade::egress::DEFAULT_HEALTH_PORT)]
+        egress_health_port: u16,
+        /// How often gateway nodes are probed, in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(50..=10_000))]
+        egress_probe_ms: u64,
+        /// Failed probes in a row after which a gateway node is dead (its flows break, new
+        /// ones go to a live gateway, or are dropped if there is none).
+        #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+        egress_probe_misses: u32,
+        /// Write a JSON line for every flow that went out through an egress gateway, when it
+        /// ends (`-`: standard output).
+        #[arg(long, value_name = "PATH")]
+        egress_log: Option<PathBuf>,
     },
     /// The names pods' DNS answers resolved for their `domainNames` peers, and the addresses
     /// learned.
@@ -254,6 +270,10 @@ fn run(cli: Cli) -> Result<u8> {
             dns_servers,
             fqdn_hold,
             fqdn_min_ttl,
+            egress_health_port,
+            egress_probe_ms,
+            egress_probe_misses,
+            egress_log,
         } => {
             let cni_state_dir = match cni_state_dir.as_deref() {
                 Some("off") => None,
@@ -275,7 +295,7 @@ fn run(cli: Cli) -> Result<u8> {
             }
             let cfg = RunConfig {
                 pin_dir,
-                node_name,
+                node_name: node_name.clone(),
                 host_poll: Duration::from_secs(1),
                 status_file,
                 audit,
@@ -289,6 +309,13 @@ fn run(cli: Cli) -> Result<u8> {
                     hold: fqdn_hold,
                     min_ttl: Duration::from_secs(fqdn_min_ttl),
                     ..Default::default()
+                },
+                egress: palisade::egress::EgressConfig {
+                    node_name: node_name.clone(),
+                    health_port: egress_health_port,
+                    probe_interval: Duration::from_millis(egress_probe_ms),
+                    misses: egress_probe_misses,
+                    log: egress_log,
                 },
             };
             let rt = tokio::runtime::Builder::new_current_thread()

@@ -16,6 +16,7 @@ use prometheus_client::{
     metrics::{
         counter::Counter,
         family::Family,
+        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
@@ -33,6 +34,12 @@ pub struct Metrics {
     verdicts: Family<Labels, Counter>,
     reconciles: Counter,
     enforcement_latency: Histogram,
+    /// Egress gateways, by EgressGateway and gateway node (`egress`).
+    pub egress_flows: Family<Labels, Counter>,
+    pub egress_packets: Family<Labels, Counter>,
+    pub egress_bytes: Family<Labels, Counter>,
+    pub egress_healthy: Family<Labels, Gauge>,
+    pub egress_no_gateway: Counter,
 }
 
 impl Default for Metrics {
@@ -62,11 +69,46 @@ impl Metrics {
             "Time from the reconcile that read a change (manifests, pods, host) to the change being in the maps, for reconciles that changed something",
             enforcement_latency.clone(),
         );
+        let egress_flows = Family::<Labels, Counter>::default();
+        registry.register(
+            "palisade_egress_gateway_flows",
+            "Flows of this node's pods that went out through an egress gateway and ended, by EgressGateway and gateway node",
+            egress_flows.clone(),
+        );
+        let egress_packets = Family::<Labels, Counter>::default();
+        registry.register(
+            "palisade_egress_gateway_packets",
+            "Packets (both directions) of ended flows through an egress gateway, by EgressGateway and gateway node",
+            egress_packets.clone(),
+        );
+        let egress_bytes = Family::<Labels, Counter>::default();
+        registry.register(
+            "palisade_egress_gateway_bytes",
+            "Bytes (both directions) of ended flows through an egress gateway, by EgressGateway and gateway node",
+            egress_bytes.clone(),
+        );
+        let egress_healthy = Family::<Labels, Gauge>::default();
+        registry.register(
+            "palisade_egress_gateway_active",
+            "1 while a gateway node takes new flows of an EgressGateway (healthy, and for a resource with an egress address the one holding it), else 0",
+            egress_healthy.clone(),
+        );
+        let egress_no_gateway = Counter::default();
+        registry.register(
+            "palisade_egress_gateway_probes_failed",
+            "Liveness probes of gateway nodes that failed",
+            egress_no_gateway.clone(),
+        );
         Metrics {
             registry,
             verdicts,
             reconciles,
             enforcement_latency,
+            egress_flows,
+            egress_packets,
+            egress_bytes,
+            egress_healthy,
+            egress_no_gateway,
         }
     }
 

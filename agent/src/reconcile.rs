@@ -56,6 +56,8 @@ pub struct RunConfig {
     pub cni_state_dir: Option<PathBuf>,
     /// FQDN egress (`fqdn`); its state file is set beside the socket.
     pub fqdn: crate::fqdn::FqdnConfig,
+    /// Egress gateways (`egress`).
+    pub egress: crate::egress::EgressConfig,
 }
 
 impl From<&RunConfig> for ObserveConfig {
@@ -162,6 +164,9 @@ pub struct Agent {
     fqdn: Option<crate::fqdn::Fqdn>,
     /// Where the last reconcile's time went.
     phases: Phases,
+    /// Egress gateways. Not optional: without them a selected pod's traffic would leave
+    /// through its own node, so an agent that cannot run them does not start.
+    egress: crate::egress::Egress,
 }
 
 impl Agent {
@@ -193,6 +198,8 @@ impl Agent {
         let fqdn = crate::fqdn::Fqdn::start(&mut datapath, fqdn_cfg)
             .map_err(|e| error!("FQDN egress is off (domainNames peers match nothing): {e:#}"))
             .ok();
+        let egress = crate::egress::Egress::start(&mut datapath, cfg.egress.clone())
+            .context("egress gateways")?;
         let writer = MapWriter::new(&mut datapath)?;
         let health = Health::default();
         health.beat();
@@ -201,6 +208,9 @@ impl Agent {
             .ok();
         if let (Some(o), Some(f)) = (&observer, &fqdn) {
             let _ = o.hub.fqdn.set(f.stats());
+        }
+        if let Some(o) = &observer {
+            egress.set_hub(o.hub.clone());
         }
         let mut compiler = Compiler::default();
         compiler.audit_all = cfg.audit;
@@ -222,6 +232,7 @@ impl Agent {
             cni_provisioned: Default::default(),
             fqdn,
             phases: Phases::default(),
+            egress,
         })
     }
 
@@ -348,6 +359,7 @@ impl Agent {
         let stamps = matches!(desired, Cow::Borrowed(_)).then_some(compiled.stamps);
         let stats = self.writer.apply_stamped(&desired, stamps);
         let written = started.elapsed();
+        self.egress.set_plan(&desired);
         if let Some(f) = &self.fqdn {
             f.set_tables(crate::fqdn::Tables::of(self.writer.applied(), services));
         }

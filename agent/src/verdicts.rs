@@ -179,6 +179,7 @@ impl Names {
             policies,
             bytes: ev.len,
             domain: None,
+            egress: None,
         }
     }
 
@@ -296,6 +297,7 @@ mod tests {
             policies: vec![],
             bytes: 60,
             domain: None,
+            egress: None,
         }
     }
 

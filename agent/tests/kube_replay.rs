@@ -199,6 +199,7 @@ fn scripted_without_cnps() -> Replay {
     );
     r.add("services", false, list("services-list.json", 1));
     r.add("endpointslices", false, list("endpointslices-list.json", 1));
+    r.add("egressgateways", false, list("egressgateways-list.json", 1));
     r
 }
 
@@ -406,6 +407,11 @@ async fn replayed_api_drives_compiler_and_maps() {
         "the failure clears once the list succeeds"
     );
     assert_eq!(state.store.namespaces.len(), 4);
+    assert_eq!(
+        state.store.egress_gateways["partners"].destinations,
+        vec!["192.0.2.0/24".parse().unwrap()],
+        "an EgressGateway as the API server serves a custom resource"
+    );
     assert_eq!(state.store.pods.len(), 5);
     assert!(
         state.store.pods[&pod("demo", "done")].ips.is_empty(),

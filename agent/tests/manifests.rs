@@ -122,6 +122,28 @@ fn every_manifest_parses_into_its_type() {
                     .unwrap_or_else(|e| panic!("{file}: {e}"));
             }
             "Pod" => drop(typed::<k8s_openapi::api::core::v1::Pod>(&file, &v)),
+            "CustomResourceDefinition" => {
+                use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+                let crd = typed::<CustomResourceDefinition>(&file, &v);
+                // The resource the cluster-mode watch reads.
+                use palisade::source::kube::{EGW_GROUP, EGW_PLURAL, EGW_VERSION};
+                assert_eq!(crd.spec.group, EGW_GROUP, "{file}");
+                assert_eq!(crd.spec.names.plural, EGW_PLURAL, "{file}");
+                assert_eq!(crd.spec.names.kind, "EgressGateway", "{file}");
+                assert_eq!(crd.spec.scope, "Cluster", "{file}");
+                assert!(
+                    crd.spec
+                        .versions
+                        .iter()
+                        .any(|v| v.name == EGW_VERSION && v.served),
+                    "{file}"
+                );
+            }
+            "EgressGateway" => {
+                let raw = typed::<palisade_policy::model::egress::RawEgressGateway>(&file, &v);
+                palisade_policy::model::egress::EgressGateway::from_raw(&raw)
+                    .unwrap_or_else(|e| panic!("{file}: {e}"));
+            }
             "Kustomization" => {
                 for r in v["resources"].as_array().unwrap() {
                     let p = manifests_dir().join(r.as_str().unwrap());
@@ -141,6 +163,8 @@ fn every_manifest_parses_into_its_type() {
         "Kustomization",
         "NetworkPolicy",
         "ClusterNetworkPolicy",
+        "CustomResourceDefinition",
+        "EgressGateway",
     ] {
         assert!(
             kinds.contains_key(k),

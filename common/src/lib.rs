@@ -794,11 +794,15 @@ pub enum Reason {
     /// A ClusterNetworkPolicy rule (Admin or Baseline tier) denied the flow (`Event::rule`
     /// names it).
     TierDeny = 17,
+    /// An egress packet an EgressGateway selects while none of its gateways is healthy (or
+    /// the node has no tunnel device of the family): dropped, never sent out through the
+    /// pod's own node.
+    EgressNoGateway = 18,
 }
 
 impl Reason {
     /// Every reason, for counters.
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Reason::PolicyAllow,
         Reason::NotIsolated,
         Reason::Host,
@@ -816,6 +820,7 @@ impl Reason {
         Reason::CtFull,
         Reason::TierAccept,
         Reason::TierDeny,
+        Reason::EgressNoGateway,
     ];
 
     /// The name the CLI and the metrics give the reason.
@@ -838,6 +843,7 @@ impl Reason {
             Reason::CtFull => "conntrack-full",
             Reason::TierAccept => "tier-accept",
             Reason::TierDeny => "tier-deny",
+            Reason::EgressNoGateway => "egress-no-gateway",
         }
     }
 
@@ -860,6 +866,7 @@ impl Reason {
             15 => Reason::CtFull,
             16 => Reason::TierAccept,
             17 => Reason::TierDeny,
+            18 => Reason::EgressNoGateway,
             _ => return None,
         })
     }
@@ -1032,6 +1039,125 @@ pub struct DnsAnswerRecord {
     pub frame: [u8; DNS_COPY_MAX],
 }
 
+// ---------------------------------------------------------------------------------------------
+// Egress gateways: EGW_CTL, EGW_DESTS, EGW_GROUPS, EGW_FLOWS
+// ---------------------------------------------------------------------------------------------
+//
+// After policy allowed a pod's packet (new flow or established), `from_pod` looks its flow up
+// in EGW_FLOWS (the gateway it already goes through) or else its destination in EGW_DESTS
+// (endpoint, destination prefix -> the EgressGateway's group, or an exclusion). A matching
+// packet is encapsulated to a gateway node (`bpf_skb_set_tunnel_key` and a redirect to the
+// agent's collect-metadata VXLAN device, EGW_CTL) chosen per flow by hash among the group's
+// healthy gateways (EGW_GROUPS, rewritten by the agent as health changes). A group without a
+// healthy gateway drops (`Reason::EgressNoGateway`): never out through the pod's own node.
+
+/// At most this many healthy gateways per group.
+pub const EGW_MAX_GATEWAYS: usize = 8;
+/// Bits of an EGW_DESTS key before the address (endpoint, family, padding): the trie's prefix
+/// length is this plus the destination prefix's.
+pub const EGW_DEST_FIXED_BITS: u32 = 64;
+/// An EGW_DESTS entry that exempts its prefix (`excludedCIDRs`, node addresses).
+pub const EGW_DEST_EXCLUDED: u32 = 1;
+
+/// EGW_CTL[0]: whether any group is programmed, and the tunnel device.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgwCtl {
+    /// Groups programmed (0: the datapath skips the egress lookups altogether).
+    pub groups: u32,
+    /// The agent's VXLAN device in collect-metadata mode (`pal-egw`); 0: none, steering drops.
+    pub ifindex: u32,
+    pub _pad: [u32; 2],
+}
+
+/// The Ethernet address of every node's `pal-egw` device: a steered frame is addressed to it,
+/// so that the gateway's stack takes the decapsulated frame as its own (locally administered).
+pub const EGW_DEVICE_MAC: [u8; 6] = [0x02, 0x50, 0x41, 0x4c, 0x45, 0x47];
+/// The VXLAN network identifier of steered frames.
+pub const EGW_VNI: u32 = 0x50_4c;
+/// The UDP port of the egress tunnel (the IANA VXLAN port).
+pub const EGW_VXLAN_PORT: u16 = 4789;
+
+/// EGW_DESTS key data (an LPM trie: the prefix length counts `EGW_DEST_FIXED_BITS` first).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EgwDestKey {
+    pub endpoint: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EgwDest {
+    /// The EgressGateway's group id (EGW_GROUPS key).
+    pub group: u32,
+    /// `EGW_DEST_*`.
+    pub flags: u32,
+}
+
+const _: () = assert!(EGW_MAX_GATEWAYS.is_power_of_two());
+
+/// One gateway node: its id (the agent's number for it, named in flow records) and its
+/// addresses (tunnel endpoints; 0s where it has none of the family).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EgwGateway {
+    pub node: u32,
+    pub v4: [u8; 4],
+    pub v6: [u8; 16],
+}
+
+/// EGW_GROUPS value: the group's healthy gateways (the first `n`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgwGroup {
+    pub n: u32,
+    pub _pad: u32,
+    pub gateways: [EgwGateway; EGW_MAX_GATEWAYS],
+}
+
+impl EgwGroup {
+    /// Whether `node` is among the healthy gateways.
+    #[inline(always)]
+    pub fn has(&self, node: u32) -> bool {
+        let mut i = 0;
+        while i < EGW_MAX_GATEWAYS {
+            if (i as u32) < self.n && self.gateways[i].node == node {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+/// EGW_FLOWS value (key: the flow's `CtKey`): the group and the gateway the flow goes
+/// through, and when it was first steered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgwFlow {
+    pub group: u32,
+    pub _pad: u32,
+    pub gateway: EgwGateway,
+    pub created_ns: u64,
+}
+
+/// The gateway of a flow whose hash is `hash`, among the first `n` of `group` (`None`: none).
+#[inline(always)]
+pub fn egw_pick(group: &EgwGroup, hash: u32) -> Option<EgwGateway> {
+    let n = group.n;
+    if n == 0 || n as usize > EGW_MAX_GATEWAYS {
+        return None;
+    }
+    let i = hash % n;
+    // The verifier must see the index bounded: a volatile read hides from LLVM that it is
+    // (below n, at most 8), so the mask stays in the program. It changes nothing: i < 8.
+    let i = unsafe { core::ptr::read_volatile(&i) } as usize & (EGW_MAX_GATEWAYS - 1);
+    Some(group.gateways[i])
+}
+
 /// Map names, as the eBPF object defines them and the agent pins them.
 pub mod map_names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
@@ -1057,6 +1183,10 @@ pub mod map_names {
     pub const DNS_SERVERS: &str = "DNS_SERVERS";
     pub const DNS_ANSWERS: &str = "DNS_ANSWERS";
     pub const FQDN_CTL: &str = "FQDN_CTL";
+    pub const EGW_CTL: &str = "EGW_CTL";
+    pub const EGW_DESTS: &str = "EGW_DESTS";
+    pub const EGW_GROUPS: &str = "EGW_GROUPS";
+    pub const EGW_FLOWS: &str = "EGW_FLOWS";
 }
 
 /// Map capacities, shared so the agent can report fill levels.
@@ -1078,6 +1208,11 @@ pub mod capacity {
     pub const DNS_SERVERS: u32 = 256;
     /// Room for about a thousand held answers of the largest size.
     pub const DNS_ANSWERS_BYTES: u32 = 4 << 20;
+    /// (endpoint, destination prefix) entries of every EgressGateway.
+    pub const EGW_DESTS: u32 = 65_536;
+    pub const EGW_GROUPS: u32 = 1024;
+    /// Flows through a gateway (LRU: a flow evicted here is steered again by EGW_DESTS).
+    pub const EGW_FLOWS: u32 = CONNTRACK;
 }
 
 #[cfg(feature = "user")]
@@ -1102,6 +1237,12 @@ mod user {
     unsafe impl aya::Pod for RuleStats {}
     unsafe impl aya::Pod for FqdnKey {}
     unsafe impl aya::Pod for FqdnValue {}
+    unsafe impl aya::Pod for EgwCtl {}
+    unsafe impl aya::Pod for EgwDestKey {}
+    unsafe impl aya::Pod for EgwDest {}
+    unsafe impl aya::Pod for EgwGateway {}
+    unsafe impl aya::Pod for EgwGroup {}
+    unsafe impl aya::Pod for EgwFlow {}
 }
 
 #[cfg(test)]
@@ -1121,6 +1262,24 @@ mod tests {
             .filter(|v| Reason::from_u8(*v).is_some())
             .count();
         assert_eq!(known, Reason::ALL.len());
+    }
+
+    #[test]
+    fn a_flow_picks_among_the_healthy_gateways_only() {
+        let mut g = EgwGroup::default();
+        assert_eq!(egw_pick(&g, 7), None, "no gateway: none");
+        for (i, gw) in g.gateways.iter_mut().enumerate() {
+            gw.node = i as u32 + 1;
+        }
+        g.n = 3;
+        for h in 0..100u32 {
+            let gw = egw_pick(&g, h).unwrap();
+            assert!((1..=3).contains(&gw.node));
+            assert!(g.has(gw.node));
+        }
+        assert!(!g.has(4), "beyond n is not healthy");
+        g.n = 99;
+        assert_eq!(egw_pick(&g, 1), None, "a corrupt count picks nothing");
     }
 
     #[test]
@@ -1192,6 +1351,12 @@ mod tests {
         assert_eq!(size_of::<Event>(), 72);
         assert_eq!(size_of::<EndpointState>(), 40);
         assert_eq!(size_of::<RuleStats>(), 16);
+        assert_eq!(size_of::<EgwCtl>(), 16);
+        assert_eq!(size_of::<EgwDestKey>(), 24);
+        assert_eq!(size_of::<EgwGateway>(), 24);
+        assert_eq!(size_of::<EgwGroup>(), 8 + 24 * EGW_MAX_GATEWAYS);
+        assert_eq!(size_of::<EgwFlow>(), 40);
+        assert_eq!(EGW_DEST_FIXED_BITS as usize, 8 * 8);
         const { assert!(DROPPED_BY_REASON + 32 <= AUDITED_BY_REASON) };
         const { assert!(AUDITED_BY_REASON + 32 <= COUNTER_SLOTS) };
         assert!(Reason::ALL.iter().all(|r| (*r as u32) < 32));

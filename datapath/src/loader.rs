@@ -32,7 +32,7 @@ use crate::{
 
 pub use crate::pins::{FROM_POD, TO_POD};
 
-pub const MAP_NAMES: [&str; 19] = [
+pub const MAP_NAMES: [&str; 23] = [
     map_names::ENDPOINTS,
     map_names::ENDPOINT_SLOTS,
     map_names::IDENTITIES,
@@ -52,6 +52,10 @@ pub const MAP_NAMES: [&str; 19] = [
     map_names::DNS_SERVERS,
     map_names::DNS_ANSWERS,
     map_names::FQDN_CTL,
+    map_names::EGW_CTL,
+    map_names::EGW_DESTS,
+    map_names::EGW_GROUPS,
+    map_names::EGW_FLOWS,
 ];
 
 /// The verifier's verdict on one program.

@@ -8,6 +8,7 @@
 
 mod conntrack;
 mod dns;
+mod egress;
 mod events;
 mod maps;
 mod packet;

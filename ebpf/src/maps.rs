@@ -2,13 +2,13 @@
 //! documents each one.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use palisade_common::{
-    COUNTER_SLOTS, CT_QUOTA_DEFAULT, CidrKey, CtEntry, CtKey, EVENT_BURST, EndpointInfo,
-    EndpointSlot, EndpointState, FqdnKey, FqdnValue, FragKey, FragPorts, NodePortKey,
-    NodePortTarget, PeerAddr, PolicyKey, PolicyValue, PrefixLengths, PrefixLengthsKey, RuleStats,
-    capacity,
+    COUNTER_SLOTS, CT_QUOTA_DEFAULT, CidrKey, CtEntry, CtKey, EVENT_BURST, EgwCtl, EgwDest,
+    EgwDestKey, EgwFlow, EgwGroup, EndpointInfo, EndpointSlot, EndpointState, FqdnKey, FqdnValue,
+    FragKey, FragPorts, NodePortKey, NodePortTarget, PeerAddr, PolicyKey, PolicyValue,
+    PrefixLengths, PrefixLengthsKey, RuleStats, capacity,
 };
 
 use crate::packet::Packet;
@@ -149,3 +149,36 @@ pub fn endpoint_state(endpoint: u32, now: u64) -> Option<*mut EndpointState> {
     let _ = EP_STATE.insert(endpoint, fresh, BPF_NOEXIST);
     EP_STATE.get_ptr_mut(endpoint)
 }
+
+/// [0]: egress gateways programmed, and the tunnel devices (`common`, Egress gateways).
+/// Written by the agent only.
+#[map]
+pub static EGW_CTL: Array<EgwCtl> = Array::with_max_entries(1, 0);
+
+/// (endpoint, destination prefix) -> the EgressGateway group that steers it, or an exclusion.
+/// Written by the agent only.
+#[map]
+pub static EGW_DESTS: LpmTrie<EgwDestKey, EgwDest> =
+    LpmTrie::with_max_entries(capacity::EGW_DESTS, BPF_F_NO_PREALLOC);
+
+/// Group id -> its healthy gateways. Written by the agent only (as gateways come and go).
+#[map]
+pub static EGW_GROUPS: HashMap<u32, EgwGroup> = HashMap::with_max_entries(capacity::EGW_GROUPS, 0);
+
+/// Flow (`CtKey`) -> the gateway it goes through, so that it sticks to it. Written by the
+/// datapath; the agent reads it to record the flows and removes the entries of ended ones.
+#[map]
+pub static EGW_FLOWS: LruHashMap<CtKey, EgwFlow> =
+    LruHashMap::with_max_entries(capacity::EGW_FLOWS, 0);
+
+/// `egress::steer`'s working space (one per CPU): keeps its keys off the BPF stack, which
+/// `from_pod`'s frame mostly takes.
+pub struct EgwScratch {
+    pub key: CtKey,
+    pub lpm: aya_ebpf::maps::lpm_trie::Key<EgwDestKey>,
+    pub flow: EgwFlow,
+    pub tk: aya_ebpf::bindings::bpf_tunnel_key,
+}
+
+#[map]
+pub static EGW_SCRATCH: PerCpuArray<EgwScratch> = PerCpuArray::with_max_entries(1, 0);

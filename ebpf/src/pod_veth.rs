@@ -37,6 +37,8 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
     match handle(&ctx, DIR_EGRESS) {
+        // Allowed (or audited): an EgressGateway may steer it (`egress`).
+        Ok(TC_ACT_OK) => crate::egress::steer(&ctx),
         Ok(action) | Err(action) => action,
     }
 }

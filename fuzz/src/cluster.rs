@@ -184,6 +184,7 @@ impl Cluster {
                     name: name.into(),
                     labels: [("zone".to_string(), zone.to_string())].into(),
                     addresses,
+                    ready: true,
                 },
             );
         }

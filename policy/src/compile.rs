@@ -1054,6 +1054,8 @@ impl Compiler {
             self.classes.finish();
             self.domain_classes.finish();
         }
+        // Egress gateways: from the store and the compiled identities, whole (there are few).
+        out.egress = crate::egress::compile(store, &out);
         stats.identities_changed = idents.added.len() + idents.removed.len();
         stats.addresses_changed = idents.addresses.len();
         self.memo.table = Some(table);

@@ -8,6 +8,7 @@
 pub mod cnp;
 pub mod compile;
 pub mod datapath_model;
+pub mod egress;
 pub mod error;
 pub mod fqdn;
 pub mod manifest;

@@ -144,6 +144,7 @@ fn decode(
         "NetworkPolicy" => "networking.k8s.io/v1",
         "ClusterNetworkPolicy" => crate::model::cluster::raw::API_VERSION,
         "Node" => "v1",
+        "EgressGateway" => crate::model::egress::API_VERSION,
         "Service" => "v1",
         "EndpointSlice" => "discovery.k8s.io/v1",
         _ => {
@@ -199,6 +200,7 @@ fn decode(
         "EndpointSlice" => Item::EndpointSlice(typed(&label, &v)?),
         "ClusterNetworkPolicy" => Item::Object(Object::ClusterNetworkPolicy(typed(&label, &v)?)),
         "Node" => Item::Object(Object::Node(typed(&label, &v)?)),
+        "EgressGateway" => Item::Object(Object::EgressGateway(typed(&label, &v)?)),
         _ => Item::Object(Object::NetworkPolicy(typed(&label, &v)?)),
     };
     objects.push(Sourced {

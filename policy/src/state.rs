@@ -343,6 +343,9 @@ pub struct DesiredState {
     /// that admit new flows now. The compiler leaves it empty (the agent's learner writes the
     /// map); read back from the pins for `explain`.
     pub learned: BTreeMap<(u32, PeerAddr), u32>,
+    /// EgressGateways for this node's endpoints (`crate::egress`): EGW_DESTS entries and the
+    /// groups the agent keeps EGW_GROUPS of, with the gateways' health.
+    pub egress: EgressPlan,
 }
 
 /// One endpoint's `domainNames` patterns, grouped: every set of patterns a DNS name can match
@@ -374,4 +377,53 @@ impl Stamps {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Egress gateways (compiled by `crate::egress`)
+// ---------------------------------------------------------------------------------------------
+
+/// One EGW_DESTS entry: the key data (address masked) and its destination prefix length (the
+/// trie's is `EGW_DEST_FIXED_BITS` more).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DestEntry {
+    pub key: palisade_common::EgwDestKey,
+    pub prefix_len: u8,
+}
+
+/// A candidate gateway node.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GatewayNode {
+    pub name: String,
+    /// The node's id in EGW_GROUPS and EGW_FLOWS (`node_id`).
+    pub id: u32,
+    pub v4: Option<std::net::Ipv4Addr>,
+    pub v6: Option<std::net::Ipv6Addr>,
+}
+
+/// One EgressGateway, compiled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub name: String,
+    pub egress_v4: Option<std::net::Ipv4Addr>,
+    pub egress_v6: Option<std::net::Ipv6Addr>,
+    /// Nodes the gateway selector selects, by name (at most `EGW_MAX_GATEWAYS` are used).
+    pub gateways: Vec<GatewayNode>,
+    /// The addresses of every pod (cluster-wide) it selects: a gateway masquerades their
+    /// packets only.
+    pub sources: Vec<std::net::IpAddr>,
+    pub destinations: Vec<ipnetwork::IpNetwork>,
+    pub excluded: Vec<ipnetwork::IpNetwork>,
+}
+
+/// The egress part of a node's desired state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EgressPlan {
+    pub dests: BTreeMap<DestEntry, palisade_common::EgwDest>,
+    /// Group id -> group.
+    pub groups: BTreeMap<u32, Group>,
+    /// Endpoint id -> the EgressGateways that select it (for explaining).
+    pub selected: BTreeMap<u32, Vec<String>>,
+    /// Every node's addresses: the only senders a gateway takes tunnelled packets from.
+    pub nodes: Vec<std::net::IpAddr>,
 }

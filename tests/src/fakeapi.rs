@@ -53,6 +53,12 @@ const RESOURCES: &[(&str, &str, &str, &str)] = &[
     ),
     ("services", "/api/v1/services", "Service", "v1"),
     (
+        "egressgateways",
+        "/apis/palisade.io/v1alpha1/egressgateways",
+        "EgressGateway",
+        "palisade.io/v1alpha1",
+    ),
+    (
         "endpointslices",
         "/apis/discovery.k8s.io/v1/endpointslices",
         "EndpointSlice",
@@ -103,7 +109,7 @@ static WATCHERS: AtomicU64 = AtomicU64::new(0);
 /// Custom resources: their list items keep `kind` and `apiVersion`, as the API server serves
 /// them (it leaves them out of built-in lists).
 fn custom(resource: &str) -> bool {
-    resource == "clusternetworkpolicies"
+    resource == "clusternetworkpolicies" || resource == "egressgateways"
 }
 
 pub struct FakeApi {
@@ -921,6 +927,18 @@ impl ClusterAgent {
         kubeconfig: &Path,
         work: &Path,
     ) -> Result<Self> {
+        ClusterAgent::start_with(node, node_name, agent, kubeconfig, work, &[])
+    }
+
+    /// As `start_as`, with `extra` arguments for `palisade run`.
+    pub fn start_with(
+        node: &Node,
+        node_name: &str,
+        agent: &Path,
+        kubeconfig: &Path,
+        work: &Path,
+        extra: &[String],
+    ) -> Result<Self> {
         let bpffs = Bpffs::mount(work.join("bpffs"))?;
         let pin_dir = bpffs.path().join("palisade");
         let cni_dir = work.join("cni");
@@ -944,6 +962,7 @@ impl ClusterAgent {
             "--admin-addr".into(),
             admin.to_string(),
         ];
+        let args = [args, extra.to_vec()].concat();
         let mut a = ClusterAgent {
             child: None,
             _bpffs: bpffs,

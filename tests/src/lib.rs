@@ -4,6 +4,7 @@
 //! such nodes, each with its own agent against one API server ([`multinode`]).
 pub mod agent;
 pub mod dns;
+pub mod egress;
 pub mod fakeapi;
 pub mod multinode;
 pub mod netns;

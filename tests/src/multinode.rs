@@ -100,6 +100,8 @@ pub struct Cluster {
     _fabric: Fabric,
     ipv6: bool,
     kubeconfig: Option<PathBuf>,
+    /// Extra arguments for every agent's `palisade run` (`{dir}`: the agent's work directory).
+    pub agent_args: Vec<String>,
 }
 
 impl Cluster {
@@ -192,6 +194,7 @@ impl Cluster {
             _fabric: fabric,
             ipv6: spec.ipv6,
             kubeconfig: None,
+            agent_args: Vec::new(),
         };
         for k in 0..n {
             cluster.api.apply(&cluster.node_object(k).to_string());
@@ -223,6 +226,11 @@ impl Cluster {
         self.ipv6
     }
 
+    /// The namespace of the fabric (its bridge `br0` joins the nodes' uplinks).
+    pub fn fabric(&self) -> &str {
+        &self._fabric.0
+    }
+
     /// The node a pod (by its rig name) is on, and the pod.
     pub fn find_pod(&self, name: &str) -> Option<(usize, &Pod)> {
         self.nodes
@@ -242,7 +250,12 @@ impl Cluster {
         for (k, node) in self.nodes.iter().enumerate() {
             let dir = work.join(node_name(k));
             std::fs::create_dir_all(&dir)?;
-            let a = ClusterAgent::start_as(node, &node_name(k), agent, &kubeconfig, &dir)
+            let extra: Vec<String> = self
+                .agent_args
+                .iter()
+                .map(|a| a.replace("{dir}", &dir.display().to_string()))
+                .collect();
+            let a = ClusterAgent::start_with(node, &node_name(k), agent, &kubeconfig, &dir, &extra)
                 .with_context(|| format!("the agent of {}", node_name(k)))?;
             self.agents.push(Some(a));
         }

@@ -88,7 +88,9 @@ impl super::Source for FileSource {
             .filter(|o| {
                 matches!(
                     o,
-                    Object::NetworkPolicy(_) | Object::ClusterNetworkPolicy(_)
+                    Object::NetworkPolicy(_)
+                        | Object::ClusterNetworkPolicy(_)
+                        | Object::EgressGateway(_)
                 )
             })
             .map(|o| o.key())
@@ -113,6 +115,7 @@ impl super::Source for FileSource {
                     Kind::ClusterNetworkPolicy => {
                         !self.store.cluster_policies.contains_key(&k.name)
                     }
+                    Kind::EgressGateway => !self.store.egress_gateways.contains_key(&k.name),
                     _ => !self
                         .store
                         .policies

@@ -1,8 +1,9 @@
 //! Cluster mode: the API server as the source. kube-rs watchers (list, then watch; on a
 //! dropped watch they resume from the last resource version, on `410 Gone` they list again,
 //! and every error backs off exponentially) feed Namespaces, Pods (cluster-wide: peers are
-//! selected across namespaces), Nodes (for ClusterNetworkPolicy's `nodes` peers),
-//! NetworkPolicies, ClusterNetworkPolicies, Services and EndpointSlices into the same
+//! selected across namespaces), Nodes (for ClusterNetworkPolicy's `nodes` peers and egress
+//! gateway candidates), NetworkPolicies, ClusterNetworkPolicies, Services, EndpointSlices and
+//! EgressGateways (optional like ClusterNetworkPolicies: Palisade's own CRD) into the same
 //! `model::Store` the standalone source fills (`ClusterState`), and the main loop (`source`)
 //! reconciles it as it does the files: one loop, two sources.
 //!
@@ -45,6 +46,7 @@ use tracing::{debug, info, warn};
 
 use crate::reconcile::{RunConfig, View, unix_ms};
 use palisade_policy::cnp::raw;
+use palisade_policy::model::egress::RawEgressGateway;
 use palisade_policy::model::{ConfigError, Kind, Object, ObjectKey, Store};
 use palisade_policy::services::{self, ServiceStore};
 
@@ -65,10 +67,11 @@ pub enum Watch {
     ClusterNetworkPolicies,
     Services,
     EndpointSlices,
+    EgressGateways,
 }
 
 impl Watch {
-    pub const ALL: [Watch; 7] = [
+    pub const ALL: [Watch; 8] = [
         Watch::Namespaces,
         Watch::Pods,
         Watch::Nodes,
@@ -76,6 +79,7 @@ impl Watch {
         Watch::ClusterNetworkPolicies,
         Watch::Services,
         Watch::EndpointSlices,
+        Watch::EgressGateways,
     ];
 
     /// The resource (plural) watched.
@@ -88,6 +92,7 @@ impl Watch {
             Watch::ClusterNetworkPolicies => CNP_PLURAL,
             Watch::Services => "services",
             Watch::EndpointSlices => "endpointslices",
+            Watch::EgressGateways => EGW_PLURAL,
         }
     }
 
@@ -98,13 +103,14 @@ impl Watch {
             Watch::NetworkPolicies => "networking.k8s.io",
             Watch::ClusterNetworkPolicies => CNP_GROUP,
             Watch::EndpointSlices => "discovery.k8s.io",
+            Watch::EgressGateways => EGW_GROUP,
         }
     }
 
     /// A custom resource whose definition a cluster may lack (`404 Not Found` on its list):
     /// then the watch does not hold back enforcement.
     pub fn optional(self) -> bool {
-        self == Watch::ClusterNetworkPolicies
+        matches!(self, Watch::ClusterNetworkPolicies | Watch::EgressGateways)
     }
 }
 
@@ -143,6 +149,50 @@ impl Resource for ClusterNetworkPolicyResource {
     }
 }
 
+/// The API group of EgressGateway (Palisade's own CRD, `manifests/crd-egressgateway.yaml`).
+pub const EGW_GROUP: &str = "palisade.io";
+pub const EGW_VERSION: &str = "v1alpha1";
+pub const EGW_PLURAL: &str = "egressgateways";
+
+/// An EgressGateway as the API server serves it (`model::egress::RawEgressGateway`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EgressGatewayResource(pub RawEgressGateway);
+
+impl Resource for EgressGatewayResource {
+    type DynamicType = ();
+    type Scope = kube::core::ClusterResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        palisade_policy::model::egress::KIND.into()
+    }
+
+    fn group(_: &()) -> Cow<'_, str> {
+        EGW_GROUP.into()
+    }
+
+    fn version(_: &()) -> Cow<'_, str> {
+        EGW_VERSION.into()
+    }
+
+    fn plural(_: &()) -> Cow<'_, str> {
+        EGW_PLURAL.into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.0.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.0.metadata
+    }
+}
+
+/// Said once when the EgressGateway CRD is not installed.
+pub const EGW_NOT_INSTALLED: &str = "EgressGateway CRD (palisade.io/v1alpha1) not installed: \
+     no egress gateways (kubectl apply -f manifests/crd-egressgateway.yaml); the agent checks \
+     again now and then";
+
 /// The one message for a cluster without the ClusterNetworkPolicy CRD.
 pub const CNP_NOT_INSTALLED: &str = "ClusterNetworkPolicy CRD (policy.networking.k8s.io/v1alpha2) \
      not installed: ClusterNetworkPolicies are not enforced, NetworkPolicies are. Install \
@@ -165,6 +215,7 @@ pub enum Update {
     ClusterPolicy(Box<watcher::Event<ClusterNetworkPolicyResource>>),
     Service(Box<watcher::Event<Service>>),
     Slice(Box<watcher::Event<EndpointSlice>>),
+    EgressGateway(Box<watcher::Event<EgressGatewayResource>>),
     /// The watch failed (it backs off and resumes or re-lists by itself).
     Failed(Watch, String),
     /// The API server does not serve an optional watch's resource (`404 Not Found`: its CRD is
@@ -242,9 +293,15 @@ pub fn watch_all(client: Client) -> impl Stream<Item = Update> + Send + 'static 
         })
         .boxed(),
         watch(
-            Api::<EndpointSlice>::all(client),
+            Api::<EndpointSlice>::all(client.clone()),
             Watch::EndpointSlices,
             |e| Update::Slice(Box::new(e)),
+        )
+        .boxed(),
+        watch(
+            Api::<EgressGatewayResource>::all(client),
+            Watch::EgressGateways,
+            |e| Update::EgressGateway(Box::new(e)),
         )
         .boxed(),
     ])
@@ -286,6 +343,7 @@ fn object_key(source: Watch, key: &Key) -> Option<ObjectKey> {
         Watch::Nodes => Kind::Node,
         Watch::NetworkPolicies => Kind::NetworkPolicy,
         Watch::ClusterNetworkPolicies => Kind::ClusterNetworkPolicy,
+        Watch::EgressGateways => Kind::EgressGateway,
         Watch::Services | Watch::EndpointSlices => return None,
     };
     let namespace = if kind.cluster_scoped() {
@@ -390,6 +448,9 @@ impl ClusterState {
             Update::Slice(e) => self.service_event(Watch::EndpointSlices, *e, |s, o| {
                 let _ = s.apply_slice(o);
             }),
+            Update::EgressGateway(e) => self.model_event(Watch::EgressGateways, *e, |o| {
+                Object::EgressGateway(Box::new(o.0))
+            }),
         }
     }
 
@@ -404,7 +465,9 @@ impl ClusterState {
         self.failing.remove(&source);
         self.listing.remove(&source);
         let first = self.absent.insert(source);
-        if first {
+        if first && source == Watch::EgressGateways {
+            warn!(watch = source.as_str(), "{EGW_NOT_INSTALLED}");
+        } else if first {
             warn!(watch = source.as_str(), "{CNP_NOT_INSTALLED}");
         } else {
             debug!(watch = source.as_str(), "still not installed: {e}");
@@ -444,7 +507,11 @@ impl ClusterState {
 
     fn installed(&mut self, source: Watch) {
         if self.absent.remove(&source) {
-            info!(watch = source.as_str(), "{CNP_INSTALLED}");
+            if source == Watch::EgressGateways {
+                info!(watch = source.as_str(), "EgressGateway CRD installed");
+            } else {
+                info!(watch = source.as_str(), "{CNP_INSTALLED}");
+            }
         }
     }
 
@@ -538,24 +605,29 @@ impl ClusterState {
     /// because they never validated: a restarted agent keeps the pinned enforcement rather
     /// than enforce without them.
     pub fn incomplete(&self) -> Vec<String> {
-        [Watch::NetworkPolicies, Watch::ClusterNetworkPolicies]
-            .into_iter()
-            .flat_map(|w| {
-                self.known
-                    .get(&w)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(move |k| object_key(w, k))
-            })
-            .filter(|k| match k.kind {
-                Kind::ClusterNetworkPolicy => !self.store.cluster_policies.contains_key(&k.name),
-                _ => !self
-                    .store
-                    .policies
-                    .contains_key(&(k.namespace.clone(), k.name.clone())),
-            })
-            .map(|k| format!("{k} is invalid"))
-            .collect()
+        [
+            Watch::NetworkPolicies,
+            Watch::ClusterNetworkPolicies,
+            Watch::EgressGateways,
+        ]
+        .into_iter()
+        .flat_map(|w| {
+            self.known
+                .get(&w)
+                .into_iter()
+                .flatten()
+                .filter_map(move |k| object_key(w, k))
+        })
+        .filter(|k| match k.kind {
+            Kind::ClusterNetworkPolicy => !self.store.cluster_policies.contains_key(&k.name),
+            Kind::EgressGateway => !self.store.egress_gateways.contains_key(&k.name),
+            _ => !self
+                .store
+                .policies
+                .contains_key(&(k.namespace.clone(), k.name.clone())),
+        })
+        .map(|k| format!("{k} is invalid"))
+        .collect()
     }
 
     /// Configuration errors and failing watches, for the status and the log.
@@ -737,13 +809,17 @@ mod tests {
             Watch::ClusterNetworkPolicies => ev!(ClusterPolicy),
             Watch::Services => ev!(Service),
             Watch::EndpointSlices => ev!(Slice),
+            Watch::EgressGateways => ev!(EgressGateway),
         }
     }
 
     /// Every watch but ClusterNetworkPolicies has listed (nothing).
     fn listed_but_cnp() -> ClusterState {
         let mut s = ClusterState::default();
-        for w in Watch::ALL.into_iter().filter(|w| !w.optional()) {
+        for w in Watch::ALL
+            .into_iter()
+            .filter(|w| *w != Watch::ClusterNetworkPolicies)
+        {
             s.handle(list_event(w, false));
             s.handle(list_event(w, true));
         }

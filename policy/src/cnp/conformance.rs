@@ -59,6 +59,7 @@ fn topology(case: &Value) -> Topology {
             name,
             labels: serde_json::from_value(n["labels"].clone()).unwrap(),
             addresses: vec![ip],
+            ready: true,
         });
     }
     for (i, p) in case["pods"].as_array().unwrap().iter().enumerate() {

@@ -48,6 +48,7 @@ fn random_cluster_policies_match_the_reference() {
                     name: name.into(),
                     labels,
                     addresses,
+                    ready: true,
                 },
             );
         }

@@ -118,6 +118,7 @@ fn change(g: &mut Gen, store: &mut Store, next_pod: &mut usize, next_policy: &mu
                         name: "n2".into(),
                         labels: [("zone".to_string(), zone.to_string())].into(),
                         addresses: vec![ip("10.1.0.1"), ip("fd01::1")],
+                        ready: true,
                     },
                 );
                 format!("node n2 zone {zone}")

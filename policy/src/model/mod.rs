@@ -24,6 +24,7 @@ pub const KEPT_POD_ANNOTATIONS: &[&str] = &["palisade.io/interface"];
 pub const DEFAULT_NAMESPACE: &str = "default";
 
 pub mod cluster;
+pub mod egress;
 mod pod;
 mod policy;
 mod store;
@@ -43,6 +44,7 @@ pub enum Kind {
     NetworkPolicy,
     ClusterNetworkPolicy,
     Node,
+    EgressGateway,
 }
 
 impl Kind {
@@ -50,7 +52,7 @@ impl Kind {
     pub fn cluster_scoped(self) -> bool {
         matches!(
             self,
-            Kind::Namespace | Kind::ClusterNetworkPolicy | Kind::Node
+            Kind::Namespace | Kind::ClusterNetworkPolicy | Kind::Node | Kind::EgressGateway
         )
     }
 }
@@ -89,6 +91,7 @@ pub enum Object {
     NetworkPolicy(Box<NetworkPolicy>),
     ClusterNetworkPolicy(Box<cluster::raw::ClusterNetworkPolicy>),
     Node(Box<Node>),
+    EgressGateway(Box<egress::RawEgressGateway>),
 }
 
 /// A pod as read, reduced to what policy needs (`PodInfo`) and the problems of its fields.
@@ -141,6 +144,7 @@ impl Object {
             Object::NetworkPolicy(o) => meta_key(Kind::NetworkPolicy, &o.metadata),
             Object::ClusterNetworkPolicy(o) => meta_key(Kind::ClusterNetworkPolicy, &o.metadata),
             Object::Node(o) => meta_key(Kind::Node, &o.metadata),
+            Object::EgressGateway(o) => meta_key(Kind::EgressGateway, &o.metadata),
         }
     }
 }

@@ -3,6 +3,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use super::cluster::{ClusterNetworkPolicy, NodeInfo};
+use super::egress::EgressGateway;
 use super::{Kind, NamespaceInfo, Object, ObjectKey, PodInfo, Policy, meta_key, named_key};
 use crate::error::ConfigError;
 use crate::state::PodRef;
@@ -18,6 +19,8 @@ pub struct Store {
     pub cluster_policies: BTreeMap<String, ClusterNetworkPolicy>,
     /// Nodes (for `nodes` peers), by name.
     pub nodes: BTreeMap<String, NodeInfo>,
+    /// Validated EgressGateways, by name.
+    pub egress_gateways: BTreeMap<String, EgressGateway>,
     /// Current errors, per object (objects without a usable name under an empty name).
     errors: BTreeMap<ObjectKey, Vec<ConfigError>>,
 }
@@ -36,6 +39,7 @@ impl Store {
     pub fn replace_all(&mut self, objects: impl IntoIterator<Item = Object>) -> Vec<ConfigError> {
         let mut old_policies = std::mem::take(&mut self.policies);
         let mut old_cluster_policies = std::mem::take(&mut self.cluster_policies);
+        let mut old_gateways = std::mem::take(&mut self.egress_gateways);
         self.namespaces.clear();
         self.pods.clear();
         self.nodes.clear();
@@ -53,6 +57,12 @@ impl Store {
                     let key = meta_key(Kind::ClusterNetworkPolicy, &cnp.metadata);
                     if let Some(old) = old_cluster_policies.remove(&key.name) {
                         self.cluster_policies.insert(old.name.clone(), old);
+                    }
+                }
+                Object::EgressGateway(g) => {
+                    let key = meta_key(Kind::EgressGateway, &g.metadata);
+                    if let Some(old) = old_gateways.remove(&key.name) {
+                        self.egress_gateways.insert(old.name.clone(), old);
                     }
                 }
                 _ => {}
@@ -92,6 +102,11 @@ impl Store {
                 self.nodes.insert(info.name.clone(), info);
                 errs
             }),
+            // As a policy: a version that fails validation keeps the last good one in force.
+            Object::EgressGateway(g) => EgressGateway::from_raw(&g).map(|g| {
+                self.egress_gateways.insert(g.name.clone(), g);
+                Vec::new()
+            }),
         };
         let errs = result.unwrap_or_else(|e| vec![e]);
         let first = errs.first().cloned();
@@ -124,6 +139,9 @@ impl Store {
             }
             Kind::Node => {
                 self.nodes.remove(&key.name);
+            }
+            Kind::EgressGateway => {
+                self.egress_gateways.remove(&key.name);
             }
         }
         self.errors.remove(key);
@@ -180,5 +198,32 @@ mod tests {
             name: "guard".into(),
         });
         assert!(store.cluster_policies.is_empty() && store.errors().is_empty());
+    }
+
+    /// An EgressGateway is read from YAML, refused with its object and field named, and its
+    /// last good version stays in force.
+    #[test]
+    fn an_invalid_egress_gateway_keeps_the_last_good_one() {
+        const GW: &str = "apiVersion: palisade.io/v1alpha1\nkind: EgressGateway\n\
+            metadata: {name: out}\nspec: {podSelector: {}, destinationCIDRs: [192.0.2.0/24], \
+            gatewayNodeSelector: {matchLabels: {egress: gw}}, egressIPs: [10.243.0.100]}\n";
+        let mut store = Store::default();
+        assert!(store.replace_all(parse_str(GW).unwrap()).is_empty());
+        assert_eq!(store.egress_gateways["out"].destinations.len(), 1);
+        let bad = GW.replace("192.0.2.0/24", "192.0.2.0/33");
+        let errors = store.replace_all(parse_str(&bad).unwrap());
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let e = errors[0].to_string();
+        assert!(
+            e.starts_with("EgressGateway out: spec.destinationCIDRs[0]: invalid CIDR"),
+            "{e}"
+        );
+        assert_eq!(store.egress_gateways["out"].destinations.len(), 1);
+        store.remove(&ObjectKey {
+            kind: Kind::EgressGateway,
+            namespace: String::new(),
+            name: "out".into(),
+        });
+        assert!(store.egress_gateways.is_empty() && store.errors().is_empty());
     }
 }

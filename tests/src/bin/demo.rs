@@ -287,6 +287,7 @@ fn run(args: &Args) -> Result<bool> {
     drop(agent);
     drop(node);
     let _ = std::fs::remove_dir_all(&work);
+    all_ok &= egress_gateway(args)?;
     println!(
         "\n{}",
         if all_ok {
@@ -296,6 +297,105 @@ fn run(args: &Args) -> Result<bool> {
         }
     );
     Ok(all_ok)
+}
+
+/// manifests/examples/egress-gateway.yaml on two nodes in cluster mode: shop/backend on node-1
+/// reaches its payment provider (203.0.113.10, in an "outside" namespace) through node-2, the
+/// gateway, which the provider sees as 198.51.100.7; the flow's record when it ends.
+fn egress_gateway(args: &Args) -> Result<bool> {
+    use palisade_tests::{
+        egress::{External, exchange, holds, outside_routes},
+        multinode::{Cluster, ClusterSpec, node_name},
+    };
+    println!(
+        "\n== Egress gateway ({})",
+        args.examples.join("egress-gateway.yaml").display()
+    );
+    let mut c = Cluster::new(ClusterSpec {
+        nodes: vec![
+            vec![PodSpec {
+                name: "backend".into(),
+            }],
+            vec![PodSpec {
+                name: "idle".into(),
+            }],
+        ],
+        ipv6: false,
+    })?;
+    let ext = External::start(&c, &["203.0.113.0/24"], &[443])?;
+    outside_routes(&c, &["203.0.113.0/24"])?;
+    // The provider's network routes the egress address to the gateway node.
+    palisade_tests::netns::ip_batch(
+        Some(&ext.name),
+        &["route add 198.51.100.7/32 via 10.243.0.2 dev e0".to_string()],
+    )?;
+    let mut gw = c.node_object(1);
+    gw["metadata"]["labels"]["egress"] = serde_json::json!("partners");
+    c.api.apply(&gw.to_string());
+    let backend = c.find_pod("backend").context("backend")?.1.clone();
+    let ip = backend.ip(false).to_string();
+    c.api.apply_all(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{kubernetes.io/metadata.name: shop}}}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: backend, namespace: shop, labels: {{app: backend}}}}\n\
+         spec: {{nodeName: node-1, containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIP: '{ip}', podIPs: [{{ip: '{ip}'}}]}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: idle, namespace: shop, labels: {{app: idle}}}}\n\
+         spec: {{nodeName: node-2, containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIP: '{idle}', podIPs: [{{ip: '{idle}'}}]}}\n",
+        idle = c.find_pod("idle").context("idle")?.1.ip(false),
+    ));
+    c.api.apply_all(&std::fs::read_to_string(
+        args.examples.join("egress-gateway.yaml"),
+    )?);
+    let work = std::env::temp_dir().join(format!("palisade-demo-egw-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    c.agent_args = vec!["--egress-log".into(), "{dir}/egress.jsonl".into()];
+    c.start_agents(&args.agent, &work, Duration::from_secs(60))?;
+    c.wait_reconciled(Duration::from_secs(60))?;
+    let t = std::time::Instant::now();
+    while !holds(&c, 1, "198.51.100.7") && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "  node-2 (egress=partners) holds the egress address 198.51.100.7: {}",
+        holds(&c, 1, "198.51.100.7")
+    );
+    let dst: IpAddr = "203.0.113.10".parse()?;
+    let mut ok = false;
+    for _ in 0..50 {
+        if exchange(&backend, dst, 443, Duration::from_millis(500)) {
+            ok = true;
+            break;
+        }
+    }
+    let seen = ext.seen_since(t);
+    let from: Vec<String> = seen.iter().map(|s| s.3.to_string()).collect();
+    println!(
+        "  shop/backend ({ip}, on node-1) -> 203.0.113.10:443: {}; the provider saw it from {}",
+        if ok { "connected" } else { "FAILED" },
+        from.join(", ")
+    );
+    let log = work.join(node_name(0)).join("egress.jsonl");
+    let mut record = None;
+    let t = std::time::Instant::now();
+    while record.is_none() && t.elapsed() < Duration::from_secs(20) {
+        record = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .next()
+            .map(str::to_string);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    match &record {
+        Some(r) => println!("  node-1's record of the flow (--egress-log), when it ended:\n  {r}"),
+        None => println!("  no record of the flow within 20 s"),
+    }
+    let good = ok
+        && !seen.is_empty()
+        && seen.iter().all(|s| s.3.to_string() == "198.51.100.7")
+        && record.is_some();
+    drop(c);
+    drop(ext);
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(good)
 }
 
 /// The policy README.md's "Operating it" adds: shop/frontend may reach shop/db on 5432.

@@ -143,6 +143,7 @@ fn verdict(seq: u64, ms: u64, from: &str, to: &str, kind: VerdictKind) -> Verdic
         policies: vec!["demo/b-ingress".into()],
         bytes: 60,
         domain: None,
+        egress: None,
     }
 }
 

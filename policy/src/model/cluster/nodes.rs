@@ -18,6 +18,9 @@ pub struct NodeInfo {
     /// The `InternalIP` and `ExternalIP` addresses, in `status.addresses` order, without
     /// duplicates.
     pub addresses: Vec<IpAddr>,
+    /// False where the node's `Ready` condition is `False` or `Unknown` (a node without
+    /// conditions is taken as ready): egress gateways use ready nodes only.
+    pub ready: bool,
 }
 
 impl NodeInfo {
@@ -56,10 +59,18 @@ impl NodeInfo {
                 )),
             }
         }
+        let ready = !node
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status != "True");
         let info = NodeInfo {
             name,
             labels: node.metadata.labels.clone().unwrap_or_default(),
             addresses,
+            ready,
         };
         Ok((info, errors))
     }

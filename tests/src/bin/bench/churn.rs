@@ -399,6 +399,10 @@ fn in_process_pinned(
         conntrack_per_pod: palisade_common::CT_QUOTA_DEFAULT,
         cni_state_dir: None,
         fqdn: Default::default(),
+        egress: palisade::egress::EgressConfig {
+            health_port: 0,
+            ..Default::default()
+        },
     };
     // The agent runs its observers (verdict reader) on a current-thread runtime, as
     // `palisade run` does; they progress between changes.

@@ -12,6 +12,7 @@
 mod churn;
 mod cluster;
 mod dns;
+mod egress;
 mod nodes;
 mod packet;
 mod primitives;
@@ -49,8 +50,8 @@ struct Args {
     /// Fewer repeats and shorter runs (every figure is still measured).
     #[arg(long)]
     quick: bool,
-    /// Only these sections (packet, throughput, churn, nodes, dns), merged into an existing
-    /// report.json.
+    /// Only these sections (packet, throughput, churn, nodes, dns, egress), merged into an
+    /// existing report.json.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Only re-render report.md from report.json.
@@ -254,6 +255,13 @@ fn run(args: &Args) -> Result<()> {
             lookups: if args.quick { 300 } else { 2000 },
         };
         dns::run(&cfg, &agent, &work, &mut report)?;
+        write(&json_path, &md_path, &report)?;
+    }
+    if want("egress") {
+        let cfg = egress::Config {
+            exchanges: if args.quick { 50 } else { 200 },
+        };
+        egress::run(&cfg, &agent, &work, &mut report)?;
         write(&json_path, &md_path, &report)?;
     }
     if want("throughput") {

@@ -1086,6 +1086,41 @@ pub fn markdown(r: &Value) -> String {
             int("nodes_detail.changes"),
         );
     }
+    if let Some(e) = get(r, "egress") {
+        let _ = writeln!(m, "## Egress gateways\n");
+        let _ = writeln!(
+            m,
+            "A short TCP exchange (connect, a byte each way) from a pod, {} times each: out \
+             through its own node p50 {} ms (p99 {} ms), through a gateway node p50 {} ms \
+             (p99 {} ms): {} ms added at the median. Failover of the active gateway (probes \
+             every {} ms, {} misses):\n",
+            s("egress.exchanges"),
+            s("egress.direct.p50_ms"),
+            s("egress.direct.p99_ms"),
+            s("egress.through_gateway.p50_ms"),
+            s("egress.through_gateway.p99_ms"),
+            s("egress.added_p50_ms"),
+            s("egress.probe.interval_ms"),
+            s("egress.probe.misses"),
+        );
+        let _ = writeln!(
+            m,
+            "| fault | standby holds the address | longest outage | failed exchanges | from a wrong source |\n| --- | --- | --- | --- | --- |"
+        );
+        for p in e["failover"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                m,
+                "| {} | {} ms | {} ms | {} of {} | {} |",
+                p["fault"].as_str().unwrap_or("?"),
+                p["takeover_ms"],
+                p["longest_outage_ms"],
+                p["failed"],
+                p["exchanges"],
+                p["wrong_source"],
+            );
+        }
+        let _ = writeln!(m);
+    }
     let _ = writeln!(
         m,
         "## Plot\n\n![Benchmarks](plot.png)\n\n![Per-packet cost against the number of rules](per_packet.png)\n"
