@@ -15,8 +15,12 @@ RUN cargo xtask build --release --step bpf-linker
 RUN cargo xtask build --release --step ebpf
 RUN cargo xtask build --release --step agent
 
-# glibc and libgcc, nothing else: no shell, no package manager. `kubectl exec` runs
+# Debian's slim image with the two tools the agent drives on egress gateway nodes (`ip` for
+# the VXLAN device and the egress address, `nft` for the gateway's table); `kubectl exec` runs
 # `palisade verdicts|explain|...` directly.
-FROM gcr.io/distroless/cc-debian12
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iproute2 nftables ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/palisade /usr/local/bin/palisade
 ENTRYPOINT ["/usr/local/bin/palisade"]

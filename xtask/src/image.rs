@@ -115,6 +115,26 @@ mod tests {
     }
 
     #[test]
+    fn the_runtime_image_has_the_tools_egress_gateways_drive() {
+        // The agent runs `ip` and `nft` on gateway nodes (agent/src/egress.rs); without them a
+        // gateway fails closed and no EgressGateway works.
+        let runtime: Vec<String> = instructions()
+            .into_iter()
+            .skip_while(|i| !(i.starts_with("FROM ") && !i.contains(" AS build")))
+            .collect();
+        let installs = runtime
+            .iter()
+            .find(|i| i.starts_with("RUN ") && i.contains("apt-get install"))
+            .expect("the runtime stage installs packages");
+        for package in ["iproute2", "nftables"] {
+            assert!(
+                installs.split_whitespace().any(|w| w == package),
+                "the runtime stage must install {package}: {installs}"
+            );
+        }
+    }
+
+    #[test]
     fn the_image_holds_the_release_binary_the_agent_step_builds() {
         let copies: Vec<String> = instructions()
             .into_iter()
