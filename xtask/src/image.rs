@@ -120,7 +120,7 @@ mod tests {
         // gateway fails closed and no EgressGateway works.
         let runtime: Vec<String> = instructions()
             .into_iter()
-            .skip_while(|i| !(i.starts_with("FROM ") && !i.contains(" AS build")))
+            .skip_while(|i| !i.starts_with("FROM ") || i.contains(" AS build"))
             .collect();
         let installs = runtime
             .iter()
