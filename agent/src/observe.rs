@@ -5,7 +5,6 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, RwLock},
-    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -94,15 +93,15 @@ impl Observer {
         })
     }
 
-    /// After a reconcile: new names for events, the state file for the CLI, metrics.
-    /// `pods_stamp`: the compiler's IDENTITIES stamp when `applied` is its state as it made it
-    /// (the pods' part is rebuilt only when it changes).
+    /// After a reconcile: new names for events, the state file for the CLI, what the last
+    /// reconcile did. `pods_stamp`: the compiler's IDENTITIES stamp when `applied` is its
+    /// state as it made it (the pods' part is rebuilt only when it changes).
     pub fn publish(
         &self,
         applied: &DesiredState,
         store: &Store,
         node_addresses: &[IpAddr],
-        started_at_unix_ms: u128,
+        status: &crate::reconcile::Status,
         stats: ApplyStats,
         pods_stamp: Option<u64>,
     ) {
@@ -136,15 +135,12 @@ impl Observer {
                 Err(e) => warn!("state file: {e}"),
             }
         }
-        let now = crate::inspect::unix_ms();
-        let elapsed_ms = now.saturating_sub(started_at_unix_ms as u64);
-        self.hub
-            .metrics
-            .observe_reconcile(Duration::from_millis(elapsed_ms), stats.changes() > 0);
         self.hub.datapath.forget_rules(&file.rules);
         *self.hub.last_reconcile.lock().expect("lock") = Some(ReconcileInfo {
-            at_unix_ms: now,
-            duration_ms: elapsed_ms,
+            at_unix_ms: status.reconciled_at_unix_ms as u64,
+            duration_ms: status
+                .reconciled_at_unix_ms
+                .saturating_sub(status.started_at_unix_ms) as u64,
             endpoints: applied.endpoints.len(),
             policy_entries: applied.policy.len(),
             cidr_entries: applied.cidrs.len(),

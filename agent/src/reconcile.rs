@@ -103,6 +103,15 @@ pub struct Phases {
     pub full_compile: bool,
 }
 
+/// An enforced view that the observers and the status file have not been told of yet.
+struct Unpublished {
+    status: Status,
+    config: Vec<ConfigError>,
+    stats: palisade_datapath::writer::ApplyStats,
+    /// The compiler's IDENTITIES stamp, when every write was made.
+    pods_stamp: Option<u64>,
+}
+
 /// What the agent reports after each reconcile.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Status {
@@ -141,6 +150,11 @@ pub struct Agent {
     writer: MapWriter,
     compiler: Compiler,
     host: HostView,
+    /// The kernel's notifications of link, address and route changes: `host` is dumped
+    /// again only after one (or when they cannot be had).
+    host_changes: Option<palisade_datapath::netlink::HostChanges>,
+    /// `host` must be read again before it is used (never read yet, or a read failed).
+    host_stale: bool,
     first: bool,
     /// Something failed that a later reconcile may fix (a map write, an attachment): the main
     /// loop reconciles again without waiting for a change.
@@ -164,6 +178,11 @@ pub struct Agent {
     fqdn: Option<crate::fqdn::Fqdn>,
     /// Where the last reconcile's time went.
     phases: Phases,
+    /// What the last `enforce` leaves for `publish`.
+    unpublished: Option<Unpublished>,
+    /// The CNI plugin's records as the last `enforce` read them (their pods' addresses name
+    /// verdicts before the API server reports them).
+    records: crate::cni::Records,
     /// Egress gateways. Not optional: without them a selected pod's traffic would leave
     /// through its own node, so an agent that cannot run them does not start.
     egress: crate::egress::Egress,
@@ -220,6 +239,12 @@ impl Agent {
             writer,
             compiler,
             host: HostView::default(),
+            host_changes: palisade_datapath::netlink::HostChanges::subscribe()
+                .map_err(|e| {
+                    warn!("interfaces and routes are read on every reconcile: {e}");
+                })
+                .ok(),
+            host_stale: true,
             first: true,
             retry: false,
             repairs_total: 0,
@@ -232,13 +257,24 @@ impl Agent {
             cni_provisioned: Default::default(),
             fqdn,
             phases: Phases::default(),
+            unpublished: None,
+            records: Default::default(),
             egress,
         })
     }
 
-    /// The one pipeline every source feeds: reads the host, compiles the view's store for this
-    /// node's endpoints, attaches new endpoints, writes what changed, detaches what is gone.
+    /// The one pipeline every source feeds: `enforce`, then `publish`.
     pub fn reconcile(&mut self, view: View<'_>) -> Result<()> {
+        let store = view.store;
+        self.enforce(view)?;
+        self.publish(store)
+    }
+
+    /// Reads the host, compiles the view's store for this node's endpoints, attaches new
+    /// endpoints, writes what changed, detaches what is gone. What the observers and the status
+    /// file are told follows in `publish`: the main loop defers it while more changes wait, so
+    /// that a burst is enforced first and published once.
+    pub fn enforce(&mut self, view: View<'_>) -> Result<()> {
         let started = Instant::now();
         let View {
             store,
@@ -277,9 +313,10 @@ impl Agent {
                 attach_failures: 0,
                 repairs_total: self.repairs_total,
             };
+            self.unpublished = None;
             return self.write_status(&status, &config);
         }
-        self.host = HostView::read().context("reading interfaces and routes")?;
+        self.refresh_host()?;
         // Pods the CNI plugin provisioned: their interface, and their addresses before the
         // API server reports them.
         let records = match &self.cfg.cni_state_dir {
@@ -363,20 +400,9 @@ impl Agent {
         if let Some(f) = &self.fqdn {
             f.set_tables(crate::fqdn::Tables::of(self.writer.applied(), services));
         }
-        if let Some(o) = &self.observer {
-            // The pods' part of the names follows the compiler's IDENTITIES stamp (Services
-            // add VIPs to IDENTITIES, not pods), when every write was made.
-            let pods_stamp = (stats.failed == 0).then_some(compiled.stamps.identities);
-            o.publish(
-                self.writer.applied(),
-                store,
-                &self.host.addresses,
-                started_at_unix_ms,
-                stats,
-                pods_stamp,
-            );
-        }
-        let observed = started.elapsed();
+        // The pods' part of the names follows the compiler's IDENTITIES stamp (Services add
+        // VIPs to IDENTITIES, not pods), when every write was made.
+        let pods_stamp = (stats.failed == 0).then_some(compiled.stamps.identities);
         let mut attach_failures = 0;
         for ifindex in desired.endpoints.keys() {
             if let Err(e) = self.datapath.attach(*ifindex) {
@@ -447,7 +473,6 @@ impl Agent {
             host_ms = ms(host_read),
             compile_ms = ms(compiled_at - host_read),
             write_ms = ms(written - compiled_at),
-            observe_ms = ms(observed - written),
             elapsed_ms = ms(started.elapsed()),
             "reconciled"
         );
@@ -455,7 +480,7 @@ impl Agent {
             host: host_read,
             compile: compiled_at - host_read,
             write: written - compiled_at,
-            observe: observed - written,
+            observe: Duration::ZERO,
             total: started.elapsed(),
             endpoints_compiled: update.endpoints_compiled,
             full_compile: update.full,
@@ -472,7 +497,52 @@ impl Agent {
             attach_failures,
             repairs_total: self.repairs_total,
         };
-        self.write_status(&status, &config)
+        if let Some(o) = &self.observer {
+            let elapsed = Duration::from_millis(
+                status
+                    .reconciled_at_unix_ms
+                    .saturating_sub(started_at_unix_ms) as u64,
+            );
+            o.hub
+                .metrics
+                .observe_reconcile(elapsed, stats.changes() > 0);
+        }
+        self.records = records;
+        self.unpublished = Some(Unpublished {
+            status,
+            config,
+            stats,
+            pods_stamp,
+        });
+        Ok(())
+    }
+
+    /// Whether an `enforce` has not been published yet.
+    pub fn publish_due(&self) -> bool {
+        self.unpublished.is_some()
+    }
+
+    /// Tells the observers (names for verdicts, the CLI's state file, metrics) and the status
+    /// file what the last `enforce` did. `store` is the one it enforced.
+    pub fn publish(&mut self, store: &Store) -> Result<()> {
+        let Some(u) = self.unpublished.take() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        if let Some(o) = &self.observer {
+            let overlaid = self.records.overlay(store);
+            o.publish(
+                self.writer.applied(),
+                &overlaid,
+                &self.host.addresses,
+                &u.status,
+                u.stats,
+                u.pods_stamp,
+            );
+        }
+        let written = self.write_status(&u.status, &u.config);
+        self.phases.observe = started.elapsed();
+        written
     }
 
     /// Writes the status file and hands the problems to `palisade stats` and the metrics.
@@ -509,9 +579,32 @@ impl Agent {
     /// changed, pins had to be put back (`repair`) or failed work is due again; any of them
     /// wants a reconcile.
     pub fn poll_host(&mut self) -> bool {
-        let host_changed = HostView::read().map(|v| v != self.host).unwrap_or(true);
+        let host_changed = self.refresh_host().unwrap_or(true);
         let repaired = self.repair();
         host_changed || repaired || self.wants_retry()
+    }
+
+    /// Reads the host's interfaces and routes again if the kernel said they changed since the
+    /// last read (or the last read failed); true if the view is different. A notification is
+    /// taken before the dump, so one that comes during it only makes the next call dump again.
+    fn refresh_host(&mut self) -> Result<bool> {
+        let noticed = self.host_changes.as_mut().is_none_or(|c| c.take());
+        if !(noticed || self.host_stale) {
+            return Ok(false);
+        }
+        self.host_stale = true;
+        let view = HostView::read().context("reading interfaces and routes")?;
+        self.host_stale = false;
+        let changed = view != self.host;
+        self.host = view;
+        Ok(changed)
+    }
+
+    /// The socket that becomes readable when the host's interfaces or routes change, for the
+    /// main loop to wake on (`poll_host` then takes the change).
+    pub fn host_changes_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.host_changes.as_ref().map(|c| c.as_raw_fd())
     }
 
     /// Puts back pins removed by hand and re-attaches links detached behind our back (see

@@ -459,6 +459,8 @@ struct Memo {
     pieces: BTreeMap<PodRef, Piece>,
     /// NetworkPolicy digests, by (namespace, name).
     policies: BTreeMap<(String, String), u64>,
+    /// Where `policies` read the store's policies up to.
+    policies_seen: crate::model::tracked::Mark,
     /// Digest of the ClusterNetworkPolicies and the node's audit mode.
     cluster: u64,
     /// Digest of the nodes.
@@ -818,24 +820,45 @@ impl Compiler {
 
         // What else changed: NetworkPolicies by namespace; ClusterNetworkPolicies, nodes and
         // the node's audit mode reach every endpoint.
-        let policies: BTreeMap<(String, String), u64> = store
-            .policies
-            .iter()
-            .map(|(k, p)| (k.clone(), digest(p)))
-            .collect();
+        // The policies changed since the last update, as the store's journal names them, or
+        // else a digest of every one.
         let mut policy_namespaces: HashSet<String> = HashSet::new();
-        for (k, d) in &policies {
-            if self.memo.policies.get(k) != Some(d) {
-                policy_namespaces.insert(k.0.clone());
+        let policies = match store.policies.changes_since(self.memo.policies_seen) {
+            Some(keys) => {
+                let mut policies = std::mem::take(&mut self.memo.policies);
+                for k in keys {
+                    let now = store.policies.get(k).map(digest);
+                    if policies.get(k).copied() != now {
+                        policy_namespaces.insert(k.0.clone());
+                    }
+                    match now {
+                        Some(d) => policies.insert(k.clone(), d),
+                        None => policies.remove(k),
+                    };
+                }
+                policies
             }
-        }
-        for k in self.memo.policies.keys() {
-            if !policies.contains_key(k) {
-                policy_namespaces.insert(k.0.clone());
+            None => {
+                let policies: BTreeMap<(String, String), u64> = store
+                    .policies
+                    .iter()
+                    .map(|(k, p)| (k.clone(), digest(p)))
+                    .collect();
+                for (k, d) in &policies {
+                    if self.memo.policies.get(k) != Some(d) {
+                        policy_namespaces.insert(k.0.clone());
+                    }
+                }
+                for k in self.memo.policies.keys() {
+                    if !policies.contains_key(k) {
+                        policy_namespaces.insert(k.0.clone());
+                    }
+                }
+                policies
             }
-        }
+        };
         let cluster = digest(&(&store.cluster_policies, self.audit_all));
-        let nodes = digest(&store.nodes);
+        let nodes = digest(&*store.nodes);
         let everything = full || cluster != self.memo.cluster || nodes != self.memo.nodes;
 
         // Policies per namespace, with a stable index for the selection cache.
@@ -1062,6 +1085,7 @@ impl Compiler {
         self.memo.selections = selections;
         self.memo.pieces = pieces;
         self.memo.policies = policies;
+        self.memo.policies_seen = store.policies.mark();
         self.memo.cluster = cluster;
         self.memo.nodes = nodes;
         self.memo.last = stats;

@@ -204,7 +204,7 @@ impl PodIndex {
         PodIndex {
             ip_owner: Arc::new(ip_owners(&pods)),
             pods: Arc::new(pods),
-            identities: Arc::new(applied.identity_pods.clone()),
+            identities: applied.identity_pods.clone(),
         }
     }
 }

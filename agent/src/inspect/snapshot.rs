@@ -54,7 +54,7 @@ impl Snapshot {
 
     pub fn from_parts(mut state: DesiredState, file: StateFile) -> Snapshot {
         state.endpoint_meta = file.endpoints.clone();
-        state.identity_pods = file.identities.as_ref().clone();
+        state.identity_pods = file.identities.clone();
         state.rules = file
             .rules
             .iter()

@@ -131,4 +131,8 @@ impl super::Source for FileSource {
             started_at_unix_ms,
         }
     }
+
+    fn store(&self) -> &Store {
+        &self.store
+    }
 }

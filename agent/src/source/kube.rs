@@ -776,6 +776,10 @@ impl super::Source for KubeSource {
             started_at_unix_ms,
         }
     }
+
+    fn store(&self) -> &Store {
+        &self.state.store
+    }
 }
 
 /// Kernels before 5.11 charge BPF maps to the locked-memory limit, which container runtimes

@@ -50,7 +50,13 @@ pub trait Source {
 
     /// The view to enforce now.
     fn view(&mut self) -> View<'_>;
+
+    /// The store as the last `view` left it (what the observers name pods by).
+    fn store(&self) -> &Store;
 }
+
+/// The longest the observers and the status file wait for a burst of changes to end.
+const PUBLISH_AT_LATEST: Duration = Duration::from_millis(200);
 
 /// Runs the agent on `source` until SIGTERM or SIGINT. Pinned maps and links stay: enforcement
 /// goes on while no agent runs, and the next agent adopts them.
@@ -64,6 +70,20 @@ pub async fn run(cfg: RunConfig, mut source: impl Source, object: &[u8]) -> Resu
         None => None,
     };
     let mut notify_buf = [0u8; 64];
+    // The kernel's link, address and route notifications wake the loop at once (a new pod's
+    // veth and route); the host is still polled every `host_poll` without them.
+    let host_changes = agent.host_changes_fd().and_then(|fd| {
+        // SAFETY: the socket is the agent's, which outlives this registration (declared
+        // after it, dropped before it).
+        unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                BorrowedRawFd(fd),
+                tokio::io::Interest::READABLE,
+            )
+        }
+        .map_err(|e| error!("host change notifications are off: {e}"))
+        .ok()
+    });
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(source.tick());
@@ -71,9 +91,15 @@ pub async fn run(cfg: RunConfig, mut source: impl Source, object: &[u8]) -> Resu
     let mut host_read: Option<Instant> = None;
     // Something changed since the last reconcile.
     let mut dirty = false;
+    // The first enforce not yet published.
+    let mut unpublished_since: Option<Instant> = None;
     source.started(&cfg);
     loop {
         tokio::select! {
+            // Whatever else is ready comes first; `publish` waits for a quiet turn.
+            biased;
+            _ = term.recv() => break,
+            _ = int.recv() => break,
             changed = source.event() => dirty |= changed?,
             woken = async {
                 match &notify {
@@ -81,9 +107,22 @@ pub async fn run(cfg: RunConfig, mut source: impl Source, object: &[u8]) -> Resu
                     None => std::future::pending().await,
                 }
             } => dirty |= woken.is_ok(),
+            _ = async {
+                match &host_changes {
+                    Some(fd) => match fd.readable().await {
+                        // Edge-triggered: cleared before `poll_host` drains the socket, so a
+                        // notification that comes after is seen.
+                        Ok(mut ready) => ready.clear_ready(),
+                        Err(_) => std::future::pending().await,
+                    },
+                    None => std::future::pending().await,
+                }
+            } => host_read = None,
             _ = tick.tick() => {}
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = std::future::ready(()), if unpublished_since.is_some() && !dirty => {
+                publish(&mut agent, source.store(), &mut unpublished_since);
+                continue;
+            }
         }
         health.beat();
         dirty |= source.poll();
@@ -99,17 +138,40 @@ pub async fn run(cfg: RunConfig, mut source: impl Source, object: &[u8]) -> Resu
         if !std::mem::take(&mut dirty) {
             continue;
         }
-        match agent.reconcile(source.view()) {
+        match agent.enforce(source.view()) {
             Ok(()) => health.set_ready(true),
             Err(e) => {
                 error!("reconcile failed: {e:#}");
                 health.set_ready(false);
             }
         }
-        release_freed_memory();
+        if agent.publish_due() {
+            let since = *unpublished_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= PUBLISH_AT_LATEST {
+                publish(&mut agent, source.store(), &mut unpublished_since);
+            }
+        }
     }
     info!("stopping; pinned maps and links keep enforcing");
     Ok(())
+}
+
+/// Tells the observers and the status file of the enforced changes.
+fn publish(agent: &mut Agent, store: &Store, unpublished_since: &mut Option<Instant>) {
+    *unpublished_since = None;
+    if let Err(e) = agent.publish(store) {
+        error!("publishing the reconcile: {e:#}");
+    }
+    release_freed_memory();
+}
+
+/// A descriptor the agent owns, watched for readiness (not closed here).
+struct BorrowedRawFd(std::os::fd::RawFd);
+
+impl std::os::fd::AsRawFd for BorrowedRawFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
 }
 
 /// Named ports that no pod declares (with that protocol): valid, as the API server accepts

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use palisade_common::{IDENTITY_HOST, PeerAddr};
 
 use super::{IdentityKey, Interner};
+use crate::model::tracked::Mark;
 use crate::model::{PodInfo, Store};
 use crate::state::{DesiredState, PodRef};
 
@@ -80,6 +81,9 @@ pub(super) struct IdentityTable {
     pub(super) ip_owner: BTreeMap<IpAddr, usize>,
     /// This node's addresses (`IDENTITY_HOST` in IDENTITIES, whatever else claims them).
     pub(super) host: Vec<IpAddr>,
+    /// Where the last update read the store's pods and namespaces up to: the next one looks
+    /// at the pods changed since, when the store can name them.
+    seen: (Mark, Mark),
 }
 
 fn is_identity(pod: &PodInfo) -> bool {
@@ -113,17 +117,57 @@ impl IdentityTable {
         self.pods.get(pod).map(|p| p.digest)
     }
 
-    /// Brings the table up to date with `store`, interning new identities' ids, and patches
-    /// `out.identities` and `out.identity_pods` where they changed.
-    pub(super) fn update(
-        &mut self,
-        store: &Store,
-        ids: &mut Interner<IdentityKey>,
-        out: &mut DesiredState,
-    ) -> IdentityChanges {
-        let mut changes = IdentityChanges::default();
-        // Which pods changed: both maps are sorted by pod, so one merge finds them.
-        let mut changed: Vec<(PodRef, Option<(&PodInfo, u64)>)> = Vec::new();
+    /// The pods that may have changed since the last update, as the store's journals name
+    /// them: pods changed, and every pod of a namespace changed. `None`: they cannot all be
+    /// named (another store, too many changes), and every pod is looked at.
+    fn candidates(&self, store: &Store) -> Option<BTreeSet<PodRef>> {
+        let pods = store.pods.changes_since(self.seen.0)?;
+        let namespaces = store.namespaces.changes_since(self.seen.1)?;
+        let mut out: BTreeSet<PodRef> = pods.cloned().collect();
+        for ns in namespaces {
+            let first = PodRef {
+                namespace: ns.clone(),
+                name: String::new(),
+            };
+            out.extend(
+                store
+                    .pods
+                    .range(first..)
+                    .take_while(|(p, _)| p.namespace == *ns)
+                    .map(|(p, _)| p.clone()),
+            );
+        }
+        Some(out)
+    }
+
+    /// Which of `candidates` changed, in pod order: gone (`None`), or new or different (with
+    /// its digest).
+    fn changed_among<'s>(
+        &self,
+        store: &'s Store,
+        candidates: BTreeSet<PodRef>,
+    ) -> Vec<(PodRef, Option<(&'s PodInfo, u64)>)> {
+        let mut changed = Vec::new();
+        for pod_ref in candidates {
+            match store.pods.get(&pod_ref) {
+                Some(pod) => {
+                    let nsd = digest(store.namespace_labels(&pod_ref.namespace).as_ref());
+                    let d = digest(&(nsd, pod));
+                    if self.pods.get(&pod_ref).is_none_or(|st| st.digest != d) {
+                        changed.push((pod_ref, Some((pod, d))));
+                    }
+                }
+                None if self.pods.contains_key(&pod_ref) => changed.push((pod_ref, None)),
+                None => {}
+            }
+        }
+        changed
+    }
+
+    /// Which pods changed, looking at every one: both maps are sorted by pod, so one merge
+    /// finds them.
+    fn changed_all<'s>(&self, store: &'s Store) -> Vec<(PodRef, Option<(&'s PodInfo, u64)>)> {
+        let mut changed = Vec::new();
         let mut ns_digest: Option<(&str, u64)> = None;
         let mut old = self.pods.iter().peekable();
         for (pod_ref, pod) in &store.pods {
@@ -146,6 +190,23 @@ impl IdentityTable {
             }
         }
         changed.extend(old.map(|(gone, _)| (gone.clone(), None)));
+        changed
+    }
+
+    /// Brings the table up to date with `store`, interning new identities' ids, and patches
+    /// `out.identities` and `out.identity_pods` where they changed.
+    pub(super) fn update(
+        &mut self,
+        store: &Store,
+        ids: &mut Interner<IdentityKey>,
+        out: &mut DesiredState,
+    ) -> IdentityChanges {
+        let mut changes = IdentityChanges::default();
+        let changed = match self.candidates(store) {
+            Some(candidates) => self.changed_among(store, candidates),
+            None => self.changed_all(store),
+        };
+        self.seen = (store.pods.mark(), store.namespaces.mark());
         if changed.is_empty() {
             return changes;
         }
@@ -249,7 +310,7 @@ impl IdentityTable {
             let ident = self.idents[slot].as_ref().expect("touched slots are live");
             if !ident.pods.is_empty() {
                 let pods: Vec<PodRef> = ident.pods.iter().cloned().collect();
-                out.identity_pods.insert(ident.id, pods);
+                std::sync::Arc::make_mut(&mut out.identity_pods).insert(ident.id, pods);
                 continue;
             }
             let ident = self.idents[slot].take().expect("live");
@@ -260,7 +321,7 @@ impl IdentityTable {
                     self.by_ns.remove(&ident.key.namespace);
                 }
             }
-            out.identity_pods.remove(&ident.id);
+            std::sync::Arc::make_mut(&mut out.identity_pods).remove(&ident.id);
             changes.added.retain(|s| *s != slot);
             changes.removed.push((slot, ident));
             freed.push(slot);

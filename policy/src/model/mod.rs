@@ -28,6 +28,7 @@ pub mod egress;
 mod pod;
 mod policy;
 mod store;
+pub mod tracked;
 
 pub use pod::*;
 pub use policy::*;

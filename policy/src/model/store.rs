@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use super::cluster::{ClusterNetworkPolicy, NodeInfo};
 use super::egress::EgressGateway;
+use super::tracked::Tracked;
 use super::{Kind, NamespaceInfo, Object, ObjectKey, PodInfo, Policy, meta_key, named_key};
 use crate::error::ConfigError;
 use crate::state::PodRef;
@@ -11,14 +12,14 @@ use crate::state::PodRef;
 /// Everything policy is computed from.
 #[derive(Clone, Debug, Default)]
 pub struct Store {
-    pub namespaces: BTreeMap<String, NamespaceInfo>,
-    pub pods: BTreeMap<PodRef, PodInfo>,
+    pub namespaces: Tracked<String, NamespaceInfo>,
+    pub pods: Tracked<PodRef, PodInfo>,
     /// Keyed by (namespace, name).
-    pub policies: BTreeMap<(String, String), Policy>,
+    pub policies: Tracked<(String, String), Policy>,
     /// Validated ClusterNetworkPolicies, by name.
     pub cluster_policies: BTreeMap<String, ClusterNetworkPolicy>,
     /// Nodes (for `nodes` peers), by name.
-    pub nodes: BTreeMap<String, NodeInfo>,
+    pub nodes: Tracked<String, NodeInfo>,
     /// Validated EgressGateways, by name.
     pub egress_gateways: BTreeMap<String, EgressGateway>,
     /// Current errors, per object (objects without a usable name under an empty name).

@@ -487,8 +487,11 @@ fn in_process_pinned(
         for _ in 0..cfg.changes_per_round {
             let t = Instant::now();
             let (label, checks) = churn.next(&mut store, &mut objs, &kernel)?;
-            agent.reconcile(view_of(&store))?;
+            agent.enforce(view_of(&store))?;
             let dt = ms(t.elapsed());
+            // The observers and the status file are told after the change is enforced
+            // (the agent's main loop defers this while more changes wait).
+            agent.publish(&store)?;
             let ph = agent.phases();
             phases.push([
                 ms(ph.host),
