@@ -18,7 +18,11 @@ use std::{collections::BTreeMap, net::IpAddr};
 use anyhow::Result;
 
 use palisade_datapath::netlink::{Address, Link, Netlink, Route, RouteType};
-use palisade_policy::{compile::LocalEndpoint, model::Store};
+use palisade_policy::{
+    compile::LocalEndpoint,
+    model::{PodInfo, Store, tracked::Mark},
+    state::PodRef,
+};
 
 /// Annotation that names a pod's host-side interface explicitly.
 pub const INTERFACE_ANNOTATION: &str = "palisade.io/interface";
@@ -87,37 +91,92 @@ impl HostView {
     /// The local endpoints among the store's pods: pods that are not hostNetwork, that are
     /// scheduled here (when `node_name` is given) and whose interface is found on this host.
     pub fn local_endpoints(&self, store: &Store, node_name: Option<&str>) -> Vec<LocalEndpoint> {
-        let mut out = Vec::new();
-        for (pod_ref, pod) in &store.pods {
-            if pod.host_network {
-                continue;
-            }
-            if let (Some(node), Some(pod_node)) = (node_name, pod.node_name.as_deref())
-                && node != pod_node
-            {
-                continue;
-            }
-            let ifname = pod
-                .annotations
-                .get(INTERFACE_ANNOTATION)
-                .cloned()
-                .or_else(|| {
-                    pod.ips.iter().find_map(|ip| {
-                        self.host_routes
-                            .get(ip)
-                            .filter(|dev| self.kinds.get(*dev).is_some_and(|k| k == "veth"))
-                            .cloned()
+        store
+            .pods
+            .iter()
+            .filter_map(|(pod_ref, pod)| {
+                self.interface_of(pod, node_name)
+                    .map(|ifindex| LocalEndpoint {
+                        pod: pod_ref.clone(),
+                        ifindex,
                     })
-                });
-            let Some(ifindex) = ifname.and_then(|n| self.links.get(&n).copied()) else {
-                continue;
-            };
-            out.push(LocalEndpoint {
-                pod: pod_ref.clone(),
-                ifindex,
-            });
+            })
+            .collect()
+    }
+
+    /// The interface of `pod` if it is a local endpoint (1 and 3 above).
+    fn interface_of(&self, pod: &PodInfo, node_name: Option<&str>) -> Option<u32> {
+        if pod.host_network {
+            return None;
         }
-        out
+        if let (Some(node), Some(pod_node)) = (node_name, pod.node_name.as_deref())
+            && node != pod_node
+        {
+            return None;
+        }
+        let ifname = pod.annotations.get(INTERFACE_ANNOTATION).or_else(|| {
+            pod.ips.iter().find_map(|ip| {
+                self.host_routes
+                    .get(ip)
+                    .filter(|dev| self.kinds.get(*dev).is_some_and(|k| k == "veth"))
+            })
+        })?;
+        self.links.get(ifname).copied()
+    }
+}
+
+/// `HostView::local_endpoints`, kept up to date: after the first search only the pods the
+/// store's journal names are looked at again, until the host view changes.
+#[derive(Debug, Default)]
+pub struct EndpointFinder {
+    /// Where the store's pods were read up to.
+    seen: Mark,
+    /// The host view they were found in.
+    host: Option<HostView>,
+    by_pod: BTreeMap<PodRef, u32>,
+}
+
+impl EndpointFinder {
+    pub fn find(
+        &mut self,
+        host: &HostView,
+        store: &Store,
+        node_name: Option<&str>,
+    ) -> Vec<LocalEndpoint> {
+        let journal = store
+            .pods
+            .changes_since(self.seen)
+            .filter(|_| self.host.as_ref() == Some(host));
+        match journal {
+            Some(changed) => {
+                for pod_ref in changed {
+                    match store
+                        .pods
+                        .get(pod_ref)
+                        .and_then(|pod| host.interface_of(pod, node_name))
+                    {
+                        Some(ifindex) => self.by_pod.insert(pod_ref.clone(), ifindex),
+                        None => self.by_pod.remove(pod_ref),
+                    };
+                }
+            }
+            None => {
+                self.by_pod = host
+                    .local_endpoints(store, node_name)
+                    .into_iter()
+                    .map(|ep| (ep.pod, ep.ifindex))
+                    .collect();
+                self.host = Some(host.clone());
+            }
+        }
+        self.seen = store.pods.mark();
+        self.by_pod
+            .iter()
+            .map(|(pod, ifindex)| LocalEndpoint {
+                pod: pod.clone(),
+                ifindex: *ifindex,
+            })
+            .collect()
     }
 }
 
@@ -237,6 +296,83 @@ mod tests {
         assert_eq!(
             eps,
             vec![("named".to_string(), 13), ("routed".to_string(), 11)]
+        );
+    }
+}
+
+#[cfg(test)]
+mod finder_tests {
+    use super::*;
+    use palisade_policy::model::PodInfo;
+
+    /// Pods come, go, move nodes, change addresses and annotations; veths come and go: the
+    /// finder always answers what a full search answers.
+    #[test]
+    fn the_finder_answers_what_a_search_answers() {
+        let mut host = HostView::default();
+        for i in 0..20u32 {
+            host.links.insert(format!("veth{i}"), 100 + i);
+            host.kinds.insert(format!("veth{i}"), "veth".into());
+            host.host_routes
+                .insert(format!("10.0.0.{i}").parse().unwrap(), format!("veth{i}"));
+        }
+        let mut store = Store::default();
+        let mut finder = EndpointFinder::default();
+        let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        for step in 0..2000 {
+            let pod = PodRef {
+                namespace: format!("ns{}", next(3)),
+                name: format!("p{}", next(30)),
+            };
+            match next(10) {
+                0..=3 => {
+                    let mut info = PodInfo {
+                        ips: vec![format!("10.0.0.{}", next(25)).parse().unwrap()],
+                        node_name: Some(if next(4) == 0 { "other" } else { "here" }.into()),
+                        host_network: next(10) == 0,
+                        ..PodInfo::default()
+                    };
+                    if next(8) == 0 {
+                        info.annotations
+                            .insert(INTERFACE_ANNOTATION.into(), format!("veth{}", next(22)));
+                    }
+                    store.pods.insert(pod, info);
+                }
+                4..=5 => {
+                    store.pods.remove(&pod);
+                }
+                6..=7 => {
+                    if let Some(p) = store.pods.get_mut(&pod) {
+                        p.ips = vec![format!("10.0.0.{}", next(25)).parse().unwrap()];
+                    }
+                }
+                8 => {
+                    let i = next(22);
+                    let name = format!("veth{i}");
+                    if host.links.remove(&name).is_none() {
+                        host.links.insert(name, 100 + i as u32);
+                    }
+                }
+                _ => {}
+            }
+            let found = finder.find(&host, &store, Some("here"));
+            assert_eq!(
+                found,
+                host.local_endpoints(&store, Some("here")),
+                "step {step}"
+            );
+        }
+        // Another store (a clone: the CNI plugin's overlay) is searched whole.
+        let clone = store.clone();
+        assert_eq!(
+            finder.find(&host, &clone, Some("here")),
+            host.local_endpoints(&clone, Some("here"))
         );
     }
 }

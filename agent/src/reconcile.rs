@@ -153,6 +153,8 @@ pub struct Agent {
     /// The kernel's notifications of link, address and route changes: `host` is dumped
     /// again only after one (or when they cannot be had).
     host_changes: Option<palisade_datapath::netlink::HostChanges>,
+    /// This node's endpoints as the host view and the store's pods give them.
+    endpoints: crate::interfaces::EndpointFinder,
     /// `host` must be read again before it is used (never read yet, or a read failed).
     host_stale: bool,
     first: bool,
@@ -245,6 +247,7 @@ impl Agent {
                 })
                 .ok(),
             host_stale: true,
+            endpoints: Default::default(),
             first: true,
             retry: false,
             repairs_total: 0,
@@ -339,8 +342,8 @@ impl Agent {
         let overlaid = records.overlay(store);
         let store: &Store = &overlaid;
         let mut endpoints = self
-            .host
-            .local_endpoints(store, self.cfg.node_name.as_deref());
+            .endpoints
+            .find(&self.host, store, self.cfg.node_name.as_deref());
         records.endpoints(store, self.cfg.node_name.as_deref(), &mut endpoints);
         if self.first {
             // Keep the endpoint ids of the agent that ran before (pinned ENDPOINTS): its

@@ -893,9 +893,7 @@ impl MapWriter {
             self.applied.domains = desired.domains.clone();
         }
         // The pods behind identities change only with IDENTITIES (its stamp).
-        if p.scope.identities
-            && !std::sync::Arc::ptr_eq(&self.applied.identity_pods, &desired.identity_pods)
-        {
+        if p.scope.identities && !self.applied.identity_pods.ptr_eq(&desired.identity_pods) {
             self.applied.identity_pods = desired.identity_pods.clone();
         }
     }

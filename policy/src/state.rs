@@ -334,9 +334,9 @@ pub struct DesiredState {
     pub rule_slots: BTreeMap<u32, u16>,
     /// Endpoint id -> what it is.
     pub endpoint_meta: BTreeMap<u32, EndpointMeta>,
-    /// Identity id -> the pods that carry it (for naming peers in verdicts). Shared: the
-    /// writer's copy and the observers' are the compiler's until a pod changes.
-    pub identity_pods: std::sync::Arc<BTreeMap<u32, Vec<PodRef>>>,
+    /// Identity id -> the pods that carry it (for naming peers in verdicts). A persistent
+    /// map: the writer's copy and the observers' share all but what a change touches.
+    pub identity_pods: imbl::OrdMap<u32, Vec<PodRef>>,
     /// Endpoint id -> the domain classes of its egress `domainNames` patterns: what the agent
     /// writes in FQDN_IPS for an address a DNS answer gave the endpoint.
     pub domains: BTreeMap<u32, DomainTable>,

@@ -104,7 +104,7 @@ pub struct StateFile {
     /// Endpoint id -> pod, interface, policies in force.
     pub endpoints: BTreeMap<u32, EndpointMeta>,
     /// Identity -> pods that carry it.
-    pub identities: Arc<BTreeMap<u32, Vec<PodRef>>>,
+    pub identities: imbl::OrdMap<u32, Vec<PodRef>>,
     /// Every pod with an address, cluster-wide.
     pub pods: Arc<Vec<PodAddrs>>,
     /// This node's addresses.
@@ -185,7 +185,7 @@ fn ip_owners(pods: &[PodAddrs]) -> HashMap<IpAddr, String> {
 #[derive(Clone, Debug, Default)]
 pub struct PodIndex {
     pub pods: Arc<Vec<PodAddrs>>,
-    pub identities: Arc<BTreeMap<u32, Vec<PodRef>>>,
+    pub identities: imbl::OrdMap<u32, Vec<PodRef>>,
     /// Address -> pod (`namespace/name`).
     pub ip_owner: Arc<HashMap<IpAddr, String>>,
 }

@@ -310,7 +310,7 @@ impl IdentityTable {
             let ident = self.idents[slot].as_ref().expect("touched slots are live");
             if !ident.pods.is_empty() {
                 let pods: Vec<PodRef> = ident.pods.iter().cloned().collect();
-                std::sync::Arc::make_mut(&mut out.identity_pods).insert(ident.id, pods);
+                out.identity_pods.insert(ident.id, pods);
                 continue;
             }
             let ident = self.idents[slot].take().expect("live");
@@ -321,7 +321,7 @@ impl IdentityTable {
                     self.by_ns.remove(&ident.key.namespace);
                 }
             }
-            std::sync::Arc::make_mut(&mut out.identity_pods).remove(&ident.id);
+            out.identity_pods.remove(&ident.id);
             changes.added.retain(|s| *s != slot);
             changes.removed.push((slot, ident));
             freed.push(slot);
