@@ -329,9 +329,10 @@ impl<K: Hash + Eq + Clone> Interner<K> {
 /// What makes two pods indistinguishable to policy.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct IdentityKey {
-    namespace: String,
+    namespace: Arc<str>,
     labels: BTreeMap<String, String>,
-    namespace_labels: BTreeMap<String, String>,
+    /// One copy per namespace, shared by its identities.
+    namespace_labels: Arc<BTreeMap<String, String>>,
     ports: Vec<NamedPort>,
 }
 
@@ -374,7 +375,8 @@ fn merge_value(v: &mut PolicyValue, other: &PolicyValue) {
 #[derive(Clone, Debug)]
 pub struct Compiler {
     endpoints: Interner<PodRef>,
-    identities: Interner<IdentityKey>,
+    /// Keys shared with the identity table's (one copy of each).
+    identities: Interner<Arc<IdentityKey>>,
     rules: Interner<RuleRef>,
     /// Rule id -> RULE_STATS slot (dense, 1..capacity::RULE_STATS).
     stats_slots: Interner<u32>,
@@ -538,7 +540,7 @@ fn remove_entries(out: &mut DesiredState, id: u32) {
 fn selection_matches(key: &SelectionKey, ident: &Ident) -> bool {
     let (policy_ns, ns_sel, pod_sel) = key;
     let ns_ok = match ns_sel {
-        None => policy_ns.as_deref() == Some(ident.key.namespace.as_str()),
+        None => policy_ns.as_deref() == Some(&*ident.key.namespace),
         Some(s) => s.matches(&ident.key.namespace_labels),
     };
     ns_ok

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use palisade_common::{IDENTITY_HOST, PeerAddr};
 
@@ -22,7 +23,7 @@ pub(super) fn digest<T: Hash + ?Sized>(value: &T) -> u64 {
 #[derive(Clone, Debug)]
 pub(super) struct Ident {
     pub(super) id: u32,
-    pub(super) key: IdentityKey,
+    pub(super) key: Arc<IdentityKey>,
     pub(super) pods: BTreeSet<PodRef>,
 }
 
@@ -39,7 +40,7 @@ struct PodState {
 /// A namespace's labels and the identities of its pods.
 #[derive(Clone, Debug, Default)]
 pub(super) struct NsGroup {
-    pub(super) labels: BTreeMap<String, String>,
+    pub(super) labels: Arc<BTreeMap<String, String>>,
     pub(super) slots: BTreeSet<usize>,
 }
 
@@ -198,7 +199,7 @@ impl IdentityTable {
     pub(super) fn update(
         &mut self,
         store: &Store,
-        ids: &mut Interner<IdentityKey>,
+        ids: &mut Interner<Arc<IdentityKey>>,
         out: &mut DesiredState,
     ) -> IdentityChanges {
         let mut changes = IdentityChanges::default();
@@ -247,12 +248,24 @@ impl IdentityTable {
                     ns_labels = Some((ns, store.namespace_labels(ns)));
                 }
                 let labels = &ns_labels.as_ref().expect("set above").1;
-                let key = IdentityKey {
-                    namespace: ns.to_string(),
+                // The namespace's labels and name as its identities already hold them.
+                let shared = self
+                    .by_ns
+                    .get(ns)
+                    .and_then(|g| g.slots.first())
+                    .map(|slot| self.ident(*slot).key.clone())
+                    .filter(|k| *k.namespace_labels == *labels.as_ref());
+                let key = Arc::new(IdentityKey {
+                    namespace: shared
+                        .as_ref()
+                        .map_or_else(|| Arc::from(ns), |k| k.namespace.clone()),
                     labels: pod.labels.clone(),
-                    namespace_labels: labels.as_ref().clone(),
+                    namespace_labels: shared.map_or_else(
+                        || Arc::new(labels.as_ref().clone()),
+                        |k| k.namespace_labels.clone(),
+                    ),
                     ports: pod.container_ports.clone(),
-                };
+                });
                 let id = ids.intern(&key);
                 let slot = match self.by_id.get(&id) {
                     Some(slot) => *slot,
@@ -262,7 +275,7 @@ impl IdentityTable {
                             self.idents.push(None);
                         }
                         let group = self.by_ns.entry(ns.to_string()).or_default();
-                        group.labels = labels.as_ref().clone();
+                        group.labels = key.namespace_labels.clone();
                         group.slots.insert(slot);
                         self.by_id.insert(id, slot);
                         self.idents[slot] = Some(Ident {
@@ -315,10 +328,10 @@ impl IdentityTable {
             }
             let ident = self.idents[slot].take().expect("live");
             self.by_id.remove(&ident.id);
-            if let Some(g) = self.by_ns.get_mut(&ident.key.namespace) {
+            if let Some(g) = self.by_ns.get_mut(&*ident.key.namespace) {
                 g.slots.remove(&slot);
                 if g.slots.is_empty() {
-                    self.by_ns.remove(&ident.key.namespace);
+                    self.by_ns.remove(&*ident.key.namespace);
                 }
             }
             out.identity_pods.remove(&ident.id);

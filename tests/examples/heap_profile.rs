@@ -1,0 +1,68 @@
+//! Development aid: where the live heap goes for the churn bench's cluster (store, compiler,
+//! compiled state), measured with a counting allocator.
+#[path = "../src/bin/bench/cluster.rs"]
+#[allow(dead_code)]
+mod cluster;
+#[path = "../src/bin/bench/stats.rs"]
+#[allow(dead_code)]
+mod stats;
+
+#[global_allocator]
+static ALLOCATOR: stats::CountingAllocator = stats::CountingAllocator;
+
+use palisade_policy::compile::{Compiler, LocalEndpoint};
+use palisade_policy::manifest::parse_str;
+use palisade_policy::model::Store;
+use palisade_policy::state::PodRef;
+
+fn mib(b: usize) -> f64 {
+    b as f64 / 1048576.0
+}
+
+fn main() {
+    let h0 = stats::heap_bytes();
+    let mut objects = Vec::new();
+    for i in 0..cluster::NAMESPACES {
+        let text = cluster::join_docs(&cluster::namespace_docs(i));
+        objects.extend(parse_str(&text).unwrap());
+    }
+    let h1 = stats::heap_bytes();
+    println!("parsed objects: {:.1} MiB", mib(h1 - h0));
+    let store = Store::from_objects(objects.iter().cloned());
+    let h2 = stats::heap_bytes();
+    println!("store: {:.1} MiB", mib(h2 - h1));
+    drop(objects);
+    let endpoints: Vec<LocalEndpoint> = (0..cluster::NAMESPACES)
+        .map(|i| LocalEndpoint {
+            pod: PodRef {
+                namespace: cluster::ns_name(i),
+                name: format!("pod-{:03}", cluster::local_pod(i)),
+            },
+            ifindex: 100 + i as u32,
+        })
+        .collect();
+    let h3 = stats::heap_bytes();
+    let mut c = Compiler::default();
+    let state = c.update(&store, &endpoints, &[]).state.clone();
+    let h4 = stats::heap_bytes();
+    println!("compiler (with its state): {:.1} MiB", mib(h4 - h3) - 0.0);
+    let h5 = stats::heap_bytes();
+    let copy = state.clone();
+    let h6 = stats::heap_bytes();
+    println!("one copy of the compiled state: {:.1} MiB", mib(h6 - h5));
+    let parts: Vec<(&str, Box<dyn Fn() -> Box<dyn std::any::Any>>)> = vec![
+        ("policy", Box::new(|| Box::new(copy.policy.clone()))),
+        ("identities", Box::new(|| Box::new(copy.identities.clone()))),
+        ("rules", Box::new(|| Box::new(copy.rules.clone()))),
+        ("endpoint_meta", Box::new(|| Box::new(copy.endpoint_meta.clone()))),
+        ("cidrs", Box::new(|| Box::new(copy.cidrs.clone()))),
+        ("identity_pods", Box::new(|| Box::new(copy.identity_pods.iter().map(|(k, v)| (*k, v.clone())).collect::<std::collections::BTreeMap<_, _>>()))),
+    ];
+    for (name, f) in parts {
+        let a = stats::heap_bytes();
+        let x = f();
+        println!("  {name}: {:.2} MiB", mib(stats::heap_bytes() - a));
+        drop(x);
+    }
+    drop(state);
+}
