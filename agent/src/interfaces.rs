@@ -348,7 +348,7 @@ mod finder_tests {
                     store.pods.remove(&pod);
                 }
                 6..=7 => {
-                    if let Some(p) = store.pods.get_mut(&pod) {
+                    if let Some(p) = store.pods.make_mut(&pod) {
                         p.ips = vec![format!("10.0.0.{}", next(25)).parse().unwrap()];
                     }
                 }

@@ -261,7 +261,7 @@ impl Cluster {
             _ => {
                 let keys: Vec<_> = self.store.pods.keys().cloned().collect();
                 let k = rng.pick(&keys).clone();
-                let pod = self.store.pods.get_mut(&k).expect("listed");
+                let pod = self.store.pods.make_mut(&k).expect("listed");
                 let (key, values) = *rng.pick(LABELS);
                 if rng.chance(0.3) {
                     pod.labels.remove(key);

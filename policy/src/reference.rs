@@ -42,7 +42,8 @@ impl Endpoint {
             Endpoint::Pod { pod, .. } => store
                 .pods
                 .get_key_value(pod)
-                .filter(|(_, info)| !info.host_network),
+                .filter(|(_, info)| !info.host_network)
+                .map(|(k, info)| (k, &**info)),
             _ => None,
         }
     }

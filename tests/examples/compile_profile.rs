@@ -55,7 +55,7 @@ fn main() {
                 namespace: cluster::ns_name(i),
                 name: format!("pod-{:03}", (k * 7) % 100),
             };
-            let info = store.pods.get_mut(&pod).unwrap();
+            let info = store.pods.make_mut(&pod).unwrap();
             info.labels.insert("rev".into(), k.to_string());
         } else {
             let docs = cluster::allow_app_yaml(i, k % 7, 9000 + k as u16);

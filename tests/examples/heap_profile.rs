@@ -54,9 +54,22 @@ fn main() {
         ("policy", Box::new(|| Box::new(copy.policy.clone()))),
         ("identities", Box::new(|| Box::new(copy.identities.clone()))),
         ("rules", Box::new(|| Box::new(copy.rules.clone()))),
-        ("endpoint_meta", Box::new(|| Box::new(copy.endpoint_meta.clone()))),
+        (
+            "endpoint_meta",
+            Box::new(|| Box::new(copy.endpoint_meta.clone())),
+        ),
         ("cidrs", Box::new(|| Box::new(copy.cidrs.clone()))),
-        ("identity_pods", Box::new(|| Box::new(copy.identity_pods.iter().map(|(k, v)| (*k, v.clone())).collect::<std::collections::BTreeMap<_, _>>()))),
+        (
+            "identity_pods",
+            Box::new(|| {
+                Box::new(
+                    copy.identity_pods
+                        .iter()
+                        .map(|(k, v)| (*k, v.clone()))
+                        .collect::<std::collections::BTreeMap<_, _>>(),
+                )
+            }),
+        ),
     ];
     for (name, f) in parts {
         let a = stats::heap_bytes();

@@ -90,7 +90,7 @@ impl Records {
             if rec.ips.iter().any(|ip| taken.contains(ip)) {
                 continue;
             }
-            if let Some(info) = s.pods.get_mut(pod)
+            if let Some(info) = s.pods.make_mut(pod)
                 && !info.host_network
             {
                 info.ips = rec.ips.clone();

@@ -383,7 +383,8 @@ fn compiler_probes(v6: bool) -> (usize, Vec<String>) {
             .map(|(k, ip)| (k, family(ip, v6)))
             .collect();
         for info in store.pods.values_mut() {
-            info.ips = info.ips.iter().map(|ip| family(*ip, v6)).collect();
+            std::sync::Arc::make_mut(info).ips =
+                info.ips.iter().map(|ip| family(*ip, v6)).collect();
         }
         for mut n in nodes {
             n.addresses = n.addresses.iter().map(|ip| family(*ip, v6)).collect();

@@ -155,7 +155,7 @@ impl IdentityTable {
                     let nsd = digest(store.namespace_labels(&pod_ref.namespace).as_ref());
                     let d = digest(&(nsd, pod));
                     if self.pods.get(&pod_ref).is_none_or(|st| st.digest != d) {
-                        changed.push((pod_ref, Some((pod, d))));
+                        changed.push((pod_ref, Some((&**pod, d))));
                     }
                 }
                 None if self.pods.contains_key(&pod_ref) => changed.push((pod_ref, None)),
@@ -187,7 +187,7 @@ impl IdentityTable {
             let d = digest(&(nsd, pod));
             match old.next_if(|(o, _)| *o == pod_ref) {
                 Some((_, st)) if st.digest == d => {}
-                _ => changed.push((pod_ref.clone(), Some((pod, d)))),
+                _ => changed.push((pod_ref.clone(), Some((&**pod, d)))),
             }
         }
         changed.extend(old.map(|(gone, _)| (gone.clone(), None)));

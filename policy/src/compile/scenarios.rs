@@ -1413,7 +1413,7 @@ fn relabelling_a_pod_changes_only_what_involves_it() {
     };
     w.store
         .pods
-        .get_mut(&api_ref)
+        .make_mut(&api_ref)
         .unwrap()
         .labels
         .insert("tier".into(), "front".into());
@@ -1791,7 +1791,7 @@ fn upstream_conformance_cases() {
                             namespace: ns.into(),
                             name: pod.into(),
                         };
-                        w.store.pods.get_mut(&key).unwrap().labels.extend(labels);
+                        w.store.pods.make_mut(&key).unwrap().labels.extend(labels);
                     }
                     other => panic!("{name}: unknown action {other}"),
                 }

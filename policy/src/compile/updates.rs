@@ -50,13 +50,13 @@ fn change(g: &mut Gen, store: &mut Store, next_pod: &mut usize, next_policy: &mu
         3 | 4 if !pods.is_empty() => {
             let pod = g.pick(&pods).clone();
             let (_, fresh) = g.pod(1);
-            let info = store.pods.get_mut(&pod).expect("listed");
+            let info = store.pods.make_mut(&pod).expect("listed");
             info.labels = fresh.labels;
             format!("relabel pod {pod}")
         }
         5 if !pods.is_empty() => {
             let pod = g.pick(&pods).clone();
-            let info = store.pods.get_mut(&pod).expect("listed");
+            let info = store.pods.make_mut(&pod).expect("listed");
             if info.ips.is_empty() || g.chance(0.3) {
                 let i = g.rng.random_range(1..60);
                 info.ips = vec![ip(&format!("10.0.{}.{i}", i % 4))];
@@ -68,7 +68,7 @@ fn change(g: &mut Gen, store: &mut Store, next_pod: &mut usize, next_policy: &mu
         6 if !pods.is_empty() => {
             let pod = g.pick(&pods).clone();
             let (_, fresh) = g.pod(1);
-            store.pods.get_mut(&pod).expect("listed").container_ports = fresh.container_ports;
+            store.pods.make_mut(&pod).expect("listed").container_ports = fresh.container_ports;
             format!("ports of pod {pod}")
         }
         7 => {

@@ -99,20 +99,23 @@ pub enum Object {
 #[derive(Clone, Debug, PartialEq)]
 pub struct PodObject {
     key: ObjectKey,
-    converted: Result<(PodRef, PodInfo, Vec<ConfigError>), ConfigError>,
+    /// Shared with the store that applies it (a source that keeps what it read, as the
+    /// manifest directory does, holds no second copy).
+    converted: Result<(PodRef, std::sync::Arc<PodInfo>, Vec<ConfigError>), ConfigError>,
 }
 
 impl PodObject {
     pub fn from_k8s(pod: &Pod) -> PodObject {
         PodObject {
             key: meta_key(Kind::Pod, &pod.metadata),
-            converted: PodInfo::from_k8s(pod),
+            converted: PodInfo::from_k8s(pod)
+                .map(|(r, info, errs)| (r, std::sync::Arc::new(info), errs)),
         }
     }
 
     /// What policy sees of the pod (`None`: it has no name).
     pub fn info(&self) -> Option<&PodInfo> {
-        self.converted.as_ref().ok().map(|(_, info, _)| info)
+        self.converted.as_ref().ok().map(|(_, info, _)| &**info)
     }
 }
 

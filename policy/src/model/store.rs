@@ -1,6 +1,7 @@
 //! The store: everything policy is computed from.
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::cluster::{ClusterNetworkPolicy, NodeInfo};
 use super::egress::EgressGateway;
@@ -13,7 +14,8 @@ use crate::state::PodRef;
 #[derive(Clone, Debug, Default)]
 pub struct Store {
     pub namespaces: Tracked<String, NamespaceInfo>,
-    pub pods: Tracked<PodRef, PodInfo>,
+    /// Shared with the sources' copies (`PodObject`).
+    pub pods: Tracked<PodRef, Arc<PodInfo>>,
     /// Keyed by (namespace, name).
     pub policies: Tracked<(String, String), Policy>,
     /// Validated ClusterNetworkPolicies, by name.
@@ -38,39 +40,42 @@ impl Store {
     /// ClusterNetworkPolicy) that fails validation keeps its previous good version (if any).
     /// Returns the errors, which replace `errors()`.
     pub fn replace_all(&mut self, objects: impl IntoIterator<Item = Object>) -> Vec<ConfigError> {
-        let mut old_policies = std::mem::take(&mut self.policies);
-        let mut old_cluster_policies = std::mem::take(&mut self.cluster_policies);
-        let mut old_gateways = std::mem::take(&mut self.egress_gateways);
-        self.namespaces.clear();
-        self.pods.clear();
-        self.nodes.clear();
-        self.errors.clear();
+        let mut next = Store::default();
         for obj in objects {
+            // A policy's previous good version first: if this one fails validation, it stays.
             match &obj {
                 Object::NetworkPolicy(np) => {
                     let key = meta_key(Kind::NetworkPolicy, &np.metadata);
-                    if let Some(old) = old_policies.remove(&(key.namespace, key.name)) {
-                        self.policies
-                            .insert((old.namespace.clone(), old.name.clone()), old);
+                    let key = (key.namespace, key.name);
+                    if let Some(old) = self.policies.get(&key) {
+                        next.policies.insert(key, old.clone());
                     }
                 }
                 Object::ClusterNetworkPolicy(cnp) => {
                     let key = meta_key(Kind::ClusterNetworkPolicy, &cnp.metadata);
-                    if let Some(old) = old_cluster_policies.remove(&key.name) {
-                        self.cluster_policies.insert(old.name.clone(), old);
+                    if let Some(old) = self.cluster_policies.get(&key.name) {
+                        next.cluster_policies.insert(key.name, old.clone());
                     }
                 }
                 Object::EgressGateway(g) => {
                     let key = meta_key(Kind::EgressGateway, &g.metadata);
-                    if let Some(old) = old_gateways.remove(&key.name) {
-                        self.egress_gateways.insert(old.name.clone(), old);
+                    if let Some(old) = self.egress_gateways.get(&key.name) {
+                        next.egress_gateways.insert(key.name, old.clone());
                     }
                 }
                 _ => {}
             }
             // Errors are recorded by `apply`.
-            let _ = self.apply(obj);
+            let _ = next.apply(obj);
         }
+        // Only what differs is changed, so that the compiler's journals name just that.
+        self.namespaces.sync(next.namespaces);
+        self.pods.sync(next.pods);
+        self.policies.sync(next.policies);
+        self.nodes.sync(next.nodes);
+        self.cluster_policies = next.cluster_policies;
+        self.egress_gateways = next.egress_gateways;
+        self.errors = next.errors;
         self.errors().into_iter().cloned().collect()
     }
 

@@ -72,9 +72,9 @@ impl<K: Ord + Clone, V> Tracked<K, V> {
         self.journal.clear();
     }
 
-    pub fn insert(&mut self, key: K, value: V) -> Option<V> {
+    pub fn insert(&mut self, key: K, value: impl Into<V>) -> Option<V> {
         self.record(&key);
-        self.map.insert(key, value)
+        self.map.insert(key, value.into())
     }
 
     pub fn remove<Q: Ord + ?Sized>(&mut self, key: &Q) -> Option<V>
@@ -106,9 +106,40 @@ impl<K: Ord + Clone, V> Tracked<K, V> {
         self.map.retain(f);
     }
 
+    /// Makes the map hold exactly `next`, recording only the keys whose value differs.
+    pub fn sync(&mut self, next: Tracked<K, V>)
+    where
+        V: PartialEq,
+    {
+        let gone: Vec<K> = self
+            .map
+            .keys()
+            .filter(|k| !next.map.contains_key(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.remove(&k);
+        }
+        for (k, v) in next.map {
+            if self.map.get(&k) != Some(&v) {
+                self.insert(k, v);
+            }
+        }
+    }
+
     pub fn clear(&mut self) {
         self.forget();
         self.map.clear();
+    }
+}
+
+impl<K: Ord + Clone, V: Clone> Tracked<K, std::sync::Arc<V>> {
+    /// `get_mut` of a shared value: copied first if another holds it too.
+    pub fn make_mut<Q: Ord + ?Sized>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: Borrow<Q>,
+    {
+        self.get_mut(key).map(std::sync::Arc::make_mut)
     }
 }
 
@@ -175,10 +206,10 @@ mod tests {
     #[test]
     fn every_change_is_named_until_the_journal_overflows() {
         let mut t: Tracked<u32, u32> = Tracked::default();
-        t.insert(1, 1);
+        t.insert(1, 1u32);
         let m = t.mark();
         assert_eq!(since(&t, m), Some(vec![]));
-        t.insert(2, 2);
+        t.insert(2, 2u32);
         *t.get_mut(&1).unwrap() = 5;
         assert!(t.get_mut(&9).is_none());
         t.remove(&2);
@@ -196,10 +227,10 @@ mod tests {
             t.insert(k, k);
         }
         assert_eq!(since(&t, m3).map(|v| v.len()), Some(JOURNAL));
-        t.insert(0, 0);
+        t.insert(0, 0u32);
         assert_eq!(since(&t, m3), None, "the oldest change is forgotten");
         let m4 = t.mark();
-        t.insert(3, 3);
+        t.insert(3, 3u32);
         assert_eq!(since(&t, m4), Some(vec![3]));
     }
 }

@@ -766,13 +766,22 @@ pub fn run(
     let (rss, hwm) = rss_mib(pid)?;
     if std::env::var_os("PALISADE_BENCH_SMAPS").is_some() {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        eprintln!("{}", status.lines().filter(|l| l.starts_with("Rss") || l.starts_with("Threads")).collect::<Vec<_>>().join("\n"));
+        eprintln!(
+            "{}",
+            status
+                .lines()
+                .filter(|l| l.starts_with("Rss") || l.starts_with("Threads"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
         let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
         let mut by: std::collections::BTreeMap<String, u64> = Default::default();
         let mut name = String::new();
         for l in smaps.lines() {
             let f: Vec<&str> = l.split_whitespace().collect();
-            if f.first().is_some_and(|x| x.contains('-') && !x.ends_with(':')) {
+            if f.first()
+                .is_some_and(|x| x.contains('-') && !x.ends_with(':'))
+            {
                 name = f.get(5).map_or("anon".into(), |s| s.to_string());
             } else if f.first() == Some(&"Rss:") {
                 *by.entry(name.clone()).or_default() += f[1].parse::<u64>().unwrap_or(0);
