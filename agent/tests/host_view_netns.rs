@@ -243,3 +243,43 @@ fn a_link_in_a_netns_and_its_peer() {
         "{e}"
     );
 }
+
+/// The agent dumps the host again only after a notification (`netlink::HostChanges`): a link,
+/// an address or a route added in the namespace is one; nothing happening is none; many
+/// changes at once are at least one.
+#[test]
+fn the_kernel_says_when_the_host_changed() {
+    if !support::root_or("skipping: needs root (network namespaces)") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.ip("link set lo up");
+    let mut changes = netlink::in_netns_thread(&ns.path(), netlink::HostChanges::subscribe)
+        .expect("entering the test netns")
+        .expect("subscribing in the test netns");
+    // Drained, and settled (the kernel may still be adding what `lo up` brings): nothing
+    // since.
+    changes.take();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    changes.take();
+    assert!(!changes.take(), "a notification with nothing changed");
+    for cmd in [
+        "link add vh0 type veth peer name vp0",
+        "link set vh0 up",
+        "addr add 10.251.0.1/24 dev vh0",
+        "route add 10.251.1.5/32 dev vh0",
+        "-6 route add fd00:251::5/128 dev vh0",
+        "link del vh0",
+    ] {
+        ns.ip(cmd);
+        assert!(changes.take(), "no notification after `ip {cmd}`");
+    }
+    for i in 0..200 {
+        ns.ip(&format!(
+            "addr add 10.252.{}.{}/32 dev lo",
+            i / 250,
+            i % 250 + 1
+        ));
+    }
+    assert!(changes.take(), "no notification after 200 addresses");
+}

@@ -526,6 +526,75 @@ fn main_route_from(msg: RouteMessage) -> Option<Route> {
     })
 }
 
+/// A socket subscribed to the kernel's notifications of links, addresses and routes (IPv4 and
+/// IPv6) in this thread's network namespace, so that the host is dumped again only when it
+/// changed. A notification is only a reason to dump: its content is not read.
+pub struct HostChanges {
+    socket: Socket,
+    buf: Vec<u8>,
+}
+
+/// `RTNLGRP_*`: the multicast groups of rtnetlink (`linux/rtnetlink.h`).
+const RTNLGRP_LINK: u32 = 1;
+const RTNLGRP_IPV4_IFADDR: u32 = 5;
+const RTNLGRP_IPV4_ROUTE: u32 = 7;
+const RTNLGRP_IPV6_IFADDR: u32 = 9;
+const RTNLGRP_IPV6_ROUTE: u32 = 11;
+
+impl HostChanges {
+    pub fn subscribe() -> Result<Self, NetlinkError> {
+        let socket = (|| {
+            let mut socket = Socket::new(NETLINK_ROUTE)?;
+            socket.bind_auto()?;
+            for group in [
+                RTNLGRP_LINK,
+                RTNLGRP_IPV4_IFADDR,
+                RTNLGRP_IPV4_ROUTE,
+                RTNLGRP_IPV6_IFADDR,
+                RTNLGRP_IPV6_ROUTE,
+            ] {
+                socket.add_membership(group)?;
+            }
+            // Room for a burst (a hundred veths created at once); an overflow is not lost
+            // either: it reads as a change (ENOBUFS).
+            socket.set_rx_buf_sz(1usize << 20)?;
+            Ok(socket)
+        })()
+        .map_err(|source| NetlinkError::Socket {
+            netns: None,
+            source,
+        })?;
+        Ok(HostChanges {
+            socket,
+            buf: vec![0; 64 * 1024],
+        })
+    }
+
+    /// Reads every notification queued, without waiting: true if there was one, or if some
+    /// were dropped for want of room (then the host must be dumped again all the same).
+    pub fn take(&mut self) -> bool {
+        let mut changed = false;
+        loop {
+            match self
+                .socket
+                .recv(&mut &mut self.buf[..], libc::MSG_DONTWAIT | libc::MSG_TRUNC)
+            {
+                Ok(_) => changed = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return changed,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // ENOBUFS (notifications lost) and anything else: assume a change.
+                Err(_) => return true,
+            }
+        }
+    }
+}
+
+impl std::os::fd::AsRawFd for HostChanges {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.socket)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
@@ -775,74 +844,5 @@ mod tests {
         nl.routes().unwrap();
         // The socket still answers after an error and three dumps.
         assert_eq!(nl.link_by_index(1).unwrap().name, "lo");
-    }
-}
-
-/// A socket subscribed to the kernel's notifications of links, addresses and routes (IPv4 and
-/// IPv6) in this thread's network namespace, so that the host is dumped again only when it
-/// changed. A notification is only a reason to dump: its content is not read.
-pub struct HostChanges {
-    socket: Socket,
-    buf: Vec<u8>,
-}
-
-/// `RTNLGRP_*`: the multicast groups of rtnetlink (`linux/rtnetlink.h`).
-const RTNLGRP_LINK: u32 = 1;
-const RTNLGRP_IPV4_IFADDR: u32 = 5;
-const RTNLGRP_IPV4_ROUTE: u32 = 7;
-const RTNLGRP_IPV6_IFADDR: u32 = 9;
-const RTNLGRP_IPV6_ROUTE: u32 = 11;
-
-impl HostChanges {
-    pub fn subscribe() -> Result<Self, NetlinkError> {
-        let socket = (|| {
-            let mut socket = Socket::new(NETLINK_ROUTE)?;
-            socket.bind_auto()?;
-            for group in [
-                RTNLGRP_LINK,
-                RTNLGRP_IPV4_IFADDR,
-                RTNLGRP_IPV4_ROUTE,
-                RTNLGRP_IPV6_IFADDR,
-                RTNLGRP_IPV6_ROUTE,
-            ] {
-                socket.add_membership(group)?;
-            }
-            // Room for a burst (a hundred veths created at once); an overflow is not lost
-            // either: it reads as a change (ENOBUFS).
-            socket.set_rx_buf_sz(1usize << 20)?;
-            Ok(socket)
-        })()
-        .map_err(|source| NetlinkError::Socket {
-            netns: None,
-            source,
-        })?;
-        Ok(HostChanges {
-            socket,
-            buf: vec![0; 64 * 1024],
-        })
-    }
-
-    /// Reads every notification queued, without waiting: true if there was one, or if some
-    /// were dropped for want of room (then the host must be dumped again all the same).
-    pub fn take(&mut self) -> bool {
-        let mut changed = false;
-        loop {
-            match self
-                .socket
-                .recv(&mut &mut self.buf[..], libc::MSG_DONTWAIT | libc::MSG_TRUNC)
-            {
-                Ok(_) => changed = true,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return changed,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // ENOBUFS (notifications lost) and anything else: assume a change.
-                Err(_) => return true,
-            }
-        }
-    }
-}
-
-impl std::os::fd::AsRawFd for HostChanges {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(&self.socket)
     }
 }

@@ -50,32 +50,24 @@ fn main() {
     let copy = state.clone();
     let h6 = stats::heap_bytes();
     println!("one copy of the compiled state: {:.1} MiB", mib(h6 - h5));
-    let parts: Vec<(&str, Box<dyn Fn() -> Box<dyn std::any::Any>>)> = vec![
-        ("policy", Box::new(|| Box::new(copy.policy.clone()))),
-        ("identities", Box::new(|| Box::new(copy.identities.clone()))),
-        ("rules", Box::new(|| Box::new(copy.rules.clone()))),
-        (
-            "endpoint_meta",
-            Box::new(|| Box::new(copy.endpoint_meta.clone())),
-        ),
-        ("cidrs", Box::new(|| Box::new(copy.cidrs.clone()))),
-        (
-            "identity_pods",
-            Box::new(|| {
-                Box::new(
-                    copy.identity_pods
-                        .iter()
-                        .map(|(k, v)| (*k, v.clone()))
-                        .collect::<std::collections::BTreeMap<_, _>>(),
-                )
-            }),
-        ),
-    ];
-    for (name, f) in parts {
+    let part = |name: &str, f: &dyn Fn() -> Box<dyn std::any::Any>| {
         let a = stats::heap_bytes();
         let x = f();
         println!("  {name}: {:.2} MiB", mib(stats::heap_bytes() - a));
         drop(x);
-    }
+    };
+    part("policy", &|| Box::new(copy.policy.clone()));
+    part("identities", &|| Box::new(copy.identities.clone()));
+    part("rules", &|| Box::new(copy.rules.clone()));
+    part("endpoint_meta", &|| Box::new(copy.endpoint_meta.clone()));
+    part("cidrs", &|| Box::new(copy.cidrs.clone()));
+    part("identity_pods (unshared)", &|| {
+        Box::new(
+            copy.identity_pods
+                .iter()
+                .map(|(k, v)| (*k, v.clone()))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        )
+    });
     drop(state);
 }

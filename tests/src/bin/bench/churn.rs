@@ -560,6 +560,41 @@ fn in_process_pinned(
     })
 }
 
+/// Where a process's resident set is, MiB: its heap, its binary's pages, the BPF maps it has
+/// mapped (the ring buffers, whose data pages are mapped twice), the rest.
+fn rss_by_mapping(pid: u32) -> Result<serde_json::Value> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+    let exe = exe.to_string_lossy();
+    let (mut heap, mut binary, mut bpf, mut other) = (0u64, 0u64, 0u64, 0u64);
+    let mut mapping = String::new();
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.first() {
+            Some(f) if f.contains('-') && !f.ends_with(':') => {
+                mapping = fields.get(5).map_or(String::new(), |s| s.to_string());
+            }
+            Some(&"Rss:") => {
+                let kb: u64 = fields.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+                match mapping.as_str() {
+                    "[heap]" | "" => heap += kb,
+                    m if m == exe => binary += kb,
+                    m if m.starts_with("anon_inode:bpf") => bpf += kb,
+                    _ => other += kb,
+                }
+            }
+            _ => {}
+        }
+    }
+    let mib = |kb: u64| round(kb as f64 / 1024.0);
+    Ok(json!({
+        "heap": mib(heap),
+        "binary": mib(binary),
+        "bpf_mapped": mib(bpf),
+        "other": mib(other),
+    }))
+}
+
 /// VmRSS and VmHWM of a process, MiB.
 fn rss_mib(pid: u32) -> Result<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -764,33 +799,7 @@ pub fn run(
     // Let it settle, then read its memory.
     std::thread::sleep(Duration::from_secs(1));
     let (rss, hwm) = rss_mib(pid)?;
-    if std::env::var_os("PALISADE_BENCH_SMAPS").is_some() {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        eprintln!(
-            "{}",
-            status
-                .lines()
-                .filter(|l| l.starts_with("Rss") || l.starts_with("Threads"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
-        let mut by: std::collections::BTreeMap<String, u64> = Default::default();
-        let mut name = String::new();
-        for l in smaps.lines() {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            if f.first()
-                .is_some_and(|x| x.contains('-') && !x.ends_with(':'))
-            {
-                name = f.get(5).map_or("anon".into(), |s| s.to_string());
-            } else if f.first() == Some(&"Rss:") {
-                *by.entry(name.clone()).or_default() += f[1].parse::<u64>().unwrap_or(0);
-            }
-        }
-        let mut v: Vec<_> = by.into_iter().collect();
-        v.sort_by_key(|x| std::cmp::Reverse(x.1));
-        eprintln!("smaps: {:?}", &v[..v.len().min(12)]);
-    }
+    let rss_by_mapping = rss_by_mapping(pid)?;
     let maps = map_memory(agent.pin_dir())?;
     let total: f64 = maps.values().sum();
     eprintln!(
@@ -805,6 +814,7 @@ pub fn run(
             "agent_rss_after_first_reconcile_mib": round(rss_first),
             "agent_rss_mib": round(rss),
             "agent_peak_rss_mib": round(hwm),
+            "agent_rss_by_mapping_mib": rss_by_mapping,
             "bpf_maps_mib": maps.iter().map(|(k, v)| (k.clone(), json!(round(*v)))).collect::<serde_json::Map<_, _>>(),
             "agent_start_to_enforced_ms": round(start_ms),
             "heap_mib": {

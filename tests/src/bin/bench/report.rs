@@ -984,10 +984,13 @@ pub fn markdown(r: &Value) -> String {
          rig's veths), 1 000 policies (per namespace: default deny, seven app-to-app policies \
          with pod, namespace and named-port peers, an egress policy with namespace selectors and \
          an ipBlock with excepts, a policy of 16 partner CIDRs); maps: {}. The agent's pipeline \
-         (`Agent::reconcile`: read interfaces and routes, compile, write the difference, attach) \
-         runs in the node's namespace as a cluster source drives it; a change is timed from its \
-         arrival (before the store takes it) until every map write is made, then checked in the \
-         kernel's maps. Changes cycle through policy update, pod add, pod relabel (new \
+         (`Agent::enforce`: read interfaces and routes if the kernel said they changed, find the \
+         local endpoints, compile, write the difference, attach) runs in the node's namespace as \
+         a cluster source drives it; a change is timed from its arrival (before the store takes \
+         it) until every map write is made and the links are attached, then checked in the \
+         kernel's maps. The observers and the status file are told after that \
+         (`Agent::publish`, which the agent's loop defers while changes wait) and timed apart. \
+         Changes cycle through policy update, pod add, pod relabel (new \
          identity), policy add, pod delete, policy delete.\n",
         list("churn_detail.maps", ""),
     );
@@ -1005,13 +1008,14 @@ pub fn markdown(r: &Value) -> String {
         m,
         "\nDetail: {} changes in all (p50 {} ms, p99 {} ms, max {} ms); p50 by kind: {}; where \
          the time of a change goes (p50): reading interfaces and routes {} ms, compiling (an \
-         update) {} ms ({} endpoints compiled), writing the maps {} ms, the observers (names for \
-         verdicts, the CLI's state) {} ms; p99: compiling {} ms, writing {} ms, observers {} ms. A \
+         update) {} ms ({} endpoints compiled), writing the maps {} ms; after it, the observers \
+         (names for verdicts, the CLI's state) {} ms; p99: compiling {} ms, writing {} ms, \
+         observers {} ms. A \
          full compile {} ms, a diff that writes nothing {} ms. Cold start (empty maps, attach 200 programs) {} ms. The \
          agent binary run standalone on the same manifests: enforcing {} ms after start \
          (parsing every manifest), a manifest file change enforced in {} ms (median, from the \
-         rename to the change in the kernel's maps); resident memory {} MiB after the first reconcile, {} MiB peak. BPF maps by \
-         map (MiB): {}.\n",
+         rename to the change in the kernel's maps); resident memory {} MiB after the first reconcile, {} MiB peak; \
+         where the resident set is (MiB): {}. BPF maps by map (MiB): {}.\n",
         s("churn_detail.changes"),
         n("churn_detail.p50_all"),
         n("churn_detail.p99_all"),
@@ -1032,6 +1036,7 @@ pub fn markdown(r: &Value) -> String {
         n("memory_detail.file_change_to_enforced_ms.median"),
         n("memory_detail.agent_rss_after_first_reconcile_mib"),
         n("memory_detail.agent_peak_rss_mib"),
+        list("memory_detail.agent_rss_by_mapping_mib", ""),
         list("memory_detail.bpf_maps_mib", ""),
     );
     let _ = writeln!(
