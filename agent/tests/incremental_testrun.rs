@@ -178,21 +178,7 @@ fn stamped_applies_keep_the_kernel_equal_to_full_compiles() {
         let want = compiler.clone().compile(&store, &eps, &hosts);
         let compiled = compiler.update(&store, &eps, &hosts);
         let got = compiled.state;
-        let differs: Vec<&str> = [
-            ("endpoints", got.endpoints == want.endpoints),
-            ("identities", got.identities == want.identities),
-            ("endpoint_addrs", got.endpoint_addrs == want.endpoint_addrs),
-            ("cidrs", got.cidrs == want.cidrs),
-            ("policy", got.policy == want.policy),
-            ("rules", got.rules == want.rules),
-            ("rule_slots", got.rule_slots == want.rule_slots),
-            ("endpoint_meta", got.endpoint_meta == want.endpoint_meta),
-            ("identity_pods", got.identity_pods == want.identity_pods),
-        ]
-        .iter()
-        .filter(|f| !f.1)
-        .map(|f| f.0)
-        .collect();
+        let differs = got.differing_tables(&want);
         if !differs.is_empty() {
             let a: std::collections::BTreeSet<_> = got.policy.iter().collect();
             let b: std::collections::BTreeSet<_> = want.policy.iter().collect();

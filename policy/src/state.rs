@@ -349,6 +349,33 @@ pub struct DesiredState {
     pub egress: EgressPlan,
 }
 
+impl DesiredState {
+    /// The tables the compiler makes that differ between the two (for tests that hold an
+    /// update to a full compile).
+    pub fn differing_tables(&self, other: &DesiredState) -> Vec<&'static str> {
+        [
+            ("endpoints", self.endpoints == other.endpoints),
+            ("identities", self.identities == other.identities),
+            (
+                "endpoint_addrs",
+                self.endpoint_addrs == other.endpoint_addrs,
+            ),
+            ("node_ports", self.node_ports == other.node_ports),
+            ("cidrs", self.cidrs == other.cidrs),
+            ("policy", self.policy == other.policy),
+            ("rules", self.rules == other.rules),
+            ("rule_slots", self.rule_slots == other.rule_slots),
+            ("endpoint_meta", self.endpoint_meta == other.endpoint_meta),
+            ("identity_pods", self.identity_pods == other.identity_pods),
+            ("domains", self.domains == other.domains),
+        ]
+        .into_iter()
+        .filter(|(_, same)| !same)
+        .map(|(name, _)| name)
+        .collect()
+    }
+}
+
 /// One endpoint's `domainNames` patterns, grouped: every set of patterns a DNS name can match
 /// at once has a domain class (its POLICY entries are those of the rules naming the patterns).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

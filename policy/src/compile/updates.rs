@@ -189,27 +189,10 @@ fn updates_equal_full_compiles() {
                     )
                 };
                 let detail = diff(&got, &want);
-                let fields = [
-                    ("endpoints", got.endpoints == want.endpoints),
-                    ("identities", got.identities == want.identities),
-                    ("endpoint_addrs", got.endpoint_addrs == want.endpoint_addrs),
-                    ("node_ports", got.node_ports == want.node_ports),
-                    ("cidrs", got.cidrs == want.cidrs),
-                    ("policy", got.policy == want.policy),
-                    ("rules", got.rules == want.rules),
-                    ("rule_slots", got.rule_slots == want.rule_slots),
-                    ("endpoint_meta", got.endpoint_meta == want.endpoint_meta),
-                    ("identity_pods", got.identity_pods == want.identity_pods),
-                    ("domains", got.domains == want.domains),
-                ];
                 panic!(
                     "seed {seed}, step {step}: the update differs from a full compile in {:?}\n\
                      changes: {history:#?}\n{detail}",
-                    fields
-                        .iter()
-                        .filter(|f| !f.1)
-                        .map(|f| f.0)
-                        .collect::<Vec<_>>()
+                    got.differing_tables(&want)
                 );
             }
         }
