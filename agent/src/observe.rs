@@ -39,6 +39,17 @@ pub struct ObserveConfig {
     pub audit_all: bool,
 }
 
+/// What a reconcile did, for `Observer::publish`.
+#[derive(Clone, Copy, Debug)]
+pub struct Reconciled {
+    pub started_at_unix_ms: u128,
+    pub reconciled_at_unix_ms: u128,
+    pub stats: ApplyStats,
+    /// The compiler's IDENTITIES stamp when `applied` is its state as it made it (the pods'
+    /// part of the names is rebuilt only when it changes).
+    pub pods_stamp: Option<u64>,
+}
+
 /// The agent's observation side: verdict reader, CLI socket, admin server.
 pub struct Observer {
     pub hub: Arc<Hub>,
@@ -94,17 +105,20 @@ impl Observer {
     }
 
     /// After a reconcile: new names for events, the state file for the CLI, what the last
-    /// reconcile did. `pods_stamp`: the compiler's IDENTITIES stamp when `applied` is its
-    /// state as it made it (the pods' part is rebuilt only when it changes).
+    /// reconcile did.
     pub fn publish(
         &self,
         applied: &DesiredState,
         store: &Store,
         node_addresses: &[IpAddr],
-        status: &crate::reconcile::Status,
-        stats: ApplyStats,
-        pods_stamp: Option<u64>,
+        reconciled: Reconciled,
     ) {
+        let Reconciled {
+            started_at_unix_ms,
+            reconciled_at_unix_ms,
+            stats,
+            pods_stamp,
+        } = reconciled;
         let pods = {
             let mut cached = self.pods.lock().expect("pods lock");
             match (&*cached, pods_stamp) {
@@ -137,10 +151,8 @@ impl Observer {
         }
         self.hub.datapath.forget_rules(&file.rules);
         *self.hub.last_reconcile.lock().expect("lock") = Some(ReconcileInfo {
-            at_unix_ms: status.reconciled_at_unix_ms as u64,
-            duration_ms: status
-                .reconciled_at_unix_ms
-                .saturating_sub(status.started_at_unix_ms) as u64,
+            at_unix_ms: reconciled_at_unix_ms as u64,
+            duration_ms: reconciled_at_unix_ms.saturating_sub(started_at_unix_ms) as u64,
             endpoints: applied.endpoints.len(),
             policy_entries: applied.policy.len(),
             cidr_entries: applied.cidrs.len(),

@@ -538,9 +538,12 @@ impl Agent {
                 self.writer.applied(),
                 &overlaid,
                 &self.host.addresses,
-                &u.status,
-                u.stats,
-                u.pods_stamp,
+                crate::observe::Reconciled {
+                    started_at_unix_ms: u.status.started_at_unix_ms,
+                    reconciled_at_unix_ms: u.status.reconciled_at_unix_ms,
+                    stats: u.stats,
+                    pods_stamp: u.pods_stamp,
+                },
             );
         }
         let written = self.write_status(&u.status, &u.config);
