@@ -445,14 +445,19 @@ pub fn limits(r: &Value) -> Vec<(&'static str, String)> {
         (
             "rss",
             format!(
-                "the live heap, measured in-process, is the objects as the source keeps them \
-                 ({:.0} MiB for 10 000 pods; 57 MiB before pods were reduced to what policy \
-                 reads where they are read), the store ({:.0} MiB) and the agent's compiled \
-                 state and observers ({:.0} MiB). The rest of the resident set is heap from the \
-                 peak of the first full read (every manifest's YAML tree at once) that glibc \
-                 keeps despite malloc_trim after each reconcile (fragmentation). 64 MiB needs \
-                 a first read that does not hold every file's documents at once and smaller \
-                 store records (interned label strings).",
+                "the resident set is the heap ({:.0} MiB), the binary's pages ({:.0} MiB) and the \
+                 BPF ring buffers the agent maps ({:.0} MiB: EVENTS and DNS_ANSWERS, whose data \
+                 pages the kernel maps twice). The live heap, measured in-process, is the objects \
+                 as the manifest directory keeps them ({:.0} MiB for 10 000 pods; pods are shared \
+                 with the store), the store ({:.0} MiB) and the agent's compiler tables, maps' \
+                 state and observers ({:.0} MiB); the rest of the heap is what glibc keeps after \
+                 the first full read despite malloc_trim. What is left: one copy of the POLICY \
+                 entries (the compiler's and the writer's), pod names (PodRef, two strings) \
+                 copied into every per-pod table, the manifest directory's parsed policies and \
+                 interned label strings.",
+                num("memory_detail.agent_rss_by_mapping_mib.heap"),
+                num("memory_detail.agent_rss_by_mapping_mib.binary"),
+                num("memory_detail.agent_rss_by_mapping_mib.bpf_mapped"),
                 num("memory_detail.heap_mib.k8s_objects"),
                 num("memory_detail.heap_mib.store"),
                 num("memory_detail.heap_mib.agent_state"),
