@@ -516,23 +516,23 @@ struct Tiers<'a, 'p> {
 /// Removes an endpoint's POLICY and CIDRS entries (one by one: splitting and appending a
 /// tree would touch all of it).
 fn remove_entries(out: &mut DesiredState, id: u32) {
-    let policy: Vec<PolicyEntry> = out
-        .policy
-        .range(PolicyEntry::first_of(id)..)
-        .map(|(e, _)| *e)
-        .take_while(|e| e.key.endpoint == id)
+    remove_run(&mut out.policy, PolicyEntry::first_of(id), |e| {
+        e.key.endpoint == id
+    });
+    remove_run(&mut out.cidrs, CidrEntry::first_of(id), |e| {
+        e.key.endpoint == id
+    });
+}
+
+/// Removes the run of keys from `first` on for which `within` holds.
+fn remove_run<K: Ord + Copy, V>(map: &mut BTreeMap<K, V>, first: K, within: impl Fn(&K) -> bool) {
+    let run: Vec<K> = map
+        .range(first..)
+        .map(|(k, _)| *k)
+        .take_while(|k| within(k))
         .collect();
-    for e in policy {
-        out.policy.remove(&e);
-    }
-    let cidrs: Vec<CidrEntry> = out
-        .cidrs
-        .range(CidrEntry::first_of(id)..)
-        .map(|(e, _)| *e)
-        .take_while(|e| e.key.endpoint == id)
-        .collect();
-    for e in cidrs {
-        out.cidrs.remove(&e);
+    for k in run {
+        map.remove(&k);
     }
 }
 

@@ -1,31 +1,21 @@
 //! Development aid: compiles the churn bench's cluster repeatedly, for `perf record`.
+#[path = "support/bench_cluster.rs"]
+mod bench_cluster;
 #[path = "../src/bin/bench/cluster.rs"]
 #[allow(dead_code)]
 mod cluster;
 
 use std::time::Instant;
 
-use palisade_policy::compile::{Compiler, LocalEndpoint};
+use palisade_policy::compile::Compiler;
 use palisade_policy::manifest::parse_str;
 use palisade_policy::model::Store;
 use palisade_policy::state::PodRef;
 
 fn main() {
-    let mut objects = Vec::new();
-    for i in 0..cluster::NAMESPACES {
-        let text = cluster::join_docs(&cluster::namespace_docs(i));
-        objects.extend(parse_str(&text).unwrap());
-    }
+    let objects = bench_cluster::objects();
     let store = Store::from_objects(objects);
-    let endpoints: Vec<LocalEndpoint> = (0..cluster::NAMESPACES)
-        .map(|i| LocalEndpoint {
-            pod: PodRef {
-                namespace: cluster::ns_name(i),
-                name: format!("pod-{:03}", cluster::local_pod(i)),
-            },
-            ifindex: 100 + i as u32,
-        })
-        .collect();
+    let endpoints = bench_cluster::endpoints();
     let n: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())

@@ -1,5 +1,7 @@
 //! Development aid: where the live heap goes for the churn bench's cluster (store, compiler,
 //! compiled state), measured with a counting allocator.
+#[path = "support/bench_cluster.rs"]
+mod bench_cluster;
 #[path = "../src/bin/bench/cluster.rs"]
 #[allow(dead_code)]
 mod cluster;
@@ -10,10 +12,8 @@ mod stats;
 #[global_allocator]
 static ALLOCATOR: stats::CountingAllocator = stats::CountingAllocator;
 
-use palisade_policy::compile::{Compiler, LocalEndpoint};
-use palisade_policy::manifest::parse_str;
+use palisade_policy::compile::Compiler;
 use palisade_policy::model::Store;
-use palisade_policy::state::PodRef;
 
 fn mib(b: usize) -> f64 {
     b as f64 / 1048576.0
@@ -21,26 +21,14 @@ fn mib(b: usize) -> f64 {
 
 fn main() {
     let h0 = stats::heap_bytes();
-    let mut objects = Vec::new();
-    for i in 0..cluster::NAMESPACES {
-        let text = cluster::join_docs(&cluster::namespace_docs(i));
-        objects.extend(parse_str(&text).unwrap());
-    }
+    let objects = bench_cluster::objects();
     let h1 = stats::heap_bytes();
     println!("parsed objects: {:.1} MiB", mib(h1 - h0));
     let store = Store::from_objects(objects.iter().cloned());
     let h2 = stats::heap_bytes();
     println!("store: {:.1} MiB", mib(h2 - h1));
     drop(objects);
-    let endpoints: Vec<LocalEndpoint> = (0..cluster::NAMESPACES)
-        .map(|i| LocalEndpoint {
-            pod: PodRef {
-                namespace: cluster::ns_name(i),
-                name: format!("pod-{:03}", cluster::local_pod(i)),
-            },
-            ifindex: 100 + i as u32,
-        })
-        .collect();
+    let endpoints = bench_cluster::endpoints();
     let h3 = stats::heap_bytes();
     let mut c = Compiler::default();
     let state = c.update(&store, &endpoints, &[]).state.clone();

@@ -4,8 +4,6 @@ use std::collections::BTreeMap;
 
 use palisade_common::{PROTO_SCTP as SCTP, PROTO_TCP as TCP, PROTO_UDP as UDP};
 use rand::Rng;
-use rand::SeedableRng;
-use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 
 use crate::compile::scenarios::{Gen, World, ip};
@@ -28,12 +26,7 @@ fn random_cluster_policies_match_the_reference() {
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     for scenario in 0..SCENARIOS {
         let seed = SEED + scenario;
-        let mut g = Gen {
-            rng: StdRng::seed_from_u64(seed),
-            v4: Vec::new(),
-            v6: Vec::new(),
-            ports: [0u16, 1, 53, 80, 443, 3868, 8000, 8001, 8080, 65535].into(),
-        };
+        let mut g = Gen::new(seed, &[0u16, 1, 53, 80, 443, 3868, 8000, 8001, 8080, 65535]);
         let mut store = g.store();
         // This node (its addresses are the hosts) and another, whose address is outside.
         for (name, zone, addrs) in [

@@ -756,6 +756,16 @@ const NAMESPACES: &[&str] = &["a", "b", "c", "d"];
 const PORT_NAMES: &[&str] = &["http", "dns", "sig", "web", "nope"];
 
 impl Gen {
+    /// A generator seeded with `seed` that picks ports among `ports`.
+    pub(crate) fn new(seed: u64, ports: &[u16]) -> Gen {
+        Gen {
+            rng: StdRng::seed_from_u64(seed),
+            v4: Vec::new(),
+            v6: Vec::new(),
+            ports: ports.iter().copied().collect(),
+        }
+    }
+
     pub(crate) fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
         xs.choose(&mut self.rng).unwrap()
     }
@@ -1027,12 +1037,7 @@ fn random_clusters_match_the_reference() {
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     for scenario in 0..SCENARIOS {
         let seed = SEED + scenario;
-        let mut g = Gen {
-            rng: StdRng::seed_from_u64(seed),
-            v4: Vec::new(),
-            v6: Vec::new(),
-            ports: [0u16, 1, 53, 80, 443, 3868, 8000, 8001, 8080, 65535].into(),
-        };
+        let mut g = Gen::new(seed, &[0u16, 1, 53, 80, 443, 3868, 8000, 8001, 8080, 65535]);
         let mut store = g.store();
         for i in 0..g.rng.random_range(1..=5) {
             let p = g.policy(i);

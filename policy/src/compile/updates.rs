@@ -3,8 +3,7 @@
 //! of the compiler, so ids are comparable), entry for entry.
 use std::collections::{BTreeMap, BTreeSet};
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 use super::scenarios::{Gen, ip};
 use super::*;
@@ -138,12 +137,7 @@ fn updates_equal_full_compiles() {
     let mut kept = 0usize;
     for scenario in 0..SCENARIOS {
         let seed = SEED + scenario;
-        let mut g = Gen {
-            rng: StdRng::seed_from_u64(seed),
-            v4: Vec::new(),
-            v6: Vec::new(),
-            ports: [0u16, 53, 80, 443, 8080].into(),
-        };
+        let mut g = Gen::new(seed, &[0u16, 53, 80, 443, 8080]);
         let mut store = g.store();
         let mut next_policy = 0;
         for _ in 0..g.rng.random_range(0..=4) {
