@@ -291,7 +291,7 @@ mod tests {
         let eps: Vec<(String, u32)> = v
             .local_endpoints(&store, Some("n1"))
             .into_iter()
-            .map(|e| (e.pod.name, e.ifindex))
+            .map(|e| (e.pod.name.into(), e.ifindex))
             .collect();
         assert_eq!(
             eps,
@@ -326,10 +326,7 @@ mod finder_tests {
             rng % n
         };
         for step in 0..2000 {
-            let pod = PodRef {
-                namespace: format!("ns{}", next(3)),
-                name: format!("p{}", next(30)),
-            };
+            let pod = PodRef::new(format!("ns{}", next(3)), format!("p{}", next(30)));
             match next(10) {
                 0..=3 => {
                     let mut info = PodInfo {

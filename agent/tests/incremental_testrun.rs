@@ -152,8 +152,8 @@ fn stamped_applies_keep_the_kernel_equal_to_full_compiles() {
             }
             2 => {
                 store.pods.remove(&PodRef {
-                    namespace: format!("ns{ns}"),
-                    name: format!("p{j}"),
+                    namespace: format!("ns{ns}").into(),
+                    name: format!("p{j}").into(),
                 });
                 format!("delete ns{ns}/p{j}")
             }

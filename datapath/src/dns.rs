@@ -37,7 +37,11 @@ pub struct DnsPath {
     servers: HashMap<MapData, PeerAddr, u8>,
     ctl: Array<MapData, u64>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
-    answers: RingBuf<MapData>,
+    /// DNS_ANSWERS, mapped only while answers are read (`read_answers`): the kernel maps a
+    /// ring's data pages twice, so a mapped 4 MiB ring is 8 MiB of the agent's resident set.
+    answers: Option<RingBuf<MapData>>,
+    /// DNS_ANSWERS' id, to map it again.
+    answers_id: u32,
     /// AF_PACKET, send only, with `DNS_REINJECT_MARK`.
     socket: OwnedFd,
 }
@@ -66,12 +70,23 @@ impl DnsPath {
             .map_err(map_err(map_names::CONNTRACK, "opening it"))?;
         let answers = RingBuf::try_from(dp.take_map(map_names::DNS_ANSWERS)?)
             .map_err(map_err(map_names::DNS_ANSWERS, "opening it"))?;
+        let answers_id = answers
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(DatapathError::Thread)
+            .and_then(|fd| {
+                MapData::from_fd(fd)
+                    .and_then(|m| m.info())
+                    .map_err(map_err(map_names::DNS_ANSWERS, "reading its info"))
+            })?
+            .id();
         Ok(DnsPath {
             ips,
             servers,
             ctl,
             conntrack,
-            answers,
+            answers: Some(answers),
+            answers_id,
             socket: packet_socket().map_err(DatapathError::Thread)?,
         })
     }
@@ -131,10 +146,38 @@ impl DnsPath {
             .collect()
     }
 
-    /// Waits up to `timeout` for DNS_ANSWERS to have a record.
+    /// Maps DNS_ANSWERS (`true`), or unmaps it (`false`): its records stay in the ring until
+    /// it is mapped and read again.
+    pub fn read_answers(&mut self, read: bool) -> Result<()> {
+        match (read, self.answers.is_some()) {
+            (true, false) => {
+                let data = MapData::from_id(self.answers_id)
+                    .map_err(map_err(map_names::DNS_ANSWERS, "opening it by id"))?;
+                self.answers = Some(
+                    RingBuf::try_from(Map::RingBuf(data))
+                        .map_err(map_err(map_names::DNS_ANSWERS, "opening it"))?,
+                );
+            }
+            (false, true) => self.answers = None,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Whether DNS_ANSWERS is mapped.
+    pub fn reads_answers(&self) -> bool {
+        self.answers.is_some()
+    }
+
+    /// Waits up to `timeout` for DNS_ANSWERS to have a record (for `timeout` when it is not
+    /// mapped).
     pub fn wait(&self, timeout: Duration) -> bool {
+        let Some(answers) = &self.answers else {
+            std::thread::sleep(timeout);
+            return false;
+        };
         let mut fds = [libc::pollfd {
-            fd: self.answers.as_fd().as_raw_fd(),
+            fd: answers.as_fd().as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         }];
@@ -146,7 +189,7 @@ impl DnsPath {
     /// The next record, if any.
     pub fn next_record(&mut self) -> Option<DnsRecord> {
         loop {
-            let item = self.answers.next()?;
+            let item = self.answers.as_mut()?.next()?;
             if item.len() < std::mem::size_of::<DnsAnswerRecord>() {
                 continue;
             }

@@ -90,7 +90,8 @@ impl Cluster {
             let mut info = PodInfo::default();
             for (k, vs) in LABELS {
                 if rng.chance(0.6) {
-                    info.labels.insert(k.to_string(), rng.pick(vs).to_string());
+                    let v = rng.pick(vs).to_string();
+                    std::sync::Arc::make_mut(&mut info.labels).insert(k.to_string(), v);
                 }
             }
             let candidates: &[(&str, u16, Protocol)] = &[
@@ -135,7 +136,7 @@ impl Cluster {
             }
             let pod = PodRef {
                 namespace: ns.into(),
-                name: format!("p{i}"),
+                name: format!("p{i}").into(),
             };
             if !info.host_network {
                 pods.push(pod.clone());
@@ -261,13 +262,14 @@ impl Cluster {
             _ => {
                 let keys: Vec<_> = self.store.pods.keys().cloned().collect();
                 let k = rng.pick(&keys).clone();
-                let pod = self.store.pods.make_mut(&k).expect("listed");
                 let (key, values) = *rng.pick(LABELS);
-                if rng.chance(0.3) {
-                    pod.labels.remove(key);
-                } else {
-                    pod.labels.insert(key.into(), rng.pick(values).to_string());
-                }
+                let value = (!rng.chance(0.3)).then(|| rng.pick(values).to_string());
+                let pod = self.store.pods.make_mut(&k).expect("listed");
+                let labels = std::sync::Arc::make_mut(&mut pod.labels);
+                match value {
+                    None => labels.remove(key),
+                    Some(v) => labels.insert(key.into(), v),
+                };
                 format!("pod {k} relabelled")
             }
         }

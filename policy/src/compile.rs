@@ -330,7 +330,8 @@ impl<K: Hash + Eq + Clone> Interner<K> {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct IdentityKey {
     namespace: Arc<str>,
-    labels: BTreeMap<String, String>,
+    /// The pod's own (shared with the store).
+    labels: Arc<BTreeMap<String, String>>,
     /// One copy per namespace, shared by its identities.
     namespace_labels: Arc<BTreeMap<String, String>>,
     ports: Vec<NamedPort>,
@@ -941,7 +942,7 @@ impl Compiler {
                 && pieces.get(pod_ref).is_some_and(|piece| {
                     piece.ifindex == ifindex
                         && Some(piece.pod_digest) == table.pod_digest(pod_ref)
-                        && !policy_namespaces.contains(&pod_ref.namespace)
+                        && !policy_namespaces.contains(pod_ref.namespace.as_str())
                         && !piece
                             .reads
                             .selections

@@ -1281,7 +1281,7 @@ spec:
             .map(|i| LocalEndpoint {
                 pod: PodRef {
                     namespace: "s".into(),
-                    name: format!("p{i}"),
+                    name: format!("p{i}").into(),
                 },
                 ifindex: 1000 + i,
             })

@@ -42,11 +42,11 @@ fn main() {
         let i = (k * 13) % cluster::NAMESPACES;
         if k % 2 == 0 {
             let pod = PodRef {
-                namespace: cluster::ns_name(i),
-                name: format!("pod-{:03}", (k * 7) % 100),
+                namespace: cluster::ns_name(i).into(),
+                name: format!("pod-{:03}", (k * 7) % 100).into(),
             };
             let info = store.pods.make_mut(&pod).unwrap();
-            info.labels.insert("rev".into(), k.to_string());
+            std::sync::Arc::make_mut(&mut info.labels).insert("rev".into(), k.to_string());
         } else {
             let docs = cluster::allow_app_yaml(i, k % 7, 9000 + k as u16);
             for o in parse_str(&docs).unwrap() {

@@ -309,6 +309,11 @@ impl AgentProcess {
         }
     }
 
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// SIGKILL: the agent gets no chance to clean up (pins keep enforcing).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -952,7 +952,7 @@ fn program_upgrades_swap_atomically_under_traffic() {
         .map(|n| LocalEndpoint {
             pod: PodRef {
                 namespace: "demo".into(),
-                name: n.to_string(),
+                name: n.to_string().into(),
             },
             ifindex: pod(&node, n).host_ifindex,
         })

@@ -8,6 +8,7 @@ mod support;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant, SystemTime};
 
+use palisade_common::capacity;
 use palisade_tests::{
     agent::{AgentProcess, WorkDir, agent_binary},
     dns::{DnsServer, Record, Zone, resolve},
@@ -667,4 +668,74 @@ fn aaaa_answers_open_ipv6_and_an_a_answer_leaves_them_open() {
         .expect("AAAA lookup");
     assert_eq!(got, [other6]);
     assert!(!r.connects("a", other6));
+}
+
+/// Whether the agent has DNS_ANSWERS mapped: a BPF map mapping of the ring's data twice over.
+fn answers_mapped(pid: u32) -> bool {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("the agent's maps");
+    maps.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let range = f.next().unwrap_or("");
+        let path = f.nth(4).unwrap_or("");
+        let (a, b) = range.split_once('-').unwrap_or(("0", "0"));
+        let size =
+            u64::from_str_radix(b, 16).unwrap_or(0) - u64::from_str_radix(a, 16).unwrap_or(0);
+        path.starts_with("anon_inode:bpf") && size >= 2 * u64::from(capacity::DNS_ANSWERS_BYTES)
+    })
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_answers_ring_is_read_only_while_a_policy_names_domains() {
+    if !require_root() {
+        return;
+    }
+    let mut r = rig("fqdn-lazy", &[]);
+    let pid = r.agent.pid().expect("running");
+    wait_for(
+        "DNS_ANSWERS mapped with a domain policy",
+        Duration::from_secs(5),
+        || answers_mapped(pid),
+    );
+    let manifests = r._work.manifests();
+    let since = SystemTime::now();
+    std::fs::remove_file(manifests.join("fqdn.yaml")).unwrap();
+    r.agent
+        .wait_reconciled(since, 3, Duration::from_secs(30))
+        .expect("reconciled without the policy");
+    // Its 8 MiB of mappings go once answers held under the last heartbeat are sent on.
+    wait_for(
+        "DNS_ANSWERS unmapped without domain policies",
+        Duration::from_secs(10),
+        || !answers_mapped(pid),
+    );
+    // Nothing holds answers now: DNS answers at the first try.
+    let server = r.dns_ip();
+    assert!(
+        resolve_retrying(r.pod("a"), server, "r90.race.test", 1).is_some(),
+        "a lookup without domain policies was not answered"
+    );
+    // The policy again: answers are read, held and learned as before.
+    let since = SystemTime::now();
+    let tmp = manifests.join(".fqdn.yaml.tmp");
+    std::fs::write(&tmp, POLICY).unwrap();
+    std::fs::rename(&tmp, manifests.join("fqdn.yaml")).unwrap();
+    r.agent
+        .wait_reconciled(since, 3, Duration::from_secs(30))
+        .expect("reconciled with the policy");
+    wait_for("DNS_ANSWERS mapped again", Duration::from_secs(5), || {
+        answers_mapped(pid)
+    });
+    let failed = race(&r, "a", 30, Duration::from_millis(500));
+    assert!(failed.is_empty(), "after the policy came back: {failed:?}");
+    let other: IpAddr = "192.0.2.20".parse().unwrap();
+    assert_eq!(r.resolve_and_connect("a", "other.test"), (other, false));
+    assert!(!r.log().contains("panicked"));
 }

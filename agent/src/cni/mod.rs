@@ -93,10 +93,10 @@ pub struct Record {
 
 impl Record {
     pub fn pod(&self) -> Option<PodRef> {
-        Some(PodRef {
-            namespace: self.namespace.clone()?,
-            name: self.name.clone()?,
-        })
+        Some(PodRef::new(
+            self.namespace.as_deref()?,
+            self.name.as_deref()?,
+        ))
     }
 
     fn file_name(container_id: &str, ifname: &str) -> String {

@@ -207,8 +207,10 @@ mod tests {
         );
         let mut eps = Vec::new();
         records.endpoints(&overlaid, Some("n1"), &mut eps);
-        let mut got: Vec<(String, u32)> =
-            eps.into_iter().map(|e| (e.pod.name, e.ifindex)).collect();
+        let mut got: Vec<(String, u32)> = eps
+            .into_iter()
+            .map(|e| (e.pod.name.into(), e.ifindex))
+            .collect();
         got.sort();
         assert_eq!(got, vec![("new".into(), 5), ("stale".into(), 6)]);
         let _ = fs::remove_dir_all(&dir);

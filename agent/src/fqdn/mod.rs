@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use palisade_common::{FqdnKey, FqdnValue, PeerAddr};
+use palisade_common::{DNS_HOLD_FRESH_NS, FqdnKey, FqdnValue, PeerAddr};
 use palisade_datapath::dns::{DnsPath, DnsRecord, now_coarse_ns};
 use palisade_policy::{fqdn, state::DomainTable};
 use tracing::{debug, info, warn};
@@ -246,6 +246,9 @@ const SAVE: Duration = Duration::from_secs(1);
 /// for it to take them.
 const WAKE: Duration = Duration::from_millis(20);
 const TAKE_WAIT: Duration = Duration::from_millis(500);
+/// DNS_ANSWERS is read while some endpoint names domains (only their answers are copied),
+/// and for this long after the last heartbeat, so that every answer held under it is sent on.
+const HOLD_GRACE: Duration = Duration::from_secs(2 * DNS_HOLD_FRESH_NS / 1_000_000_000);
 /// The largest L3 packet a released answer is sent as (pods' interfaces have at least this).
 const RELEASE_MTU: usize = 1500;
 
@@ -295,24 +298,47 @@ impl Learner {
     }
 
     fn run(mut self) {
+        // The last heartbeat, and whether it still stands (not stopped with 0).
         let mut last_beat: Option<Instant> = None;
+        let mut holding = false;
         let mut last_gc = Instant::now();
         let mut last_save = Instant::now();
         while !self.shared.stop.load(Ordering::Relaxed) {
             self.take_tables();
+            let names_domains = !self.tables.domains.is_empty();
             // Hold only once the patterns are known (an answer held before would be
-            // released unlearned, and its connection would race).
-            if self.cfg.hold && self.generation > 0 && last_beat.is_none_or(|t| t.elapsed() >= BEAT)
+            // released unlearned, and its connection would race), and only while some
+            // endpoint names domains.
+            if self.cfg.hold
+                && self.generation > 0
+                && names_domains
+                && last_beat.is_none_or(|t| t.elapsed() >= BEAT)
             {
                 if let Err(e) = self.path.beat(now_coarse_ns()) {
                     warn!("FQDN heartbeat: {e}");
                 }
                 last_beat = Some(Instant::now());
+                holding = true;
+            }
+            if holding && !names_domains {
+                // Stop holding at once: nothing is learned for anyone now.
+                if let Err(e) = self.path.beat(0) {
+                    warn!("FQDN heartbeat: {e}");
+                }
+                holding = false;
             }
             if self.generation > 0 {
+                let read = names_domains || last_beat.is_some_and(|t| t.elapsed() < HOLD_GRACE);
+                if read && let Err(e) = self.path.read_answers(true) {
+                    warn!("mapping the DNS answers: {e}");
+                }
                 // The backlog first (answers given while no agent ran), then as they come.
                 while let Some(r) = self.path.next_record() {
                     self.handle(r);
+                }
+                // Drained: unmapped until an endpoint names domains again.
+                if !read {
+                    let _ = self.path.read_answers(false);
                 }
             }
             if last_gc.elapsed() >= GC && self.generation > 0 {

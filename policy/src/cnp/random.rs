@@ -9,7 +9,7 @@ use rand::seq::IndexedRandom;
 use crate::compile::scenarios::{Gen, World, ip};
 use crate::datapath_model::evaluate;
 use crate::reference::Endpoint;
-use crate::state::Direction;
+use crate::state::{Direction, Name};
 
 /// Random clusters with ClusterNetworkPolicies (both tiers, ties of priority, every peer kind
 /// but domain names, ports, ranges and named ports) and NetworkPolicies: every direction the
@@ -83,7 +83,7 @@ fn random_cluster_policies_match_the_reference() {
             ends.push(Endpoint::External(ip(e)));
         }
         let ports: Vec<u16> = g.ports.iter().copied().collect();
-        let ns_labels: BTreeMap<String, BTreeMap<String, String>> = w
+        let ns_labels: BTreeMap<Name, BTreeMap<String, String>> = w
             .store
             .pods
             .keys()

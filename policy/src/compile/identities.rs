@@ -126,10 +126,7 @@ impl IdentityTable {
         let namespaces = store.namespaces.changes_since(self.seen.1)?;
         let mut out: BTreeSet<PodRef> = pods.cloned().collect();
         for ns in namespaces {
-            let first = PodRef {
-                namespace: ns.clone(),
-                name: String::new(),
-            };
+            let first = PodRef::new(ns.as_str(), "");
             out.extend(
                 store
                     .pods

@@ -3,6 +3,7 @@
 //! plus id stability, garbage collection and scale.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use palisade_common::{
@@ -803,7 +804,8 @@ impl Gen {
         let mut info = PodInfo::default();
         for (k, vs) in LABELS {
             if self.chance(0.6) {
-                info.labels.insert(k.to_string(), self.pick(vs).to_string());
+                let v = self.pick(vs).to_string();
+                Arc::make_mut(&mut info.labels).insert(k.to_string(), v);
             }
         }
         let candidates: &[(&str, u16, Protocol)] = &[
@@ -849,7 +851,7 @@ impl Gen {
         (
             PodRef {
                 namespace: ns.into(),
-                name: format!("p{i}"),
+                name: format!("p{i}").into(),
             },
             info,
         )
@@ -1416,12 +1418,8 @@ fn relabelling_a_pod_changes_only_what_involves_it() {
         namespace: "prod".into(),
         name: "api".into(),
     };
-    w.store
-        .pods
-        .make_mut(&api_ref)
-        .unwrap()
-        .labels
-        .insert("tier".into(), "front".into());
+    let relabelled = w.store.pods.make_mut(&api_ref).unwrap();
+    Arc::make_mut(&mut relabelled.labels).insert("tier".into(), "front".into());
     w.recompile();
     let new_ident = w.state.identities[&api_ips[0]];
     assert_ne!(old_ident, new_ident);
@@ -1542,11 +1540,11 @@ fn big_store(pods: usize, namespaces: usize, policies_per_ns: usize) -> Store {
     for i in 0..pods {
         let app = i % 50;
         let info = PodInfo {
-            labels: BTreeMap::from([
+            labels: Arc::new(BTreeMap::from([
                 ("app".to_string(), format!("a{app}")),
                 ("version".to_string(), format!("v{}", i % 3)),
                 ("shard".to_string(), format!("s{}", i % 7)),
-            ]),
+            ])),
             ips: vec![
                 IpAddr::from([10, 1, (i >> 8) as u8, i as u8]),
                 IpAddr::from([0xfd00, 0, 0, 0, 0, 0, (i >> 16) as u16, i as u16]),
@@ -1560,8 +1558,8 @@ fn big_store(pods: usize, namespaces: usize, policies_per_ns: usize) -> Store {
         };
         store.pods.insert(
             PodRef {
-                namespace: format!("ns{}", i % namespaces),
-                name: format!("pod{i}"),
+                namespace: format!("ns{}", i % namespaces).into(),
+                name: format!("pod{i}").into(),
             },
             info,
         );
@@ -1796,7 +1794,8 @@ fn upstream_conformance_cases() {
                             namespace: ns.into(),
                             name: pod.into(),
                         };
-                        w.store.pods.make_mut(&key).unwrap().labels.extend(labels);
+                        Arc::make_mut(&mut w.store.pods.make_mut(&key).unwrap().labels)
+                            .extend(labels);
                     }
                     other => panic!("{name}: unknown action {other}"),
                 }

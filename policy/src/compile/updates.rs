@@ -36,7 +36,7 @@ fn change(g: &mut Gen, store: &mut Store, next_pod: &mut usize, next_policy: &mu
                 *next_pod
             };
             let (mut pod, info) = g.pod(i);
-            pod.name = format!("q{next_pod}");
+            pod.name = format!("q{next_pod}").into();
             let what = format!("add pod {pod}");
             store.pods.insert(pod, info);
             what

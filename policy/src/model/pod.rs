@@ -2,6 +2,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
@@ -98,7 +99,8 @@ pub struct HostPort {
 /// What policy needs of a pod.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct PodInfo {
-    pub labels: BTreeMap<String, String>,
+    /// Shared, not copied, by the identities the compiler makes of the pod.
+    pub labels: Arc<BTreeMap<String, String>>,
     /// `status.podIPs`, else `status.podIP`; empty for pods that have finished (phase Succeeded
     /// or Failed: their addresses may already belong to another pod).
     pub ips: Vec<IpAddr>,
@@ -122,7 +124,7 @@ impl PodInfo {
         let object = key.to_string();
         let mut errors = Vec::new();
         let mut info = PodInfo {
-            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            labels: Arc::new(pod.metadata.labels.clone().unwrap_or_default()),
             ..PodInfo::default()
         };
         for (k, v) in pod.metadata.annotations.iter().flatten() {
@@ -219,10 +221,7 @@ impl PodInfo {
                 }
             }
         }
-        let pod_ref = PodRef {
-            namespace: key.namespace,
-            name: key.name,
-        };
+        let pod_ref = PodRef::new(key.namespace, key.name);
         Ok((pod_ref, info, errors))
     }
 

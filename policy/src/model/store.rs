@@ -131,10 +131,8 @@ impl Store {
                 self.namespaces.remove(&key.name);
             }
             Kind::Pod => {
-                self.pods.remove(&PodRef {
-                    namespace: key.namespace.clone(),
-                    name: key.name.clone(),
-                });
+                self.pods
+                    .remove(&PodRef::new(key.namespace.as_str(), key.name.as_str()));
             }
             Kind::NetworkPolicy => {
                 self.policies

@@ -22,8 +22,8 @@ pub fn endpoints() -> Vec<LocalEndpoint> {
     (0..cluster::NAMESPACES)
         .map(|i| LocalEndpoint {
             pod: PodRef {
-                namespace: cluster::ns_name(i),
-                name: format!("pod-{:03}", cluster::local_pod(i)),
+                namespace: cluster::ns_name(i).into(),
+                name: format!("pod-{:03}", cluster::local_pod(i)).into(),
             },
             ifindex: 100 + i as u32,
         })
