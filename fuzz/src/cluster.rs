@@ -107,14 +107,14 @@ impl Cluster {
                 if rng.chance(0.5) {
                     let options: Vec<_> = candidates.iter().filter(|c| c.0 == name).collect();
                     let (n, port, protocol) = **rng.pick(&options);
-                    info.container_ports.push(NamedPort {
+                    std::sync::Arc::make_mut(&mut info.container_ports).push(NamedPort {
                         name: n.into(),
                         port,
                         protocol,
                     });
                 }
             }
-            info.container_ports.sort();
+            std::sync::Arc::make_mut(&mut info.container_ports).sort();
             info.host_network = rng.chance(0.08);
             let sub = rng.below(4);
             if info.host_network {

@@ -334,7 +334,8 @@ struct IdentityKey {
     labels: Arc<BTreeMap<String, String>>,
     /// One copy per namespace, shared by its identities.
     namespace_labels: Arc<BTreeMap<String, String>>,
-    ports: Vec<NamedPort>,
+    /// The pod's own (shared with the store).
+    ports: Arc<Vec<NamedPort>>,
 }
 
 /// A class's content: its POLICY port keys, each with what the class's rules say of it.

@@ -89,14 +89,14 @@ fn topology(case: &Value) -> Topology {
         for port in p["ports"].as_array().unwrap() {
             // Only declared containerPorts have names a policy can use.
             if let (Some(true), Some(name)) = (port["declared"].as_bool(), port["name"].as_str()) {
-                info.container_ports.push(NamedPort {
+                std::sync::Arc::make_mut(&mut info.container_ports).push(NamedPort {
                     name: name.into(),
                     port: port["port"].as_u64().unwrap() as u16,
                     protocol: Protocol::parse(port["protocol"].as_str().unwrap()).unwrap(),
                 });
             }
         }
-        info.container_ports.sort();
+        std::sync::Arc::make_mut(&mut info.container_ports).sort();
         store.pods.insert(pod, info);
     }
     Topology {

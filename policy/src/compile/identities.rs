@@ -24,7 +24,8 @@ pub(super) fn digest<T: Hash + ?Sized>(value: &T) -> u64 {
 pub(super) struct Ident {
     pub(super) id: u32,
     pub(super) key: Arc<IdentityKey>,
-    pub(super) pods: BTreeSet<PodRef>,
+    /// Sorted (most identities have a pod or a few: a vector, not a tree node each).
+    pub(super) pods: Vec<PodRef>,
 }
 
 #[derive(Clone, Debug)]
@@ -217,8 +218,10 @@ impl IdentityTable {
                 continue;
             };
             if let Some(slot) = st.slot {
-                if let Some(i) = self.idents[slot].as_mut() {
-                    i.pods.remove(pod_ref);
+                if let Some(i) = self.idents[slot].as_mut()
+                    && let Ok(at) = i.pods.binary_search(pod_ref)
+                {
+                    i.pods.remove(at);
                 }
                 touched.insert(slot);
             }
@@ -278,17 +281,16 @@ impl IdentityTable {
                         self.idents[slot] = Some(Ident {
                             id,
                             key,
-                            pods: BTreeSet::new(),
+                            pods: Vec::new(),
                         });
                         changes.added.push(slot);
                         slot
                     }
                 };
-                self.idents[slot]
-                    .as_mut()
-                    .expect("placed above")
-                    .pods
-                    .insert(pod_ref.clone());
+                let pods = &mut self.idents[slot].as_mut().expect("placed above").pods;
+                if let Err(at) = pods.binary_search(pod_ref) {
+                    pods.insert(at, pod_ref.clone());
+                }
                 touched.insert(slot);
                 for ip in &pod.ips {
                     let c = self.claims.entry(*ip).or_default();
@@ -319,8 +321,7 @@ impl IdentityTable {
         for &slot in &touched {
             let ident = self.idents[slot].as_ref().expect("touched slots are live");
             if !ident.pods.is_empty() {
-                let pods: Vec<PodRef> = ident.pods.iter().cloned().collect();
-                out.identity_pods.insert(ident.id, pods);
+                out.identity_pods.insert(ident.id, ident.pods.clone());
                 continue;
             }
             let ident = self.idents[slot].take().expect("live");

@@ -821,14 +821,14 @@ impl Gen {
             if self.chance(0.5) {
                 let options: Vec<_> = candidates.iter().filter(|c| c.0 == name).collect();
                 let (n, port, protocol) = **self.pick(&options);
-                info.container_ports.push(NamedPort {
+                Arc::make_mut(&mut info.container_ports).push(NamedPort {
                     name: n.into(),
                     port,
                     protocol,
                 });
             }
         }
-        info.container_ports.sort();
+        Arc::make_mut(&mut info.container_ports).sort();
         info.host_network = self.chance(0.1);
         let sub = self.rng.random_range(0..4u8);
         if info.host_network {
@@ -1549,11 +1549,11 @@ fn big_store(pods: usize, namespaces: usize, policies_per_ns: usize) -> Store {
                 IpAddr::from([10, 1, (i >> 8) as u8, i as u8]),
                 IpAddr::from([0xfd00, 0, 0, 0, 0, 0, (i >> 16) as u16, i as u16]),
             ],
-            container_ports: vec![NamedPort {
+            container_ports: Arc::new(vec![NamedPort {
                 name: "http".into(),
                 port: if app % 2 == 0 { 8080 } else { 80 },
                 protocol: Protocol::Tcp,
-            }],
+            }]),
             ..Default::default()
         };
         store.pods.insert(
@@ -1750,13 +1750,13 @@ fn upstream_conformance_cases() {
                 ..Default::default()
             };
             for port in p["ports"].as_array().unwrap() {
-                info.container_ports.push(NamedPort {
+                Arc::make_mut(&mut info.container_ports).push(NamedPort {
                     name: port["name"].as_str().unwrap().into(),
                     port: port["port"].as_u64().unwrap() as u16,
                     protocol: Protocol::parse(port["protocol"].as_str().unwrap()).unwrap(),
                 });
             }
-            info.container_ports.sort();
+            Arc::make_mut(&mut info.container_ports).sort();
             store.pods.insert(pod, info);
         }
         let policies: BTreeMap<&str, &Value> = case["policies"]

@@ -27,6 +27,7 @@ pub mod cluster;
 pub mod egress;
 mod pod;
 mod policy;
+pub mod shared;
 mod store;
 pub mod tracked;
 

@@ -99,13 +99,14 @@ pub struct HostPort {
 /// What policy needs of a pod.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct PodInfo {
-    /// Shared, not copied, by the identities the compiler makes of the pod.
+    /// One copy of each label set (`shared::label_set`), which the identities the compiler makes
+    /// of the pod share too.
     pub labels: Arc<BTreeMap<String, String>>,
     /// `status.podIPs`, else `status.podIP`; empty for pods that have finished (phase Succeeded
     /// or Failed: their addresses may already belong to another pod).
     pub ips: Vec<IpAddr>,
     /// Named ports of the containers (and of sidecar init containers), sorted.
-    pub container_ports: Vec<NamedPort>,
+    pub container_ports: Arc<Vec<NamedPort>>,
     /// Ports published on the node, sorted.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub host_ports: Vec<HostPort>,
@@ -123,8 +124,9 @@ impl PodInfo {
         let key = named_key(Kind::Pod, &pod.metadata)?;
         let object = key.to_string();
         let mut errors = Vec::new();
+        let mut container_ports = Vec::new();
         let mut info = PodInfo {
-            labels: Arc::new(pod.metadata.labels.clone().unwrap_or_default()),
+            labels: super::shared::label_set(pod.metadata.labels.clone().unwrap_or_default()),
             ..PodInfo::default()
         };
         for (k, v) in pod.metadata.annotations.iter().flatten() {
@@ -180,7 +182,7 @@ impl PodInfo {
                         }
                     };
                     match Protocol::from_field(p.protocol.as_ref(), format!("{field}.protocol")) {
-                        Ok(protocol) => info.container_ports.push(NamedPort {
+                        Ok(protocol) => container_ports.push(NamedPort {
                             name,
                             port,
                             protocol,
@@ -190,8 +192,9 @@ impl PodInfo {
                 }
             }
         }
-        info.container_ports.sort();
-        info.container_ports.dedup();
+        container_ports.sort();
+        container_ports.dedup();
+        info.container_ports = super::shared::named_ports(container_ports);
         info.host_ports.sort();
         info.host_ports.dedup();
         if let Some(status) = &pod.status {
