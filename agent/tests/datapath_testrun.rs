@@ -604,7 +604,10 @@ fn every_prefix_length_is_probed_longest_first() {
     let port = |l: u32| 1000 + l as u16;
     let mut s: DesiredState = standard_state();
     s.cidrs.clear();
-    s.policy.retain(|e, _| e.key.dir != DIR_EGRESS);
+    s.policy = std::mem::take(&mut s.policy)
+        .into_iter()
+        .filter(|(e, _)| e.key.dir != DIR_EGRESS)
+        .collect();
     for l in 0..=128u32 {
         let class = CIDR_CLASS_BIT | (10 + l);
         let key6 = CidrKey {
@@ -729,7 +732,10 @@ fn prefix_lengths_follow_the_entries_across_changes() {
     let with = |len: u32, port_len: u32| {
         let mut s: DesiredState = standard_state();
         s.cidrs.clear();
-        s.policy.retain(|e, _| e.key.dir != DIR_EGRESS);
+        s.policy = std::mem::take(&mut s.policy)
+            .into_iter()
+            .filter(|(e, _)| e.key.dir != DIR_EGRESS)
+            .collect();
         s.cidrs
             .insert(support::cidr4(EP, DIR_EGRESS, [198, 51, 0, 0], len), class);
         s.policy.insert(

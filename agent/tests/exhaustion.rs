@@ -164,7 +164,10 @@ fn full_map_affects_only_the_endpoint_that_needs_more() {
     // EP2's entry sorts after EP's in the write order: write it first so it is the one that
     // fits (the point is that one endpoint's overflow leaves the other enforced as written).
     let mut first = s.clone();
-    first.policy.retain(|e, _| e.key.endpoint == EP2);
+    first.policy = std::mem::take(&mut first.policy)
+        .into_iter()
+        .filter(|(e, _)| e.key.endpoint == EP2)
+        .collect();
     first.endpoints.remove(&ifs[0]);
     assert_eq!(rig.writer.apply(&first).failed, 0);
     let stats = rig.writer.apply(&s);

@@ -14,6 +14,7 @@
 //! * an endpoint whose ENDPOINTS entry cannot be written loses its entry: the programs drop the
 //!   traffic of an attached interface without one (`Reason::UnknownEndpoint`).
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use palisade_common::{
@@ -24,7 +25,9 @@ use palisade_common::{
 use serde::Serialize;
 use tracing::{error, warn};
 
-use palisade_policy::state::{CidrEntry, DesiredState, PolicyEntry, Stamps, prefix_lengths};
+use palisade_policy::state::{
+    CidrEntry, DesiredState, PolicyEntry, PolicyMap, Stamps, prefix_lengths,
+};
 
 use crate::{
     error::{DatapathError, Result},
@@ -186,37 +189,37 @@ impl Scope {
         }
     }
 
-    /// The entries of `map` (keyed by endpoint id first) in scope, in key order.
-    fn entries<'a, K: Ord, V>(
+    /// The entries in scope of a map keyed by endpoint id first, in key order, given its
+    /// `range`.
+    fn entries<'a, K: Ord + 'a, V: 'a, I: Iterator<Item = (&'a K, &'a V)> + 'a>(
         &'a self,
-        map: &'a BTreeMap<K, V>,
+        range: impl Fn((Bound<K>, Bound<K>)) -> I + 'a,
         first_of: fn(u32) -> K,
     ) -> Box<dyn Iterator<Item = (&'a K, &'a V)> + 'a> {
-        use std::ops::Bound;
         match &self.endpoints {
-            None => Box::new(map.iter()),
+            None => Box::new(range((Bound::Unbounded, Bound::Unbounded))),
             Some(ids) => Box::new(ids.iter().flat_map(move |&id| {
                 let end = match id.checked_add(1) {
                     Some(next) => Bound::Excluded(first_of(next)),
                     None => Bound::Unbounded,
                 };
-                map.range((Bound::Included(first_of(id)), end))
+                range((Bound::Included(first_of(id)), end))
             })),
         }
     }
 
     fn policy<'a>(
         &'a self,
-        map: &'a BTreeMap<PolicyEntry, PolicyValue>,
+        map: &'a PolicyMap,
     ) -> Box<dyn Iterator<Item = (&'a PolicyEntry, &'a PolicyValue)> + 'a> {
-        self.entries(map, PolicyEntry::first_of)
+        self.entries(move |r| map.range(r), PolicyEntry::first_of)
     }
 
     fn cidrs<'a>(
         &'a self,
         map: &'a BTreeMap<CidrEntry, u32>,
     ) -> Box<dyn Iterator<Item = (&'a CidrEntry, &'a u32)> + 'a> {
-        self.entries(map, CidrEntry::first_of)
+        self.entries(move |r| map.range(r), CidrEntry::first_of)
     }
 }
 
@@ -431,6 +434,11 @@ impl MapWriter {
         self.write_endpoints(desired, &mut p);
         self.remove_gone_endpoints(desired, &mut p);
         self.write_endpoint_slots(desired, &mut p);
+        // A pass that wrote all it had to leaves POLICY as `desired` has it: keep that copy
+        // (shared with the compiler's result) instead of an equal one of our own.
+        if p.stats.failed == 0 && self.failures.is_empty() {
+            self.applied.policy = desired.policy.clone();
+        }
         p.stats
     }
 

@@ -42,8 +42,8 @@ use crate::model::cluster::{
 };
 use crate::model::{NamedPort, Peer, PodInfo, Policy, PortMatch, PortSpec, Protocol, Store};
 use crate::state::{
-    CidrEntry, DesiredState, Direction, DomainTable, EndpointMeta, PodRef, PolicyEntry, RuleRef,
-    Stamps, TierRuleInfo,
+    CidrEntry, DesiredState, Direction, DomainTable, EndpointMeta, PodRef, PolicyEntry, PolicyMap,
+    RuleRef, Stamps, TierRuleInfo,
 };
 
 /// A pod with an interface on this node.
@@ -518,24 +518,24 @@ struct Tiers<'a, 'p> {
 /// Removes an endpoint's POLICY and CIDRS entries (one by one: splitting and appending a
 /// tree would touch all of it).
 fn remove_entries(out: &mut DesiredState, id: u32) {
-    remove_run(&mut out.policy, PolicyEntry::first_of(id), |e| {
+    for e in run(out.policy.range(PolicyEntry::first_of(id)..), |e| {
         e.key.endpoint == id
-    });
-    remove_run(&mut out.cidrs, CidrEntry::first_of(id), |e| {
+    }) {
+        out.policy.remove(&e);
+    }
+    for e in run(out.cidrs.range(CidrEntry::first_of(id)..), |e| {
         e.key.endpoint == id
-    });
+    }) {
+        out.cidrs.remove(&e);
+    }
 }
 
-/// Removes the run of keys from `first` on for which `within` holds.
-fn remove_run<K: Ord + Copy, V>(map: &mut BTreeMap<K, V>, first: K, within: impl Fn(&K) -> bool) {
-    let run: Vec<K> = map
-        .range(first..)
-        .map(|(k, _)| *k)
-        .take_while(|k| within(k))
-        .collect();
-    for k in run {
-        map.remove(&k);
-    }
+/// The keys of a sorted range up to the first for which `within` does not hold.
+fn run<'m, K: Copy + 'm, V: 'm>(
+    range: impl Iterator<Item = (&'m K, &'m V)>,
+    within: impl Fn(&K) -> bool,
+) -> Vec<K> {
+    range.map(|(k, _)| *k).take_while(|k| within(k)).collect()
 }
 
 /// Does a selection select this identity?
@@ -644,12 +644,15 @@ fn all_v6() -> IpNetwork {
 }
 
 /// Flags the allow entries of `endpoint` in `dir` as coming from audit policies.
-fn mark_audit(policy: &mut BTreeMap<PolicyEntry, PolicyValue>, endpoint: u32, dir: Direction) {
-    let range = policy.range_mut(
-        PolicyEntry::first_of(endpoint)..PolicyEntry::first_of(endpoint.saturating_add(1)),
-    );
-    for (entry, value) in range {
-        if entry.key.dir == dir.as_u8() {
+fn mark_audit(policy: &mut PolicyMap, endpoint: u32, dir: Direction) {
+    let range = PolicyEntry::first_of(endpoint)..PolicyEntry::first_of(endpoint.saturating_add(1));
+    let marked: Vec<PolicyEntry> = policy
+        .range(range)
+        .map(|(e, _)| *e)
+        .filter(|e| e.key.dir == dir.as_u8())
+        .collect();
+    for e in marked {
+        if let Some(value) = policy.get_mut(&e) {
             value.flags |= POLICY_FLAG_AUDIT;
         }
     }
@@ -657,7 +660,7 @@ fn mark_audit(policy: &mut BTreeMap<PolicyEntry, PolicyValue>, endpoint: u32, di
 
 /// Adds a rule's contribution to the entry of a key.
 fn put(
-    policy: &mut BTreeMap<PolicyEntry, PolicyValue>,
+    policy: &mut PolicyMap,
     endpoint: u32,
     peer: u32,
     dir: Direction,
@@ -683,7 +686,7 @@ fn put(
 /// contains it). A lookup finds the longest key only, and "first matching rule" must hold for
 /// it. NetworkPolicy alone needs none of this (any allow allows), so only endpoints with tier
 /// rules are flattened.
-fn flatten_ports(policy: &mut BTreeMap<PolicyEntry, PolicyValue>, endpoint: u32) {
+fn flatten_ports(policy: &mut PolicyMap, endpoint: u32) {
     let range = PolicyEntry::first_of(endpoint)..PolicyEntry::first_of(endpoint.saturating_add(1));
     let own: Vec<(PolicyEntry, PolicyValue)> = policy.range(range).map(|(e, v)| (*e, *v)).collect();
     if own.len() < 2 {

@@ -360,11 +360,14 @@ impl PolicyEntry {
     }
 }
 
+/// POLICY entries, in a persistent map (shared by clones, copied where they change).
+pub type PolicyMap = imbl::OrdMap<PolicyEntry, PolicyValue>;
+
 /// The prefix lengths CIDRS and POLICY entries use, per endpoint and direction
 /// (PREFIX_LENGTHS), of one endpoint or of all (`None`).
 pub fn prefix_lengths(
     cidrs: &BTreeMap<CidrEntry, u32>,
-    policy: &BTreeMap<PolicyEntry, PolicyValue>,
+    policy: &PolicyMap,
     endpoint: Option<u32>,
 ) -> BTreeMap<PrefixLengthsKey, PrefixLengths> {
     let mut out: BTreeMap<PrefixLengthsKey, PrefixLengths> = BTreeMap::new();
@@ -438,8 +441,9 @@ pub struct DesiredState {
     pub node_ports: BTreeMap<palisade_common::NodePortKey, palisade_common::NodePortTarget>,
     /// CIDRS: flattened ipBlock prefixes -> CIDR class id (or `CIDR_CLASS_NONE`).
     pub cidrs: BTreeMap<CidrEntry, u32>,
-    /// POLICY: allow entries.
-    pub policy: BTreeMap<PolicyEntry, PolicyValue>,
+    /// POLICY: allow entries. A persistent map: the compiler's result and what the map
+    /// writer knows the kernel holds share one copy (the largest table of all).
+    pub policy: PolicyMap,
     /// Rule ids used in `policy`, decoded.
     pub rules: BTreeMap<u32, RuleRef>,
     /// Rule id -> its RULE_STATS slot (`PolicyValue::slot`); a rule without one (past
