@@ -9,7 +9,7 @@ use palisade::{
     source::{
         self,
         files::FileSource,
-        kube::{ClusterConfig, KubeSource},
+        kube::{ClusterConfig, InitialList, KubeSource},
     },
 };
 use palisade_datapath::Datapath;
@@ -57,6 +57,10 @@ enum Command {
         /// Cluster mode with this kubeconfig (default in a pod: the service account).
         #[arg(long, value_name = "FILE", env = "KUBECONFIG")]
         kubeconfig: Option<PathBuf>,
+        /// Cluster mode: how each watch is first filled. `stream` (Kubernetes 1.32+, the
+        /// WatchList feature) never holds every object at once, as a LIST response does.
+        #[arg(long, value_enum, default_value_t = InitialList::List, env = "PALISADE_INITIAL_LIST")]
+        initial_list: InitialList,
         /// Where the CNI plugin records the pods it provisions (`off`: no plugin). Default:
         /// /run/palisade/cni in cluster mode, off in standalone mode.
         #[arg(long, value_name = "DIR|off")]
@@ -258,6 +262,7 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Run {
             manifests,
             kubeconfig,
+            initial_list,
             cni_state_dir,
             admin_addr,
             pin_dir,
@@ -285,6 +290,7 @@ fn run(cli: Cli) -> Result<u8> {
             };
             let cluster = manifests.is_none().then(|| ClusterConfig {
                 kubeconfig,
+                initial_list,
                 node_name: node_name.clone().unwrap_or_default(),
             });
             if cluster.as_ref().is_some_and(|c| c.node_name.is_empty()) {

@@ -19,7 +19,9 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use http_body::Frame;
 use http_body_util::StreamBody;
-use palisade::source::kube::{CNP_INSTALLED, CNP_NOT_INSTALLED, ClusterState, Watch, watch_all};
+use palisade::source::kube::{
+    CNP_INSTALLED, CNP_NOT_INSTALLED, ClusterState, InitialList, Watch, watch_all,
+};
 use palisade_common::{PROTO_TCP, PROTO_UDP};
 use palisade_policy::cnp::{Action, Tier};
 use palisade_policy::compile::{Compiler, LocalEndpoint};
@@ -385,7 +387,7 @@ async fn replayed_api_drives_compiler_and_maps() {
         .try_init();
     let root = datapath::require_root();
     let replay = scripted();
-    let mut updates = Box::pin(watch_all(client(&replay)));
+    let mut updates = Box::pin(watch_all(client(&replay), InitialList::List));
     let mut state = ClusterState::default();
 
     // Phase 1: the initial lists (services after a failed list and a backoff).
@@ -701,7 +703,7 @@ async fn without_the_cnp_crd_network_policy_is_enforced_and_the_crd_noticed_once
     for step in not_found {
         replay.add("clusternetworkpolicies", false, step);
     }
-    let mut updates = Box::pin(watch_all(client(&replay)));
+    let mut updates = Box::pin(watch_all(client(&replay), InitialList::List));
     let mut state = ClusterState::default();
 
     until(

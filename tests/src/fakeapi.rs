@@ -481,6 +481,9 @@ fn serve(
         .and_then(|v| v.parse().ok())
         .unwrap_or(290u64);
     let bookmarks = q.get("allowWatchBookmarks") == Some(&"true");
+    // A streaming list (`sendInitialEvents=true`, KEP-3157): every object as an ADDED event,
+    // then a bookmark marking the end of them, then the watch as usual.
+    let initial_events = q.get("sendInitialEvents") == Some(&"true");
     write!(
         conn,
         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n"
@@ -499,6 +502,26 @@ fn serve(
     let _forget = Forget(state, id);
     let mut s = lock.lock().unwrap();
     *s.requests.entry(format!("watch {resource}")).or_default() += 1;
+    if initial_events {
+        *s.requests.entry(format!("stream {resource}")).or_default() += 1;
+        let events: Vec<String> = s
+            .objects
+            .iter()
+            .filter(|((r, _, _), _)| r == resource)
+            .map(|(_, v)| json!({"type": "ADDED", "object": v}).to_string())
+            .collect();
+        since = s.rv;
+        let end = json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": api_version,
+            "metadata": {"resourceVersion": since.to_string(),
+                "annotations": {"k8s.io/initial-events-end": "true"}}}});
+        drop(s);
+        for e in events {
+            writeln!(conn, "{e}")?;
+        }
+        writeln!(conn, "{end}")?;
+        conn.flush()?;
+        s = lock.lock().unwrap();
+    }
     s.watchers.insert(
         id,
         Watcher {

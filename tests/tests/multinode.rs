@@ -165,6 +165,17 @@ fn relists(c: &Cluster, k: usize) -> usize {
 
 #[test]
 fn killing_one_nodes_agent_affects_no_other_node_and_it_catches_up() {
+    faults("list");
+}
+
+/// The same with streaming lists: every watch (and every re-list after the 410) is filled by
+/// a watch that sends each object as an event, and the API server counts no LIST at all.
+#[test]
+fn with_streaming_lists_too() {
+    faults("stream");
+}
+
+fn faults(initial_list: &str) {
     if !require_root() {
         return;
     }
@@ -197,8 +208,9 @@ fn killing_one_nodes_agent_affects_no_other_node_and_it_catches_up() {
         }
     }
     c.api.apply_all(POLICIES);
-    let work = WorkDir::new("multinode");
+    let work = WorkDir::new(&format!("multinode-{initial_list}"));
     let bin = agent_binary();
+    c.agent_args = vec!["--initial-list".into(), initial_list.into()];
     c.start_agents(&bin, work.path(), Duration::from_secs(60))
         .expect("three agents enforce their pods");
 
@@ -341,8 +353,17 @@ fn killing_one_nodes_agent_affects_no_other_node_and_it_catches_up() {
         .iter()
         .filter(|w| w.contains("expected allowed"))
         .count();
+    if initial_list == "stream" {
+        for r in ["pods", "namespaces", "networkpolicies"] {
+            assert_eq!(c.api.requests(&format!("list {r}")), 0, "{r} were listed");
+            assert!(
+                c.api.requests(&format!("stream {r}")) > 3,
+                "{r} were not streamed"
+            );
+        }
+    }
     eprintln!(
-        "multi-node faults: {kills} kill -9s of {}'s agent, {changes} changes while it was down, \
+        "multi-node faults ({initial_list}): {kills} kill -9s of {}'s agent, {changes} changes while it was down, \
          one 410 for all; probes: {} sent ({} flows, probed continuously), {passed} wrongly \
          passed, {failed} wrongly failed",
         node_name(VICTIM),

@@ -238,20 +238,40 @@ pub fn not_found(e: &watcher::Error) -> bool {
     status.code == 404 || status.reason == "NotFound"
 }
 
+/// How a watch is first filled (and filled again after a 410).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum InitialList {
+    /// One LIST per resource, served from the API server's watch cache: the response holds
+    /// every object at once (for 10 000 pods, some 30 MB of JSON and its objects).
+    #[default]
+    List,
+    /// A watch that sends every object as an event, then a bookmark (streaming lists,
+    /// Kubernetes 1.32+ with the WatchList feature): one object at a time, also from the
+    /// cache.
+    Stream,
+}
+
 fn watch<K>(
     api: Api<K>,
     source: Watch,
+    initial: InitialList,
     wrap: fn(watcher::Event<K>) -> Update,
 ) -> impl Stream<Item = Update> + Send + 'static
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
-    // Lists are served from the API server's watch cache (resourceVersion=0): every node's
-    // agent lists every pod, which must not go to etcd each time.
-    // (Unpaginated: the API server ignores a limit with resourceVersion=0 anyway, and kube
-    // would drop the version to honour the limit.)
-    let mut cfg = watcher::Config::default().any_semantic();
-    cfg.page_size = None;
+    let cfg = match initial {
+        // Lists are served from the API server's watch cache (resourceVersion=0): every
+        // node's agent lists every pod, which must not go to etcd each time.
+        // (Unpaginated: the API server ignores a limit with resourceVersion=0 anyway, and
+        // kube would drop the version to honour the limit.)
+        InitialList::List => {
+            let mut cfg = watcher::Config::default().any_semantic();
+            cfg.page_size = None;
+            cfg
+        }
+        InitialList::Stream => watcher::Config::default().streaming_lists(),
+    };
     watcher(api, cfg).default_backoff().map(move |r| match r {
         Ok(e) => wrap(e),
         Err(e) if source.optional() && not_found(&e) => Update::NotInstalled(source, e.to_string()),
@@ -260,47 +280,61 @@ where
 }
 
 /// Every watch the agent needs, merged.
-pub fn watch_all(client: Client) -> impl Stream<Item = Update> + Send + 'static {
-    let pods = watch(Api::<Pod>::all(client.clone()), Watch::Pods, |e| {
+pub fn watch_all(
+    client: Client,
+    initial: InitialList,
+) -> impl Stream<Item = Update> + Send + 'static {
+    let pods = watch(Api::<Pod>::all(client.clone()), Watch::Pods, initial, |e| {
         Update::Pod(Box::new(e))
     });
     futures::stream::select_all([
         watch(
             Api::<Namespace>::all(client.clone()),
             Watch::Namespaces,
+            initial,
             |e| Update::Namespace(Box::new(e)),
         )
         .boxed(),
         pods.boxed(),
-        watch(Api::<Node>::all(client.clone()), Watch::Nodes, |e| {
-            Update::Node(Box::new(e))
-        })
+        watch(
+            Api::<Node>::all(client.clone()),
+            Watch::Nodes,
+            initial,
+            |e| Update::Node(Box::new(e)),
+        )
         .boxed(),
         watch(
             Api::<NetworkPolicy>::all(client.clone()),
             Watch::NetworkPolicies,
+            initial,
             |e| Update::Policy(Box::new(e)),
         )
         .boxed(),
         watch(
             Api::<ClusterNetworkPolicyResource>::all(client.clone()),
             Watch::ClusterNetworkPolicies,
+            initial,
             |e| Update::ClusterPolicy(Box::new(e)),
         )
         .boxed(),
-        watch(Api::<Service>::all(client.clone()), Watch::Services, |e| {
-            Update::Service(Box::new(e))
-        })
+        watch(
+            Api::<Service>::all(client.clone()),
+            Watch::Services,
+            initial,
+            |e| Update::Service(Box::new(e)),
+        )
         .boxed(),
         watch(
             Api::<EndpointSlice>::all(client.clone()),
             Watch::EndpointSlices,
+            initial,
             |e| Update::Slice(Box::new(e)),
         )
         .boxed(),
         watch(
             Api::<EgressGatewayResource>::all(client),
             Watch::EgressGateways,
+            initial,
             |e| Update::EgressGateway(Box::new(e)),
         )
         .boxed(),
@@ -660,6 +694,7 @@ pub struct ClusterConfig {
     pub kubeconfig: Option<PathBuf>,
     /// `spec.nodeName` of this node's pods (`NODE_NAME`, from the downward API).
     pub node_name: String,
+    pub initial_list: InitialList,
 }
 
 /// A client from a kubeconfig file, or the in-cluster service account.
@@ -697,7 +732,10 @@ impl KubeSource {
     pub async fn connect(cluster: &ClusterConfig) -> Result<KubeSource> {
         let client = client(cluster.kubeconfig.as_deref()).await?;
         raise_memlock_limit();
-        Ok(KubeSource::new(&cluster.node_name, watch_all(client)))
+        Ok(KubeSource::new(
+            &cluster.node_name,
+            watch_all(client, cluster.initial_list),
+        ))
     }
 
     /// The source over any stream of watch events (tests replay recorded ones).

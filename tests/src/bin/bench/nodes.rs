@@ -150,17 +150,31 @@ pub fn run(cfg: &Config, agent_bin: &Path, work: &Path, report: &mut Value) -> R
         // The agents go idle between changes (as between real API events).
         std::thread::sleep(Duration::from_millis(20));
     }
-    let rss: Vec<f64> = (0..NODES)
-        .map(|k| {
-            c.agent(k)
-                .and_then(|a| a.pid())
-                .map_or(Ok(f64::NAN), rss_mib)
-        })
-        .collect::<Result<_>>()?;
+    let agents_rss = |c: &Cluster| -> Result<Vec<f64>> {
+        (0..NODES)
+            .map(|k| {
+                c.agent(k)
+                    .and_then(|a| a.pid())
+                    .map_or(Ok(f64::NAN), rss_mib)
+            })
+            .collect()
+    };
+    let rss = agents_rss(&c)?;
     eprintln!(
         "bench: nodes: change → enforced on all {NODES} nodes p50 {:.0} ms, p99 {:.0} ms; agents' RSS {rss:.1?} MiB",
         percentile(&samples, 50.0),
         percentile(&samples, 99.0)
+    );
+    // The same agents again (adopting their pins), each watch filled by a streaming list:
+    // the first read holds one object at a time instead of a LIST response of every pod.
+    c.agent_args = vec!["--initial-list".into(), "stream".into()];
+    let t = Instant::now();
+    c.start_agents(agent_bin, &work, Duration::from_secs(600))?;
+    let stream_sync_ms = t.elapsed().as_secs_f64() * 1e3;
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_stream = agents_rss(&c)?;
+    eprintln!(
+        "bench: nodes: with streaming lists every agent enforcing in {stream_sync_ms:.0} ms; agents' RSS {rss_stream:.1?} MiB"
     );
     set(
         report,
@@ -181,6 +195,10 @@ pub fn run(cfg: &Config, agent_bin: &Path, work: &Path, report: &mut Value) -> R
             "first_sync_ms": round(first_sync_ms),
             "per_node_p99_ms": per_node.iter().map(|v| round(percentile(v, 99.0))).collect::<Vec<_>>(),
             "agent_rss_mib": rss.iter().map(|v| round(*v)).collect::<Vec<_>>(),
+            "streaming_lists": {
+                "first_sync_ms": round(stream_sync_ms),
+                "agent_rss_mib": rss_stream.iter().map(|v| round(*v)).collect::<Vec<_>>(),
+            },
             "samples_ms": samples.iter().map(|v| round(*v)).collect::<Vec<_>>(),
         }),
     );

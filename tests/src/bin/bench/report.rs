@@ -1084,7 +1084,13 @@ pub fn markdown(r: &Value) -> String {
              | the same, max (ms) | {} |\n\
              | per node, p99 (ms) | {} |\n\
              | agents' resident memory (MiB) | {} |\n\
-             | first sync of all agents (ms) | {} |\n\nOver {} changes.\n",
+             | first sync of all agents (ms) | {} |\n\
+             | the same agents restarted with streaming lists (`--initial-list stream`): \
+             resident memory (MiB) | {} |\n\
+             | their first sync (ms) | {} |\n\nOver {} changes. A LIST response holds every \
+             pod at once (some 30 MB of JSON and its objects at 10 000 pods), and the heap \
+             keeps what that first read spread out; a streaming list sends one object at a \
+             time.\n",
             int("nodes_detail.nodes"),
             arr("nodes_detail.endpoints_per_node"),
             n("nodes_change_ms.p50"),
@@ -1093,6 +1099,8 @@ pub fn markdown(r: &Value) -> String {
             arr("nodes_detail.per_node_p99_ms"),
             arr("nodes_detail.agent_rss_mib"),
             n("nodes_detail.first_sync_ms"),
+            arr("nodes_detail.streaming_lists.agent_rss_mib"),
+            n("nodes_detail.streaming_lists.first_sync_ms"),
             int("nodes_detail.changes"),
         );
     }
