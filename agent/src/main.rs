@@ -57,8 +57,9 @@ enum Command {
         /// Cluster mode with this kubeconfig (default in a pod: the service account).
         #[arg(long, value_name = "FILE", env = "KUBECONFIG")]
         kubeconfig: Option<PathBuf>,
-        /// Cluster mode: how each watch is first filled. `stream` (Kubernetes 1.32+, the
-        /// WatchList feature) never holds every object at once, as a LIST response does.
+        /// Cluster mode: how each watch is first filled. `stream` (the API server's WatchList
+        /// feature: Kubernetes 1.32, 1.34 and later) never holds every object at once, as a
+        /// LIST response does.
         #[arg(long, value_enum, default_value_t = InitialList::List, env = "PALISADE_INITIAL_LIST")]
         initial_list: InitialList,
         /// Where the CNI plugin records the pods it provisions (`off`: no plugin). Default:

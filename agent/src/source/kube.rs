@@ -245,9 +245,9 @@ pub enum InitialList {
     /// every object at once (for 10 000 pods, some 30 MB of JSON and its objects).
     #[default]
     List,
-    /// A watch that sends every object as an event, then a bookmark (streaming lists,
-    /// Kubernetes 1.32+ with the WatchList feature): one object at a time, also from the
-    /// cache.
+    /// A watch that sends every object as an event, then a bookmark (streaming lists: the
+    /// API server's WatchList feature, on by default in Kubernetes 1.32 and from 1.34): one
+    /// object at a time, also from the cache. An API server without it refuses the watch.
     Stream,
 }
 
