@@ -9,13 +9,13 @@ use std::sync::{
     Arc, Mutex,
     atomic::{AtomicBool, AtomicU64, Ordering},
 };
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use palisade_tests::{
     agent::agent_binary,
     rig::{Pod, ProbeSpec, Proto, probe_many, require_root},
 };
-use support::Setup;
+use support::{Setup, wait_for};
 
 fn b_policy(ports: &[u16]) -> String {
     let ports: Vec<String> = ports
@@ -261,14 +261,6 @@ fn detach_link(pin: &std::path::Path) {
     };
     unsafe { libc::close(fd as i32) };
     assert_eq!(r, 0, "BPF_LINK_DETACH: {}", std::io::Error::last_os_error());
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

@@ -15,7 +15,7 @@ use palisade_tests::{
     netns,
     rig::{Node, Pod, require_root},
 };
-use support::demo_node;
+use support::{demo_node, wait_for};
 
 const POLICY: &str = r#"
 apiVersion: policy.networking.k8s.io/v1alpha2
@@ -682,14 +682,6 @@ fn answers_mapped(pid: u32) -> bool {
             u64::from_str_radix(b, 16).unwrap_or(0) - u64::from_str_radix(a, 16).unwrap_or(0);
         path.starts_with("anon_inode:bpf") && size >= 2 * u64::from(capacity::DNS_ANSWERS_BYTES)
     })
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

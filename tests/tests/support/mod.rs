@@ -16,6 +16,18 @@ use palisade_tests::{
 
 pub const TIMEOUT: Duration = Duration::from_millis(600);
 
+/// Polls `f` every 100 ms until it holds; fails the test, naming `what`, after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A node with pods `demo-<name>` for each of `names` (IPv6 too if `ipv6`), each serving TCP 80
 /// and 81 and UDP 80.
 pub fn demo_node(names: &[&str], ipv6: bool) -> Node {
