@@ -68,18 +68,18 @@ impl DnsPath {
             .map_err(map_err(map_names::FQDN_CTL, "opening it"))?;
         let conntrack = HashMap::try_from(open(dp, map_names::CONNTRACK)?)
             .map_err(map_err(map_names::CONNTRACK, "opening it"))?;
-        let answers = RingBuf::try_from(dp.take_map(map_names::DNS_ANSWERS)?)
-            .map_err(map_err(map_names::DNS_ANSWERS, "opening it"))?;
-        let answers_id = answers
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(DatapathError::Thread)
-            .and_then(|fd| {
-                MapData::from_fd(fd)
-                    .and_then(|m| m.info())
-                    .map_err(map_err(map_names::DNS_ANSWERS, "reading its info"))
-            })?
+        let Map::RingBuf(data) = dp.take_map(map_names::DNS_ANSWERS)? else {
+            return Err(DatapathError::MapKind {
+                map: map_names::DNS_ANSWERS.to_string(),
+                why: "it must be a ring buffer",
+            });
+        };
+        let answers_id = data
+            .info()
+            .map_err(map_err(map_names::DNS_ANSWERS, "reading its info"))?
             .id();
+        let answers = RingBuf::try_from(Map::RingBuf(data))
+            .map_err(map_err(map_names::DNS_ANSWERS, "opening it"))?;
         Ok(DnsPath {
             ips,
             servers,
@@ -162,11 +162,6 @@ impl DnsPath {
             _ => {}
         }
         Ok(())
-    }
-
-    /// Whether DNS_ANSWERS is mapped.
-    pub fn reads_answers(&self) -> bool {
-        self.answers.is_some()
     }
 
     /// Waits up to `timeout` for DNS_ANSWERS to have a record (for `timeout` when it is not

@@ -90,6 +90,16 @@ struct ApiState {
 /// on channel 3.
 pub type ExecHandler = Arc<dyn Fn(&[String]) -> std::process::Command + Send + Sync>;
 
+impl ApiState {
+    /// The objects of `resource`, as a list or a streaming list sends them.
+    fn objects_of<'s>(&'s self, resource: &'s str) -> impl Iterator<Item = &'s Value> + 's {
+        self.objects
+            .iter()
+            .filter(move |((r, _, _), _)| r == resource)
+            .map(|(_, v)| v)
+    }
+}
+
 /// An open watch: who asked, for what, and how far it has been sent the history.
 #[derive(Clone, Debug)]
 struct Watcher {
@@ -447,10 +457,8 @@ fn serve(
         let mut s = lock.lock().unwrap();
         *s.requests.entry(format!("list {resource}")).or_default() += 1;
         let items: Vec<Value> = s
-            .objects
-            .iter()
-            .filter(|((r, _, _), _)| r == resource)
-            .map(|(_, v)| {
+            .objects_of(resource)
+            .map(|v| {
                 // Items of built-in lists carry no kind or apiVersion, as the API server sends
                 // them.
                 let mut v = v.clone();
@@ -505,10 +513,8 @@ fn serve(
     if initial_events {
         *s.requests.entry(format!("stream {resource}")).or_default() += 1;
         let events: Vec<String> = s
-            .objects
-            .iter()
-            .filter(|((r, _, _), _)| r == resource)
-            .map(|(_, v)| json!({"type": "ADDED", "object": v}).to_string())
+            .objects_of(resource)
+            .map(|v| json!({"type": "ADDED", "object": v}).to_string())
             .collect();
         since = s.rv;
         let end = json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": api_version,
