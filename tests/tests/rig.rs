@@ -16,7 +16,15 @@ use palisade_tests::{
     sctp,
 };
 
+/// How long a probe expected to fail waits for an answer.
 const TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a probe expected to connect may take. One that is answered returns at once, so
+/// this bound only matters on a loaded machine, where a first SYN or INIT can miss 500 ms.
+const CONNECT: Duration = Duration::from_secs(5);
+/// A bound on a batch of concurrent probes, each of which waits out [`TIMEOUT`]: every batch
+/// held to it would take at least six timeouts probed one after another, and a loaded
+/// machine still finishes it well inside.
+const CONCURRENT: Duration = Duration::from_millis(2000);
 const SERVED: u16 = 80;
 const UNSERVED: u16 = 81;
 
@@ -71,14 +79,14 @@ fn all_pairs(ipv6: bool) {
                 for proto in Proto::ALL {
                     let t = Instant::now();
                     assert!(
-                        n.probe(from, to.ip(v6), SERVED, proto, TIMEOUT),
+                        n.probe(from, to.ip(v6), SERVED, proto, CONNECT),
                         "{} -> {} {proto} {SERVED} (ipv6: {v6}) should connect",
                         from.name,
                         to.name
                     );
                     assert!(
-                        t.elapsed() < TIMEOUT,
-                        "a successful probe returns early: {:?}",
+                        t.elapsed() < CONNECT,
+                        "a successful probe returns before its timeout: {:?}",
                         t.elapsed()
                     );
                     unserved.push(ProbeSpec {
@@ -89,12 +97,17 @@ fn all_pairs(ipv6: bool) {
                         timeout: TIMEOUT,
                     });
                 }
-                let t = Instant::now();
-                assert!(!n.probe(from, to.ip(v6), UNSERVED, Proto::Tcp, TIMEOUT));
-                assert!(
-                    t.elapsed() < Duration::from_millis(200),
-                    "TCP to an unserved port is refused at once, took {:?}",
-                    t.elapsed()
+                let refused = n.probe_outcomes(&[ProbeSpec {
+                    from,
+                    to: to.ip(v6),
+                    port: UNSERVED,
+                    proto: Proto::Tcp,
+                    timeout: CONNECT,
+                }]);
+                assert_eq!(
+                    refused,
+                    [Outcome::Refused],
+                    "TCP to an unserved port is refused, not left to time out"
                 );
             }
         }
@@ -114,7 +127,7 @@ fn all_pairs(ipv6: bool) {
         "SCTP to an unserved port waits for the timeout ({took:?})"
     );
     assert!(
-        took < TIMEOUT * 3 / 2,
+        took < CONCURRENT,
         "unserved probes ran concurrently ({took:?})"
     );
 }
@@ -152,7 +165,7 @@ fn probe_matrix_runs_concurrently() {
                             to: to.ip(v6),
                             port,
                             proto,
-                            timeout: TIMEOUT,
+                            timeout: if port == SERVED { CONNECT } else { TIMEOUT },
                         });
                     }
                 }
@@ -177,13 +190,14 @@ fn probe_matrix_runs_concurrently() {
             s.port
         );
     }
-    assert!(took < TIMEOUT * 3 / 2, "took {took:?}");
+    assert!(took < CONCURRENT, "took {took:?}");
 }
 
-/// A node of 9 pods (the conformance layout) comes up in well under 2 s, and its 72-pair
-/// matrix takes about one timeout.
+/// A node of 9 pods (the conformance layout): every pair connects over every protocol, and a
+/// 72-pair matrix of unserved probes runs concurrently. How long the node takes to come up is
+/// printed (the bench measures speed; a timed assertion here would fail on a loaded machine).
 #[test]
-fn nine_pod_node_is_quick() {
+fn nine_pod_node_probes_concurrently() {
     if !require_root() {
         return;
     }
@@ -202,10 +216,6 @@ fn nine_pod_node_is_quick() {
     .unwrap();
     let served = t.elapsed() - created;
     eprintln!("9-pod dual-stack node created in {created:?}, servers started in {served:?}");
-    assert!(
-        created < Duration::from_secs(2),
-        "creation took {created:?}"
-    );
     for proto in Proto::ALL {
         let mut specs = Vec::new();
         for from in n.pods() {
@@ -215,7 +225,7 @@ fn nine_pod_node_is_quick() {
                     to: to.ip(false),
                     port: 80,
                     proto,
-                    timeout: TIMEOUT,
+                    timeout: CONNECT,
                 });
             }
         }
@@ -225,13 +235,14 @@ fn nine_pod_node_is_quick() {
         assert!(ok.iter().all(|o| *o), "{proto}: {ok:?}");
         for s in &mut specs {
             s.port = 82;
+            s.timeout = TIMEOUT;
         }
         let t = Instant::now();
         let ok = n.probe_many(&specs);
         let took = t.elapsed();
         eprintln!("72-pair {proto} matrix (all unserved) in {took:?}");
         assert!(ok.iter().all(|o| !*o), "{proto}: {ok:?}");
-        assert!(took < TIMEOUT * 3 / 2, "{proto}: {took:?}");
+        assert!(took < CONCURRENT, "{proto}: {took:?}");
     }
     let t = Instant::now();
     drop(n);
@@ -337,7 +348,7 @@ fn node_and_pods_reach_each_other() {
         for &v6 in families(ipv6) {
             for proto in Proto::ALL {
                 assert!(
-                    n.probe_from_node(pod.ip(v6), SERVED, proto, TIMEOUT),
+                    n.probe_from_node(pod.ip(v6), SERVED, proto, CONNECT),
                     "node -> pod {proto} ipv6={v6}"
                 );
             }
@@ -406,7 +417,7 @@ fn namespaces_are_removed_on_drop_and_on_panic() {
     );
     // Some traffic first, so that servers have connections and probe threads have run.
     for proto in Proto::ALL {
-        assert!(n.probe(&n.pods()[0], n.pods()[1].ip(true), SERVED, proto, TIMEOUT));
+        assert!(n.probe(&n.pods()[0], n.pods()[1].ip(true), SERVED, proto, CONNECT));
     }
     let inodes: Vec<String> = names
         .iter()
@@ -485,7 +496,7 @@ fn parallel_rigs_do_not_collide() {
                     let (a, b) = (&n.pods()[0], &n.pods()[1]);
                     for proto in Proto::ALL {
                         assert!(
-                            n.probe(a, b.ip(false), SERVED, proto, TIMEOUT),
+                            n.probe(a, b.ip(false), SERVED, proto, CONNECT),
                             "rig {i} {proto}"
                         );
                     }
@@ -527,7 +538,7 @@ fn probes_to_nowhere_fail_within_the_timeout() {
         .collect();
     let t = Instant::now();
     assert!(n.probe_many(&specs).iter().all(|ok| !ok));
-    assert!(t.elapsed() < TIMEOUT * 3 / 2);
+    assert!(t.elapsed() < CONCURRENT, "took {:?}", t.elapsed());
 }
 
 /// The kernel's own SCTP conntrack (which verifies the CRC32c at prerouting and tracks INIT /
@@ -565,7 +576,7 @@ fn sctp_handshake_is_valid_for_kernel_conntrack() {
     }
     for v6 in [false, true] {
         assert!(
-            n.probe(client, server.ip(v6), SERVED, Proto::Sctp, TIMEOUT),
+            n.probe(client, server.ip(v6), SERVED, Proto::Sctp, CONNECT),
             "ipv6={v6}"
         );
     }
@@ -681,12 +692,16 @@ fn outcomes(ipv6: bool) {
     ];
     let specs: Vec<ProbeSpec<'_>> = cases
         .iter()
-        .map(|&(to, port, proto, _)| ProbeSpec {
+        .map(|&(to, port, proto, want)| ProbeSpec {
             from: a,
             to,
             port,
             proto,
-            timeout: TIMEOUT,
+            timeout: if want == Outcome::TimedOut {
+                TIMEOUT
+            } else {
+                CONNECT
+            },
         })
         .collect();
     let got = n.probe_outcomes(&specs);
@@ -741,7 +756,7 @@ fn host_servers_answer_from_the_node_address() {
                     to,
                     port: HOST_PORT,
                     proto,
-                    timeout: TIMEOUT,
+                    timeout: CONNECT,
                 }]),
                 [Outcome::Connected],
                 "{} -> {to} {proto}/{HOST_PORT}",
