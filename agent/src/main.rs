@@ -59,8 +59,9 @@ enum Command {
         kubeconfig: Option<PathBuf>,
         /// Cluster mode: how each watch is first filled. `stream` (the API server's WatchList
         /// feature: Kubernetes 1.32, 1.34 and later) never holds every object at once, as a
-        /// LIST response does.
-        #[arg(long, value_enum, default_value_t = InitialList::List, env = "PALISADE_INITIAL_LIST")]
+        /// LIST response does; a watch whose streaming list the API server refuses (1.33)
+        /// lists with LIST from then on. `list`: always LIST.
+        #[arg(long, value_enum, default_value_t = InitialList::Stream, env = "PALISADE_INITIAL_LIST")]
         initial_list: InitialList,
         /// Where the CNI plugin records the pods it provisions (`off`: no plugin). Default:
         /// /run/palisade/cni in cluster mode, off in standalone mode.

@@ -1,5 +1,6 @@
 //! The cluster-mode source (kube-rs watchers) against recorded API server responses
-//! (`fixtures/kube/`), replayed by a mock `tower` service behind `kube::Client::new`: lists, watch
+//! (`fixtures/kube/`), replayed by a mock `tower` service behind `kube::Client::new`: streaming
+//! lists refused (1.33's default) and every watch falling back to LIST for good, lists, watch
 //! events, bookmarks, a failed list that must back off and retry, `410 Gone` that must re-list
 //! (removing what was deleted during the gap), deletions; Nodes and ClusterNetworkPolicies (an
 //! invalid update keeping the last good version), and a cluster without the ClusterNetworkPolicy
@@ -89,7 +90,8 @@ fn failure(status: u16, content_type: &'static str, name: &str, phase: u32) -> S
 type Script = HashMap<(String, bool), VecDeque<Step>>;
 
 /// The API server: scripted answers per (resource, list|watch); a watch with no script left
-/// hangs (as an idle watch does), a list with none left is an error.
+/// hangs (as an idle watch does), a list with none left is an error. Every streaming list is
+/// refused, as 1.33 does (`watchlist-refused.json`); the log names those requests `stream`.
 #[derive(Clone)]
 struct Replay {
     script: Arc<Mutex<Script>>,
@@ -129,10 +131,33 @@ impl Replay {
         let query = req.uri().query().unwrap_or("").to_string();
         let resource = path.rsplit('/').next().unwrap_or("").to_string();
         let is_watch = query.split('&').any(|kv| kv == "watch=true");
+        let streaming = is_watch && query.split('&').any(|kv| kv == "sendInitialEvents=true");
         self.requests.lock().unwrap().push(format!(
             "{} {resource} {query}",
-            if is_watch { "watch" } else { "list" }
+            match (is_watch, streaming) {
+                (true, true) => "stream",
+                (true, false) => "watch",
+                _ => "list",
+            }
         ));
+        // Kubernetes 1.33, whose recordings these are, refuses every streaming list with its
+        // default feature gates.
+        if streaming {
+            let refused = failure(422, JSON, "watchlist-refused.json", 0);
+            return http::Response::builder()
+                .status(refused.status)
+                .header("content-type", refused.content_type)
+                .body(StreamBody::new(
+                    futures::stream::iter(
+                        refused
+                            .chunks
+                            .into_iter()
+                            .map(|c| Ok(Frame::data(Bytes::from(c)))),
+                    )
+                    .boxed(),
+                ))
+                .unwrap();
+        }
         let step = self
             .script
             .lock()
@@ -387,7 +412,9 @@ async fn replayed_api_drives_compiler_and_maps() {
         .try_init();
     let root = datapath::require_root();
     let replay = scripted();
-    let mut updates = Box::pin(watch_all(client(&replay), InitialList::List));
+    // The agent's default, streaming lists: this API server (1.33) refuses each, and each
+    // watch lists with LIST from then on.
+    let mut updates = Box::pin(watch_all(client(&replay), InitialList::default()));
     let mut state = ClusterState::default();
 
     // Phase 1: the initial lists (services after a failed list and a backoff).
@@ -403,6 +430,23 @@ async fn replayed_api_drives_compiler_and_maps() {
         replay.count("list services"),
         2,
         "the failed list was retried"
+    );
+    assert_eq!(
+        state.list_fallbacks().len(),
+        Watch::ALL.len(),
+        "every watch fell back to LIST"
+    );
+    for w in Watch::ALL {
+        assert_eq!(
+            replay.count(&format!("stream {} ", w.as_str())),
+            1,
+            "{}: one streaming list, refused, then LIST",
+            w.as_str()
+        );
+    }
+    assert!(
+        state.failing().is_empty() && state.watch_errors().is_empty(),
+        "a refused streaming list is not a failing watch"
     );
     assert!(
         state.failing().is_empty(),
@@ -624,6 +668,11 @@ async fn replayed_api_drives_compiler_and_maps() {
         replay.requests.lock().unwrap()
     );
     assert_eq!(replay.count("list clusternetworkpolicies"), 1, "no re-list");
+    assert_eq!(
+        replay.count("stream networkpolicies"),
+        1,
+        "the re-list after 410 Gone is a LIST: the API server refused streaming lists"
+    );
     assert_eq!(
         state.store.cluster_policies.keys().collect::<Vec<_>>(),
         ["allow-dns", "web-metrics"]

@@ -79,6 +79,8 @@ struct ApiState {
     requests: BTreeMap<String, u64>,
     /// Resources whose CRD is not installed: every request for them is a `404`.
     missing: BTreeSet<String>,
+    /// Streaming lists are refused (`422 Invalid`), as Kubernetes 1.33 does by default.
+    refuse_streams: bool,
     /// Open watches, by a number of their own.
     watchers: BTreeMap<u64, Watcher>,
     /// What `exec` into a pod runs, by (namespace, name).
@@ -268,6 +270,12 @@ impl FakeApi {
         cv.notify_all();
     }
 
+    /// Refuses every streaming list (`sendInitialEvents=true`) with `422 Invalid`, as
+    /// Kubernetes 1.33 does with its default feature gates (WatchList off).
+    pub fn refuse_streaming_lists(&self) {
+        self.state.0.lock().unwrap().refuse_streams = true;
+    }
+
     /// `exec` into pod `namespace/name` runs `handler(argv)` (the pod must also be in the API
     /// for lookups; the exec itself needs only this).
     pub fn serve_exec(&self, namespace: &str, name: &str, handler: ExecHandler) {
@@ -338,6 +346,14 @@ impl FakeApi {
         }
     }
 
+    /// How many times the watches of `resource` were filled: its LISTs and its streaming
+    /// lists.
+    pub fn fills(&self, resource: &str) -> u64 {
+        self.requests(&format!("list {resource}")) + self.requests(&format!("stream {resource}"))
+    }
+
+    /// Requests served, by what they were: `list R`, `watch R` (streaming lists included),
+    /// `stream R`, `exec NS/NAME`.
     pub fn requests(&self, what: &str) -> u64 {
         self.state
             .0
@@ -449,8 +465,23 @@ fn serve(
         if s.missing.contains(resource) {
             let what = format!("{} {resource}", if watch { "watch" } else { "list" });
             *s.requests.entry(what).or_default() += 1;
+            if watch && q.get("sendInitialEvents") == Some(&"true") {
+                *s.requests.entry(format!("stream {resource}")).or_default() += 1;
+            }
             drop(s);
             return page_not_found(&mut conn);
+        }
+        if watch && s.refuse_streams && q.get("sendInitialEvents") == Some(&"true") {
+            *s.requests.entry(format!("stream {resource}")).or_default() += 1;
+            drop(s);
+            return status_failure(
+                &mut conn,
+                422,
+                "Invalid",
+                "ListOptions.meta.k8s.io \"\" is invalid: sendInitialEvents: Forbidden: \
+                 sendInitialEvents is forbidden for watch unless the WatchList feature gate is \
+                 enabled",
+            );
         }
     }
     if !watch {
@@ -639,6 +670,7 @@ fn status_failure(conn: &mut TcpStream, code: u16, reason: &str, message: &str) 
     let line = match code {
         404 => "404 Not Found",
         400 => "400 Bad Request",
+        422 => "422 Unprocessable Entity",
         _ => "500 Internal Server Error",
     };
     respond(conn, line, body.to_string().as_bytes()).map_err(Into::into)

@@ -548,6 +548,9 @@ fn cluster_mode_survives_kill_and_restart() {
     let node = demo_node(&["a", "b", "c", "d"], false);
     let work = WorkDir::new("cluster");
     let api = FakeApi::start(&node).expect("fake API server");
+    // Kubernetes 1.33: the agent's streaming lists are refused, and it lists with LIST (the
+    // other tests here stream).
+    api.refuse_streaming_lists();
     let kubeconfig = work.path().join("kubeconfig");
     api.kubeconfig(&kubeconfig).unwrap();
     api.apply(&namespace("demo"));
@@ -632,7 +635,7 @@ fn cluster_mode_survives_kill_and_restart() {
     let sent = AtomicU64::new(0);
     let wrong = Mutex::new(Vec::<String>::new());
     let slow_allowed = AtomicU64::new(0);
-    let mut restarts = 0;
+    let mut restarts: u32 = 0;
     let mut echoes = 0;
     std::thread::scope(|scope| {
         let (stop, sent, wrong, slow_allowed, node, expect) =
@@ -671,11 +674,11 @@ fn cluster_mode_survives_kill_and_restart() {
             std::thread::sleep(Duration::from_millis(600));
             if cycle == 4 {
                 // 410 Gone on every open watch: the agent re-lists and keeps enforcing.
-                let lists = api.requests("list pods");
+                let lists = api.fills("pods");
                 api.compact();
                 api.apply(&namespace("after-gone"));
                 let deadline = Instant::now() + Duration::from_secs(30);
-                while api.requests("list pods") == lists {
+                while api.fills("pods") == lists {
                     assert!(Instant::now() < deadline, "no re-list after 410");
                     std::thread::sleep(Duration::from_millis(50));
                 }
@@ -702,9 +705,27 @@ fn cluster_mode_survives_kill_and_restart() {
     );
     assert!(wrong.is_empty(), "{wrong:#?}");
     assert!(echo(&mut conn, 99), "the connection survived");
+    let log = agent.log_text();
+    assert!(log.contains("re-listed"), "the 410 led to a re-list");
+    for r in ["pods", "namespaces", "networkpolicies"] {
+        let (streams, lists) = (
+            api.requests(&format!("stream {r}")),
+            api.requests(&format!("list {r}")),
+        );
+        assert_eq!(
+            streams,
+            u64::from(restarts) + 1,
+            "{r}: one refused streaming list per agent start, none after the 410"
+        );
+        assert!(lists >= streams, "{r}: listed with LIST ({lists})");
+    }
     assert!(
-        agent.log_text().contains("re-listed"),
-        "the 410 led to a re-list"
+        api.requests("list pods") > u64::from(restarts) + 1,
+        "the re-list after the 410 was a LIST"
+    );
+    assert!(
+        log.contains("refused a streaming list"),
+        "the fallback is logged:\n{log}"
     );
     assert_eq!(agent.probe_health(&node, "/readyz"), Some(200));
     let st = agent.status().expect("status");
@@ -778,7 +799,7 @@ fn cluster_mode_without_the_cnp_crd_enforces_network_policy_and_picks_the_crd_up
 
     // The agent tries again with backoff, and says nothing more about it.
     wait_for(&agent, Duration::from_secs(30), "two more tries", || {
-        api.requests("list clusternetworkpolicies") >= 3
+        api.fills("clusternetworkpolicies") >= 3
     });
     let not_installed =
         "ClusterNetworkPolicy CRD (policy.networking.k8s.io/v1alpha2) not installed";

@@ -221,6 +221,9 @@ pub enum Update {
     /// The API server does not serve an optional watch's resource (`404 Not Found`: its CRD is
     /// not installed). The watch backs off and tries again by itself.
     NotInstalled(Watch, String),
+    /// The API server refused the watch's streaming list (`stream_refused`): it lists with LIST
+    /// from now on.
+    StreamRefused(Watch, String),
 }
 
 /// `404 Not Found` from the API server: the resource is not served (a custom resource whose
@@ -243,14 +246,38 @@ pub fn not_found(e: &watcher::Error) -> bool {
 pub enum InitialList {
     /// One LIST per resource, served from the API server's watch cache: the response holds
     /// every object at once (for 10 000 pods, some 30 MB of JSON and its objects).
-    #[default]
     List,
     /// A watch that sends every object as an event, then a bookmark (streaming lists: the
     /// API server's WatchList feature, on by default in Kubernetes 1.32 and from 1.34): one
-    /// object at a time, also from the cache. An API server without it refuses the watch.
+    /// object at a time, also from the cache. A watch whose streaming list the API server
+    /// refuses (`stream_refused`: 1.33, where the feature is off by default, or an older
+    /// server) lists with LIST from then on, as client-go's reflector falls back.
+    #[default]
     Stream,
 }
 
+/// The API server refused a streaming list as a request: `422 Invalid` (a server without the
+/// WatchList feature rejects `sendInitialEvents` and `resourceVersionMatch` on a watch) or
+/// `400 Bad Request`. Anything else (unreachable, `5xx`, `403`, `410`) is no answer about the
+/// feature, and the watch tries again as it does for any error.
+pub fn stream_refused(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::WatchStartFailed(kube::Error::Api(s)) if s.code == 422 || s.code == 400)
+}
+
+/// One of a watch's results as an update.
+fn update<K>(
+    source: Watch,
+    wrap: fn(watcher::Event<K>) -> Update,
+    r: Result<watcher::Event<K>, watcher::Error>,
+) -> Update {
+    match r {
+        Ok(e) => wrap(e),
+        Err(e) if source.optional() && not_found(&e) => Update::NotInstalled(source, e.to_string()),
+        Err(e) => Update::Failed(source, e.to_string()),
+    }
+}
+
+/// A watch of `api`, first filled as `initial` says, its events as updates.
 fn watch<K>(
     api: Api<K>,
     source: Watch,
@@ -260,22 +287,43 @@ fn watch<K>(
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
-    let cfg = match initial {
-        // Lists are served from the API server's watch cache (resourceVersion=0): every
-        // node's agent lists every pod, which must not go to etcd each time.
-        // (Unpaginated: the API server ignores a limit with resourceVersion=0 anyway, and
-        // kube would drop the version to honour the limit.)
-        InitialList::List => {
-            let mut cfg = watcher::Config::default().any_semantic();
-            cfg.page_size = None;
-            cfg
-        }
-        InitialList::Stream => watcher::Config::default().streaming_lists(),
+    // Lists are served from the API server's watch cache (resourceVersion=0): every node's
+    // agent lists every pod, which must not go to etcd each time. (Unpaginated: the API server
+    // ignores a limit with resourceVersion=0 anyway, and kube would drop the version to honour
+    // the limit.)
+    let listing = |api: Api<K>| {
+        let mut cfg = watcher::Config::default().any_semantic();
+        cfg.page_size = None;
+        watcher(api, cfg).default_backoff().boxed()
     };
-    watcher(api, cfg).default_backoff().map(move |r| match r {
-        Ok(e) => wrap(e),
-        Err(e) if source.optional() && not_found(&e) => Update::NotInstalled(source, e.to_string()),
-        Err(e) => Update::Failed(source, e.to_string()),
+    /// Streaming lists until the API server refuses one, then lists.
+    enum Phase<S, A> {
+        Streaming(S, A),
+        Listing(S),
+    }
+    let first = match initial {
+        InitialList::List => Phase::Listing(listing(api)),
+        InitialList::Stream => {
+            let streaming = watcher(api.clone(), watcher::Config::default().streaming_lists())
+                .default_backoff()
+                .boxed();
+            Phase::Streaming(streaming, api)
+        }
+    };
+    futures::stream::unfold(first, move |phase| async move {
+        match phase {
+            Phase::Listing(mut s) => {
+                let r = s.next().await?;
+                Some((update(source, wrap, r), Phase::Listing(s)))
+            }
+            Phase::Streaming(mut s, api) => match s.next().await? {
+                Err(e) if stream_refused(&e) => Some((
+                    Update::StreamRefused(source, e.to_string()),
+                    Phase::Listing(listing(api)),
+                )),
+                r => Some((update(source, wrap, r), Phase::Streaming(s, api))),
+            },
+        }
     })
 }
 
@@ -365,6 +413,8 @@ pub struct ClusterState {
     /// Optional watches whose resource the API server does not serve (`404`: the CRD is not
     /// installed), until a list succeeds.
     absent: BTreeSet<Watch>,
+    /// Watches whose streaming list the API server refused: they list with LIST.
+    list_fallbacks: BTreeSet<Watch>,
     /// Events handled, and re-lists completed (for tests and the log).
     pub events: u64,
     pub relists: u64,
@@ -450,6 +500,11 @@ impl ClusterState {
             .collect()
     }
 
+    /// Watches that list with LIST because the API server refused their streaming list.
+    pub fn list_fallbacks(&self) -> &BTreeSet<Watch> {
+        &self.list_fallbacks
+    }
+
     /// Watches that are failing now, with their last error.
     pub fn failing(&self) -> &BTreeMap<Watch, String> {
         &self.failing
@@ -465,6 +520,14 @@ impl ClusterState {
                 false
             }
             Update::NotInstalled(source, e) => self.not_installed_event(source, &e),
+            Update::StreamRefused(source, e) => {
+                warn!(
+                    watch = source.as_str(),
+                    "the API server refused a streaming list ({e}): listing with LIST from now on"
+                );
+                self.list_fallbacks.insert(source);
+                false
+            }
             Update::Namespace(e) => {
                 self.model_event(Watch::Namespaces, *e, |o| Object::Namespace(Box::new(o)))
             }
@@ -940,6 +1003,63 @@ mod tests {
             kube::Error::Api(s.boxed())
         )));
         assert!(!not_found(&watcher::Error::NoResourceVersion));
+    }
+
+    #[test]
+    fn only_a_refusal_of_the_request_ends_streaming_lists() {
+        let status = |code: u16, reason: &str| {
+            kube::Error::Api(
+                Status::failure("sendInitialEvents is forbidden for watch", reason)
+                    .with_code(code)
+                    .boxed(),
+            )
+        };
+        assert!(stream_refused(&watcher::Error::WatchStartFailed(status(
+            422, "Invalid"
+        ))));
+        assert!(stream_refused(&watcher::Error::WatchStartFailed(status(
+            400,
+            "BadRequest"
+        ))));
+        for (code, reason) in [
+            (403, "Forbidden"),
+            (404, "NotFound"),
+            (410, "Expired"),
+            (500, "InternalError"),
+            (503, "ServiceUnavailable"),
+        ] {
+            assert!(
+                !stream_refused(&watcher::Error::WatchStartFailed(status(code, reason))),
+                "{code}"
+            );
+        }
+        // A 422 that is not the answer to starting a watch says nothing about the feature.
+        assert!(!stream_refused(&watcher::Error::InitialListFailed(status(
+            422, "Invalid"
+        ))));
+        assert!(!stream_refused(&watcher::Error::WatchError(
+            Status::failure("x", "Invalid").with_code(422).boxed()
+        )));
+    }
+
+    #[test]
+    fn a_refused_streaming_list_is_no_failing_watch() {
+        let mut s = listed_but_cnp();
+        assert!(!s.handle(Update::StreamRefused(
+            Watch::ClusterNetworkPolicies,
+            "422".into()
+        )));
+        assert!(s.failing().is_empty());
+        assert!(s.watch_errors().is_empty());
+        assert_eq!(
+            s.list_fallbacks().iter().collect::<Vec<_>>(),
+            [&Watch::ClusterNetworkPolicies]
+        );
+        // Its LIST then fills it as any list does.
+        assert!(!s.ready());
+        s.handle(list_event(Watch::ClusterNetworkPolicies, false));
+        s.handle(list_event(Watch::ClusterNetworkPolicies, true));
+        assert!(s.ready());
     }
 
     #[test]

@@ -1083,9 +1083,9 @@ pub fn markdown(r: &Value) -> String {
              | API change → enforced on every node, p99 (ms) | {} |\n\
              | the same, max (ms) | {} |\n\
              | per node, p99 (ms) | {} |\n\
-             | agents' resident memory (MiB) | {} |\n\
+             | agents' resident memory, with LIST (`--initial-list list`) (MiB) | {} |\n\
              | first sync of all agents (ms) | {} |\n\
-             | the same agents restarted with streaming lists (`--initial-list stream`): \
+             | the same agents restarted with streaming lists (the default): \
              resident memory (MiB) | {} |\n\
              | their first sync (ms) | {} |\n\nOver {} changes. A LIST response holds every \
              pod at once (some 30 MB of JSON and its objects at 10 000 pods), and the heap \
