@@ -175,41 +175,48 @@ impl std::os::fd::AsRawFd for BorrowedRawFd {
 }
 
 /// Named ports that no pod declares (with that protocol): valid, as the API server accepts
-/// them, but they match nothing, which is rarely what was meant.
+/// them, but they match nothing, which is rarely what was meant. The pods are read only until
+/// every name the policies use has been seen (usually a few pods, not the cluster's).
 pub(crate) fn unresolved_named_ports(store: &Store) -> Vec<ConfigError> {
-    use palisade_policy::model::PortMatch;
+    use palisade_policy::model::{PortMatch, Protocol};
     use palisade_policy::state::Direction;
-    let declared: std::collections::BTreeSet<(&str, palisade_policy::model::Protocol)> = store
-        .pods
-        .values()
-        .flat_map(|p| {
-            p.container_ports
-                .iter()
-                .map(|n| (n.name.as_str(), n.protocol))
-        })
-        .collect();
-    let mut out = Vec::new();
+    use std::collections::BTreeSet;
+    // (policy, direction, rule, port, name, protocol) of every named port.
+    let mut named = Vec::new();
     for p in store.policies.values() {
         for dir in Direction::BOTH {
             for (i, rule) in p.rules(dir).unwrap_or_default().iter().enumerate() {
                 for (k, port) in rule.ports.iter().flatten().enumerate() {
-                    if let PortMatch::Named(name) = &port.port
-                        && !declared.contains(&(name.as_str(), port.protocol))
-                    {
-                        out.push(ConfigError::new(
-                            format!("NetworkPolicy {}/{}", p.namespace, p.name),
-                            format!("spec.{dir}[{i}].ports[{k}].port"),
-                            format!(
-                                "no pod declares a {} port named {name:?}: it matches nothing",
-                                port.protocol
-                            ),
-                        ));
+                    if let PortMatch::Named(name) = &port.port {
+                        named.push((p, dir, i, k, name.as_str(), port.protocol));
                     }
                 }
             }
         }
     }
-    out
+    let mut unseen: BTreeSet<(&str, Protocol)> = named
+        .iter()
+        .map(|&(.., name, protocol)| (name, protocol))
+        .collect();
+    for pod in store.pods.values() {
+        if unseen.is_empty() {
+            break;
+        }
+        for n in pod.container_ports.iter() {
+            unseen.remove(&(n.name.as_str(), n.protocol));
+        }
+    }
+    named
+        .into_iter()
+        .filter(|&(.., name, protocol)| unseen.contains(&(name, protocol)))
+        .map(|(p, dir, i, k, name, protocol)| {
+            ConfigError::new(
+                format!("NetworkPolicy {}/{}", p.namespace, p.name),
+                format!("spec.{dir}[{i}].ports[{k}].port"),
+                format!("no pod declares a {protocol} port named {name:?}: it matches nothing"),
+            )
+        })
+        .collect()
 }
 
 /// Hands the heap a reconcile freed (parsed manifests, compiled state, diffs) back to the
@@ -219,5 +226,69 @@ fn release_freed_memory() {
     // SAFETY: malloc_trim has no preconditions.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PODS: &str = "
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: demo}
+spec: {containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.244.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: dns, namespace: demo}
+spec: {containers: [{name: c, ports: [{name: dns, containerPort: 53, protocol: UDP}]}]}
+status: {podIP: 10.244.0.3}
+";
+
+    fn policy(name: &str, ports: &str) -> String {
+        format!(
+            "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+             metadata: {{name: {name}, namespace: demo}}\n\
+             spec: {{podSelector: {{}}, ingress: [{{ports: {ports}}}]}}\n"
+        )
+    }
+
+    fn unresolved(yaml: &str) -> Vec<String> {
+        let store = Store::from_objects(palisade_policy::manifest::parse_str(yaml).unwrap());
+        assert!(store.errors().is_empty(), "{:?}", store.errors());
+        unresolved_named_ports(&store)
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_named_port_no_pod_declares_with_that_protocol_is_reported() {
+        let yaml = [
+            PODS.to_string(),
+            policy("a", "[{port: http}, {port: dns, protocol: UDP}]"),
+            policy("b", "[{port: 80}, {port: dns}, {port: metrics}]"),
+        ]
+        .concat();
+        assert_eq!(
+            unresolved(&yaml),
+            [
+                "NetworkPolicy demo/b: spec.ingress[0].ports[1].port: no pod declares a TCP port \
+                 named \"dns\": it matches nothing",
+                "NetworkPolicy demo/b: spec.ingress[0].ports[2].port: no pod declares a TCP port \
+                 named \"metrics\": it matches nothing",
+            ]
+        );
+        // Every name declared: nothing to say, whichever pod declares it.
+        let yaml = [
+            PODS.to_string(),
+            policy("a", "[{port: dns, protocol: UDP}, {port: http}]"),
+        ]
+        .concat();
+        assert!(unresolved(&yaml).is_empty());
+        // No pods: every name is unresolved.
+        assert_eq!(unresolved(&policy("a", "[{port: http}]")).len(), 1);
     }
 }
