@@ -459,19 +459,22 @@ fn serve(
         return page_not_found(&mut conn);
     };
     let watch = q.get("watch") == Some(&"true");
+    // A streaming list (`sendInitialEvents=true`, KEP-3157): every object as an ADDED event,
+    // then a bookmark marking the end of them, then the watch as usual.
+    let initial_events = watch && q.get("sendInitialEvents") == Some(&"true");
     let (lock, cv) = &**state;
     {
         let mut s = lock.lock().unwrap();
         if s.missing.contains(resource) {
             let what = format!("{} {resource}", if watch { "watch" } else { "list" });
             *s.requests.entry(what).or_default() += 1;
-            if watch && q.get("sendInitialEvents") == Some(&"true") {
+            if initial_events {
                 *s.requests.entry(format!("stream {resource}")).or_default() += 1;
             }
             drop(s);
             return page_not_found(&mut conn);
         }
-        if watch && s.refuse_streams && q.get("sendInitialEvents") == Some(&"true") {
+        if initial_events && s.refuse_streams {
             *s.requests.entry(format!("stream {resource}")).or_default() += 1;
             drop(s);
             return status_failure(
@@ -520,9 +523,6 @@ fn serve(
         .and_then(|v| v.parse().ok())
         .unwrap_or(290u64);
     let bookmarks = q.get("allowWatchBookmarks") == Some(&"true");
-    // A streaming list (`sendInitialEvents=true`, KEP-3157): every object as an ADDED event,
-    // then a bookmark marking the end of them, then the watch as usual.
-    let initial_events = q.get("sendInitialEvents") == Some(&"true");
     write!(
         conn,
         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n"
